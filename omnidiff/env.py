@@ -1,0 +1,78 @@
+"""Where the project keeps its state, and the switches that keep it offline.
+
+Every path the project writes lives under one working directory, ``OMNIDIFF_HOME``
+(default: ``./.omnidiff`` relative to the current directory), never in ``~``.
+Importing :mod:`omnidiff` calls :func:`setup_offline` once, so every entry point
+(CLI, Prefect flow, Ray worker, test) runs with the same switches.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HOME_ENV = "OMNIDIFF_HOME"
+
+
+def home() -> Path:
+    """The project's working directory (created on first use)."""
+    path = Path(os.environ.get(HOME_ENV) or (Path.cwd() / ".omnidiff")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def subdir(*parts: str) -> Path:
+    """A directory under :func:`home`, created on first use."""
+    path = home().joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# Switches from ../shared/NOTES.md: no telemetry, no hub downloads, no state in ~.
+_OFFLINE_SWITCHES = {
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
+}
+
+
+def setup_offline() -> None:
+    """Set the offline switches and point every tool's state dir into :func:`home`.
+
+    Values the user already set win (``setdefault``), so a real deployment can
+    point ``PREFECT_HOME`` or ``HF_HOME`` elsewhere.
+    """
+    for key, value in _OFFLINE_SWITCHES.items():
+        os.environ.setdefault(key, value)
+    root = home()
+    state_dirs = {
+        "PREFECT_HOME": root / "prefect",
+        "HF_HOME": root / "hf",
+        "TORCH_EXTENSIONS_DIR": root / "torch_extensions",
+        "MPLCONFIGDIR": root / "matplotlib",
+        "TRITON_CACHE_DIR": root / "triton",
+        "XDG_CACHE_HOME": root / "xdg_cache",
+    }
+    for key, path in state_dirs.items():
+        if key not in os.environ:
+            path.mkdir(parents=True, exist_ok=True)
+            os.environ[key] = str(path)
+
+
+def models_dir() -> Path:
+    """Cached model weights (LLM conversion, base model, evaluator).
+
+    ``$OMNIDIFF_MODELS`` overrides it, so tests with a throw-away home can still
+    share the expensive conversions.
+    """
+    path = Path(os.environ.get("OMNIDIFF_MODELS") or (home() / "models")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
