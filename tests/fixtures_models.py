@@ -18,7 +18,9 @@ import pytest
 def tiny_llm(tmp_path_factory) -> Path:
     from omnidiff.models.llm import build_tiny_llm
 
-    root = Path(os.environ["OMNIDIFF_MODELS"]) if os.environ.get("OMNIDIFF_MODELS") else tmp_path_factory.mktemp("models")
+    root = (
+        Path(os.environ["OMNIDIFF_MODELS"]) if os.environ.get("OMNIDIFF_MODELS") else tmp_path_factory.mktemp("models")
+    )
     return build_tiny_llm(root / "llm" / "tiny-gemma3-h64-seed0", seed=0)
 
 

@@ -1,7 +1,7 @@
 """The LLM text encoder on the tiny random Gemma 3 (fast) and on the real Gemma 3 270M (``slow``).
 
-    .venv/bin/pytest tests/test_llm.py -x -q              # fast
-    .venv/bin/pytest tests/test_llm.py -x -q -m slow      # real weights (converted once, cached)
+.venv/bin/pytest tests/test_llm.py -x -q              # fast
+.venv/bin/pytest tests/test_llm.py -x -q -m slow      # real weights (converted once, cached)
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def test_real_gemma_encodes_many_scripts(gemma_llm):
     states, mask = enc.encode(texts)
     assert states.shape[-1] == 640 and torch.isfinite(states).all()
     unk = enc.tokenizer.unk_token_id
-    for text, ids in zip(texts, enc.tokenize(texts)):
+    for text, ids in zip(texts, enc.tokenize(texts), strict=True):
         assert unk not in ids, text
         # a real multilingual vocabulary: far fewer tokens than UTF-8 bytes
         assert len(ids) < len(text.encode()) / 2, (text, len(ids))

@@ -115,7 +115,11 @@ def _convert_gemma(out: Path, dtype: str) -> Path:
     gguf_sha = _sha256_file(gguf_path)
     if gguf_sha[:12] != out.name.rsplit("-", 1)[-1]:
         raise ValueError(f"{gguf_path}: sha256 {gguf_sha} does not match the target folder {out.name}")
-    print("[llm convert] loading the GGUF with transformers (dequantising; 1-3 min on 2 cores)", file=sys.stderr, flush=True)
+    print(
+        "[llm convert] loading the GGUF with transformers (dequantising; 1-3 min on 2 cores)",
+        file=sys.stderr,
+        flush=True,
+    )
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=pkg.MODEL_NAME, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=pkg.MODEL_NAME)
     loaded_s = time.perf_counter() - start
@@ -268,7 +272,9 @@ class LLMTextEncoder:
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         n_layers = int(text_config.num_hidden_layers)
         if not -(n_layers + 1) <= layer <= n_layers:
-            raise ValueError(f"layer={layer!r}: {self.path.name} has hidden_states 0..{n_layers} (or -1..-{n_layers + 1})")
+            raise ValueError(
+                f"layer={layer!r}: {self.path.name} has hidden_states 0..{n_layers} (or -1..-{n_layers + 1})"
+            )
         self.layer = layer % (n_layers + 1)  # one index per layer, so -1 and n_layers share a fingerprint
         self.num_hidden_layers = n_layers
         self.hidden_size = int(text_config.hidden_size)
