@@ -1,0 +1,89 @@
+"""Length-grouped batching: no compute spent on padding.
+
+A transformer batch costs ``batch_size * longest_length`` token-slots. Padding every caption to a
+fixed maximum (the method's release, PixArt) wastes most of them on a mix of short and long
+captions. Here the work list is sorted by token length once, cut into shards (the unit of work one
+actor call handles and writes), and each shard is packed greedily into compute batches under a
+token-slot budget. Neighbours in the sorted order have nearly equal lengths, so the padding left is
+a few percent (see :func:`padding_fraction`, logged per run, and benchmarks/embed_throughput.py).
+
+Everything here is pure numpy on lengths; the job (embed_cache/job.py) applies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def length_order(lengths: Sequence[int], keys: Sequence[str] | None = None) -> np.ndarray:
+    """Indices that sort by ascending length; ties broken by key so the plan is deterministic."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if keys is None:
+        return np.argsort(lengths, kind="stable")
+    if len(keys) != len(lengths):
+        raise ValueError(f"{len(keys)} keys but {len(lengths)} lengths")
+    # np.lexsort sorts by the last key first.
+    return np.lexsort((np.asarray(keys, dtype=object).astype(str), lengths))
+
+
+def pack_batches(lengths: Sequence[int], max_tokens: int, max_batch_size: int) -> list[slice]:
+    """Greedy contiguous batches over *length-sorted* ``lengths``.
+
+    A batch's padded cost is ``len(batch) * max(lengths in batch)``; it stays ``<= max_tokens``
+    and ``len(batch) <= max_batch_size``. An item longer than ``max_tokens`` gets a batch of its own
+    (it must still be computed). Returns slices into ``lengths``.
+    """
+    if max_tokens < 1 or max_batch_size < 1:
+        raise ValueError(f"max_tokens={max_tokens}, max_batch_size={max_batch_size}: both must be >= 1")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and np.any(np.diff(lengths) < 0):
+        raise ValueError("pack_batches needs lengths sorted ascending (use length_order first)")
+    batches: list[slice] = []
+    start = 0
+    n = len(lengths)
+    while start < n:
+        end = start + 1
+        # Sorted ascending: the newest item is the longest, so the padded cost is count * lengths[end].
+        while end < n and (end - start + 1) <= max_batch_size and (end - start + 1) * lengths[end] <= max_tokens:
+            end += 1
+        batches.append(slice(start, end))
+        start = end
+    return batches
+
+
+def plan_shards(lengths_sorted: Sequence[int], shard_tokens: int, shard_rows: int) -> list[slice]:
+    """Cut a length-sorted work list into shards of at most ``shard_tokens`` useful tokens / ``shard_rows`` rows.
+
+    Shards are balanced by tokens rather than rows so actor calls take similar time and the
+    progress line's ETA is honest (short captions first would otherwise look deceptively fast).
+    """
+    if shard_tokens < 1 or shard_rows < 1:
+        raise ValueError(f"shard_tokens={shard_tokens}, shard_rows={shard_rows}: both must be >= 1")
+    lengths = np.asarray(lengths_sorted, dtype=np.int64)
+    shards: list[slice] = []
+    start = 0
+    tokens = 0
+    for i, length in enumerate(lengths):
+        if i > start and (tokens + length > shard_tokens or i - start >= shard_rows):
+            shards.append(slice(start, i))
+            start, tokens = i, 0
+        tokens += int(length)
+    if start < len(lengths):
+        shards.append(slice(start, len(lengths)))
+    return shards
+
+
+def padding_fraction(lengths: Sequence[int], batches: Sequence[slice]) -> float:
+    """Share of computed token-slots that are padding (0 = none) for batches over sorted ``lengths``."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    useful = int(lengths.sum())
+    slots = sum((b.stop - b.start) * int(lengths[b.stop - 1]) for b in batches if b.stop > b.start)
+    return 0.0 if slots == 0 else 1.0 - useful / slots
+
+
+def fixed_padding_fraction(lengths: Sequence[int], pad_to: int) -> float:
+    """Padding share when every item is padded (and truncated) to ``pad_to`` tokens: the peers' way."""
+    lengths = np.minimum(np.asarray(lengths, dtype=np.int64), pad_to)
+    return 1.0 - float(lengths.sum()) / (len(lengths) * pad_to) if len(lengths) else 0.0

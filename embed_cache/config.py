@@ -1,0 +1,132 @@
+"""``EmbedConfig``: what the embed stage reads, which caches it fills, and how it spreads the work.
+
+    omnidiff embed --config configs/embed.yaml llm.max_length=256 num_actors=2
+
+Loaded from YAML (``kind: embed``) with dotted overrides (omnidiff.config); the same object is the
+Prefect flow's parameter and what MLflow logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from omnidiff.config import require
+
+CacheKind = Literal["llm", "clip", "pixels"]
+
+
+@dataclass(frozen=True)
+class LLMSection:
+    """The frozen LLM whose per-token states are cached.
+
+    path: a transformers causal-LM folder; ``null`` = the converted Gemma 3 270M (``ensure_gemma()``).
+    layer: index into ``hidden_states`` (0 = embeddings, -1 = last layer after the final norm).
+    max_length: tokens kept per caption (longer captions are cut).
+    dtype: compute dtype; fp32 on CPU (these cores have no native bf16, NOTES.md). Storage is fp16.
+    """
+
+    path: Path | None = None
+    layer: int = -1
+    max_length: int = 512
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self):
+        require(self.max_length >= 1, "llm.max_length", self.max_length, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ClipSection:
+    """The base model's CLIP-style text encoder: the stage-1 target on the English side.
+
+    base_model: the base model's pipeline folder (holds ``text_encoder/`` + ``tokenizer/``);
+      ``null`` = the project's pretrained tiny-world base model.
+    max_windows: long captions are encoded in up to this many stitched 77-token windows (PAPER.md).
+    """
+
+    base_model: Path | None = None
+    max_windows: int = 3
+
+    def __post_init__(self):
+        require(1 <= self.max_windows <= 16, "clip.max_windows", self.max_windows, "must be in 1..16")
+
+
+@dataclass(frozen=True)
+class PixelsSection:
+    """What stages 2-3 train on, keyed by image digest.
+
+    resolution: images are resized (shorter side, bicubic) and centre-cropped to this square size
+      when they differ; stored as float16 (C, H, W) in [-1, 1].
+    vae: a diffusers ``AutoencoderKL`` folder (SD-class models): store its latents (posterior mean x
+      scaling factor) instead of pixels. ``null`` for the tiny world, whose UNet works on pixels.
+    """
+
+    resolution: int = 16
+    vae: Path | None = None
+
+    def __post_init__(self):
+        require(self.resolution >= 4, "pixels.resolution", self.resolution, "must be >= 4")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """The embed stage (DESIGN.md stage 2; docs/architecture.md "Embedding cache").
+
+    snapshots: pair snapshots to embed; a name means the newest snapshot of that name
+      (``data/snapshots/<name>/LATEST``), a path means that snapshot directory.
+    kinds: which caches to fill: ``llm`` (every distinct caption + parallel text + ""), ``clip``
+      (English side, stage-1 target), ``pixels`` (decoded images or VAE latents, stages 2-3).
+    cache_root: where ``<kind>/<fingerprint>/`` live; ``null`` = ``$OMNIDIFF_HOME/cache``.
+    include_parallel: also embed the snapshot's parallel texts (stage-1 translation pairs).
+    splits: which snapshot splits to embed.
+    num_actors: Ray actors (one model load each); threads_per_actor: torch threads (= CPUs reserved)
+      per actor; num_gpus_per_actor > 0 schedules each actor on a GPU.
+    device: torch device of the actors (``cpu``, ``cuda``).
+    max_tokens: padded token-slots per compute batch (batch size x longest length in it).
+    max_batch_size: captions per compute batch at most.
+    shard_tokens, shard_rows: the unit of work one actor call computes and writes as one shard.
+    progress_every_s: seconds between progress lines.
+    track: log the run to MLflow (experiment ``omnidiff``).
+    """
+
+    kind: ClassVar[str] = "embed"
+
+    snapshots: tuple[str, ...] = ("tiny",)
+    kinds: tuple[CacheKind, ...] = ("llm", "clip", "pixels")
+    cache_root: Path | None = None
+    include_parallel: bool = True
+    splits: tuple[str, ...] = ("train", "val")
+    llm: LLMSection = field(default_factory=LLMSection)
+    clip: ClipSection = field(default_factory=ClipSection)
+    pixels: PixelsSection = field(default_factory=PixelsSection)
+    num_actors: int = 1
+    threads_per_actor: int = 2
+    num_gpus_per_actor: float = 0.0
+    device: str = "cpu"
+    max_tokens: int = 4096
+    max_batch_size: int = 64
+    shard_tokens: int = 32768
+    shard_rows: int = 2048
+    progress_every_s: float = 5.0
+    track: bool = True
+
+    def __post_init__(self):
+        require(len(self.snapshots) > 0, "snapshots", self.snapshots, "name at least one snapshot (name or path)")
+        require(all(s.strip() for s in self.snapshots), "snapshots", self.snapshots, "empty snapshot name")
+        require(len(self.kinds) > 0, "kinds", self.kinds, "choose at least one of llm, clip, pixels")
+        require(len(set(self.kinds)) == len(self.kinds), "kinds", self.kinds, "a kind is listed twice")
+        require(len(self.splits) > 0, "splits", self.splits, "choose at least one split")
+        require(self.num_actors >= 1, "num_actors", self.num_actors, "must be >= 1")
+        require(self.threads_per_actor >= 1, "threads_per_actor", self.threads_per_actor, "must be >= 1")
+        require(self.num_gpus_per_actor >= 0, "num_gpus_per_actor", self.num_gpus_per_actor, "must be >= 0")
+        require(self.device == "cpu" or self.device.startswith("cuda"), "device", self.device,
+                "expected 'cpu' or 'cuda[:N]'")
+        require(not self.device.startswith("cuda") or self.num_gpus_per_actor > 0, "num_gpus_per_actor",
+                self.num_gpus_per_actor, "device is cuda: give each actor a GPU (e.g. 1)")
+        require(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be >= 1")
+        require(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be >= 1")
+        require(self.shard_tokens >= self.max_tokens, "shard_tokens", self.shard_tokens,
+                f"must be >= max_tokens ({self.max_tokens}) so a shard holds at least one full batch")
+        require(self.shard_rows >= 1, "shard_rows", self.shard_rows, "must be >= 1")
+        require(self.progress_every_s > 0, "progress_every_s", self.progress_every_s, "must be > 0")

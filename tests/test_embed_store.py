@@ -1,0 +1,255 @@
+"""Unit tests of the cache format, store, fingerprints and batching (pure pyarrow/numpy, no model, no Ray).
+
+    .venv/bin/pytest tests/test_embed_store.py -x -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from embed_cache import batching
+from embed_cache.fingerprint import clip_inputs, fingerprint, llm_fingerprint, llm_inputs, pixels_inputs
+from embed_cache.store import (
+    MANIFEST_NAME,
+    SHARDS_DIR,
+    CacheError,
+    CacheStore,
+    CacheWriter,
+    CorruptShardError,
+    NonFiniteStatesError,
+    cache_dir,
+    pixels_table,
+    states_table,
+    write_shard_file,
+)
+
+ENCODER = {"model_id": "m", "weights_digest": "abc", "layer": 2, "max_length": 512, "dtype": "float32",
+           "template": "raw", "normaliser_version": "1"}
+D = 8
+
+
+def _states(rng, lengths, dim=D):
+    return [rng.standard_normal((n, dim)).astype(np.float32) for n in lengths]
+
+
+def _writer(tmp_path, inputs=None):
+    inputs = inputs or llm_inputs(ENCODER)
+    return CacheWriter(cache_dir(inputs["kind"], fingerprint(inputs), tmp_path), inputs)
+
+
+# ------------------------------------------------------------------------------- fingerprints
+
+
+def test_fingerprint_changes_with_every_input_and_ignores_key_order():
+    base = llm_fingerprint(ENCODER)
+    assert base == llm_fingerprint(dict(reversed(list(ENCODER.items()))))
+    assert len(base) == 16
+    seen = {base}
+    for key, new in [("model_id", "n"), ("weights_digest", "abd"), ("layer", 1), ("max_length", 256),
+                     ("dtype", "bfloat16"), ("template", "chat"), ("normaliser_version", "2")]:
+        fp = llm_fingerprint({**ENCODER, key: new})
+        assert fp not in seen, key
+        seen.add(fp)
+    assert fingerprint(clip_inputs("d", 3)) != fingerprint(clip_inputs("d", 2))
+    assert fingerprint(pixels_inputs(16)) != fingerprint(pixels_inputs(32))
+    assert fingerprint(pixels_inputs(16)) != fingerprint(pixels_inputs(16, vae_digest="v", vae_scaling_factor=0.18))
+    with pytest.raises(ValueError, match="kind"):
+        fingerprint({"model_id": "m"})
+
+
+# ------------------------------------------------------------------------------- batching
+
+
+def test_pack_batches_respects_budget_and_covers_everything_once():
+    rng = np.random.default_rng(0)
+    lengths = np.sort(rng.integers(1, 300, size=500))
+    batches = batching.pack_batches(lengths, max_tokens=1024, max_batch_size=32)
+    covered = [i for b in batches for i in range(b.start, b.stop)]
+    assert covered == list(range(500))
+    for b in batches:
+        n = b.stop - b.start
+        assert n <= 32
+        assert n == 1 or n * lengths[b.stop - 1] <= 1024
+    # Length-grouped batches waste little; padding everything to the longest wastes most.
+    assert batching.padding_fraction(lengths, batches) < 0.1
+    assert batching.fixed_padding_fraction(lengths, 300) > 0.4
+
+
+def test_pack_batches_long_item_alone_and_unsorted_rejected():
+    assert batching.pack_batches([5, 5, 2000], max_tokens=100, max_batch_size=8) == [slice(0, 2), slice(2, 3)]
+    with pytest.raises(ValueError, match="sorted"):
+        batching.pack_batches([5, 3], 100, 8)
+
+
+def test_length_order_is_deterministic_with_key_ties():
+    order = batching.length_order([3, 1, 3, 2], keys=["b", "z", "a", "y"])
+    assert list(order) == [1, 3, 2, 0]
+
+
+def test_plan_shards_balances_tokens():
+    lengths = [10] * 50 + [100] * 20
+    shards = batching.plan_shards(lengths, shard_tokens=500, shard_rows=1000)
+    assert [i for s in shards for i in range(s.start, s.stop)] == list(range(70))
+    assert all(sum(lengths[s]) <= 500 for s in shards)
+    assert batching.plan_shards([10] * 10, shard_tokens=10_000, shard_rows=4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+
+
+# ------------------------------------------------------------------------------- format
+
+
+def test_states_shard_is_plain_pyarrow_unpadded_half(tmp_path):
+    rng = np.random.default_rng(1)
+    lengths = [3, 1, 7]
+    states = _states(rng, lengths)
+    with _writer(tmp_path) as writer:
+        writer.set_value_shape((D,))
+        entry = writer.write(states_table(["a", "b", "c"], states), unit=0)
+    path = writer.path / SHARDS_DIR / entry["name"]
+    table = pq.read_table(path)  # plain pyarrow, no Ray, no project code
+    assert str(table.schema.field("states").type) == "list<element: fixed_size_list<element: halffloat>[8]>"
+    assert table.column("length").to_pylist() == lengths
+    first = np.array(table.column("states")[2].as_py(), dtype=np.float16)
+    np.testing.assert_array_equal(first, states[2].astype(np.float16))
+    # No padding bytes: the file is about the size of the fp16 values themselves.
+    assert entry["bytes"] < sum(lengths) * D * 2 + 4096
+    manifest = json.loads((writer.path / MANIFEST_NAME).read_text())
+    assert manifest["shards"][0]["rows"] == 3 and manifest["hidden_size"] == D
+    store = CacheStore(writer.path)
+    got = store.read(["c", "a"])
+    assert got["c"].dtype == np.float16 and got["c"].shape == (7, D)
+    np.testing.assert_array_equal(got["a"], states[0].astype(np.float16))
+    assert store.keys() == ["a", "b", "c"] and store.fingerprint == writer.fingerprint
+    assert store.verify().ok
+    with pytest.raises(KeyError, match="zzz"):
+        store.read(["zzz"])
+
+
+def test_clip_pooled_and_pixels_round_trip(tmp_path):
+    rng = np.random.default_rng(2)
+    inputs = clip_inputs("digest", 3)
+    pooled = rng.standard_normal((2, D)).astype(np.float32)
+    with _writer(tmp_path, inputs) as writer:
+        writer.set_value_shape((D,))
+        writer.write(states_table(["x", "y"], _states(rng, [77, 154]), pooled=pooled), unit=0)
+    store = CacheStore(writer.path)
+    assert store.read(["y"])["y"].shape == (154, D)
+    np.testing.assert_array_equal(store.read_pooled(["x"])["x"], pooled[0].astype(np.float16))
+
+    images = rng.uniform(-1, 1, size=(3, 3, 4, 4)).astype(np.float32)  # (N, C, H, W)
+    inputs = pixels_inputs(4)
+    with _writer(tmp_path, inputs) as writer:
+        writer.set_value_shape((3, 4, 4))
+        writer.write(pixels_table(["i0", "i1", "i2"], images), unit=0)
+    store = CacheStore(writer.path)
+    np.testing.assert_array_equal(store.read(["i1"])["i1"], images[1].astype(np.float16))
+    with pytest.raises(CacheError, match="pooled"):
+        store.read_pooled(["i1"])
+
+
+def test_non_finite_states_rejected_with_key_named():
+    rng = np.random.default_rng(3)
+    states = _states(rng, [2, 2, 2])
+    states[1][0, 3] = np.nan
+    states[2][1, 0] = 1e6  # finite in fp32, inf once stored as fp16
+    with pytest.raises(NonFiniteStatesError, match="k1") as info:
+        states_table(["k0", "k1", "k2"], states)
+    assert set(info.value.rejected) == {"k1", "k2"}
+
+
+# ------------------------------------------------------------------------------- crash safety
+
+
+def test_verify_names_corrupt_truncated_and_missing_shards(tmp_path):
+    rng = np.random.default_rng(4)
+    with _writer(tmp_path) as writer:
+        writer.set_value_shape((D,))
+        names = [writer.write(states_table([f"k{i}"], _states(rng, [4])), unit=i)["name"] for i in range(4)]
+    shards = writer.path / SHARDS_DIR
+    data = bytearray((shards / names[0]).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (shards / names[0]).write_bytes(bytes(data))  # bit flip, same size
+    (shards / names[1]).write_bytes((shards / names[1]).read_bytes()[:-20])  # truncated
+    (shards / names[2]).unlink()
+    report = CacheStore(writer.path).verify()
+    assert not report.ok
+    assert set(report.corrupt) == set(names[:3])
+    assert "sha256" in report.corrupt[names[0]] and "missing" in report.corrupt[names[2]]
+    with pytest.raises(CorruptShardError, match=names[1]):
+        report.raise_if_corrupt()
+    # Quarantine unlists them: their keys become missing and are recomputed by the next run.
+    with _writer(tmp_path) as writer:
+        assert names[2] in writer.recovered["missing"]
+        writer.quarantine(report.corrupt)
+        assert writer.keys == {"k3"}
+    assert CacheStore(writer.path).verify().ok
+
+
+def test_unlisted_shard_from_killed_run_is_adopted_and_temps_removed(tmp_path):
+    rng = np.random.default_rng(5)
+    with _writer(tmp_path) as writer:
+        writer.set_value_shape((D,))
+        writer.write(states_table(["a", "b"], _states(rng, [2, 3])), unit=0)
+        # A killed run: one shard renamed into place but never listed, one half-written temp file.
+        write_shard_file(writer.path, writer.shard_name(1), states_table(["c"], _states(rng, [5])), writer.run_token)
+        write_shard_file(writer.path, writer.shard_name(2), states_table(["b", "d"], _states(rng, [1, 1])))
+        (writer.path / SHARDS_DIR / ".tmp-part-x.parquet-1234").write_bytes(b"PAR1 half")
+    with _writer(tmp_path) as writer:
+        assert writer.recovered["temp_removed"] == 1
+        assert len(writer.recovered["adopted"]) == 2
+        assert writer.keys == {"a", "b", "c", "d"}
+    store = CacheStore(writer.path)
+    report = store.verify()
+    assert report.ok and report.rows == 4 and not report.unlisted  # "b" kept once
+    assert store.read(["b"])["b"].shape == (3, D)  # the older shard's value
+
+
+def test_duplicate_key_resolution_is_deterministic(tmp_path):
+    rng = np.random.default_rng(6)
+    with _writer(tmp_path) as writer:
+        writer.set_value_shape((D,))
+        writer.write(states_table(["a"], _states(rng, [2])), unit=0)
+        newer = write_shard_file(writer.path, writer.shard_name(1), states_table(["a"], _states(rng, [9])))
+    # Force a duplicate into the manifest the way an old, buggy writer could have.
+    manifest = json.loads((writer.path / MANIFEST_NAME).read_text())
+    manifest["shards"].append(newer)
+    (writer.path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    for _ in range(2):
+        store = CacheStore(writer.path)
+        assert store.read(["a"])["a"].shape == (2, D)  # oldest shard wins, every time
+        assert store.verify().duplicate_keys == 1
+    with _writer(tmp_path) as w2, pytest.raises(CacheError, match="repeats"):
+        w2.publish(newer)
+
+
+def test_stale_run_token_discards_shard_and_lock_is_exclusive(tmp_path):
+    rng = np.random.default_rng(7)
+    with _writer(tmp_path) as first:
+        first.set_value_shape((D,))
+        with pytest.raises(CacheError, match="another embed run"):
+            _writer(tmp_path).open()
+        old_token = first.run_token
+    with _writer(tmp_path) as second:
+        entry = write_shard_file(second.path, second.shard_name(0), states_table(["z"], _states(rng, [1])), old_token)
+        assert entry["stale"] is True
+        assert not list((second.path / SHARDS_DIR).iterdir())
+
+
+def test_writer_refuses_mismatched_manifest(tmp_path):
+    with _writer(tmp_path) as writer:
+        pass
+    manifest = json.loads((writer.path / MANIFEST_NAME).read_text())
+    manifest["fingerprint_inputs"]["encoder"]["layer"] = 7
+    (writer.path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="do not match"):
+        _writer(tmp_path).open()
+    with pytest.raises(CacheError, match="not the fingerprint"):
+        CacheWriter(tmp_path / "llm" / "wrongname", llm_inputs(ENCODER))
+    with pytest.raises(CacheError, match="no manifest.json"):
+        CacheStore(tmp_path / "nothing")
+    assert os.environ.get("OMNIDIFF_HOME")
+    assert cache_dir("llm", "abc").parent.parent.parent == __import__("pathlib").Path(os.environ["OMNIDIFF_HOME"]).resolve()
