@@ -120,13 +120,25 @@ class EmbedConfig:
         require(self.num_actors >= 1, "num_actors", self.num_actors, "must be >= 1")
         require(self.threads_per_actor >= 1, "threads_per_actor", self.threads_per_actor, "must be >= 1")
         require(self.num_gpus_per_actor >= 0, "num_gpus_per_actor", self.num_gpus_per_actor, "must be >= 0")
-        require(self.device == "cpu" or self.device.startswith("cuda"), "device", self.device,
-                "expected 'cpu' or 'cuda[:N]'")
-        require(not self.device.startswith("cuda") or self.num_gpus_per_actor > 0, "num_gpus_per_actor",
-                self.num_gpus_per_actor, "device is cuda: give each actor a GPU (e.g. 1)")
+        require(
+            self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            self.device,
+            "expected 'cpu' or 'cuda[:N]'",
+        )
+        require(
+            not self.device.startswith("cuda") or self.num_gpus_per_actor > 0,
+            "num_gpus_per_actor",
+            self.num_gpus_per_actor,
+            "device is cuda: give each actor a GPU (e.g. 1)",
+        )
         require(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be >= 1")
         require(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be >= 1")
-        require(self.shard_tokens >= self.max_tokens, "shard_tokens", self.shard_tokens,
-                f"must be >= max_tokens ({self.max_tokens}) so a shard holds at least one full batch")
+        require(
+            self.shard_tokens >= self.max_tokens,
+            "shard_tokens",
+            self.shard_tokens,
+            f"must be >= max_tokens ({self.max_tokens}) so a shard holds at least one full batch",
+        )
         require(self.shard_rows >= 1, "shard_rows", self.shard_rows, "must be >= 1")
         require(self.progress_every_s > 0, "progress_every_s", self.progress_every_s, "must be > 0")

@@ -114,8 +114,11 @@ def expected_schema(kind: str, value_shape: Sequence[int]) -> pa.Schema:
     if kind in ("llm", "clip"):
         (dim,) = value_shape
         token = pa.list_(pa.float16(), int(dim))
-        fields = [pa.field("key", pa.string(), False), pa.field("length", pa.int32(), False),
-                  pa.field("states", pa.list_(token), False)]
+        fields = [
+            pa.field("key", pa.string(), False),
+            pa.field("length", pa.int32(), False),
+            pa.field("states", pa.list_(token), False),
+        ]
         if kind == "clip":
             fields.append(pa.field("pooled", token, False))
         return pa.schema(fields)
@@ -128,7 +131,7 @@ def expected_schema(kind: str, value_shape: Sequence[int]) -> pa.Schema:
 def find_non_finite(keys: Sequence[str], arrays: Iterable[np.ndarray]) -> dict[str, str]:
     """``{key: reason}`` for every array holding NaN or inf (checked on the float16 values that are stored)."""
     bad: dict[str, str] = {}
-    for key, arr in zip(keys, arrays):
+    for key, arr in zip(keys, arrays, strict=True):
         finite = np.isfinite(arr)
         if not finite.all():
             n_nan = int(np.isnan(arr).sum())
@@ -150,7 +153,7 @@ def states_table(keys: Sequence[str], states: Sequence[np.ndarray], pooled: np.n
         raise ValueError("empty shard")
     dim = int(states[0].shape[-1])
     halves = []
-    for key, arr in zip(keys, states):
+    for key, arr in zip(keys, states, strict=True):
         if arr.ndim != 2 or arr.shape[1] != dim:
             raise ValueError(f"key {key}: states shape {arr.shape}, expected (L, {dim})")
         with np.errstate(over="ignore"):  # overflow becomes inf, which is reported below with the key
@@ -192,8 +195,10 @@ def pixels_table(keys: Sequence[str], values: np.ndarray) -> pa.Table:
         raise NonFiniteStatesError(rejected)
     size = int(np.prod(values16.shape[1:]))
     return pa.Table.from_arrays(
-        [pa.array(list(keys), pa.string()),
-         pa.FixedSizeListArray.from_arrays(pa.array(values16.reshape(-1), pa.float16()), size)],
+        [
+            pa.array(list(keys), pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(values16.reshape(-1), pa.float16()), size),
+        ],
         schema=expected_schema("pixels", values16.shape[1:]),
     )
 
@@ -207,8 +212,15 @@ def encode_shard(table: pa.Table) -> bytes:
     }
     split = [path for name, path in float_columns.items() if name in table.column_names]
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", compression_level=1, use_dictionary=["key"],
-                   use_byte_stream_split=split, row_group_size=max(1, table.num_rows))
+    pq.write_table(
+        table,
+        buf,
+        compression="zstd",
+        compression_level=1,
+        use_dictionary=["key"],
+        use_byte_stream_split=split,
+        row_group_size=max(1, table.num_rows),
+    )
     return buf.getvalue()
 
 
@@ -218,7 +230,7 @@ def decode_states(column: pa.ChunkedArray | pa.Array, dim: int) -> list[np.ndarr
     offsets = arr.offsets.to_numpy()
     offsets = offsets - offsets[0]  # a sliced array keeps absolute offsets
     flat = arr.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)  # (sum L, D)
-    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
 
 
 def decode_fixed(column: pa.ChunkedArray | pa.Array, shape: Sequence[int]) -> np.ndarray:
@@ -335,8 +347,15 @@ class VerifyReport:
         return self
 
     def as_dict(self) -> dict:
-        return {"cache": str(self.cache), "ok": self.ok, "shards": self.shards, "rows": self.rows,
-                "corrupt": dict(self.corrupt), "duplicate_keys": self.duplicate_keys, "unlisted": list(self.unlisted)}
+        return {
+            "cache": str(self.cache),
+            "ok": self.ok,
+            "shards": self.shards,
+            "rows": self.rows,
+            "corrupt": dict(self.corrupt),
+            "duplicate_keys": self.duplicate_keys,
+            "unlisted": list(self.unlisted),
+        }
 
 
 class CacheStore:
@@ -409,8 +428,10 @@ class CacheStore:
         grouped: dict[str, list[tuple[str, int]]] = {}
         for key in keys:
             if key not in index:
-                raise KeyError(f"key {key!r} is not in cache {self.path} ({self.kind} {self.fingerprint}); "
-                               "run 'omnidiff embed' over the snapshot that holds it")
+                raise KeyError(
+                    f"key {key!r} is not in cache {self.path} ({self.kind} {self.fingerprint}); "
+                    "run 'omnidiff embed' over the snapshot that holds it"
+                )
             name, row = index[key]
             grouped.setdefault(name, []).append((key, row))
         return grouped
@@ -425,7 +446,7 @@ class CacheStore:
                 values = list(decode_fixed(table.column(column), self.value_shape))
             else:
                 values = decode_states(table.column(column), self.hidden_size)
-            out.update({key: value for (key, _), value in zip(rows, values)})
+            out.update({key: value for (key, _), value in zip(rows, values, strict=True)})
         return out
 
     def read_pooled(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
@@ -436,7 +457,7 @@ class CacheStore:
         for name, rows in self._rows_by_shard(keys).items():
             table = self._table(name).take(pa.array([r for _, r in rows], pa.int64()))
             pooled = decode_fixed(table.column("pooled"), (self.hidden_size,))
-            out.update({key: value for (key, _), value in zip(rows, pooled)})
+            out.update({key: value for (key, _), value in zip(rows, pooled, strict=True)})
         return out
 
     def lengths(self, keys: Iterable[str] | None = None) -> dict[str, int]:
@@ -445,7 +466,7 @@ class CacheStore:
         out: dict[str, int] = {}
         for name in reversed(self.shard_names):  # reversed so the oldest shard's value wins
             table = _read_shard_table(self.path / SHARDS_DIR / name, ["key", "length"])
-            for key, length in zip(table.column("key").to_pylist(), table.column("length").to_pylist()):
+            for key, length in zip(table.column("key").to_pylist(), table.column("length").to_pylist(), strict=True):
                 if wanted is None or key in wanted:
                     out[key] = length
         return out
@@ -474,12 +495,15 @@ class CacheStore:
         listed = {s["name"] for s in self.manifest["shards"]}
         shards_dir = self.path / SHARDS_DIR
         if shards_dir.is_dir():
-            report.unlisted = sorted(p.name for p in shards_dir.glob(f"{SHARD_PREFIX}*.parquet") if p.name not in listed)
+            report.unlisted = sorted(
+                p.name for p in shards_dir.glob(f"{SHARD_PREFIX}*.parquet") if p.name not in listed
+            )
         return report
 
 
-def _check_shard(path: Path, entry: dict, kind: str, shape: tuple[int, ...] | None,
-                 check_values: bool) -> str | list[str]:
+def _check_shard(
+    path: Path, entry: dict, kind: str, shape: tuple[int, ...] | None, check_values: bool
+) -> str | list[str]:
     """A reason string when the shard is bad, else its keys."""
     if not path.is_file():
         return "file missing"
@@ -505,7 +529,7 @@ def _check_shard(path: Path, entry: dict, kind: str, shape: tuple[int, ...] | No
         else:
             values = decode_states(column, shape[0])
             lengths = table.column("length").to_numpy()
-            if any(v.shape[0] != n for v, n in zip(values, lengths)):
+            if any(v.shape[0] != n for v, n in zip(values, lengths, strict=True)):
                 return "length column disagrees with the stored states"
         bad = find_non_finite(keys, values)
         if bad:
@@ -535,7 +559,13 @@ class CacheWriter:
         self.run_token = f"{self.run_stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.manifest: dict = {}
         self.keys: set[str] = set()
-        self.recovered: dict[str, Any] = {"temp_removed": 0, "adopted": [], "dropped": [], "missing": [], "quarantined": []}
+        self.recovered: dict[str, Any] = {
+            "temp_removed": 0,
+            "adopted": [],
+            "dropped": [],
+            "missing": [],
+            "quarantined": [],
+        }
         self._lock_fh = None
 
     # -- lifecycle
@@ -555,8 +585,9 @@ class CacheWriter:
             holder = self._lock_fh.read().strip() or "unknown"
             self._lock_fh.close()
             self._lock_fh = None
-            raise CacheError(f"{self.path} is being written by another embed run ({holder}); "
-                             "wait for it to finish or stop it") from None
+            raise CacheError(
+                f"{self.path} is being written by another embed run ({holder}); wait for it to finish or stop it"
+            ) from None
         self._lock_fh.seek(0)
         self._lock_fh.truncate()
         self._lock_fh.write(f"pid {os.getpid()} run {self.run_token}\n")
@@ -696,7 +727,9 @@ class CacheWriter:
         keys = list(keys)
         dup = self.keys.intersection(keys)
         if dup:
-            raise CacheError(f"{self.path}: shard {entry['name']} repeats {len(dup)} cached key(s), e.g. {sorted(dup)[0]}")
+            raise CacheError(
+                f"{self.path}: shard {entry['name']} repeats {len(dup)} cached key(s), e.g. {sorted(dup)[0]}"
+            )
         entry = {k: v for k, v in entry.items() if k != "stale"}
         entry.setdefault("created", _now())
         self.manifest["shards"].append(entry)

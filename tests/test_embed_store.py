@@ -1,6 +1,6 @@
 """Unit tests of the cache format, store, fingerprints and batching (pure pyarrow/numpy, no model, no Ray).
 
-    .venv/bin/pytest tests/test_embed_store.py -x -q
+.venv/bin/pytest tests/test_embed_store.py -x -q
 """
 
 from __future__ import annotations
@@ -28,8 +28,15 @@ from embed_cache.store import (
     write_shard_file,
 )
 
-ENCODER = {"model_id": "m", "weights_digest": "abc", "layer": 2, "max_length": 512, "dtype": "float32",
-           "template": "raw", "normaliser_version": "1"}
+ENCODER = {
+    "model_id": "m",
+    "weights_digest": "abc",
+    "layer": 2,
+    "max_length": 512,
+    "dtype": "float32",
+    "template": "raw",
+    "normaliser_version": "1",
+}
 D = 8
 
 
@@ -50,8 +57,15 @@ def test_fingerprint_changes_with_every_input_and_ignores_key_order():
     assert base == llm_fingerprint(dict(reversed(list(ENCODER.items()))))
     assert len(base) == 16
     seen = {base}
-    for key, new in [("model_id", "n"), ("weights_digest", "abd"), ("layer", 1), ("max_length", 256),
-                     ("dtype", "bfloat16"), ("template", "chat"), ("normaliser_version", "2")]:
+    for key, new in [
+        ("model_id", "n"),
+        ("weights_digest", "abd"),
+        ("layer", 1),
+        ("max_length", 256),
+        ("dtype", "bfloat16"),
+        ("template", "chat"),
+        ("normaliser_version", "2"),
+    ]:
         fp = llm_fingerprint({**ENCODER, key: new})
         assert fp not in seen, key
         seen.add(fp)
@@ -96,7 +110,11 @@ def test_plan_shards_balances_tokens():
     shards = batching.plan_shards(lengths, shard_tokens=500, shard_rows=1000)
     assert [i for s in shards for i in range(s.start, s.stop)] == list(range(70))
     assert all(sum(lengths[s]) <= 500 for s in shards)
-    assert batching.plan_shards([10] * 10, shard_tokens=10_000, shard_rows=4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert batching.plan_shards([10] * 10, shard_tokens=10_000, shard_rows=4) == [
+        slice(0, 4),
+        slice(4, 8),
+        slice(8, 10),
+    ]
 
 
 # ------------------------------------------------------------------------------- format
@@ -252,4 +270,7 @@ def test_writer_refuses_mismatched_manifest(tmp_path):
     with pytest.raises(CacheError, match="no manifest.json"):
         CacheStore(tmp_path / "nothing")
     assert os.environ.get("OMNIDIFF_HOME")
-    assert cache_dir("llm", "abc").parent.parent.parent == __import__("pathlib").Path(os.environ["OMNIDIFF_HOME"]).resolve()
+    assert (
+        cache_dir("llm", "abc").parent.parent.parent
+        == __import__("pathlib").Path(os.environ["OMNIDIFF_HOME"]).resolve()
+    )
