@@ -1,0 +1,170 @@
+"""Request and response bodies of the serving API (they are the OpenAPI spec).
+
+Request models are built from the serve config's limits (:func:`request_models`), so the
+published spec states the real bounds (``maxLength`` of a prompt, the allowed sizes, ...).
+They are strict: a string where a number belongs, an unknown field or a value out of range
+is a 400 that names the field; nothing is silently coerced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serve.config import LimitsConfig
+
+SEED_MAX = 2**32 - 1
+
+
+def _check_text(value: str | None) -> str | None:
+    """Reject text the tokenizers cannot take: lone surrogates (valid JSON escapes, invalid Unicode)."""
+    if value is None:
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (contains a lone surrogate)") from None
+    return value
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What is wrong, naming the field when one is at fault.")
+    type: str = Field(description="invalid_request_error | authentication_error | server_overloaded | not_ready | ...")
+    param: str | None = Field(default=None, description="The request field at fault, if any.")
+    code: str | None = Field(default=None, description="A machine-readable reason.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in the OpenAI API's shape."""
+
+    error: ErrorDetail
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = Field(default=None, description="The PNG, base64 encoded (response_format=b64_json).")
+    url: str | None = Field(default=None, description="A data: URL of the PNG (response_format=url).")
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    """The OpenAI Images API response."""
+
+    created: int = Field(description="Unix time of the response.")
+    data: list[ImageData]
+
+
+class GenerateResponse(BaseModel):
+    """The native response with base64 images (response_format=json)."""
+
+    model: str = Field(description="Served model id.")
+    version: str | None = Field(description="Registry version of the served model (None for a folder).")
+    images: list[str] = Field(description="PNG images, base64 encoded.")
+    seeds: list[int] = Field(description="The seed of each image; resend one to get the same image.")
+    size: str
+    steps: int
+    guidance_scale: float
+    seconds: float = Field(description="Time spent in the sampling loop (the whole batch).")
+    batch_size: int = Field(description="Images in the sampling loop this request shared.")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model: str | None = None
+    version: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "omnidiff"
+    version: str | None = Field(default=None, description="Registry version, None when served from a folder.")
+    alias: str | None = Field(default=None, description="The registry alias it was resolved from.")
+    source: str = Field(description="The reference it was resolved from (registry ref or folder).")
+    conditioning: str | None = Field(default=None, description="llm_adapter (ours) or clip (the base model).")
+    lineage: dict[str, str] = Field(
+        default_factory=dict,
+        description="run ids, snapshot digest, cache fingerprint, parent model, stage, ... (registry tags + lineage.json).",
+    )
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    images: type[BaseModel]
+    generate: type[BaseModel]
+
+
+def request_models(limits: LimitsConfig) -> RequestModels:
+    """The two request bodies with ``limits`` written into their field constraints."""
+    Prompt = Annotated[str, Field(min_length=1, max_length=limits.max_prompt_chars)]
+    Size = Literal[tuple(limits.sizes) + ("auto",)]  # type: ignore[valid-type]
+    strict = ConfigDict(strict=True, extra="forbid")
+
+    class ImagesGenerationRequest(BaseModel):
+        """POST /v1/images/generations: the OpenAI Images API request (the fields this server honours)."""
+
+        model_config = strict
+
+        prompt: Prompt = Field(description=f"What to draw, in any language; at most {limits.max_prompt_chars} characters.")
+        model: str | None = Field(default=None, max_length=256, description="The served model id (GET /v1/models), or omitted.")
+        n: int = Field(default=1, ge=1, le=limits.max_n, description="Number of images.")
+        size: Size | None = Field(default=None, description=f"WIDTHxHEIGHT, one of {list(limits.sizes)} or 'auto'.")
+        response_format: Literal["b64_json", "url"] | None = Field(
+            default=None, description="b64_json (default) or url (a data: URL; no files are hosted)."
+        )
+        user: str | None = Field(default=None, max_length=256, description="End-user id (accepted, not stored).")
+
+        _text = field_validator("prompt", "model", "user")(_check_text)
+
+        @field_validator("prompt")
+        @classmethod
+        def _not_blank(cls, value: str) -> str:
+            if not value.strip():
+                raise ValueError("must contain a non-whitespace character")
+            return value
+
+    class GenerateRequest(BaseModel):
+        """POST /v1/generate: the native request with every sampling knob."""
+
+        model_config = strict
+
+        prompt: Prompt = Field(description=f"What to draw, in any language; at most {limits.max_prompt_chars} characters.")
+        negative_prompt: str | None = Field(
+            default=None, max_length=limits.max_prompt_chars, description="What to steer away from."
+        )
+        n: int = Field(default=1, ge=1, le=limits.max_n, description="Number of images.")
+        steps: int = Field(default=limits.default_steps, ge=1, le=limits.max_steps, description="Sampling steps.")
+        guidance_scale: float = Field(
+            default=limits.default_guidance_scale,
+            ge=0.0,
+            le=limits.max_guidance_scale,
+            allow_inf_nan=False,
+            description="Classifier-free guidance scale.",
+        )
+        seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="Image i uses seed + i; random if omitted.")
+        size: Size | None = Field(default=None, description=f"WIDTHxHEIGHT, one of {list(limits.sizes)} or 'auto'.")
+        response_format: Literal["json", "png"] = Field(
+            default="json", description="json: base64 PNGs in JSON; png: the image itself (needs n=1)."
+        )
+
+        _text = field_validator("prompt", "negative_prompt")(_check_text)
+
+        @field_validator("prompt")
+        @classmethod
+        def _not_blank(cls, value: str) -> str:
+            if not value.strip():
+                raise ValueError("must contain a non-whitespace character")
+            return value
+
+    return RequestModels(images=ImagesGenerationRequest, generate=GenerateRequest)
