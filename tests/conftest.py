@@ -1,0 +1,118 @@
+"""Test harness: offline switches, a throw-away working directory, the shared local stack.
+
+    .venv/bin/pytest tests/test_stack.py -x -q
+
+Order matters here, so this module does its work at import time, before any
+test module is collected (and so before Prefect, MLflow or Ray are imported):
+
+1. Caches that are expensive to rebuild (converted LLM weights, DeepSpeed/torch
+   extensions, HF and matplotlib caches) point into ``<repo>/.omnidiff`` so they
+   survive between sessions: ``OMNIDIFF_MODELS``, ``TORCH_EXTENSIONS_DIR``, ...
+2. ``OMNIDIFF_HOME`` points at a throw-away directory for this session, so state
+   (worlds, snapshots, Prefect's local result storage, the stack's databases)
+   never leaks from one session into the next.
+3. ``import omnidiff`` sets the offline switches (NOTES.md) for the rest.
+
+Fixtures: ``stack`` (session-scoped running Prefect + MLflow + Ray on 127.0.0.1
+with MLFLOW_TRACKING_URI, PREFECT_API_URL, RAY_ADDRESS set). Every
+``tests/fixtures_*.py`` is loaded as a pytest plugin, so each area keeps its
+session fixtures in its own file. Markers: ``gpu`` skips without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("OMNIDIFF_CACHE_HOME") or (REPO / ".omnidiff")).resolve()
+
+# (1) caches that survive between sessions; a value the user set wins.
+for _key, _path in {
+    "OMNIDIFF_MODELS": CACHE / "models",
+    "HF_HOME": CACHE / "hf",
+    "TORCH_EXTENSIONS_DIR": CACHE / "torch_extensions",
+    "TRITON_CACHE_DIR": CACHE / "triton",
+    "MPLCONFIGDIR": CACHE / "matplotlib",
+    "XDG_CACHE_HOME": CACHE / "xdg_cache",
+}.items():
+    if not os.environ.get(_key):
+        _path.mkdir(parents=True, exist_ok=True)
+        os.environ[_key] = str(_path)
+
+# (2) a throw-away home. A short path under the system temp dir on purpose: Ray
+# puts unix sockets under $OMNIDIFF_HOME/stack/ray and AF_UNIX paths are limited
+# to 107 bytes. Removed when the session ends (kept on failure, for the logs).
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="odh-")).resolve()
+os.environ["OMNIDIFF_HOME"] = str(SESSION_HOME)
+os.environ.pop("PREFECT_HOME", None)  # -> $OMNIDIFF_HOME/prefect (setup_offline)
+# Whatever a developer's shell points at must not leak into the tests: the
+# `stack` fixture sets these to the session's own stack.
+for _key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS"):
+    os.environ.pop(_key, None)
+
+# (3) offline switches before anything heavy is imported.
+import omnidiff  # noqa: E402,F401
+
+# Every tests/fixtures_*.py is a plugin (other areas add theirs).
+pytest_plugins = [f"tests.{p.stem}" for p in sorted(Path(__file__).parent.glob("fixtures_*.py"))]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return  # do not pay for `import torch` when no test asks for a GPU
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if exitstatus == 0:
+        shutil.rmtree(SESSION_HOME, ignore_errors=True)
+    else:
+        print(f"\nomnidiff test home kept for inspection: {SESSION_HOME}", file=sys.stderr)
+
+
+def _refresh_prefect_settings() -> None:
+    # Prefect 3 snapshots its settings from the environment when it is first
+    # imported; a test module may have imported it before the stack was up.
+    if "prefect.context" in sys.modules:
+        sys.modules["prefect.context"].refresh_global_settings_context()
+
+
+@pytest.fixture(scope="session")
+def stack():
+    """A running Prefect + MLflow + Ray stack on 127.0.0.1 for the whole session.
+
+    Yields the stack state (``omnidiff.stack.up``'s dict: pids, ports, urls).
+    The environment of the test process (and so of every subprocess it starts)
+    points at it: MLFLOW_TRACKING_URI, PREFECT_API_URL, RAY_ADDRESS and Ray's
+    token variables. Always torn down, also when a test or the start-up fails.
+    """
+    from omnidiff import stack as stack_mod
+
+    saved = dict(os.environ)
+    try:
+        state = stack_mod.up(free_ports=True, ray_cpus=4, quiet=True)
+        stack_mod.apply_env(state, override=True)
+        _refresh_prefect_settings()
+        yield state
+    finally:
+        try:
+            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()  # disconnect the driver before its head goes away
+        finally:
+            stack_mod.down(quiet=True)
+            os.environ.clear()
+            os.environ.update(saved)
+            _refresh_prefect_settings()

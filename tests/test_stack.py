@@ -1,0 +1,192 @@
+"""The local stack with real processes: up / status / down, failure paths, client environment.
+
+    .venv/bin/pytest tests/test_stack.py -x -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from omnidiff import stack as stack_mod
+
+pytestmark = pytest.mark.e2e
+
+
+def _omnidiff(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "omnidiff.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _group_members(pgids: set[int]) -> list[int]:
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) in pgids and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return members
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_session_stack_answers_and_sets_env(stack):
+    services = stack["services"]
+    assert requests.get(f"{services['prefect']['url']}/api/health", timeout=5).json() is True
+    assert requests.get(f"{services['mlflow']['url']}/health", timeout=5).text.strip() == "OK"
+    assert os.environ["MLFLOW_TRACKING_URI"] == services["mlflow"]["url"]
+    assert os.environ["PREFECT_API_URL"] == services["prefect"]["url"] + "/api"
+    assert os.environ["RAY_ADDRESS"] == services["ray"]["url"]
+    report = stack_mod.status()
+    assert {name: info["healthy"] for name, info in report.items()} == {"prefect": True, "mlflow": True, "ray": True}
+
+
+def test_ensure_ray_connects_to_the_stack(stack):
+    ray = stack_mod.ensure_ray()
+    assert stack_mod.ensure_ray() is ray  # idempotent
+    # The head's logical CPU count (4), not a private 2-CPU Ray.
+    assert ray.cluster_resources()["CPU"] == 4
+    home = ray.get(ray.remote(lambda: os.environ["OMNIDIFF_HOME"]).remote())
+    assert home == os.environ["OMNIDIFF_HOME"]
+    # Single-node loopback mode: the node registered on 127.0.0.1, not the machine's address.
+    assert [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]] == ["127.0.0.1"]
+
+
+def test_cli_up_status_down_leaves_nothing(tmp_path):
+    # A long OMNIDIFF_HOME on purpose: Ray's socket paths must still fit (short symlink).
+    fake_home = tmp_path / "home"
+    fake_home.mkdir()
+    env = dict(os.environ)
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(key, None)
+    env.update(HOME=str(fake_home), OMNIDIFF_HOME=str(tmp_path / "a_rather_long_project_working_directory"))
+    state_file = Path(env["OMNIDIFF_HOME"]) / "stack" / "state.json"
+
+    t0 = time.monotonic()
+    started = _omnidiff(["stack", "up", "--free-ports", "--ray-cpus", "2"], env)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        print(f"stack up: all healthy after {time.monotonic() - t0:.1f} s (wall, incl. CLI start)")
+        state = json.loads(state_file.read_text())
+        services = state["services"]
+        for name in ("prefect", "mlflow", "ray"):
+            assert services[name]["url"] in started.stdout
+            assert _port_open(services[name]["port"]), name
+            assert Path(services[name]["log"]).is_file()
+        token = Path(state["env"]["RAY_AUTH_TOKEN_PATH"])
+        assert token.is_relative_to(env["OMNIDIFF_HOME"]) and oct(token.stat().st_mode & 0o777) == "0o600"
+
+        status = _omnidiff(["stack", "status"], env, timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert status.stdout.count("healthy") == 3
+
+        recorded = [svc["pid"] for svc in services.values()]
+        recorded += [pid for svc in services.values() for pid in svc.get("children", [])]
+        assert len(recorded) > 3  # the tree, not just the three leaders
+    finally:
+        stopped = _omnidiff(["stack", "down"], env, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(_gone(pid) for pid in recorded):
+        time.sleep(0.2)
+    assert [pid for pid in recorded if not _gone(pid)] == []
+    assert _group_members({svc["pgid"] for svc in services.values()}) == []
+    assert not any(_port_open(services[name]["port"]) for name in services)
+    assert not state_file.exists()
+    assert _omnidiff(["stack", "status"], env, timeout=60).returncode == 3
+    # Nothing in the home directory: no ~/.ray/auth_token, no ~/.prefect, no ~/.mlflow.
+    assert sorted(p.relative_to(fake_home) for p in fake_home.rglob("*")) == []
+
+
+def test_up_refuses_a_busy_port_and_names_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("OMNIDIFF_HOME", str(tmp_path / "h"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        prefect_port, ray_port = stack_mod._free_ports(2)
+        with pytest.raises(stack_mod.StackError, match=rf"mlflow: port {port} .*--free-ports"):
+            stack_mod.up(prefect_port=prefect_port, mlflow_port=port, ray_port=ray_port, quiet=True)
+    assert stack_mod.read_state() is None
+
+
+def test_up_timeout_names_services_shows_logs_and_cleans_up(monkeypatch, tmp_path):
+    monkeypatch.setenv("OMNIDIFF_HOME", str(tmp_path / "h"))
+    with pytest.raises(stack_mod.StackError) as err:
+        stack_mod.up(free_ports=True, timeout_s=0.5, quiet=True)
+    message = str(err.value)
+    for name in ("prefect", "mlflow", "ray"):
+        assert f"{name}: not healthy after" in message
+        assert f"logs/{name}.log" in message
+    assert "omnidiff stack:" in message  # the log tail: each log starts with the launch line
+    last = json.loads((tmp_path / "h" / "stack" / "state.last.json").read_text())
+    pids = [svc["pid"] for svc in last["services"].values()]
+    assert pids and all(_gone(pid) for pid in pids)
+    assert _group_members({svc["pgid"] for svc in last["services"].values()}) == []
+    assert stack_mod.read_state() is None
+
+
+def test_apply_env_fills_only_unset_variables(monkeypatch):
+    state = {"env": {
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "PREFECT_API_URL": "http://127.0.0.1:2/api",
+        "RAY_ADDRESS": "127.0.0.1:3", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/x/auth_token",
+    }}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    applied = stack_mod.apply_env(state)
+    assert applied == {"PREFECT_API_URL": "http://127.0.0.1:2/api"}
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://elsewhere:5000"
+    # The token goes with its RAY_ADDRESS: never paired with someone else's cluster.
+    assert "RAY_AUTH_TOKEN_PATH" not in os.environ
+    stack_mod.apply_env(state, override=True)
+    assert os.environ["RAY_ADDRESS"] == "127.0.0.1:3"
+    assert os.environ["RAY_AUTH_TOKEN_PATH"] == "/x/auth_token"
+
+
+def test_apply_env_ignores_a_stack_that_is_not_running(monkeypatch, tmp_path):
+    monkeypatch.setenv("OMNIDIFF_HOME", str(tmp_path / "h"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    dead = {"pid": 2**22 + 7, "create_time": 0.0}  # above the default pid_max: never a live pid
+    state = {"services": {name: dict(dead) for name in stack_mod.SERVICES},
+             "env": {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"}}
+    stack_mod.stack_dir().joinpath("state.json").write_text(json.dumps(state))
+    assert stack_mod.apply_env() == {}
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_short_path_keeps_ray_sockets_under_the_unix_limit(tmp_path):
+    long_dir = tmp_path / ("x" * 80)
+    long_dir.mkdir()
+    link = stack_mod._short_path(long_dir)
+    try:
+        assert len(str(link)) <= stack_mod._RAY_TEMP_MAX_CHARS
+        assert link.resolve() == long_dir.resolve()
+        assert stack_mod._short_path(long_dir) == link  # stable
+    finally:
+        link.unlink()
+    short = Path("/tmp/od")
+    assert stack_mod._short_path(short) == short
