@@ -1,0 +1,214 @@
+"""Prompt faithfulness: does a generated image show what its prompt asked for?
+
+Issue 2 defines it and issue 6 (``omnidiff evaluate``) builds on it:
+
+    result = prompt_faithfulness(pipe, prompts, evaluator, seed=0, steps=20, guidance=3.0)
+    result.per_prompt   # one row per prompt: what it asked, what the evaluator saw, ok_<attribute>
+    result.summary      # attribute x lang x length bucket -> share of images that match
+    frechet_distance(evaluator.features(result.images), evaluator.features(real_images))
+    image_grids(result.per_prompt, result.images)   # {lang: PIL grid}
+
+``prompts`` follows the schema of the world's ``eval_prompts.parquet``: a
+``prompt`` text, its ``lang``, and one column per attribute holding the value
+the prompt asks for (empty when the prompt does not mention it). The length
+bucket is ``<=77`` or ``>77`` CLIP tokens, read from ``clip_tokens`` when the
+table has it, else from ``is_long``. Everything but :func:`generate_images`
+and :func:`prompt_faithfulness` is a pure function of tables and arrays, so it
+is tested on hand-built frames. From the command line:
+``omnidiff base score --config configs/base.yaml``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from omnidiff.progress import Progress
+
+CLIP_WINDOW = 77
+SHORT, LONG = f"<={CLIP_WINDOW}", f">{CLIP_WINDOW}"
+ALL = "all"  # pseudo-attribute: every attribute the prompt asked for is right
+SUMMARY_COLUMNS = ["attribute", "lang", "length", "n", "correct", "faithfulness"]
+
+
+class Faithfulness(NamedTuple):
+    per_prompt: pd.DataFrame
+    summary: pd.DataFrame
+    images: np.ndarray  # uint8 (N, H, W, 3), row i belongs to per_prompt row i
+
+
+def _asked(value: Any) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, float) and math.isnan(value):
+        return False
+    return str(value) != ""
+
+
+def length_buckets(prompts: pd.DataFrame) -> pd.Series:
+    """``<=77`` / ``>77`` per prompt, from ``clip_tokens`` (preferred) or ``is_long``."""
+    if "clip_tokens" in prompts.columns:
+        return prompts["clip_tokens"].map(lambda n: LONG if int(n) > CLIP_WINDOW else SHORT)
+    if "is_long" in prompts.columns:
+        return prompts["is_long"].map(lambda b: LONG if bool(b) else SHORT)
+    raise ValueError(f"prompts: need a 'clip_tokens' or 'is_long' column for the length bucket; "
+                     f"columns are {list(prompts.columns)}")
+
+
+def check_prompts(prompts: pd.DataFrame, attributes: list[str]) -> None:
+    """Clear errors for a prompt table that cannot be scored."""
+    missing = [c for c in ("prompt", "lang") if c not in prompts.columns]
+    if missing:
+        raise ValueError(f"prompts: missing column(s) {missing}; columns are {list(prompts.columns)}")
+    present = [a for a in attributes if a in prompts.columns]
+    if not present:
+        raise ValueError(f"prompts: no attribute column; expected some of {attributes}")
+    if len(prompts) == 0:
+        raise ValueError("prompts: the table is empty")
+
+
+def judge(prompts: pd.DataFrame, predicted: dict[str, list[str]]) -> pd.DataFrame:
+    """Per-prompt verdicts: ``pred_<a>`` and ``ok_<a>`` (True/False, or NA where ``a`` was not asked), ``ok_all``.
+
+    ``predicted`` maps attribute -> one predicted value per prompt row.
+    """
+    attributes = [a for a in predicted if a in prompts.columns]
+    check_prompts(prompts, list(predicted))
+    out = prompts.reset_index(drop=True).copy()
+    out["length"] = length_buckets(out).to_numpy()
+    all_ok = pd.Series(True, index=out.index, dtype="boolean")
+    any_asked = pd.Series(False, index=out.index)
+    for attr in attributes:
+        preds = list(predicted[attr])
+        if len(preds) != len(out):
+            raise ValueError(f"predicted[{attr!r}]: {len(preds)} values for {len(out)} prompts")
+        out[f"pred_{attr}"] = preds
+        asked = out[attr].map(_asked)
+        ok = pd.Series(pd.NA, index=out.index, dtype="boolean")
+        ok[asked] = out.loc[asked, attr].astype(str).to_numpy() == out.loc[asked, f"pred_{attr}"].astype(str).to_numpy()
+        out[f"ok_{attr}"] = ok
+        all_ok = all_ok & ok.fillna(True)
+        any_asked |= asked
+    out[f"ok_{ALL}"] = all_ok.where(any_asked, pd.NA)
+    return out
+
+
+def summarise(per_prompt: pd.DataFrame) -> pd.DataFrame:
+    """attribute x lang x length -> n prompts that asked for it, how many are right, the share.
+
+    Only prompts that asked for an attribute count towards it; ``attribute == "all"`` is the share
+    of images where every asked attribute is right.
+    """
+    rows = []
+    ok_cols = [c for c in per_prompt.columns if c.startswith("ok_")]
+    if not ok_cols:
+        raise ValueError("per_prompt: no ok_<attribute> columns; build it with judge()")
+    for (lang, length), group in per_prompt.groupby(["lang", "length"], sort=True):
+        for col in ok_cols:
+            verdicts = group[col].dropna()
+            if len(verdicts) == 0:
+                continue
+            correct = int(verdicts.astype(bool).sum())
+            rows.append({"attribute": col[3:], "lang": lang, "length": length, "n": len(verdicts),
+                         "correct": correct, "faithfulness": correct / len(verdicts)})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def pivot(summary: pd.DataFrame) -> pd.DataFrame:
+    """Rows (lang, length), columns attribute: a readable table of the summary."""
+    return summary.pivot_table(index=["lang", "length"], columns="attribute", values="faithfulness")
+
+
+def lookup(summary: pd.DataFrame, attribute: str, lang: str | None = None, length: str | None = None) -> float:
+    """Pooled faithfulness of ``attribute`` over the rows matching ``lang`` / ``length`` (None = any)."""
+    rows = summary[summary["attribute"] == attribute]
+    if lang is not None:
+        rows = rows[rows["lang"] == lang]
+    if length is not None:
+        rows = rows[rows["length"] == length]
+    n = rows["n"].sum()
+    return float(rows["correct"].sum() / n) if n else float("nan")
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N, D): the FID formula.
+
+    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)``; the symmetric form keeps
+    every square root on a positive semi-definite matrix, so no complex parts appear.
+    """
+    a, b = np.asarray(feats_a, dtype=np.float64), np.asarray(feats_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"features: expected (N, D) arrays with the same D, got {a.shape} and {b.shape}")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"features: need at least 2 rows each for a covariance, got {len(a)} and {len(b)}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+
+    def psd_sqrt(m: np.ndarray) -> np.ndarray:
+        w, v = np.linalg.eigh((m + m.T) / 2)
+        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+    root_a = psd_sqrt(cov_a)
+    middle = root_a @ cov_b @ root_a
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
+
+
+def image_grids(per_prompt: pd.DataFrame, images: np.ndarray, per_lang: int = 32, columns: int = 8,
+                scale: int = 4) -> dict[str, Image.Image]:
+    """{lang: grid of its first ``per_lang`` images}, upscaled ``scale`` x with a border per image:
+    green when every asked attribute is right, red otherwise, grey when unjudged."""
+    if len(per_prompt) != len(images):
+        raise ValueError(f"per_prompt has {len(per_prompt)} rows but there are {len(images)} images")
+    grids = {}
+    per_prompt = per_prompt.reset_index(drop=True)
+    for lang, group in per_prompt.groupby("lang", sort=True):
+        idx = group.index[:per_lang]
+        h, w = images.shape[1] * scale, images.shape[2] * scale
+        pad = 2
+        rows = math.ceil(len(idx) / columns)
+        grid = Image.new("RGB", (columns * (w + 2 * pad), rows * (h + 2 * pad)), (255, 255, 255))
+        draw = ImageDraw.Draw(grid)
+        for k, i in enumerate(idx):
+            x0, y0 = (k % columns) * (w + 2 * pad), (k // columns) * (h + 2 * pad)
+            ok = group.at[i, f"ok_{ALL}"] if f"ok_{ALL}" in group.columns else pd.NA
+            colour = (128, 128, 128) if pd.isna(ok) else ((40, 170, 60) if ok else (210, 40, 40))
+            draw.rectangle([x0, y0, x0 + w + 2 * pad - 1, y0 + h + 2 * pad - 1], fill=colour)
+            tile = Image.fromarray(images[i]).resize((w, h), Image.NEAREST)
+            grid.paste(tile, (x0 + pad, y0 + pad))
+        grids[str(lang)] = grid
+    return grids
+
+
+def generate_images(pipe, prompts: list[str], seed: int = 0, steps: int = 20, guidance: float = 3.0,
+                    batch_size: int = 32, name: str = "generate") -> np.ndarray:
+    """Run ``pipe`` over ``prompts`` in batches -> uint8 (N, H, W, 3).
+
+    Batch k is sampled with seed ``seed + k * batch_size`` (its first row's index), so a run is
+    reproducible for a given (seed, batch_size).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    out: list[np.ndarray] = []
+    with Progress(name, total=len(prompts), unit="img") as progress:
+        for start in range(0, len(prompts), batch_size):
+            batch = list(prompts[start : start + batch_size])
+            pil = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, seed=seed + start)
+            out.extend(np.asarray(im.convert("RGB"), dtype=np.uint8) for im in pil)
+            progress.update(len(batch))
+    return np.stack(out)
+
+
+def prompt_faithfulness(pipe, prompts: pd.DataFrame, evaluator, seed: int = 0, steps: int = 20,
+                        guidance: float = 3.0, batch_size: int = 32) -> Faithfulness:
+    """Generate one image per prompt with ``pipe``, read it with ``evaluator``, compare with the prompt."""
+    attributes = list(evaluator.labels)
+    check_prompts(prompts, attributes)
+    prompts = prompts.reset_index(drop=True)
+    images = generate_images(pipe, prompts["prompt"].tolist(), seed, steps, guidance, batch_size, name="score")
+    per_prompt = judge(prompts, evaluator.predict(images))
+    return Faithfulness(per_prompt, summarise(per_prompt), images)
