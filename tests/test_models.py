@@ -1,0 +1,165 @@
+"""Builders and shapes of the model building blocks: CLIP-style encoder + tokenizer, UNet, adapter.
+
+.venv/bin/pytest tests/test_models.py -x -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from omnidiff.models.adapter import OmniAdapter
+from omnidiff.models.clip_text import (
+    WINDOW,
+    ClipTextEncoder,
+    build_clip_text_encoder,
+    build_clip_tokenizer,
+    load_clip_tokenizer,
+)
+from omnidiff.models.unet import build_unet
+
+WORDS = "a an the red green blue yellow circle square triangle on left right top bottom of small big background".split()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return build_clip_text_encoder(WORDS, hidden=32, layers=2, heads=4)
+
+
+# -- CLIP-style tokenizer ---------------------------------------------------------------------
+def test_clip_tokenizer_is_english_only(tmp_path):
+    tok = build_clip_tokenizer(WORDS, tmp_path)
+    ids = tok("A RED circle, left!").input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["<bos>", "a", "red", "circle", ",", "left", "!", "<eos>"]
+    zh = tok("左边有一个红色的圆").input_ids
+    assert tok.convert_ids_to_tokens(zh) == ["<bos>", "<unk>", "<eos>"]
+    assert tok("purple").input_ids[1] == tok.unk_token_id
+    again = load_clip_tokenizer(tmp_path)
+    assert again("a red circle").input_ids == tok("a red circle").input_ids
+
+
+def test_clip_tokenizer_truncates_at_77(tmp_path):
+    tok = build_clip_tokenizer(WORDS, tmp_path)
+    ids = tok(" ".join(["red"] * 200), truncation=True).input_ids
+    assert len(ids) == WINDOW and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+
+
+def test_clip_windows(clip):
+    long = " ".join(["red"] * 100) + " circle"  # 101 words: "circle" is word 101, past one window
+    ids, mask = clip.tokenize(["a red circle", long, ""], max_windows=1)
+    assert ids.shape == (3, WINDOW)
+    assert mask.sum(1).tolist() == [5, WINDOW, 2]
+    assert clip.tokenizer.convert_tokens_to_ids("circle") not in ids[1].tolist(), "hard truncation at 75 words"
+    ids3, mask3 = clip.tokenize(["a red circle", long], max_windows=3)
+    assert ids3.shape == (2, 3 * WINDOW)
+    assert mask3[1].sum() == WINDOW + (101 - 75 + 2) and not mask3[1, 2 * WINDOW :].any()
+    assert ids3[1, WINDOW] == clip.tokenizer.bos_token_id, "window 2 starts with its own <bos>"
+    assert clip.tokenizer.convert_tokens_to_ids("circle") in ids3[1].tolist()
+    assert clip.token_lengths(["a red circle", long], max_windows=3) == [5, WINDOW + 28]
+
+
+def test_clip_encode_shapes_and_pooled(clip):
+    states, mask, pooled = clip.encode(["a red circle", "blue square on the left"], max_windows=2)
+    assert states.shape == (2, 2 * WINDOW, 32) and mask.shape == (2, 2 * WINDOW) and pooled.shape == (2, 32)
+    assert (states[~mask] == 0).all()
+    eos = mask[:, :WINDOW].sum(1) - 1
+    torch.testing.assert_close(pooled, states[torch.arange(2), eos])
+    one, _, _ = clip.encode(["a red circle"], max_windows=1)
+    torch.testing.assert_close(one[0], states[0, :WINDOW])
+
+
+def test_clip_save_load_roundtrip(clip, tmp_path):
+    clip.save_pretrained(tmp_path / "te", tmp_path / "tok")
+    again = ClipTextEncoder.from_pretrained(tmp_path / "te", tmp_path / "tok")
+    a = clip.encode(["a red circle"])[0]
+    b = again.encode(["a red circle"])[0]
+    torch.testing.assert_close(a, b)
+    assert again.fingerprint() == clip.fingerprint() and again.fingerprint(3) != clip.fingerprint(1)
+    assert json.loads((tmp_path / "te" / "config.json").read_text())["max_position_embeddings"] == WINDOW
+
+
+def test_clip_bad_input(clip):
+    with pytest.raises(TypeError, match="list of str"):
+        clip.encode("a red circle")
+    with pytest.raises(ValueError, match="max_windows=0"):
+        clip.encode(["a"], max_windows=0)
+
+
+# -- UNet ---------------------------------------------------------------------------------------
+def test_unet_builder_shapes_and_size():
+    unet = build_unet(16, 3, 3, (32, 64, 64), cross_attention_dim=32, layers_per_block=1, attention_head_dim=8)
+    n_params = sum(p.numel() for p in unet.parameters())
+    assert 1.0e6 < n_params < 2.5e6, n_params
+    assert unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    x = torch.randn(2, 3, 16, 16)
+    out = unet(x, torch.tensor([1, 900]), encoder_hidden_states=torch.randn(2, 7, 32)).sample
+    assert out.shape == x.shape
+
+
+def test_unet_pooled_conditioning_is_used():
+    unet = build_unet(16, 3, 3, (32, 64), 32, 1, 8, pooled_dim=24).eval()
+    assert unet.config.class_embed_type == "projection"
+    x, ctx = torch.randn(1, 3, 16, 16), torch.randn(1, 5, 32)
+    a = unet(x, 10, encoder_hidden_states=ctx, class_labels=torch.zeros(1, 24)).sample
+    b = unet(x, 10, encoder_hidden_states=ctx, class_labels=torch.ones(1, 24)).sample
+    assert not torch.allclose(a, b)
+
+
+def test_unet_bad_sizes():
+    with pytest.raises(ValueError, match="divisible"):
+        build_unet(10, 3, 3, (32, 64, 64), 32)
+    with pytest.raises(ValueError, match="attention_head_dim"):
+        build_unet(16, 3, 3, (30, 64), 32, attention_head_dim=8)
+
+
+# -- adapter ------------------------------------------------------------------------------------
+def test_adapter_shapes():
+    adapter = OmniAdapter(llm_dim=48, width=32, out_dim=24, num_queries=11, encoder_layers=1, decoder_layers=2, heads=4)
+    tokens, pooled = adapter(torch.randn(3, 9, 48), torch.ones(3, 9, dtype=torch.bool))
+    assert tokens.shape == (3, 11, 24) and pooled.shape == (3, 24)
+    tokens, _ = adapter(torch.randn(2, 40, 48), torch.ones(2, 40, dtype=torch.bool))
+    assert tokens.shape == (2, 11, 24), "fixed number of outputs whatever the prompt length"
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_adapter_masks_padding(train_mode):
+    torch.manual_seed(0)
+    adapter = OmniAdapter(16, 32, 8, 5, encoder_layers=2, decoder_layers=2, heads=4).train(train_mode)
+    states = torch.randn(3, 12, 16)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[1, 9:] = False
+    changed = states.clone()
+    changed[~mask] = torch.randn_like(changed[~mask]) * 50
+    a_tok, a_pool = adapter(states, mask)
+    b_tok, b_pool = adapter(changed, mask)
+    torch.testing.assert_close(a_tok, b_tok)
+    torch.testing.assert_close(a_pool, b_pool)
+    # and the same caption without the padding columns gives the same output
+    short_tok, _ = adapter(states[:1, :4], mask[:1, :4])
+    torch.testing.assert_close(short_tok, a_tok[:1], rtol=1e-5, atol=1e-5)
+    # real tokens do matter
+    real_changed = states.clone()
+    real_changed[0, 0] += 1.0
+    assert not torch.allclose(adapter(real_changed, mask)[0][0], a_tok[0])
+
+
+def test_adapter_save_load(tmp_path):
+    adapter = OmniAdapter(16, 32, 8, 5, 1, 1, 4).eval()
+    adapter.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    again = OmniAdapter.from_pretrained(tmp_path)
+    x, m = torch.randn(2, 6, 16), torch.ones(2, 6, dtype=torch.bool)
+    torch.testing.assert_close(adapter(x, m)[0], again(x, m)[0])
+
+
+def test_adapter_bad_input():
+    adapter = OmniAdapter(16, 32, 8, 5, 1, 1, 4)
+    with pytest.raises(ValueError, match="expected"):
+        adapter(torch.randn(1, 4, 17), torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no real token"):
+        adapter(torch.randn(1, 4, 16), torch.zeros(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="divisible"):
+        OmniAdapter(16, 30, 8, 5, 1, 1, 4)
