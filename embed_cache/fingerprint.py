@@ -5,8 +5,8 @@ fingerprint is the SHA-256 (first 16 hex chars) of a canonical JSON of its input
 
 * ``llm``:    ``LLMTextEncoder.fingerprint_inputs()`` (model id, weights digest, layer, max length,
   dtype, template, normaliser version) + the storage format;
-* ``clip``:   digest of the CLIP text encoder + tokenizer files, window count and size, normaliser
-  version + the storage format;
+* ``clip``:   ``ClipTextEncoder.fingerprint_inputs(max_windows)`` (weights + tokenizer digest, window
+  layout, normaliser version) + the storage format;
 * ``pixels``: resolution, value range, and for latents the VAE weights digest and scaling factor.
 
 Any change to any input gives a different directory, so a stale hit is impossible: there is no
@@ -20,8 +20,6 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any
-
-from omnidiff.text import NORMALISER_VERSION
 
 # Bump when the shard layout (columns, types, encodings) changes: old caches then stay untouched
 # under their old fingerprint instead of being misread.
@@ -83,15 +81,15 @@ def files_digest(*folders: Path, patterns: tuple[str, ...] = ("*",)) -> str:
     return digest.hexdigest()
 
 
-def clip_inputs(encoder_digest: str, max_windows: int, window: int = 77, dtype: str = "float32") -> dict[str, Any]:
-    """Fingerprint inputs of a CLIP-target cache (English side, stitched 77-token windows)."""
+def clip_inputs(encoder_inputs: dict[str, Any]) -> dict[str, Any]:
+    """Fingerprint inputs of a CLIP-target cache from ``ClipTextEncoder.fingerprint_inputs(max_windows)``
+    (weights + tokenizer digest, window layout, normaliser version)."""
+    if not encoder_inputs:
+        raise ValueError("CLIP fingerprint inputs are empty")
     return {
         "kind": "clip",
-        "encoder_digest": encoder_digest,
-        "max_windows": int(max_windows),
-        "window": int(window),
-        "dtype": dtype,
-        "normaliser_version": NORMALISER_VERSION,
+        "encoder": dict(encoder_inputs),
+        "stored": "mask-true tokens + pooled",
         "storage": STORAGE_FORMAT,
     }
 

@@ -69,7 +69,8 @@ def test_fingerprint_changes_with_every_input_and_ignores_key_order():
         fp = llm_fingerprint({**ENCODER, key: new})
         assert fp not in seen, key
         seen.add(fp)
-    assert fingerprint(clip_inputs("d", 3)) != fingerprint(clip_inputs("d", 2))
+    clip = {"model_id": "clip-text", "weights_digest": "d", "template": "clip-windows-77x3"}
+    assert fingerprint(clip_inputs(clip)) != fingerprint(clip_inputs({**clip, "template": "clip-windows-77x2"}))
     assert fingerprint(pixels_inputs(16)) != fingerprint(pixels_inputs(32))
     assert fingerprint(pixels_inputs(16)) != fingerprint(pixels_inputs(16, vae_digest="v", vae_scaling_factor=0.18))
     with pytest.raises(ValueError, match="kind"):
@@ -149,7 +150,7 @@ def test_states_shard_is_plain_pyarrow_unpadded_half(tmp_path):
 
 def test_clip_pooled_and_pixels_round_trip(tmp_path):
     rng = np.random.default_rng(2)
-    inputs = clip_inputs("digest", 3)
+    inputs = clip_inputs({"model_id": "clip-text", "weights_digest": "d"})
     pooled = rng.standard_normal((2, D)).astype(np.float32)
     with _writer(tmp_path, inputs) as writer:
         writer.set_value_shape((D,))
