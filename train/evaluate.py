@@ -102,9 +102,9 @@ def resolve_inputs(cfg) -> EvalInputs:
     if cfg.baseline is not None:
         baseline_ref = cfg.baseline
     else:
-        from omnidiff.base.pretrain import ensure_base_model
+        from omnidiff.base.pretrain import pretrain
 
-        baseline_ref = str(ensure_base_model(base_cfg))
+        baseline_ref = str(pretrain(base_cfg))
     prompts = select_prompts(pd.read_parquet(prompts_path), cfg.max_per_group, cfg.langs, cfg.seed)
     return EvalInputs(world_dir, prompts, evaluator, baseline_ref,
                       real_world_images(world_dir, cfg.real_images, evaluator.resolution, cfg.seed))

@@ -1,0 +1,205 @@
+"""``omnidiff flows`` and ``omnidiff pipeline``.
+
+    omnidiff flows deploy [--config configs/pipeline.yaml]   # create every deployment; serve their runs (background)
+    omnidiff flows status                                    # the serving process and the deployments
+    omnidiff flows run omnidiff-pipeline [--no-wait]         # trigger a deployment like the UI's Run button
+    omnidiff flows stop                                      # stop the serving process
+    omnidiff pipeline --config configs/pipeline.yaml [k=v]   # run the pipeline flow in this process
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omnidiff.env import subdir
+
+SERVE_STATE = "flows.json"
+
+
+def _state_path() -> Path:
+    return subdir("stack") / SERVE_STATE
+
+
+def _read_state() -> dict[str, Any] | None:
+    path = _state_path()
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+async def _deployment_ids(names: tuple[str, ...]) -> dict[str, str | None]:
+    from prefect.client.orchestration import get_client
+
+    out: dict[str, str | None] = {}
+    async with get_client() as client:
+        for name in names:
+            try:
+                out[name] = str((await client.read_deployment_by_name(name)).id)
+            except Exception:
+                out[name] = None
+    return out
+
+
+def deploy(config: str, timeout_s: float = 180.0, quiet: bool = False) -> dict[str, Any]:
+    """Start ``python -m flows.deployments`` in its own process group; wait until every deployment exists."""
+    from flows.deployments import DEPLOYMENT_NAMES
+    from omnidiff.stack import apply_env
+
+    apply_env()
+    if not os.environ.get("PREFECT_API_URL"):
+        raise RuntimeError("no Prefect server: run `omnidiff stack up` first (PREFECT_API_URL is unset)")
+    state = _read_state()
+    if state and _alive(state["pid"]):
+        stop()
+    log_path = subdir("stack", "logs") / "flows.log"
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.deployments", config], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy())
+    state = {"pid": proc.pid, "config": config, "log": str(log_path), "started": time.time()}
+    _state_path().write_text(json.dumps(state, indent=2))
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the deployment-serving process exited with {proc.returncode}; log {log_path}:\n{tail}")
+        ids = asyncio.run(_deployment_ids(DEPLOYMENT_NAMES))
+        if all(ids.values()):
+            state["deployments"] = ids
+            _state_path().write_text(json.dumps(state, indent=2))
+            if not quiet:
+                print(f"flows: {len(ids)} deployments served by pid {proc.pid} (log {log_path})")
+                for name in ids:
+                    print(f"  {name}")
+            return state
+        time.sleep(2)
+    stop()
+    raise TimeoutError(f"deployments did not all appear within {timeout_s:.0f}s; log {log_path}")
+
+
+def stop() -> bool:
+    """Stop the serving process (its whole process group); True if one was running."""
+    state = _read_state()
+    if not state:
+        return False
+    pid = state["pid"]
+    was_alive = _alive(pid)
+    if was_alive:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        for _ in range(50):
+            if not _alive(pid):
+                break
+            time.sleep(0.2)
+        else:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    _state_path().unlink(missing_ok=True)
+    return was_alive
+
+
+def run_deployment(name: str, parameters: dict[str, Any] | None = None, wait: bool = True,
+                   timeout_s: float = 3600.0) -> dict[str, Any]:
+    """Trigger ``name`` through the Prefect API (as the UI's Run button does); wait for its final state."""
+    from prefect.deployments import run_deployment as prefect_run_deployment
+
+    from omnidiff.stack import apply_env
+
+    apply_env()
+    flow_run = prefect_run_deployment(name=name, parameters=parameters or {}, timeout=timeout_s if wait else 0)
+    out = {"flow_run_id": str(flow_run.id), "name": flow_run.name, "state": flow_run.state.type.value
+           if flow_run.state else None}
+    api = os.environ.get("PREFECT_API_URL", "").removesuffix("/api")
+    if api:
+        out["url"] = f"{api}/runs/flow-run/{flow_run.id}"
+    return out
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    from omnidiff.config import parse_overrides
+
+    return parse_overrides(items)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omnidiff flows", description="Prefect deployments of the omnidiff flows")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_deploy = sub.add_parser("deploy", help="create every deployment and serve its runs (background process)")
+    p_deploy.add_argument("--config", default="configs/pipeline.yaml")
+    p_deploy.add_argument("--foreground", action="store_true", help="serve in this process until Ctrl-C")
+    sub.add_parser("status", help="the serving process and the deployments")
+    sub.add_parser("stop", help="stop the serving process")
+    p_run = sub.add_parser("run", help="trigger a deployment (name or flow/deployment) and wait for it")
+    p_run.add_argument("name")
+    p_run.add_argument("params", nargs="*", help="dotted.key=value flow parameters")
+    p_run.add_argument("--no-wait", action="store_true")
+    args = parser.parse_args(argv)
+    from omnidiff.stack import apply_env
+
+    apply_env()
+    if args.cmd == "deploy":
+        if args.foreground:
+            from flows.deployments import serve_deployments
+
+            serve_deployments(args.config)
+            return 0
+        deploy(args.config)
+        return 0
+    if args.cmd == "stop":
+        print("flows: stopped" if stop() else "flows: not running")
+        return 0
+    if args.cmd == "status":
+        from flows.deployments import DEPLOYMENT_NAMES
+
+        state = _read_state()
+        running = bool(state and _alive(state["pid"]))
+        print(f"serving process: {'running, pid ' + str(state['pid']) if running else 'not running'}")
+        for name, dep_id in asyncio.run(_deployment_ids(DEPLOYMENT_NAMES)).items():
+            print(f"  {name:<40} {dep_id or 'missing'}")
+        return 0 if running else 1
+    name = args.name if "/" in args.name else f"{args.name}/{args.name}"
+    result = run_deployment(name, _parse_params(args.params), wait=not args.no_wait)
+    print(json.dumps(result, indent=2))
+    return 0 if (args.no_wait or result["state"] == "COMPLETED") else 1
+
+
+def pipeline_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omnidiff pipeline", description="run the omnidiff-pipeline flow in-process")
+    parser.add_argument("--config", default="configs/pipeline.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = parser.parse_args(argv)
+    from flows.config import load_pipeline_config
+    from flows.pipeline import omnidiff_pipeline
+    from omnidiff.config import ConfigError
+    from omnidiff.stack import apply_env
+
+    try:
+        cfg = load_pipeline_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"omnidiff pipeline: {exc}", file=sys.stderr)
+        return 2
+    apply_env()
+    omnidiff_pipeline(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""``PipelineConfig`` (kind ``pipeline``): every stage's typed config in one object.
+
+    omnidiff pipeline --config configs/pipeline.yaml stage2.max_steps=200
+
+In the YAML a stage may be given inline or as the path of that stage's own YAML
+(``collect: configs/collect.yaml``); dotted overrides apply after the files are
+read. The same object is the ``omnidiff-pipeline`` flow's parameter, so the
+Prefect UI shows a form for every stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterable
+
+from data_prep.config import CollectConfig
+from embed_cache.config import EmbedConfig
+from omnidiff.base.config import BaseConfig
+from omnidiff.config import ConfigError, _merge, from_dict, parse_overrides, read_yaml, require
+from omnidiff.world.config import WorldConfig
+from serve.config import ServeConfig
+from train.config import TrainConfig
+from train.eval_config import EvalConfig
+
+STAGE_FIELDS = ("world", "base", "collect", "embed", "stage1", "stage2", "stage3", "evaluate", "serve")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """url lists -> collect -> embed -> stage 1 -> stage 2 -> stage 3 -> evaluate -> register -> deploy.
+
+    world: the tiny world to generate and serve over local HTTP as the url list source; ``null`` for a
+        real corpus (then ``collect.url_lists`` names the lists).
+    world_port: port of the local HTTP server for the world's images (fixed, so the url list and
+        therefore the collect stage's input digest are the same on a rerun).
+    base: the existing text-to-image model (pretrained once and cached) and the evaluator.
+    collect / embed / stage1 / stage2 / stage3 / evaluate / serve: each stage's config; the pipeline
+        fills in what flows between stages (url lists, snapshot, cache, base model, parent export).
+    skip_unchanged: skip a stage whose input digest matches a completed earlier run (its outputs
+        still on disk), so a rerun redoes only what a change touches.
+    deploy: promote the stage-3 model to ``production`` and roll (or start) the Serve app.
+    """
+
+    kind: ClassVar[str] = "pipeline"
+
+    world: WorldConfig | None
+    base: BaseConfig
+    collect: CollectConfig
+    embed: EmbedConfig
+    stage1: TrainConfig
+    stage2: TrainConfig
+    stage3: TrainConfig
+    evaluate: EvalConfig
+    serve: ServeConfig
+    world_port: int = 8765
+    skip_unchanged: bool = True
+    deploy: bool = True
+
+    def __post_init__(self) -> None:
+        require(1 <= self.world_port <= 65535, "world_port", self.world_port, "must be a TCP port")
+        for name, stage in (("stage1", 1), ("stage2", 2), ("stage3", 3)):
+            cfg = getattr(self, name)
+            require(cfg.stage == stage, f"{name}.stage", cfg.stage, f"the {name} slot takes a stage-{stage} config")
+        names = {self.stage1.name, self.stage2.name, self.stage3.name}
+        require(len(names) == 3, "stage*.name", sorted(names), "the three stages need distinct names")
+
+
+def load_pipeline_config(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:
+    """Read the pipeline YAML, inline every stage given as a file path, apply dotted overrides."""
+    data = read_yaml(path)
+    kind = data.pop("kind", "pipeline")
+    if kind != "pipeline":
+        raise ConfigError(f"kind={kind!r}: {path} is not a pipeline config")
+    data = expand_stage_files(data, Path(path).parent.parent if Path(path).parent.name == "configs" else Path("."))
+    return from_dict(PipelineConfig, _merge(data, parse_overrides(overrides)))
+
+
+def expand_stage_files(data: dict[str, Any], root: Path) -> dict[str, Any]:
+    """``{"collect": "configs/collect.yaml"}`` -> the file's mapping (its ``kind`` checked and dropped)."""
+    out = dict(data)
+    for name in STAGE_FIELDS:
+        value = out.get(name)
+        if isinstance(value, str):
+            file = Path(value)
+            if not file.is_absolute() and not file.exists():
+                file = root / value
+            stage_data = read_yaml(file)
+            stage_data.pop("kind", None)
+            out[name] = stage_data
+    return out

@@ -1,0 +1,82 @@
+"""Prefect deployments of every flow, served by one long-running process (``flow.serve`` style).
+
+    omnidiff flows deploy        # start the serving process in the background (omnidiff stack up does it)
+    python -m flows.deployments  # the serving process itself, in the foreground
+
+Deployments: ``omnidiff-pipeline/omnidiff-pipeline`` (manual trigger, the Prefect UI's Run button),
+``nightly-reembed/nightly-reembed`` (cron, default 02:00), and one per stage: prepare-base, collect,
+embed, train, evaluate, deploy. Each carries its stage's default config (from configs/) as its
+typed parameter, so the UI shows a filled-in form.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from omnidiff.config import load_config, to_dict
+
+PIPELINE_CONFIG_ENV = "OMNIDIFF_PIPELINE_CONFIG"
+DEFAULT_PIPELINE_CONFIG = "configs/pipeline.yaml"
+NIGHTLY_CRON_ENV = "OMNIDIFF_NIGHTLY_CRON"
+DEFAULT_NIGHTLY_CRON = "0 2 * * *"
+
+DEPLOYMENT_NAMES = ("omnidiff-pipeline/omnidiff-pipeline", "nightly-reembed/nightly-reembed",
+                    "prepare-base/prepare-base", "collect/collect", "embed/embed", "train/train",
+                    "evaluate/evaluate", "deploy/deploy")
+
+
+def _params(cfg) -> dict:
+    data = to_dict(cfg)
+    data.pop("kind", None)
+    return data
+
+
+def build_deployments(pipeline_config: str | Path | None = None, nightly_cron: str | None = None) -> list:
+    """The RunnerDeployments, parameterised from the pipeline config (so every stage form is filled in)."""
+    from flows.base import prepare_base_flow
+    from flows.collect import collect_flow
+    from flows.config import load_pipeline_config
+    from flows.deploy import deploy
+    from flows.embed import embed_flow, nightly_reembed
+    from flows.evaluate import evaluate_flow
+    from flows.pipeline import omnidiff_pipeline
+    from flows.train import train_flow
+
+    path = pipeline_config or os.environ.get(PIPELINE_CONFIG_ENV, DEFAULT_PIPELINE_CONFIG)
+    cfg = load_pipeline_config(path)
+    cron = nightly_cron or os.environ.get(NIGHTLY_CRON_ENV, DEFAULT_NIGHTLY_CRON)
+    tags = ["omnidiff"]
+    return [
+        omnidiff_pipeline.to_deployment(name="omnidiff-pipeline", parameters={"config": _params(cfg)}, tags=tags,
+                                        description="url lists -> collect -> embed -> stages 1-3 -> evaluate -> deploy"),
+        nightly_reembed.to_deployment(name="nightly-reembed", cron=cron, tags=tags,
+                                      parameters={"cfg": _params(cfg.embed)},
+                                      description="embed whatever is new in the latest snapshots"),
+        prepare_base_flow.to_deployment(name="prepare-base", tags=tags,
+                                        parameters={"base": _params(cfg.base),
+                                                    "world": _params(cfg.world) if cfg.world else None}),
+        collect_flow.to_deployment(name="collect", tags=tags, parameters={"cfg": _params(cfg.collect)}),
+        embed_flow.to_deployment(name="embed", tags=tags, parameters={"cfg": _params(cfg.embed)}),
+        train_flow.to_deployment(name="train", tags=tags, parameters={"cfg": _params(cfg.stage1)}),
+        evaluate_flow.to_deployment(name="evaluate", tags=tags,
+                                    parameters={"models": {"candidate": f"{cfg.stage3.registry.model_name}@candidate"},
+                                                "cfg": _params(cfg.evaluate)}),
+        deploy.to_deployment(name="deploy", tags=tags, parameters={"model": cfg.stage3.registry.model_name}),
+    ]
+
+
+def serve_deployments(pipeline_config: str | Path | None = None) -> None:
+    """Create/update every deployment in the Prefect server and run their flow runs until stopped."""
+    from prefect import serve
+
+    serve(*build_deployments(pipeline_config), print_starting_message=True)
+
+
+if __name__ == "__main__":
+    import omnidiff  # noqa: F401  (offline switches)
+    from omnidiff.stack import apply_env
+
+    apply_env()
+    serve_deployments(sys.argv[1] if len(sys.argv) > 1 else None)
