@@ -10,9 +10,10 @@ Prefect UI shows a form for every stage.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar
 
 from data_prep.config import CollectConfig
 from embed_cache.config import EmbedConfig

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from omnidiff.config import load_config, to_dict
+from omnidiff.config import to_dict
 
 PIPELINE_CONFIG_ENV = "OMNIDIFF_PIPELINE_CONFIG"
 DEFAULT_PIPELINE_CONFIG = "configs/pipeline.yaml"

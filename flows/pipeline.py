@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect import flow, get_run_logger
 
@@ -108,7 +109,6 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
     from flows.base import prepare_base_flow
     from flows.collect import collect_flow
-    from flows.deploy import deploy
     from flows.embed import embed_flow
     from flows.evaluate import evaluate_flow
     from flows.train import train_flow
