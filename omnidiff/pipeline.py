@@ -1,0 +1,393 @@
+"""``OmniDiffusionPipeline``: text -> images for the base model (CLIP-style) and for ours (LLM + adapter).
+
+A diffusers-style folder (docs/architecture.md "Pipeline folder"), safetensors and JSON only:
+
+    model_index.json        _class_name, conditioning: "clip" | "llm_adapter", component classes
+    unet/                   diffusers UNet2DConditionModel
+    scheduler/              DPMSolverMultistepScheduler (Karras sigmas, thresholding; NOTES.md)
+    vae/                    optional diffusers AutoencoderKL (SD-class models); absent = pixel space
+    text_encoder/ tokenizer/            conditioning "clip": the base model's CLIP-style encoder
+    adapter/ text_encoder/encoder.json  conditioning "llm_adapter": the adapter + a reference to the
+                                        converted LLM folder (path, weights digest, layer, ...)
+    lineage.json            optional: MLflow run ids and input digests (written by train/)
+
+Loading needs only ``omnidiff.models`` and this module, never the training code:
+
+    pipe = OmniDiffusionPipeline.from_pretrained("exports/stage2")
+    images = pipe(["一个红色的圆在左边"], num_inference_steps=20, guidance_scale=3.0, seed=0)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from omnidiff.models.adapter import OmniAdapter
+from omnidiff.models.clip_text import ClipTextEncoder
+from omnidiff.models.llm import LLMTextEncoder
+from omnidiff.text import normalise_caption
+
+log = logging.getLogger("omnidiff")
+
+MODEL_INDEX = "model_index.json"
+ENCODER_REF = "encoder.json"
+LINEAGE = "lineage.json"
+CONDITIONINGS = ("clip", "llm_adapter")
+
+
+def sampling_scheduler(config: dict, num_inference_steps: int = 20):
+    """DPM-Solver++ for a training noise schedule ``config`` (any diffusers scheduler's config).
+
+    Karras sigmas as in the release (PAPER.md) and thresholding on: with noise prediction the first
+    step magnifies the model's error ~100x and clamping the predicted image fixes it (NOTES.md
+    "Sampling pitfall"). Exception: on a cosine schedule (sigma_max ~2e4) Karras spacing puts about
+    half the steps at the same integer timestep 998, so the UNet would see one timestep for many
+    noise levels; then the timesteps are spaced linearly instead (logged).
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    keep = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    keep.update(algorithm_type="dpmsolver++", thresholding=True, use_karras_sigmas=True)
+    scheduler = DPMSolverMultistepScheduler.from_config(keep)
+    scheduler.set_timesteps(num_inference_steps)
+    steps = scheduler.timesteps.tolist()
+    if len(set(steps)) < len(steps) - 1:
+        log.warning(
+            "Karras sigmas give %d distinct of %d timesteps on this noise schedule (%s); using linear spacing",
+            len(set(steps)),
+            len(steps),
+            keep.get("beta_schedule"),
+        )
+        keep["use_karras_sigmas"] = False
+        scheduler = DPMSolverMultistepScheduler.from_config(keep)
+    return scheduler
+
+
+def predict_noise(unet, sample, timesteps, tokens, pooled, mask):
+    """The one way the UNet is conditioned, shared by training and sampling so they cannot drift.
+
+    ``sample (B, C, H, W)``, ``timesteps (B,)`` or scalar, ``tokens (B, T, D)``, ``pooled (B, Dp)``,
+    ``mask bool (B, T)`` (False = padding: no cross-attention to it) -> predicted noise ``(B, C, H, W)``.
+    ``pooled`` goes in only when the UNet was built with ``pooled_dim`` (class_embed_type "projection").
+    """
+    class_labels = pooled if unet.config.class_embed_type == "projection" else None
+    return unet(
+        sample,
+        timesteps,
+        encoder_hidden_states=tokens,
+        encoder_attention_mask=mask,
+        class_labels=class_labels,
+    ).sample
+
+
+class OmniDiffusionPipeline:
+    """Text -> images with classifier-free guidance; the text side is either the base model's
+    CLIP-style encoder (``conditioning="clip"``) or the frozen LLM + adapter (``"llm_adapter"``).
+
+    Build one in memory (training, export) with the components, or load a folder with
+    :meth:`from_pretrained`. Prompts are normalised like the training captions
+    (omnidiff.text.normalise_caption) before encoding.
+    """
+
+    def __init__(
+        self,
+        unet,
+        scheduler,
+        conditioning: Literal["clip", "llm_adapter"],
+        text_encoder: ClipTextEncoder | None = None,
+        adapter: OmniAdapter | None = None,
+        llm: LLMTextEncoder | None = None,
+        vae=None,
+        clip_max_windows: int = 1,
+    ):
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning={conditioning!r}: expected one of {CONDITIONINGS}")
+        if conditioning == "clip" and text_encoder is None:
+            raise ValueError("conditioning='clip' needs text_encoder (a ClipTextEncoder)")
+        if conditioning == "llm_adapter" and (adapter is None or llm is None):
+            raise ValueError("conditioning='llm_adapter' needs adapter (OmniAdapter) and llm (LLMTextEncoder)")
+        cross = unet.config.cross_attention_dim
+        if conditioning == "clip" and text_encoder.hidden_size != cross:
+            raise ValueError(f"text_encoder hidden size {text_encoder.hidden_size} != unet cross_attention_dim {cross}")
+        if conditioning == "llm_adapter":
+            if adapter.shape.out_dim != cross:
+                raise ValueError(f"adapter out_dim {adapter.shape.out_dim} != unet cross_attention_dim {cross}")
+            if adapter.shape.llm_dim != llm.hidden_size:
+                raise ValueError(f"adapter llm_dim {adapter.shape.llm_dim} != LLM hidden size {llm.hidden_size}")
+        from diffusers import DPMSolverMultistepScheduler
+
+        self.unet = unet.eval()
+        # A training scheduler (DDPM) from the training code becomes the sampler it implies.
+        if not isinstance(scheduler, DPMSolverMultistepScheduler):
+            scheduler = sampling_scheduler(scheduler.config)
+        self.scheduler = scheduler
+        self.conditioning = conditioning
+        self.text_encoder = text_encoder.eval() if text_encoder is not None else None
+        self.adapter = adapter.eval() if adapter is not None else None
+        self.llm = llm
+        self.vae = vae.eval() if vae is not None else None
+        self.clip_max_windows = int(clip_max_windows)
+        self.lineage: dict | None = None
+
+    # -- devices ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device) -> OmniDiffusionPipeline:
+        for module in (self.unet, self.text_encoder, self.adapter, self.vae):
+            if module is not None:
+                module.to(device)
+        if self.llm is not None:
+            self.llm.model.to(device)
+            self.llm.device = torch.device(device)
+        return self
+
+    # -- text ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str] | str):
+        """``prompts`` -> ``(tokens (B, T, D), pooled (B, D), mask bool (B, T))`` on the UNet's device.
+
+        clip: T = 77 * clip_max_windows, mask False on padding. llm_adapter: T = the adapter's
+        number of queries, every position real.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a str or a list of str")
+        texts = [normalise_caption(p) for p in prompts]
+        if self.conditioning == "clip":
+            tokens, mask, pooled = self.text_encoder.encode(texts, max_windows=self.clip_max_windows)
+        else:
+            states, llm_mask = self.llm.encode(texts)  # (B, T, Dl), (B, T)
+            dev = self.device
+            tokens, pooled = self.adapter(states.to(dev), llm_mask.to(dev))  # (B, Q, D), (B, D)
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=dev)
+        return tokens.to(self.device), pooled.to(self.device), mask.to(self.device)
+
+    # -- sampling -----------------------------------------------------------------------------
+    def _image_size(self, height: int | None, width: int | None) -> tuple[int, int, int]:
+        """(height, width, down): pixel size and the latent downsampling factor."""
+        down = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        default = int(self.unet.config.sample_size) * down
+        height, width = height or default, width or default
+        multiple = down * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < multiple or value % multiple:
+                raise ValueError(f"{name}={value!r}: must be a positive multiple of {multiple} for this model")
+        return height, width, down
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: list[str] | str,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 3.0,
+        seed: int | list[int] = 0,
+        height: int | None = None,
+        width: int | None = None,
+        output_type: Literal["pil", "np"] = "pil",
+    ):
+        """Images for ``prompts``: a list of PIL images, or uint8 ``(N, H, W, 3)`` with ``output_type="np"``.
+
+        ``seed``: one int (image i uses ``seed + i``) or one seed per prompt, so an image depends on
+        its own prompt and seed only, never on what else is in the batch. Classifier-free guidance
+        runs the unconditional branch (``negative_prompt``, default "") in the same batch.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        n = len(prompts)
+        if n == 0:
+            raise ValueError("prompts: empty list")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r}: must be an int >= 1")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale!r}: must be >= 0")
+        seeds = [seed + i for i in range(n)] if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != n:
+            raise ValueError(f"seed: {len(seeds)} seeds for {n} prompts")
+        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * n
+        if len(negatives) != n:
+            raise ValueError(f"negative_prompt: {len(negatives)} for {n} prompts")
+        height, width, down = self._image_size(height, width)
+        dev = self.device
+        dtype = next(self.unet.parameters()).dtype
+
+        tokens, pooled, mask = self.encode_prompt(prompts)
+        guided = guidance_scale != 1.0
+        if guided:  # one UNet batch: [unconditional; conditional]
+            u_tokens, u_pooled, u_mask = self.encode_prompt(negatives)
+            tokens, pooled, mask = (
+                torch.cat(pair) for pair in ((u_tokens, tokens), (u_pooled, pooled), (u_mask, mask))
+            )
+
+        channels = int(self.unet.config.in_channels)
+        shape = (channels, height // down, width // down)
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        latents = torch.stack(noise).to(dev, dtype)  # (B, C, h, w)
+        # A fresh scheduler per call: its step state must not be shared by concurrent calls (serve).
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=dev)
+        latents = latents * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_in = torch.cat([latents, latents]) if guided else latents  # (2B or B, C, h, w)
+            model_in = scheduler.scale_model_input(model_in, t)
+            eps = predict_noise(self.unet, model_in, t, tokens.to(dtype), pooled.to(dtype), mask)
+            if guided:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            latents = scheduler.step(eps, t, latents).prev_sample
+
+        if self.vae is not None:
+            scale = getattr(self.vae.config, "scaling_factor", 1.0)
+            images = self.vae.decode(latents / scale).sample  # (B, 3, H, W) in [-1, 1]
+        else:
+            images = latents  # pixel space: the tiny world's images live in [-1, 1]
+        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        array = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+        if output_type == "np":
+            return array
+        from PIL import Image
+
+        return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+    # -- files --------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, lineage: dict | None = None) -> Path:
+        """Write the pipeline folder (safetensors + JSON only). Returns the folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        import diffusers
+
+        index = {
+            "_class_name": "OmniDiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "conditioning": self.conditioning,
+            "unet": ["diffusers", type(self.unet).__name__],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "vae": ["diffusers", type(self.vae).__name__] if self.vae is not None else [None, None],
+        }
+        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        self.scheduler.save_pretrained(folder / "scheduler")
+        if self.vae is not None:
+            self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        if self.conditioning == "clip":
+            self.text_encoder.save_pretrained(folder / "text_encoder", folder / "tokenizer")
+            index.update(
+                text_encoder=["omnidiff.models.clip_text", "ClipTextEncoder"],
+                tokenizer=["transformers", "PreTrainedTokenizerFast"],
+                clip_max_windows=self.clip_max_windows,
+            )
+        else:
+            self.adapter.save_pretrained(folder / "adapter")
+            (folder / "text_encoder").mkdir(exist_ok=True)
+            ref = {
+                "_class_name": "LLMTextEncoder",
+                "model_id": self.llm.model_id,
+                "path": str(self.llm.path),
+                "folder_name": self.llm.path.name,
+                "weights_digest": self.llm.weights_digest,
+                "layer": self.llm.layer,
+                "max_length": self.llm.max_length,
+                "dtype": self.llm.dtype,
+                "fingerprint": self.llm.fingerprint,
+            }
+            (folder / "text_encoder" / ENCODER_REF).write_text(json.dumps(ref, indent=2) + "\n")
+            index.update(
+                adapter=["omnidiff.models.adapter", "OmniAdapter"],
+                text_encoder=["omnidiff.models.llm", "LLMTextEncoder"],
+            )
+        (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        lineage = lineage if lineage is not None else self.lineage
+        if lineage is not None:
+            (folder / LINEAGE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
+        return folder
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        llm_path: str | Path | None = None,
+        llm: LLMTextEncoder | None = None,
+        device: str = "cpu",
+    ) -> OmniDiffusionPipeline:
+        """Load a pipeline folder. For ``llm_adapter``, the LLM is found at the referenced path, else
+        under ``models_dir()/llm/<folder name>``, or at ``llm_path``; an already loaded ``llm`` can be
+        shared. Its weights digest must match the reference.
+        """
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        folder = Path(folder)
+        if not (folder / MODEL_INDEX).exists():
+            raise FileNotFoundError(f"{folder}: no {MODEL_INDEX} (not an OmniDiffusionPipeline folder)")
+        index = json.loads((folder / MODEL_INDEX).read_text())
+        if index.get("_class_name") != "OmniDiffusionPipeline":
+            raise ValueError(
+                f"{folder}/{MODEL_INDEX}: _class_name={index.get('_class_name')!r}, not OmniDiffusionPipeline"
+            )
+        conditioning = index.get("conditioning")
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"{folder}/{MODEL_INDEX}: conditioning={conditioning!r}, expected one of {CONDITIONINGS}")
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        scheduler = _load_scheduler(scheduler_config)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True) if (folder / "vae").is_dir() else None
+        lineage = json.loads((folder / LINEAGE).read_text()) if (folder / LINEAGE).exists() else None
+        if conditioning == "clip":
+            text_encoder = ClipTextEncoder.from_pretrained(folder / "text_encoder", folder / "tokenizer")
+            pipe = cls(
+                unet,
+                scheduler,
+                "clip",
+                text_encoder=text_encoder,
+                vae=vae,
+                clip_max_windows=int(index.get("clip_max_windows", 1)),
+            )
+        else:
+            ref_path = folder / "text_encoder" / ENCODER_REF
+            if not ref_path.exists():
+                raise FileNotFoundError(f"{ref_path}: missing (the reference to the LLM of an llm_adapter pipeline)")
+            ref = json.loads(ref_path.read_text())
+            llm = llm if llm is not None else _load_referenced_llm(ref, llm_path, device)
+            if llm.weights_digest != ref["weights_digest"]:
+                raise ValueError(
+                    f"LLM at {llm.path} has weights digest {llm.weights_digest[:12]}..., but {folder.name} was "
+                    f"trained with {ref['weights_digest'][:12]}... ({ref['model_id']}): a different model"
+                )
+            if (llm.layer, llm.max_length) != (ref["layer"], ref["max_length"]):
+                raise ValueError(
+                    f"LLM encoder layer/max_length {(llm.layer, llm.max_length)} != the pipeline's "
+                    f"{(ref['layer'], ref['max_length'])}"
+                )
+            adapter = OmniAdapter.from_pretrained(folder / "adapter")
+            pipe = cls(unet, scheduler, "llm_adapter", adapter=adapter, llm=llm, vae=vae)
+        pipe.lineage = lineage
+        return pipe.to(device)
+
+
+def _load_scheduler(config: dict):
+    from diffusers import DPMSolverMultistepScheduler
+
+    if config.get("_class_name") == "DPMSolverMultistepScheduler":
+        return DPMSolverMultistepScheduler.from_config(config)  # as exported: the sampler settings are saved
+    return sampling_scheduler(config)  # a training scheduler's config: derive the sampler
+
+
+def _load_referenced_llm(ref: dict, llm_path, device: str) -> LLMTextEncoder:
+    from omnidiff.env import models_dir
+
+    candidates = [Path(llm_path)] if llm_path else [Path(ref["path"]), models_dir() / "llm" / ref["folder_name"]]
+    for path in candidates:
+        if (path / "config.json").exists():
+            return LLMTextEncoder(
+                path, layer=ref["layer"], max_length=ref["max_length"], dtype=ref["dtype"], device=device
+            )
+    hint = " (run 'omnidiff llm convert')" if ref.get("model_id") == "gemma3-270m" else ""
+    raise FileNotFoundError(
+        f"the pipeline's LLM {ref['model_id']!r} (weights {ref['weights_digest'][:12]}...) is not at "
+        f"{', '.join(os.fspath(p) for p in candidates)}{hint}; pass llm_path= to point at it"
+    )
