@@ -172,7 +172,8 @@ class GeneratorDeployment:
     the answer ``{"images": [png bytes], "seconds", "batch_size", "version"}``.
     """
 
-    def __init__(self, pinned: dict[str, Any], batching: dict[str, Any], torch_threads: int, device: str):
+    def __init__(self, pinned: dict[str, Any], batching: dict[str, Any], sizes: list[str], torch_threads: int,
+                 device: str):
         import torch
 
         if torch_threads:
@@ -187,9 +188,15 @@ class GeneratorDeployment:
             folder = Path(resolve_model(pinned["ref"]))
         from omnidiff.pipeline import OmniDiffusionPipeline
 
-        self.pipe = OmniDiffusionPipeline.from_pretrained(folder)
-        if device != "cpu":
-            self.pipe = self.pipe.to(device)
+        self.pipe = OmniDiffusionPipeline.from_pretrained(folder, device=device)
+        # One step at every allowed size: a size this model cannot make fails the deployment here,
+        # with its name, instead of as a 500 on some later request; and first-call costs are paid now.
+        for size in [None, *sizes]:
+            width, height = parse_size(size) if size else (None, None)
+            try:
+                self.pipe(["warm-up"], num_inference_steps=1, guidance_scale=2.0, seed=0, height=height, width=width)
+            except ValueError as exc:
+                raise ConfigError(f"limits.sizes: {size!r} does not work with {pinned['source']}: {exc}") from None
         self.card_data = model_card(pinned, folder)
         self.batching = bool(batching["enabled"])
         self.batches = 0
@@ -239,8 +246,9 @@ class GeneratorDeployment:
             cursor = 0
             for i in members:
                 n = jobs[i]["n"]
-                results[i] = {"images": [_png(im) for im in images[cursor:cursor + n]], "seconds": seconds,
-                              "batch_size": len(prompts), "version": self.pinned["version"]}
+                mine = images[cursor:cursor + n]
+                results[i] = {"images": [_png(im) for im in mine], "seconds": seconds, "batch_size": len(prompts),
+                              "version": self.pinned["version"], "size": "{}x{}".format(*mine[0].size)}
                 cursor += n
         return results
 
@@ -384,7 +392,6 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
     app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
     bearer = HTTPBearer(auto_error=False, description="Bearer token, when the server was started with one.")
     state: dict[str, Any] = {"card": None}
-    default_w, default_h = parse_size(limits.sizes[0])
     prefix = settings.route_prefix.rstrip("/")
 
     async def require_token(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
@@ -451,8 +458,8 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
     async def on_bad_field(_: Request, exc: _BadField):
         return _error(400, exc.message, "invalid_request_error", exc.param, "invalid_value")
 
-    def size_of(size: str | None) -> tuple[int, int]:
-        return (default_w, default_h) if size in (None, "auto") else parse_size(size)
+    def size_of(size: str | None) -> tuple[int | None, int | None]:
+        return (None, None) if size in (None, "auto") else parse_size(size)  # None: the model's own size
 
     def seeds_for(seed: int | None, n: int) -> list[int]:
         first = secrets.randbelow(SEED_MAX + 1) if seed is None else seed
@@ -509,7 +516,7 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
         payload = GenerateResponse(
             model=served["id"], version=result["version"],
             images=[base64.b64encode(png).decode("ascii") for png in result["images"]], seeds=seeds,
-            size=f"{width}x{height}", steps=body.steps, guidance_scale=float(body.guidance_scale),
+            size=result["size"], steps=body.steps, guidance_scale=float(body.guidance_scale),
             seconds=round(float(result["seconds"]), 4), batch_size=int(result["batch_size"]),
         )
         return JSONResponse(payload.model_dump(), headers=headers)
@@ -595,7 +602,7 @@ def build_app(cfg: ServeConfig, pinned: dict[str, Any] | None = None):
                            "runtime_env": {"env_vars": env_vars}},
         max_surge_percent=cfg.rollout_surge_percent,
         **scaling,
-    ).bind(pinned, to_dict(cfg.batching), cfg.torch_threads, cfg.device)
+    ).bind(pinned, to_dict(cfg.batching), list(cfg.limits.sizes), cfg.torch_threads, cfg.device)
     # The ingress only parses and forwards: no CPU reservation, and it must never be the bottleneck,
     # so its own queue is effectively unbounded (the bounded one is the generator's).
     ingress = ImageAPIDeployment.options(

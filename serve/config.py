@@ -57,7 +57,8 @@ class LimitsConfig:
     max_n: most images per request.
     max_steps / default_steps: sampling steps (``steps`` of /v1/generate; the OpenAI route uses the default).
     max_guidance_scale / default_guidance_scale: classifier-free guidance scale.
-    sizes: the ``WIDTHxHEIGHT`` values a request may ask for; the first is the default.
+    sizes: the ``WIDTHxHEIGHT`` values a request may ask for besides ``auto`` (= omitted: the model's own
+        size). Each is tried once when a replica starts, so one the model cannot make fails the deploy.
     max_body_bytes: larger request bodies are refused with 413 before they are parsed.
     """
 
@@ -67,7 +68,7 @@ class LimitsConfig:
     default_steps: int = 20
     max_guidance_scale: float = 20.0
     default_guidance_scale: float = 3.0
-    sizes: tuple[str, ...] = ("32x32",)
+    sizes: tuple[str, ...] = ("16x16", "32x32")
     max_body_bytes: int = 262144
 
     def __post_init__(self) -> None:
@@ -218,6 +219,3 @@ class ServeConfig:
                 f"must be >= batching.max_batch_size={self.batching.max_batch_size}",
             )
 
-    @property
-    def default_size(self) -> str:
-        return self.limits.sizes[0]

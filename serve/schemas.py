@@ -119,7 +119,7 @@ def request_models(limits: LimitsConfig) -> RequestModels:
         prompt: Prompt = Field(description=f"What to draw, in any language; at most {limits.max_prompt_chars} characters.")
         model: str | None = Field(default=None, max_length=256, description="The served model id (GET /v1/models), or omitted.")
         n: int = Field(default=1, ge=1, le=limits.max_n, description="Number of images.")
-        size: Size | None = Field(default=None, description=f"WIDTHxHEIGHT, one of {list(limits.sizes)} or 'auto'.")
+        size: Size | None = Field(default=None, description=f"WIDTHxHEIGHT, one of {list(limits.sizes)}, or 'auto' (the model's own size).")
         response_format: Literal["b64_json", "url"] | None = Field(
             default=None, description="b64_json (default) or url (a data: URL; no files are hosted)."
         )
@@ -153,7 +153,7 @@ def request_models(limits: LimitsConfig) -> RequestModels:
             description="Classifier-free guidance scale.",
         )
         seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="Image i uses seed + i; random if omitted.")
-        size: Size | None = Field(default=None, description=f"WIDTHxHEIGHT, one of {list(limits.sizes)} or 'auto'.")
+        size: Size | None = Field(default=None, description=f"WIDTHxHEIGHT, one of {list(limits.sizes)}, or 'auto' (the model's own size).")
         response_format: Literal["json", "png"] = Field(
             default="json", description="json: base64 PNGs in JSON; png: the image itself (needs n=1)."
         )
