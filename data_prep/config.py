@@ -1,0 +1,170 @@
+"""The collect stage's config: url lists in, a pair snapshot out.
+
+    .venv/bin/omnidiff collect --config configs/collect.yaml download.processes=4
+
+Every field is documented in its dataclass's docstring; validation names the
+dotted key and the bad value (omnidiff.config.require).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from omnidiff.config import require
+from omnidiff.text import DEFAULT_MAX_CHARS
+
+
+@dataclass(frozen=True)
+class ColumnsConfig:
+    """Column names of a url list. ``None`` = look for the usual names.
+
+    url: the image url column (auto: ``url``, ``URL``, ``image_url``).
+    caption: the caption column (auto: ``caption``, ``TEXT``, ``text``).
+    lang: the declared language column, optional (auto: ``lang``, ``LANGUAGE``, ``language``).
+    caption_en: an English translation of the caption, optional (auto: ``caption_en``,
+        ``ENG TEXT``, ``text_en``, ``TEXT_EN``).
+    """
+
+    url: str | None = None
+    caption: str | None = None
+    lang: str | None = None
+    caption_en: str | None = None
+
+
+@dataclass(frozen=True)
+class ParallelColumnsConfig:
+    """Column names of a parallel-text file (text in language X + its English, no image).
+
+    text: the non-English side (auto: ``text``, ``TEXT``, ``caption``).
+    text_en: the English side (auto: ``text_en``, ``caption_en``, ``en``, ``english``, ``ENG TEXT``).
+    lang: the language of ``text``, optional (auto: ``lang``, ``LANGUAGE``, ``language``).
+    """
+
+    text: str | None = None
+    text_en: str | None = None
+    lang: str | None = None
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """img2dataset settings (https://github.com/rom1504/img2dataset, its ``download`` arguments).
+
+    image_size: side of the stored images in pixels (16 for the tiny world).
+    resize_mode: img2dataset's resize mode (``border`` pads to a square).
+    encode_format: format of the stored image bytes; png is lossless, so the world's
+        clean/degraded difference survives exactly.
+    encode_quality: img2dataset's encode quality; for png it is the zlib level 0-9.
+    processes: img2dataset processes (its distributor's workers).
+    threads: download threads per process.
+    distributor: ``multiprocessing`` (one machine) or ``ray`` (the Ray cluster at
+        RAY_ADDRESS; the work dir must then be on storage every node sees).
+    shard_rows: rows per img2dataset shard: the unit of work and of resume.
+    timeout_s: per-request timeout.
+    retries: per-url retries inside img2dataset.
+    max_shard_retry: how often img2dataset retries a failed shard in one run.
+    max_image_bytes: larger responses are quarantined as ``too_large``.
+    max_image_pixels: images with more pixels (width*height) are quarantined as ``too_large``
+        before they are decoded.
+    min_image_size: images whose shorter side is smaller are quarantined as ``too_small``.
+    verify_images: check the magic bytes and decode the whole image before img2dataset
+        resizes it, so non-images and truncated files get their own quarantine reasons
+        (img2dataset alone calls both "Image decoding error", and OpenCV pads some
+        truncated JPEGs with grey instead of failing).
+    user_agent_token: sent in the User-Agent; X-Robots-Tag directives for it are honoured.
+    """
+
+    image_size: int = 16
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
+    encode_format: Literal["png", "jpg", "webp"] = "png"
+    encode_quality: int = 9
+    processes: int = 2
+    threads: int = 16
+    distributor: Literal["multiprocessing", "ray"] = "multiprocessing"
+    shard_rows: int = 1000
+    timeout_s: int = 10
+    retries: int = 1
+    max_shard_retry: int = 1
+    max_image_bytes: int = 20_000_000
+    max_image_pixels: int = 40_000_000
+    min_image_size: int = 0
+    verify_images: bool = True
+    user_agent_token: str = "omnidiff"
+
+    def __post_init__(self) -> None:
+        require(self.image_size >= 1, "download.image_size", self.image_size, "must be >= 1")
+        if self.encode_format == "png":
+            require(0 <= self.encode_quality <= 9, "download.encode_quality", self.encode_quality,
+                    "png compression level must be 0-9")
+        else:
+            require(0 <= self.encode_quality <= 100, "download.encode_quality", self.encode_quality,
+                    "jpg/webp quality must be 0-100")
+        require(self.processes >= 1, "download.processes", self.processes, "must be >= 1")
+        require(self.threads >= 1, "download.threads", self.threads, "must be >= 1")
+        require(self.shard_rows >= 1, "download.shard_rows", self.shard_rows, "must be >= 1")
+        require(self.timeout_s >= 1, "download.timeout_s", self.timeout_s, "must be >= 1 second")
+        require(self.retries >= 0, "download.retries", self.retries, "must be >= 0")
+        require(self.max_shard_retry >= 0, "download.max_shard_retry", self.max_shard_retry, "must be >= 0")
+        require(self.max_image_bytes >= 1, "download.max_image_bytes", self.max_image_bytes, "must be >= 1")
+        require(self.max_image_pixels >= 1, "download.max_image_pixels", self.max_image_pixels, "must be >= 1")
+        require(self.min_image_size >= 0, "download.min_image_size", self.min_image_size, "must be >= 0")
+        require(bool(self.user_agent_token.strip()), "download.user_agent_token", self.user_agent_token,
+                "must not be empty")
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """Collect image-caption pairs from url lists into a versioned pair snapshot (DESIGN.md, stage 1).
+
+    name: snapshot name: the snapshot lands in ``$OMNIDIFF_HOME/data/snapshots/<name>/<digest16>/``.
+    url_lists: url list files or folders of them (.parquet, .csv, .tsv, .jsonl, optionally .gz).
+        Relative paths are taken from the current directory, else from $OMNIDIFF_HOME.
+    parallel_lists: parallel-text files (text in language X + English, no image), same formats.
+    columns: column names of the url lists (LAION and img2dataset names work unset).
+    parallel_columns: column names of the parallel-text files.
+    download: img2dataset settings.
+    max_caption_chars: longest caption kept, in characters after normalisation.
+    long_caption: what happens to a longer caption: ``quarantine`` (reason
+        ``caption_too_long``; the default: a 100 KB "caption" is scraped page text, and a
+        cut one no longer says what the image shows) or ``truncate`` (cut at the limit, kept).
+    lang_min_score: a row is flagged ``lang_mismatch`` only when the detector's top language
+        differs from the declared one with at least this confidence (short captions are
+        ambiguous: "a red circle" scores ~0.4 for English).
+    aesthetic_scorer: registry name (``image_quality``) or ``module:attribute`` of a scorer
+        factory; see data_prep/aesthetic.py.
+    aesthetic_options: keyword arguments for the scorer factory (e.g. local weight paths).
+    aesthetic_batch_size: images per scorer call.
+    val_fraction: share of keys in the ``val`` split (by key hash, so stable across runs).
+    output_shard_rows: rows per snapshot Parquet shard at most.
+    track: log the run to MLflow (omnidiff.tracking).
+    """
+
+    kind: ClassVar[str] = "collect"
+
+    name: str = "tiny"
+    url_lists: tuple[Path, ...] = ()
+    parallel_lists: tuple[Path, ...] = ()
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    parallel_columns: ParallelColumnsConfig = field(default_factory=ParallelColumnsConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    max_caption_chars: int = DEFAULT_MAX_CHARS
+    long_caption: Literal["quarantine", "truncate"] = "quarantine"
+    lang_min_score: float = 0.3
+    aesthetic_scorer: str = "image_quality"
+    aesthetic_options: dict[str, Any] = field(default_factory=dict)
+    aesthetic_batch_size: int = 256
+    val_fraction: float = 0.1
+    output_shard_rows: int = 5000
+    track: bool = True
+
+    def __post_init__(self) -> None:
+        require(bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(), "name", self.name,
+                "must be a non-empty name of letters, digits, '-' and '_' (it becomes a folder name)")
+        require(len(self.url_lists) > 0, "url_lists", list(self.url_lists), "give at least one url list")
+        require(self.max_caption_chars >= 1, "max_caption_chars", self.max_caption_chars, "must be >= 1")
+        require(0.0 <= self.lang_min_score <= 1.0, "lang_min_score", self.lang_min_score, "must be in [0, 1]")
+        require(bool(self.aesthetic_scorer.strip()), "aesthetic_scorer", self.aesthetic_scorer, "must not be empty")
+        require(self.aesthetic_batch_size >= 1, "aesthetic_batch_size", self.aesthetic_batch_size, "must be >= 1")
+        require(0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "must be in [0, 1)")
+        require(self.output_shard_rows >= 1, "output_shard_rows", self.output_shard_rows, "must be >= 1")

@@ -1,0 +1,318 @@
+"""Read url lists and parallel-text files into one standard Arrow table.
+
+Real corpora ship as Parquet, CSV, TSV or JSONL with their own column names.
+LAION's (``URL``, ``TEXT``, ``LANGUAGE``) and img2dataset's (``url``, ``caption``)
+are found without configuration; anything else is named in the config
+(``columns.url=...``). Every other column is kept as an "extra" and lands in the
+snapshot under its own name (prefixed ``src_`` where it would collide with a
+snapshot column).
+
+Bad input stops the run with a :class:`CollectError` that names the file and
+the problem: a missing required column, a file that cannot be parsed, a path
+that does not exist. A list with zero rows is allowed (it is recorded in the
+manifest with rows=0); zero rows in all lists together is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from omnidiff.env import home
+
+
+class CollectError(ValueError):
+    """Bad input to the collect stage; the message names the file and the problem."""
+
+
+# suffix -> format; img2dataset reads the same four.
+FORMATS: dict[str, str] = {
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".csv.gz": "csv",
+    ".tsv": "tsv",
+    ".tsv.gz": "tsv",
+    ".jsonl": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".ndjson": "jsonl",
+}
+
+# role -> names tried in order when the config leaves the column unset.
+URL_LIST_ALIASES: dict[str, tuple[str, ...]] = {
+    "url": ("url", "URL", "image_url", "IMAGE_URL"),
+    "caption": ("caption", "TEXT", "text", "CAPTION"),
+    "lang": ("lang", "LANGUAGE", "language", "LANG"),
+    "caption_en": ("caption_en", "ENG TEXT", "text_en", "TEXT_EN", "CAPTION_EN"),
+}
+URL_LIST_REQUIRED = ("url", "caption")
+
+PARALLEL_ALIASES: dict[str, tuple[str, ...]] = {
+    "text": ("text", "TEXT", "caption", "source_text"),
+    "text_en": ("text_en", "caption_en", "en", "english", "ENG TEXT", "TEXT_EN"),
+    "lang": ("lang", "LANGUAGE", "language", "LANG"),
+}
+PARALLEL_REQUIRED = ("text", "text_en")
+
+# Standard column names the readers produce for each role (the raw, un-normalised values).
+URL_LIST_STANDARD = {"url": "url", "caption": "caption_raw", "lang": "lang_declared", "caption_en": "caption_en_raw"}
+PARALLEL_STANDARD = {"text": "text_raw", "text_en": "text_en_raw", "lang": "lang_declared"}
+
+# Columns the snapshot itself writes; an extra input column with one of these names is renamed src_<name>.
+RESERVED = frozenset(
+    "key caption caption_en lang lang_detected lang_score lang_mismatch image image_digest width height "
+    "original_width original_height source_sha256 aesthetic split url source row_index row_id text text_en "
+    "reason detail table extra caption_raw caption_en_raw text_raw text_en_raw lang_declared".split()
+)
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """One input file as the manifest records it."""
+
+    path: str
+    name: str
+    format: str
+    sha256: str
+    rows: int
+    columns: dict[str, str]  # role -> column name found in the file
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "name": self.name, "format": self.format, "sha256": self.sha256,
+                "rows": self.rows, "columns": dict(self.columns)}
+
+
+def file_format(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in sorted(FORMATS, key=len, reverse=True):
+        if name.endswith(suffix):
+            return FORMATS[suffix]
+    return None
+
+
+def resolve_path(path: Path) -> Path:
+    """Absolute path: as given, else from the current directory, else from $OMNIDIFF_HOME."""
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_absolute():
+        return path
+    for base in (Path.cwd(), home()):
+        if (base / path).exists():
+            return (base / path).resolve()
+    return (Path.cwd() / path).resolve()
+
+
+def expand_inputs(paths: tuple[Path, ...] | list[Path], what: str = "url list") -> list[Path]:
+    """Files named by ``paths`` (a folder stands for its supported files, sorted)."""
+    files: list[Path] = []
+    for given in paths:
+        path = resolve_path(Path(given))
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and file_format(p))
+            if not found:
+                raise CollectError(f"{what} folder {str(path)!r} holds no {'/'.join(sorted(set(FORMATS)))} files")
+            files.extend(found)
+        elif path.is_file():
+            if file_format(path) is None:
+                raise CollectError(f"{what} {str(path)!r}: unsupported file type; use one of {sorted(FORMATS)}")
+            files.append(path)
+        else:
+            raise CollectError(f"{what} {str(given)!r} does not exist (looked in {Path.cwd()} and {home()})")
+    return files
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_empty_text_file(path: Path) -> bool:
+    """Zero bytes, or a gzip holding zero bytes: a list with no header and no rows."""
+    if path.stat().st_size == 0:
+        return True
+    if path.name.lower().endswith(".gz"):
+        import gzip
+
+        try:
+            with gzip.open(path, "rb") as f:
+                return f.read(1) == b""
+        except OSError:
+            return False
+    return False
+
+
+def read_file(path: Path, what: str = "url list") -> pa.Table:
+    """Read one list as an Arrow table; a parse failure is a CollectError naming the file."""
+    fmt = file_format(path)
+    try:
+        if fmt == "parquet":
+            return pq.read_table(path)
+        if _is_empty_text_file(path):
+            return pa.table({})
+        if fmt in ("csv", "tsv"):
+            return pa_csv.read_csv(
+                path,
+                parse_options=pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
+            )
+        if fmt == "jsonl":
+            return pa_json.read_json(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CollectError(f"{what} {str(path)!r} is corrupt or not a valid {fmt} file: {exc}") from None
+    raise CollectError(f"{what} {str(path)!r}: unsupported file type")
+
+
+def find_columns(
+    names: list[str],
+    configured: dict[str, str | None],
+    aliases: dict[str, tuple[str, ...]],
+    required: tuple[str, ...],
+    path: Path,
+    section: str,
+    what: str,
+) -> dict[str, str]:
+    """role -> column name present in the file; a missing required one is a CollectError naming it."""
+    found: dict[str, str] = {}
+    for role, candidates in aliases.items():
+        chosen = configured.get(role)
+        if chosen is not None:
+            if chosen not in names:
+                raise CollectError(
+                    f"{what} {str(path)!r}: column {chosen!r} ({section}.{role}) not found; columns present: {names}"
+                )
+            found[role] = chosen
+            continue
+        for candidate in candidates:
+            if candidate in names:
+                found[role] = candidate
+                break
+        else:
+            if role in required:
+                raise CollectError(
+                    f"{what} {str(path)!r}: missing required column {role!r} (looked for {list(candidates)}; "
+                    f"set {section}.{role} to its name); columns present: {names}"
+                )
+    return found
+
+
+def _as_string(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    if pa.types.is_string(column.type):
+        return column
+    if pa.types.is_large_string(column.type) or pa.types.is_null(column.type):
+        return column.cast(pa.string())
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        return column.cast(pa.string())  # raises on invalid UTF-8, caught by the caller
+    return column.cast(pa.string())
+
+
+def standardise(
+    table: pa.Table,
+    found: dict[str, str],
+    standard: dict[str, str],
+    source_name: str,
+    path: Path,
+    what: str,
+) -> pa.Table:
+    """Role columns renamed to their standard names (as strings), then source + row_index, then extras."""
+    n = table.num_rows
+    columns: dict[str, pa.ChunkedArray | pa.Array] = {}
+    for role, std_name in standard.items():
+        if role in found:
+            try:
+                columns[std_name] = _as_string(table.column(found[role]))
+            except pa.ArrowException as exc:
+                raise CollectError(f"{what} {str(path)!r}: column {found[role]!r} is not text: {exc}") from None
+        else:
+            columns[std_name] = pa.nulls(n, pa.string())
+    columns["source"] = pa.array([source_name] * n, pa.string())
+    columns["row_index"] = pa.array(range(n), pa.int64())
+    used = set(found.values())
+    for name in table.column_names:
+        if name in used:
+            continue
+        out_name = f"src_{name}" if name in RESERVED else name
+        while out_name in columns:
+            out_name = f"src_{out_name}"
+        columns[out_name] = table.column(name)
+    return pa.table(columns)
+
+
+def _source_names(files: list[Path]) -> list[str]:
+    names = [f.name for f in files]
+    if len(set(names)) == len(names):
+        return names
+    common = Path(os.path.commonpath([str(f) for f in files]))
+    return [str(f.relative_to(common)) for f in files]
+
+
+def concat(tables: list[pa.Table]) -> pa.Table:
+    """Union of columns (missing ones null); extras whose types disagree between files become strings."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        types: dict[str, set] = {}
+        for t in tables:
+            for f in t.schema:
+                types.setdefault(f.name, set()).add(f.type)
+        clash = {name for name, ts in types.items() if len(ts) > 1}
+        fixed = []
+        for t in tables:
+            for name in clash & set(t.column_names):
+                i = t.column_names.index(name)
+                t = t.set_column(i, name, t.column(name).cast(pa.string()))
+            fixed.append(t)
+        return pa.concat_tables(fixed, promote_options="permissive")
+
+
+def read_lists(
+    paths: tuple[Path, ...] | list[Path],
+    configured: dict[str, str | None],
+    aliases: dict[str, tuple[str, ...]],
+    required: tuple[str, ...],
+    standard: dict[str, str],
+    section: str,
+    what: str,
+) -> tuple[pa.Table, list[SourceInfo]]:
+    files = expand_inputs(paths, what)
+    tables, infos = [], []
+    for path, source_name in zip(files, _source_names(files), strict=True):
+        raw = read_file(path, what)
+        if raw.num_columns == 0 and raw.num_rows == 0:
+            found: dict[str, str] = {}  # an empty file: no header to check
+        else:
+            found = find_columns(raw.column_names, configured, aliases, required, path, section, what)
+        tables.append(standardise(raw, found, standard, source_name, path, what))
+        infos.append(SourceInfo(str(path), source_name, file_format(path) or "", sha256_file(path), raw.num_rows,
+                                found))
+    table = concat(tables)
+    table = table.append_column("row_id", pa.array(range(table.num_rows), pa.int64()))
+    return table, infos
+
+
+def read_url_lists(paths, columns) -> tuple[pa.Table, list[SourceInfo]]:
+    """All url lists as one table: url, caption_raw, lang_declared, caption_en_raw, source, row_index,
+    extras..., row_id (position in the concatenated input; the unit of the rows-in = rows-out invariant)."""
+    configured = {"url": columns.url, "caption": columns.caption, "lang": columns.lang,
+                  "caption_en": columns.caption_en}
+    return read_lists(paths, configured, URL_LIST_ALIASES, URL_LIST_REQUIRED, URL_LIST_STANDARD, "columns",
+                      "url list")
+
+
+def read_parallel_lists(paths, columns) -> tuple[pa.Table, list[SourceInfo]]:
+    """All parallel-text files as one table: text_raw, text_en_raw, lang_declared, source, row_index, extras,
+    row_id."""
+    configured = {"text": columns.text, "text_en": columns.text_en, "lang": columns.lang}
+    if not paths:
+        empty = {name: pa.array([], pa.string()) for name in PARALLEL_STANDARD.values()}
+        empty |= {"source": pa.array([], pa.string()), "row_index": pa.array([], pa.int64()),
+                  "row_id": pa.array([], pa.int64())}
+        return pa.table(empty), []
+    return read_lists(paths, configured, PARALLEL_ALIASES, PARALLEL_REQUIRED, PARALLEL_STANDARD,
+                      "parallel_columns", "parallel list")
