@@ -41,7 +41,8 @@ class ClipSection:
     """The base model's CLIP-style text encoder: the stage-1 target on the English side.
 
     base_model: the base model's pipeline folder (holds ``text_encoder/`` + ``tokenizer/``);
-      ``null`` = the project's pretrained tiny-world base model.
+      a registry reference (``name@alias``) works too; ``null`` = the newest base model that
+      ``omnidiff base pretrain`` wrote under ``models_dir()/base``.
     max_windows: long captions are encoded in up to this many stitched 77-token windows (PAPER.md).
     """
 

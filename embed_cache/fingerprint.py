@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from omnidiff.text import NORMALISER_VERSION
+
 # Bump when the shard layout (columns, types, encodings) changes: old caches then stay untouched
 # under their old fingerprint instead of being misread.
 STORAGE_FORMAT = "parquet-unpadded-f16-v1"
@@ -59,6 +61,38 @@ def llm_inputs(encoder_inputs: dict[str, Any]) -> dict[str, Any]:
 def llm_fingerprint(encoder_inputs: dict[str, Any]) -> str:
     """Directory name of the LLM cache for an encoder (``encoder.fingerprint_inputs()``)."""
     return fingerprint(llm_inputs(encoder_inputs))
+
+
+def describe_llm(path: str | Path, layer: int = -1, max_length: int = 512, dtype: str = "float32") -> tuple[dict, int]:
+    """``(LLMTextEncoder(path, layer, max_length, dtype).fingerprint_inputs(), hidden_size)`` without loading weights.
+
+    The embed driver names the cache before any actor loads the model, and the train stage finds the
+    cache the same way. Each embed actor re-derives the dict from its loaded encoder and refuses to
+    write if the two differ, so this copy of the rule cannot drift silently.
+    """
+    from transformers import AutoConfig
+
+    from omnidiff.models.llm import read_manifest, weights_digest
+
+    path = Path(path).resolve()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"llm.path={str(path)!r}: no config.json (for Gemma run 'omnidiff llm convert')")
+    config = AutoConfig.from_pretrained(path)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = int(text_config.num_hidden_layers)
+    if not -(n_layers + 1) <= layer <= n_layers:
+        raise ValueError(f"llm.layer={layer!r}: {path.name} has hidden_states 0..{n_layers} (or -1..-{n_layers + 1})")
+    manifest = read_manifest(path)
+    inputs = {
+        "model_id": manifest.get("model_id") or path.name,
+        "weights_digest": manifest.get("weights_digest") or weights_digest(path),
+        "layer": layer % (n_layers + 1),
+        "max_length": int(max_length),
+        "dtype": dtype,
+        "template": "raw",
+        "normaliser_version": NORMALISER_VERSION,
+    }
+    return inputs, int(text_config.hidden_size)
 
 
 def files_digest(*folders: Path, patterns: tuple[str, ...] = ("*",)) -> str:

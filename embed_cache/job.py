@@ -1,0 +1,748 @@
+"""The embed job: pair snapshots -> LLM / CLIP / pixel caches, with Ray Data actors.
+
+    omnidiff embed --config configs/embed.yaml            # or: embed_cache.job.run(cfg)
+
+What it computes (docs/architecture.md "Embedding cache"):
+* ``llm``:    per-token states of every distinct normalised caption, every parallel text (the
+  language side) and "" (the unconditional prompt), keyed by ``text_key``;
+* ``clip``:   the base model's CLIP text states of the English side (``caption_en``, else the caption
+  when ``lang == "en"``; the parallel ``text_en``) in up to ``clip.max_windows`` stitched 77-token
+  windows, with the pooled vector: the stage-1 target;
+* ``pixels``: each distinct image (by ``image_digest``) as float16 (C, H, W) in [-1, 1], or its VAE
+  latents when ``pixels.vae`` is set: what stages 2-3 train on.
+
+How (each step is why the cache beats padded per-file caches):
+1. The driver gathers the distinct keys, opens the cache directory named by the fingerprint
+   (embed_cache/fingerprint.py) as its only writer and subtracts what is cached: a caption that is
+   in ten snapshots is computed once, and a rerun computes only what is new.
+2. The missing work is sorted by token length and cut into shards balanced by tokens
+   (embed_cache/batching.py); each shard is one Ray Data block (so a small input still spreads over
+   every actor, NOTES.md).
+3. ``map_batches`` over an ``ActorPoolStrategy(size=num_actors)``: each actor loads its model once,
+   packs its shard into compute batches under a token-slot budget (no compute on padding), computes
+   in fp32, rejects NaN/inf rows by key, and writes the shard itself (temp name + atomic rename).
+4. The driver lists every finished shard in the manifest (atomic rewrite) as it arrives and prints
+   progress in tokens/s with an ETA. Killed at any point, a rerun adopts finished shards and
+   computes the rest (embed_cache/store.py "Crash safety").
+5. The run is logged to MLflow: fingerprints, counts computed/skipped/rejected, throughput, cache
+   locations, manifests.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from embed_cache import batching
+from embed_cache.config import EmbedConfig
+from embed_cache.fingerprint import clip_inputs, describe_llm, files_digest, fingerprint, llm_inputs, pixels_inputs
+from embed_cache.store import (
+    CacheStore,
+    CacheWriter,
+    NonFiniteStatesError,
+    cache_dir,
+    pixels_table,
+    states_table,
+    write_shard_file,
+)
+from omnidiff.config import to_dict
+from omnidiff.progress import Progress
+from omnidiff.text import normalise_caption, text_key
+
+log = logging.getLogger("omnidiff.embed")
+
+UNIT = {"llm": "tok", "clip": "tok", "pixels": "img"}
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+def cache_key(text: str) -> tuple[str, str]:
+    """``(normalised text, key)``: the cache key every stage computes (``text_key(normalise_caption(t))``).
+
+    Normalisation is idempotent, so a snapshot caption (already normalised) keeps its text.
+    """
+    normalised = normalise_caption(text)
+    return normalised, text_key(normalised)
+
+
+@dataclass
+class EmbedInputs:
+    """Distinct work per cache kind, gathered from snapshots (or built in memory by tests/benchmarks).
+
+    texts: llm key -> normalised text; english: clip key -> normalised English text;
+    images: image digest -> encoded image bytes; references: rows that pointed at each kind
+    (so "a caption in ten snapshots is embedded once" shows as references >> distinct).
+    """
+
+    texts: dict[str, str] = field(default_factory=dict)
+    english: dict[str, str] = field(default_factory=dict)
+    images: dict[str, bytes] = field(default_factory=dict)
+    references: dict[str, int] = field(default_factory=lambda: {"llm": 0, "clip": 0, "pixels": 0})
+    snapshots: list[dict[str, str]] = field(default_factory=list)
+
+    def add_text(self, text: str | None) -> None:
+        if text is None:
+            return
+        normalised, key = cache_key(text)
+        self.texts.setdefault(key, normalised)
+        self.references["llm"] += 1
+
+    def add_english(self, text: str | None) -> None:
+        if text is None or (isinstance(text, float) and np.isnan(text)):
+            return
+        normalised, key = cache_key(text)
+        self.english.setdefault(key, normalised)
+        self.references["clip"] += 1
+
+    def add_image(self, digest: str, data: bytes) -> None:
+        self.images.setdefault(digest, data)
+        self.references["pixels"] += 1
+
+    def work(self, kind: str) -> dict[str, Any]:
+        return {"llm": self.texts, "clip": self.english, "pixels": self.images}[kind]
+
+
+def resolve_snapshots(names: Iterable[str]) -> list[Path]:
+    """Snapshot names -> their newest snapshot directory (``LATEST``); existing paths stay as they are."""
+    out = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir() and (path / "manifest.json").exists():
+            out.append(path.resolve())
+            continue
+        from data_prep.snapshot import SnapshotError, latest_snapshot
+
+        try:
+            out.append(Path(latest_snapshot(name)).resolve())
+        except (SnapshotError, FileNotFoundError) as exc:
+            raise FileNotFoundError(
+                f"snapshots: {name!r} is neither a snapshot directory nor a collected snapshot name "
+                f"({exc}); run 'omnidiff collect' first"
+            ) from None
+    return out
+
+
+def _frame(obj: Any) -> pd.DataFrame:
+    """A snapshot accessor's result (Arrow table, DataFrame, or an iterable of either) as one DataFrame."""
+    import pyarrow as pa
+
+    if isinstance(obj, pd.DataFrame):
+        return obj
+    if isinstance(obj, (pa.Table, pa.RecordBatch)):
+        return obj.to_pandas()
+    if hasattr(obj, "to_table"):  # a pyarrow dataset
+        return obj.to_table().to_pandas()
+    parts = [_frame(part) for part in obj]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _read(snapshot: Any, accessor: str, columns: list[str]) -> pd.DataFrame:
+    method = getattr(snapshot, accessor)
+    try:
+        wants_columns = "columns" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        wants_columns = False
+    frame = _frame(method(columns=columns) if wants_columns else method())
+    missing = [c for c in columns if c not in frame.columns]
+    if missing and len(frame):
+        raise ValueError(f"snapshot {accessor}() has no column(s) {missing} (has {list(frame.columns)})")
+    return frame
+
+
+def gather_inputs(snapshot_dirs: Iterable[Path], cfg: EmbedConfig) -> EmbedInputs:
+    """Distinct texts / English texts / images of the snapshots' chosen splits, plus ""."""
+    from data_prep.snapshot import Snapshot
+
+    inputs = EmbedInputs()
+    inputs.add_text("")  # the unconditional embedding (PAPER.md "Release hyper-parameters")
+    if "clip" in cfg.kinds:
+        inputs.add_english("")
+    splits = set(cfg.splits)
+    for path in snapshot_dirs:
+        snap = Snapshot.open(path)
+        inputs.snapshots.append({"path": str(path), "digest": str(getattr(snap, "digest", ""))})
+        columns = ["caption", "caption_en", "lang", "split"]
+        if "pixels" in cfg.kinds:
+            columns += ["image_digest", "image"]
+        pairs = _read(snap, "pairs", columns)
+        if "split" in pairs.columns:
+            pairs = pairs[pairs["split"].isin(splits)]
+        for row in pairs.itertuples(index=False):
+            inputs.add_text(row.caption)
+            if "clip" in cfg.kinds:
+                english = row.caption_en if isinstance(row.caption_en, str) and row.caption_en else None
+                inputs.add_english(english if english is not None else (row.caption if row.lang == "en" else None))
+            if "pixels" in cfg.kinds:
+                inputs.add_image(row.image_digest, row.image)
+        if cfg.include_parallel and snap.manifest.get("shards", {}).get("parallel"):
+            parallel = _read(snap, "parallel", ["text", "lang", "text_en", "split"])
+            if "split" in parallel.columns:
+                parallel = parallel[parallel["split"].isin(splits)]
+            for row in parallel.itertuples(index=False):
+                inputs.add_text(row.text)
+                if "clip" in cfg.kinds and isinstance(row.text_en, str):
+                    inputs.add_english(row.text_en)
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------- kinds
+
+
+def llm_path(cfg: EmbedConfig) -> Path:
+    if cfg.llm.path is not None:
+        return Path(cfg.llm.path).resolve()
+    from omnidiff.models.llm import ensure_gemma
+
+    return ensure_gemma()
+
+
+def llm_token_lengths(path: Path, texts: list[str], max_length: int) -> list[int]:
+    """Token counts as ``LLMTextEncoder.token_lengths`` gives them, from the tokenizer alone (no weights)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    return [max(1, len(x)) for x in ids]
+
+
+def newest_base_model() -> Path:
+    """The most recently pretrained base model under ``models_dir()/base`` (``omnidiff base pretrain``)."""
+    from omnidiff.env import models_dir
+
+    found = [
+        p
+        for p in (models_dir() / "base").glob("*/")
+        if (p / "model_index.json").is_file() and (p / "text_encoder").is_dir() and (p / "tokenizer").is_dir()
+    ]
+    if not found:
+        raise FileNotFoundError(
+            "clip.base_model is not set and no pretrained base model exists under "
+            f"{models_dir() / 'base'}: run 'omnidiff base pretrain', set clip.base_model to the base model's "
+            "pipeline folder (it holds text_encoder/ and tokenizer/), or drop 'clip' from kinds"
+        )
+    return max(found, key=lambda p: (p / "model_index.json").stat().st_mtime)
+
+
+def clip_folders(cfg: EmbedConfig) -> tuple[Path, Path]:
+    """``(text_encoder/, tokenizer/)`` of the base model's pipeline folder (a path or a registry reference)."""
+    base = cfg.clip.base_model
+    if base is None:
+        base = newest_base_model()
+        log.info("embed clip: clip.base_model not set, using the newest base model %s", base)
+    base = Path(base)
+    if not base.is_dir() and ("@" in str(base) or str(base).count("/") == 1):
+        from omnidiff.tracking import resolve_model  # e.g. omnidiff-base@production
+
+        base = Path(resolve_model(str(base)))
+    text_encoder, tokenizer = base / "text_encoder", base / "tokenizer"
+    for folder in (text_encoder, tokenizer):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"clip.base_model={str(cfg.clip.base_model)!r}: {folder} does not exist")
+    return text_encoder.resolve(), tokenizer.resolve()
+
+
+def load_clip(text_encoder: Path, tokenizer: Path):
+    from omnidiff.models.clip_text import ClipTextEncoder
+
+    return ClipTextEncoder.from_pretrained(text_encoder, tokenizer_folder=tokenizer)
+
+
+def vae_info(vae: Path) -> tuple[str, float, int, int]:
+    """``(files digest, scaling factor, latent channels, downsampling factor)`` of a diffusers VAE folder."""
+    vae = Path(vae)
+    config_path = vae / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"pixels.vae={str(vae)!r}: no config.json (a diffusers AutoencoderKL folder)")
+    config = json.loads(config_path.read_text())
+    down = 2 ** (len(config.get("block_out_channels", [0])) - 1)
+    digest = files_digest(vae, patterns=("*.json", "*.safetensors", "*.bin"))
+    return digest, float(config.get("scaling_factor", 0.18215)), int(config.get("latent_channels", 4)), down
+
+
+@dataclass
+class KindPlan:
+    """Everything the generic driver loop needs for one cache kind."""
+
+    kind: str
+    inputs: dict[str, Any]
+    value_shape: tuple[int, ...]
+    encoder: dict[str, Any]  # keyword arguments of the kind's *ShardEncoder
+    lengths: Callable[[list[str], list[Any]], list[int]]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.inputs)
+
+
+def plan_kind(kind: str, cfg: EmbedConfig) -> KindPlan:
+    """Fingerprint inputs, value shape, actor class and cost function of ``kind`` under ``cfg``."""
+    if kind == "llm":
+        path = llm_path(cfg)
+        encoder_inputs, hidden = describe_llm(path, cfg.llm.layer, cfg.llm.max_length, cfg.llm.dtype)
+        return KindPlan(
+            kind,
+            llm_inputs(encoder_inputs),
+            (hidden,),
+            {
+                "path": str(path),
+                "layer": cfg.llm.layer,
+                "max_length": cfg.llm.max_length,
+                "dtype": cfg.llm.dtype,
+                "device": cfg.device,
+                "expected_inputs": encoder_inputs,
+            },
+            lambda keys, texts: llm_token_lengths(path, list(texts), cfg.llm.max_length),
+        )
+    if kind == "clip":
+        text_encoder, tokenizer = clip_folders(cfg)
+        # Loaded in the driver too: its weights digest names the cache (a CLIP text tower is small).
+        encoder = load_clip(text_encoder, tokenizer)
+        windows = cfg.clip.max_windows
+        encoder_inputs = encoder.fingerprint_inputs(windows)
+        return KindPlan(
+            kind,
+            clip_inputs(encoder_inputs),
+            (encoder.hidden_size,),
+            {
+                "text_encoder": str(text_encoder),
+                "tokenizer": str(tokenizer),
+                "max_windows": windows,
+                "device": cfg.device,
+                "expected_inputs": encoder_inputs,
+            },
+            lambda keys, texts: encoder.token_lengths(list(texts), windows),
+        )
+    if kind == "pixels":
+        res = cfg.pixels.resolution
+        if cfg.pixels.vae is None:
+            inputs, shape = pixels_inputs(res), (3, res, res)
+        else:
+            digest, scale, channels, down = vae_info(cfg.pixels.vae)
+            if res % down:
+                raise ValueError(f"pixels.resolution={res}: must be a multiple of the VAE's downsampling {down}")
+            inputs, shape = pixels_inputs(res, digest, scale), (channels, res // down, res // down)
+        return KindPlan(
+            kind,
+            inputs,
+            shape,
+            {"resolution": res, "vae": str(cfg.pixels.vae) if cfg.pixels.vae else None, "device": cfg.device},
+            lambda keys, payloads: [1] * len(keys),
+        )
+    raise ValueError(f"kind={kind!r}: expected llm, clip or pixels")
+
+
+def cache_dirs(cfg: EmbedConfig) -> dict[str, Path]:
+    """The cache directory of every kind in ``cfg`` (what train reads), without computing anything."""
+    return {kind: cache_dir(kind, plan_kind(kind, cfg).fingerprint, cfg.cache_root) for kind in cfg.kinds}
+
+
+# ---------------------------------------------------------------------------------------- actors
+
+
+class EncodeShardActor:
+    """The Ray Data callable class: one model load per actor; one call = one shard.
+
+    A call packs its (length-sorted) shard into compute batches under the token-slot budget,
+    computes them, rejects non-finite rows by key (reported as data, the rest is still written) and
+    writes the shard itself, so the driver only lists finished shards in the manifest.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        cache: str,
+        run_token: str,
+        threads: int,
+        max_tokens: int,
+        max_batch_size: int,
+        encoder: dict[str, Any],
+    ):
+        import torch
+        import transformers
+
+        torch.set_num_threads(int(threads))
+        transformers.utils.logging.disable_progress_bar()  # no per-actor "Loading weights" bars in the log
+        self.cache, self.run_token = cache, run_token
+        self.max_tokens, self.max_batch_size = int(max_tokens), int(max_batch_size)
+        builders = {"llm": LLMShardEncoder, "clip": ClipShardEncoder, "pixels": PixelShardEncoder}
+        self.encoder = builders[kind](**encoder, max_batch_size=self.max_batch_size)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        start = time.perf_counter()
+        order = np.argsort(batch["length"].to_numpy(), kind="stable")  # the driver sorted already
+        keys = [batch["key"].iloc[i] for i in order]
+        payloads = [batch["payload"].iloc[i] for i in order]
+        lengths = batch["length"].to_numpy()[order]
+        values: list[Any] = []
+        padded = 0
+        for sl in batching.pack_batches(lengths, self.max_tokens, self.max_batch_size):
+            values.extend(self.encoder.compute(payloads[sl]))
+            padded += (sl.stop - sl.start) * int(lengths[sl.stop - 1])
+        compute_s = time.perf_counter() - start
+        rejected: dict[str, str] = {}
+        try:
+            table = self.encoder.table(keys, values)
+        except NonFiniteStatesError as exc:  # report the bad rows as data, keep the good ones
+            rejected = exc.rejected
+            good = [i for i, k in enumerate(keys) if k not in rejected]
+            keys = [keys[i] for i in good]
+            values = [values[i] for i in good]
+            table = self.encoder.table(keys, values) if keys else None
+        entry: dict[str, Any] = {"name": None, "rows": 0, "sha256": None, "bytes": 0, "stale": False}
+        if table is not None:
+            entry.update(write_shard_file(self.cache, str(batch["shard"].iloc[0]), table, self.run_token))
+        entry.setdefault("tokens", len(keys))
+        return pd.DataFrame(
+            [
+                {
+                    "entry": json.dumps(entry),
+                    "shard_keys": json.dumps(keys),
+                    "rejected": json.dumps(rejected),
+                    "planned_tokens": int(lengths.sum()),
+                    "padded_slots": padded,
+                    "compute_s": compute_s,
+                    "pid": os.getpid(),
+                }
+            ]
+        )
+
+
+class LLMShardEncoder:
+    """LLM per-token states: fp32 compute, unpadded rows, fp16 storage."""
+
+    def __init__(
+        self,
+        path: str,
+        layer: int,
+        max_length: int,
+        dtype: str,
+        device: str,
+        expected_inputs: dict,
+        max_batch_size: int,
+    ):
+        from omnidiff.models.llm import LLMTextEncoder
+
+        self.model = LLMTextEncoder(
+            path, layer=layer, max_length=max_length, dtype=dtype, device=device, batch_size=max_batch_size
+        )
+        got = self.model.fingerprint_inputs()
+        if got != expected_inputs:  # the cache directory was named from these: never write under a wrong name
+            raise RuntimeError(f"LLM fingerprint inputs differ between driver {expected_inputs} and actor {got}")
+
+    def compute(self, texts: list[str]) -> list[np.ndarray]:
+        states, mask = self.model.encode(list(texts))  # (B, T, D) float32, (B, T) bool
+        states, mask = states.numpy(), mask.numpy()
+        return [states[i][mask[i]] for i in range(len(texts))]  # (L_i, D) each
+
+    def table(self, keys, values):
+        return states_table(keys, values)
+
+
+class ClipShardEncoder:
+    """CLIP text states of the English side in stitched 77-token windows (mask-true tokens), plus pooled."""
+
+    def __init__(
+        self,
+        text_encoder: str,
+        tokenizer: str,
+        max_windows: int,
+        device: str,
+        expected_inputs: dict,
+        max_batch_size: int,
+    ):
+        self.model = load_clip(Path(text_encoder), Path(tokenizer)).to(device).eval()
+        self.max_windows = int(max_windows)
+        got = self.model.fingerprint_inputs(self.max_windows)
+        if got != expected_inputs:
+            raise RuntimeError(f"CLIP fingerprint inputs differ between driver {expected_inputs} and actor {got}")
+
+    def compute(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        import torch
+
+        # Windows a caption does not need are skipped inside encode(), so sorting by length (= windows
+        # used) already keeps the compute to the windows that hold text.
+        with torch.inference_mode():
+            states, mask, pooled = self.model.encode(list(texts), self.max_windows)  # (B, W*77, D), (B, W*77), (B, D)
+        states, mask, pooled = states.float().cpu().numpy(), mask.cpu().numpy(), pooled.float().cpu().numpy()
+        return [(states[i][mask[i]], pooled[i]) for i in range(len(texts))]
+
+    def table(self, keys, values):
+        pooled = np.stack([v[1] for v in values]) if values else None
+        return states_table(keys, [v[0] for v in values], pooled=pooled)
+
+
+class PixelShardEncoder:
+    """Decoded images as float16 (C, H, W) in [-1, 1], or VAE latents (posterior mean x scaling factor)."""
+
+    def __init__(self, resolution: int, vae: str | None, device: str, max_batch_size: int):
+        self.resolution = int(resolution)
+        self.device = device
+        self.vae = None
+        if vae:
+            from diffusers import AutoencoderKL
+
+            self.vae = AutoencoderKL.from_pretrained(vae).to(device).eval()
+
+    def compute(self, images: list[bytes]) -> list[np.ndarray]:
+        pixels = np.stack([decode_image(data, self.resolution) for data in images])  # (B, 3, H, W)
+        if self.vae is None:
+            return list(pixels)
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(pixels).to(self.device)
+            latents = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor  # (B, C', h, w)
+        return list(latents.float().cpu().numpy())
+
+    def table(self, keys, values):
+        return pixels_table(keys, np.stack(values))
+
+
+def decode_image(data: bytes, resolution: int) -> np.ndarray:
+    """Encoded image bytes -> float32 ``(3, R, R)`` in [-1, 1]; other sizes: shorter side to R, centre crop."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        if img.size != (resolution, resolution):
+            w, h = img.size
+            scale = resolution / min(w, h)
+            img = img.resize(
+                (max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.Resampling.BICUBIC
+            )
+            w, h = img.size
+            left, top = (w - resolution) // 2, (h - resolution) // 2
+            img = img.crop((left, top, left + resolution, top + resolution))
+        arr = np.asarray(img, dtype=np.float32)  # (R, R, 3)
+    return arr.transpose(2, 0, 1) / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+
+def embed_kind(plan: KindPlan, work: dict[str, Any], cfg: EmbedConfig) -> dict[str, Any]:
+    """Fill one cache with the keys of ``work`` it lacks; returns counts, throughput and the manifest."""
+    directory = cache_dir(plan.kind, plan.fingerprint, cfg.cache_root)
+    stats: dict[str, Any] = {
+        "kind": plan.kind,
+        "fingerprint": plan.fingerprint,
+        "dir": str(directory),
+        "wanted": len(work),
+        "computed": 0,
+        "skipped": 0,
+        "rejected": {},
+        "tokens": 0,
+        "padded_slots": 0,
+        "seconds": 0.0,
+        "compute_seconds": 0.0,
+        "stale_shards": 0,
+    }
+    start = time.perf_counter()
+    with CacheWriter(directory, plan.inputs) as writer:
+        stats["recovered"] = {k: v for k, v in writer.recovered.items() if v}
+        writer.set_value_shape(plan.value_shape)
+        todo = sorted(k for k in work if k not in writer.keys)
+        stats["skipped"] = len(work) - len(todo)
+        if todo:
+            payloads = [work[k] for k in todo]
+            lengths = np.asarray(plan.lengths(todo, payloads), dtype=np.int64)
+            order = batching.length_order(lengths, todo)
+            keys = [todo[i] for i in order]
+            payloads = [payloads[i] for i in order]
+            lengths = lengths[order]
+            units = []
+            for unit, sl in enumerate(batching.plan_shards(lengths, cfg.shard_tokens, cfg.shard_rows)):
+                units.append(
+                    pd.DataFrame(
+                        {
+                            "shard": writer.shard_name(unit),
+                            "key": keys[sl],
+                            "payload": payloads[sl],
+                            "length": lengths[sl],
+                        }
+                    )
+                )
+            total = int(lengths.sum())
+            log.info(
+                "embed %s: %d cached, %d to compute in %d shards (%d %s) -> %s",
+                plan.kind,
+                stats["skipped"],
+                len(todo),
+                len(units),
+                total,
+                UNIT[plan.kind],
+                directory,
+            )
+            _run_actors(plan, units, writer, cfg, total, stats)
+        stats["manifest"] = dict(writer.manifest)
+    stats["seconds"] = time.perf_counter() - start
+    stats["rows"] = stats["manifest"]["rows"]
+    stats["padding_fraction"] = 1.0 - stats["tokens"] / stats["padded_slots"] if stats["padded_slots"] else 0.0
+    stats["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["tokens"] else 0.0
+    stats["bytes"] = sum(s["bytes"] for s in stats["manifest"]["shards"])
+    cached_tokens = sum(s.get("tokens", s["rows"]) for s in stats["manifest"]["shards"])
+    stats["bytes_per_token"] = stats["bytes"] / cached_tokens if cached_tokens else 0.0
+    return stats
+
+
+def _run_actors(
+    plan: KindPlan, units: list[pd.DataFrame], writer: CacheWriter, cfg: EmbedConfig, total: int, stats: dict[str, Any]
+) -> None:
+    from omnidiff.stack import ensure_ray
+
+    ensure_ray()
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress line (tokens/s, ETA) instead of Ray's bars
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # One block per shard: every actor gets work even for a small input (NOTES.md "Ray").
+    ds = ray.data.from_pandas(units)
+    out = ds.map_batches(
+        EncodeShardActor,
+        fn_constructor_kwargs={
+            "kind": plan.kind,
+            "cache": str(writer.path),
+            "run_token": writer.run_token,
+            "threads": cfg.threads_per_actor,
+            "max_tokens": cfg.max_tokens,
+            "max_batch_size": cfg.max_batch_size,
+            "encoder": plan.encoder,
+        },
+        batch_size=None,
+        batch_format="pandas",
+        compute=ActorPoolStrategy(size=min(cfg.num_actors, len(units))),
+        num_cpus=cfg.threads_per_actor,
+        num_gpus=cfg.num_gpus_per_actor or None,
+    )
+    with Progress(f"embed {plan.kind}", total=total, unit=UNIT[plan.kind], every_s=cfg.progress_every_s) as progress:
+        for batch in out.iter_batches(batch_size=None, batch_format="pandas"):
+            for row in batch.itertuples(index=False):
+                entry = json.loads(row.entry)
+                keys = json.loads(row.shard_keys)
+                rejected = json.loads(row.rejected)
+                if entry.get("stale"):
+                    stats["stale_shards"] += 1
+                elif entry["name"] is not None:
+                    writer.publish(entry, keys)
+                stats["computed"] += len(keys)
+                stats["tokens"] += int(entry.get("tokens", len(keys)))
+                stats["padded_slots"] += int(row.padded_slots)
+                stats["compute_seconds"] += float(row.compute_s)
+                stats["rejected"].update(rejected)
+                for key, why in rejected.items():
+                    log.error("embed %s: rejected key %s: %s", plan.kind, key, why)
+                if progress.done == 0:
+                    # Rate and ETA from the first shard's compute on, not from before the actors
+                    # started (their start-up and model load would make the ETA meaningless).
+                    progress.start = time.perf_counter() - float(row.compute_s)
+                progress.update(int(row.planned_tokens))
+
+
+def embed(inputs: EmbedInputs, cfg: EmbedConfig) -> dict[str, Any]:
+    """Fill every cache in ``cfg.kinds`` from in-memory ``inputs``; returns per-kind stats."""
+    results = {}
+    for kind in cfg.kinds:
+        plan = plan_kind(kind, cfg)
+        results[kind] = embed_kind(plan, inputs.work(kind), cfg)
+        results[kind]["references"] = inputs.references[kind]
+    return results
+
+
+def run(cfg: EmbedConfig) -> dict[str, Any]:
+    """The embed stage: resolve snapshots, gather inputs, fill the caches, log to MLflow.
+
+    Returns ``{"snapshots": [...], "kinds": {kind: stats}, "fingerprints": {kind: fp}, "dirs": {kind: dir},
+    "rejected": n, "run_id": mlflow run id or None}``.
+    """
+    start = time.perf_counter()
+    snapshots = resolve_snapshots(cfg.snapshots)
+    inputs = gather_inputs(snapshots, cfg)
+    if not cfg.track:
+        kinds = embed(inputs, cfg)
+        return _summary(inputs, kinds, time.perf_counter() - start, None)
+
+    from omnidiff import tracking
+
+    with tracking.start_run("embed", config=cfg) as mlrun:
+        kinds = embed(inputs, cfg)
+        summary = _summary(inputs, kinds, time.perf_counter() - start, mlrun.info.run_id)
+        _log(summary, inputs, cfg)
+    return summary
+
+
+def _summary(inputs: EmbedInputs, kinds: dict[str, Any], seconds: float, run_id: str | None) -> dict[str, Any]:
+    return {
+        "snapshots": inputs.snapshots,
+        "kinds": kinds,
+        "fingerprints": {k: v["fingerprint"] for k, v in kinds.items()},
+        "dirs": {k: v["dir"] for k, v in kinds.items()},
+        "computed": {k: v["computed"] for k, v in kinds.items()},
+        "skipped": {k: v["skipped"] for k, v in kinds.items()},
+        "rejected": sum(len(v["rejected"]) for v in kinds.values()),
+        "seconds": seconds,
+        "run_id": run_id,
+    }
+
+
+def _log(summary: dict[str, Any], inputs: EmbedInputs, cfg: EmbedConfig) -> None:
+    import mlflow
+
+    from omnidiff import tracking
+
+    params: dict[str, Any] = {}
+    metrics: dict[str, float] = {"seconds": summary["seconds"]}
+    tags: dict[str, str] = {}
+    for kind, stats in summary["kinds"].items():
+        params[f"{kind}.fingerprint"] = stats["fingerprint"]
+        params[f"{kind}.cache_dir"] = stats["dir"]
+        tags[f"cache_fingerprint.{kind}"] = stats["fingerprint"]
+        for name in (
+            "wanted",
+            "computed",
+            "skipped",
+            "references",
+            "rows",
+            "tokens",
+            "tokens_per_s",
+            "seconds",
+            "compute_seconds",
+            "padding_fraction",
+            "bytes",
+            "bytes_per_token",
+            "stale_shards",
+        ):
+            metrics[f"{kind}.{name}"] = float(stats[name])
+        metrics[f"{kind}.rejected"] = float(len(stats["rejected"]))
+        tracking.log_json(stats["manifest"], f"manifests/{kind}.json")
+        if stats["rejected"]:
+            tracking.log_json(stats["rejected"], f"rejected/{kind}.json")
+    for i, snap in enumerate(summary["snapshots"]):
+        params[f"snapshot.{i}.digest"] = snap["digest"]
+        params[f"snapshot.{i}.path"] = snap["path"]
+        tags[f"snapshot_digest.{i}"] = snap["digest"]
+    mlflow.log_params(params)
+    mlflow.log_metrics(metrics)
+    mlflow.set_tags(tags)
+    tracking.log_json(
+        {k: v for k, v in summary.items() if k != "kinds"} | {"config": to_dict(cfg)}, "embed_summary.json"
+    )
+
+
+def open_caches(summary_or_dirs: dict[str, Any]) -> dict[str, CacheStore]:
+    """``{kind: CacheStore}`` from :func:`run`'s result (or its ``dirs``)."""
+    dirs = summary_or_dirs.get("dirs", summary_or_dirs)
+    return {kind: CacheStore(path) for kind, path in dirs.items()}

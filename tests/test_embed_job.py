@@ -1,0 +1,393 @@
+"""The embed job: correctness of what is cached, incremental runs, NaN rejection, SIGKILL + rerun, flows.
+
+    .venv/bin/pytest tests/test_embed_job.py -x -q              # unit + e2e (real Ray, MLflow, Prefect)
+    .venv/bin/pytest tests/test_embed_job.py -x -q -m "not e2e" # no stack
+
+Timing claims (second run < 10% of the first, 10% new captions ~ 10% of the cost) are measured in
+benchmarks/embed_throughput.py, not asserted here; these tests check what is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from embed_cache.config import EmbedConfig
+from embed_cache.fingerprint import describe_llm, fingerprint, llm_inputs
+from embed_cache.store import SHARDS_DIR, CacheStore, CacheWriter, cache_dir, states_table
+from omnidiff.config import ConfigError, load_config
+from omnidiff.text import normalise_caption, text_key
+from tests.fixtures_embed import EMBED_TEST_CONFIG, png_bytes, write_snapshot
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = (
+    "a red blue green yellow purple circle square triangle cross diamond on the left right top bottom of "
+    "small big picture showing background near"
+).split()
+
+
+def captions(n: int, seed: int, lo: int = 2, hi: int = 40) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(lo, hi)))) + f" #{seed}-{i}" for i in range(n)]
+
+
+def encoder_of(path: Path, **kw):
+    from omnidiff.models.llm import LLMTextEncoder
+
+    return LLMTextEncoder(path, **kw)
+
+
+def poisoned_llm(src: Path, dst: Path, byte: str) -> Path:
+    """A copy of the tiny LLM whose embedding of ``byte`` is NaN: every caption containing it yields NaN."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from omnidiff.models.llm import MANIFEST_NAME, read_manifest, weights_digest
+
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    state = load_file(weights)
+    name = next(k for k in state if k.endswith("embed_tokens.weight"))
+    token_id = ord(byte) + 3  # ByT5: pad, eos, unk, then the 256 bytes
+    state[name][token_id] = torch.nan
+    save_file(state, weights, metadata={"format": "pt"})
+    manifest = read_manifest(dst) | {"weights_digest": weights_digest(dst), "model_id": "tiny-poisoned"}
+    (dst / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return dst
+
+
+# ----------------------------------------------------------------------------------------- unit (no Ray)
+
+
+def test_describe_llm_matches_the_loaded_encoder(tiny_llm):
+    from embed_cache.job import llm_token_lengths
+
+    encoder = encoder_of(tiny_llm, layer=1, max_length=48)
+    inputs, hidden = describe_llm(tiny_llm, layer=1, max_length=48)
+    assert inputs == encoder.fingerprint_inputs() and hidden == encoder.hidden_size
+    texts = ["", "a red circle", "日本語のキャプション", "x" * 500]
+    assert llm_token_lengths(tiny_llm, texts, 48) == encoder.token_lengths(texts)
+    with pytest.raises(ValueError, match="llm.layer=9"):
+        describe_llm(tiny_llm, layer=9)
+
+
+def test_actor_packs_computes_unpadded_and_rejects_nan_rows_by_key(tiny_llm, tmp_path):
+    from embed_cache.job import EncodeShardActor
+
+    bad_llm = poisoned_llm(tiny_llm, tmp_path / "poisoned", "Z")
+    enc_inputs, _ = describe_llm(bad_llm)
+    inputs = llm_inputs(enc_inputs)
+    texts = captions(30, seed=1) + ["a Zebra on the left", "", "ZZZ"]
+    keys = [text_key(normalise_caption(t)) for t in texts]
+    lengths = encoder_of(bad_llm).token_lengths(texts)
+    with CacheWriter(cache_dir("llm", fingerprint(inputs), tmp_path), inputs) as w:
+        w.set_value_shape((64,))
+        actor = EncodeShardActor(
+            "llm", str(w.path), w.run_token, threads=1, max_tokens=256, max_batch_size=8,
+            encoder={"path": str(bad_llm), "layer": -1, "max_length": 512, "dtype": "float32", "device": "cpu",
+                     "expected_inputs": enc_inputs},
+        )  # fmt: skip
+        frame = pd.DataFrame({"shard": w.shard_name(0), "key": keys, "payload": texts, "length": lengths})
+        out = actor(frame.sort_values("length"))
+        entry, rejected = json.loads(out.entry[0]), json.loads(out.rejected[0])
+        assert set(rejected) == {keys[-3], keys[-1]}  # the two captions with a Z, named by key
+        w.publish(entry, json.loads(out.shard_keys[0]))
+        # Budget respected: padded slots <= useful + what one long caption can waste per batch.
+        assert out.padded_slots[0] < 1.5 * out.planned_tokens[0]
+    store = CacheStore(w.path)
+    assert len(store) == len(texts) - 2 and store.verify().ok
+    direct = encoder_of(bad_llm)
+    for i in (0, 5, 31):  # single-caption encodes: no batch, no padding
+        states, mask = direct.encode([texts[i]])
+        np.testing.assert_allclose(
+            store.read([keys[i]])[keys[i]].astype(np.float32), states[0][mask[0]].numpy(), rtol=2e-3, atol=2e-3
+        )
+
+
+def test_decode_image_scales_and_resizes():
+    from embed_cache.job import decode_image
+
+    x = decode_image(png_bytes(3, size=16), 16)
+    assert x.shape == (3, 16, 16) and x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0
+    from PIL import Image
+
+    buf = __import__("io").BytesIO()
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(buf, format="PNG")
+    y = decode_image(buf.getvalue(), 16)
+    assert y.shape == (3, 16, 16)
+    np.testing.assert_allclose(y[0], 1.0, atol=1e-6)
+    np.testing.assert_allclose(y[1], -1.0, atol=1e-6)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="num_actors=0"):
+        load_config(EmbedConfig, EMBED_TEST_CONFIG, ["num_actors=0"])
+    with pytest.raises(ConfigError, match="kinds"):
+        load_config(EmbedConfig, EMBED_TEST_CONFIG, ["kinds=[llm, tokens]"])
+    with pytest.raises(ConfigError, match="shard_tokens"):
+        load_config(EmbedConfig, EMBED_TEST_CONFIG, ["shard_tokens=10", "max_tokens=100"])
+    with pytest.raises(ConfigError, match="num_gpus_per_actor"):
+        load_config(EmbedConfig, EMBED_TEST_CONFIG, ["device=cuda"])
+
+
+def test_cli_verify_names_corrupt_shard_and_repair_unlists_it(tmp_path, capsys):
+    from embed_cache.cli import main
+
+    inputs = llm_inputs({"model_id": "m", "weights_digest": "w"})
+    rng = np.random.default_rng(0)
+    with CacheWriter(cache_dir("llm", fingerprint(inputs), tmp_path), inputs) as w:
+        w.set_value_shape((4,))
+        names = [w.write(states_table([f"k{i}"], [rng.standard_normal((3, 4))]), i)["name"] for i in range(3)]
+    path = w.path / SHARDS_DIR / names[1]
+    path.write_bytes(path.read_bytes()[:-30] + b"\0" * 30)
+    assert main(["verify", str(w.path)]) == 1
+    assert names[1] in capsys.readouterr().out
+    assert main(["verify", str(w.path), "--repair"]) == 1
+    assert main(["verify", str(w.path)]) == 0
+    assert CacheStore(w.path).keys() == ["k0", "k2"]
+    assert main(["verify", str(tmp_path / "nope")]) == 2
+
+
+def test_latest_snapshot_names_follow_latest(tmp_path):
+    from flows.embed import latest_snapshot_names
+
+    first = write_snapshot("nightlytest", [{"caption": "a red circle"}], root=tmp_path)
+    second = write_snapshot("nightlytest", [{"caption": "a red circle"}, {"caption": "a blue square"}], root=tmp_path)
+    assert (tmp_path / "nightlytest" / "LATEST").read_text().strip() == second.name
+    assert latest_snapshot_names((str(first), "other", str(second))) == ("nightlytest", "other")
+
+
+# ----------------------------------------------------------------------------------------- e2e (stack)
+
+
+def _cfg(tiny_cache: dict, *overrides: str) -> EmbedConfig:
+    return load_config(EmbedConfig, EMBED_TEST_CONFIG, [
+        f"snapshots=[{tiny_cache['snapshot']}]", f"llm.path={tiny_cache['llm_path']}",
+        f"clip.base_model={tiny_cache['base_model']}", *overrides,
+    ])  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_cache_content_matches_the_encoders(tiny_cache):
+    from data_prep.snapshot import Snapshot
+    from embed_cache.job import decode_image, load_clip
+    from omnidiff.models.clip_text import WINDOW
+
+    summary = tiny_cache["summary"]
+    snap = Snapshot.open(tiny_cache["snapshot"])
+    pairs = snap.pairs(columns=["caption", "caption_en", "lang", "image_digest", "image"]).to_pandas()
+    parallel = snap.parallel(columns=["text", "text_en"]).to_pandas()
+    llm_texts = set(pairs.caption) | set(parallel.text) | {""}
+    stores = {k: CacheStore(v) for k, v in tiny_cache["dirs"].items()}
+    assert set(stores["llm"].keys()) == {text_key(t) for t in llm_texts}
+    assert summary["kinds"]["llm"]["references"] > len(llm_texts)  # each image's caption repeats; embedded once
+    assert set(stores["pixels"].keys()) == set(pairs.image_digest)
+    for store in stores.values():
+        report = store.verify()
+        assert report.ok and not report.unlisted, report.as_dict()
+
+    # LLM: unpadded fp16 states equal a direct, unbatched encode.
+    llm = encoder_of(tiny_cache["llm_path"])
+    long_caption = max(llm_texts, key=len)
+    for text in ("", long_caption, pairs.caption.iloc[0], parallel.text.iloc[0]):
+        states, mask = llm.encode([text])
+        got = stores["llm"].read([text_key(text)])[text_key(text)]
+        assert got.dtype == np.float16 and got.shape == (int(mask.sum()), llm.hidden_size)
+        np.testing.assert_allclose(got.astype(np.float32), states[0][mask[0]].numpy(), rtol=2e-3, atol=2e-3)
+
+    # CLIP: the English side in stitched 77-token windows, and the pooled vector.
+    clip = load_clip(Path(tiny_cache["base_model"]) / "text_encoder", Path(tiny_cache["base_model"]) / "tokenizer")
+    english = [e for e in pairs.caption_en.dropna()] + list(pairs.caption[pairs.lang == "en"]) + list(parallel.text_en)
+    longest = max(english, key=lambda t: clip.token_lengths([t], 3)[0])
+    assert clip.token_lengths([longest], 3)[0] > WINDOW  # the world has captions past CLIP's window
+    import torch
+
+    with torch.no_grad():
+        states, mask, pooled = clip.encode([longest], max_windows=3)
+    key = text_key(longest)
+    got = stores["clip"].read([key])[key]
+    np.testing.assert_allclose(got.astype(np.float32), states[0][mask[0]].numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        stores["clip"].read_pooled([key])[key].astype(np.float32), pooled[0].numpy(), rtol=2e-3, atol=2e-3
+    )
+    assert not (set(stores["clip"].keys()) - {text_key(t) for t in english + [""]})
+
+    # Pixels: the decoded image in [-1, 1] at the configured resolution.
+    row = pairs.iloc[0]
+    got = stores["pixels"].read([row.image_digest])[row.image_digest]
+    assert got.shape == (3, 16, 16) and stores["pixels"].value_shape == (3, 16, 16)
+    np.testing.assert_allclose(got.astype(np.float32), decode_image(row.image, 16), atol=2e-3)
+
+
+@pytest.mark.e2e
+def test_rerun_computes_nothing_and_new_captions_only_them(tiny_cache, tmp_path):
+    import mlflow
+
+    from data_prep.snapshot import Snapshot
+    from embed_cache.job import run
+
+    first = tiny_cache["summary"]
+    again = run(_cfg(tiny_cache))
+    for kind, stats in again["kinds"].items():
+        assert stats["computed"] == 0 and stats["skipped"] == first["kinds"][kind]["wanted"], kind
+    assert again["dirs"] == first["dirs"]
+
+    # A new snapshot: the old pairs + 10% new captions with new images.
+    old = Snapshot.open(tiny_cache["snapshot"]).pairs(columns=["caption", "caption_en", "lang", "image"]).to_pandas()
+    n_new = max(1, len(old) // 10)
+    rows = [
+        {"caption": r.caption, "caption_en": r.caption_en, "lang": r.lang, "image": r.image}
+        for r in old.itertuples(index=False)
+    ]
+    new_captions = captions(n_new, seed=7)
+    rows += [{"caption": c, "lang": "en", "image": png_bytes(1000 + i)} for i, c in enumerate(new_captions)]
+    grown = write_snapshot("embedgrown", rows)
+    third = run(_cfg(tiny_cache, f"snapshots=[{grown}]", "include_parallel=false"))
+    assert third["computed"] == {"llm": n_new, "clip": n_new, "pixels": n_new}
+    assert third["kinds"]["llm"]["rows"] == first["kinds"]["llm"]["rows"] + n_new
+    assert set(CacheStore(third["dirs"]["llm"]).keys()) >= {text_key(normalise_caption(c)) for c in new_captions}
+
+    # Every run is in MLflow: fingerprints, counts, throughput, cache location, manifests.
+    client = mlflow.MlflowClient()
+    logged = client.get_run(third["run_id"])
+    assert logged.data.params["llm.fingerprint"] == third["fingerprints"]["llm"]
+    assert logged.data.params["clip.cache_dir"] == third["dirs"]["clip"]
+    assert logged.data.metrics["llm.computed"] == n_new and logged.data.metrics["llm.skipped"] > 0
+    assert logged.data.metrics["llm.tokens_per_s"] > 0
+    assert logged.data.tags["stage"] == "embed"
+    artifacts = {a.path for a in client.list_artifacts(third["run_id"], "manifests")}
+    assert artifacts == {"manifests/llm.json", "manifests/clip.json", "manifests/pixels.json"}
+
+
+@pytest.mark.e2e
+def test_fingerprint_input_change_makes_a_new_cache(tiny_cache):
+    from embed_cache.job import run
+
+    before = json.loads((tiny_cache["dirs"]["llm"] / "manifest.json").read_text())
+    out = run(_cfg(tiny_cache, "kinds=[llm]", "llm.max_length=24", "track=false"))
+    assert out["fingerprints"]["llm"] != tiny_cache["fingerprints"]["llm"]
+    assert out["computed"]["llm"] == out["kinds"]["llm"]["wanted"]  # nothing reused from the other encoder
+    assert max(CacheStore(out["dirs"]["llm"]).lengths().values()) == 24
+    after = json.loads((tiny_cache["dirs"]["llm"] / "manifest.json").read_text())
+    assert after["shards"] == before["shards"]
+
+
+@pytest.mark.e2e
+def test_nan_states_are_rejected_with_the_key_named(stack, tiny_llm, tmp_path, capsys):
+    from embed_cache.cli import main
+
+    bad_llm = poisoned_llm(tiny_llm, tmp_path / "poisoned", "Q")
+    texts = captions(20, seed=3) + ["a Quiet red circle", "Q"]
+    snap = write_snapshot("embednan", [{"caption": t} for t in texts])
+    code = main(
+        [
+            "--config",
+            str(EMBED_TEST_CONFIG),
+            f"snapshots=[{snap}]",
+            f"llm.path={bad_llm}",
+            "kinds=[llm]",
+            "track=false",
+            f"cache_root={tmp_path / 'cache'}",
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    for text in ("a Quiet red circle", "Q"):
+        assert text_key(text) in err
+    store = CacheStore(next((tmp_path / "cache" / "llm").iterdir()))
+    assert len(store) == len(texts) + 1 - 2 and store.verify().ok  # "" included, the two Q captions not
+
+
+@pytest.mark.e2e
+def test_sigkill_driver_mid_run_then_rerun_holds_every_key_once(stack, tiny_llm, tmp_path):
+    from embed_cache.job import run
+
+    texts = captions(1200, seed=11, lo=10, hi=120)
+    snap = write_snapshot("embedkill", [{"caption": t} for t in texts])
+    overrides = [
+        f"snapshots=[{snap}]",
+        f"llm.path={tiny_llm}",
+        "kinds=[llm]",
+        "track=false",
+        f"cache_root={tmp_path / 'cache'}",
+        "shard_rows=16",
+        "shard_tokens=2048",
+        "num_actors=2",
+    ]
+    cfg = load_config(EmbedConfig, EMBED_TEST_CONFIG, overrides)
+    from embed_cache.job import plan_kind
+
+    directory = cache_dir("llm", plan_kind("llm", cfg).fingerprint, cfg.cache_root)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "embed_cache.cli", "--config", str(EMBED_TEST_CONFIG), *overrides],
+        cwd=REPO,
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    listed = 0
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            manifest = directory / "manifest.json"
+            if manifest.exists():
+                listed = len(json.loads(manifest.read_text())["shards"])
+                if listed >= 3:
+                    break
+            time.sleep(0.05)
+        assert driver.poll() is None, f"driver ended before it could be killed: {driver.stderr.read().decode()[-2000:]}"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.kill(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=30)
+        driver.stderr.close()
+    partial = CacheStore(directory)
+    assert 0 < len(partial) < len(texts) + 1, "the kill did not land mid-run"
+
+    out = run(cfg)
+    store = CacheStore(directory)
+    report = store.verify()
+    assert report.ok and report.duplicate_keys == 0 and not report.corrupt and not report.unlisted, report.as_dict()
+    wanted = {text_key(normalise_caption(t)) for t in texts} | {text_key("")}
+    assert set(store.keys()) == wanted and report.rows == len(wanted)  # every key, exactly once
+    assert out["kinds"]["llm"]["computed"] + out["kinds"]["llm"]["skipped"] == len(wanted)
+    assert out["kinds"]["llm"]["computed"] < len(wanted)  # finished shards of the killed run were kept
+    assert not list((directory / SHARDS_DIR).glob(".tmp-*"))
+
+
+@pytest.mark.e2e
+def test_embed_flow_and_nightly_deployment(tiny_cache):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.embed import DEFAULT_CRON, create_nightly_reembed, embed_flow
+
+    cfg = _cfg(tiny_cache, "track=false")
+    result = embed_flow(cfg)
+    assert result["computed"] == {"llm": 0, "clip": 0, "pixels": 0}
+    assert result["llm_fingerprint"] == tiny_cache["fingerprints"]["llm"]
+
+    deployment_id = create_nightly_reembed(cfg)
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment_by_name("nightly-reembed/nightly-reembed")
+
+    deployment = asyncio.run(read())
+    assert str(deployment.id) == deployment_id
+    crons = [s.schedule.cron for s in deployment.schedules]
+    assert crons == [DEFAULT_CRON] and all(s.active for s in deployment.schedules)
+    assert deployment.parameters["cfg"]["snapshots"] == [str(tiny_cache["snapshot"])]
