@@ -638,6 +638,14 @@ def apply_env(state: dict[str, Any] | None = None, override: bool = False) -> di
     return applied
 
 
+def _reload_ray_auth() -> None:
+    """Make an already imported Ray see the auth variables set since (it reads them once, at import)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def ensure_ray(num_cpus: int = 2):
     """Connect this process to Ray once: to ``RAY_ADDRESS`` if set, else a private local Ray.
 
@@ -645,19 +653,20 @@ def ensure_ray(num_cpus: int = 2):
     under ``$OMNIDIFF_HOME/ray`` and its auth token beside it (not in ``~``).
     Idempotent: returns the ``ray`` module, initialised.
     """
-    import ray
-
-    if ray.is_initialized():
-        return ray
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return sys.modules["ray"]
     apply_env()
     address = os.environ.get("RAY_ADDRESS")
+    ray_dir = None if address else subdir("ray")
+    if ray_dir is not None and not os.environ.get("RAY_AUTH_MODE"):
+        for key, value in _ray_env(_write_token(ray_dir / "auth_token")).items():
+            os.environ.setdefault(key, value)
+    import ray
+
+    _reload_ray_auth()
     if address:
         ray.init(address=address, log_to_driver=True)
         return ray
-    ray_dir = subdir("ray")
-    if not os.environ.get("RAY_AUTH_MODE"):
-        for key, value in _ray_env(_write_token(ray_dir / "auth_token")).items():
-            os.environ.setdefault(key, value)
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,

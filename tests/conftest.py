@@ -14,7 +14,8 @@ test module is collected (and so before Prefect, MLflow or Ray are imported):
 3. ``import omnidiff`` sets the offline switches (NOTES.md) for the rest.
 
 Fixtures: ``stack`` (session-scoped running Prefect + MLflow + Ray on 127.0.0.1
-with MLFLOW_TRACKING_URI, PREFECT_API_URL, RAY_ADDRESS set). Every
+with MLFLOW_TRACKING_URI, PREFECT_API_URL, RAY_ADDRESS set; a test that uses it
+is marked ``e2e`` automatically). Every
 ``tests/fixtures_*.py`` is loaded as a pytest plugin, so each area keeps its
 session fixtures in its own file. Markers: ``gpu`` skips without CUDA.
 """
@@ -64,6 +65,11 @@ pytest_plugins = [f"tests.{p.stem}" for p in sorted(Path(__file__).parent.glob("
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A test that needs the real stack is end-to-end, whatever its file says:
+    # `-m "not e2e"` (make test-fast) then never starts the servers.
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.e2e)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return  # do not pay for `import torch` when no test asks for a GPU

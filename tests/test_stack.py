@@ -19,8 +19,6 @@ import requests
 
 from omnidiff import stack as stack_mod
 
-pytestmark = pytest.mark.e2e
-
 
 def _omnidiff(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -74,6 +72,7 @@ def test_ensure_ray_connects_to_the_stack(stack):
     assert [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]] == ["127.0.0.1"]
 
 
+@pytest.mark.e2e
 def test_cli_up_status_down_leaves_nothing(tmp_path):
     # A long OMNIDIFF_HOME on purpose: Ray's socket paths must still fit (short symlink).
     fake_home = tmp_path / "home"
@@ -132,6 +131,7 @@ def test_up_refuses_a_busy_port_and_names_it(monkeypatch, tmp_path):
     assert stack_mod.read_state() is None
 
 
+@pytest.mark.e2e
 def test_up_timeout_names_services_shows_logs_and_cleans_up(monkeypatch, tmp_path):
     monkeypatch.setenv("OMNIDIFF_HOME", str(tmp_path / "h"))
     with pytest.raises(stack_mod.StackError) as err:
@@ -190,3 +190,36 @@ def test_short_path_keeps_ray_sockets_under_the_unix_limit(tmp_path):
         link.unlink()
     short = Path("/tmp/od")
     assert stack_mod._short_path(short) == short
+
+
+@pytest.mark.e2e
+def test_ensure_ray_without_a_stack_starts_a_private_ray_under_home(tmp_path):
+    fake_home = tmp_path / "home"
+    fake_home.mkdir()
+    omnidiff_home = tmp_path / "a_rather_long_project_working_directory_for_ray"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_TRACKING", "PREFECT_API"))}
+    env.update(HOME=str(fake_home), OMNIDIFF_HOME=str(omnidiff_home))
+    code = (
+        "import os, psutil\n"
+        "import ray  # imported before ensure_ray sets the auth variables: it must still work\n"
+        "from omnidiff import stack\n"
+        "ray = stack.ensure_ray()\n"
+        "assert stack.ensure_ray() is ray\n"
+        "print('CPU', ray.cluster_resources()['CPU'])\n"
+        "print('ANSWER', ray.get(ray.remote(lambda: 6 * 7).remote()))\n"
+        "print('TREE', ' '.join(str(p.pid) for p in psutil.Process().children(recursive=True)))\n"
+        "ray.shutdown()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.split(" ", 1)[0].isupper())
+    assert float(lines["CPU"]) == 2.0 and lines["ANSWER"] == "42"
+    assert list((omnidiff_home / "ray").glob("session_*")), "Ray's temp dir is not under OMNIDIFF_HOME/ray"
+    assert (omnidiff_home / "ray" / "auth_token").is_file()
+    tree = [int(pid) for pid in lines["TREE"].split()]
+    assert tree, "a private Ray starts processes"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not all(_gone(pid) for pid in tree):
+        time.sleep(0.2)
+    assert [pid for pid in tree if not _gone(pid)] == []
+    assert sorted(p.relative_to(fake_home) for p in fake_home.rglob("*")) == []
