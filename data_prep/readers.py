@@ -228,7 +228,8 @@ def standardise(
             try:
                 columns[std_name] = _as_string(table.column(found[role]))
             except pa.ArrowException as exc:
-                raise CollectError(f"{what} {str(path)!r}: column {found[role]!r} is not text: {exc}") from None
+                raise CollectError(f"{what} {str(path)!r} is corrupt: column {found[role]!r} is not valid UTF-8 text "
+                                   f"({exc})") from None
         else:
             columns[std_name] = pa.nulls(n, pa.string())
     columns["source"] = pa.array([source_name] * n, pa.string())
