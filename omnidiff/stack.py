@@ -193,7 +193,16 @@ def _log_tail(path: str | Path, lines: int = 25) -> str:
     return "\n".join("    " + line for line in text[-lines:]) or "    (log is empty)"
 
 
-def _launch(name: str, argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the process that started it dies (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, 15)  # PR_SET_PDEATHSIG = 1, SIGTERM = 15
+
+
+def _launch(name: str, argv: list[str], env: dict[str, str], log_path: Path,
+            fate_share: bool = False) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} omnidiff stack: {' '.join(argv)}\n".encode())
@@ -207,6 +216,7 @@ def _launch(name: str, argv: list[str], env: dict[str, str], log_path: Path) -> 
             # Own session = own process group: `down` signals the whole group,
             # and Ctrl-C in the shell that ran `up` does not reach the servers.
             start_new_session=True,
+            preexec_fn=_die_with_parent if fate_share and sys.platform.startswith("linux") else None,
         )
     _CHILDREN[proc.pid] = proc
     return proc
@@ -333,12 +343,15 @@ def up(
     mlflow_workers: int = 1,
     timeout_s: float = 120.0,
     quiet: bool = False,
+    fate_share: bool = False,
 ) -> dict[str, Any]:
     """Start Prefect, MLflow and a Ray head on 127.0.0.1 in parallel; return the recorded state.
 
     ``ray_cpus`` is the head's *logical* CPU count: more than the 2 physical
     cores here, so Serve replicas, Data actors and Train workers can be placed
-    side by side instead of waiting for each other. Raises :class:`StackError`
+    side by side instead of waiting for each other. ``fate_share=True`` (the
+    test fixture) makes each server get SIGTERM when this process dies, so a
+    killed test session leaves no stack behind. Raises :class:`StackError`
     naming the service (and the tail of its log) when one fails or is not
     healthy within ``timeout_s``; then nothing of this call is left running.
     """
@@ -413,7 +426,7 @@ def up(
     try:
         for name in SERVICES:
             log_path = logs / f"{name}.log"
-            proc = _launch(name, commands[name], _service_env(name, base_env, ray_env), log_path)
+            proc = _launch(name, commands[name], _service_env(name, base_env, ray_env), log_path, fate_share)
             state["services"][name] = {
                 "pid": proc.pid,
                 "pgid": os.getpgid(proc.pid),

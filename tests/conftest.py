@@ -110,7 +110,7 @@ def stack():
 
     saved = dict(os.environ)
     try:
-        state = stack_mod.up(free_ports=True, ray_cpus=4, quiet=True)
+        state = stack_mod.up(free_ports=True, ray_cpus=4, quiet=True, fate_share=True)
         stack_mod.apply_env(state, override=True)
         _refresh_prefect_settings()
         yield state

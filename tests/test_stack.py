@@ -119,6 +119,33 @@ def test_cli_up_status_down_leaves_nothing(tmp_path):
     assert sorted(p.relative_to(fake_home) for p in fake_home.rglob("*")) == []
 
 
+@pytest.mark.e2e
+def test_fate_shared_stack_dies_with_its_parent(tmp_path):
+    """What the `stack` fixture relies on: a SIGKILLed test session leaves no servers behind."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_TRACKING", "PREFECT_API"))}
+    env["OMNIDIFF_HOME"] = str(tmp_path / "h")
+    code = (
+        "import sys, time\n"
+        "from omnidiff import stack\n"
+        "stack.up(free_ports=True, ray_cpus=1, quiet=True, fate_share=True)\n"
+        "print('UP', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "UP"
+        state = json.loads((tmp_path / "h" / "stack" / "state.json").read_text())
+        pgids = {svc["pgid"] for svc in state["services"].values()}
+        assert len(_group_members(pgids)) > 3  # the servers and their children are running
+    finally:
+        parent.kill()  # no teardown, no `down`
+        parent.wait()
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and _group_members(pgids):
+        time.sleep(0.5)
+    assert _group_members(pgids) == []
+
+
 def test_up_refuses_a_busy_port_and_names_it(monkeypatch, tmp_path):
     monkeypatch.setenv("OMNIDIFF_HOME", str(tmp_path / "h"))
     with socket.socket() as busy:
