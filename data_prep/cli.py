@@ -24,10 +24,12 @@ DEFAULT_WORLD_PORT = 8765
 
 
 @contextlib.contextmanager
-def served_world(world_dir: str | Path, port: int = DEFAULT_WORLD_PORT) -> Iterator[tuple[Path, Path]]:
+def served_world(world_dir: str | Path, port: int = DEFAULT_WORLD_PORT,
+                 list_dir: Path | None = None) -> Iterator[tuple[Path, Path]]:
     """Serve a tiny world on 127.0.0.1 and yield (url list, parallel list) written for that server.
 
-    A fixed port keeps the urls, and so the snapshot digest, the same from run to run.
+    The url list goes to ``<list_dir or world_dir>/urls.parquet``. A fixed port keeps the urls,
+    and so the snapshot digest, the same from run to run.
     """
     from data_prep.readers import resolve_path
     from omnidiff.world import serve_world, write_url_list
@@ -40,7 +42,8 @@ def served_world(world_dir: str | Path, port: int = DEFAULT_WORLD_PORT) -> Itera
         raise OSError(f"cannot serve the world on 127.0.0.1:{port} ({exc}); pass --world-port 0 for any free port "
                       "(the urls, and so the digest, then change from run to run)") from None
     try:
-        yield write_url_list(root, base_url), root / "parallel.parquet"
+        out_path = (Path(list_dir) / "urls.parquet") if list_dir is not None else None
+        yield write_url_list(root, base_url, out_path=out_path), root / "parallel.parquet"
     finally:
         server.__exit__(None, None, None)
 

@@ -562,7 +562,7 @@ def log_to_mlflow(result: CollectResult) -> None:
             ds = mlflow.data.from_pandas(frame, source=s.path, name=s.name, digest=s.sha256[:16])
             mlflow.log_input(ds, context=kind, tags={"sha256": s.sha256, "rows": str(s.rows)})
     mlflow.set_tags({"snapshot_name": snapshot.name, "snapshot_digest": snapshot.digest,
-                     "snapshot_path": str(result.path)})
+                     "snapshot_path": str(result.path), "sources": sources_tag(result)})
     mlflow.log_metrics(flat_metrics(snapshot.counts))
     mlflow.log_metrics({"download.shards": result.stats["shards"], "download.shards_new": result.stats["shards_new"],
                         "download.seconds": result.stats["download_seconds"], "seconds": result.stats["seconds"]})
@@ -570,6 +570,19 @@ def log_to_mlflow(result: CollectResult) -> None:
     fig = counts_figure(snapshot.counts)
     tracking.log_figure(fig, "snapshot/counts.png")
     plt.close(fig)
+
+
+def sources_tag(result: CollectResult, max_chars: int = 5000) -> str:
+    """The source lists as a JSON tag (what flows/lineage.py reads), cut to fit MLflow's tag size."""
+    entries = [{"kind": kind, "name": s.name, "path": s.path, "sha256": s.sha256, "rows": s.rows}
+               for kind, sources in (("url_list", result.url_sources), ("parallel_list", result.parallel_sources))
+               for s in sources]
+    shown = list(entries)
+    while shown and len(json.dumps(shown + [{"more": len(entries) - len(shown)}])) > max_chars:
+        shown.pop()
+    if len(shown) < len(entries):
+        shown.append({"more": len(entries) - len(shown)})
+    return json.dumps(shown, ensure_ascii=False)
 
 
 def _source_frame(path: Path):
