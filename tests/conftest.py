@@ -108,10 +108,12 @@ def stack():
     """
     from omnidiff import stack as stack_mod
 
-    saved = dict(os.environ)
+    applied: dict[str, str] = {}
+    saved: dict[str, str | None] = {}
     try:
         state = stack_mod.up(free_ports=True, ray_cpus=4, quiet=True, fate_share=True)
-        stack_mod.apply_env(state, override=True)
+        saved = {key: os.environ.get(key) for key in state["env"]}
+        applied = stack_mod.apply_env(state, override=True)
         _refresh_prefect_settings()
         yield state
     finally:
@@ -120,6 +122,9 @@ def stack():
                 sys.modules["ray"].shutdown()  # disconnect the driver before its head goes away
         finally:
             stack_mod.down(quiet=True)
-            os.environ.clear()
-            os.environ.update(saved)
+            for key in applied:
+                if saved.get(key) is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = saved[key]
             _refresh_prefect_settings()
