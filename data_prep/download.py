@@ -13,19 +13,15 @@ the group) leaves finished shards with their stats files and unfinished ones
 without; the next run re-downloads only those. Only shards with a stats file are
 ever read, so a half-written shard is never seen.
 
-One addition to img2dataset: :class:`CheckingResizer` wraps its resizer to check
-each payload before OpenCV sees it: the byte size, whether PIL recognises an
-image at all, the pixel count (before decoding, so a decompression bomb is never
-decoded) and a full decode (truncated files). img2dataset alone reports all of
-these as "Image decoding error", and OpenCV fills some truncated JPEGs with grey
-instead of failing. The error strings it returns are mapped to machine-readable
-reasons by :func:`reason_for`.
+One addition to img2dataset: :class:`data_prep.resizer.CheckingResizer` wraps its
+resizer to say why a payload is not an image (see there). The error strings
+img2dataset records per row are mapped to machine-readable reasons by
+:func:`reason_for`.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 import os
@@ -43,6 +39,13 @@ from data_prep.config import DownloadConfig
 from omnidiff.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
+
+if __name__ in ("__main__", "__mp_main__"):
+    # Only in the download subprocess and its spawned workers (which re-run this module as
+    # __mp_main__ before unpickling their work): img2dataset imports webdataset, which imports
+    # torch (2-7 s per process on 2 busy cores) for a PyTorch integration the parquet writer never
+    # uses; webdataset has fallbacks for a missing torch.
+    sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
 
 
 class DownloadError(RuntimeError):
@@ -99,55 +102,6 @@ def reason_for(status: str | None, error_message: str | None) -> str | None:
     if status == "failed_to_resize":
         return "resize_error"
     return "download_error"
-
-
-# ---------------------------------------------------------------------------------------------
-# img2dataset's resizer with stricter checks (runs inside img2dataset's worker processes)
-# ---------------------------------------------------------------------------------------------
-
-try:
-    from img2dataset.resizer import Resizer as _Img2datasetResizer
-except ImportError:  # img2dataset is a dependency; this keeps `import data_prep.download` cheap to diagnose
-    _Img2datasetResizer = object  # type: ignore[assignment,misc]
-
-
-class CheckingResizer(_Img2datasetResizer):  # type: ignore[misc,valid-type]
-    """img2dataset's Resizer, preceded by byte-size, format, pixel-count and full-decode checks."""
-
-    def __init__(self, *args, max_image_bytes: int, verify_images: bool, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.max_image_bytes = max_image_bytes
-        self.verify_images = verify_images
-
-    def __call__(self, img_stream, blurring_bbox_list=None):
-        failed = (None, None, None, None, None)
-        img_stream.seek(0)
-        data = img_stream.read()
-        img_stream.seek(0)
-        if len(data) > self.max_image_bytes:
-            return *failed, f"image too large: {len(data)} bytes > max_image_bytes={self.max_image_bytes}"
-        if self.verify_images:
-            error = self.check_payload(data)
-            if error is not None:
-                return *failed, error
-        return super().__call__(img_stream, blurring_bbox_list)
-
-    def check_payload(self, data: bytes) -> str | None:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                if width * height > self.max_image_area:
-                    return f"image area too large: {width}x{height} > max_image_pixels={self.max_image_area:.0f}"
-                im.load()
-        except UnidentifiedImageError:
-            return f"not an image: {len(data)} bytes starting {data[:24]!r}"
-        except Image.DecompressionBombError as exc:
-            return f"image area too large: {exc}"
-        except Exception as exc:  # noqa: BLE001  (any decoder failure is data, never a crash: STYLE.md 5)
-            return f"decode error: {type(exc).__name__}: {exc}"
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,11 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     img2dataset_main = importlib.import_module("img2dataset.main")
 
     # img2dataset builds its resizer from this module-level name; ours adds the checks above.
-    # Imported by its package name (not __main__) so worker processes and Ray workers can unpickle it.
-    from data_prep.download import CheckingResizer as checking_resizer
+    # Imported by its package name so worker processes and Ray workers can unpickle it.
+    from data_prep.resizer import CheckingResizer
 
     img2dataset_main.Resizer = functools.partial(
-        checking_resizer, max_image_bytes=spec["max_image_bytes"], verify_images=spec["verify_images"]
+        CheckingResizer, max_image_bytes=spec["max_image_bytes"], verify_images=spec["verify_images"]
     )
     kwargs = spec["kwargs"]
     if kwargs["distributor"] == "ray":

@@ -274,7 +274,8 @@ def _jpeg(size=(64, 64)) -> bytes:
 
 def test_checking_resizer_names_what_is_wrong():
     """The resizer img2dataset runs in its workers, called directly on payloads."""
-    from data_prep.download import CheckingResizer, reason_for
+    from data_prep.download import reason_for
+    from data_prep.resizer import CheckingResizer
 
     resizer = CheckingResizer(image_size=16, resize_mode="border", resize_only_if_bigger=False, encode_format="png",
                               encode_quality=9, max_image_area=1_000_000, max_image_bytes=200_000,
