@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from data_prep.config import CollectConfig
 from embed_cache.config import EmbedConfig
@@ -68,25 +68,19 @@ class PipelineConfig:
 
 
 def load_pipeline_config(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:
-    """Read the pipeline YAML, inline every stage given as a file path, apply dotted overrides."""
+    """Read the pipeline YAML (stages inline or as paths of their own YAMLs) and apply dotted overrides.
+
+    A dotted override into a stage given as a file (``stage2.max_steps=50``) is applied on top of
+    that file's content.
+    """
     data = read_yaml(path)
     kind = data.pop("kind", "pipeline")
     if kind != "pipeline":
         raise ConfigError(f"kind={kind!r}: {path} is not a pipeline config")
-    data = expand_stage_files(data, Path(path).parent.parent if Path(path).parent.name == "configs" else Path("."))
-    return from_dict(PipelineConfig, _merge(data, parse_overrides(overrides)))
-
-
-def expand_stage_files(data: dict[str, Any], root: Path) -> dict[str, Any]:
-    """``{"collect": "configs/collect.yaml"}`` -> the file's mapping (its ``kind`` checked and dropped)."""
-    out = dict(data)
     for name in STAGE_FIELDS:
-        value = out.get(name)
-        if isinstance(value, str):
-            file = Path(value)
-            if not file.is_absolute() and not file.exists():
-                file = root / value
-            stage_data = read_yaml(file)
+        value = data.get(name)
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+            stage_data = read_yaml(value)
             stage_data.pop("kind", None)
-            out[name] = stage_data
-    return out
+            data[name] = stage_data
+    return from_dict(PipelineConfig, _merge(data, parse_overrides(overrides)))

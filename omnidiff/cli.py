@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, _, func_name = COMMANDS[name][1].partition(":")
     import omnidiff  # noqa: F401  (offline switches before any heavy import)
+    from omnidiff.stack import apply_env
+
+    # Prefect reads PREFECT_API_URL once, at import: point every command at the running stack first.
+    apply_env()
 
     func = getattr(importlib.import_module(module_name), func_name)
     return int(func(rest) or 0)

@@ -6,7 +6,8 @@ Each stage owns one frozen dataclass (``CollectConfig`` in data_prep/config.py,
     cfg = load_config(CollectConfig, "configs/collect.yaml", ["download.processes=4"])
 
 * YAML keys must be fields of the dataclass (nested dataclasses are nested
-  mappings); an unknown key is an error that names it.
+  mappings, or the path of the nested config's own YAML); an unknown key is an
+  error that names it.
 * Values are checked against the field's annotation (int, float, str, bool,
   Path, Literal, Optional, tuple[...] / list[...], dict, nested dataclass) and
   coerced where lossless (an int where a float is expected, a str for a Path).
@@ -26,8 +27,9 @@ import dataclasses
 import importlib
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -175,13 +177,20 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if isinstance(value, (str, Path)) and str(value).endswith((".yaml", ".yml")):
+            # A nested config may be given as the path of its own YAML (configs/pipeline.yaml does).
+            nested = read_yaml(value)
+            nested_kind = nested.pop("kind", None)
+            expected = getattr(tp, "kind", None)
+            require(nested_kind in (None, expected), key, str(value), f"is a {nested_kind!r} config, expected {expected!r}")
+            return from_dict(tp, nested, key + ".")
         return from_dict(tp, value, key + ".")
     if origin in (tuple, list):
         require(isinstance(value, (list, tuple)), key, value, "expected a list")
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             require(len(value) == len(args), key, value, f"expected {len(args)} items")
-            items = [_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
+            items = [_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))]
         else:
             item_type = args[0] if args else Any
             items = [_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]

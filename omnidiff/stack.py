@@ -42,6 +42,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -544,6 +545,7 @@ def down(quiet: bool = False, grace_s: float = 15.0) -> dict[str, Any]:
     if state is None:
         say(f"no stack recorded under {stack_dir()}")
         return {"stopped": [], "killed": []}
+    _stop_flows_server(grace_s)
     procs = _stack_processes(state)
     services = state.get("services", {})
     # 1. SIGTERM to each server's own process: `ray start --block` then drains
@@ -580,6 +582,34 @@ def down(quiet: bool = False, grace_s: float = 15.0) -> dict[str, Any]:
     result = {"stopped": sorted(p.pid for p in procs), "killed": sorted(p.pid for p in alive)}
     say(f"stopped {len(procs)} processes ({len(left)} after the servers themselves, {len(alive)} by SIGKILL)")
     return result
+
+
+def _stop_flows_server(grace_s: float) -> None:
+    """Stop the Prefect deployment-serving process (``omnidiff flows deploy``) before its server.
+
+    NOTES.md: a serving process still running when the Prefect server stops hangs on shutdown.
+    Its pid is in ``stack/flows.json`` (written by flows/cli.py); it leads its own process group.
+    """
+    path = stack_dir() / "flows.json"
+    if not path.is_file():
+        return
+    pid = json.loads(path.read_text()).get("pid")
+    with contextlib.suppress(ProcessLookupError, PermissionError, TypeError):
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _pid_alive(pid):
+            time.sleep(0.2)
+        if _pid_alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+    path.unlink(missing_ok=True)
+
+
+def start_flows_server(config: str | Path, timeout_s: float = 240.0) -> int:
+    """Run ``omnidiff flows deploy --config CONFIG`` against this stack (a child process; no import of flows)."""
+    state = read_state()
+    env = {**os.environ, **(state or {}).get("env", {})}
+    cmd = [sys.executable, "-m", "flows.cli", "deploy", "--config", str(config)]
+    return subprocess.run(cmd, env=env, timeout=timeout_s).returncode
 
 
 def _still_running(proc: psutil.Process) -> bool:
@@ -712,6 +742,9 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--ray-object-store-mb", type=int, default=1024)
     p_up.add_argument("--mlflow-workers", type=int, default=1)
     p_up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all three to be healthy")
+    p_up.add_argument("--flows-config", default="configs/pipeline.yaml",
+                      help="pipeline config whose deployments the flows-serving process creates")
+    p_up.add_argument("--no-flows", action="store_true", help="do not start the Prefect deployment-serving process")
     sub.add_parser("down", help="stop exactly what `up` started")
     sub.add_parser("status", help="report each service's health")
     sub.add_parser("env", help="print shell exports pointing at the running stack")
@@ -724,6 +757,14 @@ def main(argv: list[str] | None = None) -> int:
                 free_ports=args.free_ports, ray_cpus=args.ray_cpus, ray_object_store_mb=args.ray_object_store_mb,
                 mlflow_workers=args.mlflow_workers, timeout_s=args.timeout,
             )
+            if state and not args.no_flows:
+                if Path(args.flows_config).is_file():
+                    if start_flows_server(args.flows_config) != 0:
+                        print("omnidiff stack: the deployment-serving process did not start (see "
+                              f"{stack_dir() / 'logs' / 'flows.log'})", file=sys.stderr)
+                        return 1
+                else:
+                    print(f"flows: {args.flows_config} not found; deployments not served (--flows-config)")
             print("shell: eval \"$(omnidiff stack env)\"   (omnidiff commands find the stack themselves)")
             return 0 if state else 1
         if args.command == "down":

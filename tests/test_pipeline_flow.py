@@ -1,0 +1,118 @@
+"""Issue 8: the omnidiff-pipeline deployment triggered through the Prefect API, completed, traced in MLflow.
+
+    .venv/bin/pytest tests/test_pipeline_flow.py -x -q
+
+The deployments are served by the project's own serving process (`omnidiff flows deploy`), the
+pipeline runs on the 150-image test world with the tiny random LLM and tiny training budgets,
+and a second run with unchanged inputs skips every stage it can.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from omnidiff.config import to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "pipeline_test.yaml"
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pipeline_cfg(stack, tiny_llm):
+    from flows.config import load_pipeline_config
+
+    llm = f"{tiny_llm}"
+    overrides = [f"world_port={_free_port()}", f"embed.llm.path={llm}", "evaluate.max_per_group=2",
+                 "evaluate.steps=4", "evaluate.real_images=32", "evaluate.track=true",
+                 "serve.app_name=omnidiff-pipeline-test", "serve.route_prefix=/pipeline-test"]
+    overrides += [f"stage{i}.llm.path={llm}" for i in (1, 2, 3)]
+    overrides += [f"stage{i}.registry.register=true" for i in (1, 2, 3)]
+    overrides += [f"stage{i}.registry.model_name=omnidiff-pipeline-test" for i in (1, 2, 3)]
+    return load_pipeline_config(CONFIG, overrides)
+
+
+@pytest.fixture(scope="module")
+def deployments(stack):
+    from flows import cli as flows_cli
+
+    state = flows_cli.deploy(str(CONFIG), timeout_s=240, quiet=True)
+    yield state
+    flows_cli.stop()
+
+
+def test_deployments_exist_with_the_nightly_schedule(deployments):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.deployments import DEPLOYMENT_NAMES
+
+    assert set(deployments["deployments"]) == set(DEPLOYMENT_NAMES)
+
+    async def schedules():
+        async with get_client() as client:
+            dep = await client.read_deployment_by_name("nightly-reembed/nightly-reembed")
+            return [s.schedule.cron for s in dep.schedules], dep.parameter_openapi_schema
+
+    crons, schema = asyncio.run(schedules())
+    assert crons == ["0 2 * * *"]
+    assert "cfg" in schema["properties"]  # a typed form in the UI
+
+
+def test_pipeline_deployment_runs_end_to_end_and_is_traceable(deployments, pipeline_cfg):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.cli import run_deployment
+    from flows.lineage import model_lineage
+
+    params = {"config": {k: v for k, v in to_dict(pipeline_cfg).items() if k != "kind"}}
+    result = run_deployment("omnidiff-pipeline/omnidiff-pipeline", params, timeout_s=1500)
+    assert result["state"] == "COMPLETED", result
+
+    client = MlflowClient()
+    exp = mlflow.get_experiment_by_name("omnidiff")
+    parents = client.search_runs([exp.experiment_id], f"tags.stage = 'pipeline' and tags.`prefect.flow_run_id` = '{result['flow_run_id']}'")
+    assert len(parents) == 1, "one MLflow parent run per pipeline run"
+    parent = parents[0]
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    stages = {r.data.tags.get("stage") for r in children}
+    assert {"collect", "embed", "evaluate"} <= stages, stages
+    assert any(s and s.startswith("train") or s in ("stage1", "stage2", "stage3") for s in stages), stages
+    for run in children:
+        assert run.data.tags.get("git.commit"), run.info.run_name
+        assert run.data.tags.get("prefect.flow_run_id"), run.info.run_name
+
+    version = client.get_model_version_by_alias("omnidiff-pipeline-test", "production")
+    lineage = model_lineage("omnidiff-pipeline-test@production")
+    assert lineage["chain"][0]["model"] == f"omnidiff-pipeline-test/{version.version}"
+    assert len(lineage["chain"]) >= 3, "stage 3 -> stage 2 -> stage 1"
+    assert lineage["snapshot_digest"], lineage
+    assert lineage["sources"], "the source url lists of the snapshot"
+
+    out = subprocess.run([sys.executable, "-m", "flows.lineage", "omnidiff-pipeline-test@production", "--json"],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["snapshot_digest"] == lineage["snapshot_digest"]
+    by_snapshot = subprocess.run([sys.executable, "-m", "flows.lineage", "--snapshot", lineage["snapshot_digest"]],
+                                 capture_output=True, text=True, check=True)
+    assert f"omnidiff-pipeline-test/{version.version}" in by_snapshot.stdout
+
+    # a rerun with unchanged inputs skips every stage up to deploy
+    again = run_deployment("omnidiff-pipeline/omnidiff-pipeline", params, timeout_s=900)
+    assert again["state"] == "COMPLETED", again
+    rerun = client.search_runs([exp.experiment_id], f"tags.stage = 'pipeline' and tags.`prefect.flow_run_id` = '{again['flow_run_id']}'")[0]
+    for stage in ("collect", "embed", "stage1", "stage2", "stage3", "evaluate"):
+        assert rerun.data.tags.get(f"stage.{stage}.skipped") == "True", stage
