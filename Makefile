@@ -23,8 +23,9 @@ install: $(STAMP)
 llm: install
 	$(BIN)/omnidiff llm convert
 
+# Stack up (Prefect, MLflow, Ray, deployment-serving process), trigger the pipeline deployment, report.
 demo: install llm
-	$(BIN)/omnidiff pipeline --config configs/pipeline.yaml
+	$(BIN)/omnidiff demo --config configs/pipeline.yaml
 
 test: install llm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

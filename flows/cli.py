@@ -201,5 +201,71 @@ def pipeline_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def pipeline_outputs(flow_run_id: str) -> dict[str, Any]:
+    """The outputs the pipeline run logged to its MLflow parent run (found by its Prefect flow-run id)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = mlflow.get_experiment_by_name("omnidiff")
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.stage = 'pipeline' and tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    if not runs:
+        raise RuntimeError(f"no MLflow pipeline run for Prefect flow run {flow_run_id}")
+    run = runs[0]
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="pipeline_outputs.json")
+    out = json.loads(Path(path).read_text())
+    out["mlflow_url"] = f"{mlflow.get_tracking_uri()}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+    return out
+
+
+def format_demo_report(result: dict[str, Any], out: dict[str, Any], wall_s: float) -> str:
+    import pandas as pd
+
+    lines = ["", "=== omnidiff demo: the pipeline on the tiny world ===", f"Prefect flow run: {result.get('url')}",
+             f"MLflow parent run: {out.get('mlflow_url')}", "", "stage times:"]
+    for stage, seconds in out.get("timings_s", {}).items():
+        lines.append(f"  {stage:<14} {seconds:8.1f} s")
+    lines.append(f"  {'total':<14} {wall_s:8.1f} s (trigger to completion)")
+    report = out.get("evaluate", {})
+    if report.get("scores"):
+        scores = pd.DataFrame(report["scores"])
+        table = scores.pivot_table(index=["lang", "length"], columns="model", values="score")
+        table = table[[m for m in dict.fromkeys(scores["model"])]]
+        lines += ["", "prompt faithfulness (mean of shape, colour, position):", table.to_string(float_format=lambda v: f"{v:.2f}")]
+    for claim in report.get("claims", []):
+        if claim.get("model_label") != "stage3":
+            continue
+        verdict = "reported" if claim["pass"] is None else ("PASS" if claim["pass"] else "FAIL")
+        lines.append(f"  [{verdict:>8}] {claim['claim']}: {claim['model']:.2f} (base {claim['base']:.2f})")
+    if report.get("report_html"):
+        lines += ["", f"report (tables, charts, image grids): {report['report_html']}"]
+    if out.get("deploy", {}).get("endpoint"):
+        lines.append(f"endpoint: {out['deploy']['endpoint']}  (playground at /, OpenAI-compatible /v1/images/generations)")
+    lines.append("lineage: omnidiff lineage omnidiff-tiny@production")
+    return "\n".join(lines)
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """``omnidiff demo``: stack up (with the deployment-serving process), trigger the pipeline deployment, report."""
+    parser = argparse.ArgumentParser(prog="omnidiff demo", description=demo_main.__doc__)
+    parser.add_argument("--config", default="configs/pipeline.yaml")
+    args = parser.parse_args(argv)
+    from omnidiff import stack
+
+    stack.up()  # returns the running stack when there is one
+    stack.apply_env(override=True)
+    deploy(args.config)
+    t0 = time.perf_counter()
+    result = run_deployment("omnidiff-pipeline/omnidiff-pipeline", wait=True)
+    wall = time.perf_counter() - t0
+    if result["state"] != "COMPLETED":
+        print(json.dumps(result, indent=2))
+        print(f"the pipeline run ended {result['state']}; its log: {subdir('stack', 'logs') / 'flows.log'}", file=sys.stderr)
+        return 1
+    print(format_demo_report(result, pipeline_outputs(result["flow_run_id"]), wall))
+    return 0
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flows": ("create Prefect deployments (pipeline, nightly-reembed, one per stage)", "flows.cli:main"),
     "lineage": ("print a model's lineage from MLflow", "flows.lineage:main"),
     "pipeline": ("run the whole pipeline once, in-process", "flows.cli:pipeline_main"),
+    "demo": ("stack up, trigger the pipeline deployment on the tiny world, print the report", "flows.cli:demo_main"),
 }
 
 
