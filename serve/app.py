@@ -248,7 +248,8 @@ class GeneratorDeployment:
                 n = jobs[i]["n"]
                 mine = images[cursor:cursor + n]
                 results[i] = {"images": [_png(im) for im in mine], "seconds": seconds, "batch_size": len(prompts),
-                              "version": self.pinned["version"], "size": "{}x{}".format(*mine[0].size)}
+                              "model": self.pinned["id"], "version": self.pinned["version"],
+                              "size": "{}x{}".format(*mine[0].size)}
                 cursor += n
         return results
 
@@ -306,12 +307,23 @@ class ApiSettings:
     token_digest: str | None
     retry_after_s: int
     route_prefix: str
+    model_ids: tuple[str, ...] = ()
     title: str = "omnidiff image API"
 
 
-def settings_from_config(cfg: ServeConfig, token_digest: str | None) -> ApiSettings:
+def model_ids(pinned: dict[str, Any]) -> tuple[str, ...]:
+    """The names a request's ``model`` may use for the served model: id, id/version, id@alias."""
+    ids = [pinned["id"]]
+    if pinned["version"]:
+        ids.append(f"{pinned['id']}/{pinned['version']}")
+    if pinned["alias"]:
+        ids.append(f"{pinned['id']}@{pinned['alias']}")
+    return tuple(ids)
+
+
+def settings_from_config(cfg: ServeConfig, token_digest: str | None, pinned: dict[str, Any] | None = None) -> ApiSettings:
     return ApiSettings(limits=to_dict(cfg.limits), token_digest=token_digest, retry_after_s=cfg.retry_after_s,
-                       route_prefix=cfg.route_prefix)
+                       route_prefix=cfg.route_prefix, model_ids=model_ids(pinned) if pinned else ())
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
@@ -334,6 +346,9 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
         return _error(400, message, "invalid_request_error", None, "invalid_body")
     if kind == "missing":
         return _error(400, f"{param}: field required", "invalid_request_error", param, "missing_field")
+    if kind == "string_pattern_mismatch":
+        return _error(400, f"{param}: must contain a non-whitespace character", "invalid_request_error", param,
+                      "invalid_value")
     if kind == "extra_forbidden":
         return _error(400, f"{param}: unknown field", "invalid_request_error", param, "unknown_field")
     return _error(400, f"{param}: {first.get('msg', 'invalid value')}", "invalid_request_error", param, "invalid_value")
@@ -385,7 +400,7 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
     from serve.config import LimitsConfig
 
     limits = from_dict(LimitsConfig, settings.limits)
-    bodies = request_models(limits)
+    bodies = request_models(limits, tuple(settings.model_ids))
     ImagesRequest, GenerateRequest = bodies.images, bodies.generate
     app = FastAPI(title=settings.title, version="1", docs_url=None, redoc_url=None,
                   description="OmniDiffusion: prompts in any language, OpenAI-compatible image generation.")
@@ -447,13 +462,6 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
                 raise
         return state["card"]
 
-    def check_model(requested: str | None, served: dict[str, Any]) -> None:
-        accepted = {served["id"], served["source"]}
-        if served["version"]:
-            accepted.add(f"{served['id']}/{served['version']}")
-        if requested is not None and requested not in accepted:
-            raise _BadField("model", f"model: {requested!r} is not served here; GET /v1/models lists {served['id']!r}")
-
     @app.exception_handler(_BadField)
     async def on_bad_field(_: Request, exc: _BadField):
         return _error(400, exc.message, "invalid_request_error", exc.param, "invalid_value")
@@ -472,7 +480,8 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
     @app.get("/readyz", response_model=Readiness, tags=["ops"], summary="Readiness: the model is loaded.",
              responses={503: {"model": ErrorResponse, "description": "Model not loaded yet."}})
     async def readyz():
-        served = await card(timeout_s=2.0)
+        # Once a generator has answered, ready stays cheap: under load a fresh ask would wait in its queue.
+        served = state["card"] or await card(timeout_s=2.0)
         return Readiness(ready=True, model=served["id"], version=served["version"])
 
     @app.get("/v1/models", response_model=ModelList, tags=["models"], dependencies=guarded, responses=get_errors,
@@ -483,8 +492,6 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
     @app.post("/v1/images/generations", response_model=ImagesResponse, tags=["images"], dependencies=guarded,
               responses=errors, summary="OpenAI-compatible image generation.")
     async def images_generations(body: ImagesRequest):  # type: ignore[valid-type]
-        served = await card()
-        check_model(body.model, served)
         width, height = size_of(body.size)
         job = {"prompt": body.prompt, "negative_prompt": None, "n": body.n, "steps": limits.default_steps,
                "guidance_scale": limits.default_guidance_scale, "width": width, "height": height,
@@ -504,7 +511,6 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
     async def generate(body: GenerateRequest):  # type: ignore[valid-type]
         if body.response_format == "png" and body.n != 1:
             raise _BadField("response_format", "response_format: 'png' returns one image; use n=1 or 'json'")
-        served = await card()
         width, height = size_of(body.size)
         seeds = seeds_for(body.seed, body.n)
         job = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "n": body.n, "steps": body.steps,
@@ -514,7 +520,7 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
         if body.response_format == "png":
             return Response(result["images"][0], media_type="image/png", headers=headers)
         payload = GenerateResponse(
-            model=served["id"], version=result["version"],
+            model=result["model"], version=result["version"],
             images=[base64.b64encode(png).decode("ascii") for png in result["images"]], seeds=seeds,
             size=result["size"], steps=body.steps, guidance_scale=float(body.guidance_scale),
             seconds=round(float(result["seconds"]), 4), batch_size=int(result["batch_size"]),
@@ -611,7 +617,7 @@ def build_app(cfg: ServeConfig, pinned: dict[str, Any] | None = None):
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env_vars}},
         max_surge_percent=cfg.rollout_surge_percent,
     )
-    return ingress.bind(generator, settings_from_config(cfg, digest))
+    return ingress.bind(generator, settings_from_config(cfg, digest, pinned))
 
 
 def base_url(cfg: ServeConfig, port: int | None = None) -> str:

@@ -9,13 +9,23 @@ is a 400 that names the field; nothing is silently coerced.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from serve.config import LimitsConfig
 
 SEED_MAX = 2**32 - 1
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 5.0 as an integer, so we do too; strings and booleans stay errors."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
 
 
 def _check_text(value: str | None) -> str | None:
@@ -105,10 +115,15 @@ class RequestModels:
     generate: type[BaseModel]
 
 
-def request_models(limits: LimitsConfig) -> RequestModels:
-    """The two request bodies with ``limits`` written into their field constraints."""
-    Prompt = Annotated[str, Field(min_length=1, max_length=limits.max_prompt_chars)]
+def request_models(limits: LimitsConfig, model_ids: tuple[str, ...] = ()) -> RequestModels:
+    """The two request bodies with ``limits`` (and the served model's ids) written into their constraints.
+
+    ``model_ids`` empty: any model string passes the schema (the ingress checks it).
+    """
+    # pattern \S (JSON Schema: "contains"): a prompt of only whitespace says nothing.
+    Prompt = Annotated[str, Field(min_length=1, max_length=limits.max_prompt_chars, pattern=r"\S")]
     Size = Literal[tuple(limits.sizes) + ("auto",)]  # type: ignore[valid-type]
+    Model = Literal[model_ids] if model_ids else Annotated[str, Field(max_length=256)]  # type: ignore[valid-type]
     strict = ConfigDict(strict=True, extra="forbid")
 
     class ImagesGenerationRequest(BaseModel):
@@ -117,34 +132,31 @@ def request_models(limits: LimitsConfig) -> RequestModels:
         model_config = strict
 
         prompt: Prompt = Field(description=f"What to draw, in any language; at most {limits.max_prompt_chars} characters.")
-        model: str | None = Field(default=None, max_length=256, description="The served model id (GET /v1/models), or omitted.")
-        n: int = Field(default=1, ge=1, le=limits.max_n, description="Number of images.")
+        model: Model | None = Field(default=None, description="The served model (GET /v1/models), or omitted.")
+        n: Int = Field(default=1, ge=1, le=limits.max_n, description="Number of images.")
         size: Size | None = Field(default=None, description=f"WIDTHxHEIGHT, one of {list(limits.sizes)}, or 'auto' (the model's own size).")
         response_format: Literal["b64_json", "url"] | None = Field(
             default=None, description="b64_json (default) or url (a data: URL; no files are hosted)."
         )
         user: str | None = Field(default=None, max_length=256, description="End-user id (accepted, not stored).")
 
-        _text = field_validator("prompt", "model", "user")(_check_text)
-
-        @field_validator("prompt")
-        @classmethod
-        def _not_blank(cls, value: str) -> str:
-            if not value.strip():
-                raise ValueError("must contain a non-whitespace character")
-            return value
+        _text = field_validator("prompt", "user")(_check_text)
 
     class GenerateRequest(BaseModel):
         """POST /v1/generate: the native request with every sampling knob."""
 
-        model_config = strict
+        # The spec says what the handler enforces: one PNG per response.
+        model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={
+            "if": {"properties": {"response_format": {"const": "png"}}, "required": ["response_format"]},
+            "then": {"properties": {"n": {"const": 1}}},
+        })
 
         prompt: Prompt = Field(description=f"What to draw, in any language; at most {limits.max_prompt_chars} characters.")
         negative_prompt: str | None = Field(
             default=None, max_length=limits.max_prompt_chars, description="What to steer away from."
         )
-        n: int = Field(default=1, ge=1, le=limits.max_n, description="Number of images.")
-        steps: int = Field(default=limits.default_steps, ge=1, le=limits.max_steps, description="Sampling steps.")
+        n: Int = Field(default=1, ge=1, le=limits.max_n, description="Number of images.")
+        steps: Int = Field(default=limits.default_steps, ge=1, le=limits.max_steps, description="Sampling steps.")
         guidance_scale: float = Field(
             default=limits.default_guidance_scale,
             ge=0.0,
@@ -152,19 +164,16 @@ def request_models(limits: LimitsConfig) -> RequestModels:
             allow_inf_nan=False,
             description="Classifier-free guidance scale.",
         )
-        seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="Image i uses seed + i; random if omitted.")
+        # Bounds inside the Annotated, before the validator: otherwise pydantic writes them into the spec
+        # of an Optional as bogus "ge"/"le" keys, and fuzzers send negative seeds (found by the fuzz test).
+        seed: Annotated[int, Field(ge=0, le=SEED_MAX), BeforeValidator(_integral)] | None = Field(
+            default=None, description="Image i uses seed + i; random if omitted."
+        )
         size: Size | None = Field(default=None, description=f"WIDTHxHEIGHT, one of {list(limits.sizes)}, or 'auto' (the model's own size).")
         response_format: Literal["json", "png"] = Field(
             default="json", description="json: base64 PNGs in JSON; png: the image itself (needs n=1)."
         )
 
         _text = field_validator("prompt", "negative_prompt")(_check_text)
-
-        @field_validator("prompt")
-        @classmethod
-        def _not_blank(cls, value: str) -> str:
-            if not value.strip():
-                raise ValueError("must contain a non-whitespace character")
-            return value
 
     return RequestModels(images=ImagesGenerationRequest, generate=GenerateRequest)

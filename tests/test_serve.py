@@ -168,11 +168,14 @@ def test_bearer_token_guards_the_api_only(served):
 
 def test_served_openapi_is_the_apps_spec(served):
     from serve import auth
-    from serve.app import build_fastapi, settings_from_config
+    from serve.app import build_fastapi, running, settings_from_config
 
     spec = requests.get(f"{served.url}/openapi.json", timeout=10).json()
-    expected = build_fastapi(settings_from_config(served.cfg, auth.token_digest(served.token)), None).openapi()
+    pinned = running(served.cfg.app_name)["model"]
+    expected = build_fastapi(settings_from_config(served.cfg, auth.token_digest(served.token), pinned), None).openapi()
     assert spec == expected
+    model = spec["components"]["schemas"]["ImagesGenerationRequest"]["properties"]["model"]["anyOf"][0]
+    assert model["enum"] == ["serve-test", f"serve-test/{pinned['version']}", "serve-test@production"]
     # Every documented operation is routed (none answers 404/405).
     for path, operations in spec["paths"].items():
         for method in operations:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -150,6 +151,9 @@ def test_spec_states_limits_and_400_not_422():
         assert {"200", "400", "401", "413", "503"} <= set(responses) and "422" not in responses
         assert spec["paths"][path]["post"]["security"] == [{"HTTPBearer": []}]
     assert "image/png" in spec["paths"]["/v1/generate"]["post"]["responses"]["200"]["content"]
+    seed = spec["components"]["schemas"]["GenerateRequest"]["properties"]["seed"]["anyOf"][0]
+    assert (seed["minimum"], seed["maximum"]) == (0, 2**32 - 1)
+    assert '"ge":' not in json.dumps(spec) and '"le":' not in json.dumps(spec)  # not JSON Schema: ignored by clients
     # Without a token there is no security requirement and no 401 in the spec.
     open_spec = build_fastapi(settings_from_config(cfg, None), None).openapi()
     assert "security" not in open_spec["paths"]["/v1/generate"]["post"]
