@@ -1,0 +1,240 @@
+"""Training stage: configs, pure data/loss pieces, and the three stages on the tiny fixtures (one rank, in-process).
+
+    .venv/bin/pytest tests/test_train.py -x -q
+
+The multi-worker Ray Train runs, kill-and-resume and the MLflow registry are in tests/test_train_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from omnidiff.config import ConfigError, load_config
+from train.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_CONFIG = REPO / "configs" / "train_test_stage{}.yaml"
+
+
+def _cfg(stage: int, overrides=()) -> TrainConfig:
+    return load_config(TrainConfig, str(TEST_CONFIG).format(stage), list(overrides))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("stage", "override", "key"),
+    [
+        (1, "global_batch_size=12", "global_batch_size"),
+        (1, "train_unet=all", "train_unet"),
+        (2, "init_from=null", "init_from"),
+        (3, "data.aesthetic_min=null", "data.aesthetic_min"),
+        (1, "dist.num_workers=2", "dist.num_workers"),
+        (1, "adapter.num_queries=100", "adapter.num_queries"),
+        (2, "ema_decay=1.5", "ema_decay"),
+        (2, "dist.zero_stage=5", "dist.zero_stage"),
+    ],
+)
+def test_config_errors_name_the_key(stage, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _cfg(stage, [override])
+
+
+def test_shipped_train_configs_load():
+    for path in sorted((REPO / "configs").glob("train_*.yaml")):
+        cfg = load_config(TrainConfig, path)
+        assert cfg.stage in (1, 2, 3), path
+        assert cfg.grad_accum_steps >= 1
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def test_align_examples_use_the_english_side_and_parallel_text():
+    from omnidiff.text import text_key
+    from train.data import align_examples
+
+    pairs = pd.DataFrame({
+        "caption": ["a red circle", "一个红色的圆", "ein roter kreis", "un cercle"],
+        "lang": ["en", "zh", "de", "fr"],
+        "caption_en": [None, "a red circle", "a red circle", None],  # fr has no English side: left out
+        "split": ["train", "train", "val", "train"],
+    })
+    parallel = pd.DataFrame({"text": ["un cercle rouge"], "lang": ["fr"], "text_en": ["a red circle"],
+                             "split": ["train"]})
+    table = align_examples(pairs, parallel, "train")
+    assert set(table["source"]) == {"pair", "parallel"}
+    assert set(table["target_key"]) == {text_key("a red circle")}
+    assert set(table["llm_key"]) == {text_key(t) for t in ("a red circle", "一个红色的圆", "un cercle rouge")}
+
+
+def test_diffusion_examples_filter_by_aesthetic():
+    from train.data import diffusion_examples
+
+    pairs = pd.DataFrame({"caption": ["a", "b", "c"], "lang": ["en"] * 3, "image_digest": ["x", "y", "z"],
+                          "split": ["train"] * 3, "aesthetic": [1.0, 4.0, 3.0]})
+    assert list(diffusion_examples(pairs, "train", 2.5)["pixel_key"]) == ["y", "z"]
+    assert len(diffusion_examples(pairs, "train")) == 3
+
+
+def test_sample_prompts_cover_every_language_short_and_long():
+    from omnidiff.text import text_key
+    from train.data import sample_prompt_table
+
+    pairs = pd.DataFrame({"caption": ["a", "b " * 50, "c", "d"], "lang": ["en", "en", "zh", "zh"],
+                          "split": ["val"] * 4})
+    lengths = {text_key("a"): 3, text_key(("b " * 50).strip()): 120, text_key("c"): 2, text_key("d"): 4}
+    table = sample_prompt_table(pairs, lengths, per_group=1)
+    assert set(zip(table["lang"], table["group"], strict=True)) == {("en", "short"), ("en", "long"), ("zh", "short")}
+
+
+def test_positions_do_not_depend_on_the_worker_count():
+    from train.data import CachedBatches
+
+    def step_positions(world: int, step: int, global_batch: int = 16, micro: int = 4) -> list[int]:
+        accum = global_batch // (micro * world)
+        return sorted(int(p) for r in range(world) for m in range(accum)
+                      for p in CachedBatches.positions(step, global_batch, r, world, micro, m))
+
+    for step in (0, 3):
+        assert step_positions(1, step) == step_positions(2, step) == step_positions(4, step) == list(
+            range(step * 16, step * 16 + 16))
+
+
+def test_pad_states_and_clip_mask():
+    from train.data import clip_target_mask, pad_states
+
+    states, mask = pad_states([np.ones((2, 3), np.float16), np.ones((4, 3), np.float16)])
+    assert states.shape == (2, 4, 3) and mask.tolist() == [[True, True, False, False], [True] * 4]
+    states[1, 1] = 0  # a zero position inside the stored range is not a real CLIP token
+    assert clip_target_mask(states, mask)[1].tolist() == [True, False, True, True]
+
+
+def test_align_loss_ignores_target_padding_and_detects_misalignment():
+    from train.losses import compute_align_loss
+
+    torch.manual_seed(0)
+    target = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    pooled = torch.randn(2, 8)
+
+    class Echo(torch.nn.Module):  # an "adapter" that outputs a fixed tensor, to probe the loss alone
+        def __init__(self, tokens, pooled):
+            super().__init__()
+            self.tokens, self.pooled = tokens, pooled
+
+        def forward(self, states, mask):
+            return self.tokens, self.pooled
+
+    batch = {"llm_states": torch.zeros(2, 1, 4), "llm_mask": torch.ones(2, 1, dtype=torch.bool), "target": target,
+             "target_mask": mask, "target_pooled": pooled}
+    perfect = torch.cat([target, torch.randn(2, 3, 8)], 1)  # 8 queries; the 3 past the target are free
+    loss, metrics = compute_align_loss(batch, {"adapter": Echo(perfect, pooled)})
+    assert loss.item() == pytest.approx(0.0, abs=1e-5) and metrics["token_cos"] == pytest.approx(1.0, abs=1e-5)
+    garbage_in_padding = perfect.clone()
+    garbage_in_padding[1, 3:5] = 100.0  # positions the second caption does not have
+    assert compute_align_loss(batch, {"adapter": Echo(garbage_in_padding, pooled)})[0].item() == pytest.approx(0.0, abs=1e-5)
+    wrong = perfect.clone()
+    wrong[0, 0] = -wrong[0, 0]
+    assert compute_align_loss(batch, {"adapter": Echo(wrong, pooled)})[0].item() > 0.1
+    mse = compute_align_loss(batch, {"adapter": Echo(wrong, pooled)}, kind="mse")[0].item()
+    assert mse > 0
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from train.loop import lr_factor
+
+    assert [lr_factor(s, 4, 20, "constant") for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_factor(20, 4, 20, "cosine") == pytest.approx(0.0)
+    assert lr_factor(12, 4, 20, "linear") == pytest.approx(0.5)
+
+
+def test_unet_part_selection():
+    from train.loop import unet_trainable
+
+    cross = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    self_attn = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    conv = "down_blocks.0.resnets.0.conv1.weight"
+    assert [unet_trainable(n, "cross_attention") for n in (cross, self_attn, conv)] == [True, False, False]
+    assert [unet_trainable(n, "attention") for n in (cross, self_attn, conv)] == [True, True, False]
+    assert unet_trainable("class_embedding.linear_1.weight", "cross_attention")
+    assert not unet_trainable(conv, "none") and unet_trainable(conv, "all")
+
+
+# ----------------------------------------------------------------------------- stages on the fixtures
+
+
+def test_cache_of_another_encoder_is_refused(train_overrides):
+    from train import run
+    from train.data import CacheMismatchError
+
+    cfg = _cfg(1, train_overrides("refused", **{"llm.layer": 1}))
+    with pytest.raises(CacheMismatchError, match=r"layer: cache 2 vs configured 1"):
+        run(cfg)
+
+
+def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{p.parent.name}/{k}": v for p in sorted(folder.rglob("*.safetensors")) for k, v in load_file(p).items()}
+
+
+@pytest.fixture(scope="module")
+def stage_results(train_overrides):
+    """Stages 1 -> 2 -> 3 chained through their exports, one rank each (launcher local)."""
+    from train import run
+
+    s1 = run(_cfg(1, train_overrides("chain-s1")))
+    s2 = run(_cfg(2, train_overrides("chain-s2", init_from=s1["export_dir"])))
+    s3 = run(_cfg(3, train_overrides("chain-s3", init_from=s2["export_dir"])))
+    return {1: s1, 2: s2, 3: s3}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_stage_lowers_its_validation_loss(stage_results, stage):
+    val = {int(k): v for k, v in stage_results[stage]["val_loss"].items()}
+    first, last = val[0], val[max(val)]
+    assert last < 0.9 * first, f"stage {stage}: val loss {first:.4f} -> {last:.4f}"
+
+
+def test_stage3_keeps_the_frozen_adapter_and_trains_the_unet(stage_results):
+    s2, s3 = _safetensors(Path(stage_results[2]["export_dir"])), _safetensors(Path(stage_results[3]["export_dir"]))
+    adapter = [k for k in s2 if k.startswith("adapter/")]
+    assert adapter and all(torch.equal(s2[k], s3[k]) for k in adapter)
+    assert any(not torch.equal(s2[k], s3[k]) for k in s2 if k.startswith("unet/"))
+
+
+def test_exported_folders_load_and_generate_in_any_language(stage_results, tiny_llm):
+    from omnidiff.models.llm import LLMTextEncoder
+    from omnidiff.pipeline import OmniDiffusionPipeline
+
+    llm = LLMTextEncoder(tiny_llm, max_length=128)
+    for stage, result in stage_results.items():
+        folder = Path(result["export_dir"])
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["conditioning"] == "llm_adapter"
+        assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))  # safetensors only
+        lineage = json.loads((folder / "lineage.json").read_text())
+        assert lineage["stage"] == stage and lineage["snapshot"]["digest"] and lineage["caches"]["llm"]
+        pipe = OmniDiffusionPipeline.from_pretrained(folder, llm=llm)
+        prompts = ["一个红色的圆在左边", "a blue square on the right " * 12]  # Chinese; longer than one CLIP window
+        images = pipe(prompts, num_inference_steps=3, output_type="np", seed=1)
+        assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+        assert images.std() > 0
+
+
+def test_a_checkpoint_folder_of_another_training_is_refused(stage_results, train_overrides):
+    from train import run
+    from train.ray_job import TrainingError
+
+    ckpt = Path(stage_results[1]["checkpoint_dir"])
+    cfg = _cfg(1, train_overrides("chain-s1", **{"checkpoint.dir": str(ckpt), "optim.lr": 0.1}))
+    with pytest.raises(TrainingError, match=r"differs in: config\.optim\.lr"):
+        run(cfg)
