@@ -49,8 +49,8 @@ def served_world(world_dir: str | Path, port: int = DEFAULT_WORLD_PORT,
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="omnidiff collect", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="omnidiff collect", description="url lists -> img2dataset -> pair snapshot",
+                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/collect.yaml", help="collect YAML (kind: collect)")
     p.add_argument("--serve-world", metavar="DIR", default=None,
                    help="serve this tiny world folder during the run and collect its url list and parallel texts "

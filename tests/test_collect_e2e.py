@@ -308,6 +308,19 @@ def test_flow_logs_to_mlflow_and_rerun_downloads_nothing(stack, tiny_snapshot, t
     assert json.loads(run.data.tags["sources"])[0]["sha256"] == snap.manifest["sources"]["url_lists"][0]["sha256"]
 
 
+def test_ray_distributor_gives_the_same_snapshot(stack, tiny_snapshot, tiny_world_lists):
+    """img2dataset's Ray distributor on the stack's Ray, other shard sizes: the same content, the same digest."""
+    from data_prep.collect import run
+    from omnidiff.env import home
+
+    url_list, parallel_list = tiny_world_lists
+    cfg = collect_test_config([url_list], [parallel_list], ["name=ray", "download.distributor=ray",
+                                                            "download.shard_rows=75"])  # fmt: skip
+    path = run(cfg)
+    assert path.parent.name == "ray" and path.name == tiny_snapshot.name
+    assert len(list((home() / "data" / "collect" / "ray" / "downloads").glob("*/shards/*_stats.json"))) == 2
+
+
 def _world_routes(world: Path):
     def routes(path: str):
         file = world / path.lstrip("/")
