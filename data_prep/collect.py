@@ -27,6 +27,10 @@ Order of work (each step is a plain function; reasons are machine-readable):
 
 A second run over the same lists downloads nothing (every img2dataset shard is
 done) and writes the same content, so it lands in the same ``<digest16>`` folder.
+img2dataset's shards stay under ``$OMNIDIFF_HOME/data/collect/<name>/downloads/<key16>/``
+(key = the download input and the settings that change its output) for that; a
+folder there can be deleted once its snapshot is written (the next run would
+download again).
 """
 
 from __future__ import annotations
@@ -153,6 +157,7 @@ class PreparedPairs:
     caption_en: list
     lang: dict[int, tuple]  # row_id -> (lang, lang_detected, lang_score, lang_mismatch), rows to download
     download_rows: list[int]  # row ids to download, in input order
+    download_urls: list[str]  # their urls (stripped)
 
 
 def prepare_pairs(urls: pa.Table, cfg: CollectConfig, detector: LanguageDetector,
@@ -181,7 +186,8 @@ def prepare_pairs(urls: pa.Table, cfg: CollectConfig, detector: LanguageDetector
                              [col["lang_declared"][i] for i in candidates], detector, cfg.lang_min_score)
     lang = {i: (langs["lang"][j], langs["lang_detected"][j], langs["lang_score"][j], langs["lang_mismatch"][j])
             for j, i in enumerate(candidates)}
-    return PreparedPairs(checks["caption"], checks["caption_en"], lang, candidates)
+    return PreparedPairs(checks["caption"], checks["caption_en"], lang, candidates,
+                         [col["url"][i].strip() for i in candidates])
 
 
 def download_work_dir(cfg: CollectConfig, urls: list[str], row_ids: list[int]) -> Path:
@@ -413,7 +419,7 @@ def build_snapshot(cfg: CollectConfig) -> CollectResult:
     quarantine = Quarantine()
     prepared = prepare_pairs(urls, cfg, detector, quarantine)
 
-    dl_urls = [urls["url"][i].as_py().strip() for i in prepared.download_rows]
+    dl_urls = prepared.download_urls
     work_dir = download_work_dir(cfg, dl_urls, prepared.download_rows)
     stats = {"download_rows": len(dl_urls), "download_dir": str(work_dir), "shards": 0, "shards_new": 0,
              "download_seconds": 0.0}

@@ -19,12 +19,16 @@ from __future__ import annotations
 _ALIASES = {"iw": "he", "in": "id", "ji": "yi", "jw": "jv", "zh_hans": "zh", "zh_hant": "zh", "eng": "en"}
 
 
+# Declared values that mean "no language given" (LAION-multi writes "nolang").
+_UNDECLARED = {"", "nolang", "und", "unknown", "none", "null", "nan", "xx", "zxx", "mul"}
+
+
 def canonical_lang(code: str | None) -> str | None:
-    """``"zh-CN"`` -> ``"zh"``, ``"EN"`` -> ``"en"``, ``""``/None -> None."""
+    """``"zh-CN"`` -> ``"zh"``, ``"EN"`` -> ``"en"``, ``""``/``"nolang"``/None -> None."""
     if code is None:
         return None
     code = code.strip().lower().replace("_", "-")
-    if not code:
+    if code in _UNDECLARED:
         return None
     code = _ALIASES.get(code.replace("-", "_"), code)
     return _ALIASES.get(code.split("-")[0], code.split("-")[0])

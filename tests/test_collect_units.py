@@ -208,7 +208,8 @@ def test_check_rows_caption_first_and_english_side():
 def test_languages_and_mismatch():
     from data_prep.langid import LanguageDetector, assign_languages, canonical_lang
 
-    assert [canonical_lang(c) for c in ("zh-CN", "EN", "pt_BR", "iw", "", None)] == ["zh", "en", "pt", "he", None, None]
+    assert [canonical_lang(c) for c in ("zh-CN", "EN", "pt_BR", "iw", "", None, "nolang")] == [
+        "zh", "en", "pt", "he", None, None, None]
     texts = ["ein roter Kreis auf blauem Hintergrund", "un cercle rouge sur fond bleu", "a red circle 赤い丸 on blue",
              "小粉色圆形，正中间，白色背景", "青い背景に赤い円があります", "a red circle on a blue background"]
     declared = ["fr", "FR", None, "zh", "zh", None]
