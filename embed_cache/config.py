@@ -81,8 +81,10 @@ class EmbedConfig:
     cache_root: where ``<kind>/<fingerprint>/`` live; ``null`` = ``$OMNIDIFF_HOME/cache``.
     include_parallel: also embed the snapshot's parallel texts (stage-1 translation pairs).
     splits: which snapshot splits to embed.
-    num_actors: Ray actors (one model load each); threads_per_actor: torch threads (= CPUs reserved)
-      per actor; num_gpus_per_actor > 0 schedules each actor on a GPU.
+    executor: ``ray`` (Ray Data over an actor pool; the default) or ``local`` (the same actor class
+      called in this process, no Ray: debugging and tiny updates).
+    num_actors: Ray actors (each loads each model once); threads_per_actor: torch threads (= CPUs
+      reserved) per actor; num_gpus_per_actor > 0 schedules each actor on a GPU.
     device: torch device of the actors (``cpu``, ``cuda``).
     max_tokens: padded token-slots per compute batch (batch size x longest length in it).
     max_batch_size: captions per compute batch at most.
@@ -101,6 +103,7 @@ class EmbedConfig:
     llm: LLMSection = field(default_factory=LLMSection)
     clip: ClipSection = field(default_factory=ClipSection)
     pixels: PixelsSection = field(default_factory=PixelsSection)
+    executor: Literal["ray", "local"] = "ray"
     num_actors: int = 1
     threads_per_actor: int = 2
     num_gpus_per_actor: float = 0.0

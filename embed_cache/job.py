@@ -30,6 +30,7 @@ How (each step is why the cache beats padded per-file caches):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import json
@@ -352,71 +353,87 @@ def cache_dirs(cfg: EmbedConfig) -> dict[str, Path]:
 
 
 class EncodeShardActor:
-    """The Ray Data callable class: one model load per actor; one call = one shard.
+    """The Ray Data callable class: one call = one shard of one cache kind.
 
-    A call packs its (length-sorted) shard into compute batches under the token-slot budget,
-    computes them, rejects non-finite rows by key (reported as data, the rest is still written) and
-    writes the shard itself, so the driver only lists finished shards in the manifest.
+    Each model (LLM, CLIP, VAE) is loaded once per actor, on the first shard of its kind, so one
+    actor pool serves every kind of a run. A call packs its (length-sorted) shard into compute
+    batches under the token-slot budget, computes them, rejects non-finite rows by key (reported as
+    data; the rest is still written) and writes the shard itself: the driver only lists finished
+    shards in the manifest.
     """
 
     def __init__(
         self,
-        kind: str,
-        cache: str,
-        run_token: str,
+        caches: dict[str, str],
+        run_tokens: dict[str, str],
+        encoders: dict[str, dict[str, Any]],
         threads: int,
         max_tokens: int,
         max_batch_size: int,
-        encoder: dict[str, Any],
     ):
         import torch
         import transformers
 
         torch.set_num_threads(int(threads))
         transformers.utils.logging.disable_progress_bar()  # no per-actor "Loading weights" bars in the log
-        self.cache, self.run_token = cache, run_token
+        self.caches, self.run_tokens, self.encoder_kwargs = caches, run_tokens, encoders
         self.max_tokens, self.max_batch_size = int(max_tokens), int(max_batch_size)
-        builders = {"llm": LLMShardEncoder, "clip": ClipShardEncoder, "pixels": PixelShardEncoder}
-        self.encoder = builders[kind](**encoder, max_batch_size=self.max_batch_size)
+        self.encoders: dict[str, Any] = {}
+
+    def encoder(self, kind: str):
+        if kind not in self.encoders:
+            builders = {"llm": LLMShardEncoder, "clip": ClipShardEncoder, "pixels": PixelShardEncoder}
+            self.encoders[kind] = builders[kind](**self.encoder_kwargs[kind], max_batch_size=self.max_batch_size)
+        return self.encoders[kind]
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         start = time.perf_counter()
+        kind = str(batch["kind"].iloc[0])
+        encoder = self.encoder(kind)
+        load_s = time.perf_counter() - start
         order = np.argsort(batch["length"].to_numpy(), kind="stable")  # the driver sorted already
         keys = [batch["key"].iloc[i] for i in order]
-        payloads = [batch["payload"].iloc[i] for i in order]
+        payloads = [decode_payload(kind, batch["payload"].iloc[i]) for i in order]
         lengths = batch["length"].to_numpy()[order]
         values: list[Any] = []
         padded = 0
         for sl in batching.pack_batches(lengths, self.max_tokens, self.max_batch_size):
-            values.extend(self.encoder.compute(payloads[sl]))
+            values.extend(encoder.compute(payloads[sl]))
             padded += (sl.stop - sl.start) * int(lengths[sl.stop - 1])
-        compute_s = time.perf_counter() - start
+        compute_s = time.perf_counter() - start - load_s
         rejected: dict[str, str] = {}
         try:
-            table = self.encoder.table(keys, values)
+            table = encoder.table(keys, values)
         except NonFiniteStatesError as exc:  # report the bad rows as data, keep the good ones
             rejected = exc.rejected
             good = [i for i, k in enumerate(keys) if k not in rejected]
             keys = [keys[i] for i in good]
             values = [values[i] for i in good]
-            table = self.encoder.table(keys, values) if keys else None
+            table = encoder.table(keys, values) if keys else None
         entry: dict[str, Any] = {"name": None, "rows": 0, "sha256": None, "bytes": 0, "stale": False}
         if table is not None:
-            entry.update(write_shard_file(self.cache, str(batch["shard"].iloc[0]), table, self.run_token))
+            entry.update(write_shard_file(self.caches[kind], str(batch["shard"].iloc[0]), table, self.run_tokens[kind]))
         entry.setdefault("tokens", len(keys))
-        return pd.DataFrame(
-            [
-                {
-                    "entry": json.dumps(entry),
-                    "shard_keys": json.dumps(keys),
-                    "rejected": json.dumps(rejected),
-                    "planned_tokens": int(lengths.sum()),
-                    "padded_slots": padded,
-                    "compute_s": compute_s,
-                    "pid": os.getpid(),
-                }
-            ]
-        )
+        return pd.DataFrame([{
+            "kind": kind,
+            "entry": json.dumps(entry),
+            "shard_keys": json.dumps(keys),
+            "rejected": json.dumps(rejected),
+            "planned_tokens": int(lengths.sum()),
+            "padded_slots": padded,
+            "compute_s": compute_s,
+            "load_s": load_s,
+            "pid": os.getpid(),
+        }])  # fmt: skip
+
+
+def encode_payload(kind: str, payload: Any) -> bytes:
+    """Every unit's payload column is binary (one Arrow schema for all kinds): texts go as UTF-8."""
+    return payload if kind == "pixels" else str(payload).encode("utf-8")
+
+
+def decode_payload(kind: str, payload: bytes) -> Any:
+    return payload if kind == "pixels" else bytes(payload).decode("utf-8")
 
 
 class LLMShardEncoder:
@@ -532,74 +549,124 @@ def decode_image(data: bytes, resolution: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- driver
 
 
-def embed_kind(plan: KindPlan, work: dict[str, Any], cfg: EmbedConfig) -> dict[str, Any]:
-    """Fill one cache with the keys of ``work`` it lacks; returns counts, throughput and the manifest."""
-    directory = cache_dir(plan.kind, plan.fingerprint, cfg.cache_root)
-    stats: dict[str, Any] = {
+def _new_stats(plan: KindPlan, directory: Path, wanted: int) -> dict[str, Any]:
+    return {
         "kind": plan.kind,
         "fingerprint": plan.fingerprint,
         "dir": str(directory),
-        "wanted": len(work),
+        "wanted": wanted,
         "computed": 0,
         "skipped": 0,
         "rejected": {},
         "tokens": 0,
+        "planned": 0,
         "padded_slots": 0,
         "seconds": 0.0,
         "compute_seconds": 0.0,
+        "load_seconds": 0.0,
         "stale_shards": 0,
+        "shards_written": 0,
     }
+
+
+def plan_units(
+    kind: str, writer: CacheWriter, todo: list[str], payloads: list[Any], lengths: np.ndarray, cfg: EmbedConfig
+) -> list[pd.DataFrame]:
+    """Length-sorted, token-balanced shards of missing keys: one DataFrame (= one Ray block) per shard."""
+    order = batching.length_order(lengths, todo)
+    keys = [todo[i] for i in order]
+    payloads = [encode_payload(kind, payloads[i]) for i in order]
+    lengths = lengths[order]
+    return [
+        pd.DataFrame({"kind": kind, "shard": writer.shard_name(unit), "key": keys[sl], "payload": payloads[sl],
+                      "length": lengths[sl]})
+        for unit, sl in enumerate(batching.plan_shards(lengths, cfg.shard_tokens, cfg.shard_rows))
+    ]  # fmt: skip
+
+
+def embed(inputs: EmbedInputs, cfg: EmbedConfig) -> dict[str, Any]:
+    """Fill every cache in ``cfg.kinds`` with the keys of ``inputs`` it lacks; returns per-kind stats.
+
+    All kinds share one actor pool (each actor loads each model once, on first use), so a run pays
+    the actors' start-up once however many caches it fills.
+    """
     start = time.perf_counter()
-    with CacheWriter(directory, plan.inputs) as writer:
-        stats["recovered"] = {k: v for k, v in writer.recovered.items() if v}
-        writer.set_value_shape(plan.value_shape)
-        todo = sorted(k for k in work if k not in writer.keys)
-        stats["skipped"] = len(work) - len(todo)
-        if todo:
-            payloads = [work[k] for k in todo]
-            lengths = np.asarray(plan.lengths(todo, payloads), dtype=np.int64)
-            order = batching.length_order(lengths, todo)
-            keys = [todo[i] for i in order]
-            payloads = [payloads[i] for i in order]
-            lengths = lengths[order]
-            units = []
-            for unit, sl in enumerate(batching.plan_shards(lengths, cfg.shard_tokens, cfg.shard_rows)):
-                units.append(
-                    pd.DataFrame(
-                        {
-                            "shard": writer.shard_name(unit),
-                            "key": keys[sl],
-                            "payload": payloads[sl],
-                            "length": lengths[sl],
-                        }
-                    )
+    plans = {kind: plan_kind(kind, cfg) for kind in cfg.kinds}
+    stats: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        writers: dict[str, CacheWriter] = {}
+        units: list[pd.DataFrame] = []
+        totals: dict[str, int] = {}
+        for kind, plan in plans.items():
+            work = inputs.work(kind)
+            directory = cache_dir(kind, plan.fingerprint, cfg.cache_root)
+            writer = writers[kind] = stack.enter_context(CacheWriter(directory, plan.inputs))
+            writer.set_value_shape(plan.value_shape)
+            stats[kind] = _new_stats(plan, directory, len(work))
+            stats[kind]["references"] = inputs.references[kind]
+            if writer.recovered_anything:
+                stats[kind]["recovered"] = {k: v for k, v in writer.recovered.items() if v}
+                log.info("embed %s: recovered after an interrupted run: %s", kind, stats[kind]["recovered"])
+            todo = sorted(k for k in work if k not in writer.keys)
+            stats[kind]["skipped"] = len(work) - len(todo)
+            if todo:
+                payloads = [work[k] for k in todo]
+                lengths = np.asarray(plan.lengths(todo, payloads), dtype=np.int64)
+                kind_units = plan_units(kind, writer, todo, payloads, lengths, cfg)
+                units += kind_units
+                totals[kind] = int(lengths.sum())
+                log.info(
+                    "embed %s: %d cached, %d to compute in %d shards (%d %s) -> %s",
+                    kind,
+                    stats[kind]["skipped"],
+                    len(todo),
+                    len(kind_units),
+                    totals[kind],
+                    UNIT[kind],
+                    directory,
                 )
-            total = int(lengths.sum())
-            log.info(
-                "embed %s: %d cached, %d to compute in %d shards (%d %s) -> %s",
-                plan.kind,
-                stats["skipped"],
-                len(todo),
-                len(units),
-                total,
-                UNIT[plan.kind],
-                directory,
+            else:
+                log.info("embed %s: all %d keys cached -> %s", kind, len(work), directory)
+        if units:
+            results = (
+                _execute_ray(units, plans, writers, cfg)
+                if cfg.executor == "ray"
+                else _execute_local(units, plans, writers, cfg)
             )
-            _run_actors(plan, units, writer, cfg, total, stats)
-        stats["manifest"] = dict(writer.manifest)
-    stats["seconds"] = time.perf_counter() - start
-    stats["rows"] = stats["manifest"]["rows"]
-    stats["padding_fraction"] = 1.0 - stats["tokens"] / stats["padded_slots"] if stats["padded_slots"] else 0.0
-    stats["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["tokens"] else 0.0
-    stats["bytes"] = sum(s["bytes"] for s in stats["manifest"]["shards"])
-    cached_tokens = sum(s.get("tokens", s["rows"]) for s in stats["manifest"]["shards"])
-    stats["bytes_per_token"] = stats["bytes"] / cached_tokens if cached_tokens else 0.0
+            _collect(results, writers, stats, totals, cfg)
+        for kind, writer in writers.items():
+            stats[kind]["manifest"] = dict(writer.manifest)
+    seconds = time.perf_counter() - start
+    for kind_stats in stats.values():
+        _finish_stats(kind_stats, seconds)
     return stats
 
 
-def _run_actors(
-    plan: KindPlan, units: list[pd.DataFrame], writer: CacheWriter, cfg: EmbedConfig, total: int, stats: dict[str, Any]
-) -> None:
+def _finish_stats(stats: dict[str, Any], seconds: float) -> None:
+    manifest = stats["manifest"]
+    stats["seconds"] = seconds
+    stats["rows"] = manifest["rows"]
+    stats["padding_fraction"] = 1.0 - stats["planned"] / stats["padded_slots"] if stats["padded_slots"] else 0.0
+    stats["tokens_per_s"] = stats["tokens"] / seconds if stats["tokens"] and seconds > 0 else 0.0
+    stats["compute_tokens_per_s"] = stats["tokens"] / stats["compute_seconds"] if stats["compute_seconds"] else 0.0
+    stats["bytes"] = sum(s["bytes"] for s in manifest["shards"])
+    cached_tokens = sum(s.get("tokens", s["rows"]) for s in manifest["shards"])
+    stats["bytes_per_token"] = stats["bytes"] / cached_tokens if cached_tokens else 0.0
+
+
+def _actor_kwargs(plans: dict[str, KindPlan], writers: dict[str, CacheWriter], cfg: EmbedConfig) -> dict[str, Any]:
+    return {
+        "caches": {k: str(w.path) for k, w in writers.items()},
+        "run_tokens": {k: w.run_token for k, w in writers.items()},
+        "encoders": {k: p.encoder for k, p in plans.items()},
+        "threads": cfg.threads_per_actor,
+        "max_tokens": cfg.max_tokens,
+        "max_batch_size": cfg.max_batch_size,
+    }
+
+
+def _execute_ray(units: list[pd.DataFrame], plans, writers, cfg: EmbedConfig) -> Iterable[pd.DataFrame]:
+    """Map the shards over an actor pool; yields each finished shard's report as it arrives."""
     from omnidiff.stack import ensure_ray
 
     ensure_ray()
@@ -607,59 +674,65 @@ def _run_actors(
     from ray.data import ActorPoolStrategy
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # our own progress line (tokens/s, ETA) instead of Ray's bars
+    ctx.enable_progress_bars = False  # our own progress lines (tokens/s, ETA) instead of Ray's bars
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # One block per shard: every actor gets work even for a small input (NOTES.md "Ray").
     ds = ray.data.from_pandas(units)
     out = ds.map_batches(
         EncodeShardActor,
-        fn_constructor_kwargs={
-            "kind": plan.kind,
-            "cache": str(writer.path),
-            "run_token": writer.run_token,
-            "threads": cfg.threads_per_actor,
-            "max_tokens": cfg.max_tokens,
-            "max_batch_size": cfg.max_batch_size,
-            "encoder": plan.encoder,
-        },
+        fn_constructor_kwargs=_actor_kwargs(plans, writers, cfg),
         batch_size=None,
         batch_format="pandas",
         compute=ActorPoolStrategy(size=min(cfg.num_actors, len(units))),
         num_cpus=cfg.threads_per_actor,
         num_gpus=cfg.num_gpus_per_actor or None,
     )
-    with Progress(f"embed {plan.kind}", total=total, unit=UNIT[plan.kind], every_s=cfg.progress_every_s) as progress:
-        for batch in out.iter_batches(batch_size=None, batch_format="pandas"):
-            for row in batch.itertuples(index=False):
-                entry = json.loads(row.entry)
-                keys = json.loads(row.shard_keys)
-                rejected = json.loads(row.rejected)
-                if entry.get("stale"):
-                    stats["stale_shards"] += 1
-                elif entry["name"] is not None:
-                    writer.publish(entry, keys)
-                stats["computed"] += len(keys)
-                stats["tokens"] += int(entry.get("tokens", len(keys)))
-                stats["padded_slots"] += int(row.padded_slots)
-                stats["compute_seconds"] += float(row.compute_s)
-                stats["rejected"].update(rejected)
-                for key, why in rejected.items():
-                    log.error("embed %s: rejected key %s: %s", plan.kind, key, why)
-                if progress.done == 0:
-                    # Rate and ETA from the first shard's compute on, not from before the actors
-                    # started (their start-up and model load would make the ETA meaningless).
-                    progress.start = time.perf_counter() - float(row.compute_s)
-                progress.update(int(row.planned_tokens))
+    yield from out.iter_batches(batch_size=None, batch_format="pandas")
 
 
-def embed(inputs: EmbedInputs, cfg: EmbedConfig) -> dict[str, Any]:
-    """Fill every cache in ``cfg.kinds`` from in-memory ``inputs``; returns per-kind stats."""
-    results = {}
-    for kind in cfg.kinds:
-        plan = plan_kind(kind, cfg)
-        results[kind] = embed_kind(plan, inputs.work(kind), cfg)
-        results[kind]["references"] = inputs.references[kind]
-    return results
+def _execute_local(units: list[pd.DataFrame], plans, writers, cfg: EmbedConfig) -> Iterable[pd.DataFrame]:
+    """The same actor class called in this process, shard after shard (debugging, tiny updates, no Ray)."""
+    actor = EncodeShardActor(**_actor_kwargs(plans, writers, cfg))
+    for unit in units:
+        yield actor(unit)
+
+
+def _collect(
+    results: Iterable[pd.DataFrame],
+    writers: dict[str, CacheWriter],
+    stats: dict[str, dict[str, Any]],
+    totals: dict[str, int],
+    cfg: EmbedConfig,
+) -> None:
+    """List each finished shard in its manifest as it arrives; progress per kind with rate and ETA."""
+    progress = {kind: Progress(f"embed {kind}", total=total, unit=UNIT[kind], every_s=cfg.progress_every_s)
+                for kind, total in totals.items()}  # fmt: skip
+    for batch in results:
+        for row in batch.itertuples(index=False):
+            kind_stats, entry = stats[row.kind], json.loads(row.entry)
+            keys, rejected = json.loads(row.shard_keys), json.loads(row.rejected)
+            if entry.get("stale"):
+                kind_stats["stale_shards"] += 1
+            elif entry["name"] is not None:
+                writers[row.kind].publish(entry, keys)
+                kind_stats["shards_written"] += 1
+            kind_stats["computed"] += len(keys)
+            kind_stats["tokens"] += int(entry.get("tokens", len(keys)))
+            kind_stats["planned"] += int(row.planned_tokens)
+            kind_stats["padded_slots"] += int(row.padded_slots)
+            kind_stats["compute_seconds"] += float(row.compute_s)
+            kind_stats["load_seconds"] += float(row.load_s)
+            kind_stats["rejected"].update(rejected)
+            for key, why in rejected.items():
+                log.error("embed %s: rejected key %s: %s", row.kind, key, why)
+            bar = progress[row.kind]
+            if bar.done == 0:
+                # Rate and ETA from this kind's first shard's compute on, not from before the actors
+                # started (their start-up and model loads would make the ETA meaningless).
+                bar.start = time.perf_counter() - float(row.compute_s)
+            bar.update(int(row.planned_tokens))
+            if bar.done >= bar.total:
+                bar.emit(final=True)
 
 
 def run(cfg: EmbedConfig) -> dict[str, Any]:

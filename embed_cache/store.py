@@ -599,6 +599,11 @@ class CacheWriter:
         self._recover()
         return self
 
+    @property
+    def recovered_anything(self) -> bool:
+        """Whether :meth:`open` found leftovers of an interrupted run (temp files, unlisted or lost shards)."""
+        return any(self.recovered.values())
+
     def close(self) -> None:
         if self._lock_fh is not None:
             fcntl.flock(self._lock_fh, fcntl.LOCK_UN)

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,11 +94,12 @@ def test_actor_packs_computes_unpadded_and_rejects_nan_rows_by_key(tiny_llm, tmp
     with CacheWriter(cache_dir("llm", fingerprint(inputs), tmp_path), inputs) as w:
         w.set_value_shape((64,))
         actor = EncodeShardActor(
-            "llm", str(w.path), w.run_token, threads=1, max_tokens=256, max_batch_size=8,
-            encoder={"path": str(bad_llm), "layer": -1, "max_length": 512, "dtype": "float32", "device": "cpu",
-                     "expected_inputs": enc_inputs},
+            caches={"llm": str(w.path)}, run_tokens={"llm": w.run_token}, threads=1, max_tokens=256, max_batch_size=8,
+            encoders={"llm": {"path": str(bad_llm), "layer": -1, "max_length": 512, "dtype": "float32",
+                              "device": "cpu", "expected_inputs": enc_inputs}},
         )  # fmt: skip
-        frame = pd.DataFrame({"shard": w.shard_name(0), "key": keys, "payload": texts, "length": lengths})
+        frame = pd.DataFrame({"kind": "llm", "shard": w.shard_name(0), "key": keys,
+                              "payload": [t.encode() for t in texts], "length": lengths})  # fmt: skip
         out = actor(frame.sort_values("length"))
         entry, rejected = json.loads(out.entry[0]), json.loads(out.rejected[0])
         assert set(rejected) == {keys[-3], keys[-1]}  # the two captions with a Z, named by key
@@ -274,7 +276,7 @@ def test_fingerprint_input_change_makes_a_new_cache(tiny_cache):
     from embed_cache.job import run
 
     before = json.loads((tiny_cache["dirs"]["llm"] / "manifest.json").read_text())
-    out = run(_cfg(tiny_cache, "kinds=[llm]", "llm.max_length=24", "track=false"))
+    out = run(_cfg(tiny_cache, "kinds=[llm]", "llm.max_length=24", "track=false", "executor=local"))
     assert out["fingerprints"]["llm"] != tiny_cache["fingerprints"]["llm"]
     assert out["computed"]["llm"] == out["kinds"]["llm"]["wanted"]  # nothing reused from the other encoder
     assert max(CacheStore(out["dirs"]["llm"]).lengths().values()) == 24
@@ -282,8 +284,7 @@ def test_fingerprint_input_change_makes_a_new_cache(tiny_cache):
     assert after["shards"] == before["shards"]
 
 
-@pytest.mark.e2e
-def test_nan_states_are_rejected_with_the_key_named(stack, tiny_llm, tmp_path, capsys):
+def test_nan_states_are_rejected_with_the_key_named(tiny_llm, tmp_path, capsys):
     from embed_cache.cli import main
 
     bad_llm = poisoned_llm(tiny_llm, tmp_path / "poisoned", "Q")
@@ -298,6 +299,7 @@ def test_nan_states_are_rejected_with_the_key_named(stack, tiny_llm, tmp_path, c
             "kinds=[llm]",
             "track=false",
             f"cache_root={tmp_path / 'cache'}",
+            "executor=local",
         ]
     )
     assert code == 1
@@ -312,7 +314,7 @@ def test_nan_states_are_rejected_with_the_key_named(stack, tiny_llm, tmp_path, c
 def test_sigkill_driver_mid_run_then_rerun_holds_every_key_once(stack, tiny_llm, tmp_path):
     from embed_cache.job import run
 
-    texts = captions(1200, seed=11, lo=10, hi=120)
+    texts = captions(400, seed=11, lo=5, hi=60)
     snap = write_snapshot("embedkill", [{"caption": t} for t in texts])
     overrides = [
         f"snapshots=[{snap}]",
@@ -356,7 +358,7 @@ def test_sigkill_driver_mid_run_then_rerun_holds_every_key_once(stack, tiny_llm,
     partial = CacheStore(directory)
     assert 0 < len(partial) < len(texts) + 1, "the kill did not land mid-run"
 
-    out = run(cfg)
+    out = run(replace(cfg, num_actors=1))  # the rerun: a fresh driver, same cache
     store = CacheStore(directory)
     report = store.verify()
     assert report.ok and report.duplicate_keys == 0 and not report.corrupt and not report.unlisted, report.as_dict()
