@@ -88,7 +88,7 @@ def build_tiny_base(folder: Path, seed: int = 0) -> Path:
 
 
 def embed_in_process(snapshot: Path, base: Path, llm: Path, cache_root: Path, resolution: int = 16,
-                     llm_max_length: int = 128) -> dict:
+                     llm_max_length: int = 512) -> dict:
     """Fill the llm / clip / pixels caches of ``snapshot`` with the embed stage's encoders, in this process."""
     from embed_cache.config import ClipSection, EmbedConfig, LLMSection, PixelsSection
     from embed_cache.job import ClipShardEncoder, LLMShardEncoder, PixelShardEncoder, gather_inputs, plan_kind
@@ -136,7 +136,8 @@ def train_caches(train_snapshot: Path, train_base: Path, tiny_llm: Path, tmp_pat
 def train_overrides(train_snapshot: Path, train_base: Path, train_caches: Path, tiny_llm: Path, tmp_path_factory):
     """Dotted overrides that point a ``configs/train_test_stage*.yaml`` at the session's fixtures.
 
-    Call it with a run name; checkpoints and exports go to a fresh folder per name.
+    Call it with a run name; checkpoints and exports go to a fresh folder per name. Untracked unless
+    ``track=True`` is passed (the shipped test YAMLs track, for the pipeline test).
     """
     root = tmp_path_factory.mktemp("train")
 
@@ -149,6 +150,7 @@ def train_overrides(train_snapshot: Path, train_base: Path, train_caches: Path, 
             "data.cache_root": str(train_caches),
             "checkpoint.dir": str(root / name / "checkpoints"),
             "registry.export_dir": str(root / name / "export"),
+            "track": False,
             **extra,
         }
         return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in items.items()]

@@ -198,12 +198,14 @@ class RegistrySection:
 
     export_dir: pipeline folder to write; ``null`` = ``$OMNIDIFF_HOME/exports/<name>``.
     register: register the export as a version of ``model_name`` and point ``alias`` at it.
+    stage_alias: also point ``stage<N>`` at it (what the next stage's ``init_from`` can name).
     """
 
     export_dir: Path | None = None
     register: bool = True
     model_name: str = "omnidiff-tiny"
     alias: str = "candidate"
+    stage_alias: bool = True
 
     def __post_init__(self):
         require(bool(self.model_name.strip()), "registry.model_name", self.model_name, "must not be empty")

@@ -388,6 +388,31 @@ def build_job(cfg: TrainConfig, inputs: StageInputs, ckpt_dir: Path, run_id: str
     }
 
 
+def registry_ref(ref: str | None, folder_run_id: str | None, tracked: bool) -> str | None:
+    """``name/version`` of a model given as a registry reference, or of the version its run registered.
+
+    The lineage query (flows/lineage.py) walks ``parent_model`` tags as registry references, so a
+    parent given as a folder (the pipeline passes export folders) is traced to its version through
+    the MLflow run that produced it (``lineage.json``'s ``run_id``). None when it was never registered.
+    """
+    if not ref or not tracked:
+        return None
+    from omnidiff import tracking
+
+    if not Path(ref).expanduser().exists() and ("@" in ref or ref.count("/") == 1):
+        version = tracking.model_version(ref)
+        return f"{version.name}/{version.version}"
+    if folder_run_id:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking.tracking_uri())
+        versions = client.search_model_versions(f"run_id = '{folder_run_id}'")
+        if versions:
+            newest = max(versions, key=lambda v: int(v.version))
+            return f"{newest.name}/{newest.version}"
+    return None
+
+
 def lineage(cfg: TrainConfig, inputs: StageInputs, run_id: str | None) -> dict:
     """``lineage.json`` of the export: the run, its inputs, and the parent's lineage one level up."""
     base_lineage = {}
@@ -395,8 +420,10 @@ def lineage(cfg: TrainConfig, inputs: StageInputs, run_id: str | None) -> dict:
         base_lineage = json.loads((inputs.base_model / "lineage.json").read_text())
     parent = None
     if inputs.init_from is not None:
-        parent = {"ref": cfg.init_from, "path": str(inputs.init_from), "run_id": inputs.parent_lineage.get("run_id"),
-                  "stage": inputs.parent_lineage.get("stage")}
+        parent_run = inputs.parent_lineage.get("run_id")
+        parent = {"ref": cfg.init_from, "path": str(inputs.init_from), "run_id": parent_run,
+                  "stage": inputs.parent_lineage.get("stage"),
+                  "model": registry_ref(cfg.init_from, parent_run, cfg.track)}
     return {
         "stage": cfg.stage,
         "name": cfg.name,
@@ -404,7 +431,8 @@ def lineage(cfg: TrainConfig, inputs: StageInputs, run_id: str | None) -> dict:
         "snapshot": {"name": inputs.snapshot.name, "digest": inputs.snapshot.digest, "path": str(inputs.snapshot.path)},
         "caches": {k: s.fingerprint for k, s in inputs.stores.items()},
         "llm": inputs.llm_encoder_inputs,
-        "base_model": {"ref": cfg.base_model, "path": str(inputs.base_model), "run_id": base_lineage.get("run_id")},
+        "base_model": {"ref": cfg.base_model, "path": str(inputs.base_model), "run_id": base_lineage.get("run_id"),
+                       "model": registry_ref(cfg.base_model, base_lineage.get("run_id"), cfg.track)},
         "parent": parent,
         "examples": len(inputs.examples),
     }
@@ -418,7 +446,7 @@ def _log_inputs(cfg: TrainConfig, inputs: StageInputs, lin: dict) -> None:
 
     mlflow.set_tags({"snapshot_digest": inputs.snapshot.digest, "parent_model": cfg.init_from or cfg.base_model,
                      "parent_run_id": (lin.get("parent") or {}).get("run_id") or "",
-                     **{f"cache.{k}": s.fingerprint for k, s in inputs.stores.items()}})
+                     **{f"cache_fingerprint.{k}": s.fingerprint for k, s in inputs.stores.items()}})
     dataset = mlflow.data.from_pandas(inputs.examples, source=str(inputs.snapshot.path),
                                       name=f"{inputs.snapshot.name}@{inputs.snapshot.digest[:12]}")
     mlflow.log_input(dataset, context=f"train-stage{cfg.stage}")
@@ -473,7 +501,8 @@ def run(cfg: TrainConfig) -> dict:
             if cfg.registry.register:
                 from train.registry import register_export
 
-                version = register_export(export_dir, cfg.registry.model_name, cfg.registry.alias, lin, run_id)
+                aliases = [cfg.registry.alias] + ([f"stage{cfg.stage}"] if cfg.registry.stage_alias else [])
+                version = register_export(export_dir, cfg.registry.model_name, aliases, lin, run_id)
     print(f"[train] stage {cfg.stage} '{cfg.name}' done: loss {result['loss']:.5f}, export {export_dir}"
           + (f", registered {cfg.registry.model_name} v{version} @{cfg.registry.alias}" if version else ""), flush=True)
     return {**result, "export_dir": str(export_dir), "run_id": run_id, "model_version": version,

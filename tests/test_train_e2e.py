@@ -1,0 +1,133 @@
+"""Training on the real local stack: two DeepSpeed workers under Ray Train (CPU, gloo), MLflow, registry,
+and a worker killed with SIGKILL mid-run that resumes to bit-identical weights.
+
+    .venv/bin/pytest tests/test_train_e2e.py -x -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omnidiff.config import load_config
+from train.config import TrainConfig
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "omnidiff-train-test"
+TWO_WORKERS = {"dist.launcher": "ray", "dist.num_workers": 2, "dist.zero_stage": 2}
+
+
+def _cfg(overrides) -> TrainConfig:
+    return load_config(TrainConfig, REPO / "configs" / "train_test_stage1.yaml", overrides)
+
+
+def _weights(export_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{p.parent.name}/{k}": v for p in sorted(Path(export_dir).rglob("*.safetensors"))
+            for k, v in load_file(p).items()}
+
+
+@pytest.fixture(scope="module")
+def reference(stack, train_overrides):
+    """An uninterrupted two-worker stage-1 run, tracked, registered, with a sample grid."""
+    from train import run
+
+    return run(_cfg(train_overrides("ray-reference", **TWO_WORKERS, track=True, **{
+        "registry.register": True, "registry.model_name": MODEL, "samples.per_group": 1, "samples.steps": 2})))
+
+
+def test_two_workers_train_and_are_tracked_and_registered(reference, tiny_llm):
+    from mlflow import MlflowClient
+
+    from omnidiff.models.llm import LLMTextEncoder
+    from omnidiff.pipeline import OmniDiffusionPipeline
+    from omnidiff.tracking import resolve_model
+
+    assert reference["world_size"] == 2 and reference["final_step"] == 12
+    val = {int(k): v for k, v in reference["val_loss"].items()}
+    assert val[12] < 0.9 * val[0]
+
+    client = MlflowClient()
+    run = client.get_run(reference["run_id"])
+    assert run.data.params["dist.num_workers"] == "2" and run.data.tags["stage"] == "train-stage1"
+    assert run.data.tags["snapshot_digest"] and run.data.tags["cache_fingerprint.llm"]
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 2  # steps 6 and 12
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "val_loss")} == {0, 6, 12}
+    assert client.get_metric_history(run.info.run_id, "samples_per_s")[-1].value > 0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "lineage.json", "samples"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step_000012.png"]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs][0].startswith("train-test@")
+
+    version = client.get_model_version_by_alias(MODEL, "candidate")
+    assert version.version == reference["model_version"]
+    assert client.get_model_version_by_alias(MODEL, "stage1").version == version.version
+    assert version.tags["stage"] == "1" and version.tags["run_id"] == reference["run_id"]
+    assert version.tags["snapshot_digest"] == run.data.tags["snapshot_digest"]
+    assert version.tags["cache_fingerprint"] == run.data.tags["cache_fingerprint.llm"]
+
+    folder = resolve_model(f"{MODEL}@candidate")
+    pipe = OmniDiffusionPipeline.from_pretrained(folder, llm=LLMTextEncoder(tiny_llm, max_length=512))
+    images = pipe(["ein roter Kreis oben links"], num_inference_steps=3, output_type="np")
+    assert images.shape == (1, 16, 16, 3) and images.dtype == np.uint8
+
+
+def test_a_killed_worker_resumes_to_the_same_weights(reference, train_overrides):
+    """SIGKILL rank 1 after the step-6 checkpoint; Ray Train restarts the group, which resumes from it."""
+    from train import run
+
+    cfg = _cfg(train_overrides("ray-killed", **TWO_WORKERS, **{"dist.max_failures": 1}))
+    ckpt = Path(cfg.checkpoint.dir)
+    killed: dict = {}
+
+    def kill_rank1_after_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            latest = ckpt / "latest"
+            if latest.is_file() and latest.read_text().strip() == "step00000006":
+                workers = json.loads((ckpt / "workers.json").read_text())["workers"]
+                pid = next(w["pid"] for w in workers if w["rank"] == 1)
+                os.kill(pid, signal.SIGKILL)
+                killed["pid"] = pid
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = run(cfg)
+    killer.join(timeout=5)
+    assert killed, "the run finished before the step-6 checkpoint was seen"
+    assert result["resumed_from"] == "step00000006" and result["start_step"] == 6, result
+    ours, theirs = _weights(Path(result["export_dir"])), _weights(Path(reference["export_dir"]))
+    assert ours.keys() == theirs.keys()
+    different = [k for k in theirs if not torch.equal(ours[k], theirs[k])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+
+
+def test_resume_on_one_worker_from_a_two_worker_checkpoint(reference, train_overrides, tmp_path):
+    """ZeRO-2 shards of two ranks -> ds_to_universal -> one rank, and training finishes close to the reference."""
+    from train import run
+
+    src = Path(reference["checkpoint_dir"])
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(src, ckpt, ignore=shutil.ignore_patterns(".train.lock"))
+    assert json.loads((ckpt / "step00000006" / "omnidiff_meta.json").read_text())["world_size"] == 2
+    (ckpt / "latest").write_text("step00000006")
+    result = run(_cfg(train_overrides("ray-reference", **{"checkpoint.dir": str(ckpt),
+                                                          "registry.export_dir": str(tmp_path / "export")})))
+    assert result["resumed_from"] == "step00000006_universal" and result["start_step"] == 6
+    assert result["world_size"] == 1
+    ours, theirs = _weights(tmp_path / "export"), _weights(Path(reference["export_dir"]))
+    assert all(torch.allclose(ours[k], theirs[k], rtol=1e-3, atol=1e-4) for k in theirs)
