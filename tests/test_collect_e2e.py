@@ -10,7 +10,8 @@
   lands in the same snapshot folder; the MLflow run has the counts, the dataset
   inputs, the manifest and the chart;
 * a run killed halfway (SIGKILL to img2dataset's process group) resumes without
-  duplicates or gaps, with the same pairs as an uninterrupted run.
+  duplicates or gaps (on img2dataset's Ray distributor), with the same pairs as an
+  uninterrupted run.
 """
 
 from __future__ import annotations
@@ -308,19 +309,6 @@ def test_flow_logs_to_mlflow_and_rerun_downloads_nothing(stack, tiny_snapshot, t
     assert json.loads(run.data.tags["sources"])[0]["sha256"] == snap.manifest["sources"]["url_lists"][0]["sha256"]
 
 
-def test_ray_distributor_gives_the_same_snapshot(stack, tiny_snapshot, tiny_world_lists):
-    """img2dataset's Ray distributor on the stack's Ray, other shard sizes: the same content, the same digest."""
-    from data_prep.collect import run
-    from omnidiff.env import home
-
-    url_list, parallel_list = tiny_world_lists
-    cfg = collect_test_config([url_list], [parallel_list], ["name=ray", "download.distributor=ray",
-                                                            "download.shard_rows=75"])  # fmt: skip
-    path = run(cfg)
-    assert path.parent.name == "ray" and path.name == tiny_snapshot.name
-    assert len(list((home() / "data" / "collect" / "ray" / "downloads").glob("*/shards/*_stats.json"))) == 2
-
-
 def _world_routes(world: Path):
     def routes(path: str):
         file = world / path.lstrip("/")
@@ -331,7 +319,8 @@ def _world_routes(world: Path):
     return routes
 
 
-def test_killed_run_resumes_without_duplicates_or_gaps(tiny_world, tiny_snapshot, tmp_path, capsys):
+def test_killed_run_resumes_without_duplicates_or_gaps(stack, tiny_world, tiny_snapshot, tmp_path, capsys):
+    """Killed under img2dataset's multiprocessing distributor, resumed under its Ray distributor (the stack's Ray)."""
     from data_prep.cli import main
     from data_prep.collect import run
     from data_prep.download import DownloadError
@@ -371,8 +360,8 @@ def test_killed_run_resumes_without_duplicates_or_gaps(tiny_world, tiny_snapshot
         assert not list((home() / "data" / "snapshots" / "resume").glob("[0-9a-f]*"))  # nothing published
         requests_before = sum(server.requests.values())
 
-        # resume through the command line
-        assert main(["--config", str(COLLECT_TEST_CONFIG), *lists, *overrides]) == 0
+        # resume through the command line, on Ray this time (the shards are the same unit of work)
+        assert main(["--config", str(COLLECT_TEST_CONFIG), *lists, *overrides, "download.distributor=ray"]) == 0
         path = Path(capsys.readouterr().out.strip().splitlines()[-1])
         # finished shards were not fetched again; every url at least once
         urls = pq.read_table(url_list, columns=["url"]).column("url").to_pylist()
