@@ -35,6 +35,8 @@ def _params(cfg) -> dict:
 
 def build_deployments(pipeline_config: str | Path | None = None, nightly_cron: str | None = None) -> list:
     """The RunnerDeployments, parameterised from the pipeline config (so every stage form is filled in)."""
+    from prefect.deployments.runner import EntrypointType
+
     from flows.base import prepare_base_flow
     from flows.collect import collect_flow
     from flows.config import load_pipeline_config
@@ -42,28 +44,31 @@ def build_deployments(pipeline_config: str | Path | None = None, nightly_cron: s
     from flows.embed import embed_flow, nightly_reembed
     from flows.evaluate import evaluate_flow
     from flows.pipeline import omnidiff_pipeline
-    from flows.train import train_flow
+    from flows.training import train_flow
 
     path = pipeline_config or os.environ.get(PIPELINE_CONFIG_ENV, DEFAULT_PIPELINE_CONFIG)
     cfg = load_pipeline_config(path)
     cron = nightly_cron or os.environ.get(NIGHTLY_CRON_ENV, DEFAULT_NIGHTLY_CRON)
     tags = ["omnidiff"]
+    # Load flows by module path (flows.pipeline.omnidiff_pipeline), not by file: Prefect puts a script's
+    # folder on sys.path, where a flows/<name>.py would shadow a package of the same name.
+    kw = {"tags": tags, "entrypoint_type": EntrypointType.MODULE_PATH}
     return [
-        omnidiff_pipeline.to_deployment(name="omnidiff-pipeline", parameters={"config": _params(cfg)}, tags=tags,
+        omnidiff_pipeline.to_deployment(name="omnidiff-pipeline", parameters={"config": _params(cfg)}, **kw,
                                         description="url lists -> collect -> embed -> stages 1-3 -> evaluate -> deploy"),
-        nightly_reembed.to_deployment(name="nightly-reembed", cron=cron, tags=tags,
+        nightly_reembed.to_deployment(name="nightly-reembed", cron=cron, **kw,
                                       parameters={"cfg": _params(cfg.embed)},
                                       description="embed whatever is new in the latest snapshots"),
-        prepare_base_flow.to_deployment(name="prepare-base", tags=tags,
+        prepare_base_flow.to_deployment(name="prepare-base", **kw,
                                         parameters={"base": _params(cfg.base),
                                                     "world": _params(cfg.world) if cfg.world else None}),
-        collect_flow.to_deployment(name="collect", tags=tags, parameters={"cfg": _params(cfg.collect)}),
-        embed_flow.to_deployment(name="embed", tags=tags, parameters={"cfg": _params(cfg.embed)}),
-        train_flow.to_deployment(name="train", tags=tags, parameters={"cfg": _params(cfg.stage1)}),
-        evaluate_flow.to_deployment(name="evaluate", tags=tags,
+        collect_flow.to_deployment(name="collect", **kw, parameters={"cfg": _params(cfg.collect)}),
+        embed_flow.to_deployment(name="embed", **kw, parameters={"cfg": _params(cfg.embed)}),
+        train_flow.to_deployment(name="train", **kw, parameters={"cfg": _params(cfg.stage1)}),
+        evaluate_flow.to_deployment(name="evaluate", **kw,
                                     parameters={"models": {"candidate": f"{cfg.stage3.registry.model_name}@candidate"},
                                                 "cfg": _params(cfg.evaluate)}),
-        deploy.to_deployment(name="deploy", tags=tags, parameters={"model": cfg.stage3.registry.model_name}),
+        deploy.to_deployment(name="deploy", **kw, parameters={"model": cfg.stage3.registry.model_name}),
     ]
 
 

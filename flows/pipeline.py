@@ -111,7 +111,7 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
     from flows.collect import collect_flow
     from flows.embed import embed_flow
     from flows.evaluate import evaluate_flow
-    from flows.train import train_flow
+    from flows.training import train_flow
     from omnidiff.stack import apply_env
     from omnidiff.tracking import start_run
 

@@ -1,6 +1,6 @@
 """Prefect flows of the training stage: one per stage, plus ``train`` that runs whichever stage its config names.
 
-    python -m flows.train configs/train_stage1.yaml [dotted.key=value ...]
+    python -m flows.training configs/train_stage1.yaml [dotted.key=value ...]
 
 Only wiring: each flow calls ``train.run(cfg)`` in a task. The task retries once: a retry resumes
 from the stage's latest DeepSpeed checkpoint (train.loop), so a crash costs the steps since then.
