@@ -55,8 +55,9 @@ def length_buckets(prompts: pd.DataFrame) -> pd.Series:
         return prompts["clip_tokens"].map(lambda n: LONG if int(n) > CLIP_WINDOW else SHORT)
     if "is_long" in prompts.columns:
         return prompts["is_long"].map(lambda b: LONG if bool(b) else SHORT)
-    raise ValueError(f"prompts: need a 'clip_tokens' or 'is_long' column for the length bucket; "
-                     f"columns are {list(prompts.columns)}")
+    raise ValueError(
+        f"prompts: need a 'clip_tokens' or 'is_long' column for the length bucket; columns are {list(prompts.columns)}"
+    )
 
 
 def check_prompts(prompts: pd.DataFrame, attributes: list[str]) -> None:
@@ -113,8 +114,16 @@ def summarise(per_prompt: pd.DataFrame) -> pd.DataFrame:
             if len(verdicts) == 0:
                 continue
             correct = int(verdicts.astype(bool).sum())
-            rows.append({"attribute": col[3:], "lang": lang, "length": length, "n": len(verdicts),
-                         "correct": correct, "faithfulness": correct / len(verdicts)})
+            rows.append(
+                {
+                    "attribute": col[3:],
+                    "lang": lang,
+                    "length": length,
+                    "n": len(verdicts),
+                    "correct": correct,
+                    "faithfulness": correct / len(verdicts),
+                }
+            )
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -158,8 +167,9 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
 
 
-def image_grids(per_prompt: pd.DataFrame, images: np.ndarray, per_lang: int = 32, columns: int = 8,
-                scale: int = 4) -> dict[str, Image.Image]:
+def image_grids(
+    per_prompt: pd.DataFrame, images: np.ndarray, per_lang: int = 32, columns: int = 8, scale: int = 4
+) -> dict[str, Image.Image]:
     """{lang: grid of its first ``per_lang`` images}, upscaled ``scale`` x with a border per image:
     green when every asked attribute is right, red otherwise, grey when unjudged."""
     if len(per_prompt) != len(images):
@@ -184,8 +194,15 @@ def image_grids(per_prompt: pd.DataFrame, images: np.ndarray, per_lang: int = 32
     return grids
 
 
-def generate_images(pipe, prompts: list[str], seed: int = 0, steps: int = 20, guidance: float = 3.0,
-                    batch_size: int = 32, name: str = "generate") -> np.ndarray:
+def generate_images(
+    pipe,
+    prompts: list[str],
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 3.0,
+    batch_size: int = 32,
+    name: str = "generate",
+) -> np.ndarray:
     """Run ``pipe`` over ``prompts`` in batches -> uint8 (N, H, W, 3).
 
     Batch k is sampled with seed ``seed + k * batch_size`` (its first row's index), so a run is
@@ -203,8 +220,9 @@ def generate_images(pipe, prompts: list[str], seed: int = 0, steps: int = 20, gu
     return np.stack(out)
 
 
-def prompt_faithfulness(pipe, prompts: pd.DataFrame, evaluator, seed: int = 0, steps: int = 20,
-                        guidance: float = 3.0, batch_size: int = 32) -> Faithfulness:
+def prompt_faithfulness(
+    pipe, prompts: pd.DataFrame, evaluator, seed: int = 0, steps: int = 20, guidance: float = 3.0, batch_size: int = 32
+) -> Faithfulness:
     """Generate one image per prompt with ``pipe``, read it with ``evaluator``, compare with the prompt."""
     attributes = list(evaluator.labels)
     check_prompts(prompts, attributes)
@@ -212,3 +230,69 @@ def prompt_faithfulness(pipe, prompts: pd.DataFrame, evaluator, seed: int = 0, s
     images = generate_images(pipe, prompts["prompt"].tolist(), seed, steps, guidance, batch_size, name="score")
     per_prompt = judge(prompts, evaluator.predict(images))
     return Faithfulness(per_prompt, summarise(per_prompt), images)
+
+
+def select_prompts(
+    prompts: pd.DataFrame,
+    langs: tuple[str, ...] | list[str] = (),
+    max_per_group: int = 0,
+    images_per_prompt: int = 1,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The prompt rows to score: only ``langs`` (empty = all), at most ``max_per_group`` per
+    (lang, length) chosen by ``seed`` (0 = all), each repeated ``images_per_prompt`` times with a
+    ``sample`` index (every repeat gets its own image seed)."""
+    out = prompts.reset_index(drop=True).copy()
+    out["length"] = length_buckets(out).to_numpy()
+    if langs:
+        unknown = sorted(set(langs) - set(out["lang"]))
+        if unknown:
+            raise ValueError(f"langs={list(langs)}: {unknown} not in the prompts (have {sorted(set(out['lang']))})")
+        out = out[out["lang"].isin(list(langs))]
+    if max_per_group:
+        out = out.groupby(["lang", "length"], group_keys=False, sort=True).apply(
+            lambda g: g.sample(n=min(len(g), max_per_group), random_state=seed).sort_index()
+        )
+    if images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt={images_per_prompt}: must be >= 1")
+    reps = [out.assign(sample=k) for k in range(images_per_prompt)]
+    return pd.concat(reps, ignore_index=True).drop(columns=["length"])
+
+
+def load_real_images(world_dir, n: int, resolution: int, seed: int = 0) -> np.ndarray:
+    """``n`` of the world's images (seeded pick), box-resized to ``resolution``: uint8 (n, R, R, 3)."""
+    from pathlib import Path
+
+    world_dir = Path(world_dir)
+    rel = pd.read_parquet(world_dir / "pairs.parquet", columns=["image"])["image"]
+    pick = np.random.default_rng(seed).permutation(len(rel))[: min(n, len(rel))]
+    out = np.empty((len(pick), resolution, resolution, 3), dtype=np.uint8)
+    for k, i in enumerate(sorted(pick)):
+        with Image.open(world_dir / rel.iloc[i]) as im:
+            out[k] = np.asarray(im.convert("RGB").resize((resolution, resolution), Image.Resampling.BOX))
+    return out
+
+
+def faithfulness_figure(summary: pd.DataFrame, title: str = "prompt faithfulness"):
+    """Bars per language, one panel per length bucket, one bar per attribute (matplotlib Figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [x for x in (SHORT, LONG) if x in set(summary["length"])]
+    attributes = list(dict.fromkeys(summary["attribute"]))
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 3.8), squeeze=False, sharey=True)
+    for ax, length in zip(axes[0], lengths, strict=True):
+        part = summary[summary["length"] == length]
+        langs = sorted(set(part["lang"]))
+        width = 0.8 / max(1, len(attributes))
+        for k, attr in enumerate(attributes):
+            values = [lookup(part, attr, lang) for lang in langs]
+            ax.bar(np.arange(len(langs)) + k * width, values, width, label=attr)
+        ax.set_xticks(np.arange(len(langs)) + 0.4 - width / 2, langs)
+        ax.set(ylim=(0, 1), title=f"{length} CLIP tokens", ylabel="share of images that match")
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

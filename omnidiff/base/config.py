@@ -33,10 +33,18 @@ class TextEncoderConfig:
     def __post_init__(self) -> None:
         require(self.hidden >= 8, "text_encoder.hidden", self.hidden, "must be >= 8")
         require(self.layers >= 1, "text_encoder.layers", self.layers, "must be >= 1")
-        require(self.heads >= 1 and self.hidden % self.heads == 0, "text_encoder.heads", self.heads,
-                f"must divide text_encoder.hidden={self.hidden}")
-        require(self.intermediate is None or self.intermediate >= 1, "text_encoder.intermediate",
-                self.intermediate, "must be >= 1 or null")
+        require(
+            self.heads >= 1 and self.hidden % self.heads == 0,
+            "text_encoder.heads",
+            self.heads,
+            f"must divide text_encoder.hidden={self.hidden}",
+        )
+        require(
+            self.intermediate is None or self.intermediate >= 1,
+            "text_encoder.intermediate",
+            self.intermediate,
+            "must be >= 1 or null",
+        )
 
 
 @dataclass(frozen=True)
@@ -56,8 +64,12 @@ class UNetConfig:
     use_pooled: bool = True
 
     def __post_init__(self) -> None:
-        require(len(self.block_out_channels) >= 2 and all(c >= 8 for c in self.block_out_channels),
-                "unet.block_out_channels", self.block_out_channels, "need >= 2 levels of >= 8 channels")
+        require(
+            len(self.block_out_channels) >= 2 and all(c >= 8 for c in self.block_out_channels),
+            "unet.block_out_channels",
+            self.block_out_channels,
+            "need >= 2 levels of >= 8 channels",
+        )
         require(self.layers_per_block >= 1, "unet.layers_per_block", self.layers_per_block, "must be >= 1")
         require(self.attention_head_dim >= 1, "unet.attention_head_dim", self.attention_head_dim, "must be >= 1")
 
@@ -72,7 +84,6 @@ class PretrainConfig:
     num_train_timesteps / beta_schedule: the DDPM noise schedule (squaredcos_cap_v2 = cosine).
     ema_decay: EMA of the weights that get saved (0 disables).
     seed: seeds init, batches, noise and timesteps; the same seed gives the same weights.
-    threads: torch intra-op threads (0 = torch's default).
     """
 
     steps: int = 700
@@ -86,7 +97,6 @@ class PretrainConfig:
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
     ema_decay: float = 0.0
     seed: int = 0
-    threads: int = 0
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "pretrain.steps", self.steps, "must be >= 1")
@@ -96,10 +106,10 @@ class PretrainConfig:
         require(self.warmup_steps >= 0, "pretrain.warmup_steps", self.warmup_steps, "must be >= 0")
         require(self.grad_clip > 0, "pretrain.grad_clip", self.grad_clip, "must be > 0")
         require(0 <= self.caption_dropout < 1, "pretrain.caption_dropout", self.caption_dropout, "must be in [0, 1)")
-        require(self.num_train_timesteps >= 10, "pretrain.num_train_timesteps", self.num_train_timesteps,
-                "must be >= 10")
+        require(
+            self.num_train_timesteps >= 10, "pretrain.num_train_timesteps", self.num_train_timesteps, "must be >= 10"
+        )
         require(0 <= self.ema_decay < 1, "pretrain.ema_decay", self.ema_decay, "must be in [0, 1)")
-        require(self.threads >= 0, "pretrain.threads", self.threads, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -147,8 +157,9 @@ class EvaluatorConfig:
         require(self.feature_dim >= 2, "evaluator.feature_dim", self.feature_dim, "must be >= 2")
         require(self.train_images >= 10, "evaluator.train_images", self.train_images, "must be >= 10")
         require(self.heldout_images >= 10, "evaluator.heldout_images", self.heldout_images, "must be >= 10")
-        require(0 < self.heldout_fraction < 0.5, "evaluator.heldout_fraction", self.heldout_fraction,
-                "must be in (0, 0.5)")
+        require(
+            0 < self.heldout_fraction < 0.5, "evaluator.heldout_fraction", self.heldout_fraction, "must be in (0, 0.5)"
+        )
         require(self.steps >= 1, "evaluator.steps", self.steps, "must be >= 1")
         require(self.batch_size >= 2, "evaluator.batch_size", self.batch_size, "must be >= 2")
         require(self.lr > 0, "evaluator.lr", self.lr, "must be > 0")
@@ -160,19 +171,25 @@ class ScoreConfig:
 
     model: a pipeline folder (or registry ref); None -> the base model this config pretrains.
     max_per_group: at most this many prompts per (lang, length) group (0 = all), chosen by seed.
+    images_per_prompt: images drawn per prompt (each with its own seed): more images, tighter numbers.
     langs: only these languages (empty = all).
     real_images: world images used as the "real" side of the Fréchet distance.
     out_dir: where per_prompt.parquet, summary.csv and grids go; None -> home()/reports/base_score/<model hash>.
+    require_fit_evaluator: refuse to score with an evaluator below 95% held-out accuracy (issue 2);
+      false only for smoke tests, and the report then says ``evaluator_fit: false``.
     """
 
     model: str | None = None
-    max_per_group: int = 200
+    max_per_group: int = 0
+    images_per_prompt: int = 4
     langs: tuple[str, ...] = ()
     real_images: int = 1000
     out_dir: Path | None = None
+    require_fit_evaluator: bool = True
 
     def __post_init__(self) -> None:
         require(self.max_per_group >= 0, "score.max_per_group", self.max_per_group, "must be >= 0")
+        require(self.images_per_prompt >= 1, "score.images_per_prompt", self.images_per_prompt, "must be >= 1")
         require(self.real_images >= 2, "score.real_images", self.real_images, "must be >= 2")
 
 
@@ -183,7 +200,10 @@ class BaseConfig:
     world_config: the world's YAML (generated once and reused; its digest is part of the cache key).
     world_dir: use this already generated world folder instead (tests: the ``tiny_world`` fixture).
     resolution: pixel-space image side the UNet and the evaluator work at (world images are resized).
-    track: log to MLflow (needs a tracking server: ``omnidiff stack up``).
+    threads: torch intra-op threads for every command (0 = torch's default). On a shared, busy
+      machine 1 is several times faster than 2 (threads wait on each other). Not part of the
+      cache key (results may differ in the last bits between thread counts).
+    track: log to MLflow (the running stack's server, else a local store under OMNIDIFF_HOME).
     force: retrain even when the cached folder exists.
     """
 
@@ -198,11 +218,16 @@ class BaseConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    threads: int = 0
     track: bool = True
     force: bool = False
 
     def __post_init__(self) -> None:
+        require(self.threads >= 0, "threads", self.threads, "must be >= 0")
         levels = len(self.unet.block_out_channels)
-        require(self.resolution >= 8 and self.resolution % (2 ** (levels - 1)) == 0 and self.resolution % 4 == 0,
-                "resolution", self.resolution,
-                f"must be >= 8 and divisible by 4 and by 2**(levels-1)={2 ** (levels - 1)}")
+        require(
+            self.resolution >= 8 and self.resolution % (2 ** (levels - 1)) == 0 and self.resolution % 4 == 0,
+            "resolution",
+            self.resolution,
+            f"must be >= 8 and divisible by 4 and by 2**(levels-1)={2 ** (levels - 1)}",
+        )

@@ -41,6 +41,7 @@ from omnidiff.world.render import MAX_JITTER, render
 
 log = logging.getLogger("omnidiff.base")
 DEGRADED_SHARE = 0.3  # share of degraded-quality renders in training and held-out sets
+EVALUATOR_VERSION = 2  # bump when the classifier or its training changes what a config produces
 
 
 def all_combinations() -> list[dict[str, str]]:
@@ -70,7 +71,9 @@ def render_set(combos: list[dict[str, str]], n: int, resolution: int, seed: int)
     labels = {name: np.empty(n, dtype=np.int64) for name in PROMPT_ATTRIBUTES}
     for i in range(n):
         attrs = dict(combos[picks[i]], quality="degraded" if degraded[i] else "clean")
-        images[i] = np.asarray(render(attrs, resolution, jitter=(jitter[i, 0], jitter[i, 1]), seed=seed * 1_000_003 + i))
+        images[i] = np.asarray(
+            render(attrs, resolution, jitter=(jitter[i, 0], jitter[i, 1]), seed=seed * 1_000_003 + i)
+        )
         for name in PROMPT_ATTRIBUTES:
             labels[name][i] = ATTRIBUTES[name].index(attrs[name])
     return images, labels
@@ -86,9 +89,14 @@ def render_digest(resolution: int) -> str:
 
 
 def evaluator_hash(cfg: EvaluatorConfig, resolution: int) -> str:
-    payload = {"evaluator": to_dict(cfg), "resolution": resolution,
-               "attributes": {k: list(ATTRIBUTES[k]) for k in PROMPT_ATTRIBUTES},
-               "render": render_digest(resolution), "degraded_share": DEGRADED_SHARE, "version": 1}
+    payload = {
+        "evaluator": to_dict(cfg),
+        "resolution": resolution,
+        "attributes": {k: list(ATTRIBUTES[k]) for k in PROMPT_ATTRIBUTES},
+        "render": render_digest(resolution),
+        "degraded_share": DEGRADED_SHARE,
+        "version": EVALUATOR_VERSION,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -121,7 +129,8 @@ def fit_classifier(cfg: EvaluatorConfig, resolution: int) -> tuple[AttributeClas
     model = AttributeClassifier(labels, resolution, cfg.width, cfg.feature_dim)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+        optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+    )
     x_all = model.to_input(train_x)  # (N, 3, R, R)
     y_all = {name: torch.from_numpy(v) for name, v in train_y.items()}
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -141,9 +150,14 @@ def fit_classifier(cfg: EvaluatorConfig, resolution: int) -> tuple[AttributeClas
             progress.update()
     train_s = time.perf_counter() - t0
     held = accuracy(model, held_x, held_y)
-    extra = {"train_accuracy": accuracy(model, train_x[:3000], {k: v[:3000] for k, v in train_y.items()}),
-             "render_s": render_s, "train_s": train_s, "final_loss": float(np.mean(losses[-20:])),
-             "heldout_combinations": len(held_combos), "train_combinations": len(train_combos)}
+    extra = {
+        "train_accuracy": accuracy(model, train_x[:3000], {k: v[:3000] for k, v in train_y.items()}),
+        "render_s": render_s,
+        "train_s": train_s,
+        "final_loss": float(np.mean(losses[-20:])),
+        "heldout_combinations": len(held_combos),
+        "train_combinations": len(train_combos),
+    }
     return model.eval(), held, {**extra, "losses": losses}
 
 
@@ -157,6 +171,8 @@ def train_evaluator(cfg: BaseConfig) -> Path:
     if (out_dir / "metrics.json").is_file() and not cfg.force:
         log.info("evaluator cached at %s", out_dir)
         return out_dir
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     with _run(cfg, "base-evaluator") as run:
         model, held, extra = fit_classifier(cfg.evaluator, cfg.resolution)
         losses = extra.pop("losses")
@@ -169,8 +185,10 @@ def train_evaluator(cfg: BaseConfig) -> Path:
         tmp.rename(out_dir)  # readers never see a half-written folder
         fit = all(a >= FIT_THRESHOLD for a in held.values())
         summary = ", ".join(f"{k} {v:.1%}" for k, v in held.items())
-        print(f"evaluator held-out accuracy: {summary} -> {'fit' if fit else 'NOT FIT'} to judge "
-              f"(threshold {FIT_THRESHOLD:.0%}); {out_dir}")
+        print(
+            f"evaluator held-out accuracy: {summary} -> {'fit' if fit else 'NOT FIT'} to judge "
+            f"(threshold {FIT_THRESHOLD:.0%}); {out_dir}"
+        )
         if not fit:
             log.warning("evaluator below %.0f%% held-out accuracy on some attribute: %s", 100 * FIT_THRESHOLD, held)
         if run is not None:

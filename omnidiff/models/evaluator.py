@@ -33,10 +33,10 @@ class EvaluatorUnfitError(RuntimeError):
 
 
 class AttributeClassifier(nn.Module):
-    """Conv trunk -> flattened feature map -> ``feature_dim`` features -> one linear head per attribute.
+    """Conv trunk -> (flattened map, global max) -> ``feature_dim`` features -> one linear head per attribute.
 
-    The trunk halves the resolution twice and keeps the spatial map (flatten, not
-    global pooling) because position is one of the attributes to read.
+    The trunk halves the resolution twice; the spatial map is kept (flattened)
+    because position is one of the attributes to read.
     """
 
     def __init__(self, labels: dict[str, list[str]], resolution: int, width: int = 32, feature_dim: int = 128):
@@ -52,16 +52,26 @@ class AttributeClassifier(nn.Module):
             return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
         self.trunk = nn.Sequential(
-            *block(3, width), *block(width, width), nn.MaxPool2d(2),  # (B, w, R/2, R/2)
-            *block(width, 2 * width), *block(2 * width, 2 * width), nn.MaxPool2d(2),  # (B, 2w, R/4, R/4)
+            *block(3, width),
+            *block(width, width),
+            nn.MaxPool2d(2),  # (B, w, R/2, R/2)
+            *block(width, 2 * width),
+            *block(2 * width, 2 * width),
+            nn.MaxPool2d(2),  # (B, 2w, R/4, R/4)
         )
-        flat = 2 * width * (resolution // 4) ** 2
-        self.features = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(flat, feature_dim), nn.ReLU(inplace=True))
+        # The flattened map says where things are; its global max says what they are wherever they
+        # are (shape and colour learn far faster from a translation-invariant summary).
+        flat = 2 * width * (resolution // 4) ** 2 + 2 * width
+        self.features = nn.Sequential(nn.Dropout(0.1), nn.Linear(flat, feature_dim), nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, len(values)) for name, values in self.labels.items()})
 
     def config(self) -> dict:
-        return {"labels": self.labels, "resolution": self.resolution, "width": self.width,
-                "feature_dim": self.feature_dim}
+        return {
+            "labels": self.labels,
+            "resolution": self.resolution,
+            "width": self.width,
+            "feature_dim": self.feature_dim,
+        }
 
     @staticmethod
     def to_input(images: np.ndarray) -> torch.Tensor:
@@ -74,7 +84,9 @@ class AttributeClassifier(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, R, R) in [-1, 1] -> (N, feature_dim) penultimate features."""
-        return self.features(self.trunk(x))
+        fmap = self.trunk(x)  # (N, 2w, R/4, R/4)
+        summary = torch.cat([fmap.flatten(1), fmap.amax(dim=(2, 3))], dim=1)  # (N, 2w*(R/4)^2 + 2w)
+        return self.features(summary)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(N, 3, R, R) -> {attribute: logits (N, n_values)}."""
@@ -128,20 +140,25 @@ class Evaluator:
 
     def predict(self, images: np.ndarray, batch_size: int = 512) -> dict[str, list[str]]:
         """uint8 (N, H, W, 3) -> {attribute: N predicted values}."""
-        return {name: [self.labels[name][i] for i in logit.argmax(1)]
-                for name, logit in self.logits(images, batch_size).items()}
+        return {
+            name: [self.labels[name][i] for i in logit.argmax(1)]
+            for name, logit in self.logits(images, batch_size).items()
+        }
 
     @torch.no_grad()
     def features(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float64 (N, feature_dim), the features the Fréchet distance uses."""
         images = self._check(images)
-        out = [self.model.embed(self.model.to_input(images[s : s + batch_size])).double().numpy()
-               for s in range(0, len(images), batch_size)]
+        out = [
+            self.model.embed(self.model.to_input(images[s : s + batch_size])).double().numpy()
+            for s in range(0, len(images), batch_size)
+        ]
         return np.concatenate(out) if out else np.zeros((0, self.model.feature_dim))
 
 
-def save_evaluator(model: AttributeClassifier, accuracy: dict[str, float], out_dir: str | Path,
-                   extra: dict | None = None) -> Path:
+def save_evaluator(
+    model: AttributeClassifier, accuracy: dict[str, float], out_dir: str | Path, extra: dict | None = None
+) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ ``metrics.json``) into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +168,8 @@ def save_evaluator(model: AttributeClassifier, accuracy: dict[str, float], out_d
     config = {**model.config(), "heldout_accuracy": accuracy, "fit_threshold": FIT_THRESHOLD, "fit_to_judge": fit}
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
     (out_dir / "metrics.json").write_text(
-        json.dumps({"heldout_accuracy": accuracy, "fit_to_judge": fit, **(extra or {})}, indent=2), encoding="utf-8")
+        json.dumps({"heldout_accuracy": accuracy, "fit_to_judge": fit, **(extra or {})}, indent=2), encoding="utf-8"
+    )
     return out_dir
 
 
@@ -159,8 +177,10 @@ def load_evaluator(path: str | Path, require_fit: bool = True) -> Evaluator:
     """Load an evaluator folder; with ``require_fit`` refuse one below :data:`FIT_THRESHOLD` on any attribute."""
     path = Path(path)
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{path}: not an evaluator folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
-                                "train one with `omnidiff base evaluator`")
+        raise FileNotFoundError(
+            f"{path}: not an evaluator folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
+            "train one with `omnidiff base evaluator`"
+        )
     config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
     model = AttributeClassifier(config["labels"], config["resolution"], config["width"], config["feature_dim"])
     model.load_state_dict(load_file(str(path / WEIGHTS_NAME)))

@@ -1,0 +1,325 @@
+"""Pretrain the base text-to-image model: a CLIP-style text encoder + a pixel-space UNet.
+
+    omnidiff base pretrain --config configs/base.yaml            # ~5-6 min on 2 CPU cores, then cached
+
+This model plays Stable Diffusion's part (PAPER.md "The problem"): English only
+(a word vocabulary from the world's English captions, every other word is
+<unk>), one hard 77-token window (long captions lose everything after token 75,
+as CLIP's would), conditioning on the per-token states (cross-attention) plus
+the pooled <eos> state. Text encoder and UNet train together from scratch with
+the ordinary noise-prediction loss on the world's (image, English caption)
+pairs; ~10% of captions are dropped to "" so classifier-free guidance works.
+
+Seeded and reproducible: the same config and world give the same weights
+(init, batch order, noise and timesteps all come from ``pretrain.seed``). The
+result is a pipeline folder (conditioning ``clip``) cached at
+``models_dir()/base/<hash of the config's model part + world digest>/`` and
+reused when present (``force=true`` retrains).
+
+Decision (issue 2): the first ``make demo`` pretrains the base model (about
+5-6 CPU minutes) and every later run reuses the cache, rather than shipping
+weights. The weights then always match the world and the code that made them,
+the command and seed that made them are in the folder's ``base.json`` and the
+MLflow run, and no binary blobs live in the repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from omnidiff.base.config import BaseConfig
+from omnidiff.config import load_config, to_dict
+from omnidiff.env import models_dir
+from omnidiff.progress import Progress
+from omnidiff.text import normalise_caption
+
+log = logging.getLogger("omnidiff.base")
+PRETRAIN_VERSION = 1  # bump when the training code changes what a config produces
+GRID_PROMPTS = 32
+
+
+# -- data ---------------------------------------------------------------------------------------
+def resolve_world(cfg: BaseConfig) -> Path:
+    """The world folder: ``cfg.world_dir`` if set, else the world of ``cfg.world_config`` (generated once)."""
+    from omnidiff.world import WorldConfig, generate_world, load_world_meta
+
+    if cfg.world_dir is not None:
+        load_world_meta(cfg.world_dir)  # clear error when it is not a world
+        return Path(cfg.world_dir).resolve()
+    return generate_world(load_config(WorldConfig, cfg.world_config))
+
+
+def load_pairs(world_dir: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """(images float (N, 3, R, R) in [-1, 1], English captions (N,)) of the world's training pairs.
+
+    Images are box-downsampled to ``resolution`` (what img2dataset's area resize does for the
+    collected snapshot), so the base model sees the same pixels the later stages train on.
+    """
+    pairs = pd.read_parquet(world_dir / "pairs.parquet", columns=["image", "caption_en"])
+    if pairs["caption_en"].isna().any():
+        raise ValueError(f"{world_dir}/pairs.parquet: {int(pairs['caption_en'].isna().sum())} rows lack caption_en")
+    images = np.empty((len(pairs), resolution, resolution, 3), dtype=np.uint8)
+    for i, rel in enumerate(pairs["image"]):
+        with Image.open(world_dir / rel) as im:
+            im = im.convert("RGB")
+            if im.size != (resolution, resolution):
+                im = im.resize((resolution, resolution), Image.Resampling.BOX)
+            images[i] = np.asarray(im)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, R, R)
+    # The pipeline normalises prompts before encoding; captions get the same treatment.
+    return x, [normalise_caption(c) for c in pairs["caption_en"]]
+
+
+# -- models -------------------------------------------------------------------------------------
+def build_models(cfg: BaseConfig):
+    """(text encoder, UNet, DDPM noise scheduler) with fresh weights seeded by ``pretrain.seed``."""
+    from diffusers import DDPMScheduler
+
+    from omnidiff.models.clip_text import build_clip_text_encoder
+    from omnidiff.models.unet import build_unet
+    from omnidiff.world import english_vocabulary
+
+    te = cfg.text_encoder
+    torch.manual_seed(cfg.pretrain.seed)
+    text_encoder = build_clip_text_encoder(english_vocabulary(), te.hidden, te.layers, te.heads, seed=cfg.pretrain.seed)
+    if te.intermediate is not None and te.intermediate != 4 * te.hidden:
+        raise ValueError(f"text_encoder.intermediate={te.intermediate}: build_clip_text_encoder uses 4*hidden")
+    torch.manual_seed(cfg.pretrain.seed + 1)
+    unet = build_unet(
+        cfg.resolution,
+        3,
+        3,
+        cfg.unet.block_out_channels,
+        cross_attention_dim=te.hidden,
+        layers_per_block=cfg.unet.layers_per_block,
+        attention_head_dim=cfg.unet.attention_head_dim,
+        pooled_dim=te.hidden if cfg.unet.use_pooled else None,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=cfg.pretrain.num_train_timesteps,
+        beta_schedule=cfg.pretrain.beta_schedule,
+        prediction_type="epsilon",
+    )
+    return text_encoder, unet, scheduler
+
+
+def compute_loss(
+    images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, text_encoder, unet, scheduler, gen: torch.Generator
+) -> torch.Tensor:
+    """Noise-prediction MSE for one batch: images (B, 3, R, R), token ids / mask (B, 77)."""
+    from omnidiff.pipeline import predict_noise
+
+    states, pooled = text_encoder(ids, mask)  # (B, 77, D), (B, D)
+    noise = torch.randn(images.shape, generator=gen)  # (B, 3, R, R)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=gen)  # (B,)
+    noisy = scheduler.add_noise(images, noise, t)
+    # The pipeline's own conditioning call, so training and sampling cannot drift apart.
+    pred = predict_noise(unet, noisy, t, states, pooled, mask)  # (B, 3, R, R)
+    return F.mse_loss(pred, noise)
+
+
+def train(cfg: BaseConfig, images: torch.Tensor, captions: list[str]) -> dict:
+    """The training loop. Returns {text_encoder, unet, scheduler, losses, wall_s, steps_per_s}."""
+    p = cfg.pretrain
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    text_encoder, unet, scheduler = build_models(cfg)
+    # Tokenise every caption once; "" is the unconditional caption (dropout, and CFG at sampling).
+    all_ids, all_mask = text_encoder.tokenize(captions, max_windows=1)  # (N, 77), (N, 77)
+    null_ids, null_mask = text_encoder.tokenize([""], max_windows=1)  # (1, 77)
+    params = list(text_encoder.parameters()) + list(unet.parameters())
+    optimiser = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine to 10% of lr
+        if step < p.warmup_steps:
+            return (step + 1) / p.warmup_steps
+        progress = (step - p.warmup_steps) / max(1, p.steps - p.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_at)
+    ema = [q.detach().clone() for q in params] if p.ema_decay > 0 else None
+    gen = torch.Generator().manual_seed(p.seed)
+    text_encoder.train()
+    unet.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    with Progress("pretrain", total=p.steps, unit="step") as progress:
+        for _ in range(p.steps):
+            idx = torch.randint(0, len(images), (p.batch_size,), generator=gen)  # (B,)
+            ids, mask = all_ids[idx].clone(), all_mask[idx].clone()
+            drop = torch.rand(p.batch_size, generator=gen) < p.caption_dropout  # (B,)
+            ids[drop], mask[drop] = null_ids, null_mask
+            loss = compute_loss(images[idx], ids, mask, text_encoder, unet, scheduler, gen)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
+            optimiser.step()
+            schedule.step()
+            if ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - p.ema_decay)
+            losses.append(loss.item())
+            progress.update()
+    wall_s = time.perf_counter() - t0
+    if ema is not None:
+        with torch.no_grad():
+            for q, e in zip(params, ema, strict=True):
+                q.copy_(e)
+    text_encoder.eval()
+    unet.eval()
+    return {
+        "text_encoder": text_encoder,
+        "unet": unet,
+        "scheduler": scheduler,
+        "losses": losses,
+        "wall_s": wall_s,
+        "steps_per_s": p.steps / wall_s if wall_s > 0 else float("nan"),
+    }
+
+
+# -- cache --------------------------------------------------------------------------------------
+def model_record(cfg: BaseConfig, world_digest: str) -> dict:
+    """What determines the weights: the model and training parts of the config, the world, the code version."""
+    config = to_dict(cfg)
+    record = {k: config[k] for k in ("resolution", "text_encoder", "unet", "pretrain")}
+    return {"config": record, "world_digest": world_digest, "version": PRETRAIN_VERSION}
+
+
+def base_hash(cfg: BaseConfig, world_digest: str) -> str:
+    return hashlib.sha256(json.dumps(model_record(cfg, world_digest), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_dir(cfg: BaseConfig, world_dir: Path | None = None) -> Path:
+    """Where the base model for ``cfg`` is (or will be) cached."""
+    from omnidiff.world import load_world_meta
+
+    world_dir = world_dir or resolve_world(cfg)
+    return models_dir() / "base" / base_hash(cfg, load_world_meta(world_dir)["digest"])
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file() and (folder / "base.json").is_file()
+
+
+# -- the command --------------------------------------------------------------------------------
+def build_pipeline(text_encoder, unet, scheduler):
+    """The sampling pipeline (conditioning ``clip``) around trained models.
+
+    The pipeline turns the DDPM training scheduler into its DPM-Solver++ sampler with thresholding on
+    (NOTES.md sampling pitfall: without clamping the predicted image, the first step magnifies the
+    model's error ~100x on a cosine schedule).
+    """
+    from omnidiff.pipeline import OmniDiffusionPipeline
+
+    return OmniDiffusionPipeline(unet=unet, scheduler=scheduler, conditioning="clip", text_encoder=text_encoder)
+
+
+def grid_prompts(world_dir: Path, n: int = GRID_PROMPTS) -> pd.DataFrame:
+    """Short English eval prompts for the sample grid (the world's own held-out set)."""
+    prompts = pd.read_parquet(world_dir / "eval_prompts.parquet")
+    return prompts[(prompts["lang"] == "en") & (~prompts["is_long"])].head(n).reset_index(drop=True)
+
+
+def pretrain(cfg: BaseConfig) -> Path:
+    """Pretrain (or reuse) the base model for ``cfg``; returns the pipeline folder."""
+    from omnidiff.world import load_world_meta
+
+    world_dir = resolve_world(cfg)
+    digest = load_world_meta(world_dir)["digest"]
+    out_dir = models_dir() / "base" / base_hash(cfg, digest)
+    if is_complete(out_dir) and not cfg.force:
+        print(f"base model cached at {out_dir}")
+        return out_dir
+    images, captions = load_pairs(world_dir, cfg.resolution)
+    print(f"pretraining the base model on {len(captions)} English pairs from {world_dir}")
+    with _run(cfg) as run:
+        result = train(cfg, images, captions)
+        pipe = build_pipeline(result["text_encoder"], result["unet"], result["scheduler"])
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp)
+        meta = {
+            "command": "omnidiff base pretrain --config <config.yaml>",
+            "config": to_dict(cfg),
+            "record": model_record(cfg, digest),
+            "world_dir": str(world_dir),
+            "pairs": len(captions),
+            "wall_s": result["wall_s"],
+            "steps_per_s": result["steps_per_s"],
+            "final_loss": float(np.mean(result["losses"][-50:])),
+            "mlflow_run_id": run.info.run_id if run is not None else None,
+        }
+        (tmp / "base.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)  # a reader never sees a half-written folder
+        print(
+            f"base model: {cfg.pretrain.steps} steps in {result['wall_s']:.0f}s "
+            f"({result['steps_per_s']:.2f} step/s), final loss {meta['final_loss']:.4f} -> {out_dir}"
+        )
+        if run is not None:
+            _log_pretrain(cfg, result, pipe, world_dir, out_dir, meta)
+    return out_dir
+
+
+def _log_pretrain(cfg: BaseConfig, result: dict, pipe, world_dir: Path, out_dir: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from omnidiff import tracking
+    from omnidiff.scoring import generate_images, image_grids
+
+    losses = result["losses"]
+    for step in range(0, len(losses), max(1, len(losses) // 200)):
+        mlflow.log_metric("loss", losses[step], step=step)
+    mlflow.log_metrics(
+        {"wall_s": result["wall_s"], "steps_per_s": result["steps_per_s"], "final_loss": meta["final_loss"]}
+    )
+    mlflow.set_tags({"base_dir": str(out_dir), "world_digest": meta["record"]["world_digest"]})
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, lw=0.5, alpha=0.5, label="step")
+    window = max(1, len(losses) // 50)
+    ax.plot(np.convolve(losses, np.ones(window) / window, mode="valid"), lw=1.5, label=f"mean of {window}")
+    ax.set(xlabel="step", ylabel="noise-prediction MSE", yscale="log", title="base model pretraining")
+    ax.legend()
+    fig.tight_layout()
+    tracking.log_figure(fig, "pretrain_loss.png")
+    plt.close(fig)
+    prompts = grid_prompts(world_dir)
+    if len(prompts):
+        s = cfg.sample
+        generated = generate_images(
+            pipe, prompts["prompt"].tolist(), s.seed, s.steps, s.guidance, s.batch_size, name="samples"
+        )
+        per_prompt = prompts.assign(length="<=77")
+        grid = image_grids(per_prompt, generated, per_lang=GRID_PROMPTS)["en"]
+        mlflow.log_image(grid, "samples_en.png")
+        tracking.log_json({"prompts": prompts["prompt"].tolist()}, "samples_en_prompts.json")
+
+
+@contextlib.contextmanager
+def _run(cfg: BaseConfig):
+    """An MLflow run when ``cfg.track`` (yields the run), else nothing (yields None)."""
+    if not cfg.track:
+        yield None
+        return
+    from omnidiff import tracking
+
+    with tracking.start_run("base-pretrain", config=cfg) as run:
+        yield run

@@ -1,0 +1,167 @@
+"""Prompt-faithfulness scoring on hand-built tables (omnidiff/scoring.py).
+
+.venv/bin/pytest tests/test_scoring.py -x -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from omnidiff import scoring
+
+
+def _prompts() -> pd.DataFrame:
+    # Two languages x two length buckets; the zh long prompt does not ask for a size.
+    return pd.DataFrame(
+        {
+            "prompt": ["a red circle", "a blue square", "long en", "红色圆形", "蓝色正方形", "long zh"],
+            "lang": ["en", "en", "en", "zh", "zh", "zh"],
+            "is_long": [False, False, True, False, False, True],
+            "shape": ["circle", "square", "cross", "circle", "square", "diamond"],
+            "colour": ["red", "blue", "green", "red", "blue", "pink"],
+            "size": ["small", "large", "small", "small", "large", None],
+        }
+    )
+
+
+def _predicted() -> dict[str, list[str]]:
+    return {
+        "shape": ["circle", "square", "circle", "circle", "circle", "diamond"],
+        "colour": ["red", "red", "green", "blue", "blue", "red"],
+        "size": ["small", "large", "large", "large", "small", "small"],
+    }
+
+
+def test_judge_marks_each_attribute_and_all():
+    per = scoring.judge(_prompts(), _predicted())
+    assert per["ok_shape"].tolist() == [True, True, False, True, False, True]
+    assert per["ok_colour"].tolist() == [True, False, True, False, True, False]
+    # size not asked by the last prompt: unjudged, not wrong
+    assert per["ok_size"].tolist()[:5] == [True, True, False, False, False]
+    assert pd.isna(per["ok_size"].iloc[5])
+    assert per["ok_all"].tolist() == [True, False, False, False, False, False]
+    assert per["length"].tolist() == ["<=77", "<=77", ">77", "<=77", "<=77", ">77"]
+    assert per["pred_shape"].tolist() == _predicted()["shape"]
+
+
+def test_summary_per_attribute_language_and_length():
+    summary = scoring.summarise(scoring.judge(_prompts(), _predicted()))
+    got = {(r.attribute, r.lang, r.length): (r.n, r.correct, r.faithfulness) for r in summary.itertuples()}
+    assert got[("shape", "en", "<=77")] == (2, 2, 1.0)
+    assert got[("colour", "en", "<=77")] == (2, 1, 0.5)
+    assert got[("all", "en", "<=77")] == (2, 1, 0.5)
+    assert got[("shape", "en", ">77")] == (1, 0, 0.0)
+    assert got[("shape", "zh", "<=77")] == (2, 1, 0.5)
+    assert got[("colour", "zh", "<=77")] == (2, 1, 0.5)
+    assert got[("size", "zh", "<=77")] == (2, 0, 0.0)
+    assert ("size", "zh", ">77") not in got  # nobody asked
+    assert got[("shape", "zh", ">77")] == (1, 1, 1.0)
+    assert set(summary.columns) == set(scoring.SUMMARY_COLUMNS)
+    # pooled lookups weight groups by their prompt counts
+    assert scoring.lookup(summary, "shape", "en") == pytest.approx(2 / 3)
+    assert scoring.lookup(summary, "colour", None, "<=77") == pytest.approx(2 / 4)
+    assert np.isnan(scoring.lookup(summary, "colour", "ko"))
+    table = scoring.pivot(summary)
+    assert table.loc[("en", "<=77"), "colour"] == pytest.approx(0.5)
+
+
+def test_length_bucket_prefers_clip_token_counts():
+    prompts = _prompts().assign(clip_tokens=[5, 77, 78, 3, 3, 3])
+    assert scoring.length_buckets(prompts).tolist() == ["<=77", "<=77", ">77", "<=77", "<=77", "<=77"]
+    with pytest.raises(ValueError, match="clip_tokens"):
+        scoring.length_buckets(prompts.drop(columns=["clip_tokens", "is_long"]))
+
+
+def test_bad_tables_are_named():
+    with pytest.raises(ValueError, match="lang"):
+        scoring.judge(_prompts().drop(columns=["lang"]), _predicted())
+    with pytest.raises(ValueError, match="3 values for 6 prompts"):
+        scoring.judge(_prompts(), {**_predicted(), "shape": ["circle"] * 3})
+    with pytest.raises(ValueError, match="ok_"):
+        scoring.summarise(_prompts())
+
+
+def test_frechet_distance_matches_the_scipy_formula():
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 6))
+    b = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6)) * 0.5 + 1.0
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    reference = ((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * linalg.sqrtm(ca @ cb).real)
+    assert scoring.frechet_distance(a, b) == pytest.approx(reference, rel=1e-6)
+    assert scoring.frechet_distance(b, a) == pytest.approx(reference, rel=1e-6)
+    assert scoring.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # a pure shift by d in every one of D dims costs D * d^2
+    assert scoring.frechet_distance(a, a + 2.0) == pytest.approx(6 * 4.0, rel=1e-6)
+    with pytest.raises(ValueError, match="same D"):
+        scoring.frechet_distance(a, b[:, :3])
+
+
+def test_image_grids_one_per_language_with_verdict_borders():
+    per = scoring.judge(_prompts(), _predicted())
+    images = np.zeros((6, 16, 16, 3), dtype=np.uint8)
+    grids = scoring.image_grids(per, images, columns=2, scale=2)
+    assert set(grids) == {"en", "zh"}
+    tile = 16 * 2 + 4
+    assert grids["en"].size == (2 * tile, 2 * tile)  # 3 images in 2 columns -> 2 rows
+    assert grids["en"].getpixel((0, 0)) == (40, 170, 60)  # first en prompt: all right
+    assert grids["en"].getpixel((tile, 0)) == (210, 40, 40)  # second: colour wrong
+    with pytest.raises(ValueError, match="rows"):
+        scoring.image_grids(per, images[:3])
+
+
+def test_select_prompts_caps_groups_and_repeats():
+    prompts = pd.concat([_prompts()] * 5, ignore_index=True)  # 10 short + 5 long per language
+    chosen = scoring.select_prompts(prompts, langs=["en"], max_per_group=3, images_per_prompt=2, seed=0)
+    assert set(chosen["lang"]) == {"en"}
+    assert len(chosen) == (3 + 3) * 2
+    assert chosen["sample"].tolist() == [0] * 6 + [1] * 6
+    assert chosen[chosen["sample"] == 0]["prompt"].tolist() == chosen[chosen["sample"] == 1]["prompt"].tolist()
+    again = scoring.select_prompts(prompts, langs=["en"], max_per_group=3, images_per_prompt=2, seed=0)
+    pd.testing.assert_frame_equal(chosen, again)
+    with pytest.raises(ValueError, match="ko"):
+        scoring.select_prompts(prompts, langs=["ko"])
+
+
+class _RenderPipe:
+    """A stand-in text-to-image model that draws exactly what each prompt row asks (omnidiff.world.render)."""
+
+    def __init__(self, table: pd.DataFrame, wrong_colour: bool = False):
+        self.table = table.set_index("prompt")
+        self.wrong_colour = wrong_colour
+        self.calls = []
+
+    def __call__(self, prompts, num_inference_steps=20, guidance_scale=3.0, seed=0):
+        from omnidiff.world import ATTRIBUTES, render
+
+        self.calls.append((len(prompts), seed))
+        out = []
+        for p in prompts:
+            attrs = {k: self.table.at[p, k] for k in ("shape", "colour", "position", "size", "background")}
+            if self.wrong_colour:
+                colours = ATTRIBUTES["colour"]
+                attrs["colour"] = colours[(colours.index(attrs["colour"]) + 4) % len(colours)]
+            out.append(render(attrs, 16))
+        return out
+
+
+def test_prompt_faithfulness_end_to_end_with_a_drawing_pipe(tiny_world, tiny_evaluator):
+    from omnidiff.models.evaluator import load_evaluator
+
+    evaluator = load_evaluator(tiny_evaluator, require_fit=False)
+    prompts = pd.read_parquet(tiny_world / "eval_prompts.parquet")
+    prompts = prompts[prompts["lang"].isin(["en", "zh"])].reset_index(drop=True)
+    right = _RenderPipe(prompts)
+    result = scoring.prompt_faithfulness(right, prompts, evaluator, seed=5, steps=2, batch_size=7)
+    assert [c[1] for c in right.calls] == list(range(5, 5 + len(prompts), 7))  # seed + first row of each batch
+    assert result.images.shape == (len(prompts), 16, 16, 3)
+    assert result.per_prompt["pred_colour"].tolist() == evaluator.predict(result.images)["colour"]
+    assert result.summary.groupby(["attribute"])["n"].sum()["shape"] == len(prompts)
+    wrong = scoring.prompt_faithfulness(_RenderPipe(prompts, wrong_colour=True), prompts, evaluator, batch_size=16)
+    # The same drawings but in the wrong colour: colour faithfulness collapses, shape does not move.
+    assert scoring.lookup(wrong.summary, "colour") < scoring.lookup(result.summary, "colour") - 0.4
+    assert scoring.lookup(wrong.summary, "shape") == pytest.approx(scoring.lookup(result.summary, "shape"), abs=0.15)
