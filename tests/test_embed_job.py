@@ -393,3 +393,36 @@ def test_embed_flow_and_nightly_deployment(tiny_cache):
     crons = [s.schedule.cron for s in deployment.schedules]
     assert crons == [DEFAULT_CRON] and all(s.active for s in deployment.schedules)
     assert deployment.parameters["cfg"]["snapshots"] == [str(tiny_cache["snapshot"])]
+
+
+def test_vae_slot_stores_latents_for_sd_class_models(tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from embed_cache.job import decode_image, run
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        sample_size=16, scaling_factor=0.5).eval()  # fmt: skip
+    vae.save_pretrained(tmp_path / "vae")
+    images = [png_bytes(i) for i in range(5)]
+    snap = write_snapshot("embedvae", [{"caption": f"image {i}", "image": b} for i, b in enumerate(images)])
+    out = run(load_config(EmbedConfig, EMBED_TEST_CONFIG, [
+        f"snapshots=[{snap}]", "kinds=[pixels]", f"pixels.vae={tmp_path / 'vae'}", "executor=local", "track=false",
+        f"cache_root={tmp_path / 'cache'}",
+    ]))  # fmt: skip
+    store = CacheStore(out["dirs"]["pixels"])
+    assert store.value_shape == (4, 8, 8) and out["computed"]["pixels"] == 5
+    from omnidiff.text import digest_bytes
+
+    key = digest_bytes(images[2])
+    with torch.no_grad():
+        expected = vae.encode(torch.from_numpy(decode_image(images[2], 16))[None]).latent_dist.mean[0] * 0.5
+    np.testing.assert_allclose(store.read([key])[key].astype(np.float32), expected.numpy(), rtol=1e-2, atol=2e-3)
+    # A different VAE (or none) is a different cache.
+    plain = run(load_config(EmbedConfig, EMBED_TEST_CONFIG, [
+        f"snapshots=[{snap}]", "kinds=[pixels]", "executor=local", "track=false", f"cache_root={tmp_path / 'cache'}",
+    ]))  # fmt: skip
+    assert plain["fingerprints"]["pixels"] != out["fingerprints"]["pixels"]
+    assert CacheStore(plain["dirs"]["pixels"]).value_shape == (3, 16, 16)

@@ -1,0 +1,223 @@
+"""Embedding throughput: this job vs a pad-to-max transformers loop vs this machine's matmul roofline.
+
+    .venv/bin/python benchmarks/embed_throughput.py                      # Gemma 3 270M, tiny world mix
+    .venv/bin/python benchmarks/embed_throughput.py --captions 200 --baseline-captions 32 --llm PATH
+
+In one process (issue 4, "Performance"):
+(a) the embed job (Ray Data actor pool, length-sorted token-budget batches, fp32 compute, fp16
+    unpadded Parquet) over a sample of the tiny world's distinct texts (captions in every language,
+    long ones included, parallel texts): useful tokens/s at steady state (actor compute time) and
+    end to end (Ray + actor start + model load + writing included);
+(b) a plain transformers loop that pads every caption to a fixed length (227 = three CLIP windows,
+    as the method's release and PixArt do), batch 32, on a random subset of the same sample;
+(c) a 2048x2048 fp32 matmul with the same thread count, measured before (a), between and after (b):
+    the roofline is their median, and the roofline-predicted tokens/s is that FLOP/s over the model's
+    FLOPs per token (2 x non-embedding parameters + attention over the mean length).
+It prints useful tokens/s of (a) and (b) and their ratio, (a) as a share of the roofline, bytes on
+disk per token against hidden_size x 2, and the incremental claims: a rerun over the unchanged
+snapshot computes nothing (its time vs the first run), and a snapshot with 10% new captions costs
+about 10% of the first run's compute.
+Numbers swing with machine load (the roofline is re-measured for that reason); read them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def matmul_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` fp32 ``n x n`` matmul rate with ``threads`` torch threads (GFLOP/s)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def world_texts(world_config: Path) -> list[str]:
+    """Distinct normalised texts of the world: what the LLM cache holds (captions + parallel texts)."""
+    import pandas as pd
+
+    from omnidiff.config import load_config
+    from omnidiff.text import normalise_caption
+    from omnidiff.world import WorldConfig, generate_world
+
+    world = generate_world(load_config(WorldConfig, world_config))
+    pairs = pd.read_parquet(world / "pairs.parquet", columns=["caption"])
+    parallel = pd.read_parquet(world / "parallel.parquet", columns=["text"])
+    return sorted({normalise_caption(t) for t in list(pairs.caption) + list(parallel.text)})
+
+
+def write_text_snapshot(name: str, texts: list[str], root: Path) -> Path:
+    """A pair snapshot holding ``texts`` as captions (one 1x1 image each; only the llm kind is embedded)."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from data_prep.snapshot import SnapshotWriter
+    from omnidiff.text import digest_bytes, pair_key
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    image = buf.getvalue()
+    digest = digest_bytes(image)
+    rows = [{"key": pair_key(digest, t), "caption": t, "caption_en": None, "lang": "xx", "image": image,
+             "image_digest": digest, "split": "train"} for t in texts]  # fmt: skip
+    writer = SnapshotWriter(name, root=root)
+    writer.write_shard("pairs", pa.Table.from_pylist(rows))
+    return writer.finish({"source": "benchmarks/embed_throughput.py"})
+
+
+def run_job(snapshot: Path, cache_root: Path, llm: Path, args) -> dict:
+    from embed_cache.config import EmbedConfig, LLMSection
+    from embed_cache.job import run
+
+    cfg = EmbedConfig(
+        snapshots=(str(snapshot),), kinds=("llm",), cache_root=cache_root, include_parallel=False,
+        llm=LLMSection(path=llm), num_actors=args.actors, threads_per_actor=args.threads,
+        max_tokens=args.max_tokens, max_batch_size=args.max_batch_size, shard_tokens=args.shard_tokens, track=False,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    summary = run(cfg)
+    stats = summary["kinds"]["llm"]
+    stats["wall_s"] = time.perf_counter() - t0
+    return stats
+
+
+def padded_loop(llm: Path, texts: list[str], pad_to: int, batch_size: int, threads: int) -> dict:
+    """(b): the peers' way: every caption padded (and cut) to ``pad_to`` tokens, fixed batches, no sorting."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    model = AutoModel.from_pretrained(llm, dtype=torch.float32).eval()  # decoder body only: no LM head
+    useful = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], padding="max_length", truncation=True,
+                              max_length=pad_to, return_tensors="pt")  # fmt: skip
+            model(**batch, use_cache=False)  # (B, pad_to, D) last_hidden_state
+            useful += int(batch["attention_mask"].sum())
+    seconds = time.perf_counter() - t0
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return {"useful_tokens": useful, "seconds": seconds, "tokens_per_s": useful / seconds, "slots": len(texts) * pad_to,
+            "non_embedding_params": params, "num_layers": cfg.num_hidden_layers,
+            "attn_dim": cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads),
+            "hidden_size": cfg.hidden_size}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", type=Path, default=REPO / "configs" / "world.yaml", help="world config (caption mix)")
+    parser.add_argument("--llm", type=Path, default=None, help="LLM folder (default: converted Gemma 3 270M)")
+    parser.add_argument("--captions", type=int, default=600, help="distinct texts embedded by (a)")
+    parser.add_argument("--baseline-captions", type=int, default=64, help="texts run through (b)")
+    parser.add_argument("--pad-to", type=int, default=227, help="(b)'s fixed length (3 CLIP windows)")
+    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--shard-tokens", type=int, default=16384)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = parser.parse_args(argv)
+
+    import omnidiff  # noqa: F401  (offline switches)
+    from omnidiff.models.llm import ensure_gemma
+
+    llm = (args.llm or ensure_gemma()).resolve()
+    texts = world_texts(args.world)
+    rng = np.random.default_rng(args.seed)
+    sample = [texts[i] for i in rng.choice(len(texts), size=min(args.captions, len(texts)), replace=False)]
+    extra = [texts[i] for i in rng.choice(len(texts), size=len(texts), replace=False) if texts[i] not in set(sample)]
+    new = extra[: max(1, len(sample) // 10)]
+    baseline_texts = sample[: args.baseline_captions]
+    print(f"LLM {llm.name}; {len(texts)} distinct world texts, sample {len(sample)} (+{len(new)} new), "
+          f"baseline {len(baseline_texts)}; {args.actors} actor(s) x {args.threads} thread(s)", flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
+    roofline = [matmul_gflops(args.threads)]
+    print(f"(c) matmul roofline: {roofline[-1]:.1f} GFLOP/s", flush=True)
+
+    snap_a = write_text_snapshot("bench", sample, work / "snapshots")
+    first = run_job(snap_a, work / "cache", llm, args)
+    second = run_job(snap_a, work / "cache", llm, args)
+    snap_b = write_text_snapshot("bench", sample + new, work / "snapshots")
+    grown = run_job(snap_b, work / "cache", llm, args)
+    roofline.append(matmul_gflops(args.threads))
+    print(f"(c) matmul roofline: {roofline[-1]:.1f} GFLOP/s", flush=True)
+
+    base = padded_loop(llm, baseline_texts, args.pad_to, 32, args.threads)
+    roofline.append(matmul_gflops(args.threads))
+    print(f"(c) matmul roofline: {roofline[-1]:.1f} GFLOP/s", flush=True)
+
+    steady = first["tokens"] / (first["compute_seconds"] / args.actors)
+    end_to_end = first["tokens"] / first["wall_s"]
+    mean_len = first["tokens"] / max(1, first["computed"])
+    flops_per_token = 2 * base["non_embedding_params"] + 4 * base["num_layers"] * mean_len * base["attn_dim"]
+    gflops = statistics.median(roofline)
+    predicted = gflops * 1e9 / flops_per_token
+    raw = base["hidden_size"] * 2
+    padded_bytes = args.pad_to * raw * first["computed"] / first["tokens"]
+    out = {
+        "llm": llm.name, "captions": len(sample), "mean_tokens": mean_len, "pad_to": args.pad_to,
+        "a_tokens_per_s_steady": steady, "a_tokens_per_s_end_to_end": end_to_end,
+        "a_padding_fraction": first["padding_fraction"], "a_load_s": first["load_seconds"],
+        "b_tokens_per_s": base["tokens_per_s"], "ratio_a_over_b": steady / base["tokens_per_s"],
+        "ratio_a_end_to_end_over_b": end_to_end / base["tokens_per_s"],
+        "roofline_gflops": roofline, "flops_per_token": flops_per_token, "roofline_tokens_per_s": predicted,
+        "a_share_of_roofline": steady / predicted, "b_share_of_roofline": base["tokens_per_s"] / predicted,
+        "bytes_per_token": first["bytes_per_token"], "hidden_size_x2": raw, "padded_bytes_per_useful_token": padded_bytes,
+        "first_run_s": first["wall_s"], "first_compute_s": first["compute_seconds"],
+        "rerun_s": second["wall_s"], "rerun_computed": second["computed"],
+        "grown_s": grown["wall_s"], "grown_computed": grown["computed"], "grown_compute_s": grown["compute_seconds"],
+    }  # fmt: skip
+    print()
+    print(f"(a) this job:        {steady:8.1f} useful tok/s steady ({end_to_end:.1f} end to end incl. Ray, actor "
+          f"start, model load {first['load_seconds']:.1f}s); padding {100 * first['padding_fraction']:.1f}% of slots")
+    print(f"(b) pad-to-{args.pad_to} loop: {base['tokens_per_s']:8.1f} useful tok/s "
+          f"({100 * (1 - base['useful_tokens'] / base['slots']):.0f}% of slots are padding)")
+    print(f"    (a)/(b) = {out['ratio_a_over_b']:.1f}x steady, {out['ratio_a_end_to_end_over_b']:.1f}x end to end")
+    print(f"(c) roofline {gflops:.0f} GFLOP/s (runs: {', '.join(f'{g:.0f}' for g in roofline)}), "
+          f"{flops_per_token / 1e6:.0f} MFLOP/token -> {predicted:.0f} tok/s; "
+          f"(a) = {100 * out['a_share_of_roofline']:.0f}% of it, (b) = {100 * out['b_share_of_roofline']:.0f}%")
+    print(f"disk: {first['bytes_per_token']:.0f} bytes/token vs hidden_size x 2 = {raw} "
+          f"({first['bytes_per_token'] / raw:.2f}x); padded to {args.pad_to} it would be {padded_bytes:.0f} per useful token")
+    print(f"incremental: first run {first['wall_s']:.1f}s ({first['computed']} computed); unchanged rerun "
+          f"{second['wall_s']:.2f}s ({second['computed']} computed, {100 * second['wall_s'] / first['wall_s']:.1f}% of the "
+          f"first); +{len(new)} new captions: {grown['computed']} computed, {grown['wall_s']:.1f}s wall "
+          f"({100 * grown['wall_s'] / first['wall_s']:.0f}%), compute {grown['compute_seconds']:.1f}s "
+          f"({100 * grown['compute_seconds'] / first['compute_seconds']:.0f}% of the first run's)")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMNIDIFF_HOME", str(REPO / ".omnidiff"))
+    raise SystemExit(main())
