@@ -129,8 +129,7 @@ def resolve_snapshots(names: Iterable[str]) -> list[Path]:
             out.append(Path(latest_snapshot(name)).resolve())
         except (SnapshotError, FileNotFoundError) as exc:
             raise FileNotFoundError(
-                f"snapshots: {name!r} is neither a snapshot directory nor a collected snapshot name "
-                f"({exc}); run 'omnidiff collect' first"
+                f"snapshots: {name!r} is neither a snapshot directory nor a collected snapshot name: {exc}"
             ) from None
     return out
 
