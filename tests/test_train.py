@@ -215,7 +215,7 @@ def test_exported_folders_load_and_generate_in_any_language(stage_results, tiny_
     from omnidiff.models.llm import LLMTextEncoder
     from omnidiff.pipeline import OmniDiffusionPipeline
 
-    llm = LLMTextEncoder(tiny_llm, max_length=128)
+    llm = LLMTextEncoder(tiny_llm, max_length=512)
     for stage, result in stage_results.items():
         folder = Path(result["export_dir"])
         index = json.loads((folder / "model_index.json").read_text())

@@ -203,7 +203,16 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, world: int, cf
     incomplete checkpoint. So we save with ``save_latest=False`` (its closing barrier then means
     every shard is written) and move ``latest`` ourselves, atomically, with a metadata file beside it.
     """
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
     tag = step_tag(step)
+    # The marker ds_to_universal looks for: this checkpoint may be converted for another worker count.
+    client_state = {**client_state,
+                    UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     if rank == 0:
         meta = {"step": step, "world_size": world, "zero_stage": cfg.dist.zero_stage, "tag": tag,
@@ -267,7 +276,7 @@ def to_universal(src: Path, dst: Path) -> None:
 
     shutil.rmtree(dst, ignore_errors=True)
     args = Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1, num_merge_workers=1,
-                     keep_temp_folder=False, strict=True, inject_missing_state=True)
+                     keep_temp_folder=False, strict=True, inject_missing_state=False)
     ds_to_universal.main(args)
 
 
@@ -347,7 +356,8 @@ def ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> 
 # ----------------------------------------------------------------------------------- worker
 
 
-def _dist_context(launcher: str) -> tuple[int, int]:
+def dist_context(launcher: str) -> tuple[int, int]:
+    """``(rank, world size)``: from Ray Train's context, or a one-rank rendezvous in this process (``local``)."""
     if launcher == "ray":
         import ray.train
 
@@ -374,7 +384,7 @@ def train_worker(job: dict) -> None:
     cfg_dict = dict(job["config"])
     cfg_dict.pop("kind", None)
     cfg = from_dict(TrainConfig, cfg_dict)
-    rank, world = _dist_context(cfg.dist.launcher)
+    rank, world = dist_context(cfg.dist.launcher)
     # One intra-op thread per reserved CPU: more threads than cores makes every small op wait on
     # OpenMP barriers (measured here: 10x slower per op with 2 threads on a busy 2-core box).
     threads = torch.get_num_threads()
@@ -457,7 +467,7 @@ def _loop(cfg, job: dict, rank: int, world: int, ckpt_dir: Path) -> None:
     accum, micro, g_batch = cfg.grad_accum_steps, cfg.micro_batch_size, cfg.global_batch_size
     prompts = job.get("prompts") or []
     last_saved = start_step if load_tag is not None else -1
-    window_loss, window_n, window_metrics = 0.0, 0, {}
+    window_loss, window_n, window_steps, window_metrics = 0.0, 0, 0, {}
     t_window = time.perf_counter()
     t_train, trained_samples = 0.0, 0
     loss_value = float("nan")
@@ -487,6 +497,7 @@ def _loop(cfg, job: dict, rank: int, world: int, ckpt_dir: Path) -> None:
             ema_update(ema, model, cfg.ema_decay)
         t_train += time.perf_counter() - t0
         trained_samples += g_batch
+        window_steps += 1
         done = step + 1
         if progress is not None:
             progress.update(1)
@@ -499,15 +510,15 @@ def _loop(cfg, job: dict, rank: int, world: int, ckpt_dir: Path) -> None:
             loss_value = float(stats[0] / stats[1])
             extra = {k: float(v / stats[1]) for k, v in zip(window_metrics, stats[2:].tolist(), strict=True)}
             elapsed = time.perf_counter() - t_window
-            rate = g_batch * cfg.log_every / elapsed if elapsed > 0 else 0.0
+            rate = g_batch * window_steps / elapsed if elapsed > 0 else 0.0
             lr = engine.get_lr()[0]
             if rank == 0:
-                eta = (cfg.max_steps - done) * elapsed / max(1, cfg.log_every)
+                eta = (cfg.max_steps - done) * elapsed / window_steps
                 extras = " ".join(f"{k} {v:.4f}" for k, v in extra.items())
                 print(f"[train stage{cfg.stage}] step {done}/{cfg.max_steps} loss {loss_value:.5f} {extras} "
                       f"lr {lr:.2e} {rate:.1f} samples/s eta {eta:.0f}s", flush=True)
                 tracker.log({"loss": loss_value, "lr": lr, "samples_per_s": rate, **extra}, done)
-            window_loss, window_n, window_metrics, t_window = 0.0, 0, {}, time.perf_counter()
+            window_loss, window_n, window_steps, window_metrics, t_window = 0.0, 0, 0, {}, time.perf_counter()
 
         if done % cfg.checkpoint.every_steps == 0 or done == cfg.max_steps:
             save_checkpoint(engine, ckpt_dir, done, rank, world, cfg, {"step": done, "ema": ema})
