@@ -305,8 +305,10 @@ def write_shard_file(directory: str | Path, name: str, table: pa.Table, run_toke
         return {**entry, "stale": True}
     final = shards / name
     if final.exists():
-        tmp.unlink(missing_ok=True)
-        raise CacheError(f"{final}: shard name already taken (two runs with the same stamp?)")
+        # A retried task (its actor died after the rename, before reporting): keep both files; the
+        # next writer drops the one whose keys are already listed.
+        final = shards / name.replace(".parquet", f"-{uuid.uuid4().hex[:8]}.parquet")
+        entry["name"] = final.name
     os.replace(tmp, final)
     _fsync_dir(shards)
     return entry

@@ -217,9 +217,12 @@ def test_unlisted_shard_from_killed_run_is_adopted_and_temps_removed(tmp_path):
         write_shard_file(writer.path, writer.shard_name(1), states_table(["c"], _states(rng, [5])), writer.run_token)
         write_shard_file(writer.path, writer.shard_name(2), states_table(["b", "d"], _states(rng, [1, 1])))
         (writer.path / SHARDS_DIR / ".tmp-part-x.parquet-1234").write_bytes(b"PAR1 half")
+        # A retried task rewrites a shard whose first copy was renamed but never reported.
+        retried = write_shard_file(writer.path, writer.shard_name(1), states_table(["c"], _states(rng, [5])))
+        assert retried["name"] != writer.shard_name(1)
     with _writer(tmp_path) as writer:
         assert writer.recovered["temp_removed"] == 1
-        assert len(writer.recovered["adopted"]) == 2
+        assert len(writer.recovered["adopted"]) == 2 and len(writer.recovered["dropped"]) == 1
         assert writer.keys == {"a", "b", "c", "d"}
     store = CacheStore(writer.path)
     report = store.verify()
