@@ -483,7 +483,7 @@ def _loop(cfg, job: dict, rank: int, world: int, ckpt_dir: Path) -> None:
         set_train_mode(model, cfg)
         for m in range(accum):
             positions = CachedBatches.positions(step, g_batch, rank, world, micro, m)
-            batch = batches.batch(positions)
+            batch = to_engine(batches.batch(positions), engine)
             # Dropout noise seeded by the micro-batch's first sample: same on resume, any worker count.
             torch.manual_seed(int(positions[0]) * 7919 + cfg.seed)
             loss, metrics = engine(batch)
@@ -565,13 +565,24 @@ def _loop(cfg, job: dict, rank: int, world: int, ckpt_dir: Path) -> None:
     # to it, so the next local run in this process reuses it instead of re-initialising.
 
 
+def to_engine(batch: dict, engine) -> dict:
+    """Batch tensors on the engine's device; floating ones in its compute dtype (bf16/fp16 when enabled)."""
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+    out = {}
+    for key, value in batch.items():
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        out[key] = value.to(engine.device)
+    return out
+
+
 def validation_loss(engine, batch: dict) -> float:
     """Loss of the fixed validation batch under the current weights (every rank calls: ZeRO-3 gathers)."""
     model = engine.module
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        loss, _ = model(batch)
+        loss, _ = model(to_engine(batch, engine))
     model.train(was_training)
     return float(loss.item())
 

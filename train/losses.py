@@ -76,7 +76,7 @@ def compute_diffusion_loss(batch: dict, modules, noise_scheduler):
     tokens, pooled = modules["adapter"](batch["llm_states"], batch["llm_mask"])  # (B, Q, D), (B, D)
     pixels, noise, timesteps = batch["pixels"], batch["noise"], batch["timesteps"]
     noisy = noise_scheduler.add_noise(pixels, noise, timesteps)  # (B, C, H, W)
-    mask = torch.ones(tokens.shape[:2], dtype=torch.bool)  # (B, Q): every adapter query is a real token
+    mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # (B, Q): every query is real
     pred = predict_noise(modules["unet"], noisy, timesteps, tokens, pooled, mask)  # (B, C, H, W)
     target = diffusion_target(noise_scheduler, pixels, noise, timesteps)
     loss = F.mse_loss(pred.float(), target.float())
