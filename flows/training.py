@@ -22,7 +22,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @task(name="train-stage", retries=1, retry_delay_seconds=10)
 def train_task(cfg: TrainConfig) -> dict[str, Any]:
-    from train import run
+    from train.ray_job import run  # the submodule: an old editable install may map `train` as a namespace
 
     return run(cfg)
 

@@ -32,13 +32,16 @@ def main(argv: list[str]) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    from train import run
+    # train.ray_job, not `from train import run`: an editable install made before train/__init__.py
+    # existed maps `train` as a namespace package, which has no `run`.
+    from data_prep.snapshot import SnapshotError
+    from embed_cache.store import CacheError
     from train.data import CacheMismatchError
-    from train.ray_job import TrainingError
+    from train.ray_job import TrainingError, run
 
     try:
         result = run(cfg)
-    except (CacheMismatchError, TrainingError) as exc:
+    except (CacheMismatchError, CacheError, SnapshotError, TrainingError) as exc:
         print(f"omnidiff train: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result, default=str))
