@@ -52,6 +52,12 @@ def setup_offline() -> None:
     """
     for key, value in _OFFLINE_SWITCHES.items():
         os.environ.setdefault(key, value)
+    # Ray reads this once, when it is imported: a local (loopback) Ray must be single-node, or the
+    # driver swaps 127.0.0.1 for the machine's address and cannot reach a head bound to loopback
+    # (omnidiff/stack.py starts it so). A remote cluster address leaves Ray's default alone.
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not address or address.split("://")[-1].startswith(("127.", "localhost")):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     root = home()
     state_dirs = {
         "PREFECT_HOME": root / "prefect",
