@@ -10,10 +10,12 @@ In one process (issue 4, "Performance"):
     end to end (Ray + actor start + model load + writing included);
 (b) a plain transformers loop that pads every caption to a fixed length (227 = three CLIP windows,
     as the method's release and PixArt do), batch 32, on a random subset of the same sample;
-(c) back-to-back 2048x2048 fp32 matmuls (3 s, median) with the same thread count, read before and
-    after every phase; each phase's share of the roofline uses the readings around it, and the
-    roofline-predicted tokens/s is that FLOP/s over the model's FLOPs per token (2 x non-embedding
-    parameters + attention over the mean length). (b) runs in two halves, before and after (a).
+(c) back-to-back 2048x2048 fp32 matmuls (median GFLOP/s) with the same thread count: read between
+    phases, and probed for ``--probe-s`` right before every shard of (a) (inside the actor) and every
+    batch of (b), untimed; each one's share of the roofline uses its own probes, weighted by compute
+    time, so load that comes and goes on a shared machine hits both alike. The roofline-predicted
+    tokens/s is that FLOP/s over the model's FLOPs per token (2 x non-embedding parameters +
+    attention over the mean length). (b) runs in two halves, before and after (a).
 It prints useful tokens/s of (a) and (b) and their ratio, (a) as a share of the roofline, bytes on
 disk per token against hidden_size x 2, and the incremental claims: a rerun over the unchanged
 snapshot computes nothing (its time vs the first run), and a snapshot with 10% new captions costs
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -38,24 +39,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def matmul_gflops(threads: int, seconds: float = 3.0, n: int = 2048) -> tuple[float, float]:
-    """``(median, best)`` GFLOP/s of back-to-back fp32 ``n x n`` matmuls for ``seconds`` with ``threads`` threads.
-
-    The median of a sustained run is the roofline used: a single best-of burst reads high on a
-    loaded machine, where long work sees the average contention, not the luckiest slice.
-    """
+def roofline_reading(threads: int, seconds: float = 3.0) -> float:
+    """Sustained fp32 matmul GFLOP/s (median of 2048^3 products for ``seconds``) with ``threads`` threads."""
     import torch
 
+    from embed_cache.job import matmul_gflops
+
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up
-    rates = []
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end or len(rates) < 3:
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return statistics.median(rates), max(rates)
+    return matmul_gflops(seconds)
 
 
 def world_texts(world_config: Path) -> list[str]:
@@ -101,6 +92,7 @@ def run_job(snapshot: Path, cache_root: Path, llm: Path, args) -> dict:
         snapshots=(str(snapshot),), kinds=("llm",), cache_root=cache_root, include_parallel=False,
         llm=LLMSection(path=llm), num_actors=args.actors, threads_per_actor=args.threads,
         max_tokens=args.max_tokens, max_batch_size=args.max_batch_size, shard_tokens=args.shard_tokens, track=False,
+        roofline_probe_s=args.probe_s,
     )  # fmt: skip
     t0 = time.perf_counter()
     summary = run(cfg)
@@ -109,27 +101,36 @@ def run_job(snapshot: Path, cache_root: Path, llm: Path, args) -> dict:
     return stats
 
 
-def padded_loop(llm: Path, texts: list[str], pad_to: int, batch_size: int, threads: int) -> dict:
-    """(b): the peers' way: every caption padded (and cut) to ``pad_to`` tokens, fixed batches, no sorting."""
+def padded_loop(llm: Path, texts: list[str], pad_to: int, batch_size: int, threads: int, probe_s: float) -> dict:
+    """(b): the peers' way: every caption padded (and cut) to ``pad_to`` tokens, fixed batches, no sorting.
+
+    Like the job's actors, it samples the matmul roofline before each batch (not timed), so both are
+    judged against the machine's rate at the moment they ran.
+    """
     import torch
     from transformers import AutoModel, AutoTokenizer
+
+    from embed_cache.job import matmul_gflops
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(llm)
     model = AutoModel.from_pretrained(llm, dtype=torch.float32).eval()  # decoder body only: no LM head
-    useful = 0
-    t0 = time.perf_counter()
+    useful, seconds, weighted = 0, 0.0, 0.0
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
+            roofline = matmul_gflops(probe_s)
+            t0 = time.perf_counter()
             batch = tokenizer(texts[start : start + batch_size], padding="max_length", truncation=True,
                               max_length=pad_to, return_tensors="pt")  # fmt: skip
             model(**batch, use_cache=False)  # (B, pad_to, D) last_hidden_state
+            dt = time.perf_counter() - t0
+            seconds += dt
+            weighted += roofline * dt
             useful += int(batch["attention_mask"].sum())
-    seconds = time.perf_counter() - t0
     params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return {"useful_tokens": useful, "seconds": seconds, "tokens_per_s": useful / seconds, "slots": len(texts) * pad_to,
-            "non_embedding_params": params, "num_layers": cfg.num_hidden_layers,
+            "roofline_gflops": weighted / seconds, "non_embedding_params": params, "num_layers": cfg.num_hidden_layers,
             "attn_dim": cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads),
             "hidden_size": cfg.hidden_size}  # fmt: skip
 
@@ -145,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--shard-tokens", type=int, default=16384)
+    parser.add_argument("--shard-tokens", type=int, default=8192)
+    parser.add_argument("--probe-s", type=float, default=0.5,
+                        help="seconds of matmul before each shard / batch sampling the roofline under current load")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
@@ -164,42 +167,42 @@ def main(argv: list[str] | None = None) -> int:
           f"baseline {len(baseline_texts)}; {args.actors} actor(s) x {args.threads} thread(s)", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
-    roofline: list[float] = []
+    readings: list[float] = []
 
-    def measure_roofline() -> float:
-        median, best = matmul_gflops(args.threads)
-        roofline.append(median)
-        print(f"(c) matmul roofline: {median:.1f} GFLOP/s sustained median (best {best:.1f})", flush=True)
-        return median
+    def reading() -> None:
+        readings.append(roofline_reading(args.threads))
+        print(f"(c) matmul roofline: {readings[-1]:.1f} GFLOP/s (sustained median)", flush=True)
 
-    # (b) runs twice, before and after (a), and every phase sits between two roofline readings, so
-    # load that comes and goes on a shared machine hits the three measurements alike.
-    r0 = measure_roofline()
-    base1 = padded_loop(llm, baseline_texts[: len(baseline_texts) // 2], args.pad_to, 32, args.threads)
+    # (b) runs in two halves, before and after (a); every shard of (a) and every batch of (b) is
+    # preceded by a short roofline probe, so load that comes and goes on a shared machine is
+    # accounted for in each one's share.
+    reading()
+    base1 = padded_loop(llm, baseline_texts[: len(baseline_texts) // 2], args.pad_to, 32, args.threads, args.probe_s)
     print(f"(b) first half: {base1['tokens_per_s']:.1f} useful tok/s", flush=True)
-    r1 = measure_roofline()
+    reading()
     snap_a = write_text_snapshot("bench", sample, work / "snapshots")
     first = run_job(snap_a, work / "cache", llm, args)
-    r2 = measure_roofline()
+    reading()
     second = run_job(snap_a, work / "cache", llm, args)
     snap_b = write_text_snapshot("bench", sample + new, work / "snapshots")
     grown = run_job(snap_b, work / "cache", llm, args)
-    r3 = measure_roofline()
-    base2 = padded_loop(llm, baseline_texts[len(baseline_texts) // 2 :], args.pad_to, 32, args.threads)
+    reading()
+    base2 = padded_loop(llm, baseline_texts[len(baseline_texts) // 2 :], args.pad_to, 32, args.threads, args.probe_s)
     print(f"(b) second half: {base2['tokens_per_s']:.1f} useful tok/s", flush=True)
-    r4 = measure_roofline()
-    base = {**base2, "useful_tokens": base1["useful_tokens"] + base2["useful_tokens"],
-            "seconds": base1["seconds"] + base2["seconds"], "slots": base1["slots"] + base2["slots"]}  # fmt: skip
-    base["tokens_per_s"] = base["useful_tokens"] / base["seconds"]
+    reading()
+    seconds_b = base1["seconds"] + base2["seconds"]
+    base = {**base2, "useful_tokens": base1["useful_tokens"] + base2["useful_tokens"], "seconds": seconds_b,
+            "slots": base1["slots"] + base2["slots"],
+            "roofline_gflops": (base1["roofline_gflops"] * base1["seconds"]
+                                + base2["roofline_gflops"] * base2["seconds"]) / seconds_b}  # fmt: skip
+    base["tokens_per_s"] = base["useful_tokens"] / seconds_b
 
     steady = first["tokens"] / (first["compute_seconds"] / args.actors)
     end_to_end = first["tokens"] / first["wall_s"]
     mean_len = first["tokens"] / max(1, first["computed"])
     flops_per_token = 2 * base["non_embedding_params"] + 4 * base["num_layers"] * mean_len * base["attn_dim"]
-    a_gflops, b_gflops = (r1 + r2) / 2, ((r0 + r1) / 2 + (r3 + r4) / 2) / 2
-    gflops = statistics.median(roofline)
-    predicted = gflops * 1e9 / flops_per_token
-    a_predicted, b_predicted = a_gflops * 1e9 / flops_per_token, b_gflops * 1e9 / flops_per_token
+    a_predicted = first["roofline_gflops"] * 1e9 / flops_per_token
+    b_predicted = base["roofline_gflops"] * 1e9 / flops_per_token
     raw = base["hidden_size"] * 2
     padded_bytes = args.pad_to * raw * first["computed"] / first["tokens"]
     out = {
@@ -208,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         "a_padding_fraction": first["padding_fraction"], "a_load_s": first["load_seconds"],
         "b_tokens_per_s": base["tokens_per_s"], "ratio_a_over_b": steady / base["tokens_per_s"],
         "ratio_a_end_to_end_over_b": end_to_end / base["tokens_per_s"],
-        "roofline_gflops": roofline, "flops_per_token": flops_per_token, "roofline_tokens_per_s": predicted,
+        "roofline_readings_gflops": readings, "a_roofline_gflops": first["roofline_gflops"],
+        "b_roofline_gflops": base["roofline_gflops"], "flops_per_token": flops_per_token,
+        "a_roofline_tokens_per_s": a_predicted, "b_roofline_tokens_per_s": b_predicted,
         "a_share_of_roofline": steady / a_predicted, "b_share_of_roofline": base["tokens_per_s"] / b_predicted,
         "bytes_per_token": first["bytes_per_token"], "hidden_size_x2": raw, "padded_bytes_per_useful_token": padded_bytes,
         "first_run_s": first["wall_s"], "first_compute_s": first["compute_seconds"],
@@ -221,10 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(b) pad-to-{args.pad_to} loop: {base['tokens_per_s']:8.1f} useful tok/s "
           f"({100 * (1 - base['useful_tokens'] / base['slots']):.0f}% of slots are padding)")
     print(f"    (a)/(b) = {out['ratio_a_over_b']:.1f}x steady, {out['ratio_a_end_to_end_over_b']:.1f}x end to end")
-    print(f"(c) roofline {gflops:.0f} GFLOP/s median (readings: {', '.join(f'{g:.0f}' for g in roofline)}), "
-          f"{flops_per_token / 1e6:.0f} MFLOP/token -> {predicted:.0f} tok/s; against the readings around "
-          f"each phase: (a) = {100 * out['a_share_of_roofline']:.0f}% of {a_predicted:.0f} tok/s, "
-          f"(b) = {100 * out['b_share_of_roofline']:.0f}% of {b_predicted:.0f} tok/s")
+    print(f"(c) roofline: (a) ran at {first['roofline_gflops']:.0f} GFLOP/s, (b) at {base['roofline_gflops']:.0f} "
+          f"(probes before each shard/batch; phase readings {', '.join(f'{g:.0f}' for g in readings)}); "
+          f"{flops_per_token / 1e6:.0f} MFLOP/token -> (a) = {100 * out['a_share_of_roofline']:.0f}% of "
+          f"{a_predicted:.0f} tok/s, (b) = {100 * out['b_share_of_roofline']:.0f}% of {b_predicted:.0f} tok/s; "
+          f"load-normalised (a)/(b) = {out['a_share_of_roofline'] / out['b_share_of_roofline']:.1f}x")
     print(f"disk: {first['bytes_per_token']:.0f} bytes/token vs hidden_size x 2 = {raw} "
           f"({first['bytes_per_token'] / raw:.2f}x); padded to {args.pad_to} it would be {padded_bytes:.0f} per useful token")
     print(f"incremental: first run {first['wall_s']:.1f}s ({first['computed']} computed); unchanged rerun "

@@ -90,6 +90,9 @@ class EmbedConfig:
     max_batch_size: captions per compute batch at most.
     shard_tokens, shard_rows: the unit of work one actor call computes and writes as one shard.
     progress_every_s: seconds between progress lines.
+    roofline_probe_s: seconds of fp32 matmul each actor runs before each shard, sampling the machine's
+      roofline under the load of that moment (0 = off); logged as ``<kind>.roofline_gflops``
+      (benchmarks/embed_throughput.py turns it on to judge the job against it).
     track: log the run to MLflow (experiment ``omnidiff``).
     """
 
@@ -113,6 +116,7 @@ class EmbedConfig:
     shard_tokens: int = 32768
     shard_rows: int = 2048
     progress_every_s: float = 5.0
+    roofline_probe_s: float = 0.0
     track: bool = True
 
     def __post_init__(self):
@@ -146,3 +150,4 @@ class EmbedConfig:
         )
         require(self.shard_rows >= 1, "shard_rows", self.shard_rows, "must be >= 1")
         require(self.progress_every_s > 0, "progress_every_s", self.progress_every_s, "must be > 0")
+        require(self.roofline_probe_s >= 0, "roofline_probe_s", self.roofline_probe_s, "must be >= 0 (0 = off)")

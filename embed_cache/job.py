@@ -351,6 +351,25 @@ def cache_dirs(cfg: EmbedConfig) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------- actors
 
 
+def matmul_gflops(seconds: float, n: int = 2048) -> float:
+    """Median GFLOP/s of back-to-back fp32 ``n x n`` matmuls for ``seconds`` on the current torch threads.
+
+    The median of a sustained run, not a best-of burst: on a loaded machine long work sees the
+    average contention, not the luckiest slice.
+    """
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    rates = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(rates) < 3:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return float(np.median(rates))
+
+
 class EncodeShardActor:
     """The Ray Data callable class: one call = one shard of one cache kind.
 
@@ -369,11 +388,13 @@ class EncodeShardActor:
         threads: int,
         max_tokens: int,
         max_batch_size: int,
+        roofline_probe_s: float = 0.0,
     ):
         import torch
         import transformers
 
         torch.set_num_threads(int(threads))
+        self.roofline_probe_s = float(roofline_probe_s)
         transformers.utils.logging.disable_progress_bar()  # no per-actor "Loading weights" bars in the log
         self.caches, self.run_tokens, self.encoder_kwargs = caches, run_tokens, encoders
         self.max_tokens, self.max_batch_size = int(max_tokens), int(max_batch_size)
@@ -390,6 +411,10 @@ class EncodeShardActor:
         kind = str(batch["kind"].iloc[0])
         encoder = self.encoder(kind)
         load_s = time.perf_counter() - start
+        # The machine's matmul rate right now, on this actor's threads: the shard's compute that follows
+        # is judged against it (a shared machine's rate swings with load).
+        roofline = matmul_gflops(self.roofline_probe_s) if self.roofline_probe_s > 0 else float("nan")
+        start = time.perf_counter()
         order = np.argsort(batch["length"].to_numpy(), kind="stable")  # the driver sorted already
         keys = [batch["key"].iloc[i] for i in order]
         payloads = [decode_payload(kind, batch["payload"].iloc[i]) for i in order]
@@ -399,7 +424,7 @@ class EncodeShardActor:
         for sl in batching.pack_batches(lengths, self.max_tokens, self.max_batch_size):
             values.extend(encoder.compute(payloads[sl]))
             padded += (sl.stop - sl.start) * int(lengths[sl.stop - 1])
-        compute_s = time.perf_counter() - start - load_s
+        compute_s = time.perf_counter() - start
         rejected: dict[str, str] = {}
         try:
             table = encoder.table(keys, values)
@@ -422,6 +447,7 @@ class EncodeShardActor:
             "padded_slots": padded,
             "compute_s": compute_s,
             "load_s": load_s,
+            "roofline_gflops": roofline,
             "pid": os.getpid(),
         }])  # fmt: skip
 
@@ -563,6 +589,7 @@ def _new_stats(plan: KindPlan, directory: Path, wanted: int) -> dict[str, Any]:
         "seconds": 0.0,
         "compute_seconds": 0.0,
         "load_seconds": 0.0,
+        "roofline_gflop_s": 0.0,
         "stale_shards": 0,
         "shards_written": 0,
     }
@@ -648,6 +675,9 @@ def _finish_stats(stats: dict[str, Any], seconds: float) -> None:
     stats["padding_fraction"] = 1.0 - stats["planned"] / stats["padded_slots"] if stats["padded_slots"] else 0.0
     stats["tokens_per_s"] = stats["tokens"] / seconds if stats["tokens"] and seconds > 0 else 0.0
     stats["compute_tokens_per_s"] = stats["tokens"] / stats["compute_seconds"] if stats["compute_seconds"] else 0.0
+    stats["roofline_gflops"] = (
+        stats.pop("roofline_gflop_s") / stats["compute_seconds"] if stats["compute_seconds"] else 0.0
+    )
     stats["bytes"] = sum(s["bytes"] for s in manifest["shards"])
     cached_tokens = sum(s.get("tokens", s["rows"]) for s in manifest["shards"])
     stats["bytes_per_token"] = stats["bytes"] / cached_tokens if cached_tokens else 0.0
@@ -661,6 +691,7 @@ def _actor_kwargs(plans: dict[str, KindPlan], writers: dict[str, CacheWriter], c
         "threads": cfg.threads_per_actor,
         "max_tokens": cfg.max_tokens,
         "max_batch_size": cfg.max_batch_size,
+        "roofline_probe_s": cfg.roofline_probe_s,
     }
 
 
@@ -721,6 +752,8 @@ def _collect(
             kind_stats["padded_slots"] += int(row.padded_slots)
             kind_stats["compute_seconds"] += float(row.compute_s)
             kind_stats["load_seconds"] += float(row.load_s)
+            if np.isfinite(row.roofline_gflops):  # compute-time-weighted mean of the probes
+                kind_stats["roofline_gflop_s"] += float(row.roofline_gflops) * float(row.compute_s)
             kind_stats["rejected"].update(rejected)
             for key, why in rejected.items():
                 log.error("embed %s: rejected key %s: %s", row.kind, key, why)
@@ -792,6 +825,9 @@ def _log(summary: dict[str, Any], inputs: EmbedInputs, cfg: EmbedConfig) -> None
             "tokens_per_s",
             "seconds",
             "compute_seconds",
+            "compute_tokens_per_s",
+            "load_seconds",
+            "roofline_gflops",
             "padding_fraction",
             "bytes",
             "bytes_per_token",
