@@ -36,8 +36,8 @@ class BatchingConfig:
     """
 
     enabled: bool = True
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.05
 
     def __post_init__(self) -> None:
         require(1 <= self.max_batch_size <= 1024, "batching.max_batch_size", self.max_batch_size, "must be in [1, 1024]")
@@ -151,6 +151,9 @@ class ServeConfig:
     cpus_per_replica / gpus_per_replica: Ray resources of one generator replica.
     torch_threads: intra-op threads of one generator replica (0 = torch's default).
     device: ``auto`` (cuda when there is one), ``cpu`` or ``cuda``.
+    sampling_nice: how much lower the CPU priority of the sampling threads is than the rest of the
+        replica (Linux nice increment, 0 = same), so that a saturated CPU still answers 503s and
+        health checks quickly.
     max_ongoing_requests: requests one generator replica holds at once (batching needs >= max_batch_size).
     max_queued_requests: bounded queue in front of the generator; beyond it requests get 503 + Retry-After.
     retry_after_s: the Retry-After header of a 503, in seconds.
@@ -173,7 +176,8 @@ class ServeConfig:
     gpus_per_replica: float = 0.0
     torch_threads: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_ongoing_requests: int = 16
+    sampling_nice: int = 10
+    max_ongoing_requests: int = 32
     max_queued_requests: int = 32
     retry_after_s: int = 1
     rollout_surge_percent: int = 100
@@ -198,6 +202,7 @@ class ServeConfig:
         require(self.cpus_per_replica >= 0, "cpus_per_replica", self.cpus_per_replica, "must be >= 0")
         require(self.gpus_per_replica >= 0, "gpus_per_replica", self.gpus_per_replica, "must be >= 0")
         require(self.torch_threads >= 0, "torch_threads", self.torch_threads, "must be >= 0 (0 = torch default)")
+        require(0 <= self.sampling_nice <= 19, "sampling_nice", self.sampling_nice, "must be in [0, 19]")
         require(self.max_ongoing_requests >= 1, "max_ongoing_requests", self.max_ongoing_requests, "must be >= 1")
         require(self.max_queued_requests >= 1, "max_queued_requests", self.max_queued_requests,
                 "must be >= 1 (the queue must be bounded)")

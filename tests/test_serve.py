@@ -168,7 +168,8 @@ def test_bearer_token_guards_the_api_only(served):
 
 def test_served_openapi_is_the_apps_spec(served):
     from serve import auth
-    from serve.app import build_fastapi, running, settings_from_config
+    from serve.app import running
+    from serve.http_api import build_fastapi, settings_from_config
 
     spec = requests.get(f"{served.url}/openapi.json", timeout=10).json()
     pinned = running(served.cfg.app_name)["model"]
@@ -204,14 +205,21 @@ def test_no_endpoint_reads_a_path_from_the_request(served, tmp_path):
 def test_concurrent_requests_share_a_sampling_loop(served):
     import httpx
 
+    bodies = [{"prompt": f"红色的圆 {i}", "steps": 4, "seed": i, **({"negative_prompt": "模糊"} if i % 2 else {})}
+              for i in range(6)]
+
     async def burst() -> list[dict]:
         async with httpx.AsyncClient(timeout=120, headers=served.headers) as client:
-            calls = [client.post(f"{served.url}/v1/generate", json={"prompt": f"红色的圆 {i}", "steps": 4, "seed": i})
-                     for i in range(6)]
+            calls = [client.post(f"{served.url}/v1/generate", json=body) for body in bodies]
             return [r.json() for r in await asyncio.gather(*calls)]
 
     answers = asyncio.run(burst())
     assert max(a["batch_size"] for a in answers) > 1, [a.get("batch_size") for a in answers]
+    # Sharing a loop (with other prompts, seeds and negative prompts) does not change an image.
+    for i in (2, 3):
+        alone = requests.post(f"{served.url}/v1/generate", json=bodies[i], headers=served.headers, timeout=120).json()
+        shared, solo = (np.asarray(_image(base64.b64decode(a["images"][0])), dtype=int) for a in (answers[i], alone))
+        assert np.abs(shared - solo).max() <= 1, (i, answers[i]["batch_size"], alone["batch_size"])
 
 
 def test_overload_is_a_quick_json_503_and_the_server_stays_healthy(served):
@@ -220,8 +228,8 @@ def test_overload_is_a_quick_json_503_and_the_server_stays_healthy(served):
     async def storm():
         async with httpx.AsyncClient(timeout=120, headers=served.headers,
                                      limits=httpx.Limits(max_connections=100)) as client:
-            body = {"prompt": "a red circle", "n": 4, "steps": 8, "size": "32x32"}
-            calls = [client.post(f"{served.url}/v1/generate", json=body) for _ in range(48)]
+            body = {"prompt": "a red circle", "n": 4, "steps": 2}
+            calls = [client.post(f"{served.url}/v1/generate", json=body) for _ in range(40)]
             health = [client.get(f"{served.url}/healthz") for _ in range(5)]
             return await asyncio.gather(*calls), await asyncio.gather(*health)
 
@@ -229,7 +237,7 @@ def test_overload_is_a_quick_json_503_and_the_server_stays_healthy(served):
     statuses = [a.status_code for a in answers]
     assert set(statuses) <= {200, 503}, statuses
     rejected = [a for a in answers if a.status_code == 503]
-    assert rejected, "48 requests for 4 images each should overflow a queue of 8"
+    assert rejected, "40 requests at once should overflow 8 in flight + a queue of 8"
     for answer in rejected:
         assert answer.headers["content-type"] == "application/json"
         assert answer.headers["retry-after"] == "1"

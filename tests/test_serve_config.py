@@ -14,9 +14,14 @@ from pydantic import ValidationError
 
 from omnidiff.config import ConfigError, load_any, load_config
 from serve import auth
-from serve.app import build_fastapi, pin_model, settings_from_config
 from serve.config import ServeConfig, parse_size
+from serve.http_api import build_fastapi, settings_from_config
+from serve.models import pin_model
 from serve.schemas import request_models
+
+# Nothing here may import Ray (serve.app does): an early `import ray` freezes Ray's constants before
+# the `stack` fixture sets its environment (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), and a later driver
+# then dials the machine's address instead of 127.0.0.1 and hangs (test_no_ray_at_import).
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,3 +178,12 @@ def test_pin_model_folder_and_bad_refs(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match="needs MLFLOW_TRACKING_URI"):
         pin_model(load_config(ServeConfig, None, ["model=omnidiff-tiny"]))
+
+
+def test_no_ray_at_import():
+    import subprocess
+    import sys
+
+    code = "import sys, serve.http_api, serve.models, serve.cli, serve.schemas; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
