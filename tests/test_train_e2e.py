@@ -67,8 +67,11 @@ def test_two_workers_train_and_are_tracked_and_registered(reference, tiny_llm):
     assert {m.step for m in client.get_metric_history(run.info.run_id, "val_loss")} == {0, 6, 12}
     assert client.get_metric_history(run.info.run_id, "samples_per_s")[-1].value > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "lineage.json", "samples"} <= artifacts
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step_000012.png"]
+    assert {"config.yaml", "lineage.json", "samples", "curves"} <= artifacts
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "samples")) == [
+        "samples/step_000012.json", "samples/step_000012.png"]
+    prompts = json.loads(Path(client.download_artifacts(run.info.run_id, "samples/step_000012.json")).read_text())
+    assert {p["group"] for p in prompts} == {"short", "long"} and len({p["lang"] for p in prompts}) >= 4
     assert [d.dataset.name for d in run.inputs.dataset_inputs][0].startswith("train-test@")
 
     version = client.get_model_version_by_alias(MODEL, "candidate")

@@ -628,10 +628,12 @@ def _log_samples(cfg, job, state, ema, prompts, step, tracker, modules=None) -> 
         adapter, unet, job["sampling_scheduler"], [np.asarray(p["states"]) for p in prompts], job["empty_states"],
         steps=cfg.samples.steps, guidance_scale=cfg.samples.guidance_scale, seed=cfg.samples.seed,
     )
-    labels = [prompt_label(p["prompt"], p["lang"], p["group"]) for p in prompts]
+    labels = [prompt_label(p["prompt"], p["lang"], p["group"], i) for i, p in enumerate(prompts)]
     fig = grid_figure(images, labels, f"{cfg.name} stage {cfg.stage}, step {step}")
     if tracker is not None:
         tracker.figure(fig, f"samples/step_{step:06d}.png")
+        tracker.json([{"index": i, "lang": p["lang"], "group": p["group"], "prompt": p["prompt"]}
+                      for i, p in enumerate(prompts)], f"samples/step_{step:06d}.json")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -659,3 +661,7 @@ class _Tracker:
     def figure(self, fig, artifact_file: str) -> None:
         if self.client is not None:
             self.client.log_figure(self.run_id, fig, artifact_file)
+
+    def json(self, obj, artifact_file: str) -> None:
+        if self.client is not None:
+            self.client.log_dict(self.run_id, obj, artifact_file)

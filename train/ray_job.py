@@ -461,6 +461,31 @@ def _log_inputs(cfg: TrainConfig, inputs: StageInputs, lin: dict) -> None:
     tracking.log_json(lin, "lineage.json")
 
 
+def log_curves(run_id: str, title: str) -> None:
+    """A loss-curve picture (train loss and val loss by step) beside the metrics, for reports and the UI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    from omnidiff import tracking
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri())
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "val_loss"):
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        if history:
+            ax.plot([m.step for m in history], [m.value for m in history], marker="o", markersize=3, label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    tracking.log_figure(fig, "curves/loss.png", run_id=run_id)
+    plt.close(fig)
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train one stage end to end; returns ``{export_dir, run_id, model_version, final_step, loss, ...}``."""
     import contextlib
@@ -504,6 +529,7 @@ def run(cfg: TrainConfig) -> dict:
 
             mlflow.log_metrics({"wall_s": wall, "final_loss": result["loss"],
                                 "train_samples_per_s": result["samples_per_s"]})
+            log_curves(run_id, f"{cfg.name}: stage {cfg.stage}")
             if cfg.registry.register:
                 from train.registry import register_export
 

@@ -77,6 +77,9 @@ def grid_figure(images: np.ndarray, labels: Sequence[str], title: str, columns: 
     return fig
 
 
-def prompt_label(prompt: str, lang: str, group: str, width: int = 40) -> str:
+def prompt_label(prompt: str, lang: str, group: str, index: int, width: int = 40) -> str:
+    """Tile title. Scripts the bundled fonts cannot draw (CJK, ...) are left to the prompts JSON logged beside."""
+    if any(ord(ch) >= 0x2000 for ch in prompt):
+        return f"[{lang}, {group}] prompt {index} (see .json)"
     text = prompt if len(prompt) <= width else prompt[: width - 3] + "..."
     return f"[{lang}, {group}] {text}"
