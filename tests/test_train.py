@@ -168,6 +168,26 @@ def test_unet_part_selection():
     assert not unet_trainable(conv, "none") and unet_trainable(conv, "all")
 
 
+def test_a_layout_change_that_cannot_be_converted_fails_clearly(tmp_path):
+    """A ZeRO-0 checkpoint keeps no per-rank optimizer shards, so it cannot become a ZeRO-2 one."""
+    from train.loop import META_NAME, prepare_resume
+
+    (tmp_path / "step00000004").mkdir()
+    (tmp_path / "step00000004" / META_NAME).write_text(json.dumps({"step": 4, "world_size": 1, "zero_stage": 0}))
+    (tmp_path / "latest").write_text("step00000004")
+    assert prepare_resume(tmp_path, _cfg(1, ["dist.zero_stage=0"]), 0, 1) == ("step00000004", False)
+    with pytest.raises(RuntimeError, match=r"ZeRO stage 0 .* resume with dist\.zero_stage=0"):
+        prepare_resume(tmp_path, _cfg(1), 0, 1)
+
+
+def test_latest_ignores_a_checkpoint_without_its_completion_marker(tmp_path):
+    from train.loop import latest_tag
+
+    (tmp_path / "step00000004").mkdir()
+    (tmp_path / "latest").write_text("step00000004")  # written, but the tag never got its metadata file
+    assert latest_tag(tmp_path) is None
+
+
 # ----------------------------------------------------------------------------- stages on the fixtures
 
 
