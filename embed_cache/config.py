@@ -61,13 +61,16 @@ class PixelsSection:
       when they differ; stored as float16 (C, H, W) in [-1, 1].
     vae: a diffusers ``AutoencoderKL`` folder (SD-class models): store its latents (posterior mean x
       scaling factor) instead of pixels. ``null`` for the tiny world, whose UNet works on pixels.
+    batch_size: images per decode / VAE forward (a 1024 px VAE batch of 8 already needs GBs).
     """
 
     resolution: int = 16
     vae: Path | None = None
+    batch_size: int = 64
 
     def __post_init__(self):
         require(self.resolution >= 4, "pixels.resolution", self.resolution, "must be >= 4")
+        require(self.batch_size >= 1, "pixels.batch_size", self.batch_size, "must be >= 1")
 
 
 @dataclass(frozen=True)

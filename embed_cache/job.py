@@ -337,7 +337,12 @@ def plan_kind(kind: str, cfg: EmbedConfig) -> KindPlan:
             kind,
             inputs,
             shape,
-            {"resolution": res, "vae": str(cfg.pixels.vae) if cfg.pixels.vae else None, "device": cfg.device},
+            {
+                "resolution": res,
+                "vae": str(cfg.pixels.vae) if cfg.pixels.vae else None,
+                "batch_size": cfg.pixels.batch_size,
+                "device": cfg.device,
+            },
             lambda keys, payloads: [1] * len(keys),
         )
     raise ValueError(f"kind={kind!r}: expected llm, clip or pixels")
@@ -421,7 +426,8 @@ class EncodeShardActor:
         lengths = batch["length"].to_numpy()[order]
         values: list[Any] = []
         padded = 0
-        for sl in batching.pack_batches(lengths, self.max_tokens, self.max_batch_size):
+        batch_limit = min(self.max_batch_size, getattr(encoder, "batch_size", self.max_batch_size))
+        for sl in batching.pack_batches(lengths, self.max_tokens, batch_limit):
             values.extend(encoder.compute(payloads[sl]))
             padded += (sl.stop - sl.start) * int(lengths[sl.stop - 1])
         compute_s = time.perf_counter() - start
@@ -528,8 +534,9 @@ class ClipShardEncoder:
 class PixelShardEncoder:
     """Decoded images as float16 (C, H, W) in [-1, 1], or VAE latents (posterior mean x scaling factor)."""
 
-    def __init__(self, resolution: int, vae: str | None, device: str, max_batch_size: int):
+    def __init__(self, resolution: int, vae: str | None, device: str, max_batch_size: int, batch_size: int = 64):
         self.resolution = int(resolution)
+        self.batch_size = int(batch_size)  # images per forward; the token budget means nothing here
         self.device = device
         self.vae = None
         if vae:
