@@ -25,6 +25,8 @@ class EvalConfig:
     score_attributes: the attributes whose mean faithfulness is "the score" of a (model, lang, length).
     report_dir: where report.html, summary.csv, charts and grids go; None -> home()/reports/evaluate/<id>.
     track: log to MLflow (an evaluate run, plus metrics and the report on each evaluated model's run).
+    require_fit_evaluator: refuse an evaluator below 95% held-out accuracy (issue 2); false only for
+        smoke runs on tiny budgets (tests), where the report then says the evaluator is unfit.
     """
 
     kind: ClassVar[str] = "evaluate"
@@ -43,6 +45,7 @@ class EvalConfig:
     score_attributes: tuple[str, ...] = ("shape", "colour", "position")
     report_dir: Path | None = None
     track: bool = True
+    require_fit_evaluator: bool = True
 
     def __post_init__(self) -> None:
         require(self.max_per_group >= 0, "max_per_group", self.max_per_group, "must be >= 0")

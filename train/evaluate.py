@@ -94,11 +94,11 @@ def resolve_inputs(cfg) -> EvalInputs:
     if not prompts_path.is_file():
         raise FileNotFoundError(f"world {world_dir}: no eval_prompts.parquet (generate the world first)")
     if cfg.evaluator_dir is not None:
-        evaluator = load_evaluator(cfg.evaluator_dir)
+        evaluator = load_evaluator(cfg.evaluator_dir, require_fit=cfg.require_fit_evaluator)
     else:
         from omnidiff.base.evaluator_train import ensure_evaluator
 
-        evaluator = ensure_evaluator(base_cfg)
+        evaluator = ensure_evaluator(base_cfg, require_fit=cfg.require_fit_evaluator)
     if cfg.baseline is not None:
         baseline_ref = cfg.baseline
     else:
@@ -294,6 +294,9 @@ def write_report(report: EvalReport, grids: dict[str, dict[str, Any]], cfg, comm
         "<h1>Prompt faithfulness per language and prompt length</h1>",
         f"<p>Reproduce: <code>{html.escape(command)}</code> ({seconds:.0f} s). Score = mean faithfulness over "
         f"{', '.join(cfg.score_attributes)}; {cfg.steps} sampling steps, guidance {cfg.guidance}, seed {cfg.seed}.</p>",
+        "" if cfg.require_fit_evaluator else
+        "<p><b>Smoke run: the evaluator was not required to be fit (>= 95% held-out accuracy); "
+        "these numbers do not judge the models.</b></p>",
         "<h2>Scores (model columns)</h2>", table.to_html(float_format=lambda v: f"{v:.3f}"),
         "<h2>Fréchet distance to real images (evaluator features; lower is better)</h2>",
         pd.Series(report.frechet, name="frechet").to_frame().to_html(float_format=lambda v: f"{v:.3f}"),
