@@ -4,14 +4,16 @@
     .venv/bin/python benchmarks/serve_load.py --model omnidiff-tiny@production --seconds 30
     .venv/bin/python benchmarks/serve_load.py port=8123 torch_threads=2   # serve-config overrides
 
-One run, one machine, one model: the app from configs/serve.yaml is deployed with batching on,
-measured, redeployed with batching off, measured, then overloaded. Points use closed-loop clients
-(send, wait for the answer, send again) calling POST /v1/generate; images/s counts successful
-images. The overload phase sends open-loop Poisson arrivals (``--overload-rate``, far above what
-the server makes) with no retries, so the bounded queue fills and stays full; its figures are the
-latency of the 503 answers and of /healthz meanwhile. The load average is recorded with each
-figure: on a shared 2-core box other work moves these numbers, so read ratios, not absolutes.
-Clients run in a child process, apart from the Ray driver that streams the replicas' logs.
+One run, one machine, one model: the app from configs/serve.yaml is deployed twice side by
+side, batching on (/on) and off (/off), and their measurements alternate (``--repeats`` rounds),
+so drifting load on a shared box hits both alike; then the batching app is overloaded. Points
+use closed-loop clients (send, wait for the answer, send again) calling POST /v1/generate;
+images/s counts successful images over the time until the last answer. The overload phase sends
+open-loop Poisson arrivals (``--overload-rate``, far above what the server makes) with no
+retries, so the bounded queue fills and stays full; its figures are the latency of the 503
+answers and of /healthz meanwhile. The load average is recorded with each figure: on a shared
+2-core box other work moves these numbers, so read ratios, not absolutes. Clients run in a
+child process, apart from the Ray driver that streams the replicas' logs.
 
 Issue 7 goals: batched images/s at 16 clients >= 2x unbatched; 503 p99 < 100 ms.
 Without ``--model`` the served model has random weights in the shapes of the tiny world's model
@@ -85,13 +87,15 @@ async def drive(url: str, seconds: float, steps: int, clients: int = 0, rate: fl
                 seed: int = 0) -> tuple[list[tuple], list[float]]:
     """Load for ``seconds``: ``clients`` closed loops (send, await, send again), or open-loop Poisson
     arrivals at ``rate`` requests/s (each its own request, whatever the server's state: the overload
-    case). Returns (records ``(status, latency_s, images)``, /healthz latencies probed 4x a second).
+    case). Returns (records ``(status, latency_s, images)``, /healthz latencies probed 4x a second,
+    seconds until the last answer).
     """
     import httpx
 
     records: list[tuple[int, float, int]] = []
     health: list[float] = []
-    deadline = time.monotonic() + seconds
+    start = time.monotonic()
+    deadline = start + seconds
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=clients + 64)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -128,7 +132,8 @@ async def drive(url: str, seconds: float, steps: int, clients: int = 0, rate: fl
 
         drivers = [loop(w) for w in range(clients)] + ([arrivals()] if rate else [])
         await asyncio.gather(*drivers, probe())
-    return records, health
+    # Until the last answer: requests sent before the deadline count, and so does their time.
+    return records, health, time.monotonic() - start
 
 
 def load_point(url: str, seconds: float, steps: int, clients: int = 0, rate: float = 0.0):
@@ -137,6 +142,7 @@ def load_point(url: str, seconds: float, steps: int, clients: int = 0, rate: flo
 
 
 def summarise(records: list[tuple], seconds: float) -> dict:
+    """Counts, images/s over ``seconds``, latency percentiles of the 200s and of the 503s."""
     ok = [lat for status, lat, _ in records if status == 200]
     rejected = [lat for status, lat, _ in records if status == 503]
     other = [status for status, _, _ in records if status not in (200, 503)]
@@ -154,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="LLM of the random model (auto: Gemma 3 270M if converted)")
     parser.add_argument("--config", default=str(REPO / "configs" / "serve.yaml"))
     parser.add_argument("--clients", default="1,4,16", help="client counts to measure")
-    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per point")
+    parser.add_argument("--seconds", type=float, default=15.0, help="seconds of load per measurement")
+    parser.add_argument("--repeats", type=int, default=2, help="measurements per (batching, clients) point")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps per request")
     parser.add_argument("--overload-rate", type=float, default=20.0,
                         help="Poisson arrivals per second in the overload phase (far above what is served)")
@@ -171,46 +178,57 @@ def main(argv: list[str] | None = None) -> int:
     from serve.config import ServeConfig
 
     os.environ.pop("OMNIDIFF_SERVE_TOKEN", None)  # a benchmark without auth: no token in the way
-    levels = [int(c) for c in args.clients.split(",")]
+    phases = set(args.phases.split(","))
+    levels = [int(c) for c in args.clients.split(",")] if "points" in phases else []
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
-        model = args.model or str(build_benchmark_model(Path(tmp) / "model", args.llm))
-        base = load_config(ServeConfig, args.config,
-                           [f"model={model}", f"port={_free_port()}", "app_name=serve-load", *args.overrides])
+        if args.model is None:  # built in a throw-away process: the LLM's memory leaves with it
+            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as builder:
+                model = str(builder.submit(build_benchmark_model, Path(tmp) / "model", args.llm).result())
+        else:
+            model = args.model
+        base = load_config(ServeConfig, args.config, [f"model={model}", f"port={_free_port()}", *args.overrides])
+        # Both apps side by side (one replica each, same model): measurements of the two alternate,
+        # so a change in the machine's load hits both alike instead of one whole series.
+        apps = {batching: replace(base, app_name=f"serve-load-{'on' if batching else 'off'}",
+                                  route_prefix=f"/{'on' if batching else 'off'}",
+                                  batching=replace(base.batching, enabled=batching))
+                for batching in (True, False)}
         results: dict = {"model": model if args.model else f"random ({args.llm} LLM)", "steps": args.steps,
-                         "seconds_per_point": args.seconds, "config": {
+                         "seconds_per_measurement": args.seconds, "repeats": args.repeats, "config": {
                              "max_batch_size": base.batching.max_batch_size,
                              "batch_wait_timeout_s": base.batching.batch_wait_timeout_s,
                              "max_ongoing_requests": base.max_ongoing_requests,
                              "max_queued_requests": base.max_queued_requests,
                              "cpus_per_replica": base.cpus_per_replica, "torch_threads": base.torch_threads},
                          "points": [], "cpu_count": os.cpu_count()}
-        phases = set(args.phases.split(","))
-        if not levels or "points" not in phases:
-            levels = []
         # Clients in a child process: the Ray driver here streams the replicas' logs, and that must
         # not share a GIL (or a core's time slices) with the clocks that measure latency.
         clients_process = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         try:
-            with Progress("serve_load", total=2 * len(levels) + ("overload" in phases), unit="phase",
-                          every_s=0) as progress:
-                for batching in (True, False) if levels else ():
-                    cfg = replace(base, batching=replace(base.batching, enabled=batching))
-                    deployed = serve_app.run(cfg, wait_ready_s=600)
-                    url = deployed["url"]
-                    clients_process.submit(load_point, url, 3.0, args.steps, 2).result()  # warm-up
-                    for clients in levels:
-                        records, _ = clients_process.submit(load_point, url, args.seconds, args.steps, clients).result()
-                        point = {"batching": batching, "clients": clients, **summarise(records, args.seconds),
+            urls = {batching: serve_app.run(cfg, wait_ready_s=600)["url"] for batching, cfg in apps.items()}
+            for url in urls.values():
+                clients_process.submit(load_point, url, 3.0, args.steps, 2).result()  # warm-up
+            total = len(levels) * args.repeats * 2 + ("overload" in phases)
+            with Progress("serve_load", total=total, unit="measurement", every_s=0) as progress:
+                for clients in levels:
+                    runs: dict[bool, list] = {True: [], False: []}
+                    for _ in range(args.repeats):
+                        for batching in (True, False):
+                            runs[batching].append(clients_process.submit(
+                                load_point, urls[batching], args.seconds, args.steps, clients).result())
+                            progress.update()
+                    for batching in (True, False):
+                        records = [r for recs, _, _ in runs[batching] for r in recs]
+                        elapsed = sum(e for _, _, e in runs[batching])
+                        point = {"batching": batching, "clients": clients, **summarise(records, elapsed),
                                  "loadavg_1m": round(os.getloadavg()[0], 1)}
                         results["points"].append(point)
                         print(json.dumps(point), flush=True)
-                        progress.update()
                 if "overload" in phases:
-                    # Batching on (the production setting), far more clients than the server admits.
-                    deployed = serve_app.run(base, wait_ready_s=600)
-                    records, health = clients_process.submit(load_point, deployed["url"], args.seconds, args.steps,
-                                                             0, args.overload_rate).result()
-                    results["overload"] = {"arrivals_per_s": args.overload_rate, **summarise(records, args.seconds),
+                    # Batching on (the production setting), arrivals far above what it serves.
+                    records, health, elapsed = clients_process.submit(
+                        load_point, urls[True], args.seconds, args.steps, 0, args.overload_rate).result()
+                    results["overload"] = {"arrivals_per_s": args.overload_rate, **summarise(records, elapsed),
                                            "healthz_p50_ms": round((_percentile(health, 50) or 0) * 1000, 1),
                                            "healthz_p99_ms": round((_percentile(health, 99) or 0) * 1000, 1),
                                            "healthz_probes": len(health), "loadavg_1m": round(os.getloadavg()[0], 1)}
@@ -218,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                     progress.update()
         finally:
             clients_process.shutdown()
-            serve_app.shutdown(base)
+            for cfg in apps.values():
+                serve_app.shutdown(cfg)
 
     by = {(p["batching"], p["clients"]): p for p in results["points"]}
     top = max(levels, default=0)

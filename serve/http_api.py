@@ -103,7 +103,8 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
                       "invalid_request_error", None, "invalid_json")
     param = ".".join(loc) if loc else None
     if param is None:
-        message = f"request body: {first.get('msg', 'invalid')} (expected a JSON object)"
+        message = (f"request body: {first.get('msg', 'invalid')} "
+                   "(send a JSON object with Content-Type: application/json)")
         return _error(400, message, "invalid_request_error", None, "invalid_body")
     if kind == "missing":
         return _error(400, f"{param}: field required", "invalid_request_error", param, "missing_field")
