@@ -759,7 +759,7 @@ def _collect(
             kind_stats["padded_slots"] += int(row.padded_slots)
             kind_stats["compute_seconds"] += float(row.compute_s)
             kind_stats["load_seconds"] += float(row.load_s)
-            if np.isfinite(row.roofline_gflops):  # compute-time-weighted mean of the probes
+            if row.roofline_gflops is not None and np.isfinite(float(row.roofline_gflops)):  # time-weighted mean of the probes
                 kind_stats["roofline_gflop_s"] += float(row.roofline_gflops) * float(row.compute_s)
             kind_stats["rejected"].update(rejected)
             for key, why in rejected.items():
