@@ -118,7 +118,8 @@ def test_playground_generates_an_image_in_a_real_browser(served, browser, tmp_pa
         browser.call(f"{domain}.enable")
     browser.call("Page.navigate", url=f"{served.url}/")
     browser.wait_for("document.readyState === 'complete' && document.getElementById('size').options.length > 1")
-    assert browser.evaluate("document.getElementById('token-label').hidden") is False  # the server wants a token
+    # The server wants a token, so the page shows its field.
+    assert browser.evaluate("document.getElementById('token').getBoundingClientRect().width > 0") is True
 
     browser.type_into("#token", served.token)
     browser.evaluate("document.getElementById('token').dispatchEvent(new Event('change'))")
