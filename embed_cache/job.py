@@ -418,7 +418,7 @@ class EncodeShardActor:
         load_s = time.perf_counter() - start
         # The machine's matmul rate right now, on this actor's threads: the shard's compute that follows
         # is judged against it (a shared machine's rate swings with load).
-        roofline = matmul_gflops(self.roofline_probe_s) if self.roofline_probe_s > 0 else float("nan")
+        roofline = matmul_gflops(self.roofline_probe_s) if self.roofline_probe_s > 0 else 0.0
         start = time.perf_counter()
         order = np.argsort(batch["length"].to_numpy(), kind="stable")  # the driver sorted already
         keys = [batch["key"].iloc[i] for i in order]
@@ -759,7 +759,7 @@ def _collect(
             kind_stats["padded_slots"] += int(row.padded_slots)
             kind_stats["compute_seconds"] += float(row.compute_s)
             kind_stats["load_seconds"] += float(row.load_s)
-            if row.roofline_gflops is not None and np.isfinite(float(row.roofline_gflops)):  # time-weighted mean of the probes
+            if row.roofline_gflops and row.roofline_gflops > 0:  # probe on: compute-time-weighted mean
                 kind_stats["roofline_gflop_s"] += float(row.roofline_gflops) * float(row.compute_s)
             kind_stats["rejected"].update(rejected)
             for key, why in rejected.items():
