@@ -43,6 +43,14 @@ def parse_model_ref(ref: str) -> tuple[str, str, str]:
     raise ValueError(f"model reference {ref!r}: expected name@alias or name/version")
 
 
+def _is_registry_ref(ref: str) -> bool:
+    try:
+        parse_model_ref(ref)
+        return True
+    except ValueError:
+        return False
+
+
 def _version(client, ref: str):
     name, how, value = parse_model_ref(ref)
     if how == "alias":
@@ -114,6 +122,10 @@ def model_lineage(ref: str) -> dict[str, Any]:
         snapshot_digest = snapshot_digest or tags.get("snapshot_digest")
         cache_fp = cache_fp or tags.get("cache_fingerprint")
         current = tags.get("parent_model")
+        if current and not _is_registry_ref(current) and tags.get("parent_run_id"):
+            # the parent was given as a folder: find its registered version by the run that made it
+            parents = client.search_model_versions(f"run_id = '{tags['parent_run_id']}'")
+            current = f"{parents[0].name}/{parents[0].version}" if parents else current
     embed_runs = []
     if cache_fp:
         for fp in {v for v in cache_fp.replace(",", " ").split() if v}:
