@@ -137,6 +137,9 @@ def _param_value(value: Any) -> str:
 # ----------------------------------------------------------------------------- runs
 
 
+PARENT_RUN_ENV = "OMNIDIFF_PARENT_RUN_ID"
+
+
 @contextlib.contextmanager
 def start_run(
     stage: str,
@@ -159,6 +162,9 @@ def start_run(
     active = mlflow.active_run()
     if parent_run_id is None and active is not None:
         parent_run_id = active.info.run_id
+    if parent_run_id is None:
+        # A pipeline run sets this so stage runs nest under it even from another thread (Prefect tasks).
+        parent_run_id = os.environ.get(PARENT_RUN_ENV) or None
     all_tags = {"stage": stage, "git.commit": git_commit()}
     flow_run = prefect_flow_run_id()
     if flow_run:
