@@ -37,7 +37,7 @@ def pipeline_cfg(stack, tiny_llm):
     llm = f"{tiny_llm}"
     overrides = [f"world_port={_free_port()}", f"embed.llm.path={llm}", "evaluate.max_per_group=2",
                  "evaluate.steps=4", "evaluate.real_images=32", "evaluate.track=true",
-                 "evaluate.require_fit_evaluator=false",
+                 "evaluate.require_fit_evaluator=false", "collect.track=true",
                  "serve.app_name=omnidiff-pipeline-test", "serve.route_prefix=/pipeline-test"]
     overrides += [f"stage{i}.llm.path={llm}" for i in (1, 2, 3)]
     overrides += [f"stage{i}.registry.register=true" for i in (1, 2, 3)]
