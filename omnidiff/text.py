@@ -46,4 +46,4 @@ def digest_bytes(data: bytes) -> str:
 
 def pair_key(image_digest: str, normalised_caption: str) -> str:
     """Row key of a pair snapshot: stable hash of (image bytes digest, caption)."""
-    return hashlib.sha256(f"{image_digest}\x1f{normalised_caption}".encode("utf-8")).hexdigest()[:32]
+    return hashlib.sha256(f"{image_digest}\x1f{normalised_caption}".encode()).hexdigest()[:32]
