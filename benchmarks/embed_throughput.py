@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-captions", type=int, default=64, help="texts run through (b)")
     parser.add_argument("--pad-to", type=int, default=227, help="(b)'s fixed length (3 CLIP windows)")
     parser.add_argument("--actors", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per actor; (b) uses actors x threads")
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--shard-tokens", type=int, default=8192)
@@ -167,17 +167,18 @@ def main(argv: list[str] | None = None) -> int:
           f"baseline {len(baseline_texts)}; {args.actors} actor(s) x {args.threads} thread(s)", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
+    cores = args.actors * args.threads  # (b) and the phase readings use every core the actors use
     readings: list[float] = []
 
     def reading() -> None:
-        readings.append(roofline_reading(args.threads))
+        readings.append(roofline_reading(cores))
         print(f"(c) matmul roofline: {readings[-1]:.1f} GFLOP/s (sustained median)", flush=True)
 
     # (b) runs in two halves, before and after (a); every shard of (a) and every batch of (b) is
     # preceded by a short roofline probe, so load that comes and goes on a shared machine is
     # accounted for in each one's share.
     reading()
-    base1 = padded_loop(llm, baseline_texts[: len(baseline_texts) // 2], args.pad_to, 32, args.threads, args.probe_s)
+    base1 = padded_loop(llm, baseline_texts[: len(baseline_texts) // 2], args.pad_to, 32, cores, args.probe_s)
     print(f"(b) first half: {base1['tokens_per_s']:.1f} useful tok/s", flush=True)
     reading()
     snap_a = write_text_snapshot("bench", sample, work / "snapshots")
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     snap_b = write_text_snapshot("bench", sample + new, work / "snapshots")
     grown = run_job(snap_b, work / "cache", llm, args)
     reading()
-    base2 = padded_loop(llm, baseline_texts[len(baseline_texts) // 2 :], args.pad_to, 32, args.threads, args.probe_s)
+    base2 = padded_loop(llm, baseline_texts[len(baseline_texts) // 2 :], args.pad_to, 32, cores, args.probe_s)
     print(f"(b) second half: {base2['tokens_per_s']:.1f} useful tok/s", flush=True)
     reading()
     seconds_b = base1["seconds"] + base2["seconds"]
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     end_to_end = first["tokens"] / first["wall_s"]
     mean_len = first["tokens"] / max(1, first["computed"])
     flops_per_token = 2 * base["non_embedding_params"] + 4 * base["num_layers"] * mean_len * base["attn_dim"]
-    a_predicted = first["roofline_gflops"] * 1e9 / flops_per_token
+    # Each actor probes its own threads; the actors run side by side, so their rooflines add up.
+    a_predicted = args.actors * first["roofline_gflops"] * 1e9 / flops_per_token
     b_predicted = base["roofline_gflops"] * 1e9 / flops_per_token
     raw = base["hidden_size"] * 2
     padded_bytes = args.pad_to * raw * first["computed"] / first["tokens"]
