@@ -419,6 +419,7 @@ class EncodeShardActor:
         # The machine's matmul rate right now, on this actor's threads: the shard's compute that follows
         # is judged against it (a shared machine's rate swings with load).
         roofline = matmul_gflops(self.roofline_probe_s) if self.roofline_probe_s > 0 else 0.0
+        probe_s = time.perf_counter() - start - load_s
         start = time.perf_counter()
         order = np.argsort(batch["length"].to_numpy(), kind="stable")  # the driver sorted already
         keys = [batch["key"].iloc[i] for i in order]
@@ -454,6 +455,7 @@ class EncodeShardActor:
             "compute_s": compute_s,
             "load_s": load_s,
             "roofline_gflops": roofline,
+            "probe_s": probe_s,
             "pid": os.getpid(),
         }])  # fmt: skip
 
@@ -597,6 +599,7 @@ def _new_stats(plan: KindPlan, directory: Path, wanted: int) -> dict[str, Any]:
         "compute_seconds": 0.0,
         "load_seconds": 0.0,
         "roofline_gflop_s": 0.0,
+        "probe_seconds": 0.0,
         "stale_shards": 0,
         "shards_written": 0,
     }
@@ -681,7 +684,11 @@ def _finish_stats(stats: dict[str, Any], seconds: float) -> None:
     stats["rows"] = manifest["rows"]
     stats["padding_fraction"] = 1.0 - stats["planned"] / stats["padded_slots"] if stats["padded_slots"] else 0.0
     stats["tokens_per_s"] = stats["tokens"] / seconds if stats["tokens"] and seconds > 0 else 0.0
-    stats["compute_tokens_per_s"] = stats["tokens"] / stats["compute_seconds"] if stats["compute_seconds"] else 0.0
+    stats.pop("first_compute_at", None)
+    stats.pop("first_probe_s", None)
+    stats.setdefault("compute_span_s", 0.0)
+    # Useful tokens per second of the busy span: the steady rate of the whole pool.
+    stats["compute_tokens_per_s"] = stats["tokens"] / stats["compute_span_s"] if stats["compute_span_s"] else 0.0
     stats["roofline_gflops"] = (
         stats.pop("roofline_gflop_s") / stats["compute_seconds"] if stats["compute_seconds"] else 0.0
     )
@@ -744,6 +751,7 @@ def _collect(
     """List each finished shard in its manifest as it arrives; progress per kind with rate and ETA."""
     progress = {kind: Progress(f"embed {kind}", total=total, unit=UNIT[kind], every_s=cfg.progress_every_s)
                 for kind, total in totals.items()}  # fmt: skip
+    n_actors = cfg.num_actors if cfg.executor == "ray" else 1
     for batch in results:
         for row in batch.itertuples(index=False):
             kind_stats, entry = stats[row.kind], json.loads(row.entry)
@@ -764,6 +772,18 @@ def _collect(
             kind_stats["rejected"].update(rejected)
             for key, why in rejected.items():
                 log.error("embed %s: rejected key %s: %s", row.kind, key, why)
+            # Busy span: from the first shard's compute start to the last shard's arrival; actor start-up
+            # and model loads are outside it, idle actors (an unbalanced tail) inside it.
+            now = time.perf_counter()
+            kind_stats.setdefault("first_compute_at", now - float(row.compute_s))
+            # Probes after the first run between shards on every actor; their share of the span is not
+            # compute. Never claim more than perfect overlap of the actors' compute.
+            if "first_probe_s" not in kind_stats:
+                kind_stats["first_probe_s"] = float(row.probe_s)
+            kind_stats["probe_seconds"] += float(row.probe_s)
+            probes = (kind_stats["probe_seconds"] - kind_stats["first_probe_s"]) / n_actors
+            span = now - kind_stats["first_compute_at"] - probes
+            kind_stats["compute_span_s"] = max(span, kind_stats["compute_seconds"] / n_actors)
             bar = progress[row.kind]
             if bar.done == 0:
                 # Rate and ETA from this kind's first shard's compute on, not from before the actors
