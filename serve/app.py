@@ -272,6 +272,19 @@ def start_serve(cfg: ServeConfig) -> None:
 
     ensure_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="HeadOnly")
+    # A Ray cluster has one Serve HTTP proxy: when Serve was already up, serve.start kept its
+    # host/port and only logged a warning, and the app would be reachable somewhere else than
+    # asked. Say so instead of waiting for /readyz on a port nobody listens on.
+    from ray.serve.context import _get_global_client
+
+    live = _get_global_client().http_config
+    if (live.host, int(live.port)) != (cfg.host, int(cfg.port)):
+        apps = ", ".join(sorted(serve.status().applications)) or "none"
+        raise ConfigError(
+            f"port={cfg.port} (host={cfg.host}): Ray Serve in this cluster already listens on "
+            f"{live.host}:{live.port} (apps: {apps}), and a cluster has one Serve HTTP address; "
+            f"deploy with host={live.host} port={live.port}, or delete those apps first (omnidiff serve down)"
+        )
 
 
 def run(cfg: ServeConfig, wait_ready_s: float = 300.0) -> dict[str, Any]:

@@ -51,6 +51,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def serve_port() -> int:
+    """The session's one Serve HTTP port. A Ray cluster has one Serve proxy, so every app the suite
+    deploys (this file's and the pipeline flow's) must ask for the same port; a different one is an
+    error (serve.app.start_serve)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
 def serve_pipelines(tmp_path_factory, tiny_llm) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("serve_pipelines")
     return tuple(
@@ -89,7 +97,7 @@ class Served:
 
 
 @pytest.fixture(scope="session")
-def served(stack, serve_registry):
+def served(stack, serve_registry, serve_port):
     """The test app, running for the whole session (one Serve start is ~15 s on 2 cores)."""
     from omnidiff.config import load_config
     from serve import app as serve_app
@@ -100,7 +108,7 @@ def served(stack, serve_registry):
     token = secrets.token_urlsafe(24)
     os.environ[TOKEN_ENV] = token
     config = str(REPO / "configs" / "serve_test.yaml")
-    overrides = [f"model={MODEL_NAME}", f"port={free_port()}"]
+    overrides = [f"model={MODEL_NAME}", f"port={serve_port}"]
     cfg = load_config(ServeConfig, config, overrides)
     try:
         # Through the command a user runs: `omnidiff serve up` returns once /readyz says ready.

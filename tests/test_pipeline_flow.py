@@ -31,18 +31,23 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def pipeline_cfg(stack, tiny_llm):
+def pipeline_cfg(stack, tiny_llm, serve_port):
     from flows.config import load_pipeline_config
+    from serve import app as serve_app
 
     llm = f"{tiny_llm}"
     overrides = [f"world_port={_free_port()}", f"embed.llm.path={llm}", "evaluate.max_per_group=2",
                  "evaluate.steps=4", "evaluate.real_images=32", "evaluate.track=true",
                  "evaluate.require_fit_evaluator=false", "collect.track=true",
-                 "serve.app_name=omnidiff-pipeline-test", "serve.route_prefix=/pipeline-test"]
+                 "serve.app_name=omnidiff-pipeline-test", "serve.route_prefix=/pipeline-test",
+                 f"serve.port={serve_port}"]
     overrides += [f"stage{i}.llm.path={llm}" for i in (1, 2, 3)]
     overrides += [f"stage{i}.registry.register=true" for i in (1, 2, 3)]
     overrides += [f"stage{i}.registry.model_name=omnidiff-pipeline-test" for i in (1, 2, 3)]
-    return load_pipeline_config(CONFIG, overrides)
+    cfg = load_pipeline_config(CONFIG, overrides)
+    yield cfg
+    if serve_app.running(cfg.serve.app_name):
+        serve_app.shutdown(cfg.serve)  # its replicas would hold CPUs the later tests need
 
 
 @pytest.fixture(scope="module")

@@ -258,3 +258,17 @@ def test_serve_status_command(served, capsys):
     assert report["status"] == "RUNNING" and report["ready"] is True
     assert report["model"]["version"] == _production_version()
     assert report["deployments"]["Generator"]["replicas"].get("RUNNING") == 1
+
+
+def test_a_second_app_on_another_port_is_a_clear_error(served):
+    """A Ray cluster has one Serve HTTP proxy: asking for another port names the live one instead of
+    deploying an app nobody can reach where the config says."""
+    from dataclasses import replace
+
+    from omnidiff.config import ConfigError
+    from serve import app as serve_app
+
+    other = replace(served.cfg, port=served.cfg.port + 1, app_name="omnidiff-test-other")
+    with pytest.raises(ConfigError, match=rf"already listens on 127\.0\.0\.1:{served.cfg.port}.*omnidiff-test"):
+        serve_app.start_serve(other)
+    assert requests.get(f"{served.url}/healthz", timeout=10).status_code == 200
