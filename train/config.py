@@ -13,24 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from embed_cache.config import LLMSection  # one definition: the stage's llm section must match the embed run's
 from omnidiff.config import require
-
-
-@dataclass(frozen=True)
-class LLMSection:
-    """The frozen LLM whose cached states feed the adapter. Must match the embed run's ``llm`` section.
-
-    path: a transformers causal-LM folder; ``null`` = the converted Gemma 3 270M (``omnidiff llm convert``).
-    layer / max_length / dtype: as in the embed config; together they name the LLM cache (fingerprint).
-    """
-
-    path: Path | None = None
-    layer: int = -1
-    max_length: int = 512
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-    def __post_init__(self):
-        require(self.max_length >= 1, "llm.max_length", self.max_length, "must be >= 1")
 
 
 @dataclass(frozen=True)
