@@ -57,6 +57,29 @@ def test_pretraining_on_a_tiny_budget_lowers_the_loss(tiny_world):
     assert after < 0.7 * before, (before, after)
 
 
+def test_loss_targets_follow_the_prediction_type_and_min_snr_weights(tiny_world):
+    """v-prediction regresses scheduler.get_velocity (not the noise); Min-SNR-gamma only ever
+    down-weights, and a gamma above every step's SNR leaves the noise loss unchanged."""
+    from omnidiff.base.pretrain import build_models, compute_loss, load_pairs
+
+    images, captions = load_pairs(tiny_world, 16)
+    images, captions = images[:16], captions[:16]
+
+    def loss(*overrides, gamma=0.0):
+        text_encoder, unet, scheduler = build_models(tiny_base_config(tiny_world, *overrides))
+        assert scheduler.config.prediction_type == ("v_prediction" if "pretrain.prediction_type=v_prediction" in overrides else "epsilon")
+        ids, mask = text_encoder.tokenize(captions)
+        with torch.no_grad():
+            return compute_loss(images, ids, mask, text_encoder, unet, scheduler,
+                                torch.Generator().manual_seed(5), gamma).item()
+
+    eps, v = loss("pretrain.prediction_type=epsilon"), loss("pretrain.prediction_type=v_prediction")
+    assert eps != pytest.approx(v, rel=1e-3)  # same weights and draws, another target
+    assert loss("pretrain.prediction_type=epsilon", gamma=1e12) == pytest.approx(eps, rel=1e-6)
+    assert loss("pretrain.prediction_type=epsilon", gamma=1.0) < eps
+    assert loss("pretrain.prediction_type=v_prediction", gamma=5.0) < v
+
+
 def test_pretraining_is_seeded(tiny_world):
     from omnidiff.base.pretrain import load_pairs, train
 

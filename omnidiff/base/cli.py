@@ -52,6 +52,10 @@ def score(cfg: BaseConfig, command: str = "") -> dict:
     from omnidiff.pipeline import OmniDiffusionPipeline
 
     sc, sm = cfg.score, cfg.sample
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     world_dir = resolve_world(cfg)
     if sc.model is None:
         model_dir = pretrain(cfg)
@@ -81,6 +85,7 @@ def score(cfg: BaseConfig, command: str = "") -> dict:
     headline = {
         "short_en": {a: scoring.lookup(summary, a, "en", scoring.SHORT) for a in (*evaluator.labels, scoring.ALL)},
         "zh": {a: scoring.lookup(summary, a, "zh") for a in (*evaluator.labels, scoring.ALL)},
+        "short_zh": {a: scoring.lookup(summary, a, "zh", scoring.SHORT) for a in (*evaluator.labels, scoring.ALL)},
         "long_en": {a: scoring.lookup(summary, a, "en", scoring.LONG) for a in (*evaluator.labels, scoring.ALL)},
         "long_all_langs": {a: scoring.lookup(summary, a, None, scoring.LONG) for a in (*evaluator.labels, scoring.ALL)},
     }

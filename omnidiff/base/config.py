@@ -23,12 +23,15 @@ class TextEncoderConfig:
     hidden: width of the transformer, and so the UNet's cross-attention dim.
     layers / heads: transformer depth and attention heads (hidden % heads == 0).
     intermediate: MLP width; None -> 4 * hidden.
+    token_init_std: init std of the word embeddings (CLIP's own init is 0.02; 1.0 trains much faster here,
+      see omnidiff/base/pretrain.py).
     """
 
     hidden: int = 128
     layers: int = 2
     heads: int = 4
     intermediate: int | None = None
+    token_init_std: float = 1.0
 
     def __post_init__(self) -> None:
         require(self.hidden >= 8, "text_encoder.hidden", self.hidden, "must be >= 8")
@@ -39,6 +42,7 @@ class TextEncoderConfig:
             self.heads,
             f"must divide text_encoder.hidden={self.hidden}",
         )
+        require(self.token_init_std > 0, "text_encoder.token_init_std", self.token_init_std, "must be > 0")
         require(
             self.intermediate is None or self.intermediate >= 1,
             "text_encoder.intermediate",
@@ -82,7 +86,13 @@ class PretrainConfig:
     lr / weight_decay / warmup_steps / grad_clip: AdamW with linear warm-up then cosine decay.
     caption_dropout: share of captions replaced by "" so classifier-free guidance works.
     num_train_timesteps / beta_schedule: the DDPM noise schedule (squaredcos_cap_v2 = cosine).
+    prediction_type: what the UNet predicts, the noise (epsilon) or v = alpha*noise - sigma*image;
+      saved in the scheduler config, which the pipeline's sampler and stages 2-3 read.
     ema_decay: EMA of the weights that get saved (0 disables).
+    min_snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023; 0 disables): the noise-prediction
+      loss of step t is weighted by min(SNR(t), gamma) / SNR(t), so the nearly clean steps (pixel
+      detail) stop drowning out the noisy ones, where what the caption asks for is decided.
+    text_lr_scale: the text encoder's learning rate relative to ``lr`` (it starts from nothing).
     seed: seeds init, batches, noise and timesteps; the same seed gives the same weights.
     """
 
@@ -95,7 +105,10 @@ class PretrainConfig:
     caption_dropout: float = 0.1
     num_train_timesteps: int = 1000
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     ema_decay: float = 0.0
+    min_snr_gamma: float = 5.0
+    text_lr_scale: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -110,6 +123,8 @@ class PretrainConfig:
             self.num_train_timesteps >= 10, "pretrain.num_train_timesteps", self.num_train_timesteps, "must be >= 10"
         )
         require(0 <= self.ema_decay < 1, "pretrain.ema_decay", self.ema_decay, "must be in [0, 1)")
+        require(self.min_snr_gamma >= 0, "pretrain.min_snr_gamma", self.min_snr_gamma, "must be >= 0 (0 disables)")
+        require(self.text_lr_scale > 0, "pretrain.text_lr_scale", self.text_lr_scale, "must be > 0")
 
 
 @dataclass(frozen=True)
