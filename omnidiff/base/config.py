@@ -96,7 +96,7 @@ class PretrainConfig:
     seed: seeds init, batches, noise and timesteps; the same seed gives the same weights.
     """
 
-    steps: int = 700
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.0
