@@ -96,6 +96,19 @@ def run_stage(name: str, cfg: Any, files: list[Path], fn: Callable[[], dict[str,
     return outputs
 
 
+def _per_input_folders(name: str, cfg: Any, files: list[Path]) -> Any:
+    """Checkpoint and export folders of their own for each set of stage inputs (unless the config
+    names them): a pipeline rerun after a crash resumes from its own checkpoints, while a run with
+    other inputs (a new base model, snapshot or config) starts fresh instead of meeting another
+    training's checkpoints, and never overwrites an export that the stage index still points to."""
+    digest = input_digest(name, cfg, files)[:12]
+    if cfg.checkpoint.dir is None:
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, dir=subdir("checkpoints", cfg.name) / digest))
+    if cfg.registry.export_dir is None:
+        cfg = replace(cfg, registry=replace(cfg.registry, export_dir=subdir("exports", cfg.name) / digest))
+    return cfg
+
+
 # ---------------------------------------------------------------- the flow
 
 def _train_outputs(result: dict[str, Any]) -> dict[str, Any]:
@@ -166,6 +179,7 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
             stage_cfg = replace(stage_cfg, base_model=base["base_model"],
                                 data=replace(stage_cfg.data, snapshot=snapshot),
                                 init_from=parent_export if stage_cfg.stage > 1 else stage_cfg.init_from)
+            stage_cfg = _per_input_folders(name, stage_cfg, [Path(snapshot) / "manifest.json"])
             result = run_stage(name, stage_cfg, [Path(snapshot) / "manifest.json"],
                                lambda c=stage_cfg: _train_outputs(train_flow(c)), index, skip, timings,
                                ("export_dir",))

@@ -1,0 +1,43 @@
+"""Pieces of the pipeline flow that need no running stack (flows/pipeline.py).
+
+    .venv/bin/pytest tests/test_flows_units.py -q
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from omnidiff.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stage1(*overrides: str):
+    from train.config import TrainConfig
+
+    return load_config(TrainConfig, REPO / "configs" / "train_test_stage1.yaml", list(overrides))
+
+
+def test_training_folders_are_per_input_set(tmp_path, monkeypatch):
+    """A rerun with the same inputs resumes in the same checkpoint folder; other inputs (here: another
+    base model) get fresh folders instead of refusing another training's checkpoints."""
+    from flows.pipeline import _per_input_folders
+
+    monkeypatch.setenv("OMNIDIFF_HOME", str(tmp_path))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    cfg = replace(_stage1(), base_model="/models/base/a")
+    first, again = _per_input_folders("stage1", cfg, [manifest]), _per_input_folders("stage1", cfg, [manifest])
+    assert first.checkpoint.dir == again.checkpoint.dir and first.registry.export_dir == again.registry.export_dir
+    assert first.checkpoint.dir.parent == tmp_path / "checkpoints" / cfg.name
+    assert first.registry.export_dir.parent == tmp_path / "exports" / cfg.name
+
+    other = _per_input_folders("stage1", replace(cfg, base_model="/models/base/b"), [manifest])
+    assert other.checkpoint.dir != first.checkpoint.dir and other.registry.export_dir != first.registry.export_dir
+
+    manifest.write_text('{"rows": 1}')  # a new snapshot under the same path
+    assert _per_input_folders("stage1", cfg, [manifest]).checkpoint.dir != first.checkpoint.dir
+
+    pinned = _stage1(f"checkpoint.dir={tmp_path / 'mine'}")
+    assert _per_input_folders("stage1", pinned, [manifest]).checkpoint.dir == tmp_path / "mine"
