@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -47,6 +48,8 @@ CONFIG_KINDS: dict[str, str] = {
     "pipeline": "flows.config:PipelineConfig",
 }
 
+
+_FLOAT_LITERAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the dotted key and the value."""
@@ -208,6 +211,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         require(isinstance(value, int) and not isinstance(value, bool), key, value, "expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "3e-3" (no dot) as a string; it is a number here
         require(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "expected a number")
         return float(value)
     if tp is str:

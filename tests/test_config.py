@@ -147,6 +147,15 @@ def test_yaml_with_dotted_overrides(tmp_path):
     assert load_config(DemoConfig, None, ["name=only"]) == DemoConfig(name="only")
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 3e-3 as a string; a float field takes it (and still refuses words)."""
+    path = _yaml(tmp_path, "kind: demo\ndownload:\n  timeout_s: 1e2\n")
+    assert load_config(DemoConfig, path).download.timeout_s == 100.0
+    assert load_config(DemoConfig, None, ["download.timeout_s=3e-3"]).download.timeout_s == 0.003
+    with pytest.raises(ConfigError, match=r"download\.timeout_s='3e': expected a number"):
+        load_config(DemoConfig, None, ["download.timeout_s=3e"])
+
+
 def test_bad_overrides_are_named():
     with pytest.raises(ConfigError, match=r"override 'download\.processes': expected dotted\.key=value"):
         load_config(DemoConfig, None, ["download.processes"])
