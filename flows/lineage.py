@@ -17,6 +17,8 @@ import json
 import sys
 from typing import Any
 
+from omnidiff.tracking import is_model_ref
+
 MAX_DEPTH = 16
 
 
@@ -41,14 +43,6 @@ def parse_model_ref(ref: str) -> tuple[str, str, str]:
         if name and version.isdigit():
             return name, "version", version
     raise ValueError(f"model reference {ref!r}: expected name@alias or name/version")
-
-
-def _is_registry_ref(ref: str) -> bool:
-    try:
-        parse_model_ref(ref)
-        return True
-    except ValueError:
-        return False
 
 
 def _version(client, ref: str):
@@ -122,7 +116,7 @@ def model_lineage(ref: str) -> dict[str, Any]:
         snapshot_digest = snapshot_digest or tags.get("snapshot_digest")
         cache_fp = cache_fp or tags.get("cache_fingerprint")
         current = tags.get("parent_model")
-        if current and not _is_registry_ref(current) and tags.get("parent_run_id"):
+        if current and not is_model_ref(current) and tags.get("parent_run_id"):
             # the parent was given as a folder: find its registered version by the run that made it
             parents = client.search_model_versions(f"run_id = '{tags['parent_run_id']}'")
             current = f"{parents[0].name}/{parents[0].version}" if parents else current

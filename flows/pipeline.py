@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -127,15 +126,15 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
     from flows.evaluate import evaluate_flow
     from flows.training import train_flow
     from omnidiff.stack import apply_env
-    from omnidiff.tracking import PARENT_RUN_ENV, start_run
+    from omnidiff.tracking import start_run
 
     apply_env()
     cfg = config
     index, timings, out = StageIndex(), {}, {}
     skip = cfg.skip_unchanged
-    with start_run("pipeline", config=cfg, run_name="omnidiff-pipeline") as parent:
+    # Stage runs nest under the pipeline's run, from whichever thread Prefect runs them in.
+    with start_run("pipeline", config=cfg, run_name="omnidiff-pipeline", parent_of_any_thread=True) as parent:
         out["mlflow_parent_run_id"] = parent.info.run_id
-        os.environ[PARENT_RUN_ENV] = parent.info.run_id  # stage runs nest under it from any thread
 
         # 1. what the pipeline stands on: the world (url-list source), the base model, the evaluator
         base = run_stage("prepare-base", {"world": cfg.world, "base": cfg.base}, [],
@@ -203,7 +202,6 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
             timings["deploy"] = time.perf_counter() - t0
         out["timings_s"] = timings
         mlflow.log_dict(out, "pipeline_outputs.json")
-        os.environ.pop(PARENT_RUN_ENV, None)
     print_summary(out)
     return out
 

@@ -147,6 +147,7 @@ def start_run(
     run_name: str | None = None,
     parent_run_id: str | None = None,
     tags: dict[str, Any] | None = None,
+    parent_of_any_thread: bool = False,
 ) -> Iterator[Any]:
     """An MLflow run in experiment ``omnidiff`` for one stage; yields ``mlflow.ActiveRun``.
 
@@ -154,7 +155,9 @@ def start_run(
     run) and ``tags``. ``config`` (a stage config dataclass) is logged as flat
     params (``download.processes``) and as the artifact ``config.yaml``.
     Nested: under ``parent_run_id``, or under this process's active run. The
-    run ends FINISHED, or FAILED when the block raises.
+    run ends FINISHED, or FAILED when the block raises. ``parent_of_any_thread``: runs started
+    while this one is open nest under it even from other threads (MLflow's active run is
+    per-thread; Prefect runs tasks in worker threads); undone when the block ends, however it ends.
     """
     import mlflow
 
@@ -162,8 +165,7 @@ def start_run(
     active = mlflow.active_run()
     if parent_run_id is None and active is not None:
         parent_run_id = active.info.run_id
-    if parent_run_id is None:
-        # A pipeline run sets this so stage runs nest under it even from another thread (Prefect tasks).
+    if parent_run_id is None:  # an open ``parent_of_any_thread`` run (the pipeline's)
         parent_run_id = os.environ.get(PARENT_RUN_ENV) or None
     all_tags = {"stage": stage, "git.commit": git_commit()}
     flow_run = prefect_flow_run_id()
@@ -181,7 +183,18 @@ def start_run(
             resolved = config_lib.to_dict(config)
             mlflow.log_params({k: _param_value(v) for k, v in config_lib.flatten(resolved).items()})
             mlflow.log_text(config_lib.dump_yaml(config), "config.yaml")
-        yield run
+        if not parent_of_any_thread:
+            yield run
+            return
+        saved = os.environ.get(PARENT_RUN_ENV)
+        os.environ[PARENT_RUN_ENV] = run.info.run_id
+        try:
+            yield run
+        finally:
+            if saved is None:
+                os.environ.pop(PARENT_RUN_ENV, None)
+            else:
+                os.environ[PARENT_RUN_ENV] = saved
 
 
 def _run_id(run_id: str | None, what: str) -> str:
@@ -241,6 +254,11 @@ def register_model(
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
+
+
+def is_model_ref(ref: str) -> bool:
+    """Whether ``ref`` is written as a registry reference: ``name@alias`` or ``name/version`` (``models:/`` allowed)."""
+    return bool(_REF_ALIAS.match(ref) or _REF_VERSION.match(ref))
 
 
 def model_version(ref: str):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,6 @@ from train.loop import latest_tag
 RESUMABLE_CHANGES = ("name", "max_steps", "dist", "checkpoint", "samples", "registry", "log_every", "track",
                      "micro_batch_size")
 IDENTITY_NAME = "run_identity.json"
-REGISTRY_REF = re.compile(r"^(models:/)?[^@/\s]+(@[A-Za-z0-9_\-]+|/\d+)$")  # name@alias or name/version
 # Environment a Ray worker needs to see the same home, caches and tracking server as the driver.
 WORKER_ENV = ("OMNIDIFF_HOME", "OMNIDIFF_MODELS", "MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR", "HF_HOME",
               "XDG_CACHE_HOME", "MPLCONFIGDIR", "TRITON_CACHE_DIR", "PYTHONWARNINGS")
@@ -99,7 +97,9 @@ def resolve_model_ref(ref: str, what: str) -> Path:
             raise TrainingError(f"{what}={ref!r}: its base model is not trained yet ({folder}); "
                                 f"run 'omnidiff base pretrain --config {ref}' first")
         return folder
-    if REGISTRY_REF.match(ref):
+    from omnidiff.tracking import is_model_ref
+
+    if is_model_ref(ref):
         from omnidiff.tracking import TrackingError, resolve_model
 
         try:
@@ -405,7 +405,7 @@ def registry_ref(ref: str | None, folder_run_id: str | None, tracked: bool) -> s
         return None
     from omnidiff import tracking
 
-    if not Path(ref).expanduser().exists() and REGISTRY_REF.match(ref):
+    if not Path(ref).expanduser().exists() and tracking.is_model_ref(ref):
         version = tracking.model_version(ref)
         return f"{version.name}/{version.version}"
     if folder_run_id:

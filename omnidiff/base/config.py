@@ -92,7 +92,6 @@ class PretrainConfig:
     min_snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023; 0 disables): the noise-prediction
       loss of step t is weighted by min(SNR(t), gamma) / SNR(t), so the nearly clean steps (pixel
       detail) stop drowning out the noisy ones, where what the caption asks for is decided.
-    text_lr_scale: the text encoder's learning rate relative to ``lr`` (it starts from nothing).
     seed: seeds init, batches, noise and timesteps; the same seed gives the same weights.
     """
 
@@ -108,7 +107,6 @@ class PretrainConfig:
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     ema_decay: float = 0.0
     min_snr_gamma: float = 5.0
-    text_lr_scale: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -124,7 +122,6 @@ class PretrainConfig:
         )
         require(0 <= self.ema_decay < 1, "pretrain.ema_decay", self.ema_decay, "must be in [0, 1)")
         require(self.min_snr_gamma >= 0, "pretrain.min_snr_gamma", self.min_snr_gamma, "must be >= 0 (0 disables)")
-        require(self.text_lr_scale > 0, "pretrain.text_lr_scale", self.text_lr_scale, "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ result is a pipeline folder (conditioning ``clip``) cached at
 reused when present (``force=true`` retrains).
 
 Decision (issue 2): the first ``make demo`` pretrains the base model (about
-about 8 CPU minutes) and every later run reuses the cache, rather than shipping
+8 CPU minutes) and every later run reuses the cache, rather than shipping
 weights. The weights then always match the world and the code that made them,
 the command and seed that made them are in the folder's ``base.json`` and the
 MLflow run, and no binary blobs live in the repository.
@@ -181,9 +181,7 @@ def train(cfg: BaseConfig, images: torch.Tensor, captions: list[str]) -> dict:
     all_ids, all_mask = text_encoder.tokenize(captions, max_windows=1)  # (N, 77), (N, 77)
     null_ids, null_mask = text_encoder.tokenize([""], max_windows=1)  # (1, 77)
     params = list(text_encoder.parameters()) + list(unet.parameters())
-    groups = [{"params": list(text_encoder.parameters()), "lr": p.lr * p.text_lr_scale},
-              {"params": list(unet.parameters()), "lr": p.lr}]  # fmt: skip
-    optimiser = torch.optim.AdamW(groups, lr=p.lr, weight_decay=p.weight_decay)
+    optimiser = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
 
     def lr_at(step: int) -> float:  # linear warm-up, then cosine to 10% of lr
         if step < p.warmup_steps:
