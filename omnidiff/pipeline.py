@@ -155,7 +155,7 @@ class OmniDiffusionPipeline:
         """``prompts`` -> ``(tokens (B, T, D), pooled (B, D), mask bool (B, T))`` on the UNet's device.
 
         clip: T = 77 * clip_max_windows, mask False on padding. llm_adapter: T = the adapter's
-        number of queries, every position real.
+        number of queries, the mask its mask head's prediction (every position without one).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not all(isinstance(p, str) for p in prompts):
@@ -166,8 +166,7 @@ class OmniDiffusionPipeline:
         else:
             states, llm_mask = self.llm.encode(texts)  # (B, T, Dl), (B, T)
             dev = self.device
-            tokens, pooled = self.adapter(states.to(dev), llm_mask.to(dev))  # (B, Q, D), (B, D)
-            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=dev)
+            tokens, pooled, mask = self.adapter.condition(states.to(dev), llm_mask.to(dev))  # (B, Q, D), (B, D), (B, Q)
         return tokens.to(self.device), pooled.to(self.device), mask.to(self.device)
 
     # -- sampling -----------------------------------------------------------------------------

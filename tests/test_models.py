@@ -155,6 +155,59 @@ def test_adapter_save_load(tmp_path):
     torch.testing.assert_close(adapter(x, m)[0], again(x, m)[0])
 
 
+def test_adapter_input_norm_standardises_each_llm_dimension():
+    """With input_norm, an affine change of each input dimension is undone by the matching statistics:
+    massive dimensions (Gemma's |x| ~55 where the median is ~2) weigh no more than any other."""
+    torch.manual_seed(0)
+    a = OmniAdapter(16, 32, 8, 5, 1, 1, 4, input_norm=True).eval()
+    x, m = torch.randn(2, 6, 16), torch.ones(2, 6, dtype=torch.bool)
+    plain = a(x, m)[0]
+    scale, shift = torch.rand(16) * 50 + 0.5, torch.randn(16) * 20
+    a.set_input_stats(shift, scale)
+    torch.testing.assert_close(a(x * scale + shift, m)[0], plain, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="shapes"):
+        a.set_input_stats(torch.zeros(15), torch.ones(15))
+    with pytest.raises(ValueError, match="NaN"):
+        a.set_input_stats(torch.full((16,), float("nan")), torch.ones(16))
+    with pytest.raises(ValueError, match="input_norm=False"):
+        OmniAdapter(16, 32, 8, 5, 1, 1, 4).set_input_stats(torch.zeros(16), torch.ones(16))
+
+
+def test_adapter_pooled_query_and_mask_head_shapes(tmp_path):
+    torch.manual_seed(0)
+    a = OmniAdapter(16, 32, 8, 5, 1, 1, 4, input_norm=True, mask_head=True, pooled_query=True).eval()
+    a.set_input_stats(torch.randn(16), torch.rand(16) + 0.5)
+    x, m = torch.randn(3, 6, 16), torch.ones(3, 6, dtype=torch.bool)
+    tokens, pooled, logits = a.forward_all(x, m)
+    assert tokens.shape == (3, 5, 8) and pooled.shape == (3, 8) and logits.shape == (3, 5)
+    assert a.queries.shape == (6, 32), "one extra query makes the pooled embedding"
+    assert not torch.allclose(pooled, a.pooled_mlp(tokens.mean(1)))
+    _, _, mask = a.condition(x, m)
+    assert mask.dtype == torch.bool and mask[:, 0].all(), "query 0 (CLIP's <bos>) is always read"
+    torch.testing.assert_close(mask[:, 1:], logits[:, 1:] > 0)
+    # flags and input statistics survive a save/load
+    a.save_pretrained(tmp_path)
+    again = OmniAdapter.from_pretrained(tmp_path)
+    assert again.shape == a.shape
+    torch.testing.assert_close(again.input_scale, a.input_scale)
+    torch.testing.assert_close(again.condition(x, m)[0], tokens)
+
+
+def test_adapter_folder_without_the_new_options_loads_as_before(tmp_path):
+    """Exports made before input_norm / mask_head / pooled_query existed keep their behaviour."""
+    a = OmniAdapter(16, 32, 8, 5, 1, 1, 4).eval()
+    a.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("input_norm", "mask_head", "pooled_query"):
+        config.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    again = OmniAdapter.from_pretrained(tmp_path)
+    x, m = torch.randn(2, 6, 16), torch.ones(2, 6, dtype=torch.bool)
+    _, _, mask = again.condition(x, m)
+    assert mask.all(), "no mask head: every query is read"
+    torch.testing.assert_close(again(x, m)[1], a(x, m)[1])
+
+
 def test_adapter_bad_input():
     adapter = OmniAdapter(16, 32, 8, 5, 1, 1, 4)
     with pytest.raises(ValueError, match="expected"):

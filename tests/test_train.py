@@ -130,8 +130,8 @@ def test_align_loss_ignores_target_padding_and_detects_misalignment():
             super().__init__()
             self.tokens, self.pooled = tokens, pooled
 
-        def forward(self, states, mask):
-            return self.tokens, self.pooled
+        def forward_all(self, states, mask):
+            return self.tokens, self.pooled, None
 
     batch = {"llm_states": torch.zeros(2, 1, 4), "llm_mask": torch.ones(2, 1, dtype=torch.bool), "target": target,
              "target_mask": mask, "target_pooled": pooled}
@@ -146,6 +146,35 @@ def test_align_loss_ignores_target_padding_and_detects_misalignment():
     assert compute_align_loss(batch, {"adapter": Echo(wrong, pooled)})[0].item() > 0.1
     mse = compute_align_loss(batch, {"adapter": Echo(wrong, pooled)}, kind="mse")[0].item()
     assert mse > 0
+
+
+def test_align_loss_teaches_the_mask_head_which_queries_are_real():
+    """A few steps on two captions of different lengths: the mask head predicts each one's real CLIP
+    positions (and none past them), and condition() hands the UNet exactly that mask."""
+    from omnidiff.models.adapter import OmniAdapter
+    from train.losses import compute_align_loss
+
+    torch.manual_seed(0)
+    adapter = OmniAdapter(16, 32, 8, 10, 1, 1, 4, mask_head=True, pooled_query=True)
+    states = torch.randn(2, 6, 16)
+    llm_mask = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
+    target = torch.randn(2, 7, 8)
+    target_mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4])
+    target[1, 3:] = 0
+    batch = {"llm_states": states, "llm_mask": llm_mask, "target": target, "target_mask": target_mask,
+             "target_pooled": torch.randn(2, 8)}
+    _, first = compute_align_loss(batch, {"adapter": adapter}, mask_weight=1.0)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss, metrics = compute_align_loss(batch, {"adapter": adapter}, mask_weight=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert metrics["mask_acc"] == 1.0 and first["mask_acc"] < 1.0
+    _, _, mask = adapter.eval().condition(states, llm_mask)
+    expected = torch.zeros(2, 10, dtype=torch.bool)
+    expected[0, :7], expected[1, :3] = True, True
+    assert torch.equal(mask, expected)
 
 
 def test_lr_schedule_warms_up_then_decays():

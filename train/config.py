@@ -31,6 +31,8 @@ class DataSection:
       ``null`` keeps every pair.
     caption_dropout: stages 2-3: share of captions replaced by the cached "" embedding so that
       classifier-free guidance has an unconditional model to contrast with (PAPER.md weak points).
+    empty_share: stage 1: share of training examples that align "" with CLIP's "" (the unconditional
+      embedding classifier-free guidance contrasts with; the release never aligns it).
     val_examples: examples of the ``val`` split (same filters) whose loss is logged at the start and at
       every checkpoint, with fixed noise and timesteps so values are comparable (0 = off).
     """
@@ -42,12 +44,14 @@ class DataSection:
     clip_windows: int = 3
     aesthetic_min: float | None = None
     caption_dropout: float = 0.1
+    empty_share: float = 0.02
     val_examples: int = 32
 
     def __post_init__(self):
         require(bool(self.snapshot.strip()), "data.snapshot", self.snapshot, "name a snapshot (name or folder)")
         require(1 <= self.clip_windows <= 16, "data.clip_windows", self.clip_windows, "must be in 1..16")
         require(0 <= self.caption_dropout < 1, "data.caption_dropout", self.caption_dropout, "must be in [0, 1)")
+        require(0 <= self.empty_share < 0.5, "data.empty_share", self.empty_share, "must be in [0, 0.5)")
         require(self.val_examples >= 0, "data.val_examples", self.val_examples, "must be >= 0 (0 = off)")
 
 
@@ -58,6 +62,12 @@ class AdapterSection:
     width: inner width of the projection and the encoder-decoder.
     num_queries: fixed output length; 3 x 77 = 231 covers three stitched CLIP windows.
     encoder_layers / decoder_layers / heads / dropout: the small transformer.
+    input_norm: standardise each LLM dimension with statistics of the training cache (taken when
+      stage 1 starts; saved with the adapter). Off, Gemma's massive dimensions collapse the adapter.
+    mask_head: predict which queries are real CLIP tokens (stage 1 learns it from the CLIP windows),
+      and let the UNet cross-attend to those only, as the base model was pretrained.
+    pooled_query: the pooled embedding comes from one extra query (CLIP pools one <eos> state),
+      not from the mean of the output tokens.
     """
 
     width: int = 128
@@ -66,6 +76,9 @@ class AdapterSection:
     decoder_layers: int = 2
     heads: int = 4
     dropout: float = 0.0
+    input_norm: bool = True
+    mask_head: bool = True
+    pooled_query: bool = True
 
     def __post_init__(self):
         require(self.width >= 8, "adapter.width", self.width, "must be >= 8")
@@ -217,6 +230,8 @@ class TrainConfig:
       or ``cross_attention`` (the attn2 blocks that read the text).
     loss: stage 1 token loss: ``cosine`` = 1 - cosine per token + ``norm_weight`` x a norm-matching
       term (the release's default), or ``mse``.
+    mask_weight: stage 1 weight of the mask head's binary cross-entropy (which queries are real CLIP
+      tokens; only with ``adapter.mask_head``).
     micro_batch_size: examples per rank per forward; global_batch_size: examples per optimizer step
       (= micro x gradient accumulation x workers).
     max_steps: optimizer steps.
@@ -239,6 +254,7 @@ class TrainConfig:
     train_unet: Literal["none", "all", "attention", "cross_attention"] = "none"
     loss: Literal["cosine", "mse"] = "cosine"
     norm_weight: float = 0.1
+    mask_weight: float = 0.1
     optim: OptimSection = field(default_factory=OptimSection)
     micro_batch_size: int = 32
     global_batch_size: int = 32
@@ -269,6 +285,7 @@ class TrainConfig:
         require(self.stage != 3 or self.data.aesthetic_min is not None, "data.aesthetic_min",
                 self.data.aesthetic_min, "stage 3 trains on the high-aesthetic subset: set a threshold")
         require(self.norm_weight >= 0, "norm_weight", self.norm_weight, "must be >= 0")
+        require(self.mask_weight >= 0, "mask_weight", self.mask_weight, "must be >= 0")
         require(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "must be >= 1")
         per_step = self.micro_batch_size * self.dist.num_workers
         require(self.global_batch_size % per_step == 0, "global_batch_size", self.global_batch_size,

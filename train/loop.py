@@ -80,20 +80,15 @@ def build_stage_model(cfg, job: dict) -> StageModel:
     """The stage's modules, initialised as the config says, with frozen parts' ``requires_grad`` off."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from omnidiff.models.adapter import OmniAdapter
     from train.losses import compute_align_loss, compute_diffusion_loss
 
     torch.manual_seed(cfg.seed)  # adapter init is part of "a run is a function of (config, seed)"
     init_from = Path(job["init_from"]) if job.get("init_from") else None
-    if init_from is not None and (init_from / "adapter").is_dir():
-        adapter = OmniAdapter.from_pretrained(init_from / "adapter")
-    else:
-        a = cfg.adapter
-        adapter = OmniAdapter(job["llm_dim"], a.width, job["out_dim"], a.num_queries, a.encoder_layers,
-                              a.decoder_layers, a.heads, a.dropout)
+    adapter = initial_adapter(cfg, job)
     adapter.requires_grad_(cfg.train_adapter)
     if cfg.family == "align":
-        return StageModel(adapter, None, partial(compute_align_loss, kind=cfg.loss, norm_weight=cfg.norm_weight))
+        return StageModel(adapter, None, partial(compute_align_loss, kind=cfg.loss, norm_weight=cfg.norm_weight,
+                                                 mask_weight=cfg.mask_weight))
     # Stage 3 continues the stage-2 UNet; stage 2 starts from the base model's.
     unet_root = init_from if (cfg.stage == 3 and init_from is not None) else Path(job["base_model"])
     unet = UNet2DConditionModel.from_pretrained(unet_root / "unet", use_safetensors=True)
@@ -101,6 +96,26 @@ def build_stage_model(cfg, job: dict) -> StageModel:
         p.requires_grad_(unet_trainable(name, cfg.train_unet))
     noise_scheduler = DDPMScheduler.from_pretrained(Path(job["base_model"]) / "scheduler")
     return StageModel(adapter, unet, partial(compute_diffusion_loss, noise_scheduler=noise_scheduler))
+
+
+def initial_adapter(cfg, job: dict):
+    """The adapter a stage starts from: the parent export's (``init_from``), else a fresh one of
+    ``cfg.adapter``'s shape whose input statistics (``input_norm``) come from the driver's cache scan."""
+    from omnidiff.models.adapter import OmniAdapter
+
+    init_from = Path(job["init_from"]) if job.get("init_from") else None
+    if init_from is not None and (init_from / "adapter").is_dir():
+        return OmniAdapter.from_pretrained(init_from / "adapter")
+    a = cfg.adapter
+    adapter = OmniAdapter(job["llm_dim"], a.width, job["out_dim"], a.num_queries, a.encoder_layers, a.decoder_layers,
+                          a.heads, a.dropout, input_norm=a.input_norm, mask_head=a.mask_head,
+                          pooled_query=a.pooled_query)
+    if a.input_norm:
+        if job.get("llm_stats") is None:
+            raise ValueError("adapter.input_norm needs the LLM cache's per-dimension statistics (job['llm_stats'])")
+        mean, std = job["llm_stats"]
+        adapter.set_input_stats(torch.as_tensor(mean), torch.as_tensor(std))
+    return adapter
 
 
 def set_train_mode(model: StageModel, cfg) -> None:
@@ -600,15 +615,8 @@ def eval_modules(cfg, job: dict, weights: dict[str, torch.Tensor]):
     """
     from diffusers import UNet2DConditionModel
 
-    from omnidiff.models.adapter import OmniAdapter
-
-    a = cfg.adapter
     init_from = Path(job["init_from"]) if job.get("init_from") else None
-    if init_from is not None and (init_from / "adapter").is_dir():
-        adapter = OmniAdapter.from_pretrained(init_from / "adapter")
-    else:
-        adapter = OmniAdapter(job["llm_dim"], a.width, job["out_dim"], a.num_queries, a.encoder_layers,
-                              a.decoder_layers, a.heads, a.dropout)
+    adapter = initial_adapter(cfg, job)
     adapter.load_state_dict({k.removeprefix("adapter."): v for k, v in weights.items() if k.startswith("adapter.")})
     unet_root = init_from if (cfg.stage == 3 and init_from is not None) else Path(job["base_model"])
     unet = UNet2DConditionModel.from_pretrained(unet_root / "unet", use_safetensors=True)

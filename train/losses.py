@@ -38,9 +38,13 @@ def token_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, norm_weight:
     return 1 - cos + norm_weight * rel.pow(2)
 
 
-def compute_align_loss(batch: dict, modules, kind: str = "cosine", norm_weight: float = 0.1):
-    """Stage 1. ``batch``: llm_states (B,T,Dl), llm_mask (B,T), target (B,Tc,Dc), target_mask (B,Tc), target_pooled (B,Dc)."""
-    tokens, pooled = modules["adapter"](batch["llm_states"], batch["llm_mask"])  # (B, Q, Dc), (B, Dc)
+def compute_align_loss(batch: dict, modules, kind: str = "cosine", norm_weight: float = 0.1, mask_weight: float = 0.1):
+    """Stage 1. ``batch``: llm_states (B,T,Dl), llm_mask (B,T), target (B,Tc,Dc), target_mask (B,Tc), target_pooled (B,Dc).
+
+    With the adapter's mask head, ``mask_weight`` x binary cross-entropy teaches it which queries are
+    real CLIP tokens (``target_mask``, and none past the stored positions).
+    """
+    tokens, pooled, mask_logits = modules["adapter"].forward_all(batch["llm_states"], batch["llm_mask"])
     target, mask = batch["target"], batch["target_mask"].float()  # (B, Tc, Dc), (B, Tc)
     if target.shape[1] > tokens.shape[1]:
         raise ValueError(f"CLIP target has {target.shape[1]} positions but the adapter only {tokens.shape[1]} queries")
@@ -50,12 +54,17 @@ def compute_align_loss(batch: dict, modules, kind: str = "cosine", norm_weight: 
     per_caption = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)  # (B,)
     pooled_loss = token_loss(pooled, batch["target_pooled"], kind, norm_weight)  # (B,)
     loss = per_caption.mean() + pooled_loss.mean()
+    metrics = {}
+    if mask_logits is not None:
+        real = torch.zeros_like(mask_logits)  # (B, Q)
+        real[:, : mask.shape[1]] = mask
+        loss = loss + mask_weight * F.binary_cross_entropy_with_logits(mask_logits, real)
+        with torch.no_grad():
+            metrics["mask_acc"] = float(((mask_logits > 0).float() == real).float().mean().item())
     with torch.no_grad():
         cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-6)  # (B, Tc)
-        metrics = {
-            "token_cos": float(((cos * mask).sum() / mask.sum().clamp_min(1)).item()),
-            "pooled_cos": float(F.cosine_similarity(pooled, batch["target_pooled"], dim=-1).mean().item()),
-        }
+        metrics["token_cos"] = float(((cos * mask).sum() / mask.sum().clamp_min(1)).item())
+        metrics["pooled_cos"] = float(F.cosine_similarity(pooled, batch["target_pooled"], dim=-1).mean().item())
     return loss, metrics
 
 
@@ -73,10 +82,10 @@ def diffusion_target(noise_scheduler, pixels: torch.Tensor, noise: torch.Tensor,
 
 def compute_diffusion_loss(batch: dict, modules, noise_scheduler):
     """Stages 2-3. ``batch``: llm_states, llm_mask, pixels (B,C,H,W), noise (B,C,H,W), timesteps (B,)."""
-    tokens, pooled = modules["adapter"](batch["llm_states"], batch["llm_mask"])  # (B, Q, D), (B, D)
+    # (B, Q, D), (B, D), (B, Q): the queries the UNet reads (all, or the mask head's choice)
+    tokens, pooled, mask = modules["adapter"].condition(batch["llm_states"], batch["llm_mask"])
     pixels, noise, timesteps = batch["pixels"], batch["noise"], batch["timesteps"]
     noisy = noise_scheduler.add_noise(pixels, noise, timesteps)  # (B, C, H, W)
-    mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # (B, Q): every query is real
     pred = predict_noise(modules["unet"], noisy, timesteps, tokens, pooled, mask)  # (B, C, H, W)
     target = diffusion_target(noise_scheduler, pixels, noise, timesteps)
     loss = F.mse_loss(pred.float(), target.float())

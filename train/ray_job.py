@@ -76,6 +76,7 @@ class StageInputs:
     empty_states: np.ndarray | None = None
     scheduler_config: dict = field(default_factory=dict)
     parent_lineage: dict = field(default_factory=dict)
+    llm_stats: tuple[np.ndarray, np.ndarray] | None = None
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -197,14 +198,59 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
             + (f" with aesthetic >= {cfg.data.aesthetic_min}" if cfg.data.aesthetic_min is not None else "")
         )
     require_keys(stores["llm"], examples["llm_key"].tolist(), "captions")
+    if cfg.family == "align":
+        examples = with_empty_prompt(examples, stores, cfg.data.empty_share)
     val_examples = _val_examples(cfg, pairs, parallel if cfg.family == "align" else None, stores)
+    llm_stats = None
+    if init_from is None and cfg.adapter.input_norm:
+        llm_stats = llm_state_stats(stores["llm"], examples["llm_key"].tolist())
 
     scheduler_config = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
     inputs = StageInputs(base, init_from, snapshot, Path(ecfg.llm.path), llm_encoder_inputs, llm_dim, out_dim,
                          stores, examples, val_examples, scheduler_config=scheduler_config,
-                         parent_lineage=parent_lineage)
+                         parent_lineage=parent_lineage, llm_stats=llm_stats)
     _prompt_states(cfg, inputs, pairs)
     return inputs
+
+
+def with_empty_prompt(examples: pd.DataFrame, stores: dict, share: float) -> pd.DataFrame:
+    """Stage-1 examples plus copies of ("" -> CLIP's ""), ``share`` of the result, when both caches hold "".
+
+    Classifier-free guidance contrasts every prompt with the adapter's output for "", so that output
+    must land where the base UNet's unconditional input (CLIP of "") is.
+    """
+    from omnidiff.text import text_key
+
+    key = text_key(EMPTY_PROMPT)
+    if share <= 0 or key not in stores["llm"] or key not in stores["clip"]:
+        return examples
+    copies = max(1, round(share * len(examples) / (1 - share)))
+    empty = pd.DataFrame({"llm_key": [key] * copies, "target_key": [key] * copies, "lang": [""] * copies,
+                          "source": ["empty"] * copies})
+    return pd.concat([examples, empty], ignore_index=True)
+
+
+def llm_state_stats(store, keys: list[str], max_texts: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std of the LLM states over the real tokens of (up to ``max_texts``) cached texts.
+
+    The texts are the first ``max_texts`` distinct keys in sorted order, so every run over the same
+    examples gets the same statistics (and so the same adapter).
+    """
+    chosen = sorted(set(keys))[:max_texts]
+    states = store.read(chosen)
+    total = np.zeros(store.hidden_size, dtype=np.float64)
+    total_sq = np.zeros(store.hidden_size, dtype=np.float64)
+    count = 0
+    for key in chosen:
+        x = np.asarray(states[key], dtype=np.float64)  # (L, D)
+        total += x.sum(0)
+        total_sq += np.square(x).sum(0)
+        count += x.shape[0]
+    if count == 0:
+        raise TrainingError("adapter.input_norm: the LLM cache holds no token states for the training texts")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    return mean.astype(np.float32), std.astype(np.float32)
 
 
 def _val_examples(cfg: TrainConfig, pairs: pd.DataFrame, parallel, stores: dict) -> pd.DataFrame | None:
@@ -385,6 +431,7 @@ def build_job(cfg: TrainConfig, inputs: StageInputs, ckpt_dir: Path, run_id: str
         "llm_dim": inputs.llm_dim,
         "out_dim": inputs.out_dim,
         "empty_states": inputs.empty_states,
+        "llm_stats": inputs.llm_stats,
         "prompts": inputs.prompts,
         "sampling_scheduler": inputs.scheduler_config,
         "checkpoint_dir": str(ckpt_dir),

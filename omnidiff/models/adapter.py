@@ -6,8 +6,23 @@ encoded tokens (so the output length is fixed whatever the prompt length; the re
 three CLIP windows), and an MLP on the mean of the output tokens for the pooled embedding.
 Unlike the release, padding is masked in every attention (PAPER.md "Known weak points").
 
+Three options fix what the release's shape gets wrong on a base model that masks CLIP padding
+(each measured on the tiny world; README "Where it stands"):
+
+* ``input_norm``: per-dimension standardisation of the LLM states with statistics taken from the
+  cache before training (buffers, saved with the weights). LLMs carry a few "massive" dimensions
+  (Gemma 3: two dims average |x| ~55 where the median is ~2); unnormalised, they drown every other
+  feature in the first projection and the adapter collapses to a caption-independent output.
+* ``mask_head``: a per-query logit "this query is a real CLIP token". The base UNet was pretrained
+  with CLIP's padding masked out of cross-attention; the adapter predicts that mask (trained in
+  stage 1 against the stitched CLIP windows' real tokens) so the UNet reads the same number of
+  tokens it was trained on, instead of 231 positions of which stage 1 trained a handful.
+* ``pooled_query``: one extra learnable query whose output is the pooled embedding (CLIP pools a
+  single <eos> state, not a mean).
+
     adapter = OmniAdapter(llm_dim=640, width=256, out_dim=128, num_queries=77)
-    tokens, pooled = adapter(llm_states, llm_mask)    # (B, 77, 128), (B, 128)
+    tokens, pooled = adapter(llm_states, llm_mask)               # (B, 77, 128), (B, 128)
+    tokens, pooled, mask = adapter.condition(llm_states, llm_mask)  # + bool (B, 77): what the UNet reads
 """
 
 from __future__ import annotations
@@ -35,6 +50,9 @@ class AdapterShape:
     decoder_layers: int
     heads: int
     dropout: float
+    input_norm: bool = False
+    mask_head: bool = False
+    pooled_query: bool = False
 
 
 class OmniAdapter(nn.Module):
@@ -54,6 +72,9 @@ class OmniAdapter(nn.Module):
         decoder_layers: int = 2,
         heads: int = 4,
         dropout: float = 0.0,
+        input_norm: bool = False,
+        mask_head: bool = False,
+        pooled_query: bool = False,
     ):
         super().__init__()
         for name, value in (
@@ -71,7 +92,11 @@ class OmniAdapter(nn.Module):
             raise ValueError(f"encoder_layers={encoder_layers}, decoder_layers={decoder_layers}: need >= 0 and >= 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
-        self.shape = AdapterShape(llm_dim, width, out_dim, num_queries, encoder_layers, decoder_layers, heads, dropout)
+        self.shape = AdapterShape(llm_dim, width, out_dim, num_queries, encoder_layers, decoder_layers, heads, dropout,
+                                  bool(input_norm), bool(mask_head), bool(pooled_query))
+        if input_norm:  # identity until set_input_stats; saved with the weights
+            self.register_buffer("input_mean", torch.zeros(llm_dim))
+            self.register_buffer("input_scale", torch.ones(llm_dim))
 
         self.proj = nn.Sequential(nn.Linear(llm_dim, width), nn.GELU(), nn.Linear(width, width))
         # Pre-norm layers train stably from scratch without warm-up tricks.
@@ -83,7 +108,7 @@ class OmniAdapter(nn.Module):
             if encoder_layers
             else nn.Identity()
         )
-        self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)  # (Q, W)
+        self.queries = nn.Parameter(torch.randn(num_queries + int(bool(pooled_query)), width) * 0.02)  # (Q[+1], W)
         dec_layer = nn.TransformerDecoderLayer(
             width, heads, 4 * width, dropout, activation="gelu", batch_first=True, norm_first=True
         )
@@ -91,8 +116,42 @@ class OmniAdapter(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, out_dim)
         self.pooled_mlp = nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        self.mask_logit = nn.Linear(width, 1) if mask_head else None
+
+    @torch.no_grad()
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-3) -> None:
+        """Per-dimension mean and std of the LLM states (real tokens of the training cache) for ``input_norm``."""
+        if not self.shape.input_norm:
+            raise ValueError("set_input_stats: this adapter was built with input_norm=False")
+        mean, std = torch.as_tensor(mean).float().flatten(), torch.as_tensor(std).float().flatten()
+        if mean.shape != (self.shape.llm_dim,) or std.shape != (self.shape.llm_dim,):
+            raise ValueError(f"input stats have shapes {tuple(mean.shape)}, {tuple(std.shape)}; expected ({self.shape.llm_dim},)")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise ValueError("input stats hold NaN or infinite values")
+        self.input_mean.copy_(mean)
+        self.input_scale.copy_(std.clamp_min(eps))
 
     def forward(self, llm_states: torch.Tensor, llm_mask: torch.Tensor):
+        """``(tokens (B, Q, out_dim), pooled (B, out_dim))``."""
+        tokens, pooled, _ = self.forward_all(llm_states, llm_mask)
+        return tokens, pooled
+
+    def condition(self, llm_states: torch.Tensor, llm_mask: torch.Tensor):
+        """What the UNet reads: ``(tokens, pooled, mask bool (B, Q))``.
+
+        With ``mask_head`` the mask is the predicted real-token set (query 0, CLIP's <bos>, always
+        real, so no row is empty); without it every query is real.
+        """
+        tokens, pooled, logits = self.forward_all(llm_states, llm_mask)
+        if logits is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        else:
+            mask = logits > 0
+            mask[:, 0] = True
+        return tokens, pooled, mask
+
+    def forward_all(self, llm_states: torch.Tensor, llm_mask: torch.Tensor):
+        """``(tokens (B, Q, out_dim), pooled (B, out_dim), mask logits (B, Q) or None)``."""
         if llm_states.ndim != 3 or llm_states.shape[-1] != self.shape.llm_dim:
             raise ValueError(f"llm_states has shape {tuple(llm_states.shape)}; expected (B, T, {self.shape.llm_dim})")
         if llm_mask.shape != llm_states.shape[:2]:
@@ -101,14 +160,22 @@ class OmniAdapter(nn.Module):
         if not llm_mask.any(1).all():
             raise ValueError("llm_mask: a row has no real token (encode '' as the LLM does: at least one token)")
         pad = ~llm_mask  # (B, T) True = ignore, torch's convention
-        x = self.proj(llm_states.to(self.queries.dtype))  # (B, T, W)
+        x = llm_states.to(self.queries.dtype)
+        if self.shape.input_norm:
+            x = (x - self.input_mean.to(x.dtype)) / self.input_scale.to(x.dtype)
+        x = self.proj(x)  # (B, T, W)
         if isinstance(self.encoder, nn.TransformerEncoder):
             x = self.encoder(x, src_key_padding_mask=pad)  # (B, T, W)
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, Q, W)
-        h = self.decoder(q, x, memory_key_padding_mask=pad)  # (B, Q, W)
-        tokens = self.out(self.norm(h))  # (B, Q, out_dim)
-        pooled = self.pooled_mlp(tokens.mean(1))  # (B, out_dim)
-        return tokens, pooled
+        h = self.decoder(q, x, memory_key_padding_mask=pad)  # (B, Q[+1], W)
+        out = self.out(self.norm(h))  # (B, Q[+1], out_dim)
+        if self.shape.pooled_query:
+            tokens, pooled = out[:, :-1], self.pooled_mlp(out[:, -1])  # (B, Q, out_dim), (B, out_dim)
+            h = h[:, :-1]
+        else:
+            tokens, pooled = out, self.pooled_mlp(out.mean(1))
+        logits = self.mask_logit(h).squeeze(-1) if self.mask_logit is not None else None  # (B, Q)
+        return tokens, pooled, logits
 
     def save_pretrained(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
