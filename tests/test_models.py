@@ -173,18 +173,18 @@ def test_adapter_input_norm_standardises_each_llm_dimension():
         OmniAdapter(16, 32, 8, 5, 1, 1, 4).set_input_stats(torch.zeros(16), torch.ones(16))
 
 
-def test_adapter_pooled_query_and_mask_head_shapes(tmp_path):
+def test_adapter_pooled_query_and_length_head_shapes(tmp_path):
     torch.manual_seed(0)
-    a = OmniAdapter(16, 32, 8, 5, 1, 1, 4, input_norm=True, mask_head=True, pooled_query=True).eval()
+    a = OmniAdapter(16, 32, 8, 5, 1, 1, 4, input_norm=True, length_head=True, pooled_query=True).eval()
     a.set_input_stats(torch.randn(16), torch.rand(16) + 0.5)
     x, m = torch.randn(3, 6, 16), torch.ones(3, 6, dtype=torch.bool)
-    tokens, pooled, logits = a.forward_all(x, m)
-    assert tokens.shape == (3, 5, 8) and pooled.shape == (3, 8) and logits.shape == (3, 5)
+    tokens, pooled, log_count = a.forward_all(x, m)
+    assert tokens.shape == (3, 5, 8) and pooled.shape == (3, 8) and log_count.shape == (3,)
     assert a.queries.shape == (6, 32), "one extra query makes the pooled embedding"
     assert not torch.allclose(pooled, a.pooled_mlp(tokens.mean(1)))
     _, _, mask = a.condition(x, m)
-    assert mask.dtype == torch.bool and mask[:, 0].all(), "query 0 (CLIP's <bos>) is always read"
-    torch.testing.assert_close(mask[:, 1:], logits[:, 1:] > 0)
+    n = log_count.exp().round().clamp(1, 5)
+    assert torch.equal(mask.sum(1), n.long()) and torch.equal(mask, mask.cummin(1).values), "a prefix of n queries"
     # flags and input statistics survive a save/load
     a.save_pretrained(tmp_path)
     again = OmniAdapter.from_pretrained(tmp_path)
@@ -194,17 +194,17 @@ def test_adapter_pooled_query_and_mask_head_shapes(tmp_path):
 
 
 def test_adapter_folder_without_the_new_options_loads_as_before(tmp_path):
-    """Exports made before input_norm / mask_head / pooled_query existed keep their behaviour."""
+    """Exports made before input_norm / length_head / pooled_query existed keep their behaviour."""
     a = OmniAdapter(16, 32, 8, 5, 1, 1, 4).eval()
     a.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    for key in ("input_norm", "mask_head", "pooled_query"):
+    for key in ("input_norm", "length_head", "pooled_query", "max_positions"):
         config.pop(key)
     (tmp_path / "config.json").write_text(json.dumps(config))
     again = OmniAdapter.from_pretrained(tmp_path)
     x, m = torch.randn(2, 6, 16), torch.ones(2, 6, dtype=torch.bool)
     _, _, mask = again.condition(x, m)
-    assert mask.all(), "no mask head: every query is read"
+    assert mask.all(), "no length head: every query is read"
     torch.testing.assert_close(again(x, m)[1], a(x, m)[1])
 
 

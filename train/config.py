@@ -64,10 +64,13 @@ class AdapterSection:
     encoder_layers / decoder_layers / heads / dropout: the small transformer.
     input_norm: standardise each LLM dimension with statistics of the training cache (taken when
       stage 1 starts; saved with the adapter). Off, Gemma's massive dimensions collapse the adapter.
-    mask_head: predict which queries are real CLIP tokens (stage 1 learns it from the CLIP windows),
-      and let the UNet cross-attend to those only, as the base model was pretrained.
+    length_head: predict how many real CLIP tokens a caption has (stage 1 learns it from the CLIP
+      windows; frozen after) and let the UNet cross-attend to that many queries only, as the base
+      model was pretrained.
     pooled_query: the pooled embedding comes from one extra query (CLIP pools one <eos> state),
       not from the mean of the output tokens.
+    max_positions: learned position embeddings for up to this many LLM tokens (0 = none; must be
+      >= llm.max_length).
     """
 
     width: int = 128
@@ -77,8 +80,9 @@ class AdapterSection:
     heads: int = 4
     dropout: float = 0.0
     input_norm: bool = True
-    mask_head: bool = True
+    length_head: bool = True
     pooled_query: bool = True
+    max_positions: int = 512
 
     def __post_init__(self):
         require(self.width >= 8, "adapter.width", self.width, "must be >= 8")
@@ -88,6 +92,7 @@ class AdapterSection:
         require(self.encoder_layers >= 0, "adapter.encoder_layers", self.encoder_layers, "must be >= 0")
         require(self.decoder_layers >= 1, "adapter.decoder_layers", self.decoder_layers, "must be >= 1")
         require(0 <= self.dropout < 1, "adapter.dropout", self.dropout, "must be in [0, 1)")
+        require(self.max_positions >= 0, "adapter.max_positions", self.max_positions, "must be >= 0 (0 = none)")
 
 
 @dataclass(frozen=True)
@@ -230,8 +235,12 @@ class TrainConfig:
       or ``cross_attention`` (the attn2 blocks that read the text).
     loss: stage 1 token loss: ``cosine`` = 1 - cosine per token + ``norm_weight`` x a norm-matching
       term (the release's default), or ``mse``.
-    mask_weight: stage 1 weight of the mask head's binary cross-entropy (which queries are real CLIP
-      tokens; only with ``adapter.mask_head``).
+    min_snr_gamma: stages 2-3: Min-SNR-gamma loss weighting (0 = plain MSE), as the base model was
+      pretrained (configs/base.yaml: without it colour was never learned).
+    match: stage 1: which query answers which CLIP token: ``position`` (query i answers position i, the
+      release) or ``set`` (a one-to-one matching per caption; the UNet reads text tokens as a set).
+    length_weight: stage 1 weight of the length head's loss (squared error of the log token count;
+      only with ``adapter.length_head``).
     micro_batch_size: examples per rank per forward; global_batch_size: examples per optimizer step
       (= micro x gradient accumulation x workers).
     max_steps: optimizer steps.
@@ -254,7 +263,9 @@ class TrainConfig:
     train_unet: Literal["none", "all", "attention", "cross_attention"] = "none"
     loss: Literal["cosine", "mse"] = "cosine"
     norm_weight: float = 0.1
-    mask_weight: float = 0.1
+    length_weight: float = 0.1
+    match: Literal["position", "set"] = "set"
+    min_snr_gamma: float = 5.0
     optim: OptimSection = field(default_factory=OptimSection)
     micro_batch_size: int = 32
     global_batch_size: int = 32
@@ -285,7 +296,8 @@ class TrainConfig:
         require(self.stage != 3 or self.data.aesthetic_min is not None, "data.aesthetic_min",
                 self.data.aesthetic_min, "stage 3 trains on the high-aesthetic subset: set a threshold")
         require(self.norm_weight >= 0, "norm_weight", self.norm_weight, "must be >= 0")
-        require(self.mask_weight >= 0, "mask_weight", self.mask_weight, "must be >= 0")
+        require(self.min_snr_gamma >= 0, "min_snr_gamma", self.min_snr_gamma, "must be >= 0 (0 = off)")
+        require(self.length_weight >= 0, "length_weight", self.length_weight, "must be >= 0")
         require(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "must be >= 1")
         per_step = self.micro_batch_size * self.dist.num_workers
         require(self.global_batch_size % per_step == 0, "global_batch_size", self.global_batch_size,
@@ -299,6 +311,9 @@ class TrainConfig:
         require(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
         require(self.optim.warmup_steps <= self.max_steps, "optim.warmup_steps", self.optim.warmup_steps,
                 f"longer than the run (max_steps={self.max_steps})")
+        require(self.adapter.max_positions in (0, None) or self.adapter.max_positions >= self.llm.max_length,
+                "adapter.max_positions", self.adapter.max_positions,
+                f"must cover llm.max_length={self.llm.max_length} tokens (or 0 = no position embeddings)")
         require(self.adapter.num_queries >= 77 * self.data.clip_windows or self.stage != 1, "adapter.num_queries",
                 self.adapter.num_queries,
                 f"stage 1 aligns query i with CLIP token i: needs >= 77 x data.clip_windows = {77 * self.data.clip_windows}")

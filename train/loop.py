@@ -86,16 +86,19 @@ def build_stage_model(cfg, job: dict) -> StageModel:
     init_from = Path(job["init_from"]) if job.get("init_from") else None
     adapter = initial_adapter(cfg, job)
     adapter.requires_grad_(cfg.train_adapter)
+    if adapter.length_head is not None and cfg.stage != 1:
+        adapter.length_head.requires_grad_(False)  # stage 1 taught it; the UNet's mask stays what it learned
     if cfg.family == "align":
         return StageModel(adapter, None, partial(compute_align_loss, kind=cfg.loss, norm_weight=cfg.norm_weight,
-                                                 mask_weight=cfg.mask_weight))
+                                                 length_weight=cfg.length_weight, match=cfg.match))
     # Stage 3 continues the stage-2 UNet; stage 2 starts from the base model's.
     unet_root = init_from if (cfg.stage == 3 and init_from is not None) else Path(job["base_model"])
     unet = UNet2DConditionModel.from_pretrained(unet_root / "unet", use_safetensors=True)
     for name, p in unet.named_parameters():
         p.requires_grad_(unet_trainable(name, cfg.train_unet))
     noise_scheduler = DDPMScheduler.from_pretrained(Path(job["base_model"]) / "scheduler")
-    return StageModel(adapter, unet, partial(compute_diffusion_loss, noise_scheduler=noise_scheduler))
+    return StageModel(adapter, unet, partial(compute_diffusion_loss, noise_scheduler=noise_scheduler,
+                                             min_snr_gamma=cfg.min_snr_gamma))
 
 
 def initial_adapter(cfg, job: dict):
@@ -108,8 +111,8 @@ def initial_adapter(cfg, job: dict):
         return OmniAdapter.from_pretrained(init_from / "adapter")
     a = cfg.adapter
     adapter = OmniAdapter(job["llm_dim"], a.width, job["out_dim"], a.num_queries, a.encoder_layers, a.decoder_layers,
-                          a.heads, a.dropout, input_norm=a.input_norm, mask_head=a.mask_head,
-                          pooled_query=a.pooled_query)
+                          a.heads, a.dropout, input_norm=a.input_norm, length_head=a.length_head,
+                          pooled_query=a.pooled_query, max_positions=a.max_positions)
     if a.input_norm:
         if job.get("llm_stats") is None:
             raise ValueError("adapter.input_norm needs the LLM cache's per-dimension statistics (job['llm_stats'])")

@@ -15,10 +15,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from omnidiff.pipeline import predict_noise
+from omnidiff.pipeline import min_snr_weights, predict_noise
 
 
 def token_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, norm_weight: float) -> torch.Tensor:
@@ -38,29 +39,73 @@ def token_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, norm_weight:
     return 1 - cos + norm_weight * rel.pow(2)
 
 
-def compute_align_loss(batch: dict, modules, kind: str = "cosine", norm_weight: float = 0.1, mask_weight: float = 0.1):
+def set_assignment(tokens: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """For each target position, the query that answers it: ``(B, Q, D), (B, Tc, D), bool (B, Tc) -> long (B, Tc)``.
+
+    A caption with n real CLIP tokens is answered by its first n queries, in whatever order a
+    minimum-cost one-to-one matching on 1 - cosine picks (Hungarian algorithm, as DETR matches its
+    queries to objects). So the set of queries in use is a prefix whose length the mask head can
+    learn, while their order is free. Padding positions get the queries past n, in order; the loss
+    ignores them.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    b, q, _ = tokens.shape
+    tc = target.shape[1]
+    cost = 1 - F.normalize(target, dim=-1, eps=1e-6) @ F.normalize(tokens, dim=-1, eps=1e-6).transpose(1, 2)  # (B, Tc, Q)
+    order = torch.empty(b, tc, dtype=torch.long)
+    cost_np, mask_np = cost.float().cpu().numpy(), mask.cpu().numpy()
+    for i in range(b):
+        real = mask_np[i].nonzero()[0]
+        n = len(real)
+        rows, cols = linear_sum_assignment(cost_np[i, real][:, :n])  # (n, n): targets -> queries 0..n-1
+        chosen = np.empty(tc, dtype=np.int64)
+        chosen[real[rows]] = cols
+        chosen[~mask_np[i]] = np.arange(n, n + tc - n)
+        order[i] = torch.from_numpy(chosen)
+    return order.to(tokens.device)
+
+
+def compute_align_loss(batch: dict, modules, kind: str = "cosine", norm_weight: float = 0.1,
+                       length_weight: float = 0.1, match: str = "position"):
     """Stage 1. ``batch``: llm_states (B,T,Dl), llm_mask (B,T), target (B,Tc,Dc), target_mask (B,Tc), target_pooled (B,Dc).
 
-    With the adapter's mask head, ``mask_weight`` x binary cross-entropy teaches it which queries are
-    real CLIP tokens (``target_mask``, and none past the stored positions).
+    ``match``: ``position`` = query i answers CLIP position i (the release); ``set`` = each real CLIP
+    token is answered by the query a one-to-one matching assigns it (:func:`set_assignment`). The
+    UNet's cross-attention reads its text tokens as a set (no position embedding on keys), so
+    ``set`` asks for exactly what it reads, without making the adapter reproduce English word order
+    from a caption in another language.
+
+    With the adapter's length head, ``length_weight`` x the squared error of the log count teaches
+    it how many queries the UNet should read.
     """
-    tokens, pooled, mask_logits = modules["adapter"].forward_all(batch["llm_states"], batch["llm_mask"])
+    tokens, pooled, log_count = modules["adapter"].forward_all(batch["llm_states"], batch["llm_mask"])
     target, mask = batch["target"], batch["target_mask"].float()  # (B, Tc, Dc), (B, Tc)
     if target.shape[1] > tokens.shape[1]:
         raise ValueError(f"CLIP target has {target.shape[1]} positions but the adapter only {tokens.shape[1]} queries")
-    pred = tokens[:, : target.shape[1]]  # (B, Tc, Dc): query i answers CLIP position i
+    if match == "set":
+        order = set_assignment(tokens.detach(), target, mask.bool())  # (B, Tc): the query answering each target
+        pred = torch.gather(tokens, 1, order[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, Tc, Dc)
+    elif match == "position":
+        order = torch.arange(target.shape[1], device=tokens.device).expand(target.shape[0], -1)  # (B, Tc)
+        pred = tokens[:, : target.shape[1]]  # (B, Tc, Dc): query i answers CLIP position i
+    else:
+        raise ValueError(f"match={match!r}: expected 'position' or 'set'")
     per_token = token_loss(pred, target, kind, norm_weight)  # (B, Tc)
     # Mean over each caption's real tokens, then over captions: a long caption weighs as much as a short one.
     per_caption = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)  # (B,)
     pooled_loss = token_loss(pooled, batch["target_pooled"], kind, norm_weight)  # (B,)
     loss = per_caption.mean() + pooled_loss.mean()
     metrics = {}
-    if mask_logits is not None:
-        real = torch.zeros_like(mask_logits)  # (B, Q)
-        real[:, : mask.shape[1]] = mask
-        loss = loss + mask_weight * F.binary_cross_entropy_with_logits(mask_logits, real)
+    if log_count is not None:
+        # The queries that answer a real target token form a prefix (set) or end at the last real
+        # position (position); the length head learns its length, in log space (2 .. 231 tokens).
+        real = torch.zeros(tokens.shape[:2], device=tokens.device)  # (B, Q)
+        real.scatter_(1, order, mask)
+        count = (real * torch.arange(1, real.shape[1] + 1, device=real.device)).amax(1).clamp_min(1)  # (B,)
+        loss = loss + length_weight * F.mse_loss(log_count, count.log())
         with torch.no_grad():
-            metrics["mask_acc"] = float(((mask_logits > 0).float() == real).float().mean().item())
+            metrics["count_err"] = float((log_count.exp().round() - count).abs().mean().item())
     with torch.no_grad():
         cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-6)  # (B, Tc)
         metrics["token_cos"] = float(((cos * mask).sum() / mask.sum().clamp_min(1)).item())
@@ -80,13 +125,17 @@ def diffusion_target(noise_scheduler, pixels: torch.Tensor, noise: torch.Tensor,
     raise ValueError(f"scheduler prediction_type={kind!r} is not supported")
 
 
-def compute_diffusion_loss(batch: dict, modules, noise_scheduler):
-    """Stages 2-3. ``batch``: llm_states, llm_mask, pixels (B,C,H,W), noise (B,C,H,W), timesteps (B,)."""
+def compute_diffusion_loss(batch: dict, modules, noise_scheduler, min_snr_gamma: float = 0.0):
+    """Stages 2-3. ``batch``: llm_states, llm_mask, pixels (B,C,H,W), noise (B,C,H,W), timesteps (B,).
+
+    ``min_snr_gamma`` > 0 weights each example by Min-SNR-gamma, as the base model was pretrained.
+    """
     # (B, Q, D), (B, D), (B, Q): the queries the UNet reads (all, or the mask head's choice)
     tokens, pooled, mask = modules["adapter"].condition(batch["llm_states"], batch["llm_mask"])
     pixels, noise, timesteps = batch["pixels"], batch["noise"], batch["timesteps"]
     noisy = noise_scheduler.add_noise(pixels, noise, timesteps)  # (B, C, H, W)
     pred = predict_noise(modules["unet"], noisy, timesteps, tokens, pooled, mask)  # (B, C, H, W)
     target = diffusion_target(noise_scheduler, pixels, noise, timesteps)
-    loss = F.mse_loss(pred.float(), target.float())
+    per_example = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))  # (B,)
+    loss = (per_example * min_snr_weights(noise_scheduler, timesteps, min_snr_gamma)).mean()
     return loss, {}

@@ -153,7 +153,7 @@ def compute_loss(
     The target is the noise or v, as the scheduler's ``prediction_type`` says; ``min_snr_gamma`` > 0
     weights each image's loss by Min-SNR-gamma.
     """
-    from omnidiff.pipeline import predict_noise
+    from omnidiff.pipeline import min_snr_weights, predict_noise
 
     states, pooled = text_encoder(ids, mask)  # (B, 77, D), (B, D)
     noise = torch.randn(images.shape, generator=gen)  # (B, 3, R, R)
@@ -164,11 +164,7 @@ def compute_loss(
     v_pred = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(images, noise, t) if v_pred else noise  # (B, 3, R, R)
     per_image = ((pred - target) ** 2).mean(dim=(1, 2, 3))  # (B,)
-    if min_snr_gamma > 0:
-        alpha_bar = scheduler.alphas_cumprod[t]  # (B,)
-        snr = alpha_bar / (1 - alpha_bar)
-        per_image = per_image * torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if v_pred else snr)
-    return per_image.mean()
+    return (per_image * min_snr_weights(scheduler, t, min_snr_gamma)).mean()
 
 
 def train(cfg: BaseConfig, images: torch.Tensor, captions: list[str]) -> dict:

@@ -13,12 +13,17 @@ Three options fix what the release's shape gets wrong on a base model that masks
   cache before training (buffers, saved with the weights). LLMs carry a few "massive" dimensions
   (Gemma 3: two dims average |x| ~55 where the median is ~2); unnormalised, they drown every other
   feature in the first projection and the adapter collapses to a caption-independent output.
-* ``mask_head``: a per-query logit "this query is a real CLIP token". The base UNet was pretrained
-  with CLIP's padding masked out of cross-attention; the adapter predicts that mask (trained in
-  stage 1 against the stitched CLIP windows' real tokens) so the UNet reads the same number of
-  tokens it was trained on, instead of 231 positions of which stage 1 trained a handful.
+* ``length_head``: predicts how many real CLIP tokens the caption has (log count, from the mean of
+  the normalised LLM states and their number); the UNet reads that many queries, a prefix. The base
+  UNet was pretrained with CLIP's padding masked out of cross-attention, so it should read as many
+  tokens as it was trained on, not 231 positions of which stage 1 trained a handful. The head sits
+  apart from the transformer, so when stages 2-3 train the adapter (and freeze this head) the mask
+  of a caption stays what stage 1 taught (a per-query logit on the decoder drifted: 14 -> 7-86 tokens).
 * ``pooled_query``: one extra learnable query whose output is the pooled embedding (CLIP pools a
   single <eos> state, not a mean).
+* ``max_positions``: learned position embeddings of the LLM tokens (0 = none). Query i answers CLIP
+  position i; with positions it can find "the i-th word" directly instead of inferring order from
+  the LLM's states alone.
 
     adapter = OmniAdapter(llm_dim=640, width=256, out_dim=128, num_queries=77)
     tokens, pooled = adapter(llm_states, llm_mask)               # (B, 77, 128), (B, 128)
@@ -51,8 +56,9 @@ class AdapterShape:
     heads: int
     dropout: float
     input_norm: bool = False
-    mask_head: bool = False
+    length_head: bool = False
     pooled_query: bool = False
+    max_positions: int = 0
 
 
 class OmniAdapter(nn.Module):
@@ -73,8 +79,9 @@ class OmniAdapter(nn.Module):
         heads: int = 4,
         dropout: float = 0.0,
         input_norm: bool = False,
-        mask_head: bool = False,
+        length_head: bool = False,
         pooled_query: bool = False,
+        max_positions: int = 0,
     ):
         super().__init__()
         for name, value in (
@@ -90,15 +97,18 @@ class OmniAdapter(nn.Module):
             raise ValueError(f"width={width} must be divisible by heads={heads}")
         if encoder_layers < 0 or decoder_layers < 1:
             raise ValueError(f"encoder_layers={encoder_layers}, decoder_layers={decoder_layers}: need >= 0 and >= 1")
+        if not isinstance(max_positions, int) or max_positions < 0:
+            raise ValueError(f"max_positions={max_positions!r}: must be an int >= 0 (0 = no position embeddings)")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
         self.shape = AdapterShape(llm_dim, width, out_dim, num_queries, encoder_layers, decoder_layers, heads, dropout,
-                                  bool(input_norm), bool(mask_head), bool(pooled_query))
+                                  bool(input_norm), bool(length_head), bool(pooled_query), max_positions)
         if input_norm:  # identity until set_input_stats; saved with the weights
             self.register_buffer("input_mean", torch.zeros(llm_dim))
             self.register_buffer("input_scale", torch.ones(llm_dim))
 
         self.proj = nn.Sequential(nn.Linear(llm_dim, width), nn.GELU(), nn.Linear(width, width))
+        self.positions = nn.Parameter(torch.randn(max_positions, width) * 0.02) if max_positions else None  # (P, W)
         # Pre-norm layers train stably from scratch without warm-up tricks.
         enc_layer = nn.TransformerEncoderLayer(
             width, heads, 4 * width, dropout, activation="gelu", batch_first=True, norm_first=True
@@ -116,7 +126,9 @@ class OmniAdapter(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, out_dim)
         self.pooled_mlp = nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-        self.mask_logit = nn.Linear(width, 1) if mask_head else None
+        self.length_head = (
+            nn.Sequential(nn.Linear(llm_dim + 1, width), nn.GELU(), nn.Linear(width, 1)) if length_head else None
+        )
 
     @torch.no_grad()
     def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-3) -> None:
@@ -139,19 +151,22 @@ class OmniAdapter(nn.Module):
     def condition(self, llm_states: torch.Tensor, llm_mask: torch.Tensor):
         """What the UNet reads: ``(tokens, pooled, mask bool (B, Q))``.
 
-        With ``mask_head`` the mask is the predicted real-token set (query 0, CLIP's <bos>, always
-        real, so no row is empty); without it every query is real.
+        With ``length_head`` the mask is the first n queries, n the predicted number of real CLIP
+        tokens (at least 1, at most Q); without it every query is real.
         """
-        tokens, pooled, logits = self.forward_all(llm_states, llm_mask)
-        if logits is None:
-            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        else:
-            mask = logits > 0
-            mask[:, 0] = True
-        return tokens, pooled, mask
+        tokens, pooled, log_count = self.forward_all(llm_states, llm_mask)
+        if log_count is None:
+            return tokens, pooled, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return tokens, pooled, self.prefix_mask(log_count)
+
+    def prefix_mask(self, log_count: torch.Tensor) -> torch.Tensor:
+        """Predicted log counts ``(B,)`` -> bool ``(B, Q)``: True on the first round(exp) queries."""
+        q = self.shape.num_queries
+        n = log_count.detach().float().exp().round().clamp(1, q)  # (B,)
+        return torch.arange(q, device=log_count.device)[None] < n[:, None]
 
     def forward_all(self, llm_states: torch.Tensor, llm_mask: torch.Tensor):
-        """``(tokens (B, Q, out_dim), pooled (B, out_dim), mask logits (B, Q) or None)``."""
+        """``(tokens (B, Q, out_dim), pooled (B, out_dim), log of the predicted real-token count (B,) or None)``."""
         if llm_states.ndim != 3 or llm_states.shape[-1] != self.shape.llm_dim:
             raise ValueError(f"llm_states has shape {tuple(llm_states.shape)}; expected (B, T, {self.shape.llm_dim})")
         if llm_mask.shape != llm_states.shape[:2]:
@@ -163,7 +178,18 @@ class OmniAdapter(nn.Module):
         x = llm_states.to(self.queries.dtype)
         if self.shape.input_norm:
             x = (x - self.input_mean.to(x.dtype)) / self.input_scale.to(x.dtype)
+        log_count = None
+        if self.length_head is not None:
+            m = llm_mask[..., None].to(x.dtype)  # (B, T, 1)
+            mean = (x * m).sum(1) / m.sum(1)  # (B, Dl): normalised states, real tokens only
+            feats = torch.cat([mean, m.sum(1).log()], -1)  # (B, Dl + 1)
+            log_count = self.length_head(feats).squeeze(-1)  # (B,)
         x = self.proj(x)  # (B, T, W)
+        if self.positions is not None:
+            if x.shape[1] > self.positions.shape[0]:
+                raise ValueError(f"llm_states has {x.shape[1]} tokens; this adapter knows {self.positions.shape[0]} "
+                                 "positions (max_positions): encode with a max_length no longer than that")
+            x = x + self.positions[: x.shape[1]]
         if isinstance(self.encoder, nn.TransformerEncoder):
             x = self.encoder(x, src_key_padding_mask=pad)  # (B, T, W)
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, Q, W)
@@ -171,11 +197,9 @@ class OmniAdapter(nn.Module):
         out = self.out(self.norm(h))  # (B, Q[+1], out_dim)
         if self.shape.pooled_query:
             tokens, pooled = out[:, :-1], self.pooled_mlp(out[:, -1])  # (B, Q, out_dim), (B, out_dim)
-            h = h[:, :-1]
         else:
             tokens, pooled = out, self.pooled_mlp(out.mean(1))
-        logits = self.mask_logit(h).squeeze(-1) if self.mask_logit is not None else None  # (B, Q)
-        return tokens, pooled, logits
+        return tokens, pooled, log_count
 
     def save_pretrained(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
