@@ -202,3 +202,115 @@ def test_set_matching_answers_each_real_token_with_one_of_the_first_n_queries():
              "target_mask": mask, "target_pooled": torch.ones(2, 8)}
     assert compute_align_loss(batch, {"adapter": Echo()}, match="set")[0].item() == pytest.approx(0.0, abs=1e-5)
     assert compute_align_loss(batch, {"adapter": Echo()}, match="position")[0].item() > 0.3
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from train.loop import lr_factor
+
+    assert [lr_factor(s, 4, 20, "constant") for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_factor(20, 4, 20, "cosine") == pytest.approx(0.0)
+    assert lr_factor(12, 4, 20, "linear") == pytest.approx(0.5)
+
+
+def test_unet_part_selection():
+    from train.loop import unet_trainable
+
+    cross = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    self_attn = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    conv = "down_blocks.0.resnets.0.conv1.weight"
+    assert [unet_trainable(n, "cross_attention") for n in (cross, self_attn, conv)] == [True, False, False]
+    assert [unet_trainable(n, "attention") for n in (cross, self_attn, conv)] == [True, True, False]
+    assert unet_trainable("class_embedding.linear_1.weight", "cross_attention")
+    assert not unet_trainable(conv, "none") and unet_trainable(conv, "all")
+
+
+def test_a_layout_change_that_cannot_be_converted_fails_clearly(tmp_path):
+    """A ZeRO-0 checkpoint keeps no per-rank optimizer shards, so it cannot become a ZeRO-2 one."""
+    from train.loop import META_NAME, prepare_resume
+
+    (tmp_path / "step00000004").mkdir()
+    (tmp_path / "step00000004" / META_NAME).write_text(json.dumps({"step": 4, "world_size": 1, "zero_stage": 0}))
+    (tmp_path / "latest").write_text("step00000004")
+    assert prepare_resume(tmp_path, _cfg(1, ["dist.zero_stage=0"]), 0, 1) == ("step00000004", False)
+    with pytest.raises(RuntimeError, match=r"ZeRO stage 0 .* resume with dist\.zero_stage=0"):
+        prepare_resume(tmp_path, _cfg(1), 0, 1)
+
+
+def test_latest_ignores_a_checkpoint_without_its_completion_marker(tmp_path):
+    from train.loop import latest_tag
+
+    (tmp_path / "step00000004").mkdir()
+    (tmp_path / "latest").write_text("step00000004")  # written, but the tag never got its metadata file
+    assert latest_tag(tmp_path) is None
+
+
+# ----------------------------------------------------------------------------- stages on the fixtures
+
+
+def test_cache_of_another_encoder_is_refused(train_overrides):
+    from train import run
+    from train.data import CacheMismatchError
+
+    cfg = _cfg(1, train_overrides("refused", **{"llm.layer": 1}))
+    with pytest.raises(CacheMismatchError, match=r"layer: cache 2 vs configured 1"):
+        run(cfg)
+
+
+def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{p.parent.name}/{k}": v for p in sorted(folder.rglob("*.safetensors")) for k, v in load_file(p).items()}
+
+
+@pytest.fixture(scope="module")
+def stage_results(train_overrides):
+    """Stages 1 -> 2 -> 3 chained through their exports, one rank each (launcher local)."""
+    from train import run
+
+    s1 = run(_cfg(1, train_overrides("chain-s1")))
+    s2 = run(_cfg(2, train_overrides("chain-s2", init_from=s1["export_dir"])))
+    s3 = run(_cfg(3, train_overrides("chain-s3", init_from=s2["export_dir"])))
+    return {1: s1, 2: s2, 3: s3}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_stage_lowers_its_validation_loss(stage_results, stage):
+    val = {int(k): v for k, v in stage_results[stage]["val_loss"].items()}
+    first, last = val[0], val[max(val)]
+    assert last < 0.9 * first, f"stage {stage}: val loss {first:.4f} -> {last:.4f}"
+
+
+def test_stage3_keeps_the_frozen_adapter_and_trains_the_unet(stage_results):
+    s2, s3 = _safetensors(Path(stage_results[2]["export_dir"])), _safetensors(Path(stage_results[3]["export_dir"]))
+    adapter = [k for k in s2 if k.startswith("adapter/")]
+    assert adapter and all(torch.equal(s2[k], s3[k]) for k in adapter)
+    assert any(not torch.equal(s2[k], s3[k]) for k in s2 if k.startswith("unet/"))
+
+
+def test_exported_folders_load_and_generate_in_any_language(stage_results, tiny_llm):
+    from omnidiff.models.llm import LLMTextEncoder
+    from omnidiff.pipeline import OmniDiffusionPipeline
+
+    llm = LLMTextEncoder(tiny_llm, max_length=512)
+    for stage, result in stage_results.items():
+        folder = Path(result["export_dir"])
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["conditioning"] == "llm_adapter"
+        assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))  # safetensors only
+        lineage = json.loads((folder / "lineage.json").read_text())
+        assert lineage["stage"] == stage and lineage["snapshot"]["digest"] and lineage["caches"]["llm"]
+        pipe = OmniDiffusionPipeline.from_pretrained(folder, llm=llm)
+        prompts = ["一个红色的圆在左边", "a blue square on the right " * 12]  # Chinese; longer than one CLIP window
+        images = pipe(prompts, num_inference_steps=3, output_type="np", seed=1)
+        assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+        assert images.std() > 0
+
+
+def test_a_checkpoint_folder_of_another_training_is_refused(stage_results, train_overrides):
+    from train import run
+    from train.ray_job import TrainingError
+
+    ckpt = Path(stage_results[1]["checkpoint_dir"])
+    cfg = _cfg(1, train_overrides("chain-s1", **{"checkpoint.dir": str(ckpt), "optim.lr": 0.1}))
+    with pytest.raises(TrainingError, match=r"differs in: config\.optim\.lr"):
+        run(cfg)
