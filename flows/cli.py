@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +43,31 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def _deployment_ids(names: tuple[str, ...]) -> dict[str, str | None]:
+async def _deployment_ids(names: tuple[str, ...], since: datetime | None = None) -> dict[str, str | None]:
+    """Deployment ids by name; None for one that does not exist, or was last written before ``since``.
+
+    The Prefect database keeps a deployment (and its default parameters) after its serving process
+    stops, so "it exists" is not "the process just started has registered it with today's config".
+    """
     from prefect.client.orchestration import get_client
 
     out: dict[str, str | None] = {}
     async with get_client() as client:
         for name in names:
             try:
-                out[name] = str((await client.read_deployment_by_name(name)).id)
+                deployment = await client.read_deployment_by_name(name)
             except Exception:
                 out[name] = None
+                continue
+            updated = getattr(deployment, "updated", None)
+            fresh = since is None or (updated is not None and updated >= since)
+            out[name] = str(deployment.id) if fresh else None
     return out
 
 
 def deploy(config: str, timeout_s: float = 180.0, quiet: bool = False) -> dict[str, Any]:
-    """Start ``python -m flows.deployments`` in its own process group; wait until every deployment exists."""
+    """Start ``python -m flows.deployments`` in its own process group; wait until it has (re)registered
+    every deployment, so a run triggered next uses this config's parameters, not a previous one's."""
     from flows.deployments import DEPLOYMENT_NAMES
     from omnidiff.stack import apply_env
 
@@ -68,6 +79,8 @@ def deploy(config: str, timeout_s: float = 180.0, quiet: bool = False) -> dict[s
         stop()
     log_path = subdir("stack", "logs") / "flows.log"
     log = open(log_path, "ab")
+    # The server's clock is this machine's; a second of slack for the timestamp's rounding.
+    since = datetime.now(UTC) - timedelta(seconds=1)
     proc = subprocess.Popen([sys.executable, "-m", "flows.deployments", config], stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy())
     state = {"pid": proc.pid, "config": config, "log": str(log_path), "started": time.time()}
@@ -77,7 +90,7 @@ def deploy(config: str, timeout_s: float = 180.0, quiet: bool = False) -> dict[s
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"the deployment-serving process exited with {proc.returncode}; log {log_path}:\n{tail}")
-        ids = asyncio.run(_deployment_ids(DEPLOYMENT_NAMES))
+        ids = asyncio.run(_deployment_ids(DEPLOYMENT_NAMES, since))
         if all(ids.values()):
             state["deployments"] = ids
             _state_path().write_text(json.dumps(state, indent=2))

@@ -78,6 +78,31 @@ def test_deployments_exist_with_the_nightly_schedule(deployments):
     assert "cfg" in schema["properties"]  # a typed form in the UI
 
 
+def test_a_redeploy_serves_the_changed_config_before_it_returns(deployments, tmp_path):
+    """The Prefect database keeps a deployment's parameters after its serving process stops; a
+    redeploy must not return (and the demo must not trigger a run) until the new process has
+    registered the changed config. It once ran a demo's stage 1 with the previous config's budget."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows import cli as flows_cli
+
+    async def world_port() -> int:
+        async with get_client() as client:
+            dep = await client.read_deployment_by_name("omnidiff-pipeline/omnidiff-pipeline")
+            return int(dep.parameters["config"]["world_port"])
+
+    changed = tmp_path / "pipeline_changed.yaml"
+    changed.write_text(CONFIG.read_text().replace("world_port: 18765", "world_port: 18799"))
+    try:
+        flows_cli.deploy(str(changed), timeout_s=240, quiet=True)
+        assert asyncio.run(world_port()) == 18799
+    finally:
+        flows_cli.deploy(str(CONFIG), timeout_s=240, quiet=True)
+    assert asyncio.run(world_port()) == 18765
+
+
 def test_pipeline_deployment_runs_end_to_end_and_is_traceable(deployments, pipeline_cfg):
     import mlflow
     from mlflow import MlflowClient
