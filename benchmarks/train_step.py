@@ -13,8 +13,10 @@ alike); each figure is the median over rounds of the per-round ratio.
 2. step time of the DeepSpeed engine (torch AdamW, grad clipping, one rank, ZeRO 0 and the
    configs' ZeRO 2) against a plain PyTorch loop (the same AdamW and clipping). Goal: within 15%.
 
-The model is the demo's stage 2 (configs/train_stage2.yaml, configs/base.yaml): adapter width 128,
-231 queries, 1 encoder + 2 decoder layers; UNet (32, 64, 64) at 16x16 with pooled conditioning.
+The model is the demo's stage 2 (configs/train_stage1.yaml's adapter, configs/train_stage2.yaml's loss,
+configs/base.yaml's UNet): adapter width 128, 231 queries, 1 encoder + 2 decoder layers, input
+standardisation, length head (the UNet reads the predicted number of text tokens), pooled query;
+UNet (32, 64, 64) at 16x16 with pooled conditioning.
 Captions are the tiny world's (configs/world_test.yaml: six languages, 20% long); images are random
 (the step's cost does not depend on pixel values).
 """
@@ -73,21 +75,34 @@ def build_caches(tmp: Path, llm, captions: list[str], image_shape=(3, 16, 16)):
     return CacheStore(llm_dir), CacheStore(pix_dir), keys, digests, values[-1], embed_s, tokens
 
 
-def build_model(llm_dim: int, seed: int = 0):
+def build_model(llm_dim: int, llm_stats, seed: int = 0):
+    """The demo's stage-2 model: the adapter of configs/train_stage1.yaml (its options included) with
+    input statistics from the cache, the base UNet shape, and stage 2's loss (v-prediction, Min-SNR)."""
     import torch
     from diffusers import DDPMScheduler
 
+    from omnidiff.config import load_config
     from omnidiff.models.adapter import OmniAdapter
     from omnidiff.models.unet import build_unet
+    from train.config import TrainConfig
     from train.loop import StageModel
     from train.losses import compute_diffusion_loss
 
+    a = load_config(TrainConfig, REPO / "configs" / "train_stage1.yaml").adapter
+    stage2 = load_config(TrainConfig, REPO / "configs" / "train_stage2.yaml")
     torch.manual_seed(seed)
-    adapter = OmniAdapter(llm_dim, 128, 128, 231, 1, 2, 4, 0.0)
+    adapter = OmniAdapter(llm_dim, a.width, 128, a.num_queries, a.encoder_layers, a.decoder_layers, a.heads, a.dropout,
+                          input_norm=a.input_norm, length_head=a.length_head, pooled_query=a.pooled_query,
+                          max_positions=a.max_positions)
+    if a.input_norm:
+        adapter.set_input_stats(*(torch.from_numpy(v) for v in llm_stats))
+    if adapter.length_head is not None:
+        adapter.length_head.requires_grad_(False)  # as train.loop freezes it in stages 2-3
     unet = build_unet(16, 3, 3, (32, 64, 64), cross_attention_dim=128, layers_per_block=1, attention_head_dim=8,
                       pooled_dim=128)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-    return StageModel(adapter, unet, partial(compute_diffusion_loss, noise_scheduler=scheduler))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    return StageModel(adapter, unet, partial(compute_diffusion_loss, noise_scheduler=scheduler,
+                                             min_snr_gamma=stage2.min_snr_gamma))
 
 
 def main(argv: list[str]) -> int:
@@ -135,7 +150,9 @@ def main(argv: list[str]) -> int:
         rows = batches.example_index(CachedBatches.positions(step, args.batch, 0, 1, args.batch, 0))
         return [text_of[examples["llm_key"].iloc[i]] for i in rows]
 
-    base = build_model(llm.hidden_size)
+    from train.ray_job import llm_state_stats
+
+    base = build_model(llm.hidden_size, llm_state_stats(llm_store, keys))
     plain_model = copy.deepcopy(base)
     params = [p for p in plain_model.parameters() if p.requires_grad]
     plain_opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.03)

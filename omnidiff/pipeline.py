@@ -77,6 +77,12 @@ def predict_noise(unet, sample, timesteps, tokens, pooled, mask):
     ``pooled`` goes in only when the UNet was built with ``pooled_dim`` (class_embed_type "projection").
     """
     class_labels = pooled if unet.config.class_embed_type == "projection" else None
+    # Text positions that no row reads (trailing padding: CLIP windows a caption does not use, adapter
+    # queries past the longest predicted length) are cut: masked keys change nothing but cost attention.
+    if mask is not None and mask.ndim == 2 and not mask.all():
+        used = mask.any(0).nonzero()
+        keep = int(used.max()) + 1 if len(used) else 1
+        tokens, mask = tokens[:, :keep], mask[:, :keep]
     return unet(
         sample,
         timesteps,

@@ -215,3 +215,19 @@ def test_loading_needs_no_training_code(llm_folder, clip_folder):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_predict_noise_cuts_trailing_text_positions_no_row_reads():
+    """Padding past every row's last real token is cut before the UNet: the same noise prediction as
+    with the padding (masked keys change nothing), for rows of different lengths in one batch."""
+    torch.manual_seed(0)
+    unet = _unet(32, pooled_dim=32).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 700])
+    ctx, pooled = torch.randn(2, 6, 32), torch.randn(2, 32)
+    mask = torch.tensor([[True, True, True, False, False, False], [True, True, False, False, False, False]])
+    padded = torch.cat([ctx, torch.randn(2, 40, 32) * 50], 1)
+    padded_mask = torch.cat([mask, torch.zeros(2, 40, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        short = predict_noise(unet, x, t, ctx[:, :3], pooled, mask[:, :3])
+        long = predict_noise(unet, x, t, padded, pooled, padded_mask)
+    torch.testing.assert_close(long, short, rtol=1e-5, atol=1e-5)
