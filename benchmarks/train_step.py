@@ -97,6 +97,14 @@ def build_model(llm_dim: int, llm_stats, seed: int = 0):
     if a.input_norm:
         adapter.set_input_stats(*(torch.from_numpy(v) for v in llm_stats))
     if adapter.length_head is not None:
+        # A trained length head predicts each caption's CLIP token count; an untrained one predicts ~1
+        # token, which would make the UNet's cross-attention (and so the cached step) unrealistically
+        # cheap. Stand-in: predict the caption's LLM token count (its last input feature is log T),
+        # about what the world's captions have in CLIP tokens (English 1:1, long captions over windows).
+        with torch.no_grad():
+            first, last = adapter.length_head[0], adapter.length_head[2]
+            first.weight.zero_(), first.bias.zero_(), last.weight.zero_(), last.bias.zero_()
+            first.weight[0, -1], last.weight[0, 0] = 1.0, 1.0  # log T -> GELU (~identity above 2) -> log count
         adapter.length_head.requires_grad_(False)  # as train.loop freezes it in stages 2-3
     unet = build_unet(16, 3, 3, (32, 64, 64), cross_attention_dim=128, layers_per_block=1, attention_head_dim=8,
                       pooled_dim=128)
