@@ -4,10 +4,13 @@
   language) against the cached CLIP states of its English side. Per token 1 - cosine + a small
   norm-matching term (the release's default) or MSE, averaged over *real* target tokens only (the
   release also fits CLIP's padding; we don't), then over captions; the pooled embedding gets the
-  same loss against CLIP's pooled state, so stage 1 and stages 2-3 use one pooled head.
-* ``diffusion`` (stages 2-3): the ordinary noise-prediction loss of the UNet conditioned on the
-  adapter's tokens (cross-attention) and pooled embedding, through ``omnidiff.pipeline.predict_noise``
-  so training and sampling condition the UNet the same way.
+  same loss against CLIP's pooled state, so stage 1 and stages 2-3 use one pooled head. Which query
+  answers which CLIP token: position i (the release) or a one-to-one set matching; the adapter's
+  length head learns how many queries are in use.
+* ``diffusion`` (stages 2-3): the ordinary diffusion loss (noise or v, Min-SNR weighted) of the UNet
+  conditioned on the adapter's tokens (cross-attention, the length head's prefix) and pooled
+  embedding, through ``omnidiff.pipeline.predict_noise`` so training and sampling condition the UNet
+  the same way.
 
 ``modules`` is the ``nn.ModuleDict`` the DeepSpeed engine wraps: ``adapter`` and, for diffusion,
 ``unet``. Both functions return ``(loss, metrics)`` with metrics as floats for logging.
@@ -44,7 +47,7 @@ def set_assignment(tokens: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
     A caption with n real CLIP tokens is answered by its first n queries, in whatever order a
     minimum-cost one-to-one matching on 1 - cosine picks (Hungarian algorithm, as DETR matches its
-    queries to objects). So the set of queries in use is a prefix whose length the mask head can
+    queries to objects). So the set of queries in use is a prefix whose length the length head can
     learn, while their order is free. Padding positions get the queries past n, in order; the loss
     ignores them.
     """
@@ -130,7 +133,7 @@ def compute_diffusion_loss(batch: dict, modules, noise_scheduler, min_snr_gamma:
 
     ``min_snr_gamma`` > 0 weights each example by Min-SNR-gamma, as the base model was pretrained.
     """
-    # (B, Q, D), (B, D), (B, Q): the queries the UNet reads (all, or the mask head's choice)
+    # (B, Q, D), (B, D), (B, Q): the queries the UNet reads (all, or the length head's prefix)
     tokens, pooled, mask = modules["adapter"].condition(batch["llm_states"], batch["llm_mask"])
     pixels, noise, timesteps = batch["pixels"], batch["noise"], batch["timesteps"]
     noisy = noise_scheduler.add_noise(pixels, noise, timesteps)  # (B, C, H, W)
