@@ -176,7 +176,7 @@ class OmniDiffusionPipeline:
         """``prompts`` -> ``(tokens (B, T, D), pooled (B, D), mask bool (B, T))`` on the UNet's device.
 
         clip: T = 77 * clip_max_windows, mask False on padding. llm_adapter: T = the adapter's
-        number of queries, the mask its mask head's prediction (every position without one).
+        number of queries, the mask its length head's prefix (every position without one).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not all(isinstance(p, str) for p in prompts):

@@ -311,7 +311,7 @@ class TrainConfig:
         require(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
         require(self.optim.warmup_steps <= self.max_steps, "optim.warmup_steps", self.optim.warmup_steps,
                 f"longer than the run (max_steps={self.max_steps})")
-        require(self.adapter.max_positions in (0, None) or self.adapter.max_positions >= self.llm.max_length,
+        require(self.adapter.max_positions == 0 or self.adapter.max_positions >= self.llm.max_length,
                 "adapter.max_positions", self.adapter.max_positions,
                 f"must cover llm.max_length={self.llm.max_length} tokens (or 0 = no position embeddings)")
         require(self.adapter.num_queries >= 77 * self.data.clip_windows or self.stage != 1, "adapter.num_queries",
