@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/embed_throughput.py                      # Gemma 3 270M, tiny world mix
     .venv/bin/python benchmarks/embed_throughput.py --captions 200 --baseline-captions 32 --llm PATH
+    .venv/bin/python benchmarks/embed_throughput.py --set max_tokens=4096 max_batch_size=32   # other settings
 
 In one process (issue 4, "Performance"):
 (a) the embed job (Ray Data actor pool, length-sorted token-budget batches, fp32 compute, fp16
@@ -85,20 +86,27 @@ def write_text_snapshot(name: str, texts: list[str], root: Path) -> Path:
     return writer.finish({"source": "benchmarks/embed_throughput.py"})
 
 
+def job_config(snapshot: Path, cache_root: Path, llm: Path, args):
+    """configs/embed.yaml (what users run) on the benchmark's snapshot, LLM kind only, plus ``--set``."""
+    from embed_cache.config import EmbedConfig
+    from omnidiff.config import load_config
+
+    return load_config(EmbedConfig, args.config, [
+        f"snapshots=[{snapshot}]", "kinds=[llm]", f"cache_root={cache_root}", "include_parallel=false",
+        f"llm.path={llm}", "track=false", f"roofline_probe_s={args.probe_s}", *args.set,
+    ])  # fmt: skip
+
+
 def run_job(snapshot: Path, cache_root: Path, llm: Path, args) -> dict:
-    from embed_cache.config import EmbedConfig, LLMSection
     from embed_cache.job import run
 
-    cfg = EmbedConfig(
-        snapshots=(str(snapshot),), kinds=("llm",), cache_root=cache_root, include_parallel=False,
-        llm=LLMSection(path=llm), num_actors=args.actors, threads_per_actor=args.threads,
-        max_tokens=args.max_tokens, max_batch_size=args.max_batch_size, shard_tokens=args.shard_tokens, track=False,
-        roofline_probe_s=args.probe_s,
-    )  # fmt: skip
+    cfg = job_config(snapshot, cache_root, llm, args)
     t0 = time.perf_counter()
     summary = run(cfg)
     stats = summary["kinds"]["llm"]
     stats["wall_s"] = time.perf_counter() - t0
+    print(f"    ({stats['computed']} computed, {stats['tokens']} tokens, executor {stats.get('executor')}, "
+          f"{stats['wall_s']:.1f}s wall, compute {stats['compute_seconds']:.1f}s)", flush=True)
     return stats
 
 
@@ -143,11 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--captions", type=int, default=1200, help="distinct texts embedded by (a)")
     parser.add_argument("--baseline-captions", type=int, default=64, help="texts run through (b)")
     parser.add_argument("--pad-to", type=int, default=227, help="(b)'s fixed length (3 CLIP windows)")
-    parser.add_argument("--actors", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per actor; (b) uses actors x threads")
-    parser.add_argument("--max-tokens", type=int, default=4096)
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--shard-tokens", type=int, default=4096)
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "embed.yaml",
+                        help="(a)'s job config; its batch budget, actors and threads are what is measured")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of (a)'s config, e.g. --set num_actors=2 threads_per_actor=1 max_tokens=4096")
     parser.add_argument("--probe-s", type=float, default=0.3,
                         help="seconds of matmul before each shard / batch sampling the roofline under current load")
     parser.add_argument("--seed", type=int, default=0)
@@ -164,11 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     extra = [texts[i] for i in rng.choice(len(texts), size=len(texts), replace=False) if texts[i] not in set(sample)]
     new = extra[: max(1, len(sample) // 10)]
     baseline_texts = sample[: args.baseline_captions]
-    print(f"LLM {llm.name}; {len(texts)} distinct world texts, sample {len(sample)} (+{len(new)} new), "
-          f"baseline {len(baseline_texts)}; {args.actors} actor(s) x {args.threads} thread(s)", flush=True)
-
     work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
-    cores = args.actors * args.threads  # (b) and the phase readings use every core the actors use
+    cfg = job_config(work / "snapshots", work / "cache", llm, args)  # the settings (a) runs with
+    print(f"LLM {llm.name}; {len(texts)} distinct world texts, sample {len(sample)} (+{len(new)} new), "
+          f"baseline {len(baseline_texts)}; (a): {args.config.name}, {cfg.num_actors} actor(s) x "
+          f"{cfg.threads_per_actor} thread(s), batches of <= {cfg.max_tokens} token slots / {cfg.max_batch_size} "
+          f"captions, shards of {cfg.shard_tokens} tokens, executor {cfg.executor}", flush=True)
+    cores = cfg.num_actors * cfg.threads_per_actor  # (b) and the phase readings use every core the actors use
     readings: list[float] = []
 
     def reading() -> None:
@@ -204,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     mean_len = first["tokens"] / max(1, first["computed"])
     flops_per_token = 2 * base["non_embedding_params"] + 4 * base["num_layers"] * mean_len * base["attn_dim"]
     # Each actor probes its own threads; the actors run side by side, so their rooflines add up.
-    a_predicted = args.actors * first["roofline_gflops"] * 1e9 / flops_per_token
+    a_predicted = cfg.num_actors * first["roofline_gflops"] * 1e9 / flops_per_token
     b_predicted = base["roofline_gflops"] * 1e9 / flops_per_token
     raw = base["hidden_size"] * 2
     padded_bytes = args.pad_to * raw * first["computed"] / first["tokens"]

@@ -210,10 +210,9 @@ def llm_path(cfg: EmbedConfig) -> Path:
 
 def llm_token_lengths(path: Path, texts: list[str], max_length: int) -> list[int]:
     """Token counts as ``LLMTextEncoder.token_lengths`` gives them, from the tokenizer alone (no weights)."""
-    from transformers import AutoTokenizer
+    from omnidiff.models.llm import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    ids = load_tokenizer(path)(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     return [max(1, len(x)) for x in ids]
 
 
@@ -663,19 +662,36 @@ def embed(inputs: EmbedInputs, cfg: EmbedConfig) -> dict[str, Any]:
                 )
             else:
                 log.info("embed %s: all %d keys cached -> %s", kind, len(work), directory)
+        executor = choose_executor(cfg, sum(totals.values()))
+        for kind_stats in stats.values():
+            kind_stats["executor"] = executor if units else None
         if units:
+            log.info("embed: %d units of work -> %s executor", sum(totals.values()), executor)
             results = (
                 _execute_ray(units, plans, writers, cfg)
-                if cfg.executor == "ray"
+                if executor == "ray"
                 else _execute_local(units, plans, writers, cfg)
             )
-            _collect(results, writers, stats, totals, cfg)
+            _collect(results, writers, stats, totals, cfg, executor)
         for kind, writer in writers.items():
             stats[kind]["manifest"] = dict(writer.manifest)
     seconds = time.perf_counter() - start
     for kind_stats in stats.values():
         _finish_stats(kind_stats, seconds)
     return stats
+
+
+def choose_executor(cfg: EmbedConfig, units: int) -> str:
+    """``cfg.executor``, with ``auto`` resolved: in this process when the missing work is small.
+
+    An actor pool costs a process start, a torch import and a model load per actor before the first
+    token; a nightly delta of a few thousand tokens would spend most of its time there. Only CPU
+    runs go local (the driver may have no GPU).
+    """
+    if cfg.executor != "auto":
+        return cfg.executor
+    on_cpu = cfg.device == "cpu" and not cfg.num_gpus_per_actor
+    return "local" if on_cpu and units <= cfg.auto_local_max_units else "ray"
 
 
 def _finish_stats(stats: dict[str, Any], seconds: float) -> None:
@@ -747,11 +763,12 @@ def _collect(
     stats: dict[str, dict[str, Any]],
     totals: dict[str, int],
     cfg: EmbedConfig,
+    executor: str,
 ) -> None:
     """List each finished shard in its manifest as it arrives; progress per kind with rate and ETA."""
     progress = {kind: Progress(f"embed {kind}", total=total, unit=UNIT[kind], every_s=cfg.progress_every_s)
                 for kind, total in totals.items()}  # fmt: skip
-    n_actors = cfg.num_actors if cfg.executor == "ray" else 1
+    n_actors = cfg.num_actors if executor == "ray" else 1
     for batch in results:
         for row in batch.itertuples(index=False):
             kind_stats, entry = stats[row.kind], json.loads(row.entry)
@@ -842,6 +859,8 @@ def _log(summary: dict[str, Any], inputs: EmbedInputs, cfg: EmbedConfig) -> None
         params[f"{kind}.fingerprint"] = stats["fingerprint"]
         params[f"{kind}.cache_dir"] = stats["dir"]
         tags[f"cache_fingerprint.{kind}"] = stats["fingerprint"]
+        if stats.get("executor"):
+            tags["executor"] = stats["executor"]
         for name in (
             "wanted",
             "computed",

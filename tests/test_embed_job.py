@@ -142,6 +142,19 @@ def test_config_errors_name_the_key():
         load_config(EmbedConfig, EMBED_TEST_CONFIG, ["device=cuda"])
 
 
+def test_auto_executor_runs_small_cpu_work_in_process_and_the_rest_on_ray():
+    from embed_cache.job import choose_executor
+
+    auto = load_config(EmbedConfig, EMBED_TEST_CONFIG, ["executor=auto", "auto_local_max_units=1000"])
+    assert choose_executor(auto, 1000) == "local"
+    assert choose_executor(auto, 1001) == "ray"
+    on_gpu = load_config(EmbedConfig, EMBED_TEST_CONFIG, ["executor=auto", "device=cuda", "num_gpus_per_actor=1"])
+    assert choose_executor(on_gpu, 1) == "ray"  # the driver may have no GPU
+    assert choose_executor(load_config(EmbedConfig, EMBED_TEST_CONFIG, ["executor=ray"]), 1) == "ray"
+    with pytest.raises(ConfigError, match="auto_local_max_units"):
+        load_config(EmbedConfig, EMBED_TEST_CONFIG, ["auto_local_max_units=-1"])
+
+
 def test_cli_verify_names_corrupt_shard_and_repair_unlists_it(tmp_path, capsys):
     from embed_cache.cli import main
 
@@ -254,8 +267,10 @@ def test_rerun_computes_nothing_and_new_captions_only_them(tiny_cache, tmp_path)
     new_captions = captions(n_new, seed=7)
     rows += [{"caption": c, "lang": "en", "image": png_bytes(1000 + i)} for i, c in enumerate(new_captions)]
     grown = write_snapshot("embedgrown", rows)
-    third = run(_cfg(tiny_cache, f"snapshots=[{grown}]", "include_parallel=false"))
+    # A delta this small runs in this process under executor=auto (no actor start-up, no model loads in Ray).
+    third = run(_cfg(tiny_cache, f"snapshots=[{grown}]", "include_parallel=false", "executor=auto"))
     assert third["computed"] == {"llm": n_new, "clip": n_new, "pixels": n_new}
+    assert {stats["executor"] for stats in third["kinds"].values()} == {"local"}
     assert third["kinds"]["llm"]["rows"] == first["kinds"]["llm"]["rows"] + n_new
     assert set(CacheStore(third["dirs"]["llm"]).keys()) >= {text_key(normalise_caption(c)) for c in new_captions}
 
@@ -267,6 +282,7 @@ def test_rerun_computes_nothing_and_new_captions_only_them(tiny_cache, tmp_path)
     assert logged.data.metrics["llm.computed"] == n_new and logged.data.metrics["llm.skipped"] > 0
     assert logged.data.metrics["llm.tokens_per_s"] > 0
     assert logged.data.tags["stage"] == "embed"
+    assert logged.data.tags["executor"] == "local"
     artifacts = {a.path for a in client.list_artifacts(third["run_id"], "manifests")}
     assert artifacts == {"manifests/llm.json", "manifests/clip.json", "manifests/pixels.json"}
 

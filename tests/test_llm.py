@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from omnidiff.models.llm import LLMTextEncoder, build_tiny_llm, main, read_manifest, weights_digest
+from omnidiff.models.llm import LLMTextEncoder, build_tiny_llm, load_tokenizer, main, read_manifest, weights_digest
 
 TEXTS = ["a red circle on the left", "左边有一个红色的圆", "", "un carré bleu en haut à droite, très petit"]
 
@@ -34,6 +34,18 @@ def test_tiny_llm_build_is_deterministic_per_seed(tmp_path, tiny_llm):
     other = build_tiny_llm(tmp_path / "b", seed=1)
     assert read_manifest(same)["weights_digest"] == read_manifest(tiny_llm)["weights_digest"]
     assert read_manifest(other)["weights_digest"] != read_manifest(same)["weights_digest"]
+
+
+def test_tokenizer_is_loaded_once_per_folder_version(tmp_path, tiny_llm):
+    import shutil
+
+    copy = shutil.copytree(tiny_llm, tmp_path / "llm")
+    first = load_tokenizer(copy)
+    assert load_tokenizer(copy) is first and first.padding_side == "right"
+    assert LLMTextEncoder(copy).tokenizer is first  # the encoder shares the driver's copy
+    config = copy / "tokenizer_config.json"
+    config.write_text(config.read_text() + "\n")  # an edited tokenizer folder is read again
+    assert load_tokenizer(copy) is not first
 
 
 def test_encode_shapes_and_mask(encoder):

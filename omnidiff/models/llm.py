@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -169,6 +170,30 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def load_tokenizer(path: str | Path):
+    """The LLM folder's tokenizer, right-padding, loaded once per process and folder version.
+
+    Gemma's 262k-entry tokenizer takes 2+ s to parse; the embed job needs it in the driver (token
+    counts that plan the batches) and in the encoder, and a small nightly delta would otherwise pay
+    it twice. Keyed by the tokenizer files' sizes and mtimes, so a replaced folder is read again.
+    """
+    path = Path(path).resolve()
+    stamp = tuple(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.glob("*token*")) if f.is_file()
+    )
+    return _load_tokenizer(str(path), stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(path: str, stamp: tuple):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # A causal LM attends only leftwards, so right padding never changes a real token's state.
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 def build_tiny_llm(out_dir: str | Path, seed: int = 0) -> Path:
     """A randomly initialised Gemma 3 text model (hidden 64, 2 layers) for fast tests; returns ``out_dir``.
 
@@ -253,7 +278,7 @@ class LLMTextEncoder:
         batch_size: int = 32,
     ):
         import torch
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel
 
         self.path = Path(path).resolve()
         if not (self.path / "config.json").exists():
@@ -279,9 +304,7 @@ class LLMTextEncoder:
         self.num_hidden_layers = n_layers
         self.hidden_size = int(text_config.hidden_size)
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.tokenizer.padding_side = "right"
-        # A causal LM attends only leftwards, so right padding never changes a real token's state.
+        self.tokenizer = load_tokenizer(self.path)  # right padding, shared with the embed driver
         self._pad_id = self.tokenizer.pad_token_id
         if self._pad_id is None:
             self._pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
