@@ -40,6 +40,8 @@ def _cfg(stage: int, overrides=()) -> TrainConfig:
         (1, "adapter.num_queries=100", "adapter.num_queries"),
         (2, "ema_decay=1.5", "ema_decay"),
         (2, "dist.zero_stage=5", "dist.zero_stage"),
+        (2, "distill_weight=1.0", "distill_weight"),
+        (1, "distill_weight=-1", "distill_weight"),
     ],
 )
 def test_config_errors_name_the_key(stage, override, key):
@@ -146,6 +148,48 @@ def test_align_loss_ignores_target_padding_and_detects_misalignment():
     assert compute_align_loss(batch, {"adapter": Echo(wrong, pooled)})[0].item() > 0.1
     mse = compute_align_loss(batch, {"adapter": Echo(wrong, pooled)}, kind="mse")[0].item()
     assert mse > 0
+
+
+def test_distill_term_compares_the_frozen_unet_under_both_conditionings():
+    """distill = the UNet's prediction gap between adapter and CLIP conditioning, relative to the gap
+    between CLIP and "": 0 when the adapter outputs CLIP's states, about 1 when it outputs CLIP's "";
+    its gradient reaches the adapter and never the frozen UNet."""
+    from omnidiff.models.unet import build_unet
+    from train.losses import compute_align_loss
+
+    torch.manual_seed(0)
+    teacher = build_unet(8, 3, 3, (8, 16), cross_attention_dim=8, attention_head_dim=4, pooled_dim=8).eval()
+    teacher.requires_grad_(False)
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    target, pooled = torch.randn(2, 5, 8) * 3, torch.randn(2, 8) * 3
+    empty, empty_pooled = torch.randn(1, 5, 8), torch.randn(1, 8)
+    batch = {"llm_states": torch.zeros(2, 1, 4), "llm_mask": torch.ones(2, 1, dtype=torch.bool), "target": target,
+             "target_mask": torch.ones(2, 5, dtype=torch.bool), "target_pooled": pooled,
+             "pixels": torch.randn(2, 3, 8, 8), "noise": torch.randn(2, 3, 8, 8), "timesteps": torch.tensor([90, 60]),
+             "empty_target": empty, "empty_target_mask": torch.ones(1, 5, dtype=torch.bool),
+             "empty_pooled": empty_pooled}  # fmt: skip
+
+    class Fixed(torch.nn.Module):  # an "adapter" whose output is a trainable tensor
+        def __init__(self, tokens, pooled):
+            super().__init__()
+            self.tokens, self.pooled = torch.nn.Parameter(tokens.clone()), torch.nn.Parameter(pooled.clone())
+
+        def forward_all(self, states, mask):
+            return self.tokens, self.pooled, None
+
+    kw = {"distill_weight": 1.0, "teacher": teacher, "noise_scheduler": scheduler}
+    _, same = compute_align_loss(batch, {"adapter": Fixed(target, pooled)}, **kw)
+    assert same["distill"] == pytest.approx(0.0, abs=1e-6)
+    _, none = compute_align_loss(batch, {"adapter": Fixed(empty.expand(2, -1, -1), empty_pooled.expand(2, -1))}, **kw)
+    assert none["distill"] == pytest.approx(1.0, abs=1e-4)
+    adapter = Fixed(torch.randn(2, 5, 8), torch.randn(2, 8))
+    loss, _ = compute_align_loss(batch, {"adapter": adapter}, **kw)
+    loss.backward()
+    assert adapter.tokens.grad.abs().sum() > 0 and all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(ValueError, match="distill_weight"):
+        compute_align_loss({k: v for k, v in batch.items() if k != "pixels"}, {"adapter": adapter}, **kw)
 
 
 def test_align_loss_teaches_the_length_head_how_many_queries_are_real():
@@ -278,6 +322,18 @@ def test_each_stage_lowers_its_validation_loss(stage_results, stage):
     val = {int(k): v for k, v in stage_results[stage]["val_loss"].items()}
     first, last = val[0], val[max(val)]
     assert last < 0.9 * first, f"stage {stage}: val loss {first:.4f} -> {last:.4f}"
+
+
+def test_stage1_with_distill_learns_through_the_frozen_base_unet(train_overrides, train_base):
+    """distill_weight > 0: stage 1 also reads noised training images through the base UNet; it still
+    trains only the adapter (the export's UNet is the base's, bit for bit) and lowers its val loss."""
+    from train import run
+
+    result = run(_cfg(1, train_overrides("distill-s1", distill_weight=1.0, max_steps=16)))
+    val = {int(k): v for k, v in result["val_loss"].items()}
+    assert val[max(val)] < 0.9 * val[0]
+    base, export = _safetensors(train_base / "unet"), _safetensors(Path(result["export_dir"]) / "unet")
+    assert base.keys() == export.keys() and all(torch.equal(base[k], export[k]) for k in base)
 
 
 def test_stage3_keeps_the_frozen_adapter_and_trains_the_unet(stage_results):

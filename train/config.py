@@ -241,6 +241,10 @@ class TrainConfig:
       release) or ``set`` (a one-to-one matching per caption; the UNet reads text tokens as a set).
     length_weight: stage 1 weight of the length head's loss (squared error of the log token count;
       only with ``adapter.length_head``).
+    distill_weight: stage 1 weight of an output-matching term (ours, not the paper's): the frozen
+      base UNet, on a noised training image, should predict the same noise conditioned on the
+      adapter's output as on CLIP's states of the English side. Token cosine weighs every CLIP
+      token alike; this weighs them as the UNet reads them (colour words, not "a"). 0 = off.
     micro_batch_size: examples per rank per forward; global_batch_size: examples per optimizer step
       (= micro x gradient accumulation x workers).
     max_steps: optimizer steps.
@@ -265,6 +269,7 @@ class TrainConfig:
     norm_weight: float = 0.1
     length_weight: float = 0.1
     match: Literal["position", "set"] = "set"
+    distill_weight: float = 0.0
     min_snr_gamma: float = 5.0
     optim: OptimSection = field(default_factory=OptimSection)
     micro_batch_size: int = 32
@@ -298,6 +303,9 @@ class TrainConfig:
         require(self.norm_weight >= 0, "norm_weight", self.norm_weight, "must be >= 0")
         require(self.min_snr_gamma >= 0, "min_snr_gamma", self.min_snr_gamma, "must be >= 0 (0 = off)")
         require(self.length_weight >= 0, "length_weight", self.length_weight, "must be >= 0")
+        require(self.distill_weight >= 0, "distill_weight", self.distill_weight, "must be >= 0 (0 = off)")
+        require(self.distill_weight == 0 or self.stage == 1, "distill_weight", self.distill_weight,
+                "the output-matching term is stage 1's (stages 2-3 train on images with the diffusion loss)")
         require(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "must be >= 1")
         per_step = self.micro_batch_size * self.dist.num_workers
         require(self.global_batch_size % per_step == 0, "global_batch_size", self.global_batch_size,

@@ -89,8 +89,15 @@ def build_stage_model(cfg, job: dict) -> StageModel:
     if adapter.length_head is not None and cfg.stage != 1:
         adapter.length_head.requires_grad_(False)  # stage 1 taught it; the UNet's mask stays what it learned
     if cfg.family == "align":
+        teacher = noise_scheduler = None
+        if cfg.distill_weight > 0:  # the frozen base UNet judges the adapter's output against CLIP's
+            teacher = UNet2DConditionModel.from_pretrained(Path(job["base_model"]) / "unet", use_safetensors=True)
+            teacher.requires_grad_(False).eval()
+            noise_scheduler = DDPMScheduler.from_pretrained(Path(job["base_model"]) / "scheduler")
         return StageModel(adapter, None, partial(compute_align_loss, kind=cfg.loss, norm_weight=cfg.norm_weight,
-                                                 length_weight=cfg.length_weight, match=cfg.match))
+                                                 length_weight=cfg.length_weight, match=cfg.match,
+                                                 distill_weight=cfg.distill_weight, teacher=teacher,
+                                                 noise_scheduler=noise_scheduler))
     # Stage 3 continues the stage-2 UNet; stage 2 starts from the base model's.
     unet_root = init_from if (cfg.stage == 3 and init_from is not None) else Path(job["base_model"])
     unet = UNet2DConditionModel.from_pretrained(unet_root / "unet", use_safetensors=True)
@@ -447,14 +454,16 @@ def _loop(cfg, job: dict, rank: int, world: int, ckpt_dir: Path) -> None:
         caption_dropout=cfg.data.caption_dropout if cfg.family == "diffusion" else 0.0,
         empty_states=job["empty_states"],
         num_train_timesteps=(model.loss_fn.keywords["noise_scheduler"].config.num_train_timesteps
-                             if cfg.family == "diffusion" else 1000),
+                             if model.loss_fn.keywords.get("noise_scheduler") is not None else 1000),
+        image_pool=job.get("image_pool"),
     )
 
     val_batch = None
     if job.get("val_examples"):
         val_df = pd.read_parquet(job["val_examples"])
         val = CachedBatches(val_df, cfg.family, stores, seed=cfg.seed + 1, caption_dropout=0.0,
-                            empty_states=job["empty_states"], num_train_timesteps=batches.num_train_timesteps)
+                            empty_states=job["empty_states"], num_train_timesteps=batches.num_train_timesteps,
+                            image_pool=job.get("image_pool"))
         val_batch = val.batch(np.arange(len(val_df)))  # fixed examples, noise and timesteps: comparable values
     val_losses: dict[int, float] = {}
 

@@ -70,7 +70,8 @@ def set_assignment(tokens: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
 
 def compute_align_loss(batch: dict, modules, kind: str = "cosine", norm_weight: float = 0.1,
-                       length_weight: float = 0.1, match: str = "position"):
+                       length_weight: float = 0.1, match: str = "position", distill_weight: float = 0.0,
+                       teacher=None, noise_scheduler=None):
     """Stage 1. ``batch``: llm_states (B,T,Dl), llm_mask (B,T), target (B,Tc,Dc), target_mask (B,Tc), target_pooled (B,Dc).
 
     ``match``: ``position`` = query i answers CLIP position i (the release); ``set`` = each real CLIP
@@ -81,6 +82,12 @@ def compute_align_loss(batch: dict, modules, kind: str = "cosine", norm_weight: 
 
     With the adapter's length head, ``length_weight`` x the squared error of the log count teaches
     it how many queries the UNet should read.
+
+    ``distill_weight`` > 0 (needs ``teacher``, the frozen base UNet, its ``noise_scheduler`` and the
+    batch's ``pixels``, ``noise``, ``timesteps``): adds ``distill_weight`` x the mean squared
+    difference between the UNet's predictions conditioned on the adapter (its length-head prefix)
+    and on the CLIP target, both on the same noised image. Gradients reach the adapter through the
+    frozen UNet.
     """
     tokens, pooled, log_count = modules["adapter"].forward_all(batch["llm_states"], batch["llm_mask"])
     target, mask = batch["target"], batch["target_mask"].float()  # (B, Tc, Dc), (B, Tc)
@@ -109,6 +116,27 @@ def compute_align_loss(batch: dict, modules, kind: str = "cosine", norm_weight: 
         loss = loss + length_weight * F.mse_loss(log_count, count.log())
         with torch.no_grad():
             metrics["count_err"] = float((log_count.exp().round() - count).abs().mean().item())
+    if distill_weight > 0:
+        if teacher is None or noise_scheduler is None or "pixels" not in batch:
+            raise ValueError("distill_weight > 0 needs the frozen base UNet, its noise scheduler and noised images")
+        teacher.to(tokens.device)  # not a registered module: the engine does not move it
+        noisy = noise_scheduler.add_noise(batch["pixels"], batch["noise"], batch["timesteps"])  # (B, C, H, W)
+        t = batch["timesteps"]
+        with torch.no_grad():
+            want = predict_noise(teacher, noisy, t, target, batch["target_pooled"], mask.bool()).float()
+            # What the text adds to the prediction: CLIP's conditional minus unconditional ("" = CLIP's
+            # empty caption, which the batch's empty-prompt rows and the sampler's guidance also use).
+            empty = batch["empty_target"].expand(len(t), -1, -1)
+            base = predict_noise(teacher, noisy, t, empty, batch["empty_pooled"].expand(len(t), -1),
+                                 batch["empty_target_mask"].expand(len(t), -1)).float()
+        qmask = modules["adapter"].prefix_mask(log_count) if log_count is not None else None  # (B, Q)
+        got = predict_noise(teacher, noisy, t, tokens, pooled, qmask).float()  # (B, C, H, W)
+        # Relative to the text's own effect, pooled over the batch: 1 = the adapter's output moves the
+        # prediction no closer to CLIP's than no text at all would; 0 = the UNet cannot tell them apart.
+        # Examples weigh by how much their text matters (high noise levels, where the layout is decided).
+        distill = (got - want).pow(2).sum() / (want - base).pow(2).sum().clamp_min(1e-8)
+        loss = loss + distill_weight * distill
+        metrics["distill"] = float(distill.item())
     with torch.no_grad():
         cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-6)  # (B, Tc)
         metrics["token_cos"] = float(((cos * mask).sum() / mask.sum().clamp_min(1)).item())

@@ -77,6 +77,7 @@ class StageInputs:
     scheduler_config: dict = field(default_factory=dict)
     parent_lineage: dict = field(default_factory=dict)
     llm_stats: tuple[np.ndarray, np.ndarray] | None = None
+    image_pool: list[str] | None = None  # stage 1 with distill_weight: training images to noise
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -137,7 +138,8 @@ def embed_plan_config(cfg: TrainConfig, base: Path, unet_config: dict):
         resolution *= 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
     return EmbedConfig(
         snapshots=(cfg.data.snapshot,),
-        kinds=("llm", "clip" if cfg.family == "align" else "pixels"),
+        kinds=("llm", "clip", "pixels") if cfg.family == "align" and cfg.distill_weight > 0
+        else ("llm", "clip" if cfg.family == "align" else "pixels"),
         cache_root=cfg.data.cache_root,
         llm=LLMSection(path=llm_folder(cfg), layer=cfg.llm.layer, max_length=cfg.llm.max_length, dtype=cfg.llm.dtype),
         clip=ClipSection(base_model=base, max_windows=cfg.data.clip_windows),
@@ -201,6 +203,13 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
     if cfg.family == "align":
         examples = with_empty_prompt(examples, stores, cfg.data.empty_share)
     val_examples = _val_examples(cfg, pairs, parallel if cfg.family == "align" else None, stores)
+    image_pool = None
+    if cfg.family == "align" and cfg.distill_weight > 0:
+        # Any training image will do: the frozen UNet's prediction from CLIP's states is the target.
+        train_images = pairs.loc[pairs["split"] == cfg.data.split, "image_digest"].astype(str)
+        image_pool = sorted(set(train_images) & set(stores["pixels"].keys()))
+        if not image_pool:
+            raise TrainingError("distill_weight > 0 needs cached training images (run the embed stage with pixels)")
     llm_stats = None
     if init_from is None and cfg.adapter.input_norm:
         llm_stats = llm_state_stats(stores["llm"], examples["llm_key"].tolist())
@@ -208,7 +217,7 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
     scheduler_config = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
     inputs = StageInputs(base, init_from, snapshot, Path(ecfg.llm.path), llm_encoder_inputs, llm_dim, out_dim,
                          stores, examples, val_examples, scheduler_config=scheduler_config,
-                         parent_lineage=parent_lineage, llm_stats=llm_stats)
+                         parent_lineage=parent_lineage, llm_stats=llm_stats, image_pool=image_pool)
     _prompt_states(cfg, inputs, pairs)
     return inputs
 
@@ -432,6 +441,7 @@ def build_job(cfg: TrainConfig, inputs: StageInputs, ckpt_dir: Path, run_id: str
         "out_dim": inputs.out_dim,
         "empty_states": inputs.empty_states,
         "llm_stats": inputs.llm_stats,
+        "image_pool": inputs.image_pool,
         "prompts": inputs.prompts,
         "sampling_scheduler": inputs.scheduler_config,
         "checkpoint_dir": str(ckpt_dir),
