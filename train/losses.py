@@ -84,10 +84,12 @@ def compute_align_loss(batch: dict, modules, kind: str = "cosine", norm_weight: 
     it how many queries the UNet should read.
 
     ``distill_weight`` > 0 (needs ``teacher``, the frozen base UNet, its ``noise_scheduler`` and the
-    batch's ``pixels``, ``noise``, ``timesteps``): adds ``distill_weight`` x the mean squared
-    difference between the UNet's predictions conditioned on the adapter (its length-head prefix)
-    and on the CLIP target, both on the same noised image. Gradients reach the adapter through the
-    frozen UNet.
+    batch's ``pixels``, ``noise``, ``timesteps`` and CLIP's ``empty_*`` states): adds
+    ``distill_weight`` x the squared difference between the UNet's predictions conditioned on the
+    adapter (its length-head prefix) and on the CLIP target, both on the same noised image, divided
+    by the squared difference between the CLIP-conditioned and the ""-conditioned predictions
+    (metric ``distill``: 0 = the same prediction as CLIP's, 1 = no better than no text). Gradients
+    reach the adapter through the frozen UNet.
     """
     tokens, pooled, log_count = modules["adapter"].forward_all(batch["llm_states"], batch["llm_mask"])
     target, mask = batch["target"], batch["target_mask"].float()  # (B, Tc, Dc), (B, Tc)
