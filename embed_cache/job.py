@@ -662,9 +662,9 @@ def embed(inputs: EmbedInputs, cfg: EmbedConfig) -> dict[str, Any]:
                 )
             else:
                 log.info("embed %s: all %d keys cached -> %s", kind, len(work), directory)
-        executor = choose_executor(cfg, sum(totals.values()))
+        executor = choose_executor(cfg, sum(totals.values())) if units else None
         for kind_stats in stats.values():
-            kind_stats["executor"] = executor if units else None
+            kind_stats["executor"] = executor
         if units:
             log.info("embed: %d units of work -> %s executor", sum(totals.values()), executor)
             results = (

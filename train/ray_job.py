@@ -136,10 +136,12 @@ def embed_plan_config(cfg: TrainConfig, base: Path, unet_config: dict):
     if vae is not None:
         vae_config = json.loads((vae / "config.json").read_text())
         resolution *= 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
+    kinds = ("llm", "clip") if cfg.family == "align" else ("llm", "pixels")
+    if cfg.family == "align" and cfg.distill_weight > 0:
+        kinds += ("pixels",)  # stage 1's output-matching term noises training images
     return EmbedConfig(
         snapshots=(cfg.data.snapshot,),
-        kinds=("llm", "clip", "pixels") if cfg.family == "align" and cfg.distill_weight > 0
-        else ("llm", "clip" if cfg.family == "align" else "pixels"),
+        kinds=kinds,
         cache_root=cfg.data.cache_root,
         llm=LLMSection(path=llm_folder(cfg), layer=cfg.llm.layer, max_length=cfg.llm.max_length, dtype=cfg.llm.dtype),
         clip=ClipSection(base_model=base, max_windows=cfg.data.clip_windows),
