@@ -10,6 +10,7 @@ In one process (issue 4, "Performance"):
     long ones included, parallel texts): useful tokens/s at steady state (from the first shard's
     compute start to the last shard written: actor start-up and model load excluded) and end to end
     (snapshot read, Ray, actor start, model load and writing included);
+(a0) the same job with prefix sharing off (``share_prefixes=0``): what computing every token costs;
 (b) a plain transformers loop that pads every caption to a fixed length (227 = three CLIP windows,
     as the method's release and PixArt do), batch 32, on a random subset of the same sample;
 (c) back-to-back 2048x2048 fp32 matmuls (median GFLOP/s) with the same thread count: read between
@@ -18,7 +19,9 @@ In one process (issue 4, "Performance"):
     time, so load that comes and goes on a shared machine hits both alike. The roofline-predicted
     tokens/s is that FLOP/s over the model's FLOPs per token (2 x non-embedding parameters +
     attention over the mean length). (b) runs in two halves, before and after (a).
-It prints useful tokens/s of (a) and (b) and their ratio, (a) as a share of the roofline, bytes on
+It prints useful (= delivered, unpadded) tokens/s of (a), (a0) and (b) and the ratios, (a) as a
+share of the roofline counting the tokens it computed (a shared prefix is delivered to every caption
+that starts with it but computed once) and counting what it delivered, bytes on
 disk per token against hidden_size x 2, and the incremental claims: a rerun over the unchanged
 snapshot computes nothing (its time vs the first run), and a snapshot with 10% new captions costs
 about 10% of the first run's compute.
@@ -86,26 +89,27 @@ def write_text_snapshot(name: str, texts: list[str], root: Path) -> Path:
     return writer.finish({"source": "benchmarks/embed_throughput.py"})
 
 
-def job_config(snapshot: Path, cache_root: Path, llm: Path, args):
+def job_config(snapshot: Path, cache_root: Path, llm: Path, args, *extra: str):
     """configs/embed.yaml (what users run) on the benchmark's snapshot, LLM kind only, plus ``--set``."""
     from embed_cache.config import EmbedConfig
     from omnidiff.config import load_config
 
     return load_config(EmbedConfig, args.config, [
         f"snapshots=[{snapshot}]", "kinds=[llm]", f"cache_root={cache_root}", "include_parallel=false",
-        f"llm.path={llm}", "track=false", f"roofline_probe_s={args.probe_s}", *args.set,
+        f"llm.path={llm}", "track=false", f"roofline_probe_s={args.probe_s}", *args.set, *extra,
     ])  # fmt: skip
 
 
-def run_job(snapshot: Path, cache_root: Path, llm: Path, args) -> dict:
+def run_job(snapshot: Path, cache_root: Path, llm: Path, args, *extra: str) -> dict:
     from embed_cache.job import run
 
-    cfg = job_config(snapshot, cache_root, llm, args)
+    cfg = job_config(snapshot, cache_root, llm, args, *extra)
     t0 = time.perf_counter()
     summary = run(cfg)
     stats = summary["kinds"]["llm"]
     stats["wall_s"] = time.perf_counter() - t0
-    print(f"    ({stats['computed']} computed, {stats['tokens']} tokens, executor {stats.get('executor')}, "
+    print(f"    ({stats['computed']} computed, {stats['tokens']} tokens ({100 * stats['shared_fraction']:.0f}% from "
+          f"shared prefixes), executor {stats.get('executor')}, "
           f"{stats['wall_s']:.1f}s wall, compute {stats['compute_seconds']:.1f}s)", flush=True)
     return stats
 
@@ -193,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     reading()
     snap_a = write_text_snapshot("bench", sample, work / "snapshots")
     first = run_job(snap_a, work / "cache", llm, args)
+    unshared = run_job(snap_a, work / "cache-unshared", llm, args, "share_prefixes=0")
     reading()
     second = run_job(snap_a, work / "cache", llm, args)
     snap_b = write_text_snapshot("bench", sample + new, work / "snapshots")
@@ -214,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     flops_per_token = 2 * base["non_embedding_params"] + 4 * base["num_layers"] * mean_len * base["attn_dim"]
     # Each actor probes its own threads; the actors run side by side, so their rooflines add up.
     a_predicted = cfg.num_actors * first["roofline_gflops"] * 1e9 / flops_per_token
+    a0_predicted = cfg.num_actors * unshared["roofline_gflops"] * 1e9 / flops_per_token
+    steady0 = unshared["compute_tokens_per_s"]
+    # Tokens (a) ran through the model per second of its busy span: what the roofline bounds.
+    computed_rate = first["computed_tokens"] / first["compute_span_s"] if first["compute_span_s"] else 0.0
     b_predicted = base["roofline_gflops"] * 1e9 / flops_per_token
     raw = base["hidden_size"] * 2
     padded_bytes = args.pad_to * raw * first["computed"] / first["tokens"]
@@ -226,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         "roofline_readings_gflops": readings, "a_roofline_gflops": first["roofline_gflops"],
         "b_roofline_gflops": base["roofline_gflops"], "flops_per_token": flops_per_token,
         "a_roofline_tokens_per_s": a_predicted, "b_roofline_tokens_per_s": b_predicted,
-        "a_share_of_roofline": steady / a_predicted, "b_share_of_roofline": base["tokens_per_s"] / b_predicted,
+        "a_share_of_roofline": computed_rate / a_predicted, "a_delivered_share_of_roofline": steady / a_predicted,
+        "b_share_of_roofline": base["tokens_per_s"] / b_predicted,
+        "a_shared_fraction": first["shared_fraction"], "a_computed_tokens_per_s": computed_rate,
+        "a0_tokens_per_s_steady": steady0, "a0_share_of_roofline": steady0 / a0_predicted,
+        "ratio_a0_over_b": steady0 / base["tokens_per_s"], "sharing_gain": steady / steady0,
+        "sharing_gain_load_normalised": (steady / a_predicted) / (steady0 / a0_predicted),
         "bytes_per_token": first["bytes_per_token"], "hidden_size_x2": raw, "padded_bytes_per_useful_token": padded_bytes,
         "first_run_s": first["wall_s"], "first_compute_s": first["compute_seconds"],
         "rerun_s": second["wall_s"], "rerun_computed": second["computed"],
@@ -234,15 +248,20 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     print()
     print(f"(a) this job:        {steady:8.1f} useful tok/s steady ({end_to_end:.1f} end to end incl. Ray, actor "
-          f"start, model load {first['load_seconds']:.1f}s); padding {100 * first['padding_fraction']:.1f}% of slots")
+          f"start, model load {first['load_seconds']:.1f}s); {100 * first['shared_fraction']:.0f}% of the tokens from shared "
+          f"prefixes, {computed_rate:.1f} tok/s computed; padding {100 * first['padding_fraction']:.1f}% of slots")
+    print(f"(a0) no sharing:     {steady0:8.1f} useful tok/s steady; padding {100 * unshared['padding_fraction']:.1f}% "
+          f"of slots; sharing gains {out['sharing_gain']:.2f}x ({out['sharing_gain_load_normalised']:.2f}x load-normalised)")
     print(f"(b) pad-to-{args.pad_to} loop: {base['tokens_per_s']:8.1f} useful tok/s "
           f"({100 * (1 - base['useful_tokens'] / base['slots']):.0f}% of slots are padding)")
-    print(f"    (a)/(b) = {out['ratio_a_over_b']:.1f}x steady, {out['ratio_a_end_to_end_over_b']:.1f}x end to end")
+    print(f"    (a)/(b) = {out['ratio_a_over_b']:.1f}x steady, {out['ratio_a_end_to_end_over_b']:.1f}x end to end; "
+          f"(a0)/(b) = {out['ratio_a0_over_b']:.1f}x")
     print(f"(c) roofline: (a) ran at {first['roofline_gflops']:.0f} GFLOP/s, (b) at {base['roofline_gflops']:.0f} "
           f"(probes before each shard/batch; phase readings {', '.join(f'{g:.0f}' for g in readings)}); "
-          f"{flops_per_token / 1e6:.0f} MFLOP/token -> (a) = {100 * out['a_share_of_roofline']:.0f}% of "
-          f"{a_predicted:.0f} tok/s, (b) = {100 * out['b_share_of_roofline']:.0f}% of {b_predicted:.0f} tok/s; "
-          f"load-normalised (a)/(b) = {out['a_share_of_roofline'] / out['b_share_of_roofline']:.1f}x")
+          f"{flops_per_token / 1e6:.0f} MFLOP/token -> (a) computes at {100 * out['a_share_of_roofline']:.0f}% of "
+          f"{a_predicted:.0f} tok/s (delivers {100 * out['a_delivered_share_of_roofline']:.0f}%), (a0) "
+          f"{100 * out['a0_share_of_roofline']:.0f}%, (b) = {100 * out['b_share_of_roofline']:.0f}% of {b_predicted:.0f} tok/s; "
+          f"load-normalised (a)/(b) = {out['a_delivered_share_of_roofline'] / out['b_share_of_roofline']:.1f}x")
     print(f"disk: {first['bytes_per_token']:.0f} bytes/token vs hidden_size x 2 = {raw} "
           f"({first['bytes_per_token'] / raw:.2f}x); padded to {args.pad_to} it would be {padded_bytes:.0f} per useful token")
     print(f"incremental: first run {first['wall_s']:.1f}s ({first['computed']} computed); unchanged rerun "

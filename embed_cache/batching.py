@@ -6,13 +6,17 @@ captions. Here the work list is sorted by token length once, cut into shards (th
 actor call handles and writes), and each shard is packed greedily into compute batches under a
 token-slot budget. Neighbours in the sorted order have nearly equal lengths, so the padding left is
 a few percent (see :func:`padding_fraction`, logged per run, and benchmarks/embed_throughput.py).
+Captions that start alike (one template in many variants) share their first tokens' states in a
+causal LM; :func:`plan_prefix_sharing` plans computing each shared prefix once per shard.
 
-Everything here is pure numpy on lengths; the job (embed_cache/job.py) applies it.
+Everything here is pure numpy / Python on lengths and token ids; the job (embed_cache/job.py)
+applies it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -87,3 +91,64 @@ def fixed_padding_fraction(lengths: Sequence[int], pad_to: int) -> float:
     """Padding share when every item is padded (and truncated) to ``pad_to`` tokens: the peers' way."""
     lengths = np.minimum(np.asarray(lengths, dtype=np.int64), pad_to)
     return 1.0 - float(lengths.sum()) / (len(lengths) * pad_to) if len(lengths) else 0.0
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    """Which rows reuse another row's computed prefix (:func:`plan_prefix_sharing`).
+
+    ``donor[i]``: the row whose cached keys/values and states row ``i`` continues (-1: none);
+    ``shared[i]``: how many leading tokens it takes from there; ``wave[i]``: 0 for rows computed
+    from scratch, ``wave[donor] + 1`` otherwise (a wave runs after the waves its donors are in);
+    ``keep[i]``: how many of row ``i``'s leading tokens later rows reuse (0: nothing to keep).
+    """
+
+    donor: np.ndarray
+    shared: np.ndarray
+    wave: np.ndarray
+    keep: np.ndarray
+
+    @property
+    def shared_tokens(self) -> int:
+        return int(self.shared.sum())
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def plan_prefix_sharing(ids: Sequence[Sequence[int]], min_prefix: int, max_length: int | None = None) -> PrefixPlan:
+    """Compute each shared token prefix once: a causal LM's states of a prefix do not depend on what follows.
+
+    Rows are sorted by their token ids; a row that shares at least ``min_prefix`` leading tokens
+    with its predecessor in that order continues the *leftmost* earlier row it shares them with
+    (the previous row with a strictly shorter common prefix, found with a monotonic stack), which
+    keeps the chains of dependent waves short. The tokens saved equal those of a prefix trie over
+    the rows. Rows longer than ``max_length`` neither give nor take a prefix (a sliding-window
+    model's window must hold a prefix plus its continuation). ``min_prefix <= 0`` disables sharing.
+    """
+    n = len(ids)
+    donor = np.full(n, -1, dtype=np.int64)
+    shared = np.zeros(n, dtype=np.int64)
+    wave = np.zeros(n, dtype=np.int64)
+    keep = np.zeros(n, dtype=np.int64)
+    if min_prefix > 0 and n > 1:
+        rows = [i for i in range(n) if max_length is None or len(ids[i]) <= max_length]
+        rows.sort(key=lambda i: tuple(ids[i]))
+        stack: list[tuple[int, int]] = []  # (common prefix with its predecessor, position), increasing
+        for k, i in enumerate(rows):
+            common = _common_prefix(ids[rows[k - 1]], ids[i]) if k else -1
+            while stack and stack[-1][0] >= common:
+                stack.pop()
+            if k and common >= min_prefix:
+                # Every row after the stack top shares >= common tokens with row i: take the first one.
+                d = rows[stack[-1][1] if stack else 0]
+                donor[i], shared[i], wave[i] = d, common, wave[d] + 1
+                keep[d] = max(keep[d], common)
+            stack.append((common, k))
+    return PrefixPlan(donor, shared, wave, keep)

@@ -96,6 +96,10 @@ class EmbedConfig:
       about 1024 is fastest: larger batches' activations spill the caches (1024 slots run 25% faster
       than 4096 with Gemma 3 270M on 2 cores); GPUs want tens of thousands (configs/gpu/).
     max_batch_size: captions per compute batch at most.
+    share_prefixes: captions of a shard that start with the same ``share_prefixes`` or more LLM
+      tokens compute that prefix once (a causal LM's states of a prefix do not depend on what
+      follows; its cached keys and values seed the rest). 0 = off. Not a fingerprint input: the
+      states agree with an unshared run to fp32 rounding (tests/test_embed_job.py checks).
     shard_tokens, shard_rows: the unit of work one actor call computes and writes as one shard.
     progress_every_s: seconds between progress lines.
     roofline_probe_s: seconds of fp32 matmul each actor runs before each shard, sampling the machine's
@@ -122,6 +126,7 @@ class EmbedConfig:
     device: str = "cpu"
     max_tokens: int = 1024
     max_batch_size: int = 128
+    share_prefixes: int = 4
     shard_tokens: int = 32768
     shard_rows: int = 2048
     progress_every_s: float = 5.0
@@ -152,6 +157,7 @@ class EmbedConfig:
         require(self.auto_local_max_units >= 0, "auto_local_max_units", self.auto_local_max_units, "must be >= 0")
         require(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be >= 1")
         require(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be >= 1")
+        require(self.share_prefixes >= 0, "share_prefixes", self.share_prefixes, "must be >= 0 (0 = off)")
         require(
             self.shard_tokens >= self.max_tokens,
             "shard_tokens",

@@ -301,6 +301,7 @@ def plan_kind(kind: str, cfg: EmbedConfig) -> KindPlan:
                 "dtype": cfg.llm.dtype,
                 "device": cfg.device,
                 "expected_inputs": encoder_inputs,
+                "share_prefixes": cfg.share_prefixes,
             },
             lambda keys, texts: llm_token_lengths(path, list(texts), cfg.llm.max_length),
         )
@@ -424,12 +425,14 @@ class EncodeShardActor:
         keys = [batch["key"].iloc[i] for i in order]
         payloads = [decode_payload(kind, batch["payload"].iloc[i]) for i in order]
         lengths = batch["length"].to_numpy()[order]
-        values: list[Any] = []
-        padded = 0
         batch_limit = min(self.max_batch_size, getattr(encoder, "batch_size", self.max_batch_size))
-        for sl in batching.pack_batches(lengths, self.max_tokens, batch_limit):
-            values.extend(encoder.compute(payloads[sl]))
-            padded += (sl.stop - sl.start) * int(lengths[sl.stop - 1])
+        if hasattr(encoder, "compute_shard"):  # plans its own batches (the LLM: shared prefixes)
+            values, counts = encoder.compute_shard(payloads, self.max_tokens, batch_limit)
+        else:
+            values, counts = [], {"padded_slots": 0, "computed_tokens": int(lengths.sum()), "shared_tokens": 0}
+            for sl in batching.pack_batches(lengths, self.max_tokens, batch_limit):
+                values.extend(encoder.compute(payloads[sl]))
+                counts["padded_slots"] += (sl.stop - sl.start) * int(lengths[sl.stop - 1])
         compute_s = time.perf_counter() - start
         rejected: dict[str, str] = {}
         try:
@@ -450,7 +453,9 @@ class EncodeShardActor:
             "shard_keys": json.dumps(keys),
             "rejected": json.dumps(rejected),
             "planned_tokens": int(lengths.sum()),
-            "padded_slots": padded,
+            "padded_slots": counts["padded_slots"],
+            "computed_tokens": counts["computed_tokens"],
+            "shared_tokens": counts["shared_tokens"],
             "compute_s": compute_s,
             "load_s": load_s,
             "roofline_gflops": roofline,
@@ -469,7 +474,7 @@ def decode_payload(kind: str, payload: bytes) -> Any:
 
 
 class LLMShardEncoder:
-    """LLM per-token states: fp32 compute, unpadded rows, fp16 storage."""
+    """LLM per-token states: fp32 compute, unpadded rows, fp16 storage, shared prefixes computed once."""
 
     def __init__(
         self,
@@ -480,12 +485,14 @@ class LLMShardEncoder:
         device: str,
         expected_inputs: dict,
         max_batch_size: int,
+        share_prefixes: int = 0,
     ):
         from omnidiff.models.llm import LLMTextEncoder
 
         self.model = LLMTextEncoder(
             path, layer=layer, max_length=max_length, dtype=dtype, device=device, batch_size=max_batch_size
         )
+        self.share_prefixes = int(share_prefixes)
         got = self.model.fingerprint_inputs()
         if got != expected_inputs:  # the cache directory was named from these: never write under a wrong name
             raise RuntimeError(f"LLM fingerprint inputs differ between driver {expected_inputs} and actor {got}")
@@ -494,6 +501,61 @@ class LLMShardEncoder:
         states, mask = self.model.encode(list(texts))  # (B, T, D) float32, (B, T) bool
         states, mask = states.numpy(), mask.numpy()
         return [states[i][mask[i]] for i in range(len(texts))]  # (L_i, D) each
+
+    def compute_shard(self, texts: list[str], max_tokens: int, max_batch_size: int):
+        """A whole shard at once, each shared token prefix computed once (``batching.plan_prefix_sharing``).
+
+        Wave by wave (a row runs after the row whose prefix it continues), each wave's rows are
+        packed by continuation length under the token-slot budget. Returns ``(values, counts)``:
+        ``(L_i, D)`` float32 states per text and ``{"padded_slots", "computed_tokens", "shared_tokens"}``.
+        """
+        import torch
+
+        ids = self.model.tokenize(list(texts))
+        limit = self.model.share_limit
+        plan = batching.plan_prefix_sharing(ids, self.share_prefixes, limit)
+        last_use = np.full(len(ids), -1)
+        for i, d in enumerate(plan.donor):
+            if d >= 0:
+                last_use[d] = max(last_use[d], plan.wave[i])
+        states: list[Any] = [None] * len(ids)
+        kept: list[Any] = [None] * len(ids)
+        counts = {"padded_slots": 0, "computed_tokens": 0, "shared_tokens": plan.shared_tokens}
+        for wave in range(int(plan.wave.max()) + 1 if len(ids) else 0):
+            rows = [i for i in np.flatnonzero(plan.wave == wave)]
+            todo = []
+            for i in rows:
+                d, n = int(plan.donor[i]), int(plan.shared[i])
+                if d >= 0 and n >= len(ids[i]):  # the same tokens as its donor's start (a cut at max_length)
+                    states[i] = states[d][:n]
+                    kept[i] = [(k[:, : plan.keep[i]], v[:, : plan.keep[i]]) for k, v in kept[d]] if plan.keep[i] else None
+                else:
+                    todo.append(i)
+            # Rows a sliding window could not hold with a prefix never share, and never share a batch with
+            # rows that do (the window bounds prefix + continuation).
+            todo.sort(key=lambda i: (limit is not None and len(ids[i]) > limit, len(ids[i]) - int(plan.shared[i])))
+            groups = [todo] if limit is None else [[i for i in todo if len(ids[i]) <= limit],
+                                                   [i for i in todo if len(ids[i]) > limit]]  # fmt: skip
+            for group in groups:
+                suffix = np.asarray([len(ids[i]) - int(plan.shared[i]) for i in group], dtype=np.int64)
+                for sl in batching.pack_batches(suffix, max_tokens, max_batch_size):
+                    batch = group[sl]
+                    prefixes = []
+                    for i in batch:
+                        d, n = int(plan.donor[i]), int(plan.shared[i])
+                        prefixes.append([(k[:, :n], v[:, :n]) for k, v in kept[d]] if d >= 0 else None)
+                    new, new_kept = self.model.forward_rows(
+                        [ids[i][int(plan.shared[i]) :] for i in batch], prefixes, [int(plan.keep[i]) for i in batch]
+                    )
+                    for i, h, kv in zip(batch, new, new_kept, strict=True):
+                        d = int(plan.donor[i])
+                        states[i] = torch.cat([states[d][: int(plan.shared[i])], h]) if d >= 0 else h
+                        kept[i] = kv
+                    counts["padded_slots"] += len(batch) * int(suffix[sl.stop - 1])
+                    counts["computed_tokens"] += int(suffix[sl].sum())
+            for i in np.flatnonzero(last_use == wave):  # no later wave continues these rows
+                kept[i] = None
+        return [s.numpy() for s in states], counts
 
     def table(self, keys, values):
         return states_table(keys, values)
@@ -593,6 +655,8 @@ def _new_stats(plan: KindPlan, directory: Path, wanted: int) -> dict[str, Any]:
         "rejected": {},
         "tokens": 0,
         "planned": 0,
+        "computed_tokens": 0,
+        "shared_tokens": 0,
         "padded_slots": 0,
         "seconds": 0.0,
         "compute_seconds": 0.0,
@@ -698,7 +762,10 @@ def _finish_stats(stats: dict[str, Any], seconds: float) -> None:
     manifest = stats["manifest"]
     stats["seconds"] = seconds
     stats["rows"] = manifest["rows"]
-    stats["padding_fraction"] = 1.0 - stats["planned"] / stats["padded_slots"] if stats["padded_slots"] else 0.0
+    # Of the slots computed, the share that was padding; tokens taken from a shared prefix were not computed.
+    slots = stats["padded_slots"]
+    stats["padding_fraction"] = 1.0 - stats["computed_tokens"] / slots if slots else 0.0
+    stats["shared_fraction"] = stats["shared_tokens"] / stats["planned"] if stats["planned"] else 0.0
     stats["tokens_per_s"] = stats["tokens"] / seconds if stats["tokens"] and seconds > 0 else 0.0
     stats.pop("first_compute_at", None)
     stats.pop("first_probe_s", None)
@@ -782,6 +849,8 @@ def _collect(
             kind_stats["tokens"] += int(entry.get("tokens", len(keys)))
             kind_stats["planned"] += int(row.planned_tokens)
             kind_stats["padded_slots"] += int(row.padded_slots)
+            kind_stats["computed_tokens"] += int(row.computed_tokens)
+            kind_stats["shared_tokens"] += int(row.shared_tokens)
             kind_stats["compute_seconds"] += float(row.compute_s)
             kind_stats["load_seconds"] += float(row.load_s)
             if row.roofline_gflops and row.roofline_gflops > 0:  # probe on: compute-time-weighted mean
@@ -875,6 +944,8 @@ def _log(summary: dict[str, Any], inputs: EmbedInputs, cfg: EmbedConfig) -> None
             "load_seconds",
             "roofline_gflops",
             "padding_fraction",
+            "shared_fraction",
+            "computed_tokens",
             "bytes",
             "bytes_per_token",
             "stale_shards",

@@ -116,6 +116,31 @@ def test_actor_packs_computes_unpadded_and_rejects_nan_rows_by_key(tiny_llm, tmp
         )
 
 
+def test_shared_prefixes_are_computed_once_and_change_no_state(tiny_llm):
+    from embed_cache.job import LLMShardEncoder
+
+    enc_inputs, _ = describe_llm(tiny_llm)
+    starts = ["a big red circle on the left of", "a big red circle at the top", "un petit carré bleu"]
+    rng = np.random.default_rng(3)
+    texts = [f"{starts[i % 3]} {t}" for i, t in enumerate(captions(40, seed=4, lo=0, hi=6))]
+    texts += [starts[0], starts[0][:12], "x" * 300]  # a row that is another's prefix; one too long to share
+    texts = [texts[i] for i in rng.permutation(len(texts))]
+    out = {}
+    for share in (0, 4):
+        enc = LLMShardEncoder(str(tiny_llm), -1, 512, "float32", "cpu", enc_inputs, max_batch_size=8,
+                              share_prefixes=share)  # fmt: skip
+        out[share] = enc.compute_shard(texts, max_tokens=256, max_batch_size=8)
+    lengths = enc.model.token_lengths(texts)
+    (plain, plain_counts), (shared, counts) = out[0], out[4]
+    assert plain_counts["computed_tokens"] == sum(lengths) and plain_counts["shared_tokens"] == 0
+    assert counts["computed_tokens"] + counts["shared_tokens"] == sum(lengths)
+    assert counts["shared_tokens"] > 0.4 * sum(lengths)  # the common starts are computed once
+    assert counts["padded_slots"] >= counts["computed_tokens"]
+    for a, b, n in zip(plain, shared, lengths, strict=True):
+        assert a.shape == b.shape == (n, 64)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
 def test_decode_image_scales_and_resizes():
     from embed_cache.job import decode_image
 
@@ -140,6 +165,8 @@ def test_config_errors_name_the_key():
         load_config(EmbedConfig, EMBED_TEST_CONFIG, ["shard_tokens=10", "max_tokens=100"])
     with pytest.raises(ConfigError, match="num_gpus_per_actor"):
         load_config(EmbedConfig, EMBED_TEST_CONFIG, ["device=cuda"])
+    with pytest.raises(ConfigError, match="share_prefixes=-1"):
+        load_config(EmbedConfig, EMBED_TEST_CONFIG, ["share_prefixes=-1"])
 
 
 def test_auto_executor_runs_small_cpu_work_in_process_and_the_rest_on_ray():

@@ -106,6 +106,47 @@ def test_length_order_is_deterministic_with_key_ties():
     assert list(order) == [1, 3, 2, 0]
 
 
+def _distinct_prefixes(ids) -> int:
+    return len({tuple(x[:n]) for x in ids for n in range(1, len(x) + 1)})
+
+
+def test_prefix_plan_continues_the_leftmost_row_with_the_prefix():
+    a, d, b, c, e = [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 1], [1, 2, 3, 4, 5, 7, 8], [1, 2, 3, 4, 9], [7, 7]
+    ids = [b, e, a, c, d]  # lexicographic order: a, d, b, c, e
+    plan = batching.plan_prefix_sharing(ids, min_prefix=4)
+    # d, b and c all continue a (not each other), so one wave after a's holds them all.
+    assert plan.donor.tolist() == [2, -1, -1, 2, 2]
+    assert plan.shared.tolist() == [5, 0, 0, 4, 6]
+    assert plan.wave.tolist() == [1, 0, 0, 1, 1]
+    assert plan.keep.tolist() == [0, 0, 6, 0, 0]
+    # Computed = the distinct prefixes (a trie over the rows): 27 tokens, 12 computed.
+    assert sum(map(len, ids)) - plan.shared_tokens == _distinct_prefixes(ids) == 12
+    assert batching.plan_prefix_sharing(ids, min_prefix=6).shared.tolist() == [0, 0, 0, 0, 6]
+    assert batching.plan_prefix_sharing(ids, min_prefix=0).shared_tokens == 0  # off
+    # Rows over max_length neither give nor take: a (6 tokens) can no longer be the donor.
+    capped = batching.plan_prefix_sharing(ids, min_prefix=4, max_length=5)
+    assert capped.donor.tolist() == [-1] * 5
+
+
+def test_prefix_plan_invariants_on_random_token_rows():
+    rng = np.random.default_rng(0)
+    stems = [list(rng.integers(0, 5, size=int(rng.integers(1, 12)))) for _ in range(20)]
+    ids = [stems[int(rng.integers(0, 20))] + list(rng.integers(0, 5, size=int(rng.integers(0, 8)))) for _ in range(300)]
+    ids = [x if x else [0] for x in ids] + [list(ids[0]), list(ids[0])]  # identical rows too
+    plan = batching.plan_prefix_sharing(ids, min_prefix=1)
+    assert sum(map(len, ids)) - plan.shared_tokens == _distinct_prefixes(ids)  # every prefix computed once
+    for i, d in enumerate(plan.donor):
+        if d < 0:
+            assert plan.wave[i] == 0 and plan.shared[i] == 0
+            continue
+        n = plan.shared[i]
+        assert n >= 1 and ids[d][:n] == ids[i][:n], "a donor holds the shared tokens"
+        assert plan.wave[d] < plan.wave[i] and plan.keep[d] >= n, "computed before, and kept long enough"
+        assert plan.shared[d] < n, "a chain's shared lengths grow, so waves <= distinct prefix lengths"
+    coarse = batching.plan_prefix_sharing(ids, min_prefix=6)
+    assert ((coarse.shared == 0) | (coarse.shared >= 6)).all() and coarse.shared_tokens < plan.shared_tokens
+
+
 def test_plan_shards_balances_tokens():
     lengths = [10] * 50 + [100] * 20
     shards = batching.plan_shards(lengths, shard_tokens=500, shard_rows=1000)

@@ -121,3 +121,29 @@ def test_real_gemma_encodes_many_scripts(gemma_llm):
     # different captions give different sentence states
     pooled = torch.nn.functional.normalize((states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
     assert (pooled @ pooled.T).fill_diagonal_(0).max() < 0.999
+
+
+def test_forward_rows_continues_cached_prefixes_exactly(encoder):
+    texts = ["a red circle on the left", "a red circle at the top", "a red square", "blue"]
+    ids = encoder.tokenize(texts)
+    full, mask = encoder.encode(texts)
+    # The first 12 tokens of texts[0] once, their keys/values kept; the other rows continue them.
+    head, kept = encoder.forward_rows([ids[0][:12]], keep=[12])
+    assert kept[0] is not None and kept[0][0][0].shape[-2] == 12
+    torch.testing.assert_close(head[0], full[0, :12], rtol=1e-4, atol=1e-4)
+    shared = [8, 10, 6]  # rows continue different lengths of the same prefix in one batch, plus one from scratch
+    prefixes = [[(k[:, :n], v[:, :n]) for k, v in kept[0]] for n in shared] + [None]
+    suffixes = [ids[i][n:] for i, n in enumerate(shared)] + [ids[3]]
+    assert all(ids[i][:n] == ids[0][:n] for i, n in enumerate(shared))
+    states, again = encoder.forward_rows(suffixes, prefixes, keep=[0, 5, 0, 0])
+    for i, n in enumerate(shared + [0]):
+        torch.testing.assert_close(states[i], full[i, n : int(mask[i].sum())], rtol=1e-4, atol=1e-4)
+    assert again[0] is None and again[1][0][0].shape[-2] == 5  # keep counts the prefix too
+    torch.testing.assert_close(again[1][0][0], kept[0][0][0][:, :5])
+
+
+def test_forward_rows_refuses_what_the_sliding_window_cannot_hold(encoder):
+    assert encoder.share_limit == 255  # the tiny Gemma's window is 512
+    _, kept = encoder.forward_rows([[5] * 300], keep=[300])
+    with pytest.raises(ValueError, match="share_limit=255"):
+        encoder.forward_rows([[6] * 220], [kept[0]])

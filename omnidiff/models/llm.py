@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -314,6 +315,8 @@ class LLMTextEncoder:
         )
         self.model = AutoModel.from_pretrained(self.path, dtype=_torch_dtype(dtype)).to(self.device).eval()
         self.model.requires_grad_(False)
+        # transformers renamed ``past_key_values`` to ``cache`` (5.x deprecates the old name).
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._manifest = read_manifest(self.path)
         self._weights_digest: str | None = self._manifest.get("weights_digest")
 
@@ -346,27 +349,98 @@ class LLMTextEncoder:
         states = torch.zeros(len(ids), t_max, self.hidden_size, dtype=torch.float32)  # (B, T, D)
         mask = torch.zeros(len(ids), t_max, dtype=torch.bool)  # (B, T)
         order = sorted(range(len(ids)), key=lambda i: lengths[i])
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start : start + self.batch_size]
-                t = max(lengths[i] for i in rows)
-                input_ids = torch.full((len(rows), t), self._pad_id, dtype=torch.long)  # (b, t)
-                attn = torch.zeros(len(rows), t, dtype=torch.long)  # (b, t)
-                for j, i in enumerate(rows):
-                    input_ids[j, : lengths[i]] = torch.tensor(ids[i])
-                    attn[j, : lengths[i]] = 1
-                hidden = self._hidden(input_ids.to(self.device), attn.to(self.device))  # (b, t, D)
-                for j, i in enumerate(rows):
-                    states[i, : lengths[i]] = hidden[j, : lengths[i]].float().cpu()
-                    mask[i, : lengths[i]] = True
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            hidden, _ = self.forward_rows([ids[i] for i in rows])
+            for i, h in zip(rows, hidden, strict=True):
+                states[i, : lengths[i]] = h
+                mask[i, : lengths[i]] = True
         return states, mask
 
-    def _hidden(self, input_ids, attention_mask):
+    @property
+    def share_limit(self) -> int | None:
+        """Longest row that may give or take a cached prefix: a sliding-window layer's cache holds
+        ``sliding_window - 1`` tokens, which must fit a prefix and its continuation (None: no window)."""
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        window = getattr(config, "sliding_window", None)
+        return None if not window else (int(window) - 1) // 2
+
+    def forward_rows(self, suffixes: list[list[int]], prefixes: list | None = None, keep: list[int] | None = None):
+        """Hidden states of token rows, each continuing its own cached prefix (prefix sharing).
+
+        ``prefixes[i]`` is None (row ``i`` starts from scratch) or the per-layer ``(keys, values)``,
+        each ``(kv_heads, P_i, head_dim)``, of the ``P_i`` tokens it continues: another row's
+        ``keep``-output. Row ``i``'s tokens then sit at positions ``P_i ..``. Prefixes are
+        left-padded to the longest one and masked, continuations right-padded; the model sees each
+        row's own positions, so its states match a run over prefix + continuation.
+        Returns ``(states, kept)``: ``states[i]`` float32 ``(len(suffixes[i]), D)`` on CPU;
+        ``kept[i]`` the per-layer ``(keys, values)`` of the row's first ``keep[i]`` tokens (prefix
+        included) on the model's device, or None where ``keep[i]`` is 0.
+        """
+        import torch
+
+        b = len(suffixes)
+        prefixes = prefixes or [None] * b
+        keep = keep or [0] * b
+        s_len = [len(x) for x in suffixes]
+        p_len = [0 if p is None else int(p[0][0].shape[-2]) for p in prefixes]
+        s_max, p_max = max(s_len), max(p_len)
+        input_ids = torch.full((b, s_max), self._pad_id, dtype=torch.long)  # (b, S)
+        attn = torch.zeros(b, p_max + s_max, dtype=torch.long)  # (b, P + S): prefix left-padded, suffix right
+        positions = torch.zeros(b, s_max, dtype=torch.long)  # (b, S)
+        for j in range(b):
+            input_ids[j, : s_len[j]] = torch.tensor(suffixes[j], dtype=torch.long)
+            attn[j, p_max - p_len[j] : p_max + s_len[j]] = 1
+            positions[j] = torch.arange(p_len[j], p_len[j] + s_max)
+        want_cache = p_max > 0 or any(keep)
+        limit = self.share_limit
+        if want_cache and limit is not None and p_max + s_max > 2 * limit:
+            raise ValueError(
+                f"prefix {p_max} + continuation {s_max} tokens exceed what the sliding-window cache holds "
+                f"({2 * limit}): rows longer than share_limit={limit} must neither give nor take a prefix"
+            )
+        cache = None
+        if want_cache:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+            if p_max:
+                ref = next(p for p in prefixes if p is not None)
+                for layer, (k_ref, v_ref) in enumerate(ref):
+                    k = k_ref.new_zeros(b, k_ref.shape[0], p_max, k_ref.shape[-1])  # (b, H_kv, P, d)
+                    v = v_ref.new_zeros(b, v_ref.shape[0], p_max, v_ref.shape[-1])
+                    for j, p in enumerate(prefixes):
+                        if p is not None:
+                            k[j, :, p_max - p_len[j] :] = p[layer][0]
+                            v[j, :, p_max - p_len[j] :] = p[layer][1]
+                    cache.update(k, v, layer)
         last = self.layer == self.num_hidden_layers
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=not last, use_cache=False
-        )
-        return out.last_hidden_state if last else out.hidden_states[self.layer]
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attn.to(self.device),
+                position_ids=positions.to(self.device),
+                use_cache=want_cache,
+                **({self._cache_kwarg: cache} if cache is not None else {}),
+                output_hidden_states=not last,
+            )
+        hidden = out.last_hidden_state if last else out.hidden_states[self.layer]  # (b, S, D)
+        states = [hidden[j, : s_len[j]].float().cpu() for j in range(b)]
+        kept: list = [None] * b
+        for j in range(b):
+            if keep[j] <= 0:
+                continue
+            rows = []
+            for layer, cached in enumerate(cache.layers):
+                new_k = cached.keys[j, :, p_max : p_max + s_len[j]]  # (H_kv, s_j, d)
+                new_v = cached.values[j, :, p_max : p_max + s_len[j]]
+                if prefixes[j] is not None:
+                    new_k = torch.cat([prefixes[j][layer][0], new_k], dim=-2)
+                    new_v = torch.cat([prefixes[j][layer][1], new_v], dim=-2)
+                rows.append((new_k[:, : keep[j]].clone(), new_v[:, : keep[j]].clone()))
+            kept[j] = rows
+        return states, kept
 
     # -- identity -----------------------------------------------------------------------------
     @property
