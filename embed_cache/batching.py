@@ -32,21 +32,31 @@ def length_order(lengths: Sequence[int], keys: Sequence[str] | None = None) -> n
     return np.lexsort((np.asarray(keys, dtype=object).astype(str), lengths))
 
 
-def pack_batches(lengths: Sequence[int], max_tokens: int, max_batch_size: int) -> list[slice]:
-    """Greedy contiguous batches over *length-sorted* ``lengths``.
+def pack_batches(
+    lengths: Sequence[int], max_tokens: int, max_batch_size: int, batch_overhead: float | None = None
+) -> list[slice]:
+    """Contiguous batches over *length-sorted* ``lengths``.
 
     A batch's padded cost is ``len(batch) * max(lengths in batch)``; it stays ``<= max_tokens``
     and ``len(batch) <= max_batch_size``. An item longer than ``max_tokens`` gets a batch of its own
     (it must still be computed). Returns slices into ``lengths``.
+
+    ``batch_overhead=None``: greedy, each batch as full as the budget allows. A number: the split
+    that minimises total padded slots + ``batch_overhead`` per batch (dynamic programming), i.e.
+    the fixed cost of one forward pass in token slots. Greedy packing of a few rows of widely
+    spread lengths (the continuations of shared prefixes) pads a lot; this cuts such a run where
+    the padding saved pays for the extra forward pass.
     """
     if max_tokens < 1 or max_batch_size < 1:
         raise ValueError(f"max_tokens={max_tokens}, max_batch_size={max_batch_size}: both must be >= 1")
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and np.any(np.diff(lengths) < 0):
         raise ValueError("pack_batches needs lengths sorted ascending (use length_order first)")
+    n = len(lengths)
+    if batch_overhead is not None:
+        return _min_cost_batches(lengths, max_tokens, max_batch_size, float(batch_overhead))
     batches: list[slice] = []
     start = 0
-    n = len(lengths)
     while start < n:
         end = start + 1
         # Sorted ascending: the newest item is the longest, so the padded cost is count * lengths[end].
@@ -55,6 +65,25 @@ def pack_batches(lengths: Sequence[int], max_tokens: int, max_batch_size: int) -
         batches.append(slice(start, end))
         start = end
     return batches
+
+
+def _min_cost_batches(lengths: np.ndarray, max_tokens: int, max_batch_size: int, overhead: float) -> list[slice]:
+    n = len(lengths)
+    best = np.zeros(n + 1)  # best[e]: least cost of items [0, e)
+    back = np.zeros(n + 1, dtype=np.int64)
+    for end in range(1, n + 1):
+        longest = int(lengths[end - 1])  # sorted: the last item of a batch is its longest
+        size = max(1, min(max_batch_size, max_tokens // longest, end))
+        starts = np.arange(end - size, end)
+        cost = best[starts] + (end - starts) * longest + overhead
+        k = int(np.argmin(cost))
+        best[end], back[end] = cost[k], starts[k]
+    batches: list[slice] = []
+    end = n
+    while end > 0:
+        batches.append(slice(int(back[end]), end))
+        end = int(back[end])
+    return batches[::-1]
 
 
 def plan_shards(lengths_sorted: Sequence[int], shard_tokens: int, shard_rows: int) -> list[slice]:

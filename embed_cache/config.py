@@ -96,6 +96,10 @@ class EmbedConfig:
       about 1024 is fastest: larger batches' activations spill the caches (1024 slots run 25% faster
       than 4096 with Gemma 3 270M on 2 cores); GPUs want tens of thousands (configs/gpu/).
     max_batch_size: captions per compute batch at most.
+    batch_overhead_slots: the fixed cost of one forward pass in token slots: a shard's rows are cut
+      into batches minimising padded slots + this per batch (``batching.pack_batches``). Measured
+      for Gemma 3 270M on 2 cores: a forward costs ~33 ms + ~1.07 ms per slot, so ~32. 0 = greedy
+      (every batch as full as ``max_tokens`` allows).
     share_prefixes: captions of a shard that start with the same ``share_prefixes`` or more LLM
       tokens compute that prefix once (a causal LM's states of a prefix do not depend on what
       follows; its cached keys and values seed the rest). 0 = off. Not a fingerprint input: the
@@ -126,6 +130,7 @@ class EmbedConfig:
     device: str = "cpu"
     max_tokens: int = 1024
     max_batch_size: int = 128
+    batch_overhead_slots: int = 32
     share_prefixes: int = 4
     shard_tokens: int = 32768
     shard_rows: int = 2048
@@ -157,6 +162,7 @@ class EmbedConfig:
         require(self.auto_local_max_units >= 0, "auto_local_max_units", self.auto_local_max_units, "must be >= 0")
         require(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be >= 1")
         require(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be >= 1")
+        require(self.batch_overhead_slots >= 0, "batch_overhead_slots", self.batch_overhead_slots, "must be >= 0")
         require(self.share_prefixes >= 0, "share_prefixes", self.share_prefixes, "must be >= 0 (0 = off)")
         require(
             self.shard_tokens >= self.max_tokens,

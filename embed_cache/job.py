@@ -394,6 +394,7 @@ class EncodeShardActor:
         max_tokens: int,
         max_batch_size: int,
         roofline_probe_s: float = 0.0,
+        batch_overhead: float | None = None,
     ):
         import torch
         import transformers
@@ -403,6 +404,7 @@ class EncodeShardActor:
         transformers.utils.logging.disable_progress_bar()  # no per-actor "Loading weights" bars in the log
         self.caches, self.run_tokens, self.encoder_kwargs = caches, run_tokens, encoders
         self.max_tokens, self.max_batch_size = int(max_tokens), int(max_batch_size)
+        self.batch_overhead = batch_overhead
         self.encoders: dict[str, Any] = {}
 
     def encoder(self, kind: str):
@@ -427,10 +429,10 @@ class EncodeShardActor:
         lengths = batch["length"].to_numpy()[order]
         batch_limit = min(self.max_batch_size, getattr(encoder, "batch_size", self.max_batch_size))
         if hasattr(encoder, "compute_shard"):  # plans its own batches (the LLM: shared prefixes)
-            values, counts = encoder.compute_shard(payloads, self.max_tokens, batch_limit)
+            values, counts = encoder.compute_shard(payloads, self.max_tokens, batch_limit, self.batch_overhead)
         else:
             values, counts = [], {"padded_slots": 0, "computed_tokens": int(lengths.sum()), "shared_tokens": 0}
-            for sl in batching.pack_batches(lengths, self.max_tokens, batch_limit):
+            for sl in batching.pack_batches(lengths, self.max_tokens, batch_limit, self.batch_overhead):
                 values.extend(encoder.compute(payloads[sl]))
                 counts["padded_slots"] += (sl.stop - sl.start) * int(lengths[sl.stop - 1])
         compute_s = time.perf_counter() - start
@@ -502,11 +504,11 @@ class LLMShardEncoder:
         states, mask = states.numpy(), mask.numpy()
         return [states[i][mask[i]] for i in range(len(texts))]  # (L_i, D) each
 
-    def compute_shard(self, texts: list[str], max_tokens: int, max_batch_size: int):
+    def compute_shard(self, texts: list[str], max_tokens: int, max_batch_size: int, batch_overhead: float | None = None):
         """A whole shard at once, each shared token prefix computed once (``batching.plan_prefix_sharing``).
 
         Wave by wave (a row runs after the row whose prefix it continues), each wave's rows are
-        packed by continuation length under the token-slot budget. Returns ``(values, counts)``:
+        packed by continuation length under the token-slot budget (``batching.pack_batches``). Returns ``(values, counts)``:
         ``(L_i, D)`` float32 states per text and ``{"padded_slots", "computed_tokens", "shared_tokens"}``.
         """
         import torch
@@ -538,7 +540,7 @@ class LLMShardEncoder:
                                                    [i for i in todo if len(ids[i]) > limit]]  # fmt: skip
             for group in groups:
                 suffix = np.asarray([len(ids[i]) - int(plan.shared[i]) for i in group], dtype=np.int64)
-                for sl in batching.pack_batches(suffix, max_tokens, max_batch_size):
+                for sl in batching.pack_batches(suffix, max_tokens, max_batch_size, batch_overhead):
                     batch = group[sl]
                     prefixes = []
                     for i in batch:
@@ -788,6 +790,7 @@ def _actor_kwargs(plans: dict[str, KindPlan], writers: dict[str, CacheWriter], c
         "threads": cfg.threads_per_actor,
         "max_tokens": cfg.max_tokens,
         "max_batch_size": cfg.max_batch_size,
+        "batch_overhead": cfg.batch_overhead_slots or None,
         "roofline_probe_s": cfg.roofline_probe_s,
     }
 

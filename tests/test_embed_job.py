@@ -167,6 +167,8 @@ def test_config_errors_name_the_key():
         load_config(EmbedConfig, EMBED_TEST_CONFIG, ["device=cuda"])
     with pytest.raises(ConfigError, match="share_prefixes=-1"):
         load_config(EmbedConfig, EMBED_TEST_CONFIG, ["share_prefixes=-1"])
+    with pytest.raises(ConfigError, match="batch_overhead_slots=-5"):
+        load_config(EmbedConfig, EMBED_TEST_CONFIG, ["batch_overhead_slots=-5"])
 
 
 def test_auto_executor_runs_small_cpu_work_in_process_and_the_rest_on_ray():

@@ -95,6 +95,24 @@ def test_pack_batches_respects_budget_and_covers_everything_once():
     assert batching.fixed_padding_fraction(lengths, 300) > 0.4
 
 
+def test_min_cost_batches_cut_where_padding_costs_more_than_a_forward():
+    lengths = [1, 1, 2, 2, 3, 30, 31, 60]
+    greedy = batching.pack_batches(lengths, max_tokens=256, max_batch_size=16)
+    assert greedy == [slice(0, 7), slice(7, 8)]  # as full as the budget allows: 7 rows padded to 31
+    cut = batching.pack_batches(lengths, max_tokens=256, max_batch_size=16, batch_overhead=10)
+    assert cut == [slice(0, 5), slice(5, 7), slice(7, 8)]  # short rows apart from the 30s
+    assert batching.padding_fraction(lengths, cut) < batching.padding_fraction(lengths, greedy)
+    # A huge per-batch cost packs as few batches as the budget allows; none at all cuts every length.
+    assert len(batching.pack_batches(lengths, 256, 16, batch_overhead=10_000)) == len(greedy)
+    assert batching.padding_fraction(lengths, batching.pack_batches(lengths, 256, 16, batch_overhead=0)) == 0.0
+    rng = np.random.default_rng(1)
+    lengths = np.sort(rng.integers(1, 300, size=400))
+    batches = batching.pack_batches(lengths, max_tokens=1024, max_batch_size=32, batch_overhead=32)
+    assert [i for b in batches for i in range(b.start, b.stop)] == list(range(400))
+    assert all(b.stop - b.start <= 32 and (b.stop - b.start == 1 or (b.stop - b.start) * lengths[b.stop - 1] <= 1024)
+               for b in batches)  # fmt: skip
+
+
 def test_pack_batches_long_item_alone_and_unsorted_rejected():
     assert batching.pack_batches([5, 5, 2000], max_tokens=100, max_batch_size=8) == [slice(0, 2), slice(2, 3)]
     with pytest.raises(ValueError, match="sorted"):
