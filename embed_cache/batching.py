@@ -129,13 +129,16 @@ class PrefixPlan:
     ``donor[i]``: the row whose cached keys/values and states row ``i`` continues (-1: none);
     ``shared[i]``: how many leading tokens it takes from there; ``wave[i]``: 0 for rows computed
     from scratch, ``wave[donor] + 1`` otherwise (a wave runs after the waves its donors are in);
-    ``keep[i]``: how many of row ``i``'s leading tokens later rows reuse (0: nothing to keep).
+    ``keep[i]``: how many of row ``i``'s leading tokens later rows reuse (0: nothing to keep);
+    ``run[i]``: rows of different runs share nothing, so a run can finish (and free what it kept)
+    before the next starts.
     """
 
     donor: np.ndarray
     shared: np.ndarray
     wave: np.ndarray
     keep: np.ndarray
+    run: np.ndarray
 
     @property
     def shared_tokens(self) -> int:
@@ -151,7 +154,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def plan_prefix_sharing(ids: Sequence[Sequence[int]], min_prefix: int, max_length: int | None = None) -> PrefixPlan:
+def plan_prefix_sharing(
+    ids: Sequence[Sequence[int]], min_prefix: int, max_length: int | None = None, max_kept: int | None = None
+) -> PrefixPlan:
     """Compute each shared token prefix once: a causal LM's states of a prefix do not depend on what follows.
 
     Rows are sorted by their token ids; a row that shares at least ``min_prefix`` leading tokens
@@ -159,25 +164,37 @@ def plan_prefix_sharing(ids: Sequence[Sequence[int]], min_prefix: int, max_lengt
     (the previous row with a strictly shorter common prefix, found with a monotonic stack), which
     keeps the chains of dependent waves short. The tokens saved equal those of a prefix trie over
     the rows. Rows longer than ``max_length`` neither give nor take a prefix (a sliding-window
-    model's window must hold a prefix plus its continuation). ``min_prefix <= 0`` disables sharing.
+    model's window must hold a prefix plus its continuation). ``max_kept`` bounds the tokens whose
+    keys/values are held for later rows (their memory): once a run of rows would keep more, the
+    next row starts a new run that shares nothing with the rows before it. ``min_prefix <= 0``
+    disables sharing.
     """
     n = len(ids)
     donor = np.full(n, -1, dtype=np.int64)
     shared = np.zeros(n, dtype=np.int64)
     wave = np.zeros(n, dtype=np.int64)
     keep = np.zeros(n, dtype=np.int64)
+    run = np.zeros(n, dtype=np.int64)
     if min_prefix > 0 and n > 1:
         rows = [i for i in range(n) if max_length is None or len(ids[i]) <= max_length]
         rows.sort(key=lambda i: tuple(ids[i]))
         stack: list[tuple[int, int]] = []  # (common prefix with its predecessor, position), increasing
+        kept = current = 0
         for k, i in enumerate(rows):
             common = _common_prefix(ids[rows[k - 1]], ids[i]) if k else -1
             while stack and stack[-1][0] >= common:
                 stack.pop()
             if k and common >= min_prefix:
                 # Every row after the stack top shares >= common tokens with row i: take the first one.
-                d = rows[stack[-1][1] if stack else 0]
-                donor[i], shared[i], wave[i] = d, common, wave[d] + 1
-                keep[d] = max(keep[d], common)
+                d = rows[stack[-1][1]]
+                grow = max(0, common - int(keep[d]))
+                if max_kept is not None and kept + grow > max_kept:
+                    stack, kept, common = [], 0, -1  # a new run: nothing before row i is kept for it
+                    current += 1
+                else:
+                    donor[i], shared[i], wave[i] = d, common, wave[d] + 1
+                    keep[d] += grow
+                    kept += grow
             stack.append((common, k))
-    return PrefixPlan(donor, shared, wave, keep)
+            run[i] = current
+    return PrefixPlan(donor, shared, wave, keep, run)

@@ -103,7 +103,10 @@ class EmbedConfig:
     share_prefixes: captions of a shard that start with the same ``share_prefixes`` or more LLM
       tokens compute that prefix once (a causal LM's states of a prefix do not depend on what
       follows; its cached keys and values seed the rest). 0 = off. Not a fingerprint input: the
-      states agree with an unshared run to fp32 rounding (tests/test_embed_job.py checks).
+      states agree with an unshared run to fp32 rounding (tests/test_embed_job.py checks). Only for
+      causal LMs (ignored, with a warning, for a bidirectional encoder).
+    share_cache_mb: memory for the prefixes' keys and values held for later captions, per actor
+      (Gemma 3 270M in fp32: 36 KiB per token, so 2048 MB holds ~57k tokens, more than a shard).
     shard_tokens, shard_rows: the unit of work one actor call computes and writes as one shard.
     progress_every_s: seconds between progress lines.
     roofline_probe_s: seconds of fp32 matmul each actor runs before each shard, sampling the machine's
@@ -132,6 +135,7 @@ class EmbedConfig:
     max_batch_size: int = 128
     batch_overhead_slots: int = 32
     share_prefixes: int = 4
+    share_cache_mb: float = 2048
     shard_tokens: int = 32768
     shard_rows: int = 2048
     progress_every_s: float = 5.0
@@ -164,6 +168,7 @@ class EmbedConfig:
         require(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be >= 1")
         require(self.batch_overhead_slots >= 0, "batch_overhead_slots", self.batch_overhead_slots, "must be >= 0")
         require(self.share_prefixes >= 0, "share_prefixes", self.share_prefixes, "must be >= 0 (0 = off)")
+        require(self.share_cache_mb > 0, "share_cache_mb", self.share_cache_mb, "must be > 0")
         require(
             self.shard_tokens >= self.max_tokens,
             "shard_tokens",

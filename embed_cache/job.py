@@ -302,6 +302,7 @@ def plan_kind(kind: str, cfg: EmbedConfig) -> KindPlan:
                 "device": cfg.device,
                 "expected_inputs": encoder_inputs,
                 "share_prefixes": cfg.share_prefixes,
+                "share_cache_mb": cfg.share_cache_mb,
             },
             lambda keys, texts: llm_token_lengths(path, list(texts), cfg.llm.max_length),
         )
@@ -488,6 +489,7 @@ class LLMShardEncoder:
         expected_inputs: dict,
         max_batch_size: int,
         share_prefixes: int = 0,
+        share_cache_mb: float = 2048,
     ):
         from omnidiff.models.llm import LLMTextEncoder
 
@@ -495,6 +497,10 @@ class LLMShardEncoder:
             path, layer=layer, max_length=max_length, dtype=dtype, device=device, batch_size=max_batch_size
         )
         self.share_prefixes = int(share_prefixes)
+        if self.share_prefixes and not self.model.causal:  # a bidirectional model's prefix states depend on the rest
+            log.warning("embed llm: %s is not a causal LM: share_prefixes=%d ignored", path, self.share_prefixes)
+            self.share_prefixes = 0
+        self.max_kept = int(share_cache_mb * 2**20 // self.model.kv_bytes_per_token)
         got = self.model.fingerprint_inputs()
         if got != expected_inputs:  # the cache directory was named from these: never write under a wrong name
             raise RuntimeError(f"LLM fingerprint inputs differ between driver {expected_inputs} and actor {got}")
@@ -507,15 +513,14 @@ class LLMShardEncoder:
     def compute_shard(self, texts: list[str], max_tokens: int, max_batch_size: int, batch_overhead: float | None = None):
         """A whole shard at once, each shared token prefix computed once (``batching.plan_prefix_sharing``).
 
-        Wave by wave (a row runs after the row whose prefix it continues), each wave's rows are
-        packed by continuation length under the token-slot budget (``batching.pack_batches``). Returns ``(values, counts)``:
+        Run by run (the keys/values kept for later rows stay under ``share_cache_mb``), wave by wave
+        (a row runs after the row whose prefix it continues), each wave's rows are packed by
+        continuation length (``batching.pack_batches``). Returns ``(values, counts)``:
         ``(L_i, D)`` float32 states per text and ``{"padded_slots", "computed_tokens", "shared_tokens"}``.
         """
-        import torch
-
         ids = self.model.tokenize(list(texts))
         limit = self.model.share_limit
-        plan = batching.plan_prefix_sharing(ids, self.share_prefixes, limit)
+        plan = batching.plan_prefix_sharing(ids, self.share_prefixes, limit, self.max_kept)
         last_use = np.full(len(ids), -1)
         for i, d in enumerate(plan.donor):
             if d >= 0:
@@ -523,41 +528,48 @@ class LLMShardEncoder:
         states: list[Any] = [None] * len(ids)
         kept: list[Any] = [None] * len(ids)
         counts = {"padded_slots": 0, "computed_tokens": 0, "shared_tokens": plan.shared_tokens}
-        for wave in range(int(plan.wave.max()) + 1 if len(ids) else 0):
-            rows = [i for i in np.flatnonzero(plan.wave == wave)]
-            todo = []
-            for i in rows:
-                d, n = int(plan.donor[i]), int(plan.shared[i])
-                if d >= 0 and n >= len(ids[i]):  # the same tokens as its donor's start (a cut at max_length)
-                    states[i] = states[d][:n]
-                    kept[i] = [(k[:, : plan.keep[i]], v[:, : plan.keep[i]]) for k, v in kept[d]] if plan.keep[i] else None
-                else:
-                    todo.append(i)
-            # Rows a sliding window could not hold with a prefix never share, and never share a batch with
-            # rows that do (the window bounds prefix + continuation).
-            todo.sort(key=lambda i: (limit is not None and len(ids[i]) > limit, len(ids[i]) - int(plan.shared[i])))
-            groups = [todo] if limit is None else [[i for i in todo if len(ids[i]) <= limit],
-                                                   [i for i in todo if len(ids[i]) > limit]]  # fmt: skip
-            for group in groups:
-                suffix = np.asarray([len(ids[i]) - int(plan.shared[i]) for i in group], dtype=np.int64)
-                for sl in batching.pack_batches(suffix, max_tokens, max_batch_size, batch_overhead):
-                    batch = group[sl]
-                    prefixes = []
-                    for i in batch:
-                        d, n = int(plan.donor[i]), int(plan.shared[i])
-                        prefixes.append([(k[:, :n], v[:, :n]) for k, v in kept[d]] if d >= 0 else None)
-                    new, new_kept = self.model.forward_rows(
-                        [ids[i][int(plan.shared[i]) :] for i in batch], prefixes, [int(plan.keep[i]) for i in batch]
-                    )
-                    for i, h, kv in zip(batch, new, new_kept, strict=True):
-                        d = int(plan.donor[i])
-                        states[i] = torch.cat([states[d][: int(plan.shared[i])], h]) if d >= 0 else h
-                        kept[i] = kv
-                    counts["padded_slots"] += len(batch) * int(suffix[sl.stop - 1])
-                    counts["computed_tokens"] += int(suffix[sl].sum())
-            for i in np.flatnonzero(last_use == wave):  # no later wave continues these rows
-                kept[i] = None
+        for run in np.unique(plan.run):  # a run's kept keys/values are freed before the next starts
+            in_run = plan.run == run
+            for wave in range(int(plan.wave[in_run].max()) + 1):
+                todo = []
+                for i in np.flatnonzero(in_run & (plan.wave == wave)):
+                    d, n = int(plan.donor[i]), int(plan.shared[i])
+                    if d >= 0 and n >= len(ids[i]):  # the same tokens as its donor's start (a cut at max_length)
+                        states[i] = states[d][:n]
+                        kept[i] = [(k[:, : plan.keep[i]], v[:, : plan.keep[i]]) for k, v in kept[d]] if plan.keep[i] else None
+                    else:
+                        todo.append(int(i))
+                self._compute_wave(ids, todo, plan, states, kept, counts, max_tokens, max_batch_size, batch_overhead)
+                for i in np.flatnonzero(in_run & (last_use == wave)):  # no later wave continues these rows
+                    kept[i] = None
         return [s.numpy() for s in states], counts
+
+    def _compute_wave(self, ids, todo, plan, states, kept, counts, max_tokens, max_batch_size, batch_overhead):
+        import torch
+
+        limit = self.model.share_limit
+        # Rows a sliding window could not hold with a prefix never share, and never share a batch with
+        # rows that do (the window bounds prefix + continuation).
+        todo = sorted(todo, key=lambda i: (limit is not None and len(ids[i]) > limit, len(ids[i]) - int(plan.shared[i])))
+        groups = [todo] if limit is None else [[i for i in todo if len(ids[i]) <= limit],
+                                               [i for i in todo if len(ids[i]) > limit]]  # fmt: skip
+        for group in groups:
+            suffix = np.asarray([len(ids[i]) - int(plan.shared[i]) for i in group], dtype=np.int64)
+            for sl in batching.pack_batches(suffix, max_tokens, max_batch_size, batch_overhead):
+                batch = group[sl]
+                prefixes = []
+                for i in batch:
+                    d, n = int(plan.donor[i]), int(plan.shared[i])
+                    prefixes.append([(k[:, :n], v[:, :n]) for k, v in kept[d]] if d >= 0 else None)
+                new, new_kept = self.model.forward_rows(
+                    [ids[i][int(plan.shared[i]) :] for i in batch], prefixes, [int(plan.keep[i]) for i in batch]
+                )
+                for i, h, kv in zip(batch, new, new_kept, strict=True):
+                    d = int(plan.donor[i])
+                    states[i] = torch.cat([states[d][: int(plan.shared[i])], h]) if d >= 0 else h
+                    kept[i] = kv
+                counts["padded_slots"] += len(batch) * int(suffix[sl.stop - 1])
+                counts["computed_tokens"] += int(suffix[sl].sum())
 
     def table(self, keys, values):
         return states_table(keys, values)

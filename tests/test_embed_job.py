@@ -126,19 +126,37 @@ def test_shared_prefixes_are_computed_once_and_change_no_state(tiny_llm):
     texts += [starts[0], starts[0][:12], "x" * 300]  # a row that is another's prefix; one too long to share
     texts = [texts[i] for i in rng.permutation(len(texts))]
     out = {}
-    for share in (0, 4):
+    for share, cache_mb in ((0, 1), (4, 1), (4, 0.05)):  # 0.05 MB: ~100 tokens of the tiny model's keys/values
         enc = LLMShardEncoder(str(tiny_llm), -1, 512, "float32", "cpu", enc_inputs, max_batch_size=8,
-                              share_prefixes=share)  # fmt: skip
-        out[share] = enc.compute_shard(texts, max_tokens=256, max_batch_size=8)
+                              share_prefixes=share, share_cache_mb=cache_mb)  # fmt: skip
+        out[share, cache_mb] = enc.compute_shard(texts, max_tokens=256, max_batch_size=8)
+    assert enc.model.causal and enc.model.kv_bytes_per_token == 2 * 2 * 1 * 32 * 4  # 2 layers, 1 kv head of 32, fp32
     lengths = enc.model.token_lengths(texts)
-    (plain, plain_counts), (shared, counts) = out[0], out[4]
+    (plain, plain_counts), (shared, counts), (bounded, bounded_counts) = out[0, 1], out[4, 1], out[4, 0.05]
+    assert 0 < bounded_counts["shared_tokens"] < counts["shared_tokens"]
     assert plain_counts["computed_tokens"] == sum(lengths) and plain_counts["shared_tokens"] == 0
     assert counts["computed_tokens"] + counts["shared_tokens"] == sum(lengths)
     assert counts["shared_tokens"] > 0.4 * sum(lengths)  # the common starts are computed once
     assert counts["padded_slots"] >= counts["computed_tokens"]
-    for a, b, n in zip(plain, shared, lengths, strict=True):
-        assert a.shape == b.shape == (n, 64)
+    for a, b, c, n in zip(plain, shared, bounded, lengths, strict=True):
+        assert a.shape == b.shape == c.shape == (n, 64)
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-4)
+
+
+def test_prefix_sharing_is_off_for_a_bidirectional_model(tiny_llm, tmp_path, caplog):
+    from embed_cache.job import LLMShardEncoder
+
+    bidi = shutil.copytree(tiny_llm, tmp_path / "bidi")
+    config = json.loads((bidi / "config.json").read_text())
+    (bidi / "config.json").write_text(json.dumps(config | {"use_bidirectional_attention": True}))
+    enc_inputs, _ = describe_llm(bidi)
+    with caplog.at_level("WARNING", logger="omnidiff.embed"):
+        enc = LLMShardEncoder(str(bidi), -1, 512, "float32", "cpu", enc_inputs, max_batch_size=8, share_prefixes=4)
+    assert not enc.model.causal and enc.share_prefixes == 0
+    assert "not a causal LM" in caplog.text
+    _, counts = enc.compute_shard(["a red circle", "a red circle on the left"], max_tokens=256, max_batch_size=8)
+    assert counts["shared_tokens"] == 0
 
 
 def test_decode_image_scales_and_resizes():

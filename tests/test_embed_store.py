@@ -163,6 +163,13 @@ def test_prefix_plan_invariants_on_random_token_rows():
         assert plan.shared[d] < n, "a chain's shared lengths grow, so waves <= distinct prefix lengths"
     coarse = batching.plan_prefix_sharing(ids, min_prefix=6)
     assert ((coarse.shared == 0) | (coarse.shared >= 6)).all() and coarse.shared_tokens < plan.shared_tokens
+    # A memory bound on kept tokens: runs that share only within themselves, each keeping <= max_kept.
+    bounded = batching.plan_prefix_sharing(ids, min_prefix=1, max_kept=40)
+    assert bounded.run.max() >= 2 and 0 < bounded.shared_tokens < plan.shared_tokens
+    for r in np.unique(bounded.run):
+        assert bounded.keep[bounded.run == r].sum() <= 40
+    has_donor = bounded.donor >= 0
+    assert (bounded.run[bounded.donor[has_donor]] == bounded.run[has_donor]).all()
 
 
 def test_plan_shards_balances_tokens():

@@ -358,6 +358,26 @@ class LLMTextEncoder:
         return states, mask
 
     @property
+    def causal(self) -> bool:
+        """Whether each token's state depends on earlier tokens only (a decoder-only LM), so a
+        prefix's states can be shared by every text that starts with it."""
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text, "use_bidirectional_attention", False) or getattr(config, "is_encoder_decoder", False):
+            return False
+        return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of cached keys + values one token takes over all layers (prefix sharing's memory)."""
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        itemsize = next(self.model.parameters()).element_size()
+        return int(2 * self.num_hidden_layers * kv_heads * head_dim * itemsize)
+
+    @property
     def share_limit(self) -> int | None:
         """Longest row that may give or take a cached prefix: a sliding-window layer's cache holds
         ``sliding_window - 1`` tokens, which must fit a prefix and its continuation (None: no window)."""
