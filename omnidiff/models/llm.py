@@ -303,6 +303,7 @@ class LLMTextEncoder:
             )
         self.layer = layer % (n_layers + 1)  # one index per layer, so -1 and n_layers share a fingerprint
         self.num_hidden_layers = n_layers
+        self.text_config = text_config
         self.hidden_size = int(text_config.hidden_size)
 
         self.tokenizer = load_tokenizer(self.path)  # right padding, shared with the embed driver
@@ -361,8 +362,7 @@ class LLMTextEncoder:
     def causal(self) -> bool:
         """Whether each token's state depends on earlier tokens only (a decoder-only LM), so a
         prefix's states can be shared by every text that starts with it."""
-        config = self.model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        config, text = self.model.config, self.text_config
         if getattr(text, "use_bidirectional_attention", False) or getattr(config, "is_encoder_decoder", False):
             return False
         return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
@@ -370,8 +370,7 @@ class LLMTextEncoder:
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of cached keys + values one token takes over all layers (prefix sharing's memory)."""
-        config = self.model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = self.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         itemsize = next(self.model.parameters()).element_size()
@@ -381,9 +380,7 @@ class LLMTextEncoder:
     def share_limit(self) -> int | None:
         """Longest row that may give or take a cached prefix: a sliding-window layer's cache holds
         ``sliding_window - 1`` tokens, which must fit a prefix and its continuation (None: no window)."""
-        config = self.model.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        window = getattr(config, "sliding_window", None)
+        window = getattr(self.text_config, "sliding_window", None)
         return None if not window else (int(window) - 1) // 2
 
     def forward_rows(self, suffixes: list[list[int]], prefixes: list | None = None, keep: list[int] | None = None):
