@@ -548,13 +548,16 @@ class LLMShardEncoder:
         import torch
 
         limit = self.model.share_limit
+
+        def continuation(i: int) -> int:
+            return len(ids[i]) - int(plan.shared[i])
+
         # Rows a sliding window could not hold with a prefix never share, and never share a batch with
         # rows that do (the window bounds prefix + continuation).
-        todo = sorted(todo, key=lambda i: (limit is not None and len(ids[i]) > limit, len(ids[i]) - int(plan.shared[i])))
-        groups = [todo] if limit is None else [[i for i in todo if len(ids[i]) <= limit],
-                                               [i for i in todo if len(ids[i]) > limit]]  # fmt: skip
-        for group in groups:
-            suffix = np.asarray([len(ids[i]) - int(plan.shared[i]) for i in group], dtype=np.int64)
+        fits = [i for i in todo if limit is None or len(ids[i]) <= limit]
+        too_long = [i for i in todo if limit is not None and len(ids[i]) > limit]
+        for group in (sorted(fits, key=continuation), sorted(too_long, key=continuation)):
+            suffix = np.asarray([continuation(i) for i in group], dtype=np.int64)
             for sl in batching.pack_batches(suffix, max_tokens, max_batch_size, batch_overhead):
                 batch = group[sl]
                 prefixes = []
