@@ -83,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         return _show(argv[1:])
     args = _parser().parse_args(argv)
 
-    from data_prep.collect import InvariantError, run
+    from data_prep.collect import run
     from data_prep.config import CollectConfig
     from data_prep.download import DownloadError
+    from data_prep.quarantine import InvariantError
     from data_prep.readers import CollectError
     from omnidiff.config import ConfigError, load_config
 

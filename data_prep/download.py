@@ -22,6 +22,7 @@ img2dataset records per row are mapped to machine-readable reasons by
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -35,7 +36,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep.config import DownloadConfig
+from data_prep.config import CollectConfig, DownloadConfig
+from omnidiff.env import subdir
 from omnidiff.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +104,32 @@ def reason_for(status: str | None, error_message: str | None) -> str | None:
     if status == "failed_to_resize":
         return "resize_error"
     return "download_error"
+
+
+# ---------------------------------------------------------------------------------------------
+# the download input
+# ---------------------------------------------------------------------------------------------
+
+
+def download_work_dir(cfg: CollectConfig, urls: list[str], row_ids: list[int]) -> Path:
+    """img2dataset's folder for this exact download input and the settings that change its output."""
+    d = cfg.download
+    h = hashlib.sha256()
+    settings = [d.image_size, d.resize_mode, d.encode_format, d.encode_quality, d.shard_rows, d.max_image_bytes,
+                d.max_image_pixels, d.min_image_size, d.verify_images]
+    h.update(json.dumps(settings).encode())
+    for url, row_id in zip(urls, row_ids, strict=True):
+        h.update(f"\n{row_id}\t{url}".encode("utf-8", "surrogatepass"))
+    return subdir("data", "collect", cfg.name, "downloads", h.hexdigest()[:16])
+
+
+def write_download_input(work_dir: Path, urls: list[str], row_ids: list[int]) -> Path:
+    path = work_dir / "input.parquet"
+    if not path.is_file():
+        tmp = work_dir / ".input.parquet.tmp"
+        pq.write_table(pa.table({"url": pa.array(urls, pa.string()), "row_id": pa.array(row_ids, pa.int64())}), tmp)
+        tmp.replace(path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

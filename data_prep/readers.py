@@ -126,12 +126,9 @@ def expand_inputs(paths: tuple[Path, ...] | list[Path], what: str = "url list") 
     return files
 
 
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _is_empty_text_file(path: Path) -> bool:

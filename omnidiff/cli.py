@@ -15,7 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "stack": ("start/stop/inspect the local Prefect + MLflow + Ray stack", "omnidiff.stack:main"),
     "world": ("generate the tiny world and serve its images over HTTP", "omnidiff.world.cli:main"),
-    "llm": ("convert/inspect the LLM text encoder (Gemma 3 270M by default)", "omnidiff.models.llm:main"),
+    "llm": ("convert/inspect the LLM text encoder (Gemma 3 270M by default)", "omnidiff.models.llm_folders:main"),
     "base": ("pretrain the base text-to-image model and its evaluator", "omnidiff.base.cli:main"),
     "collect": ("collect image-caption pairs with img2dataset into a pair snapshot", "data_prep.cli:main"),
     "embed": ("precompute LLM/CLIP/pixel states into the Parquet cache (Ray Data)", "embed_cache.cli:main"),

@@ -16,7 +16,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory) -> Path:
-    from omnidiff.models.llm import build_tiny_llm
+    from omnidiff.models.llm_folders import build_tiny_llm
 
     root = (
         Path(os.environ["OMNIDIFF_MODELS"]) if os.environ.get("OMNIDIFF_MODELS") else tmp_path_factory.mktemp("models")
@@ -26,6 +26,6 @@ def tiny_llm(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gemma_llm() -> Path:
-    from omnidiff.models.llm import ensure_gemma
+    from omnidiff.models.llm_folders import ensure_gemma
 
     return ensure_gemma()

@@ -393,7 +393,7 @@ def test_dead_writers_staging_is_removed(tmp_path):
 
 
 def test_split_is_deterministic_by_key():
-    from data_prep.collect import split_of
+    from data_prep.tables import split_of
     from omnidiff.text import text_key
 
     keys = [text_key(str(i)) for i in range(4000)]
@@ -449,7 +449,7 @@ def test_cli_bad_config_exits_2_and_names_it(tmp_path, capsys):
 
 
 def test_flat_metrics_and_chart():
-    from data_prep.collect import counts_figure, flat_metrics
+    from data_prep.report import counts_figure, flat_metrics
 
     counts = {t: {"input_rows": 10, "kept": 7, "quarantined": 3, "lang_mismatch": 1,
                   "quarantined_by_reason": {"http_404": 2, "duplicate": 1}, "by_language": {"en": 4, "zh": 3},

@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from omnidiff.models.llm import LLMTextEncoder, build_tiny_llm, load_tokenizer, main, read_manifest, weights_digest
+from omnidiff.models.llm import LLMTextEncoder, load_tokenizer
+from omnidiff.models.llm_folders import build_tiny_llm, main, read_manifest, weights_digest
 
 TEXTS = ["a red circle on the left", "左边有一个红色的圆", "", "un carré bleu en haut à droite, très petit"]
 
