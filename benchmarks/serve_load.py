@@ -49,7 +49,8 @@ def build_benchmark_model(folder: Path, llm: str) -> Path:
 
     from omnidiff.env import models_dir
     from omnidiff.models.adapter import OmniAdapter
-    from omnidiff.models.llm import LLMTextEncoder, build_tiny_llm, gemma_folder
+    from omnidiff.models.llm import LLMTextEncoder
+    from omnidiff.models.llm_folders import build_tiny_llm, gemma_folder
     from omnidiff.models.unet import build_unet
     from omnidiff.pipeline import OmniDiffusionPipeline
 

@@ -127,7 +127,8 @@ def main(argv: list[str]) -> int:
     import torch
 
     import omnidiff  # noqa: F401
-    from omnidiff.models.llm import LLMTextEncoder, build_tiny_llm, ensure_gemma
+    from omnidiff.models.llm import LLMTextEncoder
+    from omnidiff.models.llm_folders import build_tiny_llm, ensure_gemma
     from train.data import CachedBatches
     from train.loop import avoid_shm_op_build, deepspeed_config, dist_context
 

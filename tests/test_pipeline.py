@@ -19,7 +19,8 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
 from omnidiff.models.adapter import OmniAdapter
 from omnidiff.models.clip_text import build_clip_text_encoder
-from omnidiff.models.llm import LLMTextEncoder, build_tiny_llm
+from omnidiff.models.llm import LLMTextEncoder
+from omnidiff.models.llm_folders import build_tiny_llm
 from omnidiff.models.unet import build_unet
 from omnidiff.pipeline import OmniDiffusionPipeline, predict_noise, sampling_scheduler
 

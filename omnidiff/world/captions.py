@@ -1,5 +1,8 @@
 """Captions of the tiny world: templates in eight languages, each with its parallel English.
 
+(Over 400 lines on purpose: three quarters of it is one table, each language's lexicon, templates
+and word agreement in a block, then the filler sentences in all eight; it reads best in one place.)
+
     from omnidiff.world.captions import CaptionSpec, caption
     spec = CaptionSpec("cross", "red", "centre", "large", "black", template=0)
     caption(spec, "de")  # 'ein großes rotes Kreuz in der Mitte auf schwarzem Hintergrund'
