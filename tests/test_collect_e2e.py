@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
+import tenacity
 from PIL import Image
 
 from tests.fixtures_collect import COLLECT_TEST_CONFIG, collect_test_config
@@ -346,9 +347,10 @@ def test_killed_run_resumes_without_duplicates_or_gaps(stack, tiny_world, tiny_s
         thread = threading.Thread(target=first_run)
         thread.start()
         downloads = home() / "data" / "collect" / "resume" / "downloads"
-        deadline = time.time() + 240
-        while time.time() < deadline and not list(downloads.glob("*/shards/*_stats.json")):
-            time.sleep(0.05)
+        tenacity.Retrying(  # until img2dataset has finished a shard (then kill it halfway)
+            stop=tenacity.stop_after_delay(240), wait=tenacity.wait_fixed(0.05),
+            retry=tenacity.retry_if_result(lambda done: not done), retry_error_callback=lambda _: None,
+        )(lambda: list(downloads.glob("*/shards/*_stats.json")))
         pid_files = list(downloads.glob("*/download.pid"))
         assert pid_files, "img2dataset never started"
         os.killpg(int(pid_files[0].read_text()), signal.SIGKILL)  # the subprocess and its workers
