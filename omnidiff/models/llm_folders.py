@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
@@ -124,11 +125,7 @@ def _convert_gemma(out: Path, dtype: str) -> Path:
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     del gguf_model
 
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    manifest = {
+    manifest = _save_folder(out, model, tokenizer, lambda tmp: {
         "model_id": GEMMA_MODEL_ID,
         "weights_digest": weights_digest(tmp),
         "dtype": dtype,
@@ -144,9 +141,7 @@ def _convert_gemma(out: Path, dtype: str) -> Path:
         "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "convert_seconds": round(time.perf_counter() - start, 1),
         "tokenizer_probe": tokenizer("hello").input_ids,
-    }
-    _write_manifest(tmp, manifest)
-    os.replace(tmp, out)
+    })
     print(f"[llm convert] wrote {out} in {manifest['convert_seconds']:.0f}s", file=sys.stderr, flush=True)
     return out
 
@@ -189,26 +184,31 @@ def _build_tiny_llm(out: Path, seed: int) -> Path:
     )
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(config).eval()
+    _save_folder(out, model, tokenizer, lambda tmp: {
+        "model_id": f"tiny-gemma3-h64-l2-seed{seed}",
+        "seed": seed,
+        "weights_digest": weights_digest(tmp),
+        "dtype": "float32",
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "vocab_size": config.vocab_size,
+    })
+    return out
+
+
+def _save_folder(out: Path, model, tokenizer, describe: Callable[[Path], dict]) -> dict:
+    """Model, tokenizer and last the manifest ``describe(folder)`` in a temp folder, renamed to ``out``
+    (replacing an older one): a reader never sees a half-written folder. Returns the manifest."""
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    _write_manifest(
-        tmp,
-        {
-            "model_id": f"tiny-gemma3-h64-l2-seed{seed}",
-            "seed": seed,
-            "weights_digest": weights_digest(tmp),
-            "dtype": "float32",
-            "hidden_size": config.hidden_size,
-            "num_hidden_layers": config.num_hidden_layers,
-            "vocab_size": config.vocab_size,
-        },
-    )
+    manifest = describe(tmp)
+    _write_manifest(tmp, manifest)
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
-    return out
+    return manifest
 
 
 def main(argv: list[str]) -> int:
