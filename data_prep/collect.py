@@ -54,11 +54,12 @@ from data_prep.download import expected_shards, read_shard, reason_for, run_img2
 from data_prep.langid import LanguageDetector, assign_languages
 from data_prep.normalise import check_parallel_rows, check_rows
 from data_prep.readers import CollectError, SourceInfo, read_parallel_lists, read_url_lists
-from data_prep.snapshot import Snapshot, SnapshotWriter
 from omnidiff import config as config_lib
+from omnidiff.contracts.keys import digest_bytes, pair_key, text_key
+from omnidiff.contracts.snapshot import Snapshot, SnapshotWriter
 from omnidiff.env import subdir
 from omnidiff.progress import Progress
-from omnidiff.text import NORMALISER_VERSION, digest_bytes, pair_key, text_key
+from omnidiff.text import NORMALISER_VERSION
 
 log = logging.getLogger("omnidiff.collect")
 
