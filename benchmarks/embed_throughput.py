@@ -75,8 +75,8 @@ def write_text_snapshot(name: str, texts: list[str], root: Path) -> Path:
     import pyarrow as pa
     from PIL import Image
 
-    from data_prep.snapshot import SnapshotWriter
-    from omnidiff.text import digest_bytes, pair_key
+    from omnidiff.contracts.keys import digest_bytes, pair_key
+    from omnidiff.contracts.snapshot import SnapshotWriter
 
     buf = io.BytesIO()
     Image.new("RGB", (1, 1)).save(buf, format="PNG")

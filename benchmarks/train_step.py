@@ -47,12 +47,13 @@ def build_world_captions(tmp: Path) -> list[str]:
 
 
 def build_caches(tmp: Path, llm, captions: list[str], image_shape=(3, 16, 16)):
-    """LLM-states and pixel caches in the training format (embed_cache.store), like the embed stage writes."""
+    """LLM-states and pixel caches in the training format (omnidiff/contracts/cache.py), like the embed stage writes."""
     import numpy as np
 
-    from embed_cache.fingerprint import fingerprint, llm_inputs, pixels_inputs
-    from embed_cache.store import CacheStore, cache_dir, open_writer, pixels_table, states_table
-    from omnidiff.text import text_key
+    from embed_cache.writer import open_writer
+    from omnidiff.contracts.cache import CacheStore, cache_dir, pixels_table, states_table
+    from omnidiff.contracts.encoders import fingerprint, llm_inputs, pixels_inputs
+    from omnidiff.contracts.keys import text_key
 
     keys = [text_key(c) for c in captions]
     t0 = time.perf_counter()

@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _show(args: list[str]) -> int:
-    from data_prep.snapshot import Snapshot, SnapshotError, latest_snapshot
+    from omnidiff.contracts.snapshot import Snapshot, SnapshotError, latest_snapshot
 
     if len(args) != 1:
         print("usage: omnidiff collect show NAME|PATH", file=sys.stderr)

@@ -60,9 +60,9 @@ from data_prep.parallel import collect_parallel
 from data_prep.quarantine import QUARANTINE_SCHEMA, InvariantError, Quarantine, check_invariant
 from data_prep.readers import CollectError, SourceInfo, read_parallel_lists, read_url_lists
 from data_prep.report import log_to_mlflow
-from data_prep.snapshot import Snapshot, SnapshotWriter
 from data_prep.tables import write_shards
 from omnidiff import config as config_lib
+from omnidiff.contracts.snapshot import Snapshot, SnapshotWriter
 from omnidiff.progress import Progress
 from omnidiff.text import NORMALISER_VERSION
 

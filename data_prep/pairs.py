@@ -22,9 +22,9 @@ from data_prep.download import reason_for
 from data_prep.langid import LanguageDetector, assign_languages
 from data_prep.normalise import check_rows
 from data_prep.quarantine import Quarantine, quarantine_input_rows
-from data_prep.snapshot import SnapshotWriter
 from data_prep.tables import column_lists, extra_columns, snapshot_table, split_of
-from omnidiff.text import digest_bytes, pair_key
+from omnidiff.contracts.keys import digest_bytes, pair_key
+from omnidiff.contracts.snapshot import SnapshotWriter
 
 PAIR_COLUMNS = [
     ("key", pa.string()), ("caption", pa.string()), ("caption_en", pa.string()), ("lang", pa.string()),

@@ -14,9 +14,9 @@ from data_prep.config import CollectConfig
 from data_prep.langid import LanguageDetector, assign_languages
 from data_prep.normalise import check_parallel_rows
 from data_prep.quarantine import Quarantine, quarantine_input_rows
-from data_prep.snapshot import SnapshotWriter
 from data_prep.tables import column_lists, extra_columns, snapshot_table, split_of, write_shards
-from omnidiff.text import text_key
+from omnidiff.contracts.keys import text_key
+from omnidiff.contracts.snapshot import SnapshotWriter
 
 PARALLEL_COLUMNS = [
     ("key", pa.string()), ("text", pa.string()), ("text_en", pa.string()), ("lang", pa.string()),

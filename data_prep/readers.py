@@ -15,7 +15,6 @@ manifest with rows=0); zero rows in all lists together is an error.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from omnidiff.contracts.io import sha256_file
 from omnidiff.env import home
 
 
@@ -124,11 +124,6 @@ def expand_inputs(paths: tuple[Path, ...] | list[Path], what: str = "url list") 
         else:
             raise CollectError(f"{what} {str(given)!r} does not exist (looked in {Path.cwd()} and {home()})")
     return files
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _is_empty_text_file(path: Path) -> bool:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from data_prep.readers import read_file
-from data_prep.snapshot import Snapshot
+from omnidiff.contracts.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from data_prep.collect import CollectResult

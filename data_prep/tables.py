@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from data_prep.snapshot import SnapshotWriter
+from omnidiff.contracts.snapshot import SnapshotWriter
 
 # Columns the readers produce that are consumed by the stage rather than passed through.
 _CONSUMED = {"caption_raw", "lang_declared", "caption_en_raw", "row_id", "text_raw", "text_en_raw"}

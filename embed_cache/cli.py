@@ -51,7 +51,8 @@ def _where(args) -> int:
 
 
 def _verify(args) -> int:
-    from embed_cache.store import CacheError, CacheStore, CacheWriter
+    from embed_cache.writer import CacheWriter
+    from omnidiff.contracts.cache import CacheError, CacheStore
 
     try:
         store = CacheStore(args.cache_dir)

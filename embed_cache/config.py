@@ -13,27 +13,9 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from omnidiff.config import require
+from omnidiff.contracts.encoders import LLMSection  # one definition: the train stage reads what embed wrote
 
 CacheKind = Literal["llm", "clip", "pixels"]
-
-
-@dataclass(frozen=True)
-class LLMSection:
-    """The frozen LLM whose per-token states are cached.
-
-    path: a transformers causal-LM folder; ``null`` = the converted Gemma 3 270M (``ensure_gemma()``).
-    layer: index into ``hidden_states`` (0 = embeddings, -1 = last layer after the final norm).
-    max_length: tokens kept per caption (longer captions are cut).
-    dtype: compute dtype; fp32 on CPU (these cores have no native bf16, NOTES.md). Storage is fp16.
-    """
-
-    path: Path | None = None
-    layer: int = -1
-    max_length: int = 512
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-    def __post_init__(self):
-        require(self.max_length >= 1, "llm.max_length", self.max_length, "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ What it computes (docs/architecture.md "Embedding cache"):
 
 How (each step is why the cache beats padded per-file caches):
 1. The driver gathers the distinct keys, opens the cache directory named by the fingerprint
-   (embed_cache/fingerprint.py) as its only writer and subtracts what is cached: a caption that is
+   (omnidiff/contracts/encoders.py) as its only writer and subtracts what is cached: a caption that is
    in ten snapshots is computed once, and a rerun computes only what is new.
 2. The missing work is sorted by token length and cut into shards balanced by tokens
    (embed_cache/batching.py); each shard is one Ray Data block (so a small input still spreads over
@@ -23,7 +23,7 @@ How (each step is why the cache beats padded per-file caches):
    in fp32, rejects NaN/inf rows by key, and writes the shard itself (temp name + atomic rename).
 4. The driver lists every finished shard in the manifest (atomic rewrite) as it arrives and prints
    progress in tokens/s with an ETA. Killed at any point, a rerun adopts finished shards and
-   computes the rest (embed_cache/store.py "Crash safety").
+   computes the rest (embed_cache/writer.py "Crash safety").
 5. The run is logged to MLflow: fingerprints, counts computed/skipped/rejected, throughput, cache
    locations, manifests.
 """
@@ -47,19 +47,12 @@ import pandas as pd
 
 from embed_cache import batching
 from embed_cache.config import EmbedConfig
-from embed_cache.fingerprint import clip_inputs, describe_llm, files_digest, fingerprint, llm_inputs, pixels_inputs
-from embed_cache.store import (
-    CacheStore,
-    CacheWriter,
-    NonFiniteStatesError,
-    cache_dir,
-    pixels_table,
-    states_table,
-    write_shard_file,
-)
+from embed_cache.writer import CacheWriter, write_shard_file
 from omnidiff.config import to_dict
+from omnidiff.contracts.cache import CacheStore, NonFiniteStatesError, cache_dir, pixels_table, states_table
+from omnidiff.contracts.encoders import clip_spec, fingerprint, llm_folder, llm_spec, pixels_spec
+from omnidiff.contracts.keys import cache_key, english_side
 from omnidiff.progress import Progress
-from omnidiff.text import normalise_caption, text_key
 
 log = logging.getLogger("omnidiff.embed")
 
@@ -67,15 +60,6 @@ UNIT = {"llm": "tok", "clip": "tok", "pixels": "img"}
 
 
 # ---------------------------------------------------------------------------------------- inputs
-
-
-def cache_key(text: str) -> tuple[str, str]:
-    """``(normalised text, key)``: the cache key every stage computes (``text_key(normalise_caption(t))``).
-
-    Normalisation is idempotent, so a snapshot caption (already normalised) keeps its text.
-    """
-    normalised = normalise_caption(text)
-    return normalised, text_key(normalised)
 
 
 @dataclass
@@ -123,7 +107,7 @@ def resolve_snapshots(names: Iterable[str]) -> list[Path]:
         if path.is_dir() and (path / "manifest.json").exists():
             out.append(path.resolve())
             continue
-        from data_prep.snapshot import SnapshotError, latest_snapshot
+        from omnidiff.contracts.snapshot import SnapshotError, latest_snapshot
 
         try:
             out.append(Path(latest_snapshot(name)).resolve())
@@ -163,7 +147,7 @@ def _read(snapshot: Any, accessor: str, columns: list[str]) -> pd.DataFrame:
 
 def gather_inputs(snapshot_dirs: Iterable[Path], cfg: EmbedConfig) -> EmbedInputs:
     """Distinct texts / English texts / images of the snapshots' chosen splits, plus ""."""
-    from data_prep.snapshot import Snapshot
+    from omnidiff.contracts.snapshot import Snapshot
 
     inputs = EmbedInputs()
     inputs.add_text("")  # the unconditional embedding (PAPER.md "Release hyper-parameters")
@@ -182,8 +166,7 @@ def gather_inputs(snapshot_dirs: Iterable[Path], cfg: EmbedConfig) -> EmbedInput
         for row in pairs.itertuples(index=False):
             inputs.add_text(row.caption)
             if "clip" in cfg.kinds:
-                english = row.caption_en if isinstance(row.caption_en, str) and row.caption_en else None
-                inputs.add_english(english if english is not None else (row.caption if row.lang == "en" else None))
+                inputs.add_english(english_side(row.caption, row.lang, row.caption_en))
             if "pixels" in cfg.kinds:
                 inputs.add_image(row.image_digest, row.image)
         if cfg.include_parallel and snap.manifest.get("shards", {}).get("parallel"):
@@ -192,8 +175,8 @@ def gather_inputs(snapshot_dirs: Iterable[Path], cfg: EmbedConfig) -> EmbedInput
                 parallel = parallel[parallel["split"].isin(splits)]
             for row in parallel.itertuples(index=False):
                 inputs.add_text(row.text)
-                if "clip" in cfg.kinds and isinstance(row.text_en, str):
-                    inputs.add_english(row.text_en)
+                if "clip" in cfg.kinds:
+                    inputs.add_english(english_side(row.text, row.lang, row.text_en, parallel=True))
     return inputs
 
 
@@ -201,11 +184,7 @@ def gather_inputs(snapshot_dirs: Iterable[Path], cfg: EmbedConfig) -> EmbedInput
 
 
 def llm_path(cfg: EmbedConfig) -> Path:
-    if cfg.llm.path is not None:
-        return Path(cfg.llm.path).resolve()
-    from omnidiff.models.llm import ensure_gemma
-
-    return ensure_gemma()
+    return llm_folder(cfg.llm.path)
 
 
 def llm_token_lengths(path: Path, texts: list[str], max_length: int) -> list[int]:
@@ -258,18 +237,6 @@ def load_clip(text_encoder: Path, tokenizer: Path):
     return ClipTextEncoder.from_pretrained(text_encoder, tokenizer_folder=tokenizer)
 
 
-def vae_info(vae: Path) -> tuple[str, float, int, int]:
-    """``(files digest, scaling factor, latent channels, downsampling factor)`` of a diffusers VAE folder."""
-    vae = Path(vae)
-    config_path = vae / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"pixels.vae={str(vae)!r}: no config.json (a diffusers AutoencoderKL folder)")
-    config = json.loads(config_path.read_text())
-    down = 2 ** (len(config.get("block_out_channels", [0])) - 1)
-    digest = files_digest(vae, patterns=("*.json", "*.safetensors", "*.bin"))
-    return digest, float(config.get("scaling_factor", 0.18215)), int(config.get("latent_channels", 4)), down
-
-
 @dataclass
 class KindPlan:
     """Everything the generic driver loop needs for one cache kind."""
@@ -289,18 +256,18 @@ def plan_kind(kind: str, cfg: EmbedConfig) -> KindPlan:
     """Fingerprint inputs, value shape, actor class and cost function of ``kind`` under ``cfg``."""
     if kind == "llm":
         path = llm_path(cfg)
-        encoder_inputs, hidden = describe_llm(path, cfg.llm.layer, cfg.llm.max_length, cfg.llm.dtype)
+        spec = llm_spec(path, cfg.llm.layer, cfg.llm.max_length, cfg.llm.dtype)
         return KindPlan(
             kind,
-            llm_inputs(encoder_inputs),
-            (hidden,),
+            spec.inputs,
+            spec.value_shape,
             {
                 "path": str(path),
                 "layer": cfg.llm.layer,
                 "max_length": cfg.llm.max_length,
                 "dtype": cfg.llm.dtype,
                 "device": cfg.device,
-                "expected_inputs": encoder_inputs,
+                "expected_inputs": spec.inputs["encoder"],
                 "share_prefixes": cfg.share_prefixes,
                 "share_cache_mb": cfg.share_cache_mb,
             },
@@ -308,36 +275,29 @@ def plan_kind(kind: str, cfg: EmbedConfig) -> KindPlan:
         )
     if kind == "clip":
         text_encoder, tokenizer = clip_folders(cfg)
-        # Loaded in the driver too: its weights digest names the cache (a CLIP text tower is small).
-        encoder = load_clip(text_encoder, tokenizer)
         windows = cfg.clip.max_windows
-        encoder_inputs = encoder.fingerprint_inputs(windows)
+        spec = clip_spec(text_encoder, tokenizer, windows)  # named from the files: no model loaded here
         return KindPlan(
             kind,
-            clip_inputs(encoder_inputs),
-            (encoder.hidden_size,),
+            spec.inputs,
+            spec.value_shape,
             {
                 "text_encoder": str(text_encoder),
                 "tokenizer": str(tokenizer),
                 "max_windows": windows,
                 "device": cfg.device,
-                "expected_inputs": encoder_inputs,
+                "expected_inputs": spec.inputs["encoder"],
             },
-            lambda keys, texts: encoder.token_lengths(list(texts), windows),
+            # The driver loads the (small) CLIP text tower only when there is something to compute.
+            lambda keys, texts: load_clip(text_encoder, tokenizer).token_lengths(list(texts), windows),
         )
     if kind == "pixels":
         res = cfg.pixels.resolution
-        if cfg.pixels.vae is None:
-            inputs, shape = pixels_inputs(res), (3, res, res)
-        else:
-            digest, scale, channels, down = vae_info(cfg.pixels.vae)
-            if res % down:
-                raise ValueError(f"pixels.resolution={res}: must be a multiple of the VAE's downsampling {down}")
-            inputs, shape = pixels_inputs(res, digest, scale), (channels, res // down, res // down)
+        spec = pixels_spec(res, cfg.pixels.vae)
         return KindPlan(
             kind,
-            inputs,
-            shape,
+            spec.inputs,
+            spec.value_shape,
             {
                 "resolution": res,
                 "vae": str(cfg.pixels.vae) if cfg.pixels.vae else None,

@@ -28,6 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from omnidiff.contracts.encoders import vae_scale_factor
 from omnidiff.models.adapter import OmniAdapter
 from omnidiff.models.clip_text import ClipTextEncoder
 from omnidiff.models.llm import LLMTextEncoder
@@ -193,7 +194,7 @@ class OmniDiffusionPipeline:
     # -- sampling -----------------------------------------------------------------------------
     def _image_size(self, height: int | None, width: int | None) -> tuple[int, int, int]:
         """(height, width, down): pixel size and the latent downsampling factor."""
-        down = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        down = vae_scale_factor(self.vae.config) if self.vae is not None else 1
         default = int(self.unet.config.sample_size) * down
         height, width = height or default, width or default
         multiple = down * 2 ** (len(self.unet.config.block_out_channels) - 1)

@@ -1,7 +1,7 @@
-"""Caption normalisation and text keys, shared by every stage.
+"""Caption normalisation, shared by every stage.
 
-The embedding cache is keyed by :func:`text_key` of the *normalised* caption, so
-collect, embed, train and serve must all normalise the same way. Any change to
+The embedding cache is keyed by ``omnidiff.contracts.keys.text_key`` of the *normalised*
+caption, so collect, embed, train and serve must all normalise the same way. Any change to
 :func:`normalise_caption` must bump :data:`NORMALISER_VERSION`: the version is
 part of the encoder fingerprint, so a change makes a new cache instead of a
 stale hit.
@@ -9,7 +9,6 @@ stale hit.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
 
@@ -32,18 +31,3 @@ def normalise_caption(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> str:
     text = "".join(ch for ch in text if ch.isspace() or unicodedata.category(ch)[0] != "C")
     text = _WHITESPACE.sub(" ", text).strip()
     return text[:max_chars].rstrip()
-
-
-def text_key(normalised_text: str) -> str:
-    """Stable key of an already normalised text: 32 hex chars of SHA-256."""
-    return hashlib.sha256(normalised_text.encode("utf-8")).hexdigest()[:32]
-
-
-def digest_bytes(data: bytes) -> str:
-    """SHA-256 hex digest of raw bytes (image digests, file checksums)."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def pair_key(image_digest: str, normalised_caption: str) -> str:
-    """Row key of a pair snapshot: stable hash of (image bytes digest, caption)."""
-    return hashlib.sha256(f"{image_digest}\x1f{normalised_caption}".encode()).hexdigest()[:32]

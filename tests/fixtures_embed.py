@@ -46,8 +46,9 @@ def write_snapshot(name: str, pairs: list[dict], parallel: list[dict] = (), root
     """
     import pyarrow as pa
 
-    from data_prep.snapshot import SnapshotWriter
-    from omnidiff.text import digest_bytes, normalise_caption, pair_key, text_key
+    from omnidiff.contracts.keys import digest_bytes, pair_key, text_key
+    from omnidiff.contracts.snapshot import SnapshotWriter
+    from omnidiff.text import normalise_caption
 
     writer = SnapshotWriter(name, root=root)
     rows = []
@@ -75,7 +76,8 @@ def snapshot_from_world(world_dir: Path, name: str, root: Path | None = None) ->
     """The tiny world's pairs + parallel texts as a snapshot (no HTTP, no img2dataset: those are collect's tests)."""
     import pandas as pd
 
-    from omnidiff.text import normalise_caption, text_key
+    from omnidiff.contracts.keys import text_key
+    from omnidiff.text import normalise_caption
 
     pairs = pd.read_parquet(world_dir / "pairs.parquet")
     rows = []

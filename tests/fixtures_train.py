@@ -29,8 +29,9 @@ def write_world_snapshot(world_dir: Path, root: Path, name: str = "train-test") 
     import pyarrow as pa
 
     from data_prep.aesthetic import ImageQualityScorer, decode_rgb
-    from data_prep.snapshot import SnapshotWriter
-    from omnidiff.text import digest_bytes, normalise_caption, pair_key, text_key
+    from omnidiff.contracts.keys import digest_bytes, pair_key, text_key
+    from omnidiff.contracts.snapshot import SnapshotWriter
+    from omnidiff.text import normalise_caption
 
     pairs = pd.read_parquet(world_dir / "pairs.parquet")
     images = [(world_dir / rel).read_bytes() for rel in pairs["image"]]
@@ -92,7 +93,8 @@ def embed_in_process(snapshot: Path, base: Path, llm: Path, cache_root: Path, re
     """Fill the llm / clip / pixels caches of ``snapshot`` with the embed stage's encoders, in this process."""
     from embed_cache.config import ClipSection, EmbedConfig, LLMSection, PixelsSection
     from embed_cache.job import ClipShardEncoder, LLMShardEncoder, PixelShardEncoder, gather_inputs, plan_kind
-    from embed_cache.store import cache_dir, open_writer
+    from embed_cache.writer import open_writer
+    from omnidiff.contracts.cache import cache_dir
 
     cfg = EmbedConfig(snapshots=(str(snapshot),), cache_root=cache_root, llm=LLMSection(path=llm, max_length=llm_max_length),
                       clip=ClipSection(base_model=base, max_windows=3), pixels=PixelsSection(resolution=resolution),

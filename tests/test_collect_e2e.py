@@ -197,7 +197,7 @@ def _bad_lists(base: str, folder: Path) -> tuple[list[Path], dict[tuple[str, int
 
 def test_every_bad_input_is_quarantined_with_its_reason(tmp_path):
     from data_prep.collect import run
-    from data_prep.snapshot import Snapshot
+    from omnidiff.contracts.snapshot import Snapshot
 
     with RecordingServer(_bad_routes()) as server:
         lists, expected = _bad_lists(server.base, tmp_path)
@@ -239,8 +239,8 @@ def test_every_bad_input_is_quarantined_with_its_reason(tmp_path):
 
 
 def test_tiny_world_end_to_end(tiny_snapshot, tiny_world, tiny_world_lists):
-    from data_prep.readers import sha256_file
-    from data_prep.snapshot import Snapshot, latest_snapshot
+    from omnidiff.contracts.io import sha256_file
+    from omnidiff.contracts.snapshot import Snapshot, latest_snapshot
     from omnidiff.world import load_world_meta
 
     snap = Snapshot.open(tiny_snapshot)
@@ -277,8 +277,8 @@ def test_flow_logs_to_mlflow_and_rerun_downloads_nothing(stack, tiny_snapshot, t
     import mlflow
     from mlflow import MlflowClient
 
-    from data_prep.snapshot import Snapshot
     from flows.collect import collect_flow
+    from omnidiff.contracts.snapshot import Snapshot
 
     url_list, parallel_list = tiny_world_lists
     cfg = collect_test_config([url_list], [parallel_list], overrides=["track=true"])
@@ -325,7 +325,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(stack, tiny_world, tiny_s
     from data_prep.cli import main
     from data_prep.collect import run
     from data_prep.download import DownloadError
-    from data_prep.snapshot import Snapshot
+    from omnidiff.contracts.snapshot import Snapshot
     from omnidiff.env import home
     from omnidiff.world import write_url_list
 

@@ -136,7 +136,7 @@ def test_build_scorer(tmp_path, monkeypatch):
 
 
 def _write_snapshot(root: Path, rows: int = 5, name: str = "unit") -> Path:
-    from data_prep.snapshot import SnapshotWriter
+    from omnidiff.contracts.snapshot import SnapshotWriter
 
     writer = SnapshotWriter(name, root=root)
     writer.write_shard("pairs", pa.table({"key": [f"k{i}" for i in range(rows)], "caption": ["c"] * rows}))
@@ -147,7 +147,7 @@ def _write_snapshot(root: Path, rows: int = 5, name: str = "unit") -> Path:
 
 
 def test_snapshot_roundtrip_digest_and_latest(tmp_path):
-    from data_prep.snapshot import Snapshot, latest_snapshot
+    from omnidiff.contracts.snapshot import Snapshot, latest_snapshot
 
     path = _write_snapshot(tmp_path)
     snap = Snapshot.open(path)
@@ -163,7 +163,7 @@ def test_snapshot_roundtrip_digest_and_latest(tmp_path):
 
 
 def test_corrupt_or_missing_snapshot_is_named(tmp_path):
-    from data_prep.snapshot import Snapshot, SnapshotError, latest_snapshot
+    from omnidiff.contracts.snapshot import Snapshot, SnapshotError, latest_snapshot
 
     path = _write_snapshot(tmp_path)
     shard = path / "pairs" / "part-00001.parquet"
@@ -182,7 +182,7 @@ def test_corrupt_or_missing_snapshot_is_named(tmp_path):
 
 
 def test_dead_writers_staging_is_removed(tmp_path):
-    from data_prep.snapshot import SnapshotWriter
+    from omnidiff.contracts.snapshot import SnapshotWriter
 
     stale = tmp_path / "unit" / ".staging-999999999-deadbeef"
     stale.mkdir(parents=True)
@@ -192,7 +192,7 @@ def test_dead_writers_staging_is_removed(tmp_path):
 
 def test_split_is_deterministic_by_key():
     from data_prep.tables import split_of
-    from omnidiff.text import text_key
+    from omnidiff.contracts.keys import text_key
 
     keys = [text_key(str(i)) for i in range(4000)]
     splits = [split_of(k, 0.1) for k in keys]

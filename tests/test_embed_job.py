@@ -24,10 +24,12 @@ import pandas as pd
 import pytest
 
 from embed_cache.config import EmbedConfig
-from embed_cache.fingerprint import describe_llm, fingerprint, llm_inputs
-from embed_cache.store import SHARDS_DIR, CacheStore, CacheWriter, cache_dir, states_table
+from embed_cache.writer import CacheWriter
 from omnidiff.config import ConfigError, load_config
-from omnidiff.text import normalise_caption, text_key
+from omnidiff.contracts.cache import SHARDS_DIR, CacheStore, cache_dir, states_table
+from omnidiff.contracts.encoders import describe_llm, fingerprint, llm_inputs
+from omnidiff.contracts.keys import text_key
+from omnidiff.text import normalise_caption
 from tests.fixtures_embed import EMBED_TEST_CONFIG, png_bytes, write_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,8 +243,8 @@ def _cfg(tiny_cache: dict, *overrides: str) -> EmbedConfig:
 
 @pytest.mark.e2e
 def test_cache_content_matches_the_encoders(tiny_cache):
-    from data_prep.snapshot import Snapshot
     from embed_cache.job import decode_image, load_clip
+    from omnidiff.contracts.snapshot import Snapshot
     from omnidiff.models.clip_text import WINDOW
 
     summary = tiny_cache["summary"]
@@ -295,8 +297,8 @@ def test_cache_content_matches_the_encoders(tiny_cache):
 def test_rerun_computes_nothing_and_new_captions_only_them(tiny_cache, tmp_path):
     import mlflow
 
-    from data_prep.snapshot import Snapshot
     from embed_cache.job import run
+    from omnidiff.contracts.snapshot import Snapshot
 
     first = tiny_cache["summary"]
     again = run(_cfg(tiny_cache))
@@ -477,7 +479,7 @@ def test_vae_slot_stores_latents_for_sd_class_models(tmp_path):
     ]))  # fmt: skip
     store = CacheStore(out["dirs"]["pixels"])
     assert store.value_shape == (4, 8, 8) and out["computed"]["pixels"] == 5
-    from omnidiff.text import digest_bytes
+    from omnidiff.contracts.keys import digest_bytes
 
     key = digest_bytes(images[2])
     with torch.no_grad():

@@ -13,20 +13,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from embed_cache import batching
-from embed_cache.fingerprint import clip_inputs, fingerprint, llm_fingerprint, llm_inputs, pixels_inputs
-from embed_cache.store import (
+from embed_cache.writer import CacheWriter, write_shard_file
+from omnidiff.contracts.cache import (
     MANIFEST_NAME,
     SHARDS_DIR,
     CacheError,
     CacheStore,
-    CacheWriter,
     CorruptShardError,
     NonFiniteStatesError,
     cache_dir,
     pixels_table,
     states_table,
-    write_shard_file,
 )
+from omnidiff.contracts.encoders import clip_inputs, fingerprint, llm_fingerprint, llm_inputs, pixels_inputs
 
 ENCODER = {
     "model_id": "m",

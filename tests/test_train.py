@@ -60,7 +60,7 @@ def test_shipped_train_configs_load():
 
 
 def test_align_examples_use_the_english_side_and_parallel_text():
-    from omnidiff.text import text_key
+    from omnidiff.contracts.keys import text_key
     from train.data import align_examples
 
     pairs = pd.DataFrame({
@@ -87,7 +87,7 @@ def test_diffusion_examples_filter_by_aesthetic():
 
 
 def test_sample_prompts_cover_every_language_short_and_long():
-    from omnidiff.text import text_key
+    from omnidiff.contracts.keys import text_key
     from train.data import sample_prompt_table
 
     pairs = pd.DataFrame({"caption": ["a", "b " * 50, "c", "d"], "lang": ["en", "en", "zh", "zh"],

@@ -34,8 +34,8 @@ def main(argv: list[str]) -> int:
         return 0
     # train.ray_job, not `from train import run`: an editable install made before train/__init__.py
     # existed maps `train` as a namespace package, which has no `run`.
-    from data_prep.snapshot import SnapshotError
-    from embed_cache.store import CacheError
+    from omnidiff.contracts.cache import CacheError
+    from omnidiff.contracts.snapshot import SnapshotError
     from train.data import CacheMismatchError
     from train.ray_job import TrainingError, run
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from embed_cache.config import LLMSection  # one definition: the stage's llm section must match the embed run's
 from omnidiff.config import require
+from omnidiff.contracts.encoders import LLMSection  # one definition: the stage's llm section must match the embed run's
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from omnidiff.text import normalise_caption, text_key
+from omnidiff.contracts.keys import EMPTY_PROMPT, english_side, text_key
+from omnidiff.text import normalise_caption
 
-EMPTY_PROMPT = ""
 # A caption is "long" when the LLM needs more tokens than one CLIP window holds (PAPER.md "The problem").
 LONG_PROMPT_TOKENS = 77
 
@@ -39,15 +39,6 @@ class CacheMismatchError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ example tables
-
-
-def english_side(caption: str, lang: str, caption_en: Any) -> str | None:
-    """The English text a pair's CLIP target encodes: the translation, or the caption when it is English."""
-    if isinstance(caption_en, str) and caption_en.strip():
-        return caption_en
-    if lang == "en":
-        return caption
-    return None
 
 
 def align_examples(pairs: pd.DataFrame, parallel: pd.DataFrame | None, split: str) -> pd.DataFrame:
@@ -69,8 +60,9 @@ def align_examples(pairs: pd.DataFrame, parallel: pd.DataFrame | None, split: st
         for text, lang, text_en in parallel.loc[parallel["split"] == split, ["text", "lang", "text_en"]].itertuples(
             index=False
         ):
-            if isinstance(text_en, str) and text_en.strip():
-                rows.append((_key(text), _key(text_en), lang, "parallel"))
+            english = english_side(text, lang, text_en, parallel=True)
+            if english is not None:
+                rows.append((_key(text), _key(english), lang, "parallel"))
     table = pd.DataFrame(rows, columns=["llm_key", "target_key", "lang", "source"])
     return table.drop_duplicates(["llm_key", "target_key"]).sort_values(["llm_key", "target_key"]).reset_index(drop=True)
 
@@ -124,8 +116,8 @@ def open_checked_cache(kind: str, inputs: dict, root: Path | None, what: str):
     differ) or when the folder's manifest was built from other inputs. ``what`` names the encoder in
     messages (e.g. "the configured LLM (llm.*)").
     """
-    from embed_cache.fingerprint import fingerprint
-    from embed_cache.store import MANIFEST_NAME, CacheStore, cache_dir, cache_root
+    from omnidiff.contracts.cache import MANIFEST_NAME, CacheStore, cache_dir, cache_root
+    from omnidiff.contracts.encoders import fingerprint
 
     expected = fingerprint(inputs)
     path = cache_dir(kind, expected, root)
@@ -184,7 +176,7 @@ def _short(value: Any) -> str:
 def _describe_other_caches(kind_dir: Path, inputs: dict) -> str:
     import json
 
-    from embed_cache.store import MANIFEST_NAME
+    from omnidiff.contracts.cache import MANIFEST_NAME
 
     if not kind_dir.is_dir():
         return ""

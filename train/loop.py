@@ -439,7 +439,7 @@ def _loop(cfg, job: dict, rank: int, world: int, ckpt_dir: Path) -> None:
     import numpy as np
     import pandas as pd
 
-    from embed_cache.store import CacheStore
+    from omnidiff.contracts.cache import CacheStore
     from omnidiff.progress import Progress
     from train.data import CachedBatches
 

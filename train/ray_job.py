@@ -5,8 +5,8 @@
 ``run(cfg)``:
 
 1. resolves the base model, the parent stage's export (``init_from``) and the pair snapshot;
-2. opens the caches named by the configured encoders' fingerprints (the embed stage's own
-   ``plan_kind``, so both stages derive the name the same way) and refuses with a clear error when
+2. opens the caches named by the configured encoders' fingerprints (``omnidiff.contracts.encoders``,
+   the rules the embed stage names them by; no weights loaded) and refuses with a clear error when
    the cache for this encoder is missing or a cache differs from it; checks every example's key is
    cached; writes the example table;
 3. picks the sample prompt set (every language, short and long) and takes its LLM states from the
@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from omnidiff.config import to_dict
+from omnidiff.contracts.encoders import CacheSpec, clip_spec, llm_folder, llm_spec, pixels_spec, vae_scale_factor
 from omnidiff.env import subdir
 from train.config import TrainConfig
 from train.data import (
@@ -113,47 +114,31 @@ def resolve_model_ref(ref: str, what: str) -> Path:
 
 
 def open_snapshot(ref: str):
-    from data_prep.snapshot import Snapshot, latest_snapshot
+    from omnidiff.contracts.snapshot import Snapshot, latest_snapshot
 
     path = Path(ref).expanduser()
     return Snapshot.open(path if path.is_dir() else latest_snapshot(ref))
 
 
-def llm_folder(cfg: TrainConfig) -> Path:
-    if cfg.llm.path is not None:
-        return Path(cfg.llm.path).resolve()
-    from omnidiff.models.llm import ensure_gemma
-
-    return ensure_gemma()
-
-
-def embed_plan_config(cfg: TrainConfig, base: Path, unet_config: dict):
-    """The embed config whose caches this stage reads: the same encoders, so the same fingerprints."""
-    from embed_cache.config import ClipSection, EmbedConfig, LLMSection, PixelsSection
-
-    vae = base / "vae" if (base / "vae").is_dir() else None
-    resolution = int(unet_config["sample_size"])
-    if vae is not None:
-        vae_config = json.loads((vae / "config.json").read_text())
-        resolution *= 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
+def cache_specs(cfg: TrainConfig, base: Path, llm_path: Path, unet_config: dict) -> dict[str, CacheSpec]:
+    """The caches this stage reads, named from its encoders' settings as the embed stage names them."""
     kinds = ("llm", "clip") if cfg.family == "align" else ("llm", "pixels")
     if cfg.family == "align" and cfg.distill_weight > 0:
         kinds += ("pixels",)  # stage 1's output-matching term noises training images
-    return EmbedConfig(
-        snapshots=(cfg.data.snapshot,),
-        kinds=kinds,
-        cache_root=cfg.data.cache_root,
-        llm=LLMSection(path=llm_folder(cfg), layer=cfg.llm.layer, max_length=cfg.llm.max_length, dtype=cfg.llm.dtype),
-        clip=ClipSection(base_model=base, max_windows=cfg.data.clip_windows),
-        pixels=PixelsSection(resolution=resolution, vae=vae),
-        track=False,
-    )
+    specs = {"llm": llm_spec(llm_path, cfg.llm.layer, cfg.llm.max_length, cfg.llm.dtype)}
+    if "clip" in kinds:
+        specs["clip"] = clip_spec(base / "text_encoder", base / "tokenizer", cfg.data.clip_windows)
+    if "pixels" in kinds:
+        vae = base / "vae" if (base / "vae").is_dir() else None
+        resolution = int(unet_config["sample_size"])
+        if vae is not None:
+            resolution *= vae_scale_factor(json.loads((vae / "config.json").read_text()))
+        specs["pixels"] = pixels_spec(resolution, vae)
+    return specs
 
 
 def resolve_inputs(cfg: TrainConfig) -> StageInputs:
     """Steps 1-3 of the module docstring."""
-    from embed_cache.job import plan_kind
-
     base = resolve_model_ref(cfg.base_model, "base_model")
     for sub in ("unet", "scheduler"):
         if not (base / sub).is_dir():
@@ -169,15 +154,14 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
             parent_lineage = json.loads((init_from / "lineage.json").read_text())
 
     snapshot = open_snapshot(cfg.data.snapshot)
-    ecfg = embed_plan_config(cfg, base, unet_config)
+    llm_path = llm_folder(cfg.llm.path)
     stores: dict[str, Any] = {}
-    for kind in ecfg.kinds:
-        plan = plan_kind(kind, ecfg)
+    for kind, spec in cache_specs(cfg, base, llm_path, unet_config).items():
         what = {"llm": "the configured LLM (llm.*)", "clip": f"the base model's text encoder ({base.name}, "
-                f"{cfg.data.clip_windows} windows)", "pixels": f"the base model's image space ({plan.value_shape})"}[kind]
-        stores[kind] = open_checked_cache(kind, plan.inputs, cfg.data.cache_root, what)
+                f"{cfg.data.clip_windows} windows)", "pixels": f"the base model's image space ({spec.value_shape})"}[kind]
+        stores[kind] = open_checked_cache(kind, spec.inputs, cfg.data.cache_root, what)
         if kind == "llm":
-            llm_encoder_inputs = plan.inputs["encoder"]
+            llm_encoder_inputs = spec.inputs["encoder"]
     llm_dim = int(stores["llm"].hidden_size)
     if cfg.family == "align" and stores["clip"].hidden_size != out_dim:
         raise CacheMismatchError(f"CLIP cache hidden size {stores['clip'].hidden_size} != the base UNet's "
@@ -217,7 +201,7 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
         llm_stats = llm_state_stats(stores["llm"], examples["llm_key"].tolist())
 
     scheduler_config = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
-    inputs = StageInputs(base, init_from, snapshot, Path(ecfg.llm.path), llm_encoder_inputs, llm_dim, out_dim,
+    inputs = StageInputs(base, init_from, snapshot, llm_path, llm_encoder_inputs, llm_dim, out_dim,
                          stores, examples, val_examples, scheduler_config=scheduler_config,
                          parent_lineage=parent_lineage, llm_stats=llm_stats, image_pool=image_pool)
     _prompt_states(cfg, inputs, pairs)
@@ -230,7 +214,7 @@ def with_empty_prompt(examples: pd.DataFrame, stores: dict, share: float) -> pd.
     Classifier-free guidance contrasts every prompt with the adapter's output for "", so that output
     must land where the base UNet's unconditional input (CLIP of "") is.
     """
-    from omnidiff.text import text_key
+    from omnidiff.contracts.keys import text_key
 
     key = text_key(EMPTY_PROMPT)
     if share <= 0 or key not in stores["llm"] or key not in stores["clip"]:
@@ -302,7 +286,7 @@ def _check_parent(init_from: Path, llm_inputs: dict, llm_dim: int, out_dim: int)
 
 def _prompt_states(cfg: TrainConfig, inputs: StageInputs, pairs: pd.DataFrame) -> None:
     """The sample prompt set with LLM states (cache first; the LLM encodes only what is missing) and ""'s states."""
-    from omnidiff.text import text_key
+    from omnidiff.contracts.keys import text_key
 
     store = inputs.stores["llm"]
     empty_key = text_key(EMPTY_PROMPT)

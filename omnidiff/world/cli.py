@@ -85,8 +85,10 @@ def _serve(world_dir: Path, host: str, port: int, url_file: Path | None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
-    if url_file is not None:
-        url_file.write_text(url + "\n", encoding="utf-8")
+    if url_file is not None:  # atomically: a watcher that sees the file reads the whole url
+        from omnidiff.contracts.io import atomic_write
+
+        atomic_write(url_file, url + "\n")
     print(f"serving {world_dir}/images at {url} (Ctrl-C to stop)", flush=True)
     try:
         stop.wait()

@@ -32,6 +32,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from omnidiff.contracts.io import atomic_write, pid_alive, sha256_file
 from omnidiff.env import subdir
 
 SCHEMA_VERSION = 1
@@ -46,14 +47,6 @@ def snapshots_root() -> Path:
     return subdir("data", "snapshots")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def content_digest(shards: dict[str, list[dict]]) -> str:
     """sha256 over (schema version, every shard's relative path, rows and sha256) in sorted order."""
     lines = [f"schema_version\t{SCHEMA_VERSION}"]
@@ -63,22 +56,6 @@ def content_digest(shards: dict[str, list[dict]]) -> str:
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_dead_staging(name_dir: Path) -> None:
     """Staging folders left by killed writers (``.staging-<pid>-<id>`` whose pid is gone)."""
     for d in name_dir.glob(".staging-*"):
@@ -86,7 +63,7 @@ def _remove_dead_staging(name_dir: Path) -> None:
             pid = int(d.name.split("-")[1])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -111,7 +88,7 @@ class SnapshotWriter:
         tmp = final.with_name(f".{final.name}.tmp")
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, final)
-        shard = {"path": rel, "rows": table.num_rows, "sha256": _sha256(final)}
+        shard = {"path": rel, "rows": table.num_rows, "sha256": sha256_file(final)}
         self.shards[table_name].append(shard)
         return shard
 
@@ -120,7 +97,7 @@ class SnapshotWriter:
         digest = content_digest(self.shards)
         full = {"schema_version": SCHEMA_VERSION, "name": self.name, "digest": digest, **manifest,
                 "shards": self.shards}
-        _write_json_atomic(self.staging / "manifest.json", full)
+        atomic_write(self.staging / "manifest.json", json.dumps(full, indent=2, ensure_ascii=False) + "\n")
         final = self.name_dir / digest[:16]
         if final.exists():
             # The same content was written before (a rerun): keep the existing folder if it is intact.
@@ -134,10 +111,7 @@ class SnapshotWriter:
                 shutil.rmtree(broken, ignore_errors=True)
         else:
             os.replace(self.staging, final)
-        latest = self.name_dir / "LATEST"
-        tmp = latest.with_name(f".LATEST.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        tmp.write_text(digest[:16] + "\n")
-        os.replace(tmp, latest)
+        atomic_write(self.name_dir / "LATEST", digest[:16] + "\n")
         return final
 
     def abort(self) -> None:
@@ -178,7 +152,7 @@ class Snapshot:
                 file = self.path / shard["path"]
                 if not file.is_file():
                     raise SnapshotError(f"snapshot {str(self.path)!r}: shard {shard['path']} is missing")
-                actual = _sha256(file)
+                actual = sha256_file(file)
                 if actual != shard["sha256"]:
                     raise SnapshotError(f"snapshot {str(self.path)!r}: shard {shard['path']} is corrupt "
                                         f"(sha256 {actual[:12]}..., manifest says {shard['sha256'][:12]}...)")

@@ -1,0 +1,332 @@
+"""The single writer of an embedding cache directory (the format and reader: omnidiff/contracts/cache.py).
+
+Crash safety. A shard is written to ``shards/.tmp-*`` , fsynced and renamed: a reader never sees a
+half-written shard. The manifest is rewritten the same way after every shard. A run killed between
+a shard's rename and the manifest update leaves an *unlisted* shard; the next writer adopts it
+(after checking it parses), so no finished work is lost and nothing is computed twice. Exactly one
+writer per cache directory (a file lock), and actors of a dead run cannot publish into a newer run
+(the run token check in :func:`write_shard_file`). Should a key still appear in two shards, every
+reader resolves it the same way: the shard whose name sorts first (the oldest) wins, and the next
+writer drops the duplicate rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import filelock
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from omnidiff.contracts.cache import (
+    CORRUPT_SUFFIX,
+    MANIFEST_NAME,
+    SHARD_PREFIX,
+    SHARDS_DIR,
+    CacheError,
+    encode_shard,
+    expected_schema,
+    new_run_stamp,
+    read_shard_table,
+    shard_name,
+)
+from omnidiff.contracts.encoders import STORAGE_FORMAT, fingerprint
+from omnidiff.contracts.io import TMP_PREFIX, atomic_write, file_lock, fsync_dir, sha256_bytes
+
+LOCK_NAME = ".writer.lock"
+TOKEN_NAME = ".writer"
+
+
+def write_shard_file(directory: str | Path, name: str, table: pa.Table, run_token: str | None = None) -> dict:
+    """Publish ``table`` as ``shards/<name>`` atomically; return its manifest entry.
+
+    Called by the actors (they write where the data lives; the driver only publishes manifest
+    entries). ``run_token`` guards against actors of a killed run: the shard is only renamed into
+    place while the cache's ``.writer`` token is still theirs, else it is discarded and the entry
+    has ``stale: True``.
+    """
+    directory = Path(directory)
+    shards = directory / SHARDS_DIR
+    data = encode_shard(table)
+    tmp = shards / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    entry = {"name": name, "rows": table.num_rows, "sha256": sha256_bytes(data), "bytes": len(data)}
+    if "length" in table.column_names:
+        entry["tokens"] = int(pc.sum(table.column("length")).as_py() or 0)
+    if run_token is not None and _read_token(directory) != run_token:
+        tmp.unlink(missing_ok=True)
+        return {**entry, "stale": True}
+    final = shards / name
+    if final.exists():
+        # A retried task (its actor died after the rename, before reporting): keep both files; the
+        # next writer drops the one whose keys are already listed.
+        final = shards / name.replace(".parquet", f"-{uuid.uuid4().hex[:8]}.parquet")
+        entry["name"] = final.name
+    os.replace(tmp, final)
+    fsync_dir(shards)
+    return entry
+
+
+def _read_token(directory: Path) -> str | None:
+    try:
+        return (directory / TOKEN_NAME).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+class CacheWriter:
+    """The single writer of a cache directory (the embed job's driver).
+
+    ``open()`` takes the directory's lock, claims it with a fresh run token, checks the fingerprint,
+    deletes stale temp files and adopts unlisted shards left by a killed run. ``publish(entry)``
+    adds a shard written by :func:`write_shard_file` to the manifest (atomic rewrite).
+    """
+
+    def __init__(self, path: str | Path, inputs: dict[str, Any]):
+        self.path = Path(path)
+        self.inputs = dict(inputs)
+        self.kind = inputs["kind"]
+        self.fingerprint = fingerprint(inputs)
+        if self.path.name != self.fingerprint:
+            raise CacheError(f"{self.path}: directory name is not the fingerprint {self.fingerprint} of its inputs")
+        self.run_stamp = new_run_stamp()
+        self.run_token = f"{self.run_stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.manifest: dict = {}
+        self.keys: set[str] = set()
+        self.recovered: dict[str, Any] = {
+            "temp_removed": 0,
+            "adopted": [],
+            "dropped": [],
+            "missing": [],
+            "quarantined": [],
+        }
+        self._lock: filelock.FileLock | None = None
+
+    # -- lifecycle
+    def __enter__(self) -> CacheWriter:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> CacheWriter:
+        (self.path / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        lock = file_lock(self.path / LOCK_NAME, timeout=0)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            holder = _read_token(self.path) or "unknown"
+            raise CacheError(
+                f"{self.path} is being written by another embed run (run {holder}); wait for it to finish or stop it"
+            ) from None
+        self._lock = lock
+        # Claim the directory before looking at it: actors of a killed run see a foreign token from
+        # here on and discard their shards instead of publishing them.
+        try:
+            atomic_write(self.path / TOKEN_NAME, self.run_token + "\n")
+            self._load_manifest()
+            self._recover()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @property
+    def recovered_anything(self) -> bool:
+        """Whether :meth:`open` found leftovers of an interrupted run (temp files, unlisted or lost shards)."""
+        return any(self.recovered.values())
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _load_manifest(self) -> None:
+        path = self.path / MANIFEST_NAME
+        if path.exists():
+            manifest = json.loads(path.read_text())
+            if manifest.get("fingerprint") != self.fingerprint or manifest.get("fingerprint_inputs") != json.loads(
+                json.dumps(self.inputs)
+            ):
+                raise CacheError(f"{path}: manifest fingerprint inputs do not match this run's; refusing to mix caches")
+            self.manifest = manifest
+        else:
+            self.manifest = {
+                "format": STORAGE_FORMAT,
+                "kind": self.kind,
+                "fingerprint": self.fingerprint,
+                "fingerprint_inputs": json.loads(json.dumps(self.inputs)),
+                "dtype": "float16",
+                "value_shape": None,
+                "rows": 0,
+                "shards": [],
+                "created": _now(),
+            }
+            self._write_manifest()
+
+    def _recover(self) -> None:
+        shards_dir = self.path / SHARDS_DIR
+        for tmp in list(shards_dir.glob(f"{TMP_PREFIX}*")) + list(self.path.glob(f"{TMP_PREFIX}*")):
+            tmp.unlink(missing_ok=True)
+            self.recovered["temp_removed"] += 1
+        # Listed shards whose file vanished: drop them so their keys are computed again.
+        kept = []
+        for entry in self.manifest["shards"]:
+            if (shards_dir / entry["name"]).is_file():
+                kept.append(entry)
+            else:
+                self.recovered["missing"].append(entry["name"])
+        if len(kept) != len(self.manifest["shards"]):
+            self.manifest["shards"] = kept
+            self._write_manifest()
+        unreadable = []
+        for entry in sorted(self.manifest["shards"], key=lambda s: s["name"]):
+            try:
+                table = read_shard_table(shards_dir / entry["name"], ["key"])
+            except (OSError, pa.ArrowException):
+                unreadable.append(entry["name"])
+                continue
+            self.keys.update(table.column("key").to_pylist())
+        if unreadable:  # cannot even list its keys: unlist it so its keys are computed again
+            self.recovered["quarantined"] = self.quarantine(unreadable)
+        listed = {s["name"] for s in self.manifest["shards"]}
+        for path in sorted(shards_dir.glob(f"{SHARD_PREFIX}*.parquet")):
+            if path.name not in listed:
+                self._adopt(path)
+
+    def _adopt(self, path: Path) -> None:
+        """Take over a complete shard a killed run renamed into place but never listed."""
+        try:
+            table = pq.read_table(path)
+            if self.manifest["value_shape"] is not None:
+                expected = expected_schema(self.kind, self.manifest["value_shape"])
+                if not table.schema.equals(expected):
+                    raise ValueError(f"schema {table.schema} != {expected}")
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
+            self.recovered["dropped"].append(f"{path.name}: unreadable ({exc})")
+            return
+        keys = table.column("key").to_pylist()
+        fresh = [k not in self.keys for k in keys]
+        if not any(fresh):
+            path.unlink()
+            self.recovered["dropped"].append(f"{path.name}: every key already cached")
+            return
+        if not all(fresh):  # keep each key once: rewrite the shard without the rows cached elsewhere
+            table = table.filter(pa.array(fresh))
+            path.unlink()
+            entry = write_shard_file(self.path, path.name, table)
+        else:
+            data = path.read_bytes()
+            entry = {"name": path.name, "rows": table.num_rows, "sha256": sha256_bytes(data), "bytes": len(data)}
+            if "length" in table.column_names:
+                entry["tokens"] = int(pc.sum(table.column("length")).as_py() or 0)
+        self._set_shape_from(table)
+        self.publish(entry)
+        self.recovered["adopted"].append(path.name)
+
+    def _set_shape_from(self, table: pa.Table) -> None:
+        if self.manifest["value_shape"] is not None:
+            return
+        if self.kind in ("llm", "clip"):
+            self.manifest["value_shape"] = [table.schema.field("states").type.value_type.list_size]
+            self.manifest["hidden_size"] = self.manifest["value_shape"][0]
+
+    # -- writing
+    def set_value_shape(self, shape: Sequence[int]) -> None:
+        """Record the per-token (D,) or per-image (C, H, W) shape; it must never change."""
+        shape = [int(s) for s in shape]
+        current = self.manifest.get("value_shape")
+        if current is not None and list(current) != shape:
+            raise CacheError(f"{self.path}: value shape {shape} differs from the cache's {current}")
+        if current is None:
+            self.manifest["value_shape"] = shape
+            if self.kind in ("llm", "clip"):
+                self.manifest["hidden_size"] = shape[0]
+            self._write_manifest()
+
+    def shard_name(self, unit: int) -> str:
+        return shard_name(self.run_stamp, unit)
+
+    def write(self, table: pa.Table, unit: int) -> dict:
+        """Write and publish a shard from the driver (small jobs, adoption, tests)."""
+        entry = write_shard_file(self.path, self.shard_name(unit), table, self.run_token)
+        self.publish(entry)
+        return entry
+
+    def publish(self, entry: dict, keys: Iterable[str] | None = None) -> None:
+        """List a written shard in the manifest (atomic rewrite) and remember its keys."""
+        if entry.get("stale"):
+            raise CacheError(f"{self.path}: shard {entry['name']} was written under another run's token")
+        if keys is None:
+            keys = read_shard_table(self.path / SHARDS_DIR / entry["name"], ["key"]).column("key").to_pylist()
+        keys = list(keys)
+        dup = self.keys.intersection(keys)
+        if dup:
+            raise CacheError(
+                f"{self.path}: shard {entry['name']} repeats {len(dup)} cached key(s), e.g. {sorted(dup)[0]}"
+            )
+        entry = {k: v for k, v in entry.items() if k != "stale"}
+        entry.setdefault("created", _now())
+        self.manifest["shards"].append(entry)
+        self.manifest["rows"] = sum(s["rows"] for s in self.manifest["shards"])
+        self.keys.update(keys)
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        self.manifest["updated"] = _now()
+        self.manifest["rows"] = sum(s["rows"] for s in self.manifest["shards"])
+        data = json.dumps(self.manifest, indent=1, sort_keys=True, ensure_ascii=False).encode()
+        atomic_write(self.path / MANIFEST_NAME, data)
+
+    def quarantine(self, names: Iterable[str]) -> list[str]:
+        """Unlist shards (e.g. those :meth:`CacheStore.verify` named) and rename them ``*.corrupt``.
+
+        Their keys are then missing, so the next run computes them again.
+        """
+        names = set(names)
+        moved = []
+        keep = []
+        for entry in self.manifest["shards"]:
+            if entry["name"] in names:
+                path = self.path / SHARDS_DIR / entry["name"]
+                if path.exists():
+                    os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
+                moved.append(entry["name"])
+            else:
+                keep.append(entry)
+        self.manifest["shards"] = keep
+        self._write_manifest()
+        self.keys = set()
+        for entry in keep:
+            try:
+                table = read_shard_table(self.path / SHARDS_DIR / entry["name"], ["key"])
+            except (OSError, pa.ArrowException):
+                continue  # unreadable as well: the caller's _recover quarantines it
+            self.keys.update(table.column("key").to_pylist())
+        return moved
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@contextlib.contextmanager
+def open_writer(path: str | Path, inputs: dict[str, Any]):
+    """``with open_writer(dir, inputs) as writer:`` (lock held inside)."""
+    writer = CacheWriter(path, inputs).open()
+    try:
+        yield writer
+    finally:
+        writer.close()

@@ -1,0 +1,372 @@
+"""The embedding cache on disk: Parquet shards + a manifest, readable by plain pyarrow.
+
+Layout (docs/architecture.md "Embedding cache")::
+
+    cache/<kind>/<fingerprint>/
+        manifest.json            fingerprint inputs, value shape, shards (name, rows, sha256, bytes)
+        shards/part-<utc stamp>-<unit>.parquet
+
+The folder's name is the fingerprint of its encoder (omnidiff/contracts/encoders.py). Columns:
+``key`` (string), ``length`` (int32, tokens) and ``states`` (``list<fixed_size_list<float16, D>>``,
+unpadded) for ``llm``/``clip``; ``clip`` adds ``pooled`` (``fixed_size_list<float16, D>``); ``pixels``
+has ``key`` + ``pixels`` (``fixed_size_list<float16, C*H*W>``, shape in the manifest). No Ray extension
+types: any pyarrow/Arrow reader can open a shard (NOTES.md "Ray").
+
+This module is the format and the reader; the embed stage's single writer (temp name + rename per
+shard, the manifest rewritten atomically after each, adoption of shards a killed run left unlisted)
+is embed_cache/writer.py, and :mod:`omnidiff.contracts.cache_verify` checks a cache shard by shard.
+Should a key appear in two shards, every reader resolves it the same way: the shard whose name sorts
+first (the oldest) wins.
+
+Read side (the train stage)::
+
+    store = CacheStore(cache_dir("llm", fingerprint))
+    states = store.read(keys)            # {key: float16 (L, D)}
+    pooled = CacheStore(clip_dir).read_pooled(keys)   # {key: float16 (D,)}
+    store.verify().raise_if_corrupt()    # names any corrupt shard
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from omnidiff.contracts.encoders import KINDS
+
+if TYPE_CHECKING:
+    from omnidiff.contracts.cache_verify import VerifyReport
+
+MANIFEST_NAME = "manifest.json"
+SHARDS_DIR = "shards"
+SHARD_PREFIX = "part-"
+CORRUPT_SUFFIX = ".corrupt"
+VALUE_COLUMN = {"llm": "states", "clip": "states", "pixels": "pixels"}
+
+
+class CacheError(RuntimeError):
+    """A cache directory is unusable (wrong fingerprint, locked, missing key...); the message says which."""
+
+
+class CorruptShardError(CacheError):
+    """One or more shards failed a check; ``.shards`` maps shard name -> reason."""
+
+    def __init__(self, cache: Path, shards: dict[str, str]):
+        self.cache, self.shards = Path(cache), dict(shards)
+        listed = "; ".join(f"{name}: {why}" for name, why in sorted(shards.items()))
+        super().__init__(f"corrupt shard(s) in {cache}: {listed}")
+
+
+class NonFiniteStatesError(ValueError):
+    """Model output with NaN or inf; ``.keys`` lists the offending cache keys."""
+
+    def __init__(self, rejected: dict[str, str]):
+        self.rejected = dict(rejected)
+        shown = ", ".join(f"{k} ({why})" for k, why in list(rejected.items())[:10])
+        more = f" and {len(rejected) - 10} more" if len(rejected) > 10 else ""
+        super().__init__(f"non-finite states rejected for key(s): {shown}{more}")
+
+
+# ---------------------------------------------------------------------------------------- locations
+
+
+def cache_root(root: str | Path | None = None) -> Path:
+    """``root`` or ``$OMNIDIFF_HOME/cache``."""
+    if root is not None:
+        return Path(root)
+    from omnidiff.env import subdir
+
+    return subdir("cache")
+
+
+def cache_dir(kind: str, fingerprint: str, root: str | Path | None = None) -> Path:
+    """``<root>/<kind>/<fingerprint>`` (not created)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+    if not fingerprint or "/" in fingerprint or fingerprint.startswith("."):
+        raise ValueError(f"fingerprint={fingerprint!r}: not a valid directory name")
+    return cache_root(root) / kind / fingerprint
+
+
+# ---------------------------------------------------------------------------------------- format
+
+
+def expected_schema(kind: str, value_shape: Sequence[int]) -> pa.Schema:
+    """The Arrow schema of a shard of ``kind`` (``value_shape`` = (D,) per token, or (C, H, W))."""
+    if kind in ("llm", "clip"):
+        (dim,) = value_shape
+        token = pa.list_(pa.float16(), int(dim))
+        fields = [
+            pa.field("key", pa.string(), False),
+            pa.field("length", pa.int32(), False),
+            pa.field("states", pa.list_(token), False),
+        ]
+        if kind == "clip":
+            fields.append(pa.field("pooled", token, False))
+        return pa.schema(fields)
+    if kind == "pixels":
+        size = int(np.prod(value_shape))
+        return pa.schema([pa.field("key", pa.string(), False), pa.field("pixels", pa.list_(pa.float16(), size), False)])
+    raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+
+
+def find_non_finite(keys: Sequence[str], arrays: Iterable[np.ndarray]) -> dict[str, str]:
+    """``{key: reason}`` for every array holding NaN or inf (checked on the float16 values that are stored)."""
+    bad: dict[str, str] = {}
+    for key, arr in zip(keys, arrays, strict=True):
+        finite = np.isfinite(arr)
+        if not finite.all():
+            n_nan = int(np.isnan(arr).sum())
+            n_inf = int((~finite).sum()) - n_nan
+            bad[key] = f"{n_nan} NaN, {n_inf} inf of {arr.size} values"
+    return bad
+
+
+def states_table(keys: Sequence[str], states: Sequence[np.ndarray], pooled: np.ndarray | None = None) -> pa.Table:
+    """Shard table from per-key unpadded states ``(L_i, D)``; optional ``pooled (N, D)`` (clip).
+
+    Values are cast to float16; non-finite values raise :class:`NonFiniteStatesError` naming the keys.
+    """
+    if len(keys) != len(states):
+        raise ValueError(f"{len(keys)} keys but {len(states)} state arrays")
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate keys in one shard")
+    if not states:
+        raise ValueError("empty shard")
+    dim = int(states[0].shape[-1])
+    halves = []
+    for key, arr in zip(keys, states, strict=True):
+        if arr.ndim != 2 or arr.shape[1] != dim:
+            raise ValueError(f"key {key}: states shape {arr.shape}, expected (L, {dim})")
+        with np.errstate(over="ignore"):  # overflow becomes inf, which is reported below with the key
+            halves.append(np.asarray(arr, dtype=np.float16))
+    rejected = find_non_finite(keys, halves)
+    lengths = np.array([h.shape[0] for h in halves], dtype=np.int32)
+    flat = np.concatenate(halves, axis=0).reshape(-1) if lengths.sum() else np.zeros(0, np.float16)  # (sum L * D,)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    tokens = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), dim)
+    columns: dict[str, Any] = {
+        "key": pa.array(list(keys), pa.string()),
+        "length": pa.array(lengths, pa.int32()),
+        "states": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), tokens),
+    }
+    kind = "llm"
+    if pooled is not None:
+        with np.errstate(over="ignore"):
+            pooled16 = np.asarray(pooled, dtype=np.float16)
+        if pooled16.shape != (len(keys), dim):
+            raise ValueError(f"pooled shape {pooled16.shape}, expected ({len(keys)}, {dim})")
+        rejected.update({k: f"pooled: {v}" for k, v in find_non_finite(keys, list(pooled16)).items()})
+        columns["pooled"] = pa.FixedSizeListArray.from_arrays(pa.array(pooled16.reshape(-1), pa.float16()), dim)
+        kind = "clip"
+    if rejected:
+        raise NonFiniteStatesError(rejected)
+    return pa.Table.from_arrays(list(columns.values()), schema=expected_schema(kind, (dim,)))
+
+
+def pixels_table(keys: Sequence[str], values: np.ndarray) -> pa.Table:
+    """Shard table from ``values (N, C, H, W)`` (pixels in [-1, 1] or latents), stored float16."""
+    with np.errstate(over="ignore"):
+        values16 = np.asarray(values, dtype=np.float16)
+    if values16.ndim != 4 or values16.shape[0] != len(keys):
+        raise ValueError(f"values shape {values16.shape}, expected ({len(keys)}, C, H, W)")
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate keys in one shard")
+    rejected = find_non_finite(keys, list(values16))
+    if rejected:
+        raise NonFiniteStatesError(rejected)
+    size = int(np.prod(values16.shape[1:]))
+    return pa.Table.from_arrays(
+        [
+            pa.array(list(keys), pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(values16.reshape(-1), pa.float16()), size),
+        ],
+        schema=expected_schema("pixels", values16.shape[1:]),
+    )
+
+
+def encode_shard(table: pa.Table) -> bytes:
+    """Parquet bytes. Byte-stream-split + zstd on the float16 columns: ~0.85-0.95 of raw fp16 size."""
+    float_columns = {
+        "states": "states.list.element.list.element",
+        "pooled": "pooled.list.element",
+        "pixels": "pixels.list.element",
+    }
+    split = [path for name, path in float_columns.items() if name in table.column_names]
+    buf = io.BytesIO()
+    pq.write_table(
+        table,
+        buf,
+        compression="zstd",
+        compression_level=1,
+        use_dictionary=["key"],
+        use_byte_stream_split=split,
+        row_group_size=max(1, table.num_rows),
+    )
+    return buf.getvalue()
+
+
+def decode_states(column: pa.ChunkedArray | pa.Array, dim: int) -> list[np.ndarray]:
+    """``list<fixed_size_list<float16, D>>`` -> one float16 ``(L, D)`` array per row (views, no copy)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy()
+    offsets = offsets - offsets[0]  # a sliced array keeps absolute offsets
+    flat = arr.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)  # (sum L, D)
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
+
+
+def decode_fixed(column: pa.ChunkedArray | pa.Array, shape: Sequence[int]) -> np.ndarray:
+    """``fixed_size_list<float16, prod(shape)>`` -> float16 ``(N, *shape)``."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), *shape)
+
+
+def shard_name(run_stamp: str, unit: int) -> str:
+    """``part-<utc stamp>-<unit>.parquet``; names sort oldest first, which decides duplicate keys."""
+    return f"{SHARD_PREFIX}{run_stamp}-{unit:06d}.parquet"
+
+
+def new_run_stamp() -> str:
+    """UTC time to the microsecond, e.g. ``20261201T020000123456``: later runs sort after earlier ones."""
+    now_ns = time.time_ns()
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now_ns // 1_000_000_000)) + f"{now_ns // 1000 % 1_000_000:06d}"
+
+
+def read_shard_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A shard file as an Arrow table (memory-mapped; ``columns`` to read only some)."""
+    return pq.read_table(path, columns=columns, memory_map=True)
+
+
+# ---------------------------------------------------------------------------------------- reader
+
+
+class CacheStore:
+    """Read-only view of one cache directory (``cache/<kind>/<fingerprint>/``)."""
+
+    def __init__(self, path: str | Path, max_cached_shards: int = 4):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise CacheError(f"{self.path}: not an embedding cache (no {MANIFEST_NAME}); run 'omnidiff embed' first")
+        self.manifest: dict = json.loads(manifest_path.read_text())
+        self.kind: str = self.manifest["kind"]
+        self.fingerprint: str = self.manifest["fingerprint"]
+        self._index: dict[str, tuple[str, int]] | None = None
+        self._tables: OrderedDict[str, pa.Table] = OrderedDict()
+        self._max_cached = max(1, max_cached_shards)
+
+    # -- metadata
+    @property
+    def value_shape(self) -> tuple[int, ...] | None:
+        shape = self.manifest.get("value_shape")
+        return tuple(shape) if shape else None
+
+    @property
+    def hidden_size(self) -> int | None:
+        """D of the per-token states (llm/clip)."""
+        return self.value_shape[0] if self.kind in ("llm", "clip") and self.value_shape else None
+
+    @property
+    def shard_names(self) -> list[str]:
+        """Listed shards, oldest first (the order that resolves duplicate keys)."""
+        return sorted(s["name"] for s in self.manifest["shards"])
+
+    def __len__(self) -> int:
+        return len(self._key_index())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_index()
+
+    def keys(self) -> list[str]:
+        """Every cached key, sorted."""
+        return sorted(self._key_index())
+
+    def _key_index(self) -> dict[str, tuple[str, int]]:
+        if self._index is None:
+            index: dict[str, tuple[str, int]] = {}
+            for name in self.shard_names:  # oldest first: the first occurrence of a key wins
+                keys = read_shard_table(self.path / SHARDS_DIR / name, ["key"]).column("key").to_pylist()
+                for row, key in enumerate(keys):
+                    index.setdefault(key, (name, row))
+            self._index = index
+        return self._index
+
+    def _table(self, name: str) -> pa.Table:
+        if name in self._tables:
+            self._tables.move_to_end(name)
+            return self._tables[name]
+        path = self.path / SHARDS_DIR / name
+        try:
+            table = read_shard_table(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise CorruptShardError(self.path, {name: f"cannot read: {exc}"}) from None
+        self._tables[name] = table
+        while len(self._tables) > self._max_cached:
+            self._tables.popitem(last=False)
+        return table
+
+    def _rows_by_shard(self, keys: Iterable[str]) -> dict[str, list[tuple[str, int]]]:
+        index = self._key_index()
+        grouped: dict[str, list[tuple[str, int]]] = {}
+        for key in keys:
+            if key not in index:
+                raise KeyError(
+                    f"key {key!r} is not in cache {self.path} ({self.kind} {self.fingerprint}); "
+                    "run 'omnidiff embed' over the snapshot that holds it"
+                )
+            name, row = index[key]
+            grouped.setdefault(name, []).append((key, row))
+        return grouped
+
+    def read(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        """``{key: float16 array}``: ``(L, D)`` states for llm/clip, ``(C, H, W)`` for pixels."""
+        out: dict[str, np.ndarray] = {}
+        column = VALUE_COLUMN[self.kind]
+        for name, rows in self._rows_by_shard(keys).items():
+            table = self._table(name).take(pa.array([r for _, r in rows], pa.int64()))
+            if self.kind == "pixels":
+                values = list(decode_fixed(table.column(column), self.value_shape))
+            else:
+                values = decode_states(table.column(column), self.hidden_size)
+            out.update({key: value for (key, _), value in zip(rows, values, strict=True)})
+        return out
+
+    def read_pooled(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        """``{key: float16 (D,)}`` CLIP pooled embeddings (clip caches only)."""
+        if self.kind != "clip":
+            raise CacheError(f"{self.path}: a {self.kind} cache has no pooled column (only clip caches do)")
+        out: dict[str, np.ndarray] = {}
+        for name, rows in self._rows_by_shard(keys).items():
+            table = self._table(name).take(pa.array([r for _, r in rows], pa.int64()))
+            pooled = decode_fixed(table.column("pooled"), (self.hidden_size,))
+            out.update({key: value for (key, _), value in zip(rows, pooled, strict=True)})
+        return out
+
+    def lengths(self, keys: Iterable[str] | None = None) -> dict[str, int]:
+        """``{key: token count}`` without decoding states (llm/clip)."""
+        wanted = None if keys is None else set(keys)
+        out: dict[str, int] = {}
+        for name in reversed(self.shard_names):  # reversed so the oldest shard's value wins
+            table = read_shard_table(self.path / SHARDS_DIR / name, ["key", "length"])
+            for key, length in zip(table.column("key").to_pylist(), table.column("length").to_pylist(), strict=True):
+                if wanted is None or key in wanted:
+                    out[key] = length
+        return out
+
+    def verify(self, check_values: bool = True) -> VerifyReport:
+        """Check every listed shard: present, sha256, parses, schema, row count, lengths, finite values.
+
+        Also counts keys present in more than one shard and lists unlisted shard files (left by a
+        killed run; the next writer adopts them). See :func:`omnidiff.contracts.cache_verify.verify_store`.
+        """
+        from omnidiff.contracts.cache_verify import verify_store
+
+        return verify_store(self, check_values)

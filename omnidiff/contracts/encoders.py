@@ -1,0 +1,291 @@
+"""What identifies an encoder, and so names its cache: the fingerprint inputs of each cache kind.
+
+A cache lives in ``cache/<kind>/<fingerprint>/`` (docs/architecture.md "Embedding cache"). The
+fingerprint is the SHA-256 (first 16 hex chars) of a canonical JSON of its inputs:
+
+* ``llm``:    ``LLMTextEncoder.fingerprint_inputs()`` (model id, weights digest, layer, max length,
+  dtype, template, normaliser version) + the storage format;
+* ``clip``:   ``ClipTextEncoder.fingerprint_inputs(max_windows)`` (weights + tokenizer digest, window
+  layout, normaliser version) + the storage format;
+* ``pixels``: resolution, value range, and for latents the VAE weights digest and scaling factor.
+
+Any change to any input gives a different directory, so a stale hit is impossible: there is no
+"invalidate" step to forget.
+
+Both stages name a cache from plain settings with :func:`llm_spec`, :func:`clip_spec` and
+:func:`pixels_spec`: they read config files, manifests and weight *files* (to digest them), and never
+build a model. The embed actors re-derive the inputs from their loaded encoders and refuse to write
+when the two differ, so these copies of the rules cannot drift silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from omnidiff.config import require
+from omnidiff.text import NORMALISER_VERSION
+
+# Bump when the shard layout (columns, types, encodings) changes: old caches then stay untouched
+# under their old fingerprint instead of being misread.
+STORAGE_FORMAT = "parquet-unpadded-f16-v1"
+FINGERPRINT_CHARS = 16
+KINDS = ("llm", "clip", "pixels")
+
+
+def _canonical(obj: Any) -> Any:
+    """JSON-safe, order-independent form (Paths and tuples normalised) so equal inputs hash equally."""
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"fingerprint input {obj!r} ({type(obj).__name__}) is not JSON-safe")
+
+
+def fingerprint(inputs: dict[str, Any]) -> str:
+    """16 hex chars of SHA-256 over the canonical JSON of ``inputs``."""
+    if "kind" not in inputs or inputs["kind"] not in KINDS:
+        raise ValueError(f"fingerprint inputs need kind in {KINDS}, got {inputs.get('kind')!r}")
+    blob = json.dumps(_canonical(inputs), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:FINGERPRINT_CHARS]
+
+
+def llm_inputs(encoder_inputs: dict[str, Any]) -> dict[str, Any]:
+    """Fingerprint inputs of an LLM cache from ``LLMTextEncoder.fingerprint_inputs()``."""
+    if not encoder_inputs:
+        raise ValueError("LLM fingerprint inputs are empty")
+    return {"kind": "llm", "encoder": dict(encoder_inputs), "storage": STORAGE_FORMAT}
+
+
+def llm_fingerprint(encoder_inputs: dict[str, Any]) -> str:
+    """Directory name of the LLM cache for an encoder (``encoder.fingerprint_inputs()``)."""
+    return fingerprint(llm_inputs(encoder_inputs))
+
+
+def describe_llm(path: str | Path, layer: int = -1, max_length: int = 512, dtype: str = "float32") -> tuple[dict, int]:
+    """``(LLMTextEncoder(path, layer, max_length, dtype).fingerprint_inputs(), hidden_size)`` without loading weights.
+
+    The embed driver names the cache before any actor loads the model, and the train stage finds the
+    cache the same way (:func:`llm_spec`). Each embed actor re-derives the dict from its loaded encoder
+    and refuses to write if the two differ, so this copy of the rule cannot drift silently.
+    """
+    from transformers import AutoConfig
+
+    from omnidiff.models.llm import read_manifest, weights_digest
+
+    path = Path(path).resolve()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"llm.path={str(path)!r}: no config.json (for Gemma run 'omnidiff llm convert')")
+    config = AutoConfig.from_pretrained(path)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = int(text_config.num_hidden_layers)
+    if not -(n_layers + 1) <= layer <= n_layers:
+        raise ValueError(f"llm.layer={layer!r}: {path.name} has hidden_states 0..{n_layers} (or -1..-{n_layers + 1})")
+    manifest = read_manifest(path)
+    inputs = {
+        "model_id": manifest.get("model_id") or path.name,
+        "weights_digest": manifest.get("weights_digest") or weights_digest(path),
+        "layer": layer % (n_layers + 1),
+        "max_length": int(max_length),
+        "dtype": dtype,
+        "template": "raw",
+        "normaliser_version": NORMALISER_VERSION,
+    }
+    return inputs, int(text_config.hidden_size)
+
+
+def files_digest(*folders: Path, patterns: tuple[str, ...] = ("*",)) -> str:
+    """SHA-256 over the files of ``folders`` (relative name + bytes, sorted), e.g. weights + tokenizer."""
+    digest = hashlib.sha256()
+    count = 0
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: not a directory")
+        files = sorted({p for pat in patterns for p in folder.rglob(pat) if p.is_file()})
+        for path in files:
+            digest.update(f"{folder.name}/{path.relative_to(folder).as_posix()}".encode() + b"\0")
+            with path.open("rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                    digest.update(block)
+            count += 1
+    if count == 0:
+        raise FileNotFoundError(f"{[str(f) for f in folders]}: no files to digest")
+    return digest.hexdigest()
+
+
+def clip_inputs(encoder_inputs: dict[str, Any]) -> dict[str, Any]:
+    """Fingerprint inputs of a CLIP-target cache from ``ClipTextEncoder.fingerprint_inputs(max_windows)``
+    (weights + tokenizer digest, window layout, normaliser version)."""
+    if not encoder_inputs:
+        raise ValueError("CLIP fingerprint inputs are empty")
+    return {
+        "kind": "clip",
+        "encoder": dict(encoder_inputs),
+        "stored": "mask-true tokens + pooled",
+        "storage": STORAGE_FORMAT,
+    }
+
+
+def pixels_inputs(resolution: int, vae_digest: str | None = None, vae_scaling_factor: float | None = None) -> dict:
+    """Fingerprint inputs of an image cache: pixels in [-1, 1] or VAE latents (mean of the posterior)."""
+    out: dict[str, Any] = {
+        "kind": "pixels",
+        "resolution": int(resolution),
+        "resize": "shorter-side-bicubic+center-crop",
+        "value_range": [-1.0, 1.0],
+        "storage": STORAGE_FORMAT,
+    }
+    if vae_digest is not None:
+        out["vae"] = {"digest": vae_digest, "scaling_factor": vae_scaling_factor, "latent": "posterior-mean"}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- the LLM
+
+
+@dataclass(frozen=True)
+class LLMSection:
+    """The frozen LLM whose per-token states are cached (the embed stage) and read (the train stage).
+
+    path: a transformers causal-LM folder; ``null`` = the converted Gemma 3 270M (``ensure_gemma()``).
+    layer: index into ``hidden_states`` (0 = embeddings, -1 = last layer after the final norm).
+    max_length: tokens kept per caption (longer captions are cut).
+    dtype: compute dtype; fp32 on CPU (these cores have no native bf16, NOTES.md). Storage is fp16.
+    """
+
+    path: Path | None = None
+    layer: int = -1
+    max_length: int = 512
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self):
+        require(self.max_length >= 1, "llm.max_length", self.max_length, "must be >= 1")
+
+
+def llm_folder(path: str | Path | None) -> Path:
+    """The LLM folder an ``llm.path`` setting means: the path itself, or (``None``) the converted Gemma."""
+    if path is not None:
+        return Path(path).resolve()
+    from omnidiff.models.llm import ensure_gemma
+
+    return ensure_gemma()
+
+
+# ---------------------------------------------------------------------------------------- CLIP
+
+
+def describe_clip(
+    text_encoder: str | Path, tokenizer: str | Path, max_windows: int = 1, model_id: str = "clip-text"
+) -> tuple[dict, int]:
+    """``(ClipTextEncoder.from_pretrained(...).fingerprint_inputs(max_windows), hidden_size)`` without building it.
+
+    The weights digest is the one ``ClipTextEncoder.weights_digest`` computes in memory (parameter
+    names in sorted order, each tensor's fp32 bytes, then the tokenizer's JSON); here the tensors come
+    straight from the safetensors files. The dtype is what ``from_pretrained`` loads (``dtype="auto"``:
+    the config's, else the weights').
+    """
+    import contextlib
+
+    import torch
+    from safetensors import safe_open
+
+    from omnidiff.models.clip_text import WINDOW, load_clip_tokenizer
+
+    text_encoder = Path(text_encoder)
+    config_path = text_encoder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{text_encoder}: no config.json (a ClipTextEncoder.save_pretrained folder)")
+    config = json.loads(config_path.read_text())
+    files = sorted(text_encoder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{text_encoder}: no *.safetensors weights")
+    digest = hashlib.sha256()
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
+        where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        for name in sorted(where):
+            tensor = where[name].get_tensor(name)
+            if dtype is None and tensor.is_floating_point():
+                dtype = str(tensor.dtype)
+            digest.update(name.encode() + b"\0")
+            digest.update(tensor.to(torch.float32).contiguous().numpy().tobytes())
+    digest.update(load_clip_tokenizer(tokenizer).backend_tokenizer.to_str().encode())
+    inputs = {
+        "model_id": model_id,
+        "weights_digest": digest.hexdigest(),
+        "layer": -1,
+        "max_length": WINDOW * max_windows,
+        "dtype": str(dtype or "float32").removeprefix("torch."),
+        "template": f"clip-windows-{WINDOW}x{max_windows}",
+        "normaliser_version": NORMALISER_VERSION,
+    }
+    return inputs, int(config["hidden_size"])
+
+
+# ---------------------------------------------------------------------------------------- VAE
+
+
+def vae_scale_factor(vae_config: dict) -> int:
+    """Pixels per latent along each side of a diffusers ``AutoencoderKL`` (8 for SD's VAE)."""
+    return 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
+
+
+def vae_info(vae: Path) -> tuple[str, float, int, int]:
+    """``(files digest, scaling factor, latent channels, downsampling factor)`` of a diffusers VAE folder."""
+    vae = Path(vae)
+    config_path = vae / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"pixels.vae={str(vae)!r}: no config.json (a diffusers AutoencoderKL folder)")
+    config = json.loads(config_path.read_text())
+    down = vae_scale_factor(config)
+    digest = files_digest(vae, patterns=("*.json", "*.safetensors", "*.bin"))
+    return digest, float(config.get("scaling_factor", 0.18215)), int(config.get("latent_channels", 4)), down
+
+
+# ---------------------------------------------------------------------------------------- cache specs
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What names one cache folder (``cache_dir(spec.kind, spec.fingerprint, root)``) and the shape of its values."""
+
+    kind: str
+    inputs: dict[str, Any]
+    value_shape: tuple[int, ...]  # (D,) per token for llm / clip; (C, H, W) per image for pixels
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.inputs)
+
+
+def llm_spec(path: str | Path, layer: int = -1, max_length: int = 512, dtype: str = "float32") -> CacheSpec:
+    """The LLM cache of ``LLMTextEncoder(path, layer, max_length, dtype)`` (config + manifest only)."""
+    encoder_inputs, hidden = describe_llm(path, layer, max_length, dtype)
+    return CacheSpec("llm", llm_inputs(encoder_inputs), (hidden,))
+
+
+def clip_spec(text_encoder: str | Path, tokenizer: str | Path, max_windows: int) -> CacheSpec:
+    """The CLIP-target cache of a base model's text encoder in ``max_windows`` windows (no model built)."""
+    encoder_inputs, hidden = describe_clip(text_encoder, tokenizer, max_windows)
+    return CacheSpec("clip", clip_inputs(encoder_inputs), (hidden,))
+
+
+def pixels_spec(resolution: int, vae: str | Path | None = None) -> CacheSpec:
+    """The image cache at ``resolution``: pixels (3, R, R), or the latents of the VAE folder ``vae``."""
+    resolution = int(resolution)
+    if vae is None:
+        return CacheSpec("pixels", pixels_inputs(resolution), (3, resolution, resolution))
+    digest, scale, channels, down = vae_info(Path(vae))
+    if resolution % down:
+        raise ValueError(f"pixels.resolution={resolution}: must be a multiple of the VAE's downsampling {down}")
+    side = resolution // down
+    return CacheSpec("pixels", pixels_inputs(resolution, digest, scale), (channels, side, side))
