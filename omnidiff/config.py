@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, TypeAdapter, ValidationError
 
 T = TypeVar("T")
 
@@ -50,6 +50,10 @@ CONFIG_KINDS: dict[str, str] = {
     "serve": "serve.config:ServeConfig",
     "pipeline": "flows.config:PipelineConfig",
 }
+
+
+# A string with at least one non-blank character.
+NonBlank = Annotated[str, StringConstraints(pattern=r"\S")]
 
 
 class ConfigError(ValueError):
@@ -161,7 +165,7 @@ def _why(err: dict[str, Any], tp: Any, parent: Any) -> str:
     if kind == "string_too_short":
         return "must not be empty"
     if kind == "string_pattern_mismatch":
-        return f"must match {ctx.get('pattern')}"
+        return "must not be empty" if ctx.get("pattern") == r"\S" else f"must match {ctx.get('pattern')}"
     return err["msg"]
 
 
@@ -365,6 +369,7 @@ __all__ = [
     "CONFIG_KINDS",
     "ConfigError",
     "ConfigModel",
+    "NonBlank",
     "config_class",
     "config_error",
     "dump_yaml",
