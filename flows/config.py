@@ -25,6 +25,7 @@ from serve.config import ServeConfig
 from train.config import TrainConfig
 from train.eval_config import EvalConfig
 
+
 class PipelineConfig(ConfigModel):
     """url lists -> collect -> embed -> stage 1 -> stage 2 -> stage 3 -> evaluate -> register -> deploy.
 

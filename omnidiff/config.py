@@ -365,6 +365,36 @@ def replace(cfg: T, **changes: Any) -> T:
     return cls(**{**{name: getattr(cfg, name) for name in cls.model_fields}, **changes})
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``omnidiff config check FILE...``: validate config files (kind from their top-level ``kind``)
+    and print each resolved config as YAML, as torchtune's ``tune validate`` does. Exit status 1
+    when any file is invalid; its error names the key and the value. Nested config files named in a
+    pipeline YAML are read from the current directory (run it from the repository root)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="omnidiff config", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate config files and print the resolved configs")
+    check.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    check.add_argument("-q", "--quiet", action="store_true", help="only the verdicts, not the resolved configs")
+    args = parser.parse_args(argv)
+    failed = 0
+    for path in args.files:
+        try:
+            cfg = load_any(path)
+        except ConfigError as exc:
+            print(f"{path}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"# {path}: valid")
+        if not args.quiet:
+            print(dump_yaml(cfg), end="---\n")
+    if len(args.files) > 1:
+        print(f"# {len(args.files) - failed} valid, {failed} invalid", file=sys.stderr if failed else sys.stdout)
+    return 1 if failed else 0
+
+
 __all__ = [
     "CONFIG_KINDS",
     "ConfigError",
@@ -377,6 +407,7 @@ __all__ = [
     "from_dict",
     "load_any",
     "load_config",
+    "main",
     "parse_overrides",
     "read_yaml",
     "replace",

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import pytest
 from embed_cache.config import EmbedConfig
 from embed_cache.fingerprint import describe_llm, fingerprint, llm_inputs
 from embed_cache.store import SHARDS_DIR, CacheStore, CacheWriter, cache_dir, states_table
-from omnidiff.config import ConfigError, load_config
+from omnidiff.config import ConfigError, load_config, replace
 from omnidiff.text import normalise_caption, text_key
 from tests.fixtures_embed import EMBED_TEST_CONFIG, png_bytes, write_snapshot
 

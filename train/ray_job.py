@@ -137,14 +137,12 @@ def embed_plan_config(cfg: TrainConfig, base: Path, unet_config: dict):
         vae_config = json.loads((vae / "config.json").read_text())
         resolution *= 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
     kinds = ("llm", "clip") if cfg.family == "align" else ("llm", "pixels")
-    if cfg.family == "align" and cfg.distill_weight > 0:
-        kinds += ("pixels",)  # stage 1's output-matching term noises training images
     return EmbedConfig(
         snapshots=(cfg.data.snapshot,),
         kinds=kinds,
         cache_root=cfg.data.cache_root,
         llm=LLMSection(path=llm_folder(cfg), layer=cfg.llm.layer, max_length=cfg.llm.max_length, dtype=cfg.llm.dtype),
-        clip=ClipSection(base_model=base, max_windows=cfg.data.clip_windows),
+        clip=ClipSection(base_model=base, max_windows=cfg.align.clip_windows if cfg.align else ClipSection().max_windows),
         pixels=PixelsSection(resolution=resolution, vae=vae),
         track=False,
     )
@@ -174,7 +172,7 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
     for kind in ecfg.kinds:
         plan = plan_kind(kind, ecfg)
         what = {"llm": "the configured LLM (llm.*)", "clip": f"the base model's text encoder ({base.name}, "
-                f"{cfg.data.clip_windows} windows)", "pixels": f"the base model's image space ({plan.value_shape})"}[kind]
+                f"{ecfg.clip.max_windows} windows)", "pixels": f"the base model's image space ({plan.value_shape})"}[kind]
         stores[kind] = open_checked_cache(kind, plan.inputs, cfg.data.cache_root, what)
         if kind == "llm":
             llm_encoder_inputs = plan.inputs["encoder"]
@@ -189,7 +187,7 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
     pairs = snapshot.pairs(["caption", "lang", "caption_en", "split", "image_digest", "aesthetic"]).to_pandas()
     parallel = None
     if cfg.family == "align":
-        if cfg.data.use_parallel and snapshot.shard_paths("parallel"):
+        if cfg.align.use_parallel and snapshot.shard_paths("parallel"):
             parallel = snapshot.parallel(["text", "lang", "text_en", "split"]).to_pandas()
         examples = align_examples(pairs, parallel, cfg.data.split)
         require_keys(stores["clip"], examples["target_key"].tolist(), "English-side texts")
@@ -203,15 +201,9 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
         )
     require_keys(stores["llm"], examples["llm_key"].tolist(), "captions")
     if cfg.family == "align":
-        examples = with_empty_prompt(examples, stores, cfg.data.empty_share)
+        examples = with_empty_prompt(examples, stores, cfg.align.empty_share)
     val_examples = _val_examples(cfg, pairs, parallel if cfg.family == "align" else None, stores)
     image_pool = None
-    if cfg.family == "align" and cfg.distill_weight > 0:
-        # Any training image will do: the frozen UNet's prediction from CLIP's states is the target.
-        train_images = pairs.loc[pairs["split"] == cfg.data.split, "image_digest"].astype(str)
-        image_pool = sorted(set(train_images) & set(stores["pixels"].keys()))
-        if not image_pool:
-            raise TrainingError("distill_weight > 0 needs cached training images (run the embed stage with pixels)")
     llm_stats = None
     if init_from is None and cfg.adapter.input_norm:
         llm_stats = llm_state_stats(stores["llm"], examples["llm_key"].tolist())
