@@ -93,8 +93,7 @@ def build_model(llm_dim: int, llm_stats, seed: int = 0):
     stage2 = load_config(TrainConfig, REPO / "configs" / "train_stage2.yaml")
     torch.manual_seed(seed)
     adapter = OmniAdapter(llm_dim, a.width, 128, a.num_queries, a.encoder_layers, a.decoder_layers, a.heads, a.dropout,
-                          input_norm=a.input_norm, length_head=a.length_head, pooled_query=a.pooled_query,
-                          max_positions=a.max_positions)
+                          input_norm=a.input_norm, length_head=a.length_head, pooled_query=a.pooled_query)
     if a.input_norm:
         adapter.set_input_stats(*(torch.from_numpy(v) for v in llm_stats))
     if adapter.length_head is not None:
@@ -111,7 +110,7 @@ def build_model(llm_dim: int, llm_stats, seed: int = 0):
                       pooled_dim=128)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
     return StageModel(adapter, unet, partial(compute_diffusion_loss, noise_scheduler=scheduler,
-                                             min_snr_gamma=stage2.min_snr_gamma))
+                                             min_snr_gamma=stage2.diffusion.min_snr_gamma))
 
 
 def main(argv: list[str]) -> int:

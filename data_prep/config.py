@@ -2,22 +2,24 @@
 
     .venv/bin/omnidiff collect --config configs/collect.yaml download.processes=4
 
-Every field is documented in its dataclass's docstring; validation names the
-dotted key and the bad value (omnidiff.config.require).
+Every field is documented in its model's docstring; validation names the
+dotted key and the bad value (omnidiff.config).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from omnidiff.config import require
+from pydantic import Field, model_validator
+
+from omnidiff.config import ConfigModel, NonBlank, require
 from omnidiff.text import DEFAULT_MAX_CHARS
 
+_NAME = r"^[A-Za-z0-9_-]+$"  # a snapshot name becomes a folder name
 
-@dataclass(frozen=True)
-class ColumnsConfig:
+
+class ColumnsConfig(ConfigModel):
     """Column names of a url list. ``None`` = look for the usual names.
 
     url: the image url column (auto: ``url``, ``URL``, ``image_url``).
@@ -33,8 +35,7 @@ class ColumnsConfig:
     caption_en: str | None = None
 
 
-@dataclass(frozen=True)
-class ParallelColumnsConfig:
+class ParallelColumnsConfig(ConfigModel):
     """Column names of a parallel-text file (text in language X + its English, no image).
 
     text: the non-English side (auto: ``text``, ``TEXT``, ``caption``).
@@ -47,8 +48,7 @@ class ParallelColumnsConfig:
     lang: str | None = None
 
 
-@dataclass(frozen=True)
-class DownloadConfig:
+class DownloadConfig(ConfigModel):
     """img2dataset settings (https://github.com/rom1504/img2dataset, its ``download`` arguments).
 
     image_size: side of the stored images in pixels (16 for the tiny world).
@@ -75,46 +75,35 @@ class DownloadConfig:
     user_agent_token: sent in the User-Agent; X-Robots-Tag directives for it are honoured.
     """
 
-    image_size: int = 16
+    image_size: int = Field(16, ge=1)
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
     encode_format: Literal["png", "jpg", "webp"] = "png"
     encode_quality: int = 9
-    processes: int = 2
-    threads: int = 16
+    processes: int = Field(2, ge=1)
+    threads: int = Field(16, ge=1)
     distributor: Literal["multiprocessing", "ray"] = "multiprocessing"
-    shard_rows: int = 1000
-    timeout_s: int = 10
-    retries: int = 1
-    max_shard_retry: int = 1
-    max_image_bytes: int = 20_000_000
-    max_image_pixels: int = 40_000_000
-    min_image_size: int = 0
+    shard_rows: int = Field(1000, ge=1)
+    timeout_s: int = Field(10, ge=1)
+    retries: int = Field(1, ge=0)
+    max_shard_retry: int = Field(1, ge=0)
+    max_image_bytes: int = Field(20_000_000, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    min_image_size: int = Field(0, ge=0)
     verify_images: bool = True
-    user_agent_token: str = "omnidiff"
+    user_agent_token: NonBlank = "omnidiff"
 
-    def __post_init__(self) -> None:
-        require(self.image_size >= 1, "download.image_size", self.image_size, "must be >= 1")
+    @model_validator(mode="after")
+    def _quality_fits_format(self) -> DownloadConfig:
         if self.encode_format == "png":
-            require(0 <= self.encode_quality <= 9, "download.encode_quality", self.encode_quality,
+            require(0 <= self.encode_quality <= 9, "encode_quality", self.encode_quality,
                     "png compression level must be 0-9")
         else:
-            require(0 <= self.encode_quality <= 100, "download.encode_quality", self.encode_quality,
+            require(0 <= self.encode_quality <= 100, "encode_quality", self.encode_quality,
                     "jpg/webp quality must be 0-100")
-        require(self.processes >= 1, "download.processes", self.processes, "must be >= 1")
-        require(self.threads >= 1, "download.threads", self.threads, "must be >= 1")
-        require(self.shard_rows >= 1, "download.shard_rows", self.shard_rows, "must be >= 1")
-        require(self.timeout_s >= 1, "download.timeout_s", self.timeout_s, "must be >= 1 second")
-        require(self.retries >= 0, "download.retries", self.retries, "must be >= 0")
-        require(self.max_shard_retry >= 0, "download.max_shard_retry", self.max_shard_retry, "must be >= 0")
-        require(self.max_image_bytes >= 1, "download.max_image_bytes", self.max_image_bytes, "must be >= 1")
-        require(self.max_image_pixels >= 1, "download.max_image_pixels", self.max_image_pixels, "must be >= 1")
-        require(self.min_image_size >= 0, "download.min_image_size", self.min_image_size, "must be >= 0")
-        require(bool(self.user_agent_token.strip()), "download.user_agent_token", self.user_agent_token,
-                "must not be empty")
+        return self
 
 
-@dataclass(frozen=True)
-class CollectConfig:
+class CollectConfig(ConfigModel):
     """Collect image-caption pairs from url lists into a versioned pair snapshot (DESIGN.md, stage 1).
 
     name: snapshot name: the snapshot lands in ``$OMNIDIFF_HOME/data/snapshots/<name>/<digest16>/``.
@@ -142,29 +131,23 @@ class CollectConfig:
 
     kind: ClassVar[str] = "collect"
 
-    name: str = "tiny"
+    name: str = Field("tiny", pattern=_NAME)
     url_lists: tuple[Path, ...] = ()
     parallel_lists: tuple[Path, ...] = ()
-    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
-    parallel_columns: ParallelColumnsConfig = field(default_factory=ParallelColumnsConfig)
-    download: DownloadConfig = field(default_factory=DownloadConfig)
-    max_caption_chars: int = DEFAULT_MAX_CHARS
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    parallel_columns: ParallelColumnsConfig = Field(default_factory=ParallelColumnsConfig)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    max_caption_chars: int = Field(DEFAULT_MAX_CHARS, ge=1)
     long_caption: Literal["quarantine", "truncate"] = "quarantine"
-    lang_min_score: float = 0.3
-    aesthetic_scorer: str = "image_quality"
-    aesthetic_options: dict[str, Any] = field(default_factory=dict)
-    aesthetic_batch_size: int = 256
-    val_fraction: float = 0.1
-    output_shard_rows: int = 5000
+    lang_min_score: float = Field(0.3, ge=0.0, le=1.0)
+    aesthetic_scorer: NonBlank = "image_quality"
+    aesthetic_options: dict[str, Any] = Field(default_factory=dict)
+    aesthetic_batch_size: int = Field(256, ge=1)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    output_shard_rows: int = Field(5000, ge=1)
     track: bool = True
 
-    def __post_init__(self) -> None:
-        require(bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(), "name", self.name,
-                "must be a non-empty name of letters, digits, '-' and '_' (it becomes a folder name)")
+    @model_validator(mode="after")
+    def _has_url_lists(self) -> CollectConfig:
         require(len(self.url_lists) > 0, "url_lists", list(self.url_lists), "give at least one url list")
-        require(self.max_caption_chars >= 1, "max_caption_chars", self.max_caption_chars, "must be >= 1")
-        require(0.0 <= self.lang_min_score <= 1.0, "lang_min_score", self.lang_min_score, "must be in [0, 1]")
-        require(bool(self.aesthetic_scorer.strip()), "aesthetic_scorer", self.aesthetic_scorer, "must not be empty")
-        require(self.aesthetic_batch_size >= 1, "aesthetic_batch_size", self.aesthetic_batch_size, "must be >= 1")
-        require(0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "must be in [0, 1)")
-        require(self.output_shard_rows >= 1, "output_shard_rows", self.output_shard_rows, "must be >= 1")
+        return self

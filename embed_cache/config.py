@@ -8,18 +8,18 @@ Prefect flow's parameter and what MLflow logs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from omnidiff.config import require
+from pydantic import Field, model_validator
+
+from omnidiff.config import ConfigModel, NonBlank, require
 from omnidiff.contracts.encoders import LLMSection  # one definition: the train stage reads what embed wrote
 
 CacheKind = Literal["llm", "clip", "pixels"]
 
 
-@dataclass(frozen=True)
-class ClipSection:
+class ClipSection(ConfigModel):
     """The base model's CLIP-style text encoder: the stage-1 target on the English side.
 
     base_model: the base model's pipeline folder (holds ``text_encoder/`` + ``tokenizer/``);
@@ -29,14 +29,10 @@ class ClipSection:
     """
 
     base_model: Path | None = None
-    max_windows: int = 3
-
-    def __post_init__(self):
-        require(1 <= self.max_windows <= 16, "clip.max_windows", self.max_windows, "must be in 1..16")
+    max_windows: int = Field(3, ge=1, le=16)
 
 
-@dataclass(frozen=True)
-class PixelsSection:
+class PixelsSection(ConfigModel):
     """What stages 2-3 train on, keyed by image digest.
 
     resolution: images are resized (shorter side, bicubic) and centre-cropped to this square size
@@ -46,17 +42,12 @@ class PixelsSection:
     batch_size: images per decode / VAE forward (a 1024 px VAE batch of 8 already needs GBs).
     """
 
-    resolution: int = 16
+    resolution: int = Field(16, ge=4)
     vae: Path | None = None
-    batch_size: int = 64
-
-    def __post_init__(self):
-        require(self.resolution >= 4, "pixels.resolution", self.resolution, "must be >= 4")
-        require(self.batch_size >= 1, "pixels.batch_size", self.batch_size, "must be >= 1")
+    batch_size: int = Field(64, ge=1)
 
 
-@dataclass(frozen=True)
-class EmbedConfig:
+class EmbedConfig(ConfigModel):
     """The embed stage (DESIGN.md stage 2; docs/architecture.md "Embedding cache").
 
     snapshots: pair snapshots to embed; a name means the newest snapshot of that name
@@ -99,64 +90,36 @@ class EmbedConfig:
 
     kind: ClassVar[str] = "embed"
 
-    snapshots: tuple[str, ...] = ("tiny",)
-    kinds: tuple[CacheKind, ...] = ("llm", "clip", "pixels")
+    snapshots: tuple[NonBlank, ...] = Field(("tiny",), min_length=1)
+    kinds: tuple[CacheKind, ...] = Field(("llm", "clip", "pixels"), min_length=1)
     cache_root: Path | None = None
     include_parallel: bool = True
-    splits: tuple[str, ...] = ("train", "val")
-    llm: LLMSection = field(default_factory=LLMSection)
-    clip: ClipSection = field(default_factory=ClipSection)
-    pixels: PixelsSection = field(default_factory=PixelsSection)
+    splits: tuple[str, ...] = Field(("train", "val"), min_length=1)
+    llm: LLMSection = Field(default_factory=LLMSection)
+    clip: ClipSection = Field(default_factory=ClipSection)
+    pixels: PixelsSection = Field(default_factory=PixelsSection)
     executor: Literal["ray", "local", "auto"] = "auto"
-    auto_local_max_units: int = 8192
-    num_actors: int = 1
-    threads_per_actor: int = 2
-    num_gpus_per_actor: float = 0.0
-    device: str = "cpu"
-    max_tokens: int = 1024
-    max_batch_size: int = 128
-    batch_overhead_slots: int = 32
-    share_prefixes: int = 4
-    share_cache_mb: float = 2048
+    auto_local_max_units: int = Field(8192, ge=0)
+    num_actors: int = Field(1, ge=1)
+    threads_per_actor: int = Field(2, ge=1)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    max_tokens: int = Field(1024, ge=1)
+    max_batch_size: int = Field(128, ge=1)
+    batch_overhead_slots: int = Field(32, ge=0)
+    share_prefixes: int = Field(4, ge=0)
+    share_cache_mb: float = Field(2048, gt=0)
     shard_tokens: int = 32768
-    shard_rows: int = 2048
-    progress_every_s: float = 5.0
-    roofline_probe_s: float = 0.0
+    shard_rows: int = Field(2048, ge=1)
+    progress_every_s: float = Field(5.0, gt=0)
+    roofline_probe_s: float = Field(0.0, ge=0)
     track: bool = True
 
-    def __post_init__(self):
-        require(len(self.snapshots) > 0, "snapshots", self.snapshots, "name at least one snapshot (name or path)")
-        require(all(s.strip() for s in self.snapshots), "snapshots", self.snapshots, "empty snapshot name")
-        require(len(self.kinds) > 0, "kinds", self.kinds, "choose at least one of llm, clip, pixels")
+    @model_validator(mode="after")
+    def _check(self) -> EmbedConfig:
         require(len(set(self.kinds)) == len(self.kinds), "kinds", self.kinds, "a kind is listed twice")
-        require(len(self.splits) > 0, "splits", self.splits, "choose at least one split")
-        require(self.num_actors >= 1, "num_actors", self.num_actors, "must be >= 1")
-        require(self.threads_per_actor >= 1, "threads_per_actor", self.threads_per_actor, "must be >= 1")
-        require(self.num_gpus_per_actor >= 0, "num_gpus_per_actor", self.num_gpus_per_actor, "must be >= 0")
-        require(
-            self.device == "cpu" or self.device.startswith("cuda"),
-            "device",
-            self.device,
-            "expected 'cpu' or 'cuda[:N]'",
-        )
-        require(
-            not self.device.startswith("cuda") or self.num_gpus_per_actor > 0,
-            "num_gpus_per_actor",
-            self.num_gpus_per_actor,
-            "device is cuda: give each actor a GPU (e.g. 1)",
-        )
-        require(self.auto_local_max_units >= 0, "auto_local_max_units", self.auto_local_max_units, "must be >= 0")
-        require(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be >= 1")
-        require(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be >= 1")
-        require(self.batch_overhead_slots >= 0, "batch_overhead_slots", self.batch_overhead_slots, "must be >= 0")
-        require(self.share_prefixes >= 0, "share_prefixes", self.share_prefixes, "must be >= 0 (0 = off)")
-        require(self.share_cache_mb > 0, "share_cache_mb", self.share_cache_mb, "must be > 0")
-        require(
-            self.shard_tokens >= self.max_tokens,
-            "shard_tokens",
-            self.shard_tokens,
-            f"must be >= max_tokens ({self.max_tokens}) so a shard holds at least one full batch",
-        )
-        require(self.shard_rows >= 1, "shard_rows", self.shard_rows, "must be >= 1")
-        require(self.progress_every_s > 0, "progress_every_s", self.progress_every_s, "must be > 0")
-        require(self.roofline_probe_s >= 0, "roofline_probe_s", self.roofline_probe_s, "must be >= 0 (0 = off)")
+        require(not self.device.startswith("cuda") or self.num_gpus_per_actor > 0, "num_gpus_per_actor",
+                self.num_gpus_per_actor, "device is cuda: give each actor a GPU (e.g. 1)")
+        require(self.shard_tokens >= self.max_tokens, "shard_tokens", self.shard_tokens,
+                f"must be >= max_tokens ({self.max_tokens}) so a shard holds at least one full batch")
+        return self

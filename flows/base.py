@@ -42,8 +42,7 @@ def evaluator_task(cfg: BaseConfig) -> str:
 @flow(name="prepare-base", log_prints=True)
 def prepare_base_flow(base: BaseConfig, world: WorldConfig | None = None) -> dict[str, Any]:
     """World (when given) -> base model + evaluator on that world; returns their folders."""
-    from dataclasses import replace
-
+    from omnidiff.config import replace
     from omnidiff.stack import apply_env
 
     apply_env()

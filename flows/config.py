@@ -11,24 +11,22 @@ Prefect UI shows a form for every stage.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
+
+from pydantic import Field, model_validator
 
 from data_prep.config import CollectConfig
 from embed_cache.config import EmbedConfig
 from omnidiff.base.config import BaseConfig
-from omnidiff.config import ConfigError, _merge, from_dict, parse_overrides, read_yaml, require
+from omnidiff.config import ConfigModel, load_config, require
 from omnidiff.world.config import WorldConfig
 from serve.config import ServeConfig
 from train.config import TrainConfig
 from train.eval_config import EvalConfig
 
-STAGE_FIELDS = ("world", "base", "collect", "embed", "stage1", "stage2", "stage3", "evaluate", "serve")
 
-
-@dataclass(frozen=True)
-class PipelineConfig:
+class PipelineConfig(ConfigModel):
     """url lists -> collect -> embed -> stage 1 -> stage 2 -> stage 3 -> evaluate -> register -> deploy.
 
     world: the tiny world to generate and serve over local HTTP as the url list source; ``null`` for a
@@ -54,17 +52,18 @@ class PipelineConfig:
     stage3: TrainConfig
     evaluate: EvalConfig
     serve: ServeConfig
-    world_port: int = 8765
+    world_port: int = Field(8765, ge=1, le=65535)
     skip_unchanged: bool = True
     deploy: bool = True
 
-    def __post_init__(self) -> None:
-        require(1 <= self.world_port <= 65535, "world_port", self.world_port, "must be a TCP port")
+    @model_validator(mode="after")
+    def _stages_fit_their_slots(self) -> PipelineConfig:
         for name, stage in (("stage1", 1), ("stage2", 2), ("stage3", 3)):
             cfg = getattr(self, name)
             require(cfg.stage == stage, f"{name}.stage", cfg.stage, f"the {name} slot takes a stage-{stage} config")
         names = {self.stage1.name, self.stage2.name, self.stage3.name}
         require(len(names) == 3, "stage*.name", sorted(names), "the three stages need distinct names")
+        return self
 
 
 def load_pipeline_config(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:
@@ -73,14 +72,4 @@ def load_pipeline_config(path: str | Path, overrides: Iterable[str] = ()) -> Pip
     A dotted override into a stage given as a file (``stage2.max_steps=50``) is applied on top of
     that file's content.
     """
-    data = read_yaml(path)
-    kind = data.pop("kind", "pipeline")
-    if kind != "pipeline":
-        raise ConfigError(f"kind={kind!r}: {path} is not a pipeline config")
-    for name in STAGE_FIELDS:
-        value = data.get(name)
-        if isinstance(value, str) and value.endswith((".yaml", ".yml")):
-            stage_data = read_yaml(value)
-            stage_data.pop("kind", None)
-            data[name] = stage_data
-    return from_dict(PipelineConfig, _merge(data, parse_overrides(overrides)))
+    return load_config(PipelineConfig, path, overrides)

@@ -12,13 +12,13 @@ nightly run embeds whatever collect added since the last one and nothing else.
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 
 from embed_cache.config import EmbedConfig
+from omnidiff.config import replace
 
 DEFAULT_CRON = "0 2 * * *"
 DEFAULT_CONFIG = Path("configs/embed.yaml")

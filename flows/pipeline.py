@@ -18,14 +18,13 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from flows.config import PipelineConfig
-from omnidiff.config import to_dict
+from omnidiff.config import replace, to_dict
 from omnidiff.env import subdir
 
 SKIP_INDEX = "stage_index.json"

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_prep.config import CollectConfig, DownloadConfig
+from data_prep.config import CollectConfig
 from data_prep.readers import CollectError
 from omnidiff.config import ConfigError, load_config
 
@@ -208,7 +208,7 @@ def test_config_validation_names_key_and_value():
     with pytest.raises(ConfigError, match=r"url_lists=\[\]: give at least one url list"):
         CollectConfig()
     with pytest.raises(ConfigError, match=r"download.encode_quality=95: png compression level"):
-        CollectConfig(url_lists=("a.parquet",), download=DownloadConfig(encode_quality=95))
+        CollectConfig(url_lists=("a.parquet",), download={"encode_quality": 95})
     with pytest.raises(ConfigError, match=r"val_fraction=1.5"):
         load_config(CollectConfig, None, ["url_lists=[a.csv]", "val_fraction=1.5"])
     with pytest.raises(ConfigError, match=r"long_caption='drop'"):

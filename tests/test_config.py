@@ -5,29 +5,24 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import pytest
+from pydantic import Field, ValidationError
 
 from omnidiff import config as cfg_lib
-from omnidiff.config import ConfigError, from_dict, load_any, load_config, require
+from omnidiff.config import ConfigError, ConfigModel, from_dict, load_any, load_config
 
 
-@dataclasses.dataclass(frozen=True)
-class DownloadSection:
+class DownloadSection(ConfigModel):
     """``processes``: worker processes (>= 1); ``timeout_s``: seconds per image."""
 
-    processes: int = 2
+    processes: int = Field(2, ge=1)
     timeout_s: float = 10.0
 
-    def __post_init__(self) -> None:
-        require(self.processes >= 1, "download.processes", self.processes, "must be at least 1")
 
-
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(ConfigModel):
     """A stage config with every kind of field the machinery supports."""
 
     kind: ClassVar[str] = "demo"
@@ -37,13 +32,12 @@ class DemoConfig:
     seed: int | None = None
     resolution: tuple[int, int] = (16, 16)
     languages: tuple[str, ...] = ("en", "zh")
-    weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    weights: dict[str, float] = Field(default_factory=dict)
     verbose: bool = False
-    download: DownloadSection = dataclasses.field(default_factory=DownloadSection)
+    download: DownloadSection = Field(default_factory=DownloadSection)
 
 
-@dataclasses.dataclass(frozen=True)
-class NeedsName:
+class NeedsName(ConfigModel):
     """``name`` is required."""
 
     name: str
@@ -69,7 +63,7 @@ def test_defaults_and_full_mapping():
 
 
 def test_configs_are_frozen():
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         DemoConfig().name = "y"  # type: ignore[misc]
 
 
@@ -125,11 +119,14 @@ def test_tuples_check_length_and_items():
         from_dict(DemoConfig, {"languages": "en"})
 
 
-def test_post_init_validation_names_key_and_value():
-    with pytest.raises(ConfigError, match=r"^download\.processes=0: must be at least 1"):
+def test_bound_validation_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"^download\.processes=0: must be >= 1"):
         from_dict(DemoConfig, {"download": {"processes": 0}})
-    with pytest.raises(ConfigError, match=r"^download\.processes=-1: must be at least 1"):
+    # Built directly, a section names its keys relative to itself; inside a config, with its path.
+    with pytest.raises(ConfigError, match=r"^processes=-1: must be >= 1"):
         DownloadSection(processes=-1)
+    with pytest.raises(ConfigError, match=r"^download\.processes=-1: must be >= 1"):
+        DemoConfig(download={"processes": -1})
 
 
 def test_missing_required_field_is_an_error():
@@ -197,5 +194,9 @@ def test_to_dict_flatten_and_yaml_round_trip(tmp_path):
 def test_replace_revalidates():
     cfg = DemoConfig()
     assert cfg_lib.replace(cfg, name="z").name == "z"
-    with pytest.raises(ConfigError, match=r"download\.processes=0"):
+    with pytest.raises(ConfigError, match=r"^processes=0: must be >= 1"):
         cfg_lib.replace(cfg.download, processes=0)
+    with pytest.raises(ConfigError, match=r"^download\.processes=0: must be >= 1"):
+        cfg_lib.replace(cfg, download={"processes": 0})
+    with pytest.raises(ConfigError, match=r"^nmae='z': unknown key for DemoConfig"):
+        cfg_lib.replace(cfg, nmae="z")

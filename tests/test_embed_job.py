@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import pytest
 
 from embed_cache.config import EmbedConfig
 from embed_cache.writer import CacheWriter
-from omnidiff.config import ConfigError, load_config
+from omnidiff.config import ConfigError, load_config, replace
 from omnidiff.contracts.cache import SHARDS_DIR, CacheStore, cache_dir, states_table
 from omnidiff.contracts.encoders import describe_llm, fingerprint, llm_inputs
 from omnidiff.contracts.keys import text_key

@@ -5,10 +5,9 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
-from omnidiff.config import load_config
+from omnidiff.config import load_config, replace
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -263,9 +263,7 @@ def test_serve_status_command(served, capsys):
 def test_a_second_app_on_another_port_is_a_clear_error(served):
     """A Ray cluster has one Serve HTTP proxy: asking for another port names the live one instead of
     deploying an app nobody can reach where the config says."""
-    from dataclasses import replace
-
-    from omnidiff.config import ConfigError
+    from omnidiff.config import ConfigError, replace
     from serve import app as serve_app
 
     other = replace(served.cfg, port=served.cfg.port + 1, app_name="omnidiff-test-other")

@@ -9,54 +9,36 @@ the same object is the Prefect flow's parameter and what MLflow logs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from omnidiff.config import require
+from pydantic import Field, model_validator
+
+from omnidiff.config import ConfigModel, NonBlank, require
 from omnidiff.contracts.encoders import LLMSection  # one definition: the stage's llm section must match the embed run's
 
 
-@dataclass(frozen=True)
-class DataSection:
+class DataSection(ConfigModel):
     """Which rows of the pair snapshot a stage trains on.
 
     snapshot: a pair snapshot: a name (newest of ``data/snapshots/<name>``) or a snapshot folder.
     cache_root: where ``<kind>/<fingerprint>/`` caches live; ``null`` = ``$OMNIDIFF_HOME/cache``.
     split: the snapshot split to train on.
-    use_parallel: stage 1 also trains on the snapshot's parallel texts (translation -> English).
-    clip_windows: stage 1 target: CLIP windows of 77 tokens stitched per English caption
-      (the CLIP cache's ``max_windows``).
     aesthetic_min: keep pairs whose ``aesthetic`` score is >= this (stage 3's high-aesthetic subset);
       ``null`` keeps every pair.
-    caption_dropout: stages 2-3: share of captions replaced by the cached "" embedding so that
-      classifier-free guidance has an unconditional model to contrast with (PAPER.md weak points).
-    empty_share: stage 1: share of training examples that align "" with CLIP's "" (the unconditional
-      embedding classifier-free guidance contrasts with; the release never aligns it).
     val_examples: examples of the ``val`` split (same filters) whose loss is logged at the start and at
       every checkpoint, with fixed noise and timesteps so values are comparable (0 = off).
     """
 
-    snapshot: str = "tiny"
+    snapshot: NonBlank = "tiny"
     cache_root: Path | None = None
     split: str = "train"
-    use_parallel: bool = True
-    clip_windows: int = 3
     aesthetic_min: float | None = None
-    caption_dropout: float = 0.1
-    empty_share: float = 0.02
-    val_examples: int = 32
-
-    def __post_init__(self):
-        require(bool(self.snapshot.strip()), "data.snapshot", self.snapshot, "name a snapshot (name or folder)")
-        require(1 <= self.clip_windows <= 16, "data.clip_windows", self.clip_windows, "must be in 1..16")
-        require(0 <= self.caption_dropout < 1, "data.caption_dropout", self.caption_dropout, "must be in [0, 1)")
-        require(0 <= self.empty_share < 0.5, "data.empty_share", self.empty_share, "must be in [0, 0.5)")
-        require(self.val_examples >= 0, "data.val_examples", self.val_examples, "must be >= 0 (0 = off)")
+    val_examples: int = Field(32, ge=0)
 
 
-@dataclass(frozen=True)
-class AdapterSection:
+class AdapterSection(ConfigModel):
     """The adapter's shape (PAPER.md "The parts"); its output width is the base UNet's cross-attention dim.
 
     width: inner width of the projection and the encoder-decoder.
@@ -69,34 +51,74 @@ class AdapterSection:
       model was pretrained.
     pooled_query: the pooled embedding comes from one extra query (CLIP pools one <eos> state),
       not from the mean of the output tokens.
-    max_positions: learned position embeddings for up to this many LLM tokens (0 = none; must be
-      >= llm.max_length).
     """
 
-    width: int = 128
-    num_queries: int = 231
-    encoder_layers: int = 1
-    decoder_layers: int = 2
-    heads: int = 4
-    dropout: float = 0.0
+    width: int = Field(128, ge=8)
+    num_queries: int = Field(231, ge=1)
+    encoder_layers: int = Field(1, ge=0)
+    decoder_layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
     input_norm: bool = True
     length_head: bool = True
     pooled_query: bool = True
-    max_positions: int = 512
 
-    def __post_init__(self):
-        require(self.width >= 8, "adapter.width", self.width, "must be >= 8")
-        require(self.num_queries >= 1, "adapter.num_queries", self.num_queries, "must be >= 1")
-        require(self.heads >= 1 and self.width % self.heads == 0, "adapter.heads", self.heads,
-                f"must divide adapter.width={self.width}")
-        require(self.encoder_layers >= 0, "adapter.encoder_layers", self.encoder_layers, "must be >= 0")
-        require(self.decoder_layers >= 1, "adapter.decoder_layers", self.decoder_layers, "must be >= 1")
-        require(0 <= self.dropout < 1, "adapter.dropout", self.dropout, "must be in [0, 1)")
-        require(self.max_positions >= 0, "adapter.max_positions", self.max_positions, "must be >= 0 (0 = none)")
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> AdapterSection:
+        require(self.width % self.heads == 0, "heads", self.heads, f"must divide adapter.width={self.width}")
+        return self
 
 
-@dataclass(frozen=True)
-class OptimSection:
+class AlignSection(ConfigModel):
+    """``align:``, stage 1's options: the adapter alone learns the base model's CLIP states of the
+    English side (PAPER.md "The three stages" 1). Stage 1 needs this section (``align: {}`` for the
+    defaults); stages 2-3 refuse it.
+
+    use_parallel: also train on the snapshot's parallel texts (translation -> English).
+    clip_windows: the target: CLIP windows of 77 tokens stitched per English caption (the CLIP
+      cache's ``max_windows``).
+    empty_share: share of training examples that align "" with CLIP's "" (the unconditional
+      embedding classifier-free guidance contrasts with; the release never aligns it).
+    norm_weight: the token loss is 1 - cosine per token + ``norm_weight`` x a norm-matching term
+      (the release's loss). Each CLIP token is answered by one of the first n queries, matched one
+      to one per caption (the UNet reads its text tokens as a set).
+    length_weight: weight of the length head's loss (squared error of the log token count; only
+      with ``adapter.length_head``).
+    """
+
+    use_parallel: bool = True
+    clip_windows: int = Field(3, ge=1, le=16)
+    empty_share: float = Field(0.02, ge=0, lt=0.5)
+    norm_weight: float = Field(0.1, ge=0)
+    length_weight: float = Field(0.1, ge=0)
+
+
+class DiffusionSection(ConfigModel):
+    """``diffusion:``, stages 2-3's options: noise prediction on cached pixels (or latents) with the
+    adapter and the base model's UNet. Stages 2-3 need this section; stage 1 refuses it.
+
+    train_adapter: whether the adapter trains (stage 3: the paper freezes it, the release trains it).
+    train_unet: which UNet parameters train: ``none``, ``all``, ``attention`` (every attention block)
+      or ``cross_attention`` (the attn2 blocks that read the text).
+    caption_dropout: share of captions replaced by the cached "" embedding so that classifier-free
+      guidance has an unconditional model to contrast with (PAPER.md weak points).
+    min_snr_gamma: Min-SNR-gamma loss weighting (0 = plain MSE), as the base model was pretrained
+      (configs/base.yaml: without it colour was never learned).
+    """
+
+    train_adapter: bool = True
+    train_unet: Literal["none", "all", "attention", "cross_attention"] = "all"
+    caption_dropout: float = Field(0.1, ge=0, lt=1)
+    min_snr_gamma: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> DiffusionSection:
+        require(self.train_adapter or self.train_unet != "none", "train_unet", self.train_unet,
+                "nothing would train: set train_adapter true or train some of the UNet")
+        return self
+
+
+class OptimSection(ConfigModel):
     """torch AdamW (DeepSpeed ``torch_adam``: the fused/CPU Adam ops compile for minutes, NOTES.md).
 
     lr / weight_decay / betas / eps: AdamW. warmup_steps: linear warm-up from 0.
@@ -104,25 +126,21 @@ class OptimSection:
     grad_clip: global gradient-norm clip (0 disables).
     """
 
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
-    grad_clip: float = 1.0
+    grad_clip: float = Field(1.0, ge=0)
 
-    def __post_init__(self):
-        require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
-        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
-        require(all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "each must be in [0, 1)")
-        require(self.eps > 0, "optim.eps", self.eps, "must be > 0")
-        require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
-        require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
+    @model_validator(mode="after")
+    def _betas(self) -> OptimSection:
+        require(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "each must be in [0, 1)")
+        return self
 
 
-@dataclass(frozen=True)
-class DistSection:
+class DistSection(ConfigModel):
     """How the job spreads: Ray Train workers, each one DeepSpeed rank.
 
     launcher: ``ray`` = a Ray Train ``TorchTrainer`` job of ``num_workers`` (the cluster from
@@ -135,24 +153,21 @@ class DistSection:
     """
 
     launcher: Literal["ray", "local"] = "ray"
-    num_workers: int = 1
-    cpus_per_worker: int = 1
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False
-    zero_stage: int = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    max_failures: int = 0
+    max_failures: int = Field(0, ge=0)
 
-    def __post_init__(self):
-        require(self.num_workers >= 1, "dist.num_workers", self.num_workers, "must be >= 1")
-        require(self.launcher == "ray" or self.num_workers == 1, "dist.num_workers", self.num_workers,
+    @model_validator(mode="after")
+    def _local_is_one_rank(self) -> DistSection:
+        require(self.launcher == "ray" or self.num_workers == 1, "num_workers", self.num_workers,
                 "launcher 'local' runs exactly one rank; use launcher 'ray' for more")
-        require(self.cpus_per_worker >= 1, "dist.cpus_per_worker", self.cpus_per_worker, "must be >= 1")
-        require(self.zero_stage in (0, 1, 2, 3), "dist.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
-        require(self.max_failures >= 0, "dist.max_failures", self.max_failures, "must be >= 0")
+        return self
 
 
-@dataclass(frozen=True)
-class CheckpointSection:
+class CheckpointSection(ConfigModel):
     """DeepSpeed checkpoints for resume (the export is separate).
 
     dir: checkpoint folder; ``null`` = ``$OMNIDIFF_HOME/checkpoints/<name>``.
@@ -163,17 +178,12 @@ class CheckpointSection:
     """
 
     dir: Path | None = None
-    every_steps: int = 100
-    keep: int = 2
+    every_steps: int = Field(100, ge=1)
+    keep: int = Field(2, ge=1)
     resume: Literal["auto", "never"] = "auto"
 
-    def __post_init__(self):
-        require(self.every_steps >= 1, "checkpoint.every_steps", self.every_steps, "must be >= 1")
-        require(self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
 
-
-@dataclass(frozen=True)
-class SamplesSection:
+class SamplesSection(ConfigModel):
     """Sample grids logged to MLflow: a fixed prompt set from the snapshot's val split.
 
     per_group: prompts per (language, short/long) group; long = more LLM tokens than one CLIP window.
@@ -181,21 +191,18 @@ class SamplesSection:
     steps / guidance_scale / seed: DPM-Solver++ sampling of the grid.
     """
 
-    per_group: int = 1
-    every_steps: int = 0
-    steps: int = 20
-    guidance_scale: float = 3.0
+    per_group: int = Field(1, ge=0)
+    every_steps: int = Field(0, ge=0)
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(3.0, ge=0)
     seed: int = 0
 
-    def __post_init__(self):
-        require(self.per_group >= 0, "samples.per_group", self.per_group, "must be >= 0 (0 = no grids)")
-        require(self.every_steps >= 0, "samples.every_steps", self.every_steps, "must be >= 0")
-        require(self.steps >= 1, "samples.steps", self.steps, "must be >= 1")
-        require(self.guidance_scale >= 0, "samples.guidance_scale", self.guidance_scale, "must be >= 0")
+
+# pydantic's metaclass is an ABCMeta, whose ``register`` it sees on the class; instances read the field.
+warnings.filterwarnings("ignore", message='Field name "register" in "RegistrySection" shadows', category=UserWarning)
 
 
-@dataclass(frozen=True)
-class RegistrySection:
+class RegistrySection(ConfigModel):
     """Export + MLflow registry.
 
     export_dir: pipeline folder to write; ``null`` = ``$OMNIDIFF_HOME/exports/<name>``.
@@ -205,46 +212,27 @@ class RegistrySection:
 
     export_dir: Path | None = None
     register: bool = True
-    model_name: str = "omnidiff-tiny"
-    alias: str = "candidate"
+    model_name: NonBlank = "omnidiff-tiny"
+    alias: NonBlank = "candidate"
     stage_alias: bool = True
-
-    def __post_init__(self):
-        require(bool(self.model_name.strip()), "registry.model_name", self.model_name, "must not be empty")
-        require(bool(self.alias.strip()), "registry.alias", self.alias, "must not be empty")
 
 
 UNET_PARTS = ("none", "all", "attention", "cross_attention")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigModel):
     """One training stage (PAPER.md "The three stages"; DESIGN.md "train").
 
-    stage: 1 alignment (adapter only, loss against cached CLIP states), 2 end to end (noise
-      prediction on cached pixels), 3 high-aesthetic fine-tune (stage 2's loss on the subset with
-      ``data.aesthetic_min``).
+    stage: 1 alignment (adapter only, loss against cached CLIP states; options in ``align``),
+      2 end to end (noise prediction on cached pixels; options in ``diffusion``), 3 high-aesthetic
+      fine-tune (stage 2's loss on the subset with ``data.aesthetic_min``).
     name: run name: the checkpoint folder, MLflow run name and export folder name.
     base_model: the existing text-to-image model's pipeline folder (conditioning ``clip``), or a
       registry reference ``name@alias`` / ``name/version``. Its UNet is the stage-2 starting point and
       its text encoder named the stage-1 targets.
     init_from: the parent stage's export (folder or registry reference): stage 2 takes its adapter,
       stage 3 its adapter and UNet. ``null`` starts the adapter fresh (stage 1).
-    train_adapter: whether the adapter trains (stage 3: the paper freezes it, the release trains it).
-    train_unet: which UNet parameters train: ``none``, ``all``, ``attention`` (every attention block)
-      or ``cross_attention`` (the attn2 blocks that read the text).
-    loss: stage 1 token loss: ``cosine`` = 1 - cosine per token + ``norm_weight`` x a norm-matching
-      term (the release's default), or ``mse``.
-    min_snr_gamma: stages 2-3: Min-SNR-gamma loss weighting (0 = plain MSE), as the base model was
-      pretrained (configs/base.yaml: without it colour was never learned).
-    match: stage 1: which query answers which CLIP token: ``position`` (query i answers position i, the
-      release) or ``set`` (a one-to-one matching per caption; the UNet reads text tokens as a set).
-    length_weight: stage 1 weight of the length head's loss (squared error of the log token count;
-      only with ``adapter.length_head``).
-    distill_weight: stage 1 weight of an output-matching term (ours, not the paper's): the frozen
-      base UNet, on a noised training image, should predict the same noise conditioned on the
-      adapter's output as on CLIP's states of the English side. Token cosine weighs every CLIP
-      token alike; this weighs them as the UNet reads them (colour words, not "a"). 0 = off.
+    align: stage 1's options (AlignSection); diffusion: stages 2-3's (DiffusionSection).
     micro_batch_size: examples per rank per forward; global_batch_size: examples per optimizer step
       (= micro x gradient accumulation x workers).
     max_steps: optimizer steps.
@@ -256,75 +244,56 @@ class TrainConfig:
 
     kind: ClassVar[str] = "train"
 
-    stage: int = 1
-    name: str = "stage1"
-    base_model: str = ""
+    stage: Literal[1, 2, 3] = 1
+    name: str = Field("stage1", pattern=r"^[^/.][^/]*$")  # a plain folder name (no '/', not hidden)
+    base_model: NonBlank
     init_from: str | None = None
-    llm: LLMSection = field(default_factory=LLMSection)
-    data: DataSection = field(default_factory=DataSection)
-    adapter: AdapterSection = field(default_factory=AdapterSection)
-    train_adapter: bool = True
-    train_unet: Literal["none", "all", "attention", "cross_attention"] = "none"
-    loss: Literal["cosine", "mse"] = "cosine"
-    norm_weight: float = 0.1
-    length_weight: float = 0.1
-    match: Literal["position", "set"] = "set"
-    distill_weight: float = 0.0
-    min_snr_gamma: float = 5.0
-    optim: OptimSection = field(default_factory=OptimSection)
-    micro_batch_size: int = 32
+    llm: LLMSection = Field(default_factory=LLMSection)
+    data: DataSection = Field(default_factory=DataSection)
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    align: AlignSection | None = None
+    diffusion: DiffusionSection | None = None
+    optim: OptimSection = Field(default_factory=OptimSection)
+    micro_batch_size: int = Field(32, ge=1)
     global_batch_size: int = 32
-    max_steps: int = 100
-    ema_decay: float = 0.0
-    dist: DistSection = field(default_factory=DistSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    samples: SamplesSection = field(default_factory=SamplesSection)
-    registry: RegistrySection = field(default_factory=RegistrySection)
-    log_every: int = 10
+    max_steps: int = Field(100, ge=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    dist: DistSection = Field(default_factory=DistSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    samples: SamplesSection = Field(default_factory=SamplesSection)
+    registry: RegistrySection = Field(default_factory=RegistrySection)
+    log_every: int = Field(10, ge=1)
     seed: int = 0
     track: bool = True
 
-    def __post_init__(self):
-        require(self.stage in (1, 2, 3), "stage", self.stage, "must be 1 (align), 2 (end to end) or 3 (aesthetic)")
-        require(bool(self.name.strip()) and "/" not in self.name and not self.name.startswith("."), "name",
-                self.name, "a plain folder name (no '/', not hidden)")
-        require(bool(self.base_model.strip()), "base_model", self.base_model,
-                "name the base model: its pipeline folder or a registry reference (name@alias)")
-        require(self.stage == 1 or self.init_from is not None, "init_from", self.init_from,
-                f"stage {self.stage} starts from the previous stage's export (folder or name@alias)")
-        require(self.stage != 1 or self.train_unet == "none", "train_unet", self.train_unet,
-                "stage 1 trains the adapter only (PAPER.md); use 'none'")
-        require(self.stage != 1 or self.train_adapter, "train_adapter", self.train_adapter,
-                "stage 1 trains the adapter; it cannot be frozen")
-        require(self.train_adapter or self.train_unet != "none", "train_unet", self.train_unet,
-                "nothing would train: set train_adapter true or train some of the UNet")
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.stage == 1:
+            require(self.align is not None, "align", self.align,
+                    "stage 1 needs its align section (align: {} for the defaults)")
+            require(self.diffusion is None, "diffusion", self.diffusion,
+                    "stage 1 trains the adapter alone against CLIP states: stage 2-3 options do not apply")
+            need = 77 * self.align.clip_windows
+            require(self.adapter.num_queries >= need, "adapter.num_queries", self.adapter.num_queries,
+                    f"stage 1 aligns query i with CLIP token i: needs >= 77 x align.clip_windows = {need}")
+        else:
+            require(self.diffusion is not None, "diffusion", self.diffusion,
+                    f"stage {self.stage} needs its diffusion section (diffusion: {{}} for the defaults)")
+            require(self.align is None, "align", self.align, "stage 1's options do not apply to stages 2-3")
+            require(self.init_from is not None, "init_from", self.init_from,
+                    f"stage {self.stage} starts from the previous stage's export (folder or name@alias)")
         require(self.stage != 3 or self.data.aesthetic_min is not None, "data.aesthetic_min",
                 self.data.aesthetic_min, "stage 3 trains on the high-aesthetic subset: set a threshold")
-        require(self.norm_weight >= 0, "norm_weight", self.norm_weight, "must be >= 0")
-        require(self.min_snr_gamma >= 0, "min_snr_gamma", self.min_snr_gamma, "must be >= 0 (0 = off)")
-        require(self.length_weight >= 0, "length_weight", self.length_weight, "must be >= 0")
-        require(self.distill_weight >= 0, "distill_weight", self.distill_weight, "must be >= 0 (0 = off)")
-        require(self.distill_weight == 0 or self.stage == 1, "distill_weight", self.distill_weight,
-                "the output-matching term is stage 1's (stages 2-3 train on images with the diffusion loss)")
-        require(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "must be >= 1")
         per_step = self.micro_batch_size * self.dist.num_workers
         require(self.global_batch_size % per_step == 0, "global_batch_size", self.global_batch_size,
                 f"must be a multiple of micro_batch_size x dist.num_workers = {per_step}")
-        require(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
-        require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in [0, 1) (0 = off)")
         require(self.ema_decay == 0 or self.dist.zero_stage < 3, "ema_decay", self.ema_decay,
                 "EMA needs whole parameters on every rank: use dist.zero_stage <= 2")
         require(self.track or not self.registry.register, "registry.register", self.registry.register,
                 "registering needs an MLflow run: set track true, or registry.register false")
-        require(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
         require(self.optim.warmup_steps <= self.max_steps, "optim.warmup_steps", self.optim.warmup_steps,
                 f"longer than the run (max_steps={self.max_steps})")
-        require(self.adapter.max_positions == 0 or self.adapter.max_positions >= self.llm.max_length,
-                "adapter.max_positions", self.adapter.max_positions,
-                f"must cover llm.max_length={self.llm.max_length} tokens (or 0 = no position embeddings)")
-        require(self.adapter.num_queries >= 77 * self.data.clip_windows or self.stage != 1, "adapter.num_queries",
-                self.adapter.num_queries,
-                f"stage 1 aligns query i with CLIP token i: needs >= 77 x data.clip_windows = {77 * self.data.clip_windows}")
+        return self
 
     @property
     def grad_accum_steps(self) -> int:

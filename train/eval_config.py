@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from omnidiff.config import require
+from pydantic import Field
+
+from omnidiff.config import ConfigModel
 
 
-@dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(ConfigModel):
     """Prompt-faithfulness per language and per prompt length, against the base model.
 
     base_config: the base model's YAML; gives the baseline model (its CLIP encoder, 77 tokens,
@@ -35,22 +35,14 @@ class EvalConfig:
     world_dir: Path | None = None
     evaluator_dir: Path | None = None
     baseline: str | None = None
-    max_per_group: int = 24
+    max_per_group: int = Field(24, ge=0)
     langs: tuple[str, ...] = ()
-    steps: int = 20
-    guidance: float = 3.0
+    steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(3.0, ge=0)
     seed: int = 0
-    batch_size: int = 64
-    real_images: int = 512
-    score_attributes: tuple[str, ...] = ("shape", "colour", "position")
+    batch_size: int = Field(64, ge=1)
+    real_images: int = Field(512, ge=2)
+    score_attributes: tuple[str, ...] = Field(("shape", "colour", "position"), min_length=1)
     report_dir: Path | None = None
     track: bool = True
     require_fit_evaluator: bool = True
-
-    def __post_init__(self) -> None:
-        require(self.max_per_group >= 0, "max_per_group", self.max_per_group, "must be >= 0")
-        require(1 <= self.steps <= 1000, "steps", self.steps, "must be in [1, 1000]")
-        require(self.guidance >= 0, "guidance", self.guidance, "must be >= 0")
-        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        require(self.real_images >= 2, "real_images", self.real_images, "must be >= 2")
-        require(len(self.score_attributes) >= 1, "score_attributes", self.score_attributes, "name at least one")

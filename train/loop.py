@@ -85,27 +85,20 @@ def build_stage_model(cfg, job: dict) -> StageModel:
     torch.manual_seed(cfg.seed)  # adapter init is part of "a run is a function of (config, seed)"
     init_from = Path(job["init_from"]) if job.get("init_from") else None
     adapter = initial_adapter(cfg, job)
-    adapter.requires_grad_(cfg.train_adapter)
+    adapter.requires_grad_(cfg.diffusion is None or cfg.diffusion.train_adapter)
     if adapter.length_head is not None and cfg.stage != 1:
         adapter.length_head.requires_grad_(False)  # stage 1 taught it; the UNet's mask stays what it learned
     if cfg.family == "align":
-        teacher = noise_scheduler = None
-        if cfg.distill_weight > 0:  # the frozen base UNet judges the adapter's output against CLIP's
-            teacher = UNet2DConditionModel.from_pretrained(Path(job["base_model"]) / "unet", use_safetensors=True)
-            teacher.requires_grad_(False).eval()
-            noise_scheduler = DDPMScheduler.from_pretrained(Path(job["base_model"]) / "scheduler")
-        return StageModel(adapter, None, partial(compute_align_loss, kind=cfg.loss, norm_weight=cfg.norm_weight,
-                                                 length_weight=cfg.length_weight, match=cfg.match,
-                                                 distill_weight=cfg.distill_weight, teacher=teacher,
-                                                 noise_scheduler=noise_scheduler))
+        return StageModel(adapter, None, partial(compute_align_loss, norm_weight=cfg.align.norm_weight,
+                                                 length_weight=cfg.align.length_weight, match="set"))
     # Stage 3 continues the stage-2 UNet; stage 2 starts from the base model's.
     unet_root = init_from if (cfg.stage == 3 and init_from is not None) else Path(job["base_model"])
     unet = UNet2DConditionModel.from_pretrained(unet_root / "unet", use_safetensors=True)
     for name, p in unet.named_parameters():
-        p.requires_grad_(unet_trainable(name, cfg.train_unet))
+        p.requires_grad_(unet_trainable(name, cfg.diffusion.train_unet))
     noise_scheduler = DDPMScheduler.from_pretrained(Path(job["base_model"]) / "scheduler")
     return StageModel(adapter, unet, partial(compute_diffusion_loss, noise_scheduler=noise_scheduler,
-                                             min_snr_gamma=cfg.min_snr_gamma))
+                                             min_snr_gamma=cfg.diffusion.min_snr_gamma))
 
 
 def initial_adapter(cfg, job: dict):
@@ -119,7 +112,7 @@ def initial_adapter(cfg, job: dict):
     a = cfg.adapter
     adapter = OmniAdapter(job["llm_dim"], a.width, job["out_dim"], a.num_queries, a.encoder_layers, a.decoder_layers,
                           a.heads, a.dropout, input_norm=a.input_norm, length_head=a.length_head,
-                          pooled_query=a.pooled_query, max_positions=a.max_positions)
+                          pooled_query=a.pooled_query)
     if a.input_norm:
         if job.get("llm_stats") is None:
             raise ValueError("adapter.input_norm needs the LLM cache's per-dimension statistics (job['llm_stats'])")
@@ -131,9 +124,9 @@ def initial_adapter(cfg, job: dict):
 def set_train_mode(model: StageModel, cfg) -> None:
     """Training mode where weights train; frozen parts stay in eval (no dropout noise from them)."""
     model.train()
-    if not cfg.train_adapter:
+    if cfg.diffusion is not None and not cfg.diffusion.train_adapter:
         model.adapter.eval()
-    if model.unet is not None and cfg.train_unet == "none":
+    if model.unet is not None and cfg.diffusion.train_unet == "none":
         model.unet.eval()
 
 
@@ -451,7 +444,7 @@ def _loop(cfg, job: dict, rank: int, world: int, ckpt_dir: Path) -> None:
         cfg.family,
         stores,
         seed=cfg.seed,
-        caption_dropout=cfg.data.caption_dropout if cfg.family == "diffusion" else 0.0,
+        caption_dropout=cfg.diffusion.caption_dropout if cfg.diffusion else 0.0,
         empty_states=job["empty_states"],
         num_train_timesteps=(model.loss_fn.keywords["noise_scheduler"].config.num_train_timesteps
                              if model.loss_fn.keywords.get("noise_scheduler") is not None else 1000),

@@ -123,11 +123,9 @@ def open_snapshot(ref: str):
 def cache_specs(cfg: TrainConfig, base: Path, llm_path: Path, unet_config: dict) -> dict[str, CacheSpec]:
     """The caches this stage reads, named from its encoders' settings as the embed stage names them."""
     kinds = ("llm", "clip") if cfg.family == "align" else ("llm", "pixels")
-    if cfg.family == "align" and cfg.distill_weight > 0:
-        kinds += ("pixels",)  # stage 1's output-matching term noises training images
     specs = {"llm": llm_spec(llm_path, cfg.llm.layer, cfg.llm.max_length, cfg.llm.dtype)}
     if "clip" in kinds:
-        specs["clip"] = clip_spec(base / "text_encoder", base / "tokenizer", cfg.data.clip_windows)
+        specs["clip"] = clip_spec(base / "text_encoder", base / "tokenizer", cfg.align.clip_windows)
     if "pixels" in kinds:
         vae = base / "vae" if (base / "vae").is_dir() else None
         resolution = int(unet_config["sample_size"])
@@ -158,7 +156,7 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
     stores: dict[str, Any] = {}
     for kind, spec in cache_specs(cfg, base, llm_path, unet_config).items():
         what = {"llm": "the configured LLM (llm.*)", "clip": f"the base model's text encoder ({base.name}, "
-                f"{cfg.data.clip_windows} windows)", "pixels": f"the base model's image space ({spec.value_shape})"}[kind]
+                f"{cfg.align.clip_windows} windows)", "pixels": f"the base model's image space ({spec.value_shape})"}[kind]
         stores[kind] = open_checked_cache(kind, spec.inputs, cfg.data.cache_root, what)
         if kind == "llm":
             llm_encoder_inputs = spec.inputs["encoder"]
@@ -173,7 +171,7 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
     pairs = snapshot.pairs(["caption", "lang", "caption_en", "split", "image_digest", "aesthetic"]).to_pandas()
     parallel = None
     if cfg.family == "align":
-        if cfg.data.use_parallel and snapshot.shard_paths("parallel"):
+        if cfg.align.use_parallel and snapshot.shard_paths("parallel"):
             parallel = snapshot.parallel(["text", "lang", "text_en", "split"]).to_pandas()
         examples = align_examples(pairs, parallel, cfg.data.split)
         require_keys(stores["clip"], examples["target_key"].tolist(), "English-side texts")
@@ -187,15 +185,9 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
         )
     require_keys(stores["llm"], examples["llm_key"].tolist(), "captions")
     if cfg.family == "align":
-        examples = with_empty_prompt(examples, stores, cfg.data.empty_share)
+        examples = with_empty_prompt(examples, stores, cfg.align.empty_share)
     val_examples = _val_examples(cfg, pairs, parallel if cfg.family == "align" else None, stores)
     image_pool = None
-    if cfg.family == "align" and cfg.distill_weight > 0:
-        # Any training image will do: the frozen UNet's prediction from CLIP's states is the target.
-        train_images = pairs.loc[pairs["split"] == cfg.data.split, "image_digest"].astype(str)
-        image_pool = sorted(set(train_images) & set(stores["pixels"].keys()))
-        if not image_pool:
-            raise TrainingError("distill_weight > 0 needs cached training images (run the embed stage with pixels)")
     llm_stats = None
     if init_from is None and cfg.adapter.input_norm:
         llm_stats = llm_state_stats(stores["llm"], examples["llm_key"].tolist())

@@ -9,15 +9,15 @@ One file drives the three ``omnidiff base`` commands (configs/base.yaml):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from omnidiff.config import require
+from pydantic import Field, model_validator
+
+from omnidiff.config import ConfigModel, require
 
 
-@dataclass(frozen=True)
-class TextEncoderConfig:
+class TextEncoderConfig(ConfigModel):
     """The CLIP-style text encoder (English-only word vocabulary, one hard 77-token window).
 
     hidden: width of the transformer, and so the UNet's cross-attention dim.
@@ -27,32 +27,19 @@ class TextEncoderConfig:
       see omnidiff/base/pretrain.py).
     """
 
-    hidden: int = 128
-    layers: int = 2
-    heads: int = 4
-    intermediate: int | None = None
-    token_init_std: float = 1.0
+    hidden: int = Field(128, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    intermediate: int | None = Field(None, ge=1)
+    token_init_std: float = Field(1.0, gt=0)
 
-    def __post_init__(self) -> None:
-        require(self.hidden >= 8, "text_encoder.hidden", self.hidden, "must be >= 8")
-        require(self.layers >= 1, "text_encoder.layers", self.layers, "must be >= 1")
-        require(
-            self.heads >= 1 and self.hidden % self.heads == 0,
-            "text_encoder.heads",
-            self.heads,
-            f"must divide text_encoder.hidden={self.hidden}",
-        )
-        require(self.token_init_std > 0, "text_encoder.token_init_std", self.token_init_std, "must be > 0")
-        require(
-            self.intermediate is None or self.intermediate >= 1,
-            "text_encoder.intermediate",
-            self.intermediate,
-            "must be >= 1 or null",
-        )
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> TextEncoderConfig:
+        require(self.hidden % self.heads == 0, "heads", self.heads, f"must divide text_encoder.hidden={self.hidden}")
+        return self
 
 
-@dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(ConfigModel):
     """The pixel-space diffusers UNet2DConditionModel (NOTES.md sizing: 1.7M params at 16x16).
 
     block_out_channels: channels per resolution level; build_unet puts cross-attention in the lower ones.
@@ -63,23 +50,18 @@ class UNetConfig:
     """
 
     block_out_channels: tuple[int, ...] = (32, 64, 64)
-    layers_per_block: int = 1
-    attention_head_dim: int = 8
+    layers_per_block: int = Field(1, ge=1)
+    attention_head_dim: int = Field(8, ge=1)
     use_pooled: bool = True
 
-    def __post_init__(self) -> None:
-        require(
-            len(self.block_out_channels) >= 2 and all(c >= 8 for c in self.block_out_channels),
-            "unet.block_out_channels",
-            self.block_out_channels,
-            "need >= 2 levels of >= 8 channels",
-        )
-        require(self.layers_per_block >= 1, "unet.layers_per_block", self.layers_per_block, "must be >= 1")
-        require(self.attention_head_dim >= 1, "unet.attention_head_dim", self.attention_head_dim, "must be >= 1")
+    @model_validator(mode="after")
+    def _levels(self) -> UNetConfig:
+        require(len(self.block_out_channels) >= 2 and all(c >= 8 for c in self.block_out_channels),
+                "block_out_channels", self.block_out_channels, "need >= 2 levels of >= 8 channels")
+        return self
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(ConfigModel):
     """Joint training of text encoder + UNet by noise prediction on the world's English captions.
 
     steps / batch_size: optimiser steps and images per step.
@@ -95,56 +77,35 @@ class PretrainConfig:
     seed: seeds init, batches, noise and timesteps; the same seed gives the same weights.
     """
 
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
-    caption_dropout: float = 0.1
-    num_train_timesteps: int = 1000
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    caption_dropout: float = Field(0.1, ge=0, lt=1)
+    num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
-    ema_decay: float = 0.0
-    min_snr_gamma: float = 5.0
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    min_snr_gamma: float = Field(5.0, ge=0)
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        require(self.steps >= 1, "pretrain.steps", self.steps, "must be >= 1")
-        require(self.batch_size >= 1, "pretrain.batch_size", self.batch_size, "must be >= 1")
-        require(self.lr > 0, "pretrain.lr", self.lr, "must be > 0")
-        require(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, "must be >= 0")
-        require(self.warmup_steps >= 0, "pretrain.warmup_steps", self.warmup_steps, "must be >= 0")
-        require(self.grad_clip > 0, "pretrain.grad_clip", self.grad_clip, "must be > 0")
-        require(0 <= self.caption_dropout < 1, "pretrain.caption_dropout", self.caption_dropout, "must be in [0, 1)")
-        require(
-            self.num_train_timesteps >= 10, "pretrain.num_train_timesteps", self.num_train_timesteps, "must be >= 10"
-        )
-        require(0 <= self.ema_decay < 1, "pretrain.ema_decay", self.ema_decay, "must be in [0, 1)")
-        require(self.min_snr_gamma >= 0, "pretrain.min_snr_gamma", self.min_snr_gamma, "must be >= 0 (0 disables)")
 
-
-@dataclass(frozen=True)
-class SampleConfig:
+class SampleConfig(ConfigModel):
     """How the base model samples (sample grid at the end of pretraining, and scoring).
 
     steps: DPM-Solver++ steps; guidance: classifier-free guidance scale; seed: sampling seed;
     batch_size: images per pipeline call.
     """
 
-    steps: int = 20
-    guidance: float = 3.0
+    steps: int = Field(20, ge=1)
+    guidance: float = Field(3.0, ge=0)
     seed: int = 0
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        require(self.steps >= 1, "sample.steps", self.steps, "must be >= 1")
-        require(self.guidance >= 0, "sample.guidance", self.guidance, "must be >= 0")
-        require(self.batch_size >= 1, "sample.batch_size", self.batch_size, "must be >= 1")
+    batch_size: int = Field(64, ge=1)
 
 
-@dataclass(frozen=True)
-class EvaluatorConfig:
+class EvaluatorConfig(ConfigModel):
     """The attribute classifier that judges images (omnidiff/models/evaluator.py).
 
     Trained on fresh world renders at ``BaseConfig.resolution`` with random jitter and quality;
@@ -154,31 +115,18 @@ class EvaluatorConfig:
     train_images: size of the rendered training pool; steps / batch_size / lr: Adam training.
     """
 
-    width: int = 32
-    feature_dim: int = 128
-    train_images: int = 24000
-    heldout_images: int = 3000
-    heldout_fraction: float = 0.15
-    steps: int = 1500
-    batch_size: int = 128
-    lr: float = 2e-3
+    width: int = Field(32, ge=4)
+    feature_dim: int = Field(128, ge=2)
+    train_images: int = Field(24000, ge=10)
+    heldout_images: int = Field(3000, ge=10)
+    heldout_fraction: float = Field(0.15, gt=0, lt=0.5)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0)
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        require(self.width >= 4, "evaluator.width", self.width, "must be >= 4")
-        require(self.feature_dim >= 2, "evaluator.feature_dim", self.feature_dim, "must be >= 2")
-        require(self.train_images >= 10, "evaluator.train_images", self.train_images, "must be >= 10")
-        require(self.heldout_images >= 10, "evaluator.heldout_images", self.heldout_images, "must be >= 10")
-        require(
-            0 < self.heldout_fraction < 0.5, "evaluator.heldout_fraction", self.heldout_fraction, "must be in (0, 0.5)"
-        )
-        require(self.steps >= 1, "evaluator.steps", self.steps, "must be >= 1")
-        require(self.batch_size >= 2, "evaluator.batch_size", self.batch_size, "must be >= 2")
-        require(self.lr > 0, "evaluator.lr", self.lr, "must be > 0")
 
-
-@dataclass(frozen=True)
-class ScoreConfig:
+class ScoreConfig(ConfigModel):
     """``omnidiff base score``: prompt faithfulness of a model on the world's eval prompts.
 
     model: a pipeline folder (or registry ref); None -> the base model this config pretrains.
@@ -192,21 +140,15 @@ class ScoreConfig:
     """
 
     model: str | None = None
-    max_per_group: int = 0
-    images_per_prompt: int = 4
+    max_per_group: int = Field(0, ge=0)
+    images_per_prompt: int = Field(4, ge=1)
     langs: tuple[str, ...] = ()
-    real_images: int = 1000
+    real_images: int = Field(1000, ge=2)
     out_dir: Path | None = None
     require_fit_evaluator: bool = True
 
-    def __post_init__(self) -> None:
-        require(self.max_per_group >= 0, "score.max_per_group", self.max_per_group, "must be >= 0")
-        require(self.images_per_prompt >= 1, "score.images_per_prompt", self.images_per_prompt, "must be >= 1")
-        require(self.real_images >= 2, "score.real_images", self.real_images, "must be >= 2")
 
-
-@dataclass(frozen=True)
-class BaseConfig:
+class BaseConfig(ConfigModel):
     """The base model ("the existing model", Stable Diffusion's part) on the tiny world.
 
     world_config: the world's YAML (generated once and reused; its digest is part of the cache key).
@@ -224,18 +166,18 @@ class BaseConfig:
     world_config: Path = Path("configs/world.yaml")
     world_dir: Path | None = None
     resolution: int = 16
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    threads: int = 0
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    threads: int = Field(0, ge=0)
     track: bool = True
     force: bool = False
 
-    def __post_init__(self) -> None:
-        require(self.threads >= 0, "threads", self.threads, "must be >= 0")
+    @model_validator(mode="after")
+    def _resolution_fits_the_unet(self) -> BaseConfig:
         levels = len(self.unet.block_out_channels)
         require(
             self.resolution >= 8 and self.resolution % (2 ** (levels - 1)) == 0 and self.resolution % 4 == 0,
@@ -243,3 +185,4 @@ class BaseConfig:
             self.resolution,
             f"must be >= 8 and divisible by 4 and by 2**(levels-1)={2 ** (levels - 1)}",
         )
+        return self

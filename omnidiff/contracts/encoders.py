@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from omnidiff.config import require
+from pydantic import Field
+
+from omnidiff.config import ConfigModel
 from omnidiff.text import NORMALISER_VERSION
 
 # Bump when the shard layout (columns, types, encodings) changes: old caches then stay untouched
@@ -151,8 +153,7 @@ def pixels_inputs(resolution: int, vae_digest: str | None = None, vae_scaling_fa
 # ---------------------------------------------------------------------------------------- the LLM
 
 
-@dataclass(frozen=True)
-class LLMSection:
+class LLMSection(ConfigModel):
     """The frozen LLM whose per-token states are cached (the embed stage) and read (the train stage).
 
     path: a transformers causal-LM folder; ``null`` = the converted Gemma 3 270M (``ensure_gemma()``).
@@ -163,18 +164,15 @@ class LLMSection:
 
     path: Path | None = None
     layer: int = -1
-    max_length: int = 512
+    max_length: int = Field(512, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-    def __post_init__(self):
-        require(self.max_length >= 1, "llm.max_length", self.max_length, "must be >= 1")
 
 
 def llm_folder(path: str | Path | None) -> Path:
     """The LLM folder an ``llm.path`` setting means: the path itself, or (``None``) the converted Gemma."""
     if path is not None:
         return Path(path).resolve()
-    from omnidiff.models.llm import ensure_gemma
+    from omnidiff.models.llm_folders import ensure_gemma
 
     return ensure_gemma()
 

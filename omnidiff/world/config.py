@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import ClassVar
 
+from pydantic import Field, model_validator
+
 from omnidiff import env
-from omnidiff.config import require
+from omnidiff.config import ConfigModel, require
 from omnidiff.world.attributes import ATTRIBUTES
 from omnidiff.world.captions import (
     CLIP_WINDOW,
@@ -37,8 +38,7 @@ def _default_languages() -> dict[str, float]:
     return {"en": 0.4, "zh": 0.14, "ja": 0.12, "es": 0.12, "de": 0.11, "fr": 0.11}
 
 
-@dataclasses.dataclass(frozen=True)
-class WorldConfig:
+class WorldConfig(ConfigModel):
     """A seeded tiny world: images, multilingual captions, parallel texts and eval prompts.
 
     name: folder name under ``$OMNIDIFF_HOME/world/`` when ``out_dir`` is not set.
@@ -66,37 +66,29 @@ class WorldConfig:
 
     kind: ClassVar[str] = "world"
 
-    name: str = "default"
-    seed: int = 0
+    name: str = Field("default", pattern=r"^[^/.][^/]*$")  # a plain folder name
+    seed: int = Field(0, ge=0)
     out_dir: Path | None = None
-    num_captions: int = 1500
-    images_per_caption: int = 2
-    image_size: int = 32
-    supersample: int = 4
-    jitter: float = 0.03
-    languages: dict[str, float] = dataclasses.field(default_factory=_default_languages)
-    long_fraction: float = 0.2
+    num_captions: int = Field(1500, ge=1)
+    images_per_caption: int = Field(2, ge=1)
+    image_size: int = Field(32, ge=8, le=512)
+    supersample: int = Field(4, ge=1, le=16)
+    jitter: float = Field(0.03, ge=0.0, le=0.1)  # a fraction of the side
+    languages: dict[str, float] = Field(default_factory=_default_languages, min_length=1)
+    long_fraction: float = Field(0.2, ge=0.0, le=1.0)
     long_min_prefix_tokens: int = 80
-    degraded_fraction: float = 0.3
+    degraded_fraction: float = Field(0.3, ge=0.0, le=1.0)
     heldout_combos: tuple[str, ...] = (
         "circle/green", "square/purple", "triangle/orange", "cross/blue", "diamond/red",
     )  # fmt: skip
     heldout_templates: tuple[int, ...] = (4,)
     num_parallel: int = 2000
-    eval_specs: int = 32
-    eval_long_fraction: float = 0.25
+    eval_specs: int = Field(32, ge=0)
+    eval_long_fraction: float = Field(0.25, ge=0.0, le=1.0)
     eval_languages: tuple[str, ...] = LANGUAGES
 
-    def __post_init__(self) -> None:
-        require(bool(self.name) and "/" not in self.name and not self.name.startswith("."), "name", self.name,
-                "must be a plain folder name")  # fmt: skip
-        require(self.seed >= 0, "seed", self.seed, "must be >= 0")
-        require(self.num_captions >= 1, "num_captions", self.num_captions, "must be >= 1")
-        require(self.images_per_caption >= 1, "images_per_caption", self.images_per_caption, "must be >= 1")
-        require(8 <= self.image_size <= 512, "image_size", self.image_size, "must be in [8, 512]")
-        require(1 <= self.supersample <= 16, "supersample", self.supersample, "must be in [1, 16]")
-        require(0.0 <= self.jitter <= 0.1, "jitter", self.jitter, "must be in [0, 0.1] (a fraction of the side)")
-        require(bool(self.languages), "languages", self.languages, "needs at least one language")
+    @model_validator(mode="after")
+    def _check(self) -> WorldConfig:
         for lang, share in self.languages.items():
             require(lang not in ZERO_SHOT_LANGUAGES, f"languages.{lang}", share,
                     f"{lang} is a zero-shot language: eval prompts only, never training data")  # fmt: skip
@@ -105,11 +97,9 @@ class WorldConfig:
             require(share > 0, f"languages.{lang}", share, "share must be > 0 (leave the language out instead)")
         total = sum(self.languages.values())
         require(abs(total - 1.0) < 1e-6, "languages", self.languages, f"shares must sum to 1 (they sum to {total})")
-        require(0.0 <= self.long_fraction <= 1.0, "long_fraction", self.long_fraction, "must be in [0, 1]")
         require(CLIP_WINDOW <= self.long_min_prefix_tokens <= max_filler_tokens(), "long_min_prefix_tokens",
                 self.long_min_prefix_tokens, f"must be in [{CLIP_WINDOW}, {max_filler_tokens()}]: the attributes "
                 "must start past CLIP's window and the fillers must be long enough")  # fmt: skip
-        require(0.0 <= self.degraded_fraction <= 1.0, "degraded_fraction", self.degraded_fraction, "must be in [0, 1]")
         for i, combo in enumerate(self.heldout_combos):
             shape, _, colour = combo.partition("/")
             require(shape in ATTRIBUTES["shape"] and colour in ATTRIBUTES["colour"], f"heldout_combos[{i}]", combo,
@@ -140,13 +130,11 @@ class WorldConfig:
                 available = self.num_captions - captions.get(lang, 0)
                 require(wanted <= available, "num_parallel", self.num_parallel,
                         f"asks {wanted} {lang} parallel pairs but only {available} captions are not {lang}")  # fmt: skip
-        require(self.eval_specs >= 0, "eval_specs", self.eval_specs, "must be >= 0")
-        require(0.0 <= self.eval_long_fraction <= 1.0, "eval_long_fraction", self.eval_long_fraction,
-                "must be in [0, 1]")  # fmt: skip
         for i, lang in enumerate(self.eval_languages):
             require(lang in LANGUAGES, f"eval_languages[{i}]", lang, f"expected one of {list(LANGUAGES)}")
         require(len(set(self.eval_languages)) == len(self.eval_languages), "eval_languages", self.eval_languages,
                 "has duplicates")  # fmt: skip
+        return self
 
     @property
     def num_images(self) -> int:
