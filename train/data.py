@@ -27,8 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from omnidiff.contracts.keys import EMPTY_PROMPT, english_side, text_key
-from omnidiff.text import normalise_caption
+from omnidiff.contracts.keys import EMPTY_PROMPT, cache_key, english_side, text_key
 
 # A caption is "long" when the LLM needs more tokens than one CLIP window holds (PAPER.md "The problem").
 LONG_PROMPT_TOKENS = 77
@@ -104,7 +103,7 @@ def sample_prompt_table(pairs: pd.DataFrame, token_lengths: dict[str, int], per_
 
 
 def _key(text: str) -> str:
-    return text_key(normalise_caption(text))
+    return cache_key(text)[1]
 
 
 # ------------------------------------------------------------------------------------ caches

