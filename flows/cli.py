@@ -13,17 +13,16 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from omnidiff import supervisor
 from omnidiff.env import subdir
 
-SERVE_STATE = "flows.json"
+SERVE_STATE = "flows.json"  # omnidiff/stack.py's FLOWS_STATE: `omnidiff stack down` stops the process too
 
 
 def _state_path() -> Path:
@@ -31,16 +30,11 @@ def _state_path() -> Path:
 
 
 def _read_state() -> dict[str, Any] | None:
-    path = _state_path()
-    return json.loads(path.read_text()) if path.is_file() else None
+    return supervisor.read_json(_state_path())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
+def _running(state: dict[str, Any] | None) -> bool:
+    return bool(state) and supervisor.is_alive(state.get("pid"), state.get("create_time"))
 
 
 async def _deployment_ids(names: tuple[str, ...], since: datetime | None = None) -> dict[str, str | None]:
@@ -69,62 +63,50 @@ def deploy(config: str, timeout_s: float = 180.0, quiet: bool = False) -> dict[s
     """Start ``python -m flows.deployments`` in its own process group; wait until it has (re)registered
     every deployment, so a run triggered next uses this config's parameters, not a previous one's."""
     from flows.deployments import DEPLOYMENT_NAMES
-    from omnidiff.stack import apply_env
+    from omnidiff.stack import RAY_LOG_SKIP, apply_env
 
     apply_env()
     if not os.environ.get("PREFECT_API_URL"):
         raise RuntimeError("no Prefect server: run `omnidiff stack up` first (PREFECT_API_URL is unset)")
-    state = _read_state()
-    if state and _alive(state["pid"]):
+    if _running(_read_state()):
         stop()
     log_path = subdir("stack", "logs") / "flows.log"
-    log = open(log_path, "ab")
     # The server's clock is this machine's; a second of slack for the timestamp's rounding.
     since = datetime.now(UTC) - timedelta(seconds=1)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.deployments", config], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy())
-    state = {"pid": proc.pid, "config": config, "log": str(log_path), "started": time.time()}
-    _state_path().write_text(json.dumps(state, indent=2))
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
+    env = {**os.environ, **RAY_LOG_SKIP}
+    proc = supervisor.launch([sys.executable, "-m", "flows.deployments", config], env, log_path)
+    state = supervisor.record(proc, log_path, config=config, started=time.time())
+    supervisor.write_json(_state_path(), state)
+
+    def registered() -> dict[str, str | None] | None:
+        code = supervisor.exit_code(proc.pid)
+        if code is not None:
             tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the deployment-serving process exited with {proc.returncode}; log {log_path}:\n{tail}")
+            raise RuntimeError(f"the deployment-serving process exited with {code}; log {log_path}:\n{tail}")
         ids = asyncio.run(_deployment_ids(DEPLOYMENT_NAMES, since))
-        if all(ids.values()):
-            state["deployments"] = ids
-            _state_path().write_text(json.dumps(state, indent=2))
-            if not quiet:
-                print(f"flows: {len(ids)} deployments served by pid {proc.pid} (log {log_path})")
-                for name in ids:
-                    print(f"  {name}")
-            return state
-        time.sleep(2)
-    stop()
-    raise TimeoutError(f"deployments did not all appear within {timeout_s:.0f}s; log {log_path}")
+        return ids if all(ids.values()) else None
+
+    ids = supervisor.wait_until(registered, timeout_s, interval_s=2.0)
+    if not ids:
+        stop()
+        raise TimeoutError(f"deployments did not all appear within {timeout_s:.0f}s; log {log_path}")
+    state["deployments"] = ids
+    supervisor.write_json(_state_path(), state)
+    if not quiet:
+        print(f"flows: {len(ids)} deployments served by pid {proc.pid} (log {log_path})")
+        for name in ids:
+            print(f"  {name}")
+    return state
 
 
-def stop() -> bool:
+def stop(grace_s: float = 10.0) -> bool:
     """Stop the serving process (its whole process group); True if one was running."""
     state = _read_state()
     if not state:
         return False
-    pid = state["pid"]
-    was_alive = _alive(pid)
+    was_alive = _running(state)
     if was_alive:
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        for _ in range(50):
-            if not _alive(pid):
-                break
-            time.sleep(0.2)
-        else:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        supervisor.stop_all([state], grace_s=grace_s, leaders_first=False)
     _state_path().unlink(missing_ok=True)
     return was_alive
 
@@ -183,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         from flows.deployments import DEPLOYMENT_NAMES
 
         state = _read_state()
-        running = bool(state and _alive(state["pid"]))
+        running = _running(state)
         print(f"serving process: {'running, pid ' + str(state['pid']) if running else 'not running'}")
         for name, dep_id in asyncio.run(_deployment_ids(DEPLOYMENT_NAMES)).items():
             print(f"  {name:<40} {dep_id or 'missing'}")
