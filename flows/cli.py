@@ -18,6 +18,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from omnidiff import supervisor
 from omnidiff.env import subdir
@@ -70,7 +71,7 @@ def deploy(config: str, timeout_s: float = 180.0, quiet: bool = False) -> dict[s
         raise RuntimeError("no Prefect server: run `omnidiff stack up` first (PREFECT_API_URL is unset)")
     if _running(_read_state()):
         stop()
-    log_path = subdir("stack", "logs") / "flows.log"
+    log_path = _flows_log()
     # The server's clock is this machine's; a second of slack for the timestamp's rounding.
     since = datetime.now(UTC) - timedelta(seconds=1)
     env = {**os.environ, **RAY_LOG_SKIP}
@@ -120,12 +121,46 @@ def run_deployment(name: str, parameters: dict[str, Any] | None = None, wait: bo
 
     apply_env()
     flow_run = prefect_run_deployment(name=name, parameters=parameters or {}, timeout=timeout_s if wait else 0)
+    return _summary(flow_run)
+
+
+def _summary(flow_run) -> dict[str, Any]:
     out = {"flow_run_id": str(flow_run.id), "name": flow_run.name, "state": flow_run.state.type.value
            if flow_run.state else None}
     api = os.environ.get("PREFECT_API_URL", "").removesuffix("/api")
     if api:
         out["url"] = f"{api}/runs/flow-run/{flow_run.id}"
     return out
+
+
+def watch_flow_run(flow_run_id: str, reporter, events_file: Path, offset: int, timeout_s: float = 3600.0,
+                   interval_s: float = 2.0) -> dict[str, Any]:
+    """Wait for a flow run's final state (as ``run_deployment(wait=True)`` does) while handing
+    ``reporter`` (an omnidiff.progress.ConsoleReporter) every progress event the stages append to
+    ``events_file`` after byte ``offset``; returns the run's summary, its state then."""
+    from prefect.client.orchestration import get_client
+
+    from omnidiff.progress import read_events
+
+    position = offset
+
+    def show_events() -> None:
+        nonlocal position
+        events, position = read_events(events_file, position)
+        for event in events:
+            reporter.handle(event)
+        reporter.tick()
+
+    with get_client(sync_client=True) as client:
+
+        def final_run():
+            show_events()
+            run = client.read_flow_run(UUID(flow_run_id))
+            return run if run.state is not None and run.state.is_final() else None
+
+        run = supervisor.wait_until(final_run, timeout_s, interval_s) or client.read_flow_run(UUID(flow_run_id))
+    show_events()
+    return _summary(run)
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:
@@ -241,6 +276,10 @@ def format_demo_report(result: dict[str, Any], out: dict[str, Any], wall_s: floa
     return "\n".join(lines)
 
 
+def _flows_log() -> Path:
+    return subdir("stack", "logs") / "flows.log"
+
+
 def demo_main(argv: list[str] | None = None) -> int:
     """``omnidiff demo``: stack up (with the deployment-serving process), trigger the pipeline deployment, report."""
     parser = argparse.ArgumentParser(prog="omnidiff demo", description=demo_main.__doc__)
@@ -251,12 +290,21 @@ def demo_main(argv: list[str] | None = None) -> int:
     stack.up()  # returns the running stack when there is one
     stack.apply_env(override=True)
     deploy(args.config)
+    from omnidiff.progress import ConsoleReporter, end_offset, events_path
+
+    events = events_path()
+    offset = end_offset(events)  # what the file holds now is an earlier run's
     t0 = time.perf_counter()
-    result = run_deployment("omnidiff-pipeline/omnidiff-pipeline", wait=True)
+    started = run_deployment("omnidiff-pipeline/omnidiff-pipeline", wait=False)
+    print(f"pipeline run {started['name']} triggered: {started.get('url')}\n"
+          f"each stage as it starts and ends, its progress at least every 30 s (full log: {_flows_log()})",
+          flush=True)
+    reporter = ConsoleReporter(write=lambda line: print(line, flush=True), run=started["flow_run_id"])
+    result = watch_flow_run(started["flow_run_id"], reporter, events, offset)
     wall = time.perf_counter() - t0
     if result["state"] != "COMPLETED":
         print(json.dumps(result, indent=2))
-        print(f"the pipeline run ended {result['state']}; its log: {subdir('stack', 'logs') / 'flows.log'}", file=sys.stderr)
+        print(f"the pipeline run ended {result['state']}; its log: {_flows_log()}", file=sys.stderr)
         return 1
     print(format_demo_report(result, pipeline_outputs(result["flow_run_id"]), wall))
     return 0
