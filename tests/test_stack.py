@@ -252,3 +252,34 @@ def test_ensure_ray_without_a_stack_starts_a_private_ray_under_home(tmp_path):
         time.sleep(0.2)
     assert [pid for pid in tree if not _gone(pid)] == []
     assert sorted(p.relative_to(fake_home) for p in fake_home.rglob("*")) == []
+
+
+@pytest.mark.e2e
+def test_ray_train_state_api_warning_does_not_reach_the_driver(tmp_path):
+    """Issue 14: Ray Train's placement-group cleaner warns every few seconds that the state API
+    (the dashboard, which the stack does not start) is unavailable; 803 lines in one demo's log.
+    A driver connected by ensure_ray drops exactly those forwarded lines and keeps the others."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_TRACKING", "PREFECT_API"))}
+    env.update(OMNIDIFF_HOME=str(tmp_path / "h"))
+    code = (
+        "import logging, time\n"
+        "from omnidiff import stack\n"
+        "ray = stack.ensure_ray(num_cpus=1)\n"
+        "@ray.remote\n"
+        "class Cleaner:\n"
+        "    def go(self):\n"
+        "        log = logging.getLogger('ray.train.v2._internal.execution.controller.placement_group_cleaner')\n"
+        "        for _ in range(3):\n"
+        "            log.warning('Failed to query Ray Train Controller actor state. State API may be temporarily '\n"
+        "                        'unavailable. Continuing to monitor.')\n"
+        "            print('an ordinary line', flush=True)\n"
+        "            time.sleep(0.2)\n"
+        "ray.get(Cleaner.remote().go.remote())\n"
+        "time.sleep(3)  # the log monitor forwards in batches\n"
+        "ray.shutdown()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    console = out.stdout + out.stderr
+    assert "an ordinary line" in console
+    assert "Failed to query Ray Train Controller actor state" not in console
