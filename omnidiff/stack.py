@@ -314,7 +314,10 @@ def _stop_flows_server(grace_s: float) -> None:
     path = stack_dir() / FLOWS_STATE
     record = supervisor.read_json(path)
     if record and record.get("pid"):
-        supervisor.stop_all([record], grace_s=grace_s, leaders_first=False)
+        try:
+            supervisor.stop_all([record], grace_s=grace_s, leaders_first=False)
+        except RuntimeError as exc:
+            raise StackError(f"the deployment-serving process: {exc}") from None
     path.unlink(missing_ok=True)
 
 
