@@ -74,7 +74,7 @@ def deploy(config: str, timeout_s: float = 180.0, quiet: bool = False) -> dict[s
     log_path = _flows_log()
     # The server's clock is this machine's; a second of slack for the timestamp's rounding.
     since = datetime.now(UTC) - timedelta(seconds=1)
-    env = {**os.environ, **RAY_LOG_SKIP}
+    env = {**RAY_LOG_SKIP, **os.environ}  # what the user set wins
     proc = supervisor.launch([sys.executable, "-m", "flows.deployments", config], env, log_path)
     state = supervisor.record(proc, log_path, config=config, started=time.time())
     supervisor.write_json(_state_path(), state)
