@@ -13,17 +13,17 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
+from omnidiff import supervisor
 from omnidiff.env import subdir
 
-SERVE_STATE = "flows.json"
+SERVE_STATE = "flows.json"  # omnidiff/stack.py's FLOWS_STATE: `omnidiff stack down` stops the process too
 
 
 def _state_path() -> Path:
@@ -31,16 +31,11 @@ def _state_path() -> Path:
 
 
 def _read_state() -> dict[str, Any] | None:
-    path = _state_path()
-    return json.loads(path.read_text()) if path.is_file() else None
+    return supervisor.read_json(_state_path())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
+def _running(state: dict[str, Any] | None) -> bool:
+    return bool(state) and supervisor.is_alive(state.get("pid"), state.get("create_time"))
 
 
 async def _deployment_ids(names: tuple[str, ...], since: datetime | None = None) -> dict[str, str | None]:
@@ -69,62 +64,50 @@ def deploy(config: str, timeout_s: float = 180.0, quiet: bool = False) -> dict[s
     """Start ``python -m flows.deployments`` in its own process group; wait until it has (re)registered
     every deployment, so a run triggered next uses this config's parameters, not a previous one's."""
     from flows.deployments import DEPLOYMENT_NAMES
-    from omnidiff.stack import apply_env
+    from omnidiff.stack import RAY_LOG_SKIP, apply_env
 
     apply_env()
     if not os.environ.get("PREFECT_API_URL"):
         raise RuntimeError("no Prefect server: run `omnidiff stack up` first (PREFECT_API_URL is unset)")
-    state = _read_state()
-    if state and _alive(state["pid"]):
+    if _running(_read_state()):
         stop()
-    log_path = subdir("stack", "logs") / "flows.log"
-    log = open(log_path, "ab")
+    log_path = _flows_log()
     # The server's clock is this machine's; a second of slack for the timestamp's rounding.
     since = datetime.now(UTC) - timedelta(seconds=1)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.deployments", config], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy())
-    state = {"pid": proc.pid, "config": config, "log": str(log_path), "started": time.time()}
-    _state_path().write_text(json.dumps(state, indent=2))
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
+    env = {**RAY_LOG_SKIP, **os.environ}  # what the user set wins
+    proc = supervisor.launch([sys.executable, "-m", "flows.deployments", config], env, log_path)
+    state = supervisor.record(proc, log_path, config=config, started=time.time())
+    supervisor.write_json(_state_path(), state)
+
+    def registered() -> dict[str, str | None] | None:
+        code = supervisor.exit_code(proc.pid)
+        if code is not None:
             tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the deployment-serving process exited with {proc.returncode}; log {log_path}:\n{tail}")
+            raise RuntimeError(f"the deployment-serving process exited with {code}; log {log_path}:\n{tail}")
         ids = asyncio.run(_deployment_ids(DEPLOYMENT_NAMES, since))
-        if all(ids.values()):
-            state["deployments"] = ids
-            _state_path().write_text(json.dumps(state, indent=2))
-            if not quiet:
-                print(f"flows: {len(ids)} deployments served by pid {proc.pid} (log {log_path})")
-                for name in ids:
-                    print(f"  {name}")
-            return state
-        time.sleep(2)
-    stop()
-    raise TimeoutError(f"deployments did not all appear within {timeout_s:.0f}s; log {log_path}")
+        return ids if all(ids.values()) else None
+
+    ids = supervisor.wait_until(registered, timeout_s, interval_s=2.0)
+    if not ids:
+        stop()
+        raise TimeoutError(f"deployments did not all appear within {timeout_s:.0f}s; log {log_path}")
+    state["deployments"] = ids
+    supervisor.write_json(_state_path(), state)
+    if not quiet:
+        print(f"flows: {len(ids)} deployments served by pid {proc.pid} (log {log_path})")
+        for name in ids:
+            print(f"  {name}")
+    return state
 
 
-def stop() -> bool:
+def stop(grace_s: float = 10.0) -> bool:
     """Stop the serving process (its whole process group); True if one was running."""
     state = _read_state()
     if not state:
         return False
-    pid = state["pid"]
-    was_alive = _alive(pid)
+    was_alive = _running(state)
     if was_alive:
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        for _ in range(50):
-            if not _alive(pid):
-                break
-            time.sleep(0.2)
-        else:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        supervisor.stop_all([state], grace_s=grace_s, leaders_first=False)
     _state_path().unlink(missing_ok=True)
     return was_alive
 
@@ -138,12 +121,46 @@ def run_deployment(name: str, parameters: dict[str, Any] | None = None, wait: bo
 
     apply_env()
     flow_run = prefect_run_deployment(name=name, parameters=parameters or {}, timeout=timeout_s if wait else 0)
+    return _summary(flow_run)
+
+
+def _summary(flow_run) -> dict[str, Any]:
     out = {"flow_run_id": str(flow_run.id), "name": flow_run.name, "state": flow_run.state.type.value
            if flow_run.state else None}
     api = os.environ.get("PREFECT_API_URL", "").removesuffix("/api")
     if api:
         out["url"] = f"{api}/runs/flow-run/{flow_run.id}"
     return out
+
+
+def watch_flow_run(flow_run_id: str, reporter, events_file: Path, offset: int, timeout_s: float = 3600.0,
+                   interval_s: float = 2.0) -> dict[str, Any]:
+    """Wait for a flow run's final state (as ``run_deployment(wait=True)`` does) while handing
+    ``reporter`` (an omnidiff.progress.ConsoleReporter) every progress event the stages append to
+    ``events_file`` after byte ``offset``; returns the run's summary, its state then."""
+    from prefect.client.orchestration import get_client
+
+    from omnidiff.progress import read_events
+
+    position = offset
+
+    def show_events() -> None:
+        nonlocal position
+        events, position = read_events(events_file, position)
+        for event in events:
+            reporter.handle(event)
+        reporter.tick()
+
+    with get_client(sync_client=True) as client:
+
+        def final_run():
+            show_events()
+            run = client.read_flow_run(UUID(flow_run_id))
+            return run if run.state is not None and run.state.is_final() else None
+
+        run = supervisor.wait_until(final_run, timeout_s, interval_s) or client.read_flow_run(UUID(flow_run_id))
+    show_events()
+    return _summary(run)
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:
@@ -183,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         from flows.deployments import DEPLOYMENT_NAMES
 
         state = _read_state()
-        running = bool(state and _alive(state["pid"]))
+        running = _running(state)
         print(f"serving process: {'running, pid ' + str(state['pid']) if running else 'not running'}")
         for name, dep_id in asyncio.run(_deployment_ids(DEPLOYMENT_NAMES)).items():
             print(f"  {name:<40} {dep_id or 'missing'}")
@@ -259,6 +276,10 @@ def format_demo_report(result: dict[str, Any], out: dict[str, Any], wall_s: floa
     return "\n".join(lines)
 
 
+def _flows_log() -> Path:
+    return subdir("stack", "logs") / "flows.log"
+
+
 def demo_main(argv: list[str] | None = None) -> int:
     """``omnidiff demo``: stack up (with the deployment-serving process), trigger the pipeline deployment, report."""
     parser = argparse.ArgumentParser(prog="omnidiff demo", description=demo_main.__doc__)
@@ -269,12 +290,21 @@ def demo_main(argv: list[str] | None = None) -> int:
     stack.up()  # returns the running stack when there is one
     stack.apply_env(override=True)
     deploy(args.config)
+    from omnidiff.progress import ConsoleReporter, end_offset, events_path
+
+    events = events_path()
+    offset = end_offset(events)  # what the file holds now is an earlier run's
     t0 = time.perf_counter()
-    result = run_deployment("omnidiff-pipeline/omnidiff-pipeline", wait=True)
+    started = run_deployment("omnidiff-pipeline/omnidiff-pipeline", wait=False)
+    print(f"pipeline run {started['name']} triggered: {started.get('url')}\n"
+          f"each stage as it starts and ends, its progress at least every 30 s (full log: {_flows_log()})",
+          flush=True)
+    reporter = ConsoleReporter(write=lambda line: print(line, flush=True), run=started["flow_run_id"])
+    result = watch_flow_run(started["flow_run_id"], reporter, events, offset)
     wall = time.perf_counter() - t0
     if result["state"] != "COMPLETED":
         print(json.dumps(result, indent=2))
-        print(f"the pipeline run ended {result['state']}; its log: {subdir('stack', 'logs') / 'flows.log'}", file=sys.stderr)
+        print(f"the pipeline run ended {result['state']}; its log: {_flows_log()}", file=sys.stderr)
         return 1
     print(format_demo_report(result, pipeline_outputs(result["flow_run_id"]), wall))
     return 0

@@ -71,6 +71,7 @@ def roll(app_name: str, model: str, alias: str, version: str, wait_ready_s: floa
 
     from omnidiff.config import from_dict, replace
     from omnidiff.stack import ensure_ray
+    from omnidiff.supervisor import wait_until
     from serve import app as serve_app
     from serve import auth
     from serve.config import ServeConfig
@@ -88,15 +89,16 @@ def roll(app_name: str, model: str, alias: str, version: str, wait_ready_s: floa
     # The app is RUNNING on new replicas once serve.run returns; the card can lag while old replicas drain.
     token = auth.load_token(cfg.auth.token_env, cfg.auth.token_file)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    deadline, served = time.monotonic() + 60, None
-    while time.monotonic() < deadline:
+    served = None
+
+    def serves_version() -> bool:
+        nonlocal served
         answer = requests.get(f"{result['url']}/v1/models", headers=headers, timeout=10)
         if answer.status_code == 200:
             served = answer.json()["data"][0].get("version")
-            if served == version:
-                break
-        time.sleep(0.5)
-    if served != version:
+        return served == version
+
+    if not wait_until(serves_version, timeout_s=60, interval_s=0.5):
         raise RuntimeError(f"rolled app {app_name!r} serves version {served!r}, expected {version!r}")
     seconds = time.perf_counter() - t0
     logger.info("app %r now serves %s/%s (roll took %.1fs)", app_name, model, version, seconds)

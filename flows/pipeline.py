@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger
 from flows.config import PipelineConfig
 from omnidiff.config import replace, to_dict
 from omnidiff.env import subdir
+from omnidiff.progress import emit_event
 
 SKIP_INDEX = "stage_index.json"
 
@@ -79,6 +80,7 @@ def run_stage(name: str, cfg: Any, files: list[Path], fn: Callable[[], dict[str,
     logger = get_run_logger()
     digest = input_digest(name, cfg, files)
     t0 = time.perf_counter()
+    emit_event("stage_start", stage=name, run=_flow_run_id())
     cached = index.get(name, digest) if skip else None
     if cached is not None:
         logger.info("%s: inputs unchanged (digest %s): skipped, reusing %s", name, digest, cached)
@@ -91,7 +93,16 @@ def run_stage(name: str, cfg: Any, files: list[Path], fn: Callable[[], dict[str,
         mlflow.set_tags({f"stage.{name}.input_digest": digest, f"stage.{name}.skipped": str(skipped)})
         mlflow.log_metric(f"time_s.{name}", timings[name])
     logger.info("%s: %.1fs%s", name, timings[name], " (skipped)" if skipped else "")
+    emit_event("stage_end", stage=name, run=_flow_run_id(), seconds=timings[name], skipped=skipped, digest=digest)
     return outputs
+
+
+def _flow_run_id() -> str | None:
+    """The pipeline's Prefect flow-run id (a watcher shows only its own run's stages)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return str(context.flow_run.id) if context and context.flow_run else None
 
 
 def _per_input_folders(name: str, cfg: Any, files: list[Path]) -> Any:
@@ -197,8 +208,10 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
         if cfg.deploy:
             version = exports["stage3"].get("model_version")
             t0 = time.perf_counter()
+            emit_event("stage_start", stage="deploy", run=_flow_run_id())
             out["deploy"] = deploy_and_serve(cfg, version)
             timings["deploy"] = time.perf_counter() - t0
+            emit_event("stage_end", stage="deploy", run=_flow_run_id(), seconds=timings["deploy"], skipped=False)
         out["timings_s"] = timings
         mlflow.log_dict(out, "pipeline_outputs.json")
     print_summary(out)

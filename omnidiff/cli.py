@@ -14,7 +14,7 @@ import sys
 # name -> (one-line help, "module:function"); function(argv: list[str]) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("validate config files and print them resolved (config check FILE...)", "omnidiff.config:main"),
-    "stack": ("start/stop/inspect the local Prefect + MLflow + Ray stack", "omnidiff.stack:main"),
+    "stack": ("start/stop/inspect the local Prefect + MLflow + Ray stack", "omnidiff.stack_cli:main"),
     "world": ("generate the tiny world and serve its images over HTTP", "omnidiff.world.cli:main"),
     "llm": ("convert/inspect the LLM text encoder (Gemma 3 270M by default)", "omnidiff.models.llm_folders:main"),
     "base": ("pretrain the base text-to-image model and its evaluator", "omnidiff.base.cli:main"),

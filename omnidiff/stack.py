@@ -30,54 +30,55 @@ it; :func:`apply_env` hands clients the same two variables. :func:`ensure_ray`
 does the same for a private local Ray. Nothing is written to ``~``.
 
 Other entry points call :func:`apply_env` to find the stack, and
-:func:`ensure_ray` to get a Ray connection.
+:func:`ensure_ray` to get a Ray connection. The servers' commands, ports and health checks are
+in omnidiff/stack_services.py; starting and stopping processes in omnidiff/supervisor.py; the
+command line in omnidiff/stack_cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import hashlib
 import json
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
-import requests
 
+from omnidiff import supervisor
 from omnidiff.env import home, subdir
+from omnidiff.stack_services import (
+    DEFAULT_PORTS,
+    HOST,
+    RAY_EXTRA_PORTS,
+    SERVICES,
+    StackError,
+    commands,
+    health_url,
+    http_ok,
+    port_free,
+    ray_client_env,
+    ray_env,
+    service_env,
+    short_path,
+    stack_dir,
+    start_ray_probe,
+    write_token,
+)
+from omnidiff.stack_services import free_ports as pick_free_ports
 
-HOST = "127.0.0.1"
-SERVICES = ("prefect", "mlflow", "ray")
-DEFAULT_PORTS = {"prefect": 4200, "mlflow": 5000, "ray": 6379}
 STATE_VERSION = 1
-# AF_UNIX paths are limited to 107 bytes; Ray puts its sockets at
-# <temp>/session_<date>_<time>_<usec>_<pid>/sockets/<name> (~70 bytes after <temp>).
-_RAY_TEMP_MAX_CHARS = 36
-
-# Popen objects of servers this process started, so that `down` in the same
-# process can reap them (a dead child stays a zombie, and so "alive", until waited).
-_CHILDREN: dict[int, subprocess.Popen] = {}
-
-
-class StackError(RuntimeError):
-    """The stack could not be started, found or stopped; the message says which service and why."""
+FLOWS_STATE = "flows.json"  # the deployment-serving process's record (flows/cli.py writes it)
+# Ray Train's placement-group cleaner asks the state API (served by the dashboard, which the stack
+# does not start) every few seconds and warns each time it cannot: hundreds of lines per training
+# run, forwarded to every driver's console. A driver whose environment has this regex drops them
+# (ray._private.ray_logging.LogDeduplicator); the warning stays in the actor's own log file.
+RAY_LOG_SKIP = {"RAY_DEDUP_LOGS_SKIP_REGEX": "Failed to query Ray Train Controller actor state"}
 
 
-# ----------------------------------------------------------------------------- paths and state
-
-
-def stack_dir() -> Path:
-    return subdir("stack")
+# ----------------------------------------------------------------------------- state
 
 
 def state_path() -> Path:
@@ -86,252 +87,20 @@ def state_path() -> Path:
 
 def read_state() -> dict[str, Any] | None:
     """The recorded state of the last ``up`` under this home, or None."""
-    path = state_path()
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text())
+        return supervisor.read_json(state_path())
     except json.JSONDecodeError as exc:
-        raise StackError(f"{path} is not valid JSON ({exc}); remove it after checking no server is left") from None
+        raise StackError(f"{state_path()} is not valid JSON ({exc}); remove it after checking no server is left") from None
 
 
-def _write_state(state: dict[str, Any]) -> None:
-    tmp = state_path().with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(state_path())
-
-
-def _short_path(path: Path) -> Path:
-    """``path``, or a short symlink to it in the system temp dir when Ray's socket paths would be too long."""
-    if len(str(path)) <= _RAY_TEMP_MAX_CHARS:
-        return path
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:10]
-    link = Path(tempfile.gettempdir()) / f"omnidiff-ray-{digest}"
-    if link.is_symlink() and Path(os.readlink(link)) != path:
-        link.unlink()
-    if not link.is_symlink():
-        link.symlink_to(path, target_is_directory=True)
-    if len(str(link)) > _RAY_TEMP_MAX_CHARS:
-        raise StackError(f"ray temp dir {str(link)!r}: too long for unix sockets (max {_RAY_TEMP_MAX_CHARS} chars)")
-    return link
-
-
-def _ray_env(token: Path) -> dict[str, str]:
-    """Environment a Ray head and its clients share (see the module docstring on auth)."""
-    return {
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
-        # `ray start --node-ip-address 127.0.0.1` swaps loopback for the machine's
-        # address (services.resolve_ip_for_localhost) so that other nodes could
-        # join. Ray's single-node mode (the default on macOS/Windows, switched on
-        # here) keeps node and driver addresses on 127.0.0.1.
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    }
-
-
-def _write_token(path: Path) -> Path:
-    if not path.is_file() or not path.read_text().strip():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    return path
-
-
-# ----------------------------------------------------------------------------- ports and processes
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))  # Ray binds some ports on every interface
-        except OSError:
-            return False
-    return True
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct ports the kernel calls free right now (sockets held open until all are picked)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("0.0.0.0", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _executable(name: str) -> str:
-    beside = Path(sys.executable).parent / name  # the venv's own script first
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which(name)
-    if not found:
-        raise StackError(f"{name}: executable not found beside {sys.executable} or on PATH; is the project installed?")
-    return found
-
-
-def _pid_alive(pid: int, create_time: float | None = None) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        # A recycled pid belongs to a process created later than ours.
-        return create_time is None or abs(proc.create_time() - create_time) < 1.0
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _log_tail(path: str | Path, lines: int = 25) -> str:
-    try:
-        text = Path(path).read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return "(no log written)"
-    return "\n".join("    " + line for line in text[-lines:]) or "    (log is empty)"
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the process that started it dies (Linux prctl PR_SET_PDEATHSIG)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, 15)  # PR_SET_PDEATHSIG = 1, SIGTERM = 15
-
-
-def _launch(name: str, argv: list[str], env: dict[str, str], log_path: Path,
-            fate_share: bool = False) -> subprocess.Popen:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} omnidiff stack: {' '.join(argv)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            # Own session = own process group: `down` signals the whole group,
-            # and Ctrl-C in the shell that ran `up` does not reach the servers.
-            start_new_session=True,
-            preexec_fn=_die_with_parent if fate_share and sys.platform.startswith("linux") else None,
-        )
-    _CHILDREN[proc.pid] = proc
-    return proc
-
-
-# ----------------------------------------------------------------------------- health checks
-
-# Runs in a subprocess with the Ray client's environment (token variables):
-# polls the GCS until an alive node has registered, i.e. a driver can connect.
-_RAY_PROBE = r"""
-import sys, time
-from ray._raylet import GcsClient
-address, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
-last = "no answer from the GCS"
-while True:
-    try:
-        nodes = GcsClient(address=address).get_all_node_info(timeout=2)
-        alive = [n for n in nodes.values() if n.state == 0]
-        if alive:
-            print(f"ok: {len(alive)} alive node(s)")
-            sys.exit(0)
-        last = "GCS answers but no node is alive yet"
-    except Exception as exc:
-        last = f"{type(exc).__name__}: {exc}"
-    if time.monotonic() > deadline:
-        print(last)
-        sys.exit(1)
-    time.sleep(0.5)
-"""
-
-
-def _http_ok(url: str, timeout: float = 2.0) -> bool:
-    try:
-        return requests.get(url, timeout=timeout).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def _health_url(name: str, svc: dict[str, Any]) -> str | None:
-    return {"prefect": f"{svc.get('url')}/api/health", "mlflow": f"{svc.get('url')}/health"}.get(name)
-
-
-def _start_ray_probe(address: str, env: dict[str, str], timeout_s: float) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", _RAY_PROBE, address, str(timeout_s)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        text=True,
-    )
-
-
-def _ray_client_env(state_env: dict[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({k: v for k, v in state_env.items() if k.startswith("RAY_")})
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-# ----------------------------------------------------------------------------- up / down / status
-
-
-def _commands(ports: dict[str, int], ray_ports: dict[str, int], ray_cpus: int, object_store_mb: int,
-              mlflow_workers: int, ray_temp: Path) -> dict[str, list[str]]:
-    root = stack_dir()
-    mlflow_dir = root / "mlflow"
-    (mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
-    return {
-        "prefect": [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(ports["prefect"])],
-        "mlflow": [
-            _executable("mlflow"), "server", "--host", HOST, "--port", str(ports["mlflow"]),
-            "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-            "--artifacts-destination", str(mlflow_dir / "artifacts"),
-            "--workers", str(mlflow_workers),
-        ],
-        "ray": [
-            _executable("ray"), "start", "--head", "--block",
-            "--node-ip-address", HOST, "--port", str(ports["ray"]),
-            "--num-cpus", str(ray_cpus), "--num-gpus", "0",
-            "--object-store-memory", str(object_store_mb * 1024 * 1024),
-            "--include-dashboard", "false", "--disable-usage-stats",
-            "--temp-dir", str(ray_temp),
-            # Ray's secondary ports have fixed defaults (10001, 52365, ...):
-            # pick free ones so that several stacks (one per test session) coexist.
-            *(x for key, port in ray_ports.items() for x in (f"--{key}", str(port))),
-        ],
-    }
-
-
-def _service_env(name: str, base: dict[str, str], ray_env: dict[str, str]) -> dict[str, str]:
-    env = dict(base)
-    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS"):
-        env.pop(key, None)  # a server must not talk to some other stack
-    env["OMNIDIFF_HOME"] = str(home())  # Ray workers inherit it: same home as the driver
-    if name == "prefect":
-        env["PREFECT_HOME"] = str(stack_dir() / "prefect")
-        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    elif name == "mlflow":
-        # Without it the server forks a job runner: 8 processes and ~2.3 GB (NOTES.md).
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    elif name == "ray":
-        env.update(ray_env)
-        env["RAY_USAGE_STATS_ENABLED"] = "0"
-    return env
-
-
-def _running(state: dict[str, Any] | None) -> list[str]:
+def running_services(state: dict[str, Any] | None) -> list[str]:
     if not state:
         return []
-    return [
-        name for name, svc in state.get("services", {}).items()
-        if _pid_alive(svc["pid"], svc.get("create_time"))
-    ]
+    return [name for name, svc in state.get("services", {}).items()
+            if supervisor.is_alive(svc["pid"], svc.get("create_time"))]
+
+
+# ----------------------------------------------------------------------------- up
 
 
 def up(
@@ -358,7 +127,7 @@ def up(
     """
     say = (lambda *a: None) if quiet else print
     existing = read_state()
-    alive = _running(existing)
+    alive = running_services(existing)
     if alive:
         if sorted(alive) == sorted(SERVICES):
             say(f"stack already running under {stack_dir()} (omnidiff stack status | down)")
@@ -374,32 +143,13 @@ def up(
     if ray_object_store_mb < 80:
         raise StackError(f"ray_object_store_mb={ray_object_store_mb}: Ray needs at least 80 MB")
 
-    if free_ports:
-        picked = _free_ports(3 + 8)
-        ports = dict(zip(SERVICES, picked[:3], strict=True))
-        extra = picked[3:]
-    else:
-        ports = {"prefect": prefect_port, "mlflow": mlflow_port, "ray": ray_port}
-        for name, port in ports.items():
-            if not _port_free(port):
-                raise StackError(
-                    f"{name}: port {port} on {HOST} is already in use; pick another with "
-                    f"--{name}-port or use --free-ports"
-                )
-        extra = _free_ports(8)
-    ray_ports = dict(zip(
-        ("ray-client-server-port", "object-manager-port", "node-manager-port", "dashboard-agent-listen-port",
-         "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port", "dashboard-port"),
-        extra,
-        strict=True,
-    ))
-
+    ports, ray_ports = _pick_ports(free_ports, {"prefect": prefect_port, "mlflow": mlflow_port, "ray": ray_port})
     root = stack_dir()
     logs = root / "logs"
     ray_dir = root / "ray"
     ray_dir.mkdir(parents=True, exist_ok=True)
-    ray_temp = _short_path(ray_dir)
-    token = _write_token(ray_dir / "auth_token")
+    ray_temp = short_path(ray_dir)
+    ray_vars = ray_env(write_token(ray_dir / "auth_token"))
     urls = {
         "prefect": f"http://{HOST}:{ports['prefect']}",
         "mlflow": f"http://{HOST}:{ports['mlflow']}",
@@ -409,10 +159,9 @@ def up(
         "MLFLOW_TRACKING_URI": urls["mlflow"],
         "PREFECT_API_URL": f"{urls['prefect']}/api",
         "RAY_ADDRESS": urls["ray"],
-        **_ray_env(token),
+        **ray_vars,
     }
-    ray_env = _ray_env(token)
-    commands = _commands(ports, ray_ports, ray_cpus, ray_object_store_mb, mlflow_workers, ray_temp)
+    argvs = commands(ports, ray_ports, ray_cpus, ray_object_store_mb, mlflow_workers, ray_temp)
 
     t0 = time.monotonic()
     state: dict[str, Any] = {
@@ -427,21 +176,13 @@ def up(
     try:
         for name in SERVICES:
             log_path = logs / f"{name}.log"
-            proc = _launch(name, commands[name], _service_env(name, base_env, ray_env), log_path, fate_share)
-            state["services"][name] = {
-                "pid": proc.pid,
-                "pgid": os.getpgid(proc.pid),
-                "create_time": psutil.Process(proc.pid).create_time(),
-                "port": ports[name],
-                "url": urls[name],
-                "log": str(log_path),
-                "argv": commands[name],
-                "healthy": False,
-            }
+            proc = supervisor.launch(argvs[name], service_env(name, base_env, ray_vars), log_path, fate_share)
+            state["services"][name] = supervisor.record(proc, log_path, port=ports[name], url=urls[name],
+                                                        argv=argvs[name], healthy=False)
             if name == "ray":
                 state["services"][name]["extra_ports"] = ray_ports
             # Written after each launch: if `up` itself dies now, `down` still finds them.
-            _write_state(state)
+            supervisor.write_json(state_path(), state)
         _wait_healthy(state, timeout_s, t0, say)
     except BaseException:
         down(quiet=True)
@@ -450,46 +191,65 @@ def up(
     for svc in state["services"].values():
         svc["healthy"] = True
         # Informational: the process tree as started (down re-reads it at stop time).
-        with contextlib.suppress(psutil.NoSuchProcess):
+        try:
             svc["children"] = [c.pid for c in psutil.Process(svc["pid"]).children(recursive=True)]
-    _write_state(state)
+        except psutil.NoSuchProcess:
+            pass
+    supervisor.write_json(state_path(), state)
     say(format_urls(state))
     say(f"all healthy in {state['ready_s']:.1f} s; logs in {logs}")
     return state
 
 
+def _pick_ports(pick_free: bool, asked: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """The three servers' ports (``asked``, or free ones) and Ray's secondary ports (always free ones)."""
+    if pick_free:
+        picked = pick_free_ports(len(SERVICES) + len(RAY_EXTRA_PORTS))
+        ports = dict(zip(SERVICES, picked[:len(SERVICES)], strict=True))
+        extra = picked[len(SERVICES):]
+    else:
+        ports = dict(asked)
+        for name, port in ports.items():
+            if not port_free(port):
+                raise StackError(
+                    f"{name}: port {port} on {HOST} is already in use; pick another with "
+                    f"--{name}-port or use --free-ports"
+                )
+        extra = pick_free_ports(len(RAY_EXTRA_PORTS))
+    return ports, dict(zip(RAY_EXTRA_PORTS, extra, strict=True))
+
+
 def _wait_healthy(state: dict[str, Any], timeout_s: float, t0: float, say) -> None:
     services = state["services"]
-    ray_probe = _start_ray_probe(services["ray"]["url"], _ray_client_env(state["env"]), timeout_s)
+    ray_probe = start_ray_probe(services["ray"]["url"], ray_client_env(state["env"]), timeout_s)
     pending = set(SERVICES)
     failures: dict[str, str] = {}
-    try:
-        while pending:
-            for name in sorted(pending):
-                svc = services[name]
-                proc = _CHILDREN.get(svc["pid"])
-                if proc is not None and proc.poll() is not None:
-                    failures[name] = f"exited with code {proc.returncode} before it was healthy"
-                elif name == "ray":
-                    rc = ray_probe.poll()
-                    if rc == 0:
-                        pending.discard(name)
-                    elif rc is not None:
-                        failures[name] = f"no client could connect: {ray_probe.stdout.read().strip()}"
-                elif _http_ok(_health_url(name, svc), timeout=1.0):
-                    pending.discard(name)
-                if name in pending and name not in failures:
+
+    def check() -> bool:
+        """One look at every pending service; True when the wait is over (all healthy, or one failed)."""
+        for name in sorted(pending):
+            svc = services[name]
+            code = supervisor.exit_code(svc["pid"])
+            if code is not None:
+                failures[name] = f"exited with code {code} before it was healthy"
+            elif name == "ray":
+                rc = ray_probe.poll()
+                if rc is None:
                     continue
-                if name not in failures:
-                    say(f"  {name:<8} healthy after {time.monotonic() - t0:.1f} s")
-                pending.discard(name)
-            if failures:
-                break
-            if time.monotonic() - t0 > timeout_s:
-                for name in pending:
-                    failures[name] = f"not healthy after {timeout_s:.0f} s"
-                break
-            time.sleep(0.5)
+                if rc != 0:
+                    failures[name] = f"no client could connect: {ray_probe.stdout.read().strip()}"
+            elif not http_ok(health_url(name, svc), timeout=1.0):
+                continue
+            if name not in failures:
+                say(f"  {name:<8} healthy after {time.monotonic() - t0:.1f} s")
+            pending.discard(name)
+        return bool(failures) or not pending
+
+    try:
+        supervisor.wait_until(check, timeout_s=max(0.0, timeout_s - (time.monotonic() - t0)), interval_s=0.5)
+        if not failures:
+            for name in pending:
+                failures[name] = f"not healthy after {timeout_s:.0f} s"
     finally:
         if ray_probe.poll() is None:
             ray_probe.kill()
@@ -498,7 +258,7 @@ def _wait_healthy(state: dict[str, Any], timeout_s: float, t0: float, say) -> No
             ray_probe.stdout.close()
     if failures:
         parts = [
-            f"{name}: {why}\n  log {services[name]['log']}:\n{_log_tail(services[name]['log'])}"
+            f"{name}: {why}\n  log {services[name]['log']}:\n{supervisor.log_tail(services[name]['log'])}"
             for name, why in failures.items()
         ]
         raise StackError("the local stack did not come up:\n" + "\n".join(parts))
@@ -513,25 +273,7 @@ def format_urls(state: dict[str, Any]) -> str:
     ])
 
 
-def _stack_processes(state: dict[str, Any]) -> list[psutil.Process]:
-    """Every live process that `up` started: the recorded groups and the recorded process trees."""
-    started_at = state.get("started_at", 0.0) - 1.0
-    pgids = {svc["pgid"] for svc in state.get("services", {}).values()}
-    found: dict[int, psutil.Process] = {}
-    for svc in state.get("services", {}).values():
-        if _pid_alive(svc["pid"], svc.get("create_time")):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                root = psutil.Process(svc["pid"])
-                for proc in [root, *root.children(recursive=True)]:
-                    found[proc.pid] = proc
-    for proc in psutil.process_iter(["pid", "create_time"]):
-        try:
-            # A process created before `up` cannot be ours, whatever its group id says now.
-            if os.getpgid(proc.pid) in pgids and proc.info["create_time"] >= started_at:
-                found[proc.pid] = proc
-        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
-            continue
-    return [p for p in found.values() if p.pid != os.getpid()]
+# ----------------------------------------------------------------------------- down / status
 
 
 def down(quiet: bool = False, grace_s: float = 15.0) -> dict[str, Any]:
@@ -546,41 +288,20 @@ def down(quiet: bool = False, grace_s: float = 15.0) -> dict[str, Any]:
         say(f"no stack recorded under {stack_dir()}")
         return {"stopped": [], "killed": []}
     _stop_flows_server(grace_s)
-    procs = _stack_processes(state)
-    services = state.get("services", {})
-    # 1. SIGTERM to each server's own process: `ray start --block` then drains
-    #    and stops its children in order (~2 s). Signalling Ray's whole group at
-    #    once instead leaves gcs_server and the `ray start` process hanging.
-    leaders = []
-    for svc in services.values():
-        if _pid_alive(svc["pid"], svc.get("create_time")):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                leader = psutil.Process(svc["pid"])
-                leader.terminate()
-                leaders.append(leader)
-    psutil.wait_procs(leaders, timeout=grace_s, callback=lambda p: _reap_children())
-    # 2. SIGTERM to whatever is left of the recorded groups and trees, 3. then SIGKILL.
-    # Re-scan: a server killed mid start-up may have spawned children after the first look.
-    seen = {p.pid: p for p in [*procs, *_stack_processes(state)]}
-    procs = list(seen.values())
-    left = [p for p in procs if _still_running(p)]
-    for proc in left:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(left, timeout=5.0, callback=lambda p: _reap_children())
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    _, survivors = psutil.wait_procs(alive, timeout=5.0)
-    _reap_children()
-    if survivors:
-        raise StackError(f"processes survived SIGKILL: {[p.pid for p in survivors]}")
+    # SIGTERM to each server's own process first: `ray start --block` then drains and stops its
+    # children in order (~2 s). Signalling Ray's whole group at once instead leaves gcs_server and
+    # the `ray start` process hanging.
+    try:
+        result = supervisor.stop_all(list(state.get("services", {}).values()), grace_s=grace_s)
+    except RuntimeError as exc:
+        raise StackError(str(exc)) from None
     link = state.get("ray_temp_link")
     if link and Path(link).is_symlink():
         Path(link).unlink()
     state_path().replace(stack_dir() / "state.last.json")
-    result = {"stopped": sorted(p.pid for p in procs), "killed": sorted(p.pid for p in alive)}
-    say(f"stopped {len(procs)} processes ({len(left)} after the servers themselves, {len(alive)} by SIGKILL)")
+    left = result.pop("left")
+    say(f"stopped {len(result['stopped'])} processes ({left} after the servers themselves, "
+        f"{len(result['killed'])} by SIGKILL)")
     return result
 
 
@@ -588,19 +309,15 @@ def _stop_flows_server(grace_s: float) -> None:
     """Stop the Prefect deployment-serving process (``omnidiff flows deploy``) before its server.
 
     NOTES.md: a serving process still running when the Prefect server stops hangs on shutdown.
-    Its pid is in ``stack/flows.json`` (written by flows/cli.py); it leads its own process group.
+    Its record is in ``stack/flows.json`` (written by flows/cli.py); it leads its own process group.
     """
-    path = stack_dir() / "flows.json"
-    if not path.is_file():
-        return
-    pid = json.loads(path.read_text()).get("pid")
-    with contextlib.suppress(ProcessLookupError, PermissionError, TypeError):
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and _pid_alive(pid):
-            time.sleep(0.2)
-        if _pid_alive(pid):
-            os.killpg(pid, signal.SIGKILL)
+    path = stack_dir() / FLOWS_STATE
+    record = supervisor.read_json(path)
+    if record and record.get("pid"):
+        try:
+            supervisor.stop_all([record], grace_s=grace_s, leaders_first=False)
+        except RuntimeError as exc:
+            raise StackError(f"the deployment-serving process: {exc}") from None
     path.unlink(missing_ok=True)
 
 
@@ -612,19 +329,6 @@ def start_flows_server(config: str | Path, timeout_s: float = 240.0) -> int:
     return subprocess.run(cmd, env=env, timeout=timeout_s).returncode
 
 
-def _still_running(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _reap_children() -> None:
-    for pid, proc in list(_CHILDREN.items()):
-        if proc.poll() is not None:
-            del _CHILDREN[pid]
-
-
 def status(timeout_s: float = 15.0) -> dict[str, Any]:
     """``{service: {"pid", "alive", "healthy", "url", "log"}}`` for the recorded stack ({} if none)."""
     state = read_state()
@@ -633,14 +337,14 @@ def status(timeout_s: float = 15.0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     probe = None
     for name, svc in state["services"].items():
-        alive = _pid_alive(svc["pid"], svc.get("create_time"))
+        alive = supervisor.is_alive(svc["pid"], svc.get("create_time"))
         out[name] = {"pid": svc["pid"], "alive": alive, "healthy": False, "url": svc["url"], "log": svc["log"]}
         if not alive:
             continue
         if name == "ray":
-            probe = _start_ray_probe(svc["url"], _ray_client_env(state["env"]), timeout_s)
+            probe = start_ray_probe(svc["url"], ray_client_env(state["env"]), timeout_s)
         else:
-            out[name]["healthy"] = _http_ok(_health_url(name, svc), timeout=timeout_s)
+            out[name]["healthy"] = http_ok(health_url(name, svc), timeout=timeout_s)
     if probe is not None:
         try:
             output, _ = probe.communicate(timeout=timeout_s + 10)
@@ -664,7 +368,7 @@ def apply_env(state: dict[str, Any] | None = None, override: bool = False) -> di
     """
     if state is None:
         state = read_state()
-        if state is None or sorted(_running(state)) != sorted(SERVICES):
+        if state is None or sorted(running_services(state)) != sorted(SERVICES):
             return {}
     env = state["env"]
     groups = [
@@ -699,10 +403,12 @@ def ensure_ray(num_cpus: int = 2):
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return sys.modules["ray"]
     apply_env()
+    for key, value in RAY_LOG_SKIP.items():
+        os.environ.setdefault(key, value)  # read when ray is imported; too late if it already is
     address = os.environ.get("RAY_ADDRESS")
     ray_dir = None if address else subdir("ray")
     if ray_dir is not None and not os.environ.get("RAY_AUTH_MODE"):
-        for key, value in _ray_env(_write_token(ray_dir / "auth_token")).items():
+        for key, value in ray_env(write_token(ray_dir / "auth_token")).items():
             os.environ.setdefault(key, value)
     import ray
 
@@ -713,81 +419,7 @@ def ensure_ray(num_cpus: int = 2):
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
-        _temp_dir=str(_short_path(ray_dir)),
+        _temp_dir=str(short_path(ray_dir)),
         log_to_driver=True,
     )
     return ray
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _print_status(report: dict[str, Any]) -> None:
-    for name, info in report.items():
-        word = "healthy" if info["healthy"] else ("UNHEALTHY" if info["alive"] else "DOWN")
-        print(f"{name:<8} {word:<9} pid {info['pid']:<8} {info['url']}")
-        if not info["healthy"]:
-            print(f"         log: {info['log']}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="omnidiff stack", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_up = sub.add_parser("up", help="start Prefect, MLflow and a Ray head on 127.0.0.1 and wait until healthy")
-    p_up.add_argument("--prefect-port", type=int, default=DEFAULT_PORTS["prefect"])
-    p_up.add_argument("--mlflow-port", type=int, default=DEFAULT_PORTS["mlflow"])
-    p_up.add_argument("--ray-port", type=int, default=DEFAULT_PORTS["ray"])
-    p_up.add_argument("--free-ports", action="store_true", help="pick free ports instead of the defaults")
-    p_up.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the Ray head (default 4)")
-    p_up.add_argument("--ray-object-store-mb", type=int, default=1024)
-    p_up.add_argument("--mlflow-workers", type=int, default=1)
-    p_up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all three to be healthy")
-    p_up.add_argument("--flows-config", default="configs/pipeline.yaml",
-                      help="pipeline config whose deployments the flows-serving process creates")
-    p_up.add_argument("--no-flows", action="store_true", help="do not start the Prefect deployment-serving process")
-    sub.add_parser("down", help="stop exactly what `up` started")
-    sub.add_parser("status", help="report each service's health")
-    sub.add_parser("env", help="print shell exports pointing at the running stack")
-    args = parser.parse_args(argv)
-
-    try:
-        if args.command == "up":
-            state = up(
-                prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, ray_port=args.ray_port,
-                free_ports=args.free_ports, ray_cpus=args.ray_cpus, ray_object_store_mb=args.ray_object_store_mb,
-                mlflow_workers=args.mlflow_workers, timeout_s=args.timeout,
-            )
-            if state and not args.no_flows:
-                if Path(args.flows_config).is_file():
-                    if start_flows_server(args.flows_config) != 0:
-                        print("omnidiff stack: the deployment-serving process did not start (see "
-                              f"{stack_dir() / 'logs' / 'flows.log'})", file=sys.stderr)
-                        return 1
-                else:
-                    print(f"flows: {args.flows_config} not found; deployments not served (--flows-config)")
-            print("shell: eval \"$(omnidiff stack env)\"   (omnidiff commands find the stack themselves)")
-            return 0 if state else 1
-        if args.command == "down":
-            down()
-            return 0
-        if args.command == "env":
-            state = read_state()
-            if not state or sorted(_running(state)) != sorted(SERVICES):
-                print(f"no running stack under {stack_dir()}", file=sys.stderr)
-                return 1
-            for key, value in state["env"].items():
-                print(f"export {key}={value}")
-            return 0
-        report = status()
-        if not report:
-            print(f"no stack recorded under {stack_dir()} (omnidiff stack up)")
-            return 3
-        _print_status(report)
-        return 0 if all(info["healthy"] for info in report.values()) else 1
-    except StackError as exc:
-        print(f"omnidiff stack: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -25,7 +25,6 @@ they hold, and requests wait at the handle meanwhile (tests/test_serve_deploy.py
 
 import asyncio
 import io
-import json
 import logging
 import os
 import threading
@@ -37,6 +36,7 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
+from omnidiff import supervisor
 from omnidiff.config import ConfigError, to_dict
 from omnidiff.env import subdir
 from serve import auth
@@ -295,7 +295,7 @@ def run(cfg: ServeConfig, wait_ready_s: float = 300.0) -> dict[str, Any]:
     url = base_url(cfg)
     wait_ready(url, wait_ready_s)
     result = {"url": url, "app": cfg.app_name, "model": pinned, "config": to_dict(cfg)}
-    _state_file(cfg.app_name).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    supervisor.write_json(_state_file(cfg.app_name), result)
     return result
 
 
@@ -305,8 +305,7 @@ def _state_file(app_name: str) -> Path:
 
 def running(app_name: str) -> dict[str, Any] | None:
     """What ``run`` last deployed as ``app_name`` (url, pinned model, config), or None."""
-    path = _state_file(app_name)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return supervisor.read_json(_state_file(app_name))
 
 
 def forget(app_name: str) -> None:
@@ -316,8 +315,10 @@ def forget(app_name: str) -> None:
 def wait_ready(url: str, timeout_s: float) -> dict[str, Any]:
     import requests
 
-    deadline, last = time.monotonic() + timeout_s, "no answer"
-    while time.monotonic() < deadline:
+    last = "no answer"
+
+    def ready() -> dict[str, Any] | None:
+        nonlocal last
         try:
             answer = requests.get(f"{url}/readyz", timeout=5)
             if answer.status_code == 200:
@@ -325,8 +326,12 @@ def wait_ready(url: str, timeout_s: float) -> dict[str, Any]:
             last = f"{answer.status_code} {answer.text[:200]}"
         except requests.RequestException as exc:
             last = str(exc)
-        time.sleep(0.5)
-    raise TimeoutError(f"{url}/readyz not ready after {timeout_s}s: {last}")
+        return None
+
+    found = supervisor.wait_until(ready, timeout_s, interval_s=0.5)
+    if found is None:
+        raise TimeoutError(f"{url}/readyz not ready after {timeout_s}s: {last}")
+    return found
 
 
 def shutdown(cfg: ServeConfig) -> None:

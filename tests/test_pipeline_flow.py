@@ -141,9 +141,30 @@ def test_pipeline_deployment_runs_end_to_end_and_is_traceable(deployments, pipel
                                  capture_output=True, text=True, check=True)
     assert f"omnidiff-pipeline-test/{version.version}" in by_snapshot.stdout
 
-    # a rerun with unchanged inputs skips every stage up to deploy
-    again = run_deployment("omnidiff-pipeline/omnidiff-pipeline", params, timeout_s=900)
+    # The stages' events for `omnidiff demo`'s console: each stage started and ended, under this run's id.
+    from omnidiff.progress import ConsoleReporter, end_offset, events_path, read_events
+
+    events, _ = read_events(events_path(), 0)
+    ours = [e for e in events if e.get("run") == result["flow_run_id"]]
+    stages = ("prepare-base", "collect", "embed", "stage1", "stage2", "stage3", "evaluate", "deploy")
+    assert [e["stage"] for e in ours if e["kind"] == "stage_start"] == list(stages)
+    assert [e["stage"] for e in ours if e["kind"] == "stage_end"] == list(stages)
+    assert any(e["kind"] == "progress" and e["name"].startswith("train stage") for e in events), \
+        "the training loop's progress reaches the events file"
+
+    # a rerun with unchanged inputs skips every stage up to deploy; watched as `omnidiff demo` does
+    from flows.cli import watch_flow_run
+
+    offset = end_offset(events_path())
+    started = run_deployment("omnidiff-pipeline/omnidiff-pipeline", params, wait=False)
+    lines: list[str] = []
+    again = watch_flow_run(started["flow_run_id"], ConsoleReporter(write=lines.append, run=started["flow_run_id"]),
+                           events_path(), offset, timeout_s=900)
     assert again["state"] == "COMPLETED", again
+    console = "\n".join(lines)
+    for stage in stages:
+        assert f"{stage:<13} started" in console, console
+    assert "collect       done in " in console and "skipped: inputs unchanged" in console, console
     rerun = client.search_runs([exp.experiment_id], f"tags.stage = 'pipeline' and tags.`prefect.flow_run_id` = '{again['flow_run_id']}'")[0]
     for stage in ("collect", "embed", "stage1", "stage2", "stage3", "evaluate"):
         assert rerun.data.tags.get(f"stage.{stage}.skipped") == "True", stage

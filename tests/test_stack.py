@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from omnidiff import stack as stack_mod
+from omnidiff import stack_services
 
 
 def _omnidiff(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
@@ -122,15 +123,15 @@ def test_cli_up_status_down_leaves_nothing(tmp_path):
 def test_fate_shared_servers_die_with_their_parent(tmp_path):
     """What the `stack` fixture relies on: a SIGKILLed test session leaves no server behind.
 
-    The mechanism (_launch with fate_share) on a stand-in server; that each real
+    The mechanism (supervisor.launch with fate_share) on a stand-in server; that each real
     server exits cleanly on SIGTERM is what `down` tests above.
     """
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from omnidiff import stack\n"
+        "from omnidiff import supervisor\n"
         "argv = [sys.executable, '-c', 'import time; time.sleep(600)']\n"
-        f"p = stack._launch('sleeper', argv, {{}}, Path({str(tmp_path / 'sleeper.log')!r}), fate_share=True)\n"
+        f"p = supervisor.launch(argv, {{}}, Path({str(tmp_path / 'sleeper.log')!r}), fate_share=True)\n"
         "print(p.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
@@ -154,7 +155,7 @@ def test_up_refuses_a_busy_port_and_names_it(monkeypatch, tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        prefect_port, ray_port = stack_mod._free_ports(2)
+        prefect_port, ray_port = stack_services.free_ports(2)
         with pytest.raises(stack_mod.StackError, match=rf"mlflow: port {port} .*--free-ports"):
             stack_mod.up(prefect_port=prefect_port, mlflow_port=port, ray_port=ray_port, quiet=True)
     assert stack_mod.read_state() is None
@@ -210,12 +211,12 @@ def test_apply_env_ignores_a_stack_that_is_not_running(monkeypatch, tmp_path):
 def test_short_path_keeps_ray_sockets_under_the_unix_limit(tmp_path):
     long_dir = tmp_path / ("x" * 80)
     long_dir.mkdir()
-    link = stack_mod._short_path(long_dir)
+    link = stack_services.short_path(long_dir)
     try:
-        assert len(str(link)) <= stack_mod._RAY_TEMP_MAX_CHARS
+        assert len(str(link)) <= stack_services._RAY_TEMP_MAX_CHARS
         assert link.resolve() == long_dir.resolve()
-        assert stack_mod._short_path(long_dir) == link  # stable
-        assert stack_mod._short_path(link) == link  # a path short enough already comes back unchanged
+        assert stack_services.short_path(long_dir) == link  # stable
+        assert stack_services.short_path(link) == link  # a path short enough already comes back unchanged
     finally:
         link.unlink()
 
@@ -251,3 +252,34 @@ def test_ensure_ray_without_a_stack_starts_a_private_ray_under_home(tmp_path):
         time.sleep(0.2)
     assert [pid for pid in tree if not _gone(pid)] == []
     assert sorted(p.relative_to(fake_home) for p in fake_home.rglob("*")) == []
+
+
+@pytest.mark.e2e
+def test_ray_train_state_api_warning_does_not_reach_the_driver(tmp_path):
+    """Issue 14: Ray Train's placement-group cleaner warns every few seconds that the state API
+    (the dashboard, which the stack does not start) is unavailable; 803 lines in one demo's log.
+    A driver connected by ensure_ray drops exactly those forwarded lines and keeps the others."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_TRACKING", "PREFECT_API"))}
+    env.update(OMNIDIFF_HOME=str(tmp_path / "h"))
+    code = (
+        "import logging, time\n"
+        "from omnidiff import stack\n"
+        "ray = stack.ensure_ray(num_cpus=1)\n"
+        "@ray.remote\n"
+        "class Cleaner:\n"
+        "    def go(self):\n"
+        "        log = logging.getLogger('ray.train.v2._internal.execution.controller.placement_group_cleaner')\n"
+        "        for _ in range(3):\n"
+        "            log.warning('Failed to query Ray Train Controller actor state. State API may be temporarily '\n"
+        "                        'unavailable. Continuing to monitor.')\n"
+        "            print('an ordinary line', flush=True)\n"
+        "            time.sleep(0.2)\n"
+        "ray.get(Cleaner.remote().go.remote())\n"
+        "time.sleep(3)  # the log monitor forwards in batches\n"
+        "ray.shutdown()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    console = out.stdout + out.stderr
+    assert "an ordinary line" in console
+    assert "Failed to query Ray Train Controller actor state" not in console

@@ -1,0 +1,222 @@
+"""What the local stack's three servers are: their ports, environments, commands and health checks.
+
+omnidiff/stack.py starts and stops them (with omnidiff/supervisor.py); this file only describes
+them. Ray token authentication, and why the token lives under ``$OMNIDIFF_HOME``: see stack.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from omnidiff.env import home, subdir
+
+HOST = "127.0.0.1"
+SERVICES = ("prefect", "mlflow", "ray")
+DEFAULT_PORTS = {"prefect": 4200, "mlflow": 5000, "ray": 6379}
+# Ray's secondary ports have fixed defaults (10001, 52365, ...): free ones are picked, so that
+# several stacks (one per test session) coexist.
+RAY_EXTRA_PORTS = ("ray-client-server-port", "object-manager-port", "node-manager-port",
+                   "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                   "metrics-export-port", "dashboard-port")
+# AF_UNIX paths are limited to 107 bytes; Ray puts its sockets at
+# <temp>/session_<date>_<time>_<usec>_<pid>/sockets/<name> (~70 bytes after <temp>).
+_RAY_TEMP_MAX_CHARS = 36
+
+
+class StackError(RuntimeError):
+    """The stack could not be started, found or stopped; the message says which service and why."""
+
+
+def stack_dir() -> Path:
+    return subdir("stack")
+
+
+# ----------------------------------------------------------------------------- ports
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))  # Ray binds some ports on every interface
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports the kernel calls free right now (sockets held open until all are picked)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("0.0.0.0", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# ----------------------------------------------------------------------------- Ray's files and environment
+
+
+def short_path(path: Path) -> Path:
+    """``path``, or a short symlink to it in the system temp dir when Ray's socket paths would be too long."""
+    if len(str(path)) <= _RAY_TEMP_MAX_CHARS:
+        return path
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:10]
+    link = Path(tempfile.gettempdir()) / f"omnidiff-ray-{digest}"
+    if link.is_symlink() and Path(os.readlink(link)) != path:
+        link.unlink()
+    if not link.is_symlink():
+        link.symlink_to(path, target_is_directory=True)
+    if len(str(link)) > _RAY_TEMP_MAX_CHARS:
+        raise StackError(f"ray temp dir {str(link)!r}: too long for unix sockets (max {_RAY_TEMP_MAX_CHARS} chars)")
+    return link
+
+
+def ray_env(token: Path) -> dict[str, str]:
+    """Environment a Ray head and its clients share (see stack.py's docstring on auth)."""
+    return {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        # `ray start --node-ip-address 127.0.0.1` swaps loopback for the machine's
+        # address (services.resolve_ip_for_localhost) so that other nodes could
+        # join. Ray's single-node mode (the default on macOS/Windows, switched on
+        # here) keeps node and driver addresses on 127.0.0.1.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+
+
+def write_token(path: Path) -> Path:
+    if not path.is_file() or not path.read_text().strip():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _executable(name: str) -> str:
+    beside = Path(sys.executable).parent / name  # the venv's own script first
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if not found:
+        raise StackError(f"{name}: executable not found beside {sys.executable} or on PATH; is the project installed?")
+    return found
+
+
+def commands(ports: dict[str, int], ray_ports: dict[str, int], ray_cpus: int, object_store_mb: int,
+             mlflow_workers: int, ray_temp: Path) -> dict[str, list[str]]:
+    mlflow_dir = stack_dir() / "mlflow"
+    (mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+    return {
+        "prefect": [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(ports["prefect"])],
+        "mlflow": [
+            _executable("mlflow"), "server", "--host", HOST, "--port", str(ports["mlflow"]),
+            "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+            "--artifacts-destination", str(mlflow_dir / "artifacts"),
+            "--workers", str(mlflow_workers),
+        ],
+        "ray": [
+            _executable("ray"), "start", "--head", "--block",
+            "--node-ip-address", HOST, "--port", str(ports["ray"]),
+            "--num-cpus", str(ray_cpus), "--num-gpus", "0",
+            "--object-store-memory", str(object_store_mb * 1024 * 1024),
+            "--include-dashboard", "false", "--disable-usage-stats",
+            "--temp-dir", str(ray_temp),
+            *(x for key, port in ray_ports.items() for x in (f"--{key}", str(port))),
+        ],
+    }
+
+
+def service_env(name: str, base: dict[str, str], ray_vars: dict[str, str]) -> dict[str, str]:
+    env = dict(base)
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS"):
+        env.pop(key, None)  # a server must not talk to some other stack
+    env["OMNIDIFF_HOME"] = str(home())  # Ray workers inherit it: same home as the driver
+    if name == "prefect":
+        env["PREFECT_HOME"] = str(stack_dir() / "prefect")
+        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    elif name == "mlflow":
+        # Without it the server forks a job runner: 8 processes and ~2.3 GB (NOTES.md).
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    elif name == "ray":
+        env.update(ray_vars)
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
+
+
+# ----------------------------------------------------------------------------- health checks
+
+# Runs in a subprocess with the Ray client's environment (token variables):
+# polls the GCS until an alive node has registered, i.e. a driver can connect.
+_RAY_PROBE = r"""
+import sys
+from ray._raylet import GcsClient
+from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
+
+address, timeout_s = sys.argv[1], float(sys.argv[2])
+last = ["no answer from the GCS"]
+
+def alive_nodes():
+    try:
+        nodes = GcsClient(address=address).get_all_node_info(timeout=2)
+        alive = [n for n in nodes.values() if n.state == 0]
+        if not alive:
+            last[0] = "GCS answers but no node is alive yet"
+        return alive
+    except Exception as exc:
+        last[0] = f"{type(exc).__name__}: {exc}"
+        return None
+
+alive = Retrying(stop=stop_after_delay(timeout_s), wait=wait_fixed(0.5), retry=retry_if_result(lambda v: not v),
+                 retry_error_callback=lambda state: state.outcome.result())(alive_nodes)
+print(f"ok: {len(alive)} alive node(s)" if alive else last[0])
+sys.exit(0 if alive else 1)
+"""
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        return requests.get(url, timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def health_url(name: str, svc: dict[str, Any]) -> str | None:
+    return {"prefect": f"{svc.get('url')}/api/health", "mlflow": f"{svc.get('url')}/health"}.get(name)
+
+
+def start_ray_probe(address: str, env: dict[str, str], timeout_s: float) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", _RAY_PROBE, address, str(timeout_s)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
+
+
+def ray_client_env(state_env: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({k: v for k, v in state_env.items() if k.startswith("RAY_")})
+    env.pop("RAY_ADDRESS", None)
+    return env
