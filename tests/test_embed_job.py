@@ -348,6 +348,23 @@ def test_fingerprint_input_change_makes_a_new_cache(tiny_cache):
     assert after["shards"] == before["shards"]
 
 
+def test_roofline_probe_lives_in_the_benchmark_actor(tiny_llm, tmp_path):
+    """The production actor does not probe; benchmarks/embed_throughput.py's actor does, and the stats read it."""
+    from benchmarks.embed_throughput import probing_actor
+    from embed_cache.job import run
+
+    snap = write_snapshot("embedprobe", [{"caption": t} for t in captions(12, seed=5)])
+    cfg = load_config(EmbedConfig, EMBED_TEST_CONFIG, [
+        f"snapshots=[{snap}]", f"llm.path={tiny_llm}", "kinds=[llm]", "track=false", "executor=local",
+        "shard_rows=4",
+    ])  # fmt: skip
+    plain = run(replace(cfg, cache_root=tmp_path / "plain"))["kinds"]["llm"]
+    probed = run(replace(cfg, cache_root=tmp_path / "probed"), actor=probing_actor(0.05))["kinds"]["llm"]
+    assert plain["roofline_gflops"] == 0.0 and plain["probe_seconds"] == 0.0
+    assert probed["roofline_gflops"] > 0 and probed["probe_seconds"] >= 3 * 0.05  # one probe per shard
+    assert probed["computed"] == plain["computed"] == 13 and probed["shards_written"] == plain["shards_written"] >= 3
+
+
 def test_nan_states_are_rejected_with_the_key_named(tiny_llm, tmp_path, capsys):
     from embed_cache.cli import main
 
