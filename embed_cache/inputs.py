@@ -102,7 +102,8 @@ def _frame(obj: Any) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def _read(snapshot: Any, accessor: str, columns: list[str]) -> pd.DataFrame:
+def _read(snapshot: Any, accessor: str, columns: list[str], splits: set[str]) -> pd.DataFrame:
+    """``snapshot.<accessor>()``'s ``columns`` as one DataFrame, only the rows of ``splits`` (when it has a split)."""
     method = getattr(snapshot, accessor)
     try:
         wants_columns = "columns" in inspect.signature(method).parameters
@@ -112,7 +113,7 @@ def _read(snapshot: Any, accessor: str, columns: list[str]) -> pd.DataFrame:
     missing = [c for c in columns if c not in frame.columns]
     if missing and len(frame):
         raise ValueError(f"snapshot {accessor}() has no column(s) {missing} (has {list(frame.columns)})")
-    return frame
+    return frame[frame["split"].isin(splits)] if "split" in frame.columns else frame
 
 
 def gather_inputs(snapshot_dirs: Iterable[Path], cfg: EmbedConfig) -> EmbedInputs:
@@ -130,9 +131,7 @@ def gather_inputs(snapshot_dirs: Iterable[Path], cfg: EmbedConfig) -> EmbedInput
         columns = ["caption", "caption_en", "lang", "split"]
         if "pixels" in cfg.kinds:
             columns += ["image_digest", "image"]
-        pairs = _read(snap, "pairs", columns)
-        if "split" in pairs.columns:
-            pairs = pairs[pairs["split"].isin(splits)]
+        pairs = _read(snap, "pairs", columns, splits)
         for row in pairs.itertuples(index=False):
             inputs.add_text(row.caption)
             if "clip" in cfg.kinds:
@@ -141,9 +140,7 @@ def gather_inputs(snapshot_dirs: Iterable[Path], cfg: EmbedConfig) -> EmbedInput
             if "pixels" in cfg.kinds:
                 inputs.add_image(row.image_digest, row.image)
         if cfg.include_parallel and snap.manifest.get("shards", {}).get("parallel"):
-            parallel = _read(snap, "parallel", ["text", "lang", "text_en", "split"])
-            if "split" in parallel.columns:
-                parallel = parallel[parallel["split"].isin(splits)]
+            parallel = _read(snap, "parallel", ["text", "lang", "text_en", "split"], splits)
             for row in parallel.itertuples(index=False):
                 inputs.add_text(row.text)
                 if "clip" in cfg.kinds and isinstance(row.text_en, str):
