@@ -14,7 +14,8 @@ In one process (issue 4, "Performance"):
 (b) a plain transformers loop that pads every caption to a fixed length (227 = three CLIP windows,
     as the method's release and PixArt do), batch 32, on a random subset of the same sample;
 (c) back-to-back 2048x2048 fp32 matmuls (median GFLOP/s) with the same thread count: read between
-    phases, and probed for ``--probe-s`` right before every shard of (a) (inside the actor) and every
+    phases, and probed for ``--probe-s`` right before every shard of (a) (inside the actor:
+    ``probing_actor``, the job's actor class with the probe added, passed to ``run``) and every
     batch of (b), untimed; each one's share of the roofline uses its own probes, weighted by compute
     time, so load that comes and goes on a shared machine hits both alike. The roofline-predicted
     tokens/s is that FLOP/s over the model's FLOPs per token (2 x non-embedding parameters +
@@ -44,14 +45,56 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def matmul_gflops(seconds: float, n: int = 2048) -> float:
+    """Median GFLOP/s of back-to-back fp32 ``n x n`` matmuls for ``seconds`` on the current torch threads.
+
+    The median of a sustained run, not a best-of burst: on a loaded machine long work sees the
+    average contention, not the luckiest slice.
+    """
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    rates = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(rates) < 3:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return float(np.median(rates))
+
+
 def roofline_reading(threads: int, seconds: float = 3.0) -> float:
     """Sustained fp32 matmul GFLOP/s (median of 2048^3 products for ``seconds``) with ``threads`` threads."""
     import torch
 
-    from embed_cache.job import matmul_gflops
-
     torch.set_num_threads(threads)
     return matmul_gflops(seconds)
+
+
+def probing_actor(probe_s: float) -> type:
+    """The job's actor class, sampling the matmul roofline for ``probe_s`` seconds before each shard.
+
+    Each shard's compute is judged against the machine's matmul rate right then, on the actor's own
+    threads (a shared machine's rate swings with load). The probe runs after the model load and
+    before the compute, both timed apart from it; the report row gains ``roofline_gflops`` and
+    ``probe_s``, which the job's stats turn into ``roofline_gflops`` (compute-time-weighted) and
+    take out of the busy span (embed_cache/report.py). A class built here, not a module-level
+    one, so Ray ships it by value with its ``probe_s``.
+    """
+    from embed_cache.actor import EncodeShardActor
+
+    class RooflineProbingActor(EncodeShardActor):
+        def __call__(self, batch):
+            start = time.perf_counter()
+            self.encoder(str(batch["kind"].iloc[0]))  # the model load (first shard of a kind), timed as load_s
+            load_s = time.perf_counter() - start
+            roofline = matmul_gflops(probe_s) if probe_s > 0 else 0.0
+            probed_s = time.perf_counter() - start - load_s
+            report = EncodeShardActor.__call__(self, batch)
+            return report.assign(load_s=report["load_s"] + load_s, roofline_gflops=roofline, probe_s=probed_s)
+
+    return RooflineProbingActor
 
 
 def world_texts(world_config: Path) -> list[str]:
@@ -96,7 +139,7 @@ def job_config(snapshot: Path, cache_root: Path, llm: Path, args, *extra: str):
 
     return load_config(EmbedConfig, args.config, [
         f"snapshots=[{snapshot}]", "kinds=[llm]", f"cache_root={cache_root}", "include_parallel=false",
-        f"llm.path={llm}", "track=false", f"roofline_probe_s={args.probe_s}", *args.set, *extra,
+        f"llm.path={llm}", "track=false", *args.set, *extra,
     ])  # fmt: skip
 
 
@@ -105,7 +148,7 @@ def run_job(snapshot: Path, cache_root: Path, llm: Path, args, *extra: str) -> d
 
     cfg = job_config(snapshot, cache_root, llm, args, *extra)
     t0 = time.perf_counter()
-    summary = run(cfg)
+    summary = run(cfg, actor=probing_actor(args.probe_s))
     stats = summary["kinds"]["llm"]
     stats["wall_s"] = time.perf_counter() - t0
     print(f"    ({stats['computed']} computed, {stats['tokens']} tokens ({100 * stats['shared_fraction']:.0f}% from "
@@ -122,8 +165,6 @@ def padded_loop(llm: Path, texts: list[str], pad_to: int, batch_size: int, threa
     """
     import torch
     from transformers import AutoModel, AutoTokenizer
-
-    from embed_cache.job import matmul_gflops
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(llm)

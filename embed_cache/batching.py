@@ -9,8 +9,8 @@ a few percent (see :func:`padding_fraction`, logged per run, and benchmarks/embe
 Captions that start alike (one template in many variants) share their first tokens' states in a
 causal LM; :func:`plan_prefix_sharing` plans computing each shared prefix once per shard.
 
-Everything here is pure numpy / Python on lengths and token ids; the job (embed_cache/job.py)
-applies it.
+Everything here is pure numpy / Python on lengths and token ids; the job applies it
+(embed_cache/plan.py, embed_cache/actor.py, embed_cache/encoders/llm.py).
 """
 
 from __future__ import annotations

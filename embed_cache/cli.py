@@ -43,7 +43,7 @@ def _run(args) -> int:
 
 
 def _where(args) -> int:
-    from embed_cache.job import cache_dirs
+    from embed_cache.plan import cache_dirs
 
     for kind, path in cache_dirs(_load(args)).items():
         print(f"{kind:<7} {path}{'' if (path / 'manifest.json').exists() else '  (not built yet)'}")

@@ -82,9 +82,6 @@ class EmbedConfig(ConfigModel):
       (Gemma 3 270M in fp32: 36 KiB per token, so 2048 MB holds ~57k tokens, more than a shard).
     shard_tokens, shard_rows: the unit of work one actor call computes and writes as one shard.
     progress_every_s: seconds between progress lines.
-    roofline_probe_s: seconds of fp32 matmul each actor runs before each shard, sampling the machine's
-      roofline under the load of that moment (0 = off); logged as ``<kind>.roofline_gflops``
-      (benchmarks/embed_throughput.py turns it on to judge the job against it).
     track: log the run to MLflow (experiment ``omnidiff``).
     """
 
@@ -112,7 +109,6 @@ class EmbedConfig(ConfigModel):
     shard_tokens: int = 32768
     shard_rows: int = Field(2048, ge=1)
     progress_every_s: float = Field(5.0, gt=0)
-    roofline_probe_s: float = Field(0.0, ge=0)
     track: bool = True
 
     @model_validator(mode="after")

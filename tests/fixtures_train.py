@@ -92,7 +92,11 @@ def embed_in_process(snapshot: Path, base: Path, llm: Path, cache_root: Path, re
                      llm_max_length: int = 512) -> dict:
     """Fill the llm / clip / pixels caches of ``snapshot`` with the embed stage's encoders, in this process."""
     from embed_cache.config import ClipSection, EmbedConfig, LLMSection, PixelsSection
-    from embed_cache.job import ClipShardEncoder, LLMShardEncoder, PixelShardEncoder, gather_inputs, plan_kind
+    from embed_cache.encoders.clip import ClipShardEncoder
+    from embed_cache.encoders.llm import LLMShardEncoder
+    from embed_cache.encoders.pixels import PixelShardEncoder
+    from embed_cache.inputs import gather_inputs
+    from embed_cache.plan import plan_kind
     from embed_cache.writer import open_writer
     from omnidiff.contracts.cache import cache_dir
 

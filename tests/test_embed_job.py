@@ -15,12 +15,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from embed_cache.config import EmbedConfig
 from embed_cache.writer import CacheWriter
@@ -72,7 +72,7 @@ def poisoned_llm(src: Path, dst: Path, byte: str) -> Path:
 
 
 def test_describe_llm_matches_the_loaded_encoder(tiny_llm):
-    from embed_cache.job import llm_token_lengths
+    from embed_cache.plan import llm_token_lengths
 
     encoder = encoder_of(tiny_llm, layer=1, max_length=48)
     inputs, hidden = describe_llm(tiny_llm, layer=1, max_length=48)
@@ -84,7 +84,7 @@ def test_describe_llm_matches_the_loaded_encoder(tiny_llm):
 
 
 def test_actor_packs_computes_unpadded_and_rejects_nan_rows_by_key(tiny_llm, tmp_path):
-    from embed_cache.job import EncodeShardActor
+    from embed_cache.actor import EncodeShardActor
 
     bad_llm = poisoned_llm(tiny_llm, tmp_path / "poisoned", "Z")
     enc_inputs, _ = describe_llm(bad_llm)
@@ -118,7 +118,7 @@ def test_actor_packs_computes_unpadded_and_rejects_nan_rows_by_key(tiny_llm, tmp
 
 
 def test_shared_prefixes_are_computed_once_and_change_no_state(tiny_llm):
-    from embed_cache.job import LLMShardEncoder
+    from embed_cache.encoders.llm import LLMShardEncoder
 
     enc_inputs, _ = describe_llm(tiny_llm)
     starts = ["a big red circle on the left of", "a big red circle at the top", "un petit carré bleu"]
@@ -146,7 +146,7 @@ def test_shared_prefixes_are_computed_once_and_change_no_state(tiny_llm):
 
 
 def test_prefix_sharing_is_off_for_a_bidirectional_model(tiny_llm, tmp_path, caplog):
-    from embed_cache.job import LLMShardEncoder
+    from embed_cache.encoders.llm import LLMShardEncoder
 
     bidi = shutil.copytree(tiny_llm, tmp_path / "bidi")
     config = json.loads((bidi / "config.json").read_text())
@@ -161,7 +161,7 @@ def test_prefix_sharing_is_off_for_a_bidirectional_model(tiny_llm, tmp_path, cap
 
 
 def test_decode_image_scales_and_resizes():
-    from embed_cache.job import decode_image
+    from embed_cache.encoders.pixels import decode_image
 
     x = decode_image(png_bytes(3, size=16), 16)
     assert x.shape == (3, 16, 16) and x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0
@@ -242,7 +242,8 @@ def _cfg(tiny_cache: dict, *overrides: str) -> EmbedConfig:
 
 @pytest.mark.e2e
 def test_cache_content_matches_the_encoders(tiny_cache):
-    from embed_cache.job import decode_image, load_clip
+    from embed_cache.encoders.clip import load_clip
+    from embed_cache.encoders.pixels import decode_image
     from omnidiff.contracts.snapshot import Snapshot
     from omnidiff.models.clip_text import WINDOW
 
@@ -348,6 +349,23 @@ def test_fingerprint_input_change_makes_a_new_cache(tiny_cache):
     assert after["shards"] == before["shards"]
 
 
+def test_roofline_probe_lives_in_the_benchmark_actor(tiny_llm, tmp_path):
+    """The production actor does not probe; benchmarks/embed_throughput.py's actor does, and the stats read it."""
+    from benchmarks.embed_throughput import probing_actor
+    from embed_cache.job import run
+
+    snap = write_snapshot("embedprobe", [{"caption": t} for t in captions(12, seed=5)])
+    cfg = load_config(EmbedConfig, EMBED_TEST_CONFIG, [
+        f"snapshots=[{snap}]", f"llm.path={tiny_llm}", "kinds=[llm]", "track=false", "executor=local",
+        "shard_rows=4",
+    ])  # fmt: skip
+    plain = run(replace(cfg, cache_root=tmp_path / "plain"))["kinds"]["llm"]
+    probed = run(replace(cfg, cache_root=tmp_path / "probed"), actor=probing_actor(0.05))["kinds"]["llm"]
+    assert plain["roofline_gflops"] == 0.0 and plain["probe_seconds"] == 0.0
+    assert probed["roofline_gflops"] > 0 and probed["probe_seconds"] >= 3 * 0.05  # one probe per shard
+    assert probed["computed"] == plain["computed"] == 13 and probed["shards_written"] == plain["shards_written"] >= 3
+
+
 def test_nan_states_are_rejected_with_the_key_named(tiny_llm, tmp_path, capsys):
     from embed_cache.cli import main
 
@@ -391,7 +409,7 @@ def test_sigkill_driver_mid_run_then_rerun_holds_every_key_once(stack, tiny_llm,
         "num_actors=2",
     ]
     cfg = load_config(EmbedConfig, EMBED_TEST_CONFIG, overrides)
-    from embed_cache.job import plan_kind
+    from embed_cache.plan import plan_kind
 
     directory = cache_dir("llm", plan_kind("llm", cfg).fingerprint, cfg.cache_root)
     driver = subprocess.Popen(
@@ -401,16 +419,19 @@ def test_sigkill_driver_mid_run_then_rerun_holds_every_key_once(stack, tiny_llm,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    listed = 0
-    deadline = time.monotonic() + 180
+    def listed() -> int:
+        manifest = directory / "manifest.json"
+        return len(json.loads(manifest.read_text())["shards"]) if manifest.exists() else 0
+
+    # Poll until three shards are listed, the driver ends, or 180 s pass (then the asserts below speak).
+    until_three_listed = Retrying(
+        stop=stop_after_delay(180),
+        wait=wait_fixed(0.05),
+        retry=retry_if_result(lambda n: n < 3 and driver.poll() is None),
+        retry_error_callback=lambda state: state.outcome.result(),
+    )
     try:
-        while time.monotonic() < deadline and driver.poll() is None:
-            manifest = directory / "manifest.json"
-            if manifest.exists():
-                listed = len(json.loads(manifest.read_text())["shards"])
-                if listed >= 3:
-                    break
-            time.sleep(0.05)
+        until_three_listed(listed)
         assert driver.poll() is None, f"driver ended before it could be killed: {driver.stderr.read().decode()[-2000:]}"
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
@@ -463,7 +484,8 @@ def test_vae_slot_stores_latents_for_sd_class_models(tmp_path):
     import torch
     from diffusers import AutoencoderKL
 
-    from embed_cache.job import decode_image, run
+    from embed_cache.encoders.pixels import decode_image
+    from embed_cache.job import run
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,

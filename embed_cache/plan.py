@@ -1,0 +1,175 @@
+"""The plan of each cache kind: what names its cache, what shape its values have, how much work a key is.
+
+    plan = plan_kind("llm", cfg)      # KindPlan: fingerprint inputs, value shape, encoder kwargs, lengths
+    cache_dirs(cfg)                   # {kind: cache folder}: what train reads, nothing computed
+
+* ``llm``:    the LLM folder's fingerprint inputs (read without loading weights), (hidden,) per token,
+  cost = tokens;
+* ``clip``:   the base model's CLIP text tower (loaded: its weights digest names the cache),
+  (hidden,) per token in up to ``clip.max_windows`` 77-token windows, cost = tokens;
+* ``pixels``: the resolution (and the VAE's digest and scaling factor), (C, H, W), cost = 1 per image.
+
+:func:`plan_units` then cuts a kind's missing keys into length-sorted, token-balanced shards
+(embed_cache/batching.py): one DataFrame = one Ray block = one actor call (embed_cache/actor.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from embed_cache import batching
+from embed_cache.actor import encode_payload
+from embed_cache.config import EmbedConfig
+from embed_cache.encoders.clip import load_clip
+from embed_cache.writer import CacheWriter
+from omnidiff.contracts.cache import cache_dir
+from omnidiff.contracts.encoders import clip_spec, fingerprint, llm_folder, llm_spec, pixels_spec
+
+log = logging.getLogger("omnidiff.embed")
+
+
+def llm_path(cfg: EmbedConfig) -> Path:
+    return llm_folder(cfg.llm.path)
+
+
+def llm_token_lengths(path: Path, texts: list[str], max_length: int) -> list[int]:
+    """Token counts as ``LLMTextEncoder.token_lengths`` gives them, from the tokenizer alone (no weights)."""
+    from omnidiff.models.llm import load_tokenizer
+
+    ids = load_tokenizer(path)(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    return [max(1, len(x)) for x in ids]
+
+
+def newest_base_model() -> Path:
+    """The most recently pretrained base model under ``models_dir()/base`` (``omnidiff base pretrain``)."""
+    from omnidiff.env import models_dir
+
+    found = [
+        p
+        for p in (models_dir() / "base").glob("*/")
+        if (p / "model_index.json").is_file() and (p / "text_encoder").is_dir() and (p / "tokenizer").is_dir()
+    ]
+    if not found:
+        raise FileNotFoundError(
+            "clip.base_model is not set and no pretrained base model exists under "
+            f"{models_dir() / 'base'}: run 'omnidiff base pretrain', set clip.base_model to the base model's "
+            "pipeline folder (it holds text_encoder/ and tokenizer/), or drop 'clip' from kinds"
+        )
+    return max(found, key=lambda p: (p / "model_index.json").stat().st_mtime)
+
+
+def clip_folders(cfg: EmbedConfig) -> tuple[Path, Path]:
+    """``(text_encoder/, tokenizer/)`` of the base model's pipeline folder (a path or a registry reference)."""
+    base = cfg.clip.base_model
+    if base is None:
+        base = newest_base_model()
+        log.info("embed clip: clip.base_model not set, using the newest base model %s", base)
+    base = Path(base)
+    if not base.is_dir() and ("@" in str(base) or str(base).count("/") == 1):
+        from omnidiff.tracking import resolve_model  # e.g. omnidiff-base@production
+
+        base = Path(resolve_model(str(base)))
+    text_encoder, tokenizer = base / "text_encoder", base / "tokenizer"
+    for folder in (text_encoder, tokenizer):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"clip.base_model={str(cfg.clip.base_model)!r}: {folder} does not exist")
+    return text_encoder.resolve(), tokenizer.resolve()
+
+
+@dataclass
+class KindPlan:
+    """Everything the generic driver loop needs for one cache kind."""
+
+    kind: str
+    inputs: dict[str, Any]
+    value_shape: tuple[int, ...]
+    encoder: dict[str, Any]  # keyword arguments of the kind's *ShardEncoder
+    lengths: Callable[[list[str], list[Any]], list[int]]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.inputs)
+
+
+def plan_kind(kind: str, cfg: EmbedConfig) -> KindPlan:
+    """Fingerprint inputs, value shape, actor class and cost function of ``kind`` under ``cfg``."""
+    if kind == "llm":
+        path = llm_path(cfg)
+        spec = llm_spec(path, cfg.llm.layer, cfg.llm.max_length, cfg.llm.dtype)
+        return KindPlan(
+            kind,
+            spec.inputs,
+            spec.value_shape,
+            {
+                "path": str(path),
+                "layer": cfg.llm.layer,
+                "max_length": cfg.llm.max_length,
+                "dtype": cfg.llm.dtype,
+                "device": cfg.device,
+                "expected_inputs": spec.inputs["encoder"],
+                "share_prefixes": cfg.share_prefixes,
+                "share_cache_mb": cfg.share_cache_mb,
+            },
+            lambda keys, texts: llm_token_lengths(path, list(texts), cfg.llm.max_length),
+        )
+    if kind == "clip":
+        text_encoder, tokenizer = clip_folders(cfg)
+        windows = cfg.clip.max_windows
+        spec = clip_spec(text_encoder, tokenizer, windows)  # named from the files: no model loaded here
+        return KindPlan(
+            kind,
+            spec.inputs,
+            spec.value_shape,
+            {
+                "text_encoder": str(text_encoder),
+                "tokenizer": str(tokenizer),
+                "max_windows": windows,
+                "device": cfg.device,
+                "expected_inputs": spec.inputs["encoder"],
+            },
+            # The driver loads the (small) CLIP text tower only when there is something to compute.
+            lambda keys, texts: load_clip(text_encoder, tokenizer).token_lengths(list(texts), windows),
+        )
+    if kind == "pixels":
+        res = cfg.pixels.resolution
+        spec = pixels_spec(res, cfg.pixels.vae)
+        return KindPlan(
+            kind,
+            spec.inputs,
+            spec.value_shape,
+            {
+                "resolution": res,
+                "vae": str(cfg.pixels.vae) if cfg.pixels.vae else None,
+                "batch_size": cfg.pixels.batch_size,
+                "device": cfg.device,
+            },
+            lambda keys, payloads: [1] * len(keys),
+        )
+    raise ValueError(f"kind={kind!r}: expected llm, clip or pixels")
+
+
+def cache_dirs(cfg: EmbedConfig) -> dict[str, Path]:
+    """The cache directory of every kind in ``cfg`` (what train reads), without computing anything."""
+    return {kind: cache_dir(kind, plan_kind(kind, cfg).fingerprint, cfg.cache_root) for kind in cfg.kinds}
+
+
+def plan_units(
+    kind: str, writer: CacheWriter, todo: list[str], payloads: list[Any], lengths: np.ndarray, cfg: EmbedConfig
+) -> list[pd.DataFrame]:
+    """Length-sorted, token-balanced shards of missing keys: one DataFrame (= one Ray block) per shard."""
+    order = batching.length_order(lengths, todo)
+    keys = [todo[i] for i in order]
+    payloads = [encode_payload(kind, payloads[i]) for i in order]
+    lengths = lengths[order]
+    return [
+        pd.DataFrame({"kind": kind, "shard": writer.shard_name(unit), "key": keys[sl], "payload": payloads[sl],
+                      "length": lengths[sl]})
+        for unit, sl in enumerate(batching.plan_shards(lengths, cfg.shard_tokens, cfg.shard_rows))
+    ]  # fmt: skip
