@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import omnidiff  # noqa: F401  (offline switches)
-    from omnidiff.models.llm import ensure_gemma
+    from omnidiff.models.llm_folders import ensure_gemma
 
     llm = (args.llm or ensure_gemma()).resolve()
     texts = world_texts(args.world)

@@ -54,7 +54,7 @@ def poisoned_llm(src: Path, dst: Path, byte: str) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from omnidiff.models.llm import MANIFEST_NAME, read_manifest, weights_digest
+    from omnidiff.models.llm_folders import MANIFEST_NAME, read_manifest, weights_digest
 
     shutil.copytree(src, dst)
     weights = dst / "model.safetensors"

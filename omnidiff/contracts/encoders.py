@@ -80,7 +80,7 @@ def describe_llm(path: str | Path, layer: int = -1, max_length: int = 512, dtype
     """
     from transformers import AutoConfig
 
-    from omnidiff.models.llm import read_manifest, weights_digest
+    from omnidiff.models.llm_folders import read_manifest, weights_digest
 
     path = Path(path).resolve()
     if not (path / "config.json").exists():
