@@ -199,7 +199,7 @@ def test_align_loss_teaches_the_length_head_how_many_queries_are_real():
     from train.losses import compute_align_loss
 
     torch.manual_seed(0)
-    adapter = OmniAdapter(16, 32, 8, 10, 1, 1, 4, length_head=True, pooled_query=True)
+    adapter = OmniAdapter(16, 32, 8, 10, 1, 1, 4, input_norm=False, length_head=True, pooled_query=True)
     states = torch.randn(2, 6, 16)
     llm_mask = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
     target = torch.randn(2, 7, 8)
