@@ -210,6 +210,17 @@ def test_adapter_folder_without_the_new_options_loads_as_before(tmp_path):
     torch.testing.assert_close(again(x, m)[1], a(x, m)[1])
 
 
+def test_adapter_folder_with_position_embeddings_is_refused(tmp_path):
+    """max_positions was removed (issue 14): such a folder cannot load silently without its embeddings."""
+    OmniAdapter(16, 32, 8, 5, 1, 1, 4, input_norm=False, length_head=False, pooled_query=False).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "max_positions": 512}))
+    with pytest.raises(ValueError, match="max_positions"):
+        OmniAdapter.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "max_positions": 0}))
+    OmniAdapter.from_pretrained(tmp_path)  # 0 = it never had any: loads
+
+
 def test_adapter_bad_input():
     adapter = OmniAdapter(16, 32, 8, 5, 1, 1, 4, input_norm=False, length_head=False, pooled_query=False)
     with pytest.raises(ValueError, match="expected"):

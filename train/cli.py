@@ -32,12 +32,13 @@ def main(argv: list[str]) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    # train.ray_job, not `from train import run`: an editable install made before train/__init__.py
+    # train.launch, not `from train import run`: an editable install made before train/__init__.py
     # existed maps `train` as a namespace package, which has no `run`.
     from data_prep.snapshot import SnapshotError
     from embed_cache.store import CacheError
     from train.data import CacheMismatchError
-    from train.ray_job import TrainingError, run
+    from train.inputs import TrainingError
+    from train.launch import run
 
     try:
         result = run(cfg)
