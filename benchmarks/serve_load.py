@@ -63,7 +63,7 @@ def build_benchmark_model(folder: Path, llm: str) -> Path:
     torch.manual_seed(0)
     encoder = LLMTextEncoder(llm_path)
     adapter = OmniAdapter(llm_dim=encoder.hidden_size, width=128, out_dim=128, num_queries=231, encoder_layers=1,
-                          decoder_layers=2, heads=4)
+                          decoder_layers=2, heads=4, input_norm=False, length_head=False, pooled_query=False)
     unet = build_unet(16, 3, 3, (32, 64, 64), cross_attention_dim=128, layers_per_block=1, attention_head_dim=8,
                       pooled_dim=128)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")

@@ -86,8 +86,8 @@ def build_model(llm_dim: int, llm_stats, seed: int = 0):
     from omnidiff.models.adapter import OmniAdapter
     from omnidiff.models.unet import build_unet
     from train.config import TrainConfig
-    from train.loop import StageModel
     from train.losses import compute_diffusion_loss
+    from train.model import StageModel
 
     a = load_config(TrainConfig, REPO / "configs" / "train_stage1.yaml").adapter
     stage2 = load_config(TrainConfig, REPO / "configs" / "train_stage2.yaml")
@@ -105,7 +105,7 @@ def build_model(llm_dim: int, llm_stats, seed: int = 0):
             first, last = adapter.length_head[0], adapter.length_head[2]
             first.weight.zero_(), first.bias.zero_(), last.weight.zero_(), last.bias.zero_()
             first.weight[0, -1], last.weight[0, 0] = 1.0, 1.0  # log T -> GELU (~identity above 2) -> log count
-        adapter.length_head.requires_grad_(False)  # as train.loop freezes it in stages 2-3
+        adapter.length_head.requires_grad_(False)  # as train.model freezes it in stages 2-3
     unet = build_unet(16, 3, 3, (32, 64, 64), cross_attention_dim=128, layers_per_block=1, attention_head_dim=8,
                       pooled_dim=128)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
@@ -130,7 +130,7 @@ def main(argv: list[str]) -> int:
     from omnidiff.models.llm import LLMTextEncoder
     from omnidiff.models.llm_folders import build_tiny_llm, ensure_gemma
     from train.data import CachedBatches
-    from train.loop import avoid_shm_op_build, deepspeed_config, dist_context
+    from train.engine import avoid_shm_op_build, deepspeed_config, dist_context
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="train-step-bench-"))
@@ -159,7 +159,7 @@ def main(argv: list[str]) -> int:
         rows = batches.example_index(CachedBatches.positions(step, args.batch, 0, 1, args.batch, 0))
         return [text_of[examples["llm_key"].iloc[i]] for i in rows]
 
-    from train.ray_job import llm_state_stats
+    from train.inputs import llm_state_stats
 
     base = build_model(llm.hidden_size, llm_state_stats(llm_store, keys))
     plain_model = copy.deepcopy(base)

@@ -3,7 +3,7 @@
     python -m flows.training configs/train_stage1.yaml [dotted.key=value ...]
 
 Only wiring: each flow calls ``train.run(cfg)`` in a task. The task retries once: a retry resumes
-from the stage's latest DeepSpeed checkpoint (train.loop), so a crash costs the steps since then.
+from the stage's latest DeepSpeed checkpoint (train.checkpoint), so a crash costs the steps since then.
 A flow left without a config uses the shipped ``configs/train_stage<N>.yaml``.
 """
 
@@ -22,7 +22,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @task(name="train-stage", retries=1, retry_delay_seconds=10)
 def train_task(cfg: TrainConfig) -> dict[str, Any]:
-    from train.ray_job import run  # the submodule: an old editable install may map `train` as a namespace
+    from train.launch import run  # the submodule: an old editable install may map `train` as a namespace
 
     return run(cfg)
 

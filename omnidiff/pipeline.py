@@ -100,10 +100,11 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     all ones when ``gamma`` is 0. Measured on the tiny world: without it the base model never learned
     colour (omnidiff/base/pretrain.py), and stage 2's colour faithfulness stalled the same way.
     """
+    from diffusers.training_utils import compute_snr
+
     if gamma <= 0:
         return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
-    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()  # (B,)
-    snr = alpha_bar / (1 - alpha_bar)
+    snr = compute_snr(scheduler, timesteps)  # (B,): alpha_bar / (1 - alpha_bar)
     v_pred = scheduler.config.prediction_type == "v_prediction"
     return torch.clamp(snr, max=gamma) / (snr + 1 if v_pred else snr)
 

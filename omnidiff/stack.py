@@ -413,13 +413,16 @@ def ensure_ray(num_cpus: int = 2):
     import ray
 
     _reload_ray_auth()
+    from omnidiff.ray_logging import SETUP_HOOK  # drops a Ray Train warning that floods the log
+
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env={"worker_process_setup_hook": SETUP_HOOK})
         return ray
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
         _temp_dir=str(short_path(ray_dir)),
         log_to_driver=True,
+        runtime_env={"worker_process_setup_hook": SETUP_HOOK},
     )
     return ray

@@ -36,7 +36,7 @@ def build_tiny_pipeline(folder: Path, llm_path: Path, seed: int, lineage: dict) 
     torch.manual_seed(seed)
     llm = LLMTextEncoder(llm_path)
     adapter = OmniAdapter(llm_dim=llm.hidden_size, width=32, out_dim=32, num_queries=8, encoder_layers=1,
-                          decoder_layers=1, heads=2)
+                          decoder_layers=1, heads=2, input_norm=False, length_head=False, pooled_query=False)
     unet = build_unet(16, 3, 3, (16, 32), cross_attention_dim=32, layers_per_block=1, attention_head_dim=8,
                       pooled_dim=32)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")

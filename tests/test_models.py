@@ -116,7 +116,8 @@ def test_unet_bad_sizes():
 
 # -- adapter ------------------------------------------------------------------------------------
 def test_adapter_shapes():
-    adapter = OmniAdapter(llm_dim=48, width=32, out_dim=24, num_queries=11, encoder_layers=1, decoder_layers=2, heads=4)
+    adapter = OmniAdapter(llm_dim=48, width=32, out_dim=24, num_queries=11, encoder_layers=1, decoder_layers=2, heads=4,
+                          input_norm=False, length_head=False, pooled_query=False)
     tokens, pooled = adapter(torch.randn(3, 9, 48), torch.ones(3, 9, dtype=torch.bool))
     assert tokens.shape == (3, 11, 24) and pooled.shape == (3, 24)
     tokens, _ = adapter(torch.randn(2, 40, 48), torch.ones(2, 40, dtype=torch.bool))
@@ -126,7 +127,8 @@ def test_adapter_shapes():
 @pytest.mark.parametrize("train_mode", [False, True])
 def test_adapter_masks_padding(train_mode):
     torch.manual_seed(0)
-    adapter = OmniAdapter(16, 32, 8, 5, encoder_layers=2, decoder_layers=2, heads=4).train(train_mode)
+    adapter = OmniAdapter(16, 32, 8, 5, encoder_layers=2, decoder_layers=2, heads=4,
+                          input_norm=False, length_head=False, pooled_query=False).train(train_mode)
     states = torch.randn(3, 12, 16)
     mask = torch.ones(3, 12, dtype=torch.bool)
     mask[0, 4:] = False
@@ -147,7 +149,7 @@ def test_adapter_masks_padding(train_mode):
 
 
 def test_adapter_save_load(tmp_path):
-    adapter = OmniAdapter(16, 32, 8, 5, 1, 1, 4).eval()
+    adapter = OmniAdapter(16, 32, 8, 5, 1, 1, 4, input_norm=False, length_head=False, pooled_query=False).eval()
     adapter.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     again = OmniAdapter.from_pretrained(tmp_path)
@@ -159,7 +161,7 @@ def test_adapter_input_norm_standardises_each_llm_dimension():
     """With input_norm, an affine change of each input dimension is undone by the matching statistics:
     massive dimensions (Gemma's |x| ~55 where the median is ~2) weigh no more than any other."""
     torch.manual_seed(0)
-    a = OmniAdapter(16, 32, 8, 5, 1, 1, 4, input_norm=True).eval()
+    a = OmniAdapter(16, 32, 8, 5, 1, 1, 4, input_norm=True, length_head=False, pooled_query=False).eval()
     x, m = torch.randn(2, 6, 16), torch.ones(2, 6, dtype=torch.bool)
     plain = a(x, m)[0]
     scale, shift = torch.rand(16) * 50 + 0.5, torch.randn(16) * 20
@@ -170,7 +172,7 @@ def test_adapter_input_norm_standardises_each_llm_dimension():
     with pytest.raises(ValueError, match="NaN"):
         a.set_input_stats(torch.full((16,), float("nan")), torch.ones(16))
     with pytest.raises(ValueError, match="input_norm=False"):
-        OmniAdapter(16, 32, 8, 5, 1, 1, 4).set_input_stats(torch.zeros(16), torch.ones(16))
+        OmniAdapter(16, 32, 8, 5, 1, 1, 4, input_norm=False, length_head=False, pooled_query=False).set_input_stats(torch.zeros(16), torch.ones(16))
 
 
 def test_adapter_pooled_query_and_length_head_shapes(tmp_path):
@@ -195,10 +197,10 @@ def test_adapter_pooled_query_and_length_head_shapes(tmp_path):
 
 def test_adapter_folder_without_the_new_options_loads_as_before(tmp_path):
     """Exports made before input_norm / length_head / pooled_query existed keep their behaviour."""
-    a = OmniAdapter(16, 32, 8, 5, 1, 1, 4).eval()
+    a = OmniAdapter(16, 32, 8, 5, 1, 1, 4, input_norm=False, length_head=False, pooled_query=False).eval()
     a.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    for key in ("input_norm", "length_head", "pooled_query", "max_positions"):
+    for key in ("input_norm", "length_head", "pooled_query"):
         config.pop(key)
     (tmp_path / "config.json").write_text(json.dumps(config))
     again = OmniAdapter.from_pretrained(tmp_path)
@@ -208,11 +210,22 @@ def test_adapter_folder_without_the_new_options_loads_as_before(tmp_path):
     torch.testing.assert_close(again(x, m)[1], a(x, m)[1])
 
 
+def test_adapter_folder_with_position_embeddings_is_refused(tmp_path):
+    """max_positions was removed (issue 14): such a folder cannot load silently without its embeddings."""
+    OmniAdapter(16, 32, 8, 5, 1, 1, 4, input_norm=False, length_head=False, pooled_query=False).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "max_positions": 512}))
+    with pytest.raises(ValueError, match="max_positions"):
+        OmniAdapter.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "max_positions": 0}))
+    OmniAdapter.from_pretrained(tmp_path)  # 0 = it never had any: loads
+
+
 def test_adapter_bad_input():
-    adapter = OmniAdapter(16, 32, 8, 5, 1, 1, 4)
+    adapter = OmniAdapter(16, 32, 8, 5, 1, 1, 4, input_norm=False, length_head=False, pooled_query=False)
     with pytest.raises(ValueError, match="expected"):
         adapter(torch.randn(1, 4, 17), torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="no real token"):
         adapter(torch.randn(1, 4, 16), torch.zeros(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="divisible"):
-        OmniAdapter(16, 30, 8, 5, 1, 1, 4)
+        OmniAdapter(16, 30, 8, 5, 1, 1, 4, input_norm=False, length_head=False, pooled_query=False)

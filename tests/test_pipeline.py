@@ -49,7 +49,8 @@ def clip_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llm_folder(tmp_path_factory, tiny_llm):
     torch.manual_seed(0)
-    adapter = OmniAdapter(llm_dim=64, width=32, out_dim=32, num_queries=8, encoder_layers=1, decoder_layers=1, heads=4)
+    adapter = OmniAdapter(llm_dim=64, width=32, out_dim=32, num_queries=8, encoder_layers=1, decoder_layers=1, heads=4,
+                          input_norm=False, length_head=False, pooled_query=False)
     pipe = OmniDiffusionPipeline(
         _unet(32, pooled_dim=32), _train_scheduler(), "llm_adapter", adapter=adapter, llm=LLMTextEncoder(tiny_llm)
     )
@@ -100,7 +101,7 @@ def test_encode_prompt_shapes(clip_folder, llm_folder):
 
 
 def test_roundtrip_gives_the_same_images(tmp_path, tiny_llm):
-    adapter = OmniAdapter(64, 32, 32, 8, 1, 1, 4)
+    adapter = OmniAdapter(64, 32, 32, 8, 1, 1, 4, input_norm=False, length_head=False, pooled_query=False)
     pipe = OmniDiffusionPipeline(
         _unet(32, 32), _train_scheduler(), "llm_adapter", adapter=adapter, llm=LLMTextEncoder(tiny_llm)
     )

@@ -134,3 +134,41 @@ def test_resume_on_one_worker_from_a_two_worker_checkpoint(reference, train_over
     assert result["world_size"] == 1
     ours, theirs = _weights(tmp_path / "export"), _weights(Path(reference["export_dir"]))
     assert all(torch.allclose(ours[k], theirs[k], rtol=1e-3, atol=1e-4) for k in theirs)
+
+
+def test_ray_workers_drop_the_train_state_api_warning(stack, capfd):
+    """Ray Train's PlacementGroupCleaner (a detached actor started by the train controller) logs this
+    warning every second when the state API is unreachable (no dashboard); the worker setup hook
+    ensure_ray installs drops it, and only it, in every worker process."""
+    import logging
+
+    import ray
+
+    from omnidiff.ray_logging import CLEANER_LOGGER, FLOOD
+    from omnidiff.stack import ensure_ray
+
+    ensure_ray()
+
+    @ray.remote(num_cpus=0)
+    class Cleaner:
+        def shout(self, marker: str) -> None:
+            logging.getLogger(CLEANER_LOGGER).warning(f"{FLOOD}. State API may be temporarily unavailable.")
+            logging.getLogger(CLEANER_LOGGER).warning(marker)
+
+    @ray.remote(num_cpus=0, runtime_env={"env_vars": {"OMNIDIFF_PROBE": "1"}})  # as Ray Train starts its controller
+    class Controller:
+        def run(self, marker: str) -> None:
+            cleaner = Cleaner.options(lifetime="detached").remote()
+            ray.get(cleaner.shout.remote(marker))
+            ray.kill(cleaner)
+
+    marker = f"probe-{os.getpid()}-{time.time_ns()}"
+    ray.get(Controller.remote().run.remote(marker))
+    seen = ""
+    deadline = time.monotonic() + 30
+    while marker not in seen and time.monotonic() < deadline:  # worker logs reach the driver asynchronously
+        time.sleep(0.5)
+        out, err = capfd.readouterr()
+        seen += out + err
+    assert marker in seen
+    assert FLOOD not in seen

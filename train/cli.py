@@ -32,12 +32,13 @@ def main(argv: list[str]) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    # train.ray_job, not `from train import run`: an editable install made before train/__init__.py
+    # train.launch, not `from train import run`: an editable install made before train/__init__.py
     # existed maps `train` as a namespace package, which has no `run`.
     from omnidiff.contracts.cache import CacheError
     from omnidiff.contracts.snapshot import SnapshotError
     from train.data import CacheMismatchError
-    from train.ray_job import TrainingError, run
+    from train.inputs import TrainingError
+    from train.launch import run
 
     try:
         result = run(cfg)

@@ -1,7 +1,7 @@
 """Training data from the embedding cache: which examples, which caches, and the batches.
 
 Training never runs the LLM (PAPER.md "Known weak points": the release does, at every step). The
-driver (train.ray_job) resolves the pair snapshot into an *example table* of cache keys and opens
+driver (train.inputs) resolves the pair snapshot into an *example table* of cache keys and opens
 the caches whose fingerprints match the configured encoders; each rank then builds its batches
 straight from the Parquet cache with :class:`CachedBatches`.
 
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from omnidiff.contracts.keys import EMPTY_PROMPT, cache_key, english_side, text_key
+from omnidiff.contracts.keys import cache_key, english_side
 
 # A caption is "long" when the LLM needs more tokens than one CLIP window holds (PAPER.md "The problem").
 LONG_PROMPT_TOKENS = 77
@@ -238,7 +238,6 @@ class CachedBatches:
         caption_dropout: float = 0.0,
         empty_states: np.ndarray | None = None,
         num_train_timesteps: int = 1000,
-        image_pool: Sequence[str] | None = None,
     ):
         if family not in ("align", "diffusion"):
             raise ValueError(f"family={family!r}: expected 'align' or 'diffusion'")
@@ -251,12 +250,7 @@ class CachedBatches:
         self.caption_dropout = float(caption_dropout)
         self.empty_states = empty_states
         self.num_train_timesteps = int(num_train_timesteps)
-        # Stage 1's output-matching term: a noised image per example, drawn from this pool of pixel keys.
-        self.image_pool = list(image_pool) if image_pool else None
-        if self.image_pool is not None and "pixels" not in stores:
-            raise ValueError("image_pool needs the pixels cache in stores")
         self._perms: dict[int, np.ndarray] = {}
-        self._empty: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -290,19 +284,13 @@ class CachedBatches:
             targets, pooled = clip.read(keys), clip.read_pooled(keys)
             target, target_mask = pad_states([targets[k] for k in keys])  # (B, Tc, Dc)
             llm_states, llm_mask = pad_states(llm_arrays)  # (B, T, Dl)
-            out = {
+            return {
                 "llm_states": llm_states,
                 "llm_mask": llm_mask,
                 "target": target,
                 "target_mask": clip_target_mask(target, target_mask),
                 "target_pooled": torch.from_numpy(np.stack([pooled[k] for k in keys]).astype(np.float32)),  # (B, Dc)
             }
-            if self.image_pool is not None:
-                picks = [self.image_pool[int(np.random.default_rng(sample_seed(self.seed, int(p))).integers(
-                    len(self.image_pool)))] for p in positions]  # fmt: skip
-                images, noise, timesteps, _ = self._noised(picks, positions)
-                out.update(pixels=images, noise=noise, timesteps=timesteps, **self._empty_target())
-            return out
         images, noise, timesteps, dropped = self._noised(rows["pixel_key"].tolist(), positions)
         if dropped.any():
             llm_arrays = [self.empty_states if d else a for a, d in zip(llm_arrays, dropped.tolist(), strict=True)]
@@ -315,19 +303,6 @@ class CachedBatches:
             "timesteps": timesteps,
             "dropped": dropped,
         }
-
-    def _empty_target(self) -> dict[str, torch.Tensor]:
-        """CLIP's states of "" (1, Tc, D), mask (1, Tc) and pooled (1, D): the unconditional reference."""
-        if self._empty is None:
-            key = text_key(EMPTY_PROMPT)
-            clip = self.stores["clip"]
-            if key not in set(clip.keys()):
-                raise CacheMismatchError('the CLIP cache lacks "" (the embed stage adds it): needed by distill_weight')
-            states, mask = pad_states([clip.read([key])[key]])
-            pooled = torch.from_numpy(np.asarray(clip.read_pooled([key])[key], dtype=np.float32))[None]
-            self._empty = {"empty_target": states, "empty_target_mask": clip_target_mask(states, mask),
-                           "empty_pooled": pooled}  # fmt: skip
-        return dict(self._empty)
 
     def _noised(self, pixel_keys: list[str], positions: np.ndarray):
         """Cached images ``(B, C, H, W)`` with their noise, timesteps and caption-dropout draws, seeded by position."""

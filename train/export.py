@@ -30,14 +30,13 @@ def load_scheduler(folder: Path):
 def export_pipeline(out_dir: Path, final_dir: Path, base_model: Path, llm, lineage: dict) -> Path:
     """Pipeline folder at ``out_dir`` from the trained ``final_dir/{adapter,unet}``, the base model's
     scheduler (and VAE, if any) and the LLM encoder ``llm`` (an ``LLMTextEncoder``, referenced, not copied)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
-    from omnidiff.models.adapter import OmniAdapter
     from omnidiff.pipeline import OmniDiffusionPipeline
+    from train.model import load_modules
 
     out_dir, final_dir, base_model = Path(out_dir), Path(final_dir), Path(base_model)
-    adapter = OmniAdapter.from_pretrained(final_dir / "adapter")
-    unet = UNet2DConditionModel.from_pretrained(final_dir / "unet", use_safetensors=True)
+    adapter, unet = load_modules(final_dir)  # what rank 0 saved with train.model.save_modules
     vae = AutoencoderKL.from_pretrained(base_model / "vae", use_safetensors=True) if (base_model / "vae").is_dir() else None
     pipe = OmniDiffusionPipeline(unet, load_scheduler(base_model / "scheduler"), "llm_adapter", adapter=adapter,
                                  llm=llm, vae=vae)

@@ -2,10 +2,11 @@
 
 * ``align`` (stage 1, PAPER.md "The three stages" 1): adapter(LLM states of a caption in any
   language) against the cached CLIP states of its English side. Per token 1 - cosine + a small
-  norm-matching term (the release's default) or MSE, averaged over *real* target tokens only (the
+  norm-matching term (the release's default), averaged over *real* target tokens only (the
   release also fits CLIP's padding; we don't), then over captions; the pooled embedding gets the
   same loss against CLIP's pooled state, so stage 1 and stages 2-3 use one pooled head. Which query
-  answers which CLIP token: position i (the release) or a one-to-one set matching; the adapter's
+  answers which CLIP token: a one-to-one set matching (the release's query i = position i measured
+  worse, and was removed with MSE and the output-distillation term in issue 14); the adapter's
   length head learns how many queries are in use.
 * ``diffusion`` (stages 2-3): the ordinary diffusion loss (noise or v, Min-SNR weighted) of the UNet
   conditioned on the adapter's tokens (cross-attention, the length head's prefix) and pooled
@@ -25,17 +26,12 @@ import torch.nn.functional as F
 from omnidiff.pipeline import min_snr_weights, predict_noise
 
 
-def token_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, norm_weight: float) -> torch.Tensor:
-    """Per-vector loss ``(..., D), (..., D) -> (...)``.
+def token_loss(pred: torch.Tensor, target: torch.Tensor, norm_weight: float) -> torch.Tensor:
+    """Per-vector loss ``(..., D), (..., D) -> (...)``: 1 - cos + ``norm_weight`` x ((|pred| - |target|) / |target|)^2.
 
-    ``cosine``: 1 - cos + ``norm_weight`` x ((|pred| - |target|) / |target|)^2. The norm term is
-    relative, so it means the same whatever the scale of the target space, and stays small next to
-    the direction term as the paper's "small norm-matching term" asks. ``mse``: mean squared error.
+    The norm term is relative, so it means the same whatever the scale of the target space, and
+    stays small next to the direction term as the paper's "small norm-matching term" asks.
     """
-    if kind == "mse":
-        return (pred - target).pow(2).mean(-1)
-    if kind != "cosine":
-        raise ValueError(f"loss={kind!r}: expected 'cosine' or 'mse'")
     cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-6)
     target_norm = target.norm(dim=-1).clamp_min(1e-6)
     rel = (pred.norm(dim=-1) - target_norm) / target_norm
@@ -69,76 +65,38 @@ def set_assignment(tokens: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     return order.to(tokens.device)
 
 
-def compute_align_loss(batch: dict, modules, kind: str = "cosine", norm_weight: float = 0.1,
-                       length_weight: float = 0.1, match: str = "position", distill_weight: float = 0.0,
-                       teacher=None, noise_scheduler=None):
+def compute_align_loss(batch: dict, modules, norm_weight: float, length_weight: float):
     """Stage 1. ``batch``: llm_states (B,T,Dl), llm_mask (B,T), target (B,Tc,Dc), target_mask (B,Tc), target_pooled (B,Dc).
 
-    ``match``: ``position`` = query i answers CLIP position i (the release); ``set`` = each real CLIP
-    token is answered by the query a one-to-one matching assigns it (:func:`set_assignment`). The
-    UNet's cross-attention reads its text tokens as a set (no position embedding on keys), so
-    ``set`` asks for exactly what it reads, without making the adapter reproduce English word order
-    from a caption in another language.
+    Each real CLIP token is answered by the query a one-to-one matching assigns it
+    (:func:`set_assignment`): the UNet's cross-attention reads its text tokens as a set (no position
+    embedding on keys), so this asks for exactly what it reads, without making the adapter
+    reproduce English word order from a caption in another language.
 
     With the adapter's length head, ``length_weight`` x the squared error of the log count teaches
     it how many queries the UNet should read.
-
-    ``distill_weight`` > 0 (needs ``teacher``, the frozen base UNet, its ``noise_scheduler`` and the
-    batch's ``pixels``, ``noise``, ``timesteps`` and CLIP's ``empty_*`` states): adds
-    ``distill_weight`` x the squared difference between the UNet's predictions conditioned on the
-    adapter (its length-head prefix) and on the CLIP target, both on the same noised image, divided
-    by the squared difference between the CLIP-conditioned and the ""-conditioned predictions
-    (metric ``distill``: 0 = the same prediction as CLIP's, 1 = no better than no text). Gradients
-    reach the adapter through the frozen UNet.
     """
     tokens, pooled, log_count = modules["adapter"].forward_all(batch["llm_states"], batch["llm_mask"])
     target, mask = batch["target"], batch["target_mask"].float()  # (B, Tc, Dc), (B, Tc)
     if target.shape[1] > tokens.shape[1]:
         raise ValueError(f"CLIP target has {target.shape[1]} positions but the adapter only {tokens.shape[1]} queries")
-    if match == "set":
-        order = set_assignment(tokens.detach(), target, mask.bool())  # (B, Tc): the query answering each target
-        pred = torch.gather(tokens, 1, order[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, Tc, Dc)
-    elif match == "position":
-        order = torch.arange(target.shape[1], device=tokens.device).expand(target.shape[0], -1)  # (B, Tc)
-        pred = tokens[:, : target.shape[1]]  # (B, Tc, Dc): query i answers CLIP position i
-    else:
-        raise ValueError(f"match={match!r}: expected 'position' or 'set'")
-    per_token = token_loss(pred, target, kind, norm_weight)  # (B, Tc)
+    order = set_assignment(tokens.detach(), target, mask.bool())  # (B, Tc): the query answering each target
+    pred = torch.gather(tokens, 1, order[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, Tc, Dc)
+    per_token = token_loss(pred, target, norm_weight)  # (B, Tc)
     # Mean over each caption's real tokens, then over captions: a long caption weighs as much as a short one.
     per_caption = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)  # (B,)
-    pooled_loss = token_loss(pooled, batch["target_pooled"], kind, norm_weight)  # (B,)
+    pooled_loss = token_loss(pooled, batch["target_pooled"], norm_weight)  # (B,)
     loss = per_caption.mean() + pooled_loss.mean()
     metrics = {}
     if log_count is not None:
-        # The queries that answer a real target token form a prefix (set) or end at the last real
-        # position (position); the length head learns its length, in log space (2 .. 231 tokens).
+        # The queries that answer a real target token form a prefix; the length head learns its
+        # length, in log space (2 .. 231 tokens).
         real = torch.zeros(tokens.shape[:2], device=tokens.device)  # (B, Q)
         real.scatter_(1, order, mask)
         count = (real * torch.arange(1, real.shape[1] + 1, device=real.device)).amax(1).clamp_min(1)  # (B,)
         loss = loss + length_weight * F.mse_loss(log_count, count.log())
         with torch.no_grad():
             metrics["count_err"] = float((log_count.exp().round() - count).abs().mean().item())
-    if distill_weight > 0:
-        if teacher is None or noise_scheduler is None or "pixels" not in batch:
-            raise ValueError("distill_weight > 0 needs the frozen base UNet, its noise scheduler and noised images")
-        teacher.to(tokens.device)  # not a registered module: the engine does not move it
-        noisy = noise_scheduler.add_noise(batch["pixels"], batch["noise"], batch["timesteps"])  # (B, C, H, W)
-        t = batch["timesteps"]
-        with torch.no_grad():
-            want = predict_noise(teacher, noisy, t, target, batch["target_pooled"], mask.bool()).float()
-            # What the text adds to the prediction: CLIP's conditional minus unconditional ("" = CLIP's
-            # empty caption, which the batch's empty-prompt rows and the sampler's guidance also use).
-            empty = batch["empty_target"].expand(len(t), -1, -1)
-            base = predict_noise(teacher, noisy, t, empty, batch["empty_pooled"].expand(len(t), -1),
-                                 batch["empty_target_mask"].expand(len(t), -1)).float()
-        qmask = modules["adapter"].prefix_mask(log_count) if log_count is not None else None  # (B, Q)
-        got = predict_noise(teacher, noisy, t, tokens, pooled, qmask).float()  # (B, C, H, W)
-        # Relative to the text's own effect, pooled over the batch: 1 = the adapter's output moves the
-        # prediction no closer to CLIP's than no text at all would; 0 = the UNet cannot tell them apart.
-        # Examples weigh by how much their text matters (high noise levels, where the layout is decided).
-        distill = (got - want).pow(2).sum() / (want - base).pow(2).sum().clamp_min(1e-8)
-        loss = loss + distill_weight * distill
-        metrics["distill"] = float(distill.item())
     with torch.no_grad():
         cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-6)  # (B, Tc)
         metrics["token_cos"] = float(((cos * mask).sum() / mask.sum().clamp_min(1)).item())
@@ -158,7 +116,7 @@ def diffusion_target(noise_scheduler, pixels: torch.Tensor, noise: torch.Tensor,
     raise ValueError(f"scheduler prediction_type={kind!r} is not supported")
 
 
-def compute_diffusion_loss(batch: dict, modules, noise_scheduler, min_snr_gamma: float = 0.0):
+def compute_diffusion_loss(batch: dict, modules, noise_scheduler, min_snr_gamma: float):
     """Stages 2-3. ``batch``: llm_states, llm_mask, pixels (B,C,H,W), noise (B,C,H,W), timesteps (B,).
 
     ``min_snr_gamma`` > 0 weights each example by Min-SNR-gamma, as the base model was pretrained.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def lineage_tags(lineage: dict) -> dict[str, str]:
-    """Registry tags from a ``lineage.json`` dict (train.ray_job builds it)."""
+    """Registry tags from a ``lineage.json`` dict (train.lineage builds it)."""
     caches = lineage.get("caches", {})
     parent = lineage.get("parent") or lineage.get("base_model") or {}
     base = lineage.get("base_model") or {}

@@ -16,6 +16,7 @@ import torch
 
 from omnidiff.pipeline import predict_noise, sampling_scheduler
 from train.data import pad_states
+from train.engine import final_weights
 
 
 @torch.no_grad()
@@ -83,3 +84,25 @@ def prompt_label(prompt: str, lang: str, group: str, index: int, width: int = 40
         return f"[{lang}, {group}] prompt {index} (see .json)"
     text = prompt if len(prompt) <= width else prompt[: width - 3] + "..."
     return f"[{lang}, {group}] {text}"
+
+
+def log_samples(cfg, job, state, ema, step: int, tracker, modules=None) -> None:
+    """A grid of ``job.prompts`` sampled with ``state`` (EMA where kept) at ``step``, logged through ``tracker``
+    with the prompts as JSON beside it (rank 0 only). ``modules``: ``(adapter, unet)`` already built."""
+    from train.model import build_modules
+
+    adapter, unet = modules or build_modules(cfg, job, final_weights(state, ema))
+    prompts = job.prompts
+    images = sample_images(
+        adapter, unet, job.sampling_scheduler, [np.asarray(p["states"]) for p in prompts], job.empty_states,
+        steps=cfg.samples.steps, guidance_scale=cfg.samples.guidance_scale, seed=cfg.samples.seed,
+    )
+    labels = [prompt_label(p["prompt"], p["lang"], p["group"], i) for i, p in enumerate(prompts)]
+    fig = grid_figure(images, labels, f"{cfg.name} stage {cfg.stage}, step {step}")
+    if tracker is not None:
+        tracker.figure(fig, f"samples/step_{step:06d}.png")
+        tracker.json([{"index": i, "lang": p["lang"], "group": p["group"], "prompt": p["prompt"]}
+                      for i, p in enumerate(prompts)], f"samples/step_{step:06d}.json")
+    import matplotlib.pyplot as plt  # after grid_figure chose the Agg backend
+
+    plt.close(fig)

@@ -6,9 +6,10 @@ encoded tokens (so the output length is fixed whatever the prompt length; the re
 three CLIP windows), and an MLP on the mean of the output tokens for the pooled embedding.
 Unlike the release, padding is masked in every attention (PAPER.md "Known weak points").
 
-Four options, all off by default so older adapter folders load unchanged; the first three fix what
-the release's shape gets wrong on a base model that masks CLIP padding (each measured on the tiny
-world; README "Where it stands"):
+Three options, each fixing what the release's shape gets wrong on a base model that masks CLIP
+padding (the first two measured on the tiny world; README "Where it stands"). The module has no
+defaults for them: the training builder (train.model) passes the config's values, and a folder
+saved before an option existed loads with it off (:meth:`OmniAdapter.from_pretrained`).
 
 * ``input_norm``: per-dimension standardisation of the LLM states with statistics taken from the
   cache before training (buffers, saved with the weights). LLMs carry a few "massive" dimensions
@@ -22,11 +23,12 @@ world; README "Where it stands"):
   of a caption stays what stage 1 taught (a per-query logit on the decoder drifted: 14 -> 7-86 tokens).
 * ``pooled_query``: one extra learnable query whose output is the pooled embedding (CLIP pools a
   single <eos> state, not a mean).
-* ``max_positions``: learned position embeddings of the LLM tokens (0 = none), so word order is
-  explicit rather than left to the LLM's states (measured: no gain in stage-1 token cosine on the
-  tiny world; kept on in the shipped configs at negligible cost).
 
-    adapter = OmniAdapter(llm_dim=640, width=256, out_dim=128, num_queries=77)
+Learned position embeddings of the LLM tokens (``max_positions``) were removed in issue 14: no gain
+in stage-1 token cosine on the tiny world.
+
+    adapter = OmniAdapter(llm_dim=640, width=256, out_dim=128, num_queries=77, encoder_layers=1, decoder_layers=2,
+                          heads=4, input_norm=True, length_head=True, pooled_query=True)
     tokens, pooled = adapter(llm_states, llm_mask)               # (B, 77, 128), (B, 128)
     tokens, pooled, mask = adapter.condition(llm_states, llm_mask)  # + bool (B, 77): what the UNet reads
 """
@@ -56,10 +58,13 @@ class AdapterShape:
     decoder_layers: int
     heads: int
     dropout: float
-    input_norm: bool = False
-    length_head: bool = False
-    pooled_query: bool = False
-    max_positions: int = 0
+    input_norm: bool
+    length_head: bool
+    pooled_query: bool
+
+
+# Options a folder saved before they existed does not name: they were off then.
+LEGACY_OPTIONS = {"input_norm": False, "length_head": False, "pooled_query": False}
 
 
 class OmniAdapter(nn.Module):
@@ -72,17 +77,17 @@ class OmniAdapter(nn.Module):
     def __init__(
         self,
         llm_dim: int,
-        width: int = 256,
-        out_dim: int = 128,
-        num_queries: int = 77,
-        encoder_layers: int = 2,
-        decoder_layers: int = 2,
-        heads: int = 4,
+        width: int,
+        out_dim: int,
+        num_queries: int,
+        encoder_layers: int,
+        decoder_layers: int,
+        heads: int,
         dropout: float = 0.0,
-        input_norm: bool = False,
-        length_head: bool = False,
-        pooled_query: bool = False,
-        max_positions: int = 0,
+        *,
+        input_norm: bool,
+        length_head: bool,
+        pooled_query: bool,
     ):
         super().__init__()
         for name, value in (
@@ -98,18 +103,15 @@ class OmniAdapter(nn.Module):
             raise ValueError(f"width={width} must be divisible by heads={heads}")
         if encoder_layers < 0 or decoder_layers < 1:
             raise ValueError(f"encoder_layers={encoder_layers}, decoder_layers={decoder_layers}: need >= 0 and >= 1")
-        if not isinstance(max_positions, int) or max_positions < 0:
-            raise ValueError(f"max_positions={max_positions!r}: must be an int >= 0 (0 = no position embeddings)")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
         self.shape = AdapterShape(llm_dim, width, out_dim, num_queries, encoder_layers, decoder_layers, heads, dropout,
-                                  bool(input_norm), bool(length_head), bool(pooled_query), max_positions)
+                                  bool(input_norm), bool(length_head), bool(pooled_query))
         if input_norm:  # identity until set_input_stats; saved with the weights
             self.register_buffer("input_mean", torch.zeros(llm_dim))
             self.register_buffer("input_scale", torch.ones(llm_dim))
 
         self.proj = nn.Sequential(nn.Linear(llm_dim, width), nn.GELU(), nn.Linear(width, width))
-        self.positions = nn.Parameter(torch.randn(max_positions, width) * 0.02) if max_positions else None  # (P, W)
         # Pre-norm layers train stably from scratch without warm-up tricks.
         enc_layer = nn.TransformerEncoderLayer(
             width, heads, 4 * width, dropout, activation="gelu", batch_first=True, norm_first=True
@@ -186,11 +188,6 @@ class OmniAdapter(nn.Module):
             feats = torch.cat([mean, m.sum(1).log()], -1)  # (B, Dl + 1)
             log_count = self.length_head(feats).squeeze(-1)  # (B,)
         x = self.proj(x)  # (B, T, W)
-        if self.positions is not None:
-            if x.shape[1] > self.positions.shape[0]:
-                raise ValueError(f"llm_states has {x.shape[1]} tokens; this adapter knows {self.positions.shape[0]} "
-                                 "positions (max_positions): encode with a max_length no longer than that")
-            x = x + self.positions[: x.shape[1]]
         if isinstance(self.encoder, nn.TransformerEncoder):
             x = self.encoder(x, src_key_padding_mask=pad)  # (B, T, W)
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, Q, W)
@@ -222,6 +219,9 @@ class OmniAdapter(nn.Module):
                 raise FileNotFoundError(f"{folder}: no {name} (an OmniAdapter.save_pretrained folder)")
         config = json.loads((folder / CONFIG_NAME).read_text())
         config.pop("_class_name", None)
-        model = cls(**config)
+        if config.pop("max_positions", 0):
+            raise ValueError(f"{folder}: this adapter was trained with position embeddings (max_positions), an option "
+                             "removed in issue 14 (no gain); retrain it")
+        model = cls(**{**LEGACY_OPTIONS, **config})
         model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
         return model.eval()

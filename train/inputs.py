@@ -1,0 +1,282 @@
+"""What a training stage reads, resolved and checked before any worker starts.
+
+``resolve_inputs(cfg) -> StageInputs``:
+
+1. resolves the base model, the parent stage's export (``init_from``) and the pair snapshot;
+2. opens the caches named by the configured encoders' fingerprints (``omnidiff.contracts.encoders``,
+   the rules the embed stage names them by; no weights loaded) and refuses with a clear error when
+   the cache for this encoder is missing or a cache differs from it; checks every example's key is
+   cached; builds the example tables (train and val);
+3. picks the sample prompt set (every language, short and long) and takes its LLM states from the
+   cache, encoding only what is missing once here, outside the training step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from omnidiff.contracts.encoders import CacheSpec, clip_spec, llm_folder, llm_spec, pixels_spec, vae_scale_factor
+from train.config import TrainConfig
+from train.data import (
+    EMPTY_PROMPT,
+    CacheMismatchError,
+    align_examples,
+    diffusion_examples,
+    open_checked_cache,
+    require_keys,
+    sample_prompt_table,
+)
+
+
+class TrainingError(RuntimeError):
+    """A training run could not start or its workers failed; the message says why."""
+
+
+@dataclass
+class StageInputs:
+    """Everything resolved before the workers start."""
+
+    base_model: Path
+    init_from: Path | None
+    snapshot: Any
+    llm_path: Path
+    llm_encoder_inputs: dict
+    llm_dim: int
+    out_dim: int
+    stores: dict[str, Any]
+    examples: pd.DataFrame
+    val_examples: pd.DataFrame | None = None
+    prompts: list[dict] = field(default_factory=list)
+    empty_states: np.ndarray | None = None
+    scheduler_config: dict = field(default_factory=dict)
+    parent_lineage: dict = field(default_factory=dict)
+    llm_stats: tuple[np.ndarray, np.ndarray] | None = None
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+
+def resolve_model_ref(ref: str, what: str) -> Path:
+    """A pipeline folder from a folder path, a registry reference (omnidiff.tracking.resolve_model), or a
+    base config YAML (``kind: base``), meaning the base model ``omnidiff base pretrain`` made from it."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        from omnidiff.base.config import BaseConfig
+        from omnidiff.base.pretrain import base_dir, is_complete
+        from omnidiff.config import load_config
+
+        folder = base_dir(load_config(BaseConfig, path))
+        if not is_complete(folder):
+            raise TrainingError(f"{what}={ref!r}: its base model is not trained yet ({folder}); "
+                                f"run 'omnidiff base pretrain --config {ref}' first")
+        return folder
+    from omnidiff.tracking import is_model_ref
+
+    if is_model_ref(ref):
+        from omnidiff.tracking import TrackingError, resolve_model
+
+        try:
+            return Path(resolve_model(ref))
+        except TrackingError as exc:
+            raise TrainingError(f"{what}={ref!r}: {exc}") from None
+    raise TrainingError(f"{what}={ref!r}: no such folder, and not a registry reference like "
+                        "'omnidiff-tiny@candidate' or 'omnidiff-tiny/3'")
+
+
+def open_snapshot(ref: str):
+    from omnidiff.contracts.snapshot import Snapshot, latest_snapshot
+
+    path = Path(ref).expanduser()
+    return Snapshot.open(path if path.is_dir() else latest_snapshot(ref))
+
+
+def cache_specs(cfg: TrainConfig, base: Path, llm_path: Path, unet_config: dict) -> dict[str, CacheSpec]:
+    """The caches this stage reads, named from its encoders' settings as the embed stage names them."""
+    kinds = ("llm", "clip") if cfg.family == "align" else ("llm", "pixels")
+    specs = {"llm": llm_spec(llm_path, cfg.llm.layer, cfg.llm.max_length, cfg.llm.dtype)}
+    if "clip" in kinds:
+        specs["clip"] = clip_spec(base / "text_encoder", base / "tokenizer", cfg.align.clip_windows)
+    if "pixels" in kinds:
+        vae = base / "vae" if (base / "vae").is_dir() else None
+        resolution = int(unet_config["sample_size"])
+        if vae is not None:
+            resolution *= vae_scale_factor(json.loads((vae / "config.json").read_text()))
+        specs["pixels"] = pixels_spec(resolution, vae)
+    return specs
+
+
+def resolve_inputs(cfg: TrainConfig) -> StageInputs:
+    """Steps 1-3 of the module docstring."""
+    base = resolve_model_ref(cfg.base_model, "base_model")
+    for sub in ("unet", "scheduler"):
+        if not (base / sub).is_dir():
+            raise TrainingError(f"base_model={cfg.base_model!r}: {base / sub} is missing (not a pipeline folder)")
+    unet_config = json.loads((base / "unet" / "config.json").read_text())
+    out_dim = int(unet_config["cross_attention_dim"])
+    init_from = resolve_model_ref(cfg.init_from, "init_from") if cfg.init_from else None
+    parent_lineage = {}
+    if init_from is not None:
+        if not (init_from / "adapter").is_dir():
+            raise TrainingError(f"init_from={cfg.init_from!r}: {init_from} has no adapter/ (not an llm_adapter export)")
+        if (init_from / "lineage.json").is_file():
+            parent_lineage = json.loads((init_from / "lineage.json").read_text())
+
+    snapshot = open_snapshot(cfg.data.snapshot)
+    llm_path = llm_folder(cfg.llm.path)
+    stores: dict[str, Any] = {}
+    for kind, spec in cache_specs(cfg, base, llm_path, unet_config).items():
+        what = {"llm": "the configured LLM (llm.*)", "clip": f"the base model's text encoder ({base.name}, "
+                f"{cfg.align.clip_windows} windows)", "pixels": f"the base model's image space ({spec.value_shape})"}[kind]
+        stores[kind] = open_checked_cache(kind, spec.inputs, cfg.data.cache_root, what)
+        if kind == "llm":
+            llm_encoder_inputs = spec.inputs["encoder"]
+    llm_dim = int(stores["llm"].hidden_size)
+    if cfg.family == "align" and stores["clip"].hidden_size != out_dim:
+        raise CacheMismatchError(f"CLIP cache hidden size {stores['clip'].hidden_size} != the base UNet's "
+                                 f"cross_attention_dim {out_dim}")
+    if init_from is not None:
+        _check_parent(init_from, llm_encoder_inputs, llm_dim, out_dim)
+
+    # -- examples
+    pairs = snapshot.pairs(["caption", "lang", "caption_en", "split", "image_digest", "aesthetic"]).to_pandas()
+    parallel = None
+    if cfg.family == "align":
+        if cfg.align.use_parallel and snapshot.shard_paths("parallel"):
+            parallel = snapshot.parallel(["text", "lang", "text_en", "split"]).to_pandas()
+        examples = align_examples(pairs, parallel, cfg.data.split)
+        require_keys(stores["clip"], examples["target_key"].tolist(), "English-side texts")
+    else:
+        examples = diffusion_examples(pairs, cfg.data.split, cfg.data.aesthetic_min)
+        require_keys(stores["pixels"], examples["pixel_key"].tolist(), "images")
+    if len(examples) == 0:
+        raise TrainingError(
+            f"no training examples in snapshot {snapshot.path} split {cfg.data.split!r}"
+            + (f" with aesthetic >= {cfg.data.aesthetic_min}" if cfg.data.aesthetic_min is not None else "")
+        )
+    require_keys(stores["llm"], examples["llm_key"].tolist(), "captions")
+    if cfg.family == "align":
+        examples = with_empty_prompt(examples, stores, cfg.align.empty_share)
+    val_examples = _val_examples(cfg, pairs, parallel if cfg.family == "align" else None, stores)
+    llm_stats = None
+    if init_from is None and cfg.adapter.input_norm:
+        llm_stats = llm_state_stats(stores["llm"], examples["llm_key"].tolist())
+
+    scheduler_config = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
+    inputs = StageInputs(base, init_from, snapshot, llm_path, llm_encoder_inputs, llm_dim, out_dim,
+                         stores, examples, val_examples, scheduler_config=scheduler_config,
+                         parent_lineage=parent_lineage, llm_stats=llm_stats)
+    _prompt_states(cfg, inputs, pairs)
+    return inputs
+
+
+def with_empty_prompt(examples: pd.DataFrame, stores: dict, share: float) -> pd.DataFrame:
+    """Stage-1 examples plus copies of ("" -> CLIP's ""), ``share`` of the result, when both caches hold "".
+
+    Classifier-free guidance contrasts every prompt with the adapter's output for "", so that output
+    must land where the base UNet's unconditional input (CLIP of "") is.
+    """
+    from omnidiff.contracts.keys import text_key
+
+    key = text_key(EMPTY_PROMPT)
+    if share <= 0 or key not in stores["llm"] or key not in stores["clip"]:
+        return examples
+    copies = max(1, round(share * len(examples) / (1 - share)))
+    empty = pd.DataFrame({"llm_key": [key] * copies, "target_key": [key] * copies, "lang": [""] * copies,
+                          "source": ["empty"] * copies})
+    return pd.concat([examples, empty], ignore_index=True)
+
+
+def llm_state_stats(store, keys: list[str], max_texts: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std of the LLM states over the real tokens of (up to ``max_texts``) cached texts.
+
+    The texts are the first ``max_texts`` distinct keys in sorted order, so every run over the same
+    examples gets the same statistics (and so the same adapter).
+    """
+    chosen = sorted(set(keys))[:max_texts]
+    states = store.read(chosen)
+    total = np.zeros(store.hidden_size, dtype=np.float64)
+    total_sq = np.zeros(store.hidden_size, dtype=np.float64)
+    count = 0
+    for key in chosen:
+        x = np.asarray(states[key], dtype=np.float64)  # (L, D)
+        total += x.sum(0)
+        total_sq += np.square(x).sum(0)
+        count += x.shape[0]
+    if count == 0:
+        raise TrainingError("adapter.input_norm: the LLM cache holds no token states for the training texts")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _val_examples(cfg: TrainConfig, pairs: pd.DataFrame, parallel, stores: dict) -> pd.DataFrame | None:
+    """Up to ``data.val_examples`` examples of the val split (same filters) whose keys are all cached."""
+    if cfg.data.val_examples == 0 or cfg.data.split == "val":
+        return None
+    if cfg.family == "align":
+        table = align_examples(pairs, parallel, "val")
+        cached = table["target_key"].isin(set(stores["clip"].keys()))
+    else:
+        table = diffusion_examples(pairs, "val", cfg.data.aesthetic_min)
+        cached = table["pixel_key"].isin(set(stores["pixels"].keys()))
+    table = table[cached & table["llm_key"].isin(set(stores["llm"].keys()))]
+    if len(table) == 0:
+        print("[train] no cached val examples: validation loss is off", flush=True)
+        return None
+    return table.head(cfg.data.val_examples).reset_index(drop=True)
+
+
+def _check_parent(init_from: Path, llm_inputs: dict, llm_dim: int, out_dim: int) -> None:
+    """The parent export must have been trained on the same LLM and for the same UNet width."""
+    adapter_cfg = json.loads((init_from / "adapter" / "config.json").read_text())
+    if adapter_cfg["llm_dim"] != llm_dim or adapter_cfg["out_dim"] != out_dim:
+        raise TrainingError(f"init_from {init_from}: adapter maps {adapter_cfg['llm_dim']} -> {adapter_cfg['out_dim']}, "
+                            f"but this stage needs {llm_dim} (LLM cache) -> {out_dim} (UNet)")
+    ref_path = init_from / "text_encoder" / "encoder.json"
+    if ref_path.is_file():
+        ref = json.loads(ref_path.read_text())
+        theirs = (ref.get("weights_digest"), ref.get("layer"), ref.get("max_length"))
+        ours = (llm_inputs["weights_digest"], llm_inputs["layer"], llm_inputs["max_length"])
+        if theirs != ours:
+            raise CacheMismatchError(
+                f"init_from {init_from} was trained on LLM {ref.get('model_id')} (weights {str(theirs[0])[:12]}..., "
+                f"layer {theirs[1]}, max_length {theirs[2]}); configured: weights {ours[0][:12]}..., layer {ours[1]}, "
+                f"max_length {ours[2]}"
+            )
+
+
+def _prompt_states(cfg: TrainConfig, inputs: StageInputs, pairs: pd.DataFrame) -> None:
+    """The sample prompt set with LLM states (cache first; the LLM encodes only what is missing) and ""'s states."""
+    from omnidiff.contracts.keys import text_key
+
+    store = inputs.stores["llm"]
+    empty_key = text_key(EMPTY_PROMPT)
+    table = pd.DataFrame()
+    if cfg.samples.per_group > 0:
+        lengths = store.lengths()
+        table = sample_prompt_table(pairs, lengths, cfg.samples.per_group)
+    wanted = [empty_key, *table.get("llm_key", pd.Series(dtype=str)).tolist()]
+    cached = store.read([k for k in wanted if k in store])
+    missing = [k for k in wanted if k not in cached]
+    if missing:
+        from omnidiff.models.llm import LLMTextEncoder
+
+        texts = {empty_key: EMPTY_PROMPT, **dict(zip(table.get("llm_key", []), table.get("prompt", []), strict=True))}
+        encoder = LLMTextEncoder(inputs.llm_path, layer=cfg.llm.layer, max_length=cfg.llm.max_length, dtype=cfg.llm.dtype)
+        states, mask = encoder.encode([texts[k] for k in missing])  # (n, T, D), (n, T)
+        for i, key in enumerate(missing):
+            cached[key] = states[i, mask[i]].numpy().astype(np.float16)
+        del encoder
+    inputs.empty_states = cached[empty_key]
+    inputs.prompts = [
+        {"prompt": row.prompt, "lang": row.lang, "group": row.group, "states": cached[row.llm_key]}
+        for row in table.itertuples(index=False)
+    ]

@@ -1,0 +1,127 @@
+"""The driver of a training stage: resolve and check inputs, run the workers, export, register.
+
+    omnidiff train --config configs/train_stage1.yaml dist.num_workers=2
+
+``run(cfg)``:
+
+1. resolves and checks what the stage reads (train.inputs: base model, parent export, snapshot,
+   caches, examples, sample prompts);
+2. checks that an existing checkpoint folder belongs to the same training (train.identity), so a
+   resume can never continue someone else's run;
+3. opens an MLflow run (resolved config, inputs, lineage: train.lineage) and launches
+   ``train.loop.train_worker`` on a typed ``TrainJob`` (train.job) as a Ray Train ``TorchTrainer``
+   job of N workers (or in-process for ``dist.launcher: local``);
+4. exports the pipeline folder (train.export) and registers it under the alias ``candidate`` with
+   lineage tags (train.registry).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from omnidiff.env import subdir
+from train.config import TrainConfig
+from train.identity import check_checkpoint_folder, identity
+from train.inputs import TrainingError, resolve_inputs
+from train.job import TrainJob, build_job
+from train.lineage import lineage, log_curves, log_inputs
+
+
+def launch(cfg: TrainConfig, job: TrainJob) -> None:
+    """Run ``train_worker`` on every rank: a Ray Train job, or this process for ``dist.launcher: local``."""
+    from train.loop import train_worker
+
+    if cfg.dist.launcher == "local":
+        train_worker(job)
+        return
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from omnidiff.stack import ensure_ray
+
+    # Ray Train 2.x also routes workers' print() through its logger, so every progress line would
+    # reach the driver twice; the plain stdout stream is enough.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ensure_ray()
+    resources = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if cfg.dist.use_gpu else {})}
+    trainer = TorchTrainer(
+        ray_train_worker,
+        train_loop_config={"job": job},  # Ray Train takes a dict
+        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(subdir("ray_train")),
+            failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:  # Ray wraps the workers' tracebacks; keep them, name the stage
+        raise TrainingError(f"training workers of {cfg.name!r} (stage {cfg.stage}) failed: {exc}") from exc
+
+
+def ray_train_worker(config: dict) -> None:
+    """Ray Train's per-worker function: ``train.loop.train_worker`` on the job in its config dict."""
+    from train.loop import train_worker
+
+    train_worker(config["job"])
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train one stage end to end; returns ``{export_dir, run_id, model_version, final_step, loss, ...}``."""
+    import contextlib
+
+    from omnidiff import tracking
+
+    inputs = resolve_inputs(cfg)
+    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else subdir("checkpoints") / cfg.name
+    resume_tag = check_checkpoint_folder(cfg, ckpt_dir, identity(cfg, inputs))
+    export_dir = Path(cfg.registry.export_dir) if cfg.registry.export_dir else subdir("exports") / cfg.name
+    result_path = ckpt_dir / "result.json"
+    result_path.unlink(missing_ok=True)
+
+    tags = {"train.name": cfg.name, "resumed_from": resume_tag or ""}
+    context = (tracking.start_run(f"train-stage{cfg.stage}", config=cfg, run_name=cfg.name, tags=tags)
+               if cfg.track else contextlib.nullcontext())
+    with context as mlrun:
+        run_id = mlrun.info.run_id if mlrun is not None else None
+        lin = lineage(cfg, inputs, run_id)
+        if run_id:
+            log_inputs(cfg, inputs, lin)
+        print(f"[train] stage {cfg.stage} '{cfg.name}': {len(inputs.examples)} examples, "
+              f"{cfg.dist.num_workers} worker(s), checkpoints in {ckpt_dir}"
+              + (f", resuming from {resume_tag}" if resume_tag else ""), flush=True)
+        t0 = time.perf_counter()
+        launch(cfg, build_job(cfg, inputs, ckpt_dir, run_id))
+        wall = time.perf_counter() - t0
+        if not result_path.is_file():
+            raise TrainingError(f"training of {cfg.name!r} ended without a result ({result_path} missing)")
+        result = json.loads(result_path.read_text())
+
+        from omnidiff.models.llm import LLMTextEncoder
+        from train.export import export_pipeline
+
+        llm = LLMTextEncoder(inputs.llm_path, layer=cfg.llm.layer, max_length=cfg.llm.max_length, dtype=cfg.llm.dtype)
+        export_pipeline(export_dir, Path(result["final_dir"]), inputs.base_model, llm, lin)
+        del llm
+        version = None
+        if run_id:
+            import mlflow
+
+            mlflow.log_metrics({"wall_s": wall, "final_loss": result["loss"],
+                                "train_samples_per_s": result["samples_per_s"]})
+            log_curves(run_id, f"{cfg.name}: stage {cfg.stage}")
+            if cfg.registry.register:
+                from train.registry import register_export
+
+                aliases = [cfg.registry.alias] + ([f"stage{cfg.stage}"] if cfg.registry.stage_alias else [])
+                version = register_export(export_dir, cfg.registry.model_name, aliases, lin, run_id)
+    print(f"[train] stage {cfg.stage} '{cfg.name}' done: loss {result['loss']:.5f}, export {export_dir}"
+          + (f", registered {cfg.registry.model_name} v{version} @{cfg.registry.alias}" if version else ""), flush=True)
+    return {**result, "export_dir": str(export_dir), "run_id": run_id, "model_version": version,
+            "model_ref": f"{cfg.registry.model_name}/{version}" if version else str(export_dir),
+            "checkpoint_dir": str(ckpt_dir), "wall_s": wall}
