@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 from omnidiff.contracts.encoders import CacheSpec, clip_spec, llm_folder, llm_spec, pixels_spec, vae_scale_factor
+from omnidiff.contracts.keys import EMPTY_PROMPT, text_key
 from train.config import TrainConfig
 from train.data import (
-    EMPTY_PROMPT,
     CacheMismatchError,
     align_examples,
     diffusion_examples,
@@ -133,8 +133,12 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
     llm_path = llm_folder(cfg.llm.path)
     stores: dict[str, Any] = {}
     for kind, spec in cache_specs(cfg, base, llm_path, unet_config).items():
-        what = {"llm": "the configured LLM (llm.*)", "clip": f"the base model's text encoder ({base.name}, "
-                f"{cfg.align.clip_windows} windows)", "pixels": f"the base model's image space ({spec.value_shape})"}[kind]
+        if kind == "llm":
+            what = "the configured LLM (llm.*)"
+        elif kind == "clip":
+            what = f"the base model's text encoder ({base.name}, {cfg.align.clip_windows} windows)"
+        else:
+            what = f"the base model's image space ({spec.value_shape})"
         stores[kind] = open_checked_cache(kind, spec.inputs, cfg.data.cache_root, what)
         if kind == "llm":
             llm_encoder_inputs = spec.inputs["encoder"]
@@ -183,7 +187,6 @@ def with_empty_prompt(examples: pd.DataFrame, stores: dict, share: float) -> pd.
     Classifier-free guidance contrasts every prompt with the adapter's output for "", so that output
     must land where the base UNet's unconditional input (CLIP of "") is.
     """
-    from omnidiff.contracts.keys import text_key
 
     key = text_key(EMPTY_PROMPT)
     if share <= 0 or key not in stores["llm"] or key not in stores["clip"]:
@@ -255,7 +258,6 @@ def _check_parent(init_from: Path, llm_inputs: dict, llm_dim: int, out_dim: int)
 
 def _prompt_states(cfg: TrainConfig, inputs: StageInputs, pairs: pd.DataFrame) -> None:
     """The sample prompt set with LLM states (cache first; the LLM encodes only what is missing) and ""'s states."""
-    from omnidiff.contracts.keys import text_key
 
     store = inputs.stores["llm"]
     empty_key = text_key(EMPTY_PROMPT)
