@@ -229,8 +229,8 @@ class ImageAPIDeployment:
 def build_app(cfg: ServeConfig, pinned: dict[str, Any] | None = None):
     """The bound Serve application for ``cfg`` (model pinned now unless given; token read now, only its hash kept)."""
     token = auth.load_token(cfg.auth.token_env, cfg.auth.token_file)
-    if token is None and cfg.auth.required:
-        raise ConfigError(f"auth.required=True: no token in ${cfg.auth.token_env} or auth.token_file={cfg.auth.token_file}")
+    if token is None and cfg.auth.require_token:
+        raise ConfigError(f"auth.require_token=True: no token in ${cfg.auth.token_env} or auth.token_file={cfg.auth.token_file}")
     digest = auth.token_digest(token) if token else None
     pinned = pinned or pin_model(cfg)
     env_vars = {key: os.environ[key] for key in _REPLICA_ENV if os.environ.get(key)}

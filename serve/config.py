@@ -80,13 +80,13 @@ class AuthConfig(ConfigModel):
 
     token_env: environment variable holding the token (read where ``serve up`` runs).
     token_file: a secret file holding the token (first line); used when the variable is unset or empty.
-    required: refuse to start when no token is found (instead of serving without auth).
+    require_token: refuse to start when no token is found (instead of serving without auth).
     Neither set / found -> no auth. Only a SHA-256 of the token travels to the replicas.
     """
 
     token_env: str = Field("OMNIDIFF_SERVE_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # a variable name
     token_file: Path | None = None
-    required: bool = False
+    require_token: bool = False
 
 
 class AutoscalingConfig(ConfigModel):

@@ -108,3 +108,30 @@ def test_pipeline_form_shows_bounds_and_sections():
     assert train["stage"]["enum"] == [1, 2, 3]
     assert {"$ref": "#/definitions/AlignSection"} in train["align"]["anyOf"]
     assert schema["definitions"]["AlignSection"]["additionalProperties"] is False  # unknown keys refused
+
+
+def _local_deployments():
+    from flows.deployments import build_deployments
+
+    return build_deployments(REPO / "configs" / "pipeline_test.yaml")
+
+
+def test_the_server_accepts_every_deployment_s_parameters():
+    """What the Prefect server runs on a new deployment (``enforce_parameter_schema``): the
+    parameters validated against the form's schema with ``ignore_required``, which drops every key
+    named ``required`` from the schema, properties included (a config field named ``required``
+    made the server refuse the pipeline deployment with a 422)."""
+    from prefect._internal.schemas.validators import validate_values_conform_to_schema
+    from prefect.utilities.callables import parameter_schema
+
+    checked = 0
+    for deployment in _local_deployments():
+        schema = deployment._parameter_openapi_schema.model_dump()
+        validate_values_conform_to_schema(deployment.parameters, schema, ignore_required=True)
+        checked += 1
+    for deployment in DEPLOYMENTS:
+        flow = _flow(deployment["entrypoint"])
+        schema = parameter_schema(flow.fn).model_dump()
+        validate_values_conform_to_schema(deployment.get("parameters") or {}, schema, ignore_required=True)
+        checked += 1
+    assert checked == len(DEPLOYMENTS) + 8
