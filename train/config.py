@@ -275,7 +275,7 @@ class TrainConfig(ConfigModel):
                     "stage 1 trains the adapter alone against CLIP states: stage 2-3 options do not apply")
             need = 77 * self.align.clip_windows
             require(self.adapter.num_queries >= need, "adapter.num_queries", self.adapter.num_queries,
-                    f"stage 1 aligns query i with CLIP token i: needs >= 77 x align.clip_windows = {need}")
+                    f"stage 1 answers each CLIP token with its own query: needs >= 77 x align.clip_windows = {need}")
         else:
             require(self.diffusion is not None, "diffusion", self.diffusion,
                     f"stage {self.stage} needs its diffusion section (diffusion: {{}} for the defaults)")
