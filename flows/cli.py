@@ -38,11 +38,15 @@ def _running(state: dict[str, Any] | None) -> bool:
     return bool(state) and supervisor.is_alive(state.get("pid"), state.get("create_time"))
 
 
-async def _deployment_ids(names: tuple[str, ...], since: datetime | None = None) -> dict[str, str | None]:
-    """Deployment ids by name; None for one that does not exist, or was last written before ``since``.
+async def _deployment_ids(names: tuple[str, ...], since: datetime | None = None,
+                          expected: dict[str, dict] | None = None) -> dict[str, str | None]:
+    """Deployment ids by name; None for one that does not exist, was last written before ``since``,
+    or (given ``expected``) does not carry the expected parameters.
 
     The Prefect database keeps a deployment (and its default parameters) after its serving process
-    stops, so "it exists" is not "the process just started has registered it with today's config".
+    stops, so "it exists" is not "the process just started has registered it with today's config";
+    and a stopping process may still write its deployments after ``since`` on a busy server, so the
+    parameters themselves are compared too.
     """
     from prefect.client.orchestration import get_client
 
@@ -56,6 +60,8 @@ async def _deployment_ids(names: tuple[str, ...], since: datetime | None = None)
                 continue
             updated = getattr(deployment, "updated", None)
             fresh = since is None or (updated is not None and updated >= since)
+            if expected is not None and name in expected:
+                fresh = fresh and json.loads(json.dumps(deployment.parameters, default=str)) == expected[name]
             out[name] = str(deployment.id) if fresh else None
     return out
 
@@ -63,7 +69,7 @@ async def _deployment_ids(names: tuple[str, ...], since: datetime | None = None)
 def deploy(config: str, timeout_s: float = 180.0, quiet: bool = False) -> dict[str, Any]:
     """Start ``python -m flows.deployments`` in its own process group; wait until it has (re)registered
     every deployment, so a run triggered next uses this config's parameters, not a previous one's."""
-    from flows.deployments import DEPLOYMENT_NAMES
+    from flows.deployments import DEPLOYMENT_NAMES, build_deployments
     from omnidiff.stack import RAY_LOG_SKIP, apply_env
 
     apply_env()
@@ -71,6 +77,8 @@ def deploy(config: str, timeout_s: float = 180.0, quiet: bool = False) -> dict[s
         raise RuntimeError("no Prefect server: run `omnidiff stack up` first (PREFECT_API_URL is unset)")
     if _running(_read_state()):
         stop()
+    expected = {f"{d.flow_name}/{d.name}": json.loads(json.dumps(d.parameters, default=str))
+                for d in build_deployments(config)}
     log_path = _flows_log()
     # The server's clock is this machine's; a second of slack for the timestamp's rounding.
     since = datetime.now(UTC) - timedelta(seconds=1)
@@ -84,7 +92,7 @@ def deploy(config: str, timeout_s: float = 180.0, quiet: bool = False) -> dict[s
         if code is not None:
             tail = log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"the deployment-serving process exited with {code}; log {log_path}:\n{tail}")
-        ids = asyncio.run(_deployment_ids(DEPLOYMENT_NAMES, since))
+        ids = asyncio.run(_deployment_ids(DEPLOYMENT_NAMES, since, expected))
         return ids if all(ids.values()) else None
 
     ids = supervisor.wait_until(registered, timeout_s, interval_s=2.0)
