@@ -1,5 +1,8 @@
 """``OmniDiffusionPipeline``: text -> images for the base model (CLIP-style) and for ours (LLM + adapter).
 
+One idea in one file (a little over 400 lines): the folder format, its loader and its sampler are
+read together whenever one of them changes; a split would only add imports between them.
+
 A diffusers-style folder (docs/architecture.md "Pipeline folder"), safetensors and JSON only:
 
     model_index.json        _class_name, conditioning: "clip" | "llm_adapter", component classes

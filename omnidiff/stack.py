@@ -1,5 +1,9 @@
 """The local stack: a Prefect server, an MLflow tracking server and a Ray head, all on 127.0.0.1.
 
+(Processes are started and stopped by omnidiff/supervisor.py, the services' commands and health
+checks are in omnidiff/stack_services.py; this file is the up / down / status sequence, a little
+over 400 lines because each step's failure message says what to do.)
+
     omnidiff stack up [--free-ports] [--prefect-port 4200] [--mlflow-port 5000] [--ray-port 6379]
                       [--ray-cpus 4] [--ray-object-store-mb 1024] [--timeout 120]
     omnidiff stack status
