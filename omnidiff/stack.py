@@ -176,7 +176,8 @@ def up(
         "env": client_env,
         "ray_temp_link": str(ray_temp) if ray_temp != ray_dir else None,
     }
-    base_env = dict(os.environ)
+    # The Prefect UI asks the API named here (by default the one on port 4200, whatever port it runs on).
+    base_env = {"PREFECT_UI_API_URL": f"{urls['prefect']}/api", **os.environ}
     try:
         for name in SERVICES:
             log_path = logs / f"{name}.log"
