@@ -5,7 +5,8 @@ Only ``model="lite"`` is used: it ships inside the package, while fast-langdetec
 offline, NOTES.md).
 
 A row's ``lang`` is its declared language (primary subtag, lower case: ``zh-CN``
--> ``zh``) when the list has one, else the detected one. ``lang_mismatch`` flags
+-> ``zh``; a variety of a macrolanguage as the macrolanguage: ``yue``, ``wuu``, ``cmn`` -> ``zh``,
+``nb``, ``nn`` -> ``no``) when the list has one, else the detected one, mapped the same way. ``lang_mismatch`` flags
 rows whose declared language disagrees with a confident detection
 (score >= ``min_score``); flagged rows are kept: short captions are often
 ambiguous, and the flag lets a later stage filter or inspect them. One known
@@ -19,19 +20,47 @@ from __future__ import annotations
 _ALIASES = {"iw": "he", "in": "id", "ji": "yi", "jw": "jv", "zh_hans": "zh", "zh_hant": "zh", "eng": "en"}
 
 
+# Varieties and individual languages of a macrolanguage (ISO 639-3), as the detector or a corpus may
+# name them, -> the macrolanguage code we compare and store. The lite model calls short plain Mandarin
+# captions Wu Chinese ("wuu") at ~0.37 (issue 15: 7 of 100 flagged against a declared "zh").
+MACROLANGUAGE = {
+    **dict.fromkeys(("cmn", "wuu", "yue", "gan", "hak", "hsn", "nan", "cdo", "cjy", "cpx", "czh", "czo",
+                     "mnp", "lzh"), "zh"),
+    **dict.fromkeys(("nb", "nn", "nob", "nno"), "no"),
+    **dict.fromkeys(("arb", "arz", "ary", "apc", "acm", "ajp", "aeb", "afb", "ayl", "apd", "acq"), "ar"),
+    **dict.fromkeys(("pes", "prs"), "fa"),
+    **dict.fromkeys(("zsm",), "ms"),
+    **dict.fromkeys(("ekk", "vro"), "et"),
+    **dict.fromkeys(("lvs", "ltg"), "lv"),
+    **dict.fromkeys(("uzn", "uzs"), "uz"),
+    **dict.fromkeys(("khk",), "mn"),
+    **dict.fromkeys(("ckb", "kmr", "sdh"), "ku"),
+    **dict.fromkeys(("swh", "swc"), "sw"),
+    **dict.fromkeys(("npi",), "ne"),
+    **dict.fromkeys(("azj", "azb"), "az"),
+    **dict.fromkeys(("ory",), "or"),
+    **dict.fromkeys(("pbt", "pbu", "pst"), "ps"),
+    **dict.fromkeys(("plt",), "mg"),
+    **dict.fromkeys(("ydd", "yih"), "yi"),
+    **dict.fromkeys(("quy", "quz"), "qu"),
+}
+
+
 # Declared values that mean "no language given" (LAION-multi writes "nolang").
 _UNDECLARED = {"", "nolang", "und", "unknown", "none", "null", "nan", "xx", "zxx", "mul"}
 
 
-def canonical_lang(code: str | None) -> str | None:
-    """``"zh-CN"`` -> ``"zh"``, ``"EN"`` -> ``"en"``, ``""``/``"nolang"``/None -> None."""
+def canonical_lang(code: str | None, macro: bool = True) -> str | None:
+    """``"zh-CN"`` -> ``"zh"``, ``"EN"`` -> ``"en"``, ``"wuu"``/``"yue"``/``"cmn"`` -> ``"zh"``, ``"nb"`` -> ``"no"``,
+    ``""``/``"nolang"``/None -> None. ``macro=False`` keeps a variety's own code (``"wuu"``)."""
     if code is None:
         return None
     code = code.strip().lower().replace("_", "-")
     if code in _UNDECLARED:
         return None
     code = _ALIASES.get(code.replace("-", "_"), code)
-    return _ALIASES.get(code.split("-")[0], code.split("-")[0])
+    code = _ALIASES.get(code.split("-")[0], code.split("-")[0])
+    return MACROLANGUAGE.get(code, code) if macro else code
 
 
 def has_kana(text: str) -> bool:
@@ -40,6 +69,8 @@ def has_kana(text: str) -> bool:
 
 def is_mismatch(text: str, declared: str | None, detected: str, score: float, min_score: float) -> bool:
     """Declared language disagrees with a confident detection (zh/ja without kana is undecidable)."""
+    # A variety counts as its macrolanguage: Wu or Cantonese detected for a declared "zh" is no mismatch.
+    declared, detected = canonical_lang(declared), canonical_lang(detected) or detected
     if declared is None or detected == declared or score < min_score:
         return False
     if {declared, detected} == {"zh", "ja"} and not has_kana(text):
@@ -66,7 +97,8 @@ class LanguageDetector:
         for text in texts:
             result = self._detector.detect(text, model="lite", k=1)
             if result:
-                out.append((canonical_lang(result[0]["lang"]) or "und", float(result[0]["score"])))
+                # the detector's own answer (a variety stays itself: "wuu"); compared by macrolanguage
+                out.append((canonical_lang(result[0]["lang"], macro=False) or "und", float(result[0]["score"])))
             else:
                 out.append(("und", 0.0))
         return out
@@ -82,7 +114,7 @@ def assign_languages(
     out: dict[str, list] = {"lang": [], "lang_detected": [], "lang_score": [], "lang_mismatch": []}
     for text, (detected, score), decl in zip(texts, detector.detect(texts), declared, strict=True):
         decl = canonical_lang(decl)
-        out["lang"].append(decl or detected)
+        out["lang"].append(decl or canonical_lang(detected) or detected)
         out["lang_detected"].append(detected)
         out["lang_score"].append(score)
         out["lang_mismatch"].append(is_mismatch(text, decl, detected, score, min_score))

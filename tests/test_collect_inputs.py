@@ -214,3 +214,27 @@ def test_languages_and_mismatch():
     assert out["lang"][5] == "en" and out["lang_detected"][5] == "en"
     # a high threshold flags nothing
     assert not any(assign_languages(texts, declared, LanguageDetector(), min_score=1.0)["lang_mismatch"])
+
+
+def test_varieties_of_a_macrolanguage_are_no_mismatch():
+    """Issue 15: the lite model calls short plain Mandarin captions Wu Chinese ("wuu", ~0.37) and they
+    were flagged against their declared "zh"; a variety or a macrolanguage member is the same language."""
+    from data_prep.langid import LanguageDetector, assign_languages, canonical_lang, is_mismatch
+
+    assert [canonical_lang(c) for c in ("wuu", "yue", "cmn", "zh-Hant", "nb", "nn", "arz", "pes")] == [
+        "zh", "zh", "zh", "zh", "no", "no", "ar", "fa"]
+    assert canonical_lang("wuu", macro=False) == "wuu"
+    assert not is_mismatch("一张凉鞋的黑白照片", "zh", "wuu", 0.9, 0.3)
+    assert not is_mismatch("Et bilde av en rød bil", "nb", "no", 0.9, 0.3)
+    assert not is_mismatch("Et bilde av en rød bil", "no", "nn", 0.9, 0.3)
+    assert is_mismatch("ein roter Kreis", "zh", "de", 0.9, 0.3)  # other languages still are
+    assert is_mismatch("a red circle", "nb", "en", 0.9, 0.3)
+
+    # The issue's caption, through the real detector: it still answers "wuu", and nothing is flagged.
+    texts = ["一张凉鞋的黑白照片", "一只红色的猫在桌子上", "一张凉鞋的黑白照片，白色背景"]
+    out = assign_languages(texts, ["zh"] * 3, LanguageDetector(), min_score=0.3)
+    assert "wuu" in out["lang_detected"], out["lang_detected"]
+    assert out["lang"] == ["zh"] * 3 and not any(out["lang_mismatch"]), out
+    # Undeclared: the row's language is the macrolanguage, the detector's answer stays in lang_detected.
+    out = assign_languages(texts[:1], [None], LanguageDetector(), min_score=0.3)
+    assert out["lang"] == ["zh"] and out["lang_detected"] == ["wuu"]
