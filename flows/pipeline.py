@@ -25,6 +25,7 @@ from prefect import flow, get_run_logger
 
 from flows.config import PipelineConfig
 from omnidiff.config import replace, to_dict
+from omnidiff.contracts.io import sha256_file
 from omnidiff.env import subdir
 from omnidiff.progress import emit_event
 
@@ -33,18 +34,10 @@ SKIP_INDEX = "stage_index.json"
 
 # ---------------------------------------------------------------- skipping unchanged stages
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def input_digest(stage: str, cfg: Any, files: list[Path] = ()) -> str:
     """Stable digest of a stage's inputs: its resolved config and the content of the files it reads."""
     record = {"stage": stage, "config": to_dict(cfg) if cfg is not None else None,
-              "files": {str(p): _file_digest(Path(p)) for p in files if Path(p).is_file()}}
+              "files": {str(p): sha256_file(p) for p in files if Path(p).is_file()}}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

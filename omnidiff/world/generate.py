@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from omnidiff.config import to_dict
+from omnidiff.contracts.io import sha256_file
 from omnidiff.progress import Progress
 from omnidiff.world.attributes import ATTRIBUTES
 from omnidiff.world.captions import (
@@ -186,10 +187,6 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def world_record(cfg: WorldConfig) -> dict:
     """What identifies a world's content: the generator version and the config without ``out_dir``."""
     config = to_dict(cfg)
@@ -220,7 +217,7 @@ def generate_world(cfg: WorldConfig, force: bool = False) -> Path:
     (tmp / "images").mkdir(parents=True)
     try:
         counts = _write_world(cfg, tmp)
-        files = {name: _sha256(tmp / name) for name in ("pairs.parquet", "parallel.parquet", "eval_prompts.parquet")}
+        files = {name: sha256_file(tmp / name) for name in ("pairs.parquet", "parallel.parquet", "eval_prompts.parquet")}
         digest = world_digest(tmp)
         meta_obj = {**record, "counts": counts, "files": files, "digest": digest}
         (tmp / "world.json").write_text(json.dumps(meta_obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -283,7 +280,7 @@ def world_digest(world_dir: str | Path) -> str:
                                                                      "eval_prompts.parquet")]  # fmt: skip
     h = hashlib.sha256()
     for path in paths:
-        h.update(f"{path.relative_to(root).as_posix()}\t{_sha256(path)}\n".encode())
+        h.update(f"{path.relative_to(root).as_posix()}\t{sha256_file(path)}\n".encode())
     return h.hexdigest()
 
 
