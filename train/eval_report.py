@@ -24,12 +24,12 @@ PAGE_MAX_WIDTH_PX = 1200
 CHART_DPI = 100
 CHART_MAX_WIDTH_PX = 1100
 SAMPLES_PER_LANG = 32  # as omnidiff.scoring.image_grids: the first prompts of each language
-TILE_PX = 64
+TILE_PX = 48
 
 CSS = (
     "*{box-sizing:border-box}"
     f"body{{font-family:sans-serif;max-width:{PAGE_MAX_WIDTH_PX}px;margin:1em auto;padding:0 16px}}"
-    "table{border-collapse:collapse;display:block;max-width:100%;overflow-x:auto}"
+    "table{border-collapse:collapse;display:inline-block;vertical-align:top;max-width:100%;overflow-x:auto}"
     "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td.text{text-align:left}"
     "code{overflow-wrap:anywhere}"
     ".pass{color:#070;font-weight:bold}.fail{color:#a00;font-weight:bold}.inconclusive{color:#a60}"
@@ -70,11 +70,11 @@ def charts(scores: pd.DataFrame, pooled: pd.DataFrame) -> dict[str, Any]:
     models = list(dict.fromkeys(scores["model"]))
     for name, frame, xcol, title in (
         ("by_language", scores[scores["length"] == SHORT], "lang", "short prompts, per language"),
-        ("by_length", pooled, "length", "per prompt length (mean over the trained languages)"),
+        ("by_length", pooled, "length", "per length, trained languages"),
     ):
         xs = list(dict.fromkeys(frame.sort_values(xcol)[xcol]))
-        # one inch per group of bars, never wider than the page (issue 15 item 11)
-        width_in = min(CHART_MAX_WIDTH_PX / CHART_DPI, max(5.0, 1.5 + 0.3 * len(xs) * max(1, len(models))))
+        # 0.3 inch a bar, never wider than the page (issue 15 item 11: 1760 px for 8 languages x 4 models)
+        width_in = min(CHART_MAX_WIDTH_PX / CHART_DPI, max(6.0, 1.5 + 0.3 * len(xs) * max(1, len(models))))
         fig, ax = plt.subplots(figsize=(width_in, 3.6))
         width = 0.8 / max(1, len(models))
         for i, model in enumerate(models):
@@ -87,8 +87,10 @@ def charts(scores: pd.DataFrame, pooled: pd.DataFrame) -> dict[str, Any]:
         ax.set_xticklabels(xs)
         ax.set_ylim(0, 1)
         ax.set_ylabel("prompt faithfulness")
-        ax.set_title(f"{title}; bars: 95% interval", fontsize=10)
-        ax.legend(fontsize=8, ncol=min(4, max(1, len(models))))
+        ax.set_title(f"{title} (error bars: 95% interval)", fontsize=10)
+        # below the axes: bars near 1.0 would hide under a legend inside them
+        ax.legend(fontsize=8, ncol=min(6, max(1, len(models))), loc="upper center", bbox_to_anchor=(0.5, -0.12),
+                  frameon=False)
         fig.tight_layout()
         figures[name] = fig
     return figures
@@ -118,7 +120,7 @@ def sample_rows(per_prompt: pd.DataFrame, per_lang: int = SAMPLES_PER_LANG) -> d
 
 
 def samples_html(per_prompt: pd.DataFrame, images: dict[str, np.ndarray], per_lang: int = SAMPLES_PER_LANG) -> list[str]:
-    """Per language, one row per prompt: the prompt, then each model's image for it (alt and title: the prompt)."""
+    """Per language, one row per prompt: each model's image for it (alt and title: the prompt), then the prompt."""
     models = list(images)
     tables = {m: per_prompt[per_prompt["model"] == m].reset_index(drop=True) for m in models}
     first = tables[models[0]]
@@ -126,16 +128,15 @@ def samples_html(per_prompt: pd.DataFrame, images: dict[str, np.ndarray], per_la
         if tables[m]["prompt"].tolist() != first["prompt"].tolist():
             raise ValueError(f"samples: model {m!r} answered other prompts than {models[0]!r}")
     pred_cols = [c for c in first.columns if c.startswith("pred_")]
-    columns = f"grid-template-columns:minmax(0,1fr) repeat({len(models)},{TILE_PX + 8}px)"
+    columns = f"grid-template-columns:repeat({len(models)},{TILE_PX + 8}px) minmax(0,1fr)"
     parts = []
     for lang, rows in sample_rows(first, per_lang).items():
         parts.append(f"<h3>{html.escape(lang)}</h3><div class='samples' style='{columns}'>")
-        parts.append("<div class='head'>prompt</div>" + "".join(f"<div class='head'>{html.escape(m)}</div>" for m in models))
+        parts.append("".join(f"<div class='head'>{html.escape(m)}</div>" for m in models) + "<div class='head'>prompt</div>")
         for i in rows:
             prompt = str(first.at[i, "prompt"])
             length = first.at[i, "length"] if "length" in first.columns else ""
             tag = " <i>(&gt;77 tokens)</i>" if length == LONG else ""
-            parts.append(f"<div class='prompt'>{html.escape(prompt)}{tag}</div>")
             for m in models:
                 row = tables[m].iloc[i]
                 ok = row.get(f"ok_{ALL}", pd.NA)
@@ -145,6 +146,7 @@ def samples_html(per_prompt: pd.DataFrame, images: dict[str, np.ndarray], per_la
                 parts.append(f"<img class='sample {css}' alt='{html.escape(prompt, quote=True)}' "
                              f"title='{html.escape(title, quote=True)}' src='data:image/png;base64,"
                              f"{_tile_b64(images[m][i])}'>")
+            parts.append(f"<div class='prompt'>{html.escape(prompt)}{tag}</div>")
         parts.append("</div>")
     return parts
 
@@ -181,9 +183,9 @@ def render_html(report, cfg, command: str, seconds: float, figures: dict[str, An
         "" if cfg.require_fit_evaluator else
         "<p><b>Smoke run: the evaluator was not required to be fit (>= 95% held-out accuracy); "
         "these numbers do not judge the models.</b></p>",
-        "<h2>Scores (model columns)</h2>", table.to_html(),
+        "<h2>Scores (model columns)</h2>", table.to_html(border=0),
         "<h2>Fréchet distance to real images (evaluator features; lower is better)</h2>",
-        pd.Series(report.frechet, name="frechet").to_frame().to_html(float_format=lambda v: f"{v:.3f}"),
+        pd.Series(report.frechet, name="frechet").to_frame().to_html(border=0, float_format=lambda v: f"{v:.3f}"),
     ]
     if len(report.claims):
         parts += ["<h2>The paper's claims against the base model</h2>",
