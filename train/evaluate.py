@@ -54,7 +54,7 @@ class EvalInputs:
 @dataclass
 class EvalReport:
     summary: pd.DataFrame  # model, attribute, lang, length, n, correct, faithfulness
-    scores: pd.DataFrame  # model, lang, length, zero_shot, score (mean over score_attributes), low, high (95% interval)
+    scores: pd.DataFrame  # model, lang, length, zero_shot, score (mean over score_attributes), prompts, low, high
     pooled: pd.DataFrame  # model, length, langs, score, low, high: the mean over the trained languages
     frechet: dict[str, float]
     claims: pd.DataFrame  # train.claims.CLAIM_COLUMNS + model_label
@@ -181,6 +181,9 @@ def assemble(results: dict[str, Faithfulness], frechet: dict[str, float], zero_s
     summary = pd.concat([r.summary.assign(model=label) for label, r in results.items()], ignore_index=True)
     scores = score_table(summary, zero_shot_langs, cfg.score_attributes)
     scores = scores.sort_values("model", key=lambda m: m.map(order.index), kind="stable").reset_index(drop=True)
+    prompts = per_prompt.groupby(["model", "lang", "length"])["prompt"].nunique()
+    keys = zip(scores["model"], scores["lang"], scores["length"], strict=True)
+    scores["prompts"] = [int(prompts.get(key, 0)) for key in keys]
     _, replicates = bootstrap_scores(per_prompt, cfg.score_attributes, cfg.bootstrap_resamples, cfg.bootstrap_seed)
     scores = with_intervals(scores, replicates, cfg.confidence)
     pooled = pooled_scores(scores, replicates, cfg.confidence)
