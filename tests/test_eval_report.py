@@ -147,3 +147,30 @@ def test_report_in_a_1280_px_browser_window(report, browser):
                               "!e.closest('table')).map(e => e.getBoundingClientRect().right))")
     assert widest <= 1280
     assert browser.evaluate("[...document.querySelectorAll('img.sample')].every(i => i.alt && i.naturalWidth === 16)")
+
+
+def test_evaluate_writes_the_report_from_real_models(tiny_world, tiny_evaluator, tmp_path):
+    """evaluate() end to end on two random tiny base models (real pipelines, real evaluator), no MLflow."""
+    import pandas as pd
+
+    from omnidiff.models.evaluator import load_evaluator
+    from tests.fixtures_train import build_tiny_base
+    from train.evaluate import EvalInputs, evaluate, format_table, real_world_images, select_prompts
+
+    evaluator = load_evaluator(tiny_evaluator, require_fit=False)
+    prompts = select_prompts(pd.read_parquet(tiny_world / "eval_prompts.parquet"), 2, ("en", "zh"), seed=0)
+    inputs = EvalInputs(tiny_world, prompts, evaluator, str(build_tiny_base(tmp_path / "base", seed=0)),
+                        real_world_images(tiny_world, 16, evaluator.resolution, 0))
+    cfg = load_config(EvalConfig, None, ["steps=2", "track=false", "require_fit_evaluator=false",
+                                         "bootstrap_resamples=200", f"report_dir={tmp_path / 'report'}"])
+    other = build_tiny_base(tmp_path / "other", seed=1)
+    report = evaluate({"other": str(other)}, cfg, inputs=inputs)
+    assert list(report.images) == ["base", "other"] and report.images["other"].shape[0] == len(prompts)
+    assert set(report.claims["model_label"]) == {"other"} and report.claims["verdict"].notna().all()
+    page = _Page()
+    page.feed((tmp_path / "report" / "report.html").read_text(encoding="utf-8"))
+    samples = [img for img in page.images if "sample" in img.get("class", "")]
+    assert sorted(img["alt"] for img in samples) == sorted(prompts["prompt"].tolist() * 2)
+    text = format_table(report)
+    assert all(f"{r.claim}: {r.kind}" in text for r in report.claims.itertuples())
+    assert (tmp_path / "report" / "report.json").is_file() and (tmp_path / "report" / "grid_other_zh.png").is_file()
