@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -191,21 +190,10 @@ def assemble(results: dict[str, Faithfulness], frechet: dict[str, float], zero_s
     if baseline is not None and len(results) > 1:
         claims = pd.concat([check_claims(scores, replicates, label, baseline, cfg.claim_min_ratio, cfg.confidence)
                             .assign(model_label=label) for label in results if label != baseline], ignore_index=True)
+    from omnidiff.tracking import git_commit
+
     return EvalReport(summary, scores, pooled, frechet, claims, report_dir, per_prompt,
-                      {label: r.images for label, r in results.items()}, baseline, source_commit())
-
-
-def source_commit() -> str | None:
-    """The git commit this code runs from (``+dirty`` with uncommitted changes), None outside a checkout."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+dirty" if dirty else "")
+                      {label: r.images for label, r in results.items()}, baseline, git_commit())
 
 
 def evaluate(models: dict[str, str] | list[str] | str, cfg, inputs: EvalInputs | None = None,

@@ -55,7 +55,8 @@ def render_block(report: dict[str, Any], timings: dict[str, float] | None = None
     has_long = any(length == LONG for _, length in pooled)
     counts = sorted({(r["length"], r.get("prompts")) for r in scores if r.get("prompts")})
     per_group = ", ".join(f"{n} {'short' if length == SHORT else 'long'}" for length, n in counts)
-    commit = report.get("commit") or "unknown"
+    commit = str(report.get("commit") or "unknown")
+    commit = commit.split("+")[0][:12] + ("+dirty" if commit.endswith("+dirty") else "")
     lines = [
         f"Evaluation at commit `{commit}`: prompt faithfulness (mean of the score attributes), "
         f"short prompts per language{', and long prompts of the trained languages' if has_long else ''}; "
