@@ -172,8 +172,8 @@ def assemble(results: dict[str, Faithfulness], frechet: dict[str, float], zero_s
     """Scores with their bootstrap intervals, pooled scores and claims from each model's per-prompt results.
 
     ``results``: label -> omnidiff.scoring.Faithfulness over the same prompts. ``baseline``: the label
-    the others are judged against (None: no claims, as with ``--compare``). Pure apart from the
-    bootstrap's seeded RNG and the git commit it records, so it is tested on synthetic results.
+    the others are judged against (None: no claims). Pure apart from the bootstrap's seeded RNG and
+    the git commit it records, so it is tested on synthetic results (tests/eval_synthetic.py).
     """
     order = list(results)
     per_prompt = pd.concat([r.per_prompt.assign(model=label) for label, r in results.items()], ignore_index=True)
