@@ -174,3 +174,14 @@ def test_evaluate_writes_the_report_from_real_models(tiny_world, tiny_evaluator,
     text = format_table(report)
     assert all(f"{r.claim}: {r.kind}" in text for r in report.claims.itertuples())
     assert (tmp_path / "report" / "report.json").is_file() and (tmp_path / "report" / "grid_other_zh.png").is_file()
+
+
+def test_the_demo_console_prints_each_claims_verdict_and_interval(report):
+    from flows.cli import format_demo_report
+
+    rep, _, _ = report
+    out = json.loads(json.dumps({"evaluate": rep.to_dict(), "timings_s": {"evaluate": 3.0}}, default=str))
+    text = format_demo_report({"url": "http://127.0.0.1/run"}, out, 3.0)
+    stage3 = rep.claims[rep.claims["model_label"] == "stage3"]
+    for c in stage3.itertuples():
+        assert f"[{c.verdict.upper():>12}] {c.claim}: {c.kind} {c.estimate:.2f} [{c.low:.2f}, {c.high:.2f}]" in text
