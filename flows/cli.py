@@ -274,8 +274,8 @@ def format_demo_report(result: dict[str, Any], out: dict[str, Any], wall_s: floa
     for claim in report.get("claims", []):
         if claim.get("model_label") != "stage3":
             continue
-        verdict = "reported" if claim["pass"] is None else ("PASS" if claim["pass"] else "FAIL")
-        lines.append(f"  [{verdict:>8}] {claim['claim']}: {claim['model']:.2f} (base {claim['base']:.2f})")
+        lines.append(f"  [{claim['verdict'].upper():>12}] {claim['claim']}: {claim['kind']} {claim['estimate']:.2f} "
+                     f"[{claim['low']:.2f}, {claim['high']:.2f}] ({claim['model']:.2f} against {claim['base']:.2f})")
     if report.get("report_html"):
         lines += ["", f"report (tables, charts, image grids): {report['report_html']}"]
     if out.get("deploy", {}).get("endpoint"):

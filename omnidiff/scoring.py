@@ -7,6 +7,7 @@ Issue 2 defines it and issue 6 (``omnidiff evaluate``) builds on it:
     result.summary      # attribute x lang x length bucket -> share of images that match
     frechet_distance(evaluator.features(result.images), evaluator.features(real_images))
     image_grids(result.per_prompt, result.images)   # {lang: PIL grid}
+    point, reps = bootstrap_scores(per_prompt_of_every_model, ("shape", "colour"))  # 95% intervals, paired
 
 ``prompts`` follows the schema of the world's ``eval_prompts.parquet``: a
 ``prompt`` text, its ``lang``, and one column per attribute holding the value
@@ -21,6 +22,7 @@ is tested on hand-built frames. From the command line:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -141,6 +143,78 @@ def lookup(summary: pd.DataFrame, attribute: str, lang: str | None = None, lengt
         rows = rows[rows["length"] == length]
     n = rows["n"].sum()
     return float(rows["correct"].sum() / n) if n else float("nan")
+
+
+def bootstrap_scores(
+    per_prompt: pd.DataFrame,
+    attributes: tuple[str, ...] | list[str],
+    resamples: int = 2000,
+    seed: int = 0,
+    unit: str = "prompt",
+) -> tuple[dict[tuple[str, str, str], float], dict[tuple[str, str, str], np.ndarray]]:
+    """Point scores and bootstrap replicates per (model, lang, length), resampling prompts.
+
+    ``per_prompt`` is :func:`judge`'s table of every model stacked, with a ``model`` column. A
+    group's score is the mean over ``attributes`` of each attribute's share of right images among
+    the prompts that asked for it (what :func:`summarise` and the evaluate stage's score table
+    give). Rows with the same ``unit`` value in a group are one unit (one prompt drawn with
+    several seeds: its images are averaged first), so the resampling is over prompts, seeds
+    kept together. Each group draws one set of ``resamples`` index vectors, shared by every model:
+    model-vs-model differences are paired, and different groups are independent. Deterministic
+    for a given ``seed``. Returns ``(point, replicates)``, replicates shaped ``(resamples,)``.
+    """
+    if resamples < 1:
+        raise ValueError(f"resamples={resamples}: must be >= 1")
+    missing = [c for c in ("model", "lang", "length", unit) if c not in per_prompt.columns]
+    if missing:
+        raise ValueError(f"per_prompt: missing column(s) {missing}; columns are {list(per_prompt.columns)}")
+    ok_cols = [f"ok_{a}" for a in attributes if f"ok_{a}" in per_prompt.columns]
+    if not ok_cols:
+        raise ValueError(f"per_prompt: no ok_<attribute> column for any of {list(attributes)}")
+    rng = np.random.default_rng(seed)
+    point: dict[tuple[str, str, str], float] = {}
+    replicates: dict[tuple[str, str, str], np.ndarray] = {}
+    for (lang, length), group in per_prompt.groupby(["lang", "length"], sort=True):
+        matrices: dict[str, np.ndarray] = {}
+        units = None
+        for model, rows in group.groupby("model", sort=False):
+            ok = rows[ok_cols].astype("Float64").to_numpy(dtype=float, na_value=np.nan)  # (rows, A), nan = not asked
+            per_unit = pd.DataFrame(ok, columns=ok_cols).groupby(rows[unit].to_numpy(), sort=True).mean()
+            if units is None:
+                units = per_unit.index
+            elif not per_unit.index.equals(units):
+                raise ValueError(f"per_prompt: model {model!r} scored other prompts than {next(iter(matrices))!r} "
+                                 f"in ({lang}, {length}); paired intervals need the same prompt set for every model")
+            matrices[str(model)] = per_unit.to_numpy()  # (U, A)
+        n_units = len(units)
+        idx = rng.integers(0, n_units, size=(resamples, n_units))  # (B, U), one draw per group, shared by models
+        for model, m in matrices.items():
+            asked = ~np.isnan(m)
+            values = np.where(asked, m, 0.0)
+            present = asked.any(axis=0)  # attributes some prompt of the group asked for
+            if not present.any():
+                continue
+            point[(model, str(lang), str(length))] = float((values.sum(0)[present] / asked.sum(0)[present]).mean())
+            sums, counts = values[idx].sum(axis=1), asked[idx].sum(axis=1)  # (B, A)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                shares = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)[:, present]
+            with warnings.catch_warnings():  # a resample whose prompts asked none of them: nan, dropped later
+                warnings.simplefilter("ignore", RuntimeWarning)
+                replicates[(model, str(lang), str(length))] = np.nanmean(shares, axis=1)
+    return point, replicates
+
+
+def percentile_interval(replicates: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The bootstrap percentile interval of ``replicates`` (no interpolation, so +-inf ratios stay usable)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence}: must be between 0 and 1")
+    reps = np.asarray(replicates, dtype=float)
+    reps = reps[~np.isnan(reps)]
+    if reps.size == 0:
+        return float("nan"), float("nan")
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(reps, [tail, 1 - tail], method="inverted_cdf")
+    return float(low), float(high)
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:

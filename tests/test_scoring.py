@@ -165,3 +165,88 @@ def test_prompt_faithfulness_end_to_end_with_a_drawing_pipe(tiny_world, tiny_eva
     # The same drawings but in the wrong colour: colour faithfulness collapses, shape does not move.
     assert scoring.lookup(wrong.summary, "colour") < scoring.lookup(result.summary, "colour") - 0.4
     assert scoring.lookup(wrong.summary, "shape") == pytest.approx(scoring.lookup(result.summary, "shape"), abs=0.15)
+
+
+# ---------------------------------------------------------------- bootstrap intervals (issue 18 item 1)
+
+def _stacked(right, models, **kw):
+    from tests import eval_synthetic
+
+    res = eval_synthetic.results(eval_synthetic.prompts(**kw), right, models)
+    return pd.concat([r.per_prompt.assign(model=m) for m, r in res.items()], ignore_index=True), res
+
+
+def test_bootstrap_point_scores_are_the_summary_scores():
+    per_prompt, res = _stacked({("a", "en", "<=77"): 10, ("a", "zh", "<=77"): 0.5, ("a", "en", ">77"): 3}, ["a"])
+    # one attribute of one prompt wrong on its own: the score is a mean over attributes, not over all-right images
+    per_prompt.loc[0, "ok_colour"] = False
+    point, reps = scoring.bootstrap_scores(per_prompt, ("shape", "colour", "position"), resamples=200)
+    summary = scoring.summarise(per_prompt)
+    for (model, lang, length), value in point.items():
+        expected = np.mean([scoring.lookup(summary, a, lang, length) for a in ("shape", "colour", "position")])
+        assert value == pytest.approx(expected), (model, lang, length)
+        assert reps[(model, lang, length)].shape == (200,)
+    assert point[("a", "en", "<=77")] == pytest.approx((10 / 24 * 2 + 9 / 24) / 3)
+    assert point[("a", "zh", "<=77")] == pytest.approx(0.5)
+
+
+def test_bootstrap_a_known_difference_excludes_zero_and_a_tie_includes_it():
+    # "good" draws all 24 short English prompts right, "poor" 8 of them; "even" draws the other half
+    # of the prompts right than "half" does: the same score, a paired difference that is not always 0.
+    per_prompt, _ = _stacked({("poor", "en", "<=77"): 8, ("half", "en", "<=77"): 12}, ["good", "poor", "half", "even"],
+                             langs=("en",), zero_shot=())
+    even = per_prompt["model"] == "even"
+    first_half = even & (per_prompt.groupby("model").cumcount() < 12)
+    for a in ("shape", "colour", "position"):
+        per_prompt.loc[even, f"ok_{a}"] = ~first_half[even]
+    point, reps = scoring.bootstrap_scores(per_prompt, ("shape", "colour", "position"), resamples=2000, seed=0)
+    key = lambda m: (m, "en", "<=77")  # noqa: E731
+    assert point[key("half")] == pytest.approx(point[key("even")]) == pytest.approx(0.5)
+    low, high = scoring.percentile_interval(reps[key("good")] - reps[key("poor")])
+    assert 0 < low < point[key("good")] - point[key("poor")] < high
+    low, high = scoring.percentile_interval(reps[key("half")] - reps[key("even")])
+    assert low < 0 < high
+    # the same model twice: every resample ties exactly
+    same = pd.concat([per_prompt[per_prompt["model"] == "poor"], per_prompt[per_prompt["model"] == "poor"].assign(model="twin")])
+    _, reps2 = scoring.bootstrap_scores(same, ("shape",), resamples=300)
+    assert np.array_equal(reps2[("poor", "en", "<=77")], reps2[("twin", "en", "<=77")])
+
+
+def test_bootstrap_is_deterministic_under_its_seed():
+    per_prompt, _ = _stacked({("a", "en", "<=77"): 0.5, ("a", "zh", ">77"): 0.25}, ["a"])
+    _, one = scoring.bootstrap_scores(per_prompt, ("shape", "colour"), resamples=500, seed=7)
+    _, two = scoring.bootstrap_scores(per_prompt, ("shape", "colour"), resamples=500, seed=7)
+    _, other = scoring.bootstrap_scores(per_prompt, ("shape", "colour"), resamples=500, seed=8)
+    assert one.keys() == two.keys() == other.keys()
+    assert all(np.array_equal(one[k], two[k]) for k in one)
+    assert not np.array_equal(one[("a", "en", "<=77")], other[("a", "en", "<=77")])
+
+
+def test_bootstrap_keeps_a_prompts_seeds_together():
+    # Each prompt drawn with 3 seeds that agree: the unit is the prompt, so the replicates are exactly
+    # those of one image per prompt (the same number of units, the same draws).
+    per_prompt, _ = _stacked({("a", "en", "<=77"): 0.5}, ["a"], langs=("en",), zero_shot=())
+    repeated = pd.concat([per_prompt.assign(sample=k) for k in range(3)], ignore_index=True)
+    _, once = scoring.bootstrap_scores(per_prompt, ("shape",), resamples=400, seed=3)
+    _, thrice = scoring.bootstrap_scores(repeated, ("shape",), resamples=400, seed=3)
+    assert all(np.allclose(once[k], thrice[k]) for k in once)
+
+
+def test_bootstrap_refuses_unpaired_prompt_sets_and_bad_input():
+    per_prompt, _ = _stacked({}, ["a", "b"], langs=("en",), zero_shot=())
+    shifted = per_prompt.copy()
+    shifted.loc[shifted["model"] == "b", "prompt"] += " (another)"
+    with pytest.raises(ValueError, match="other prompts"):
+        scoring.bootstrap_scores(shifted, ("shape",))
+    with pytest.raises(ValueError, match="model"):
+        scoring.bootstrap_scores(per_prompt.drop(columns=["model"]), ("shape",))
+    with pytest.raises(ValueError, match="ok_<attribute>"):
+        scoring.bootstrap_scores(per_prompt, ("size",))
+
+
+def test_percentile_interval():
+    low, high = scoring.percentile_interval(np.linspace(0, 1, 1001))
+    assert low == pytest.approx(0.025, abs=1e-3) and high == pytest.approx(0.975, abs=1e-3)
+    assert scoring.percentile_interval(np.array([1.0, np.inf, 2.0, 3.0] * 100), 0.5)[1] == 3.0
+    with pytest.raises(ValueError, match="confidence"):
+        scoring.percentile_interval(np.zeros(3), 1.5)

@@ -23,6 +23,13 @@ class EvalConfig(ConfigModel):
     steps, guidance, seed, batch_size: sampling (the same for every model, so the table compares models).
     real_images: world images on the real side of the Fréchet distance (evaluator features).
     score_attributes: the attributes whose mean faithfulness is "the score" of a (model, lang, length).
+    bootstrap_resamples, bootstrap_seed: the bootstrap behind every score's interval and every claim's
+        verdict (prompts resampled with replacement, seeds of a prompt kept together; fixed seed, so
+        a report reproduces its intervals exactly).
+    confidence: the intervals' coverage (0.95: 95% intervals).
+    claim_min_ratio: the "at least Nx" of the claims (each trained language against English, long
+        prompts against short, short English against the base); judged on the ratio's interval
+        (train/claims.py: pass only when its lower bound reaches it).
     report_dir: where report.html, summary.csv, charts and grids go; None -> home()/reports/evaluate/<id>.
     track: log to MLflow (an evaluate run, plus metrics and the report on each evaluated model's run).
     require_fit_evaluator: refuse an evaluator below 95% held-out accuracy (issue 2); false only for
@@ -43,6 +50,10 @@ class EvalConfig(ConfigModel):
     batch_size: int = Field(64, ge=1)
     real_images: int = Field(512, ge=2)
     score_attributes: tuple[str, ...] = Field(("shape", "colour", "position"), min_length=1)
+    bootstrap_resamples: int = Field(2000, ge=100)
+    bootstrap_seed: int = 0
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    claim_min_ratio: float = Field(0.95, gt=0, le=1)
     report_dir: Path | None = None
     track: bool = True
     require_fit_evaluator: bool = True

@@ -8,8 +8,11 @@ Every model samples the same seeded prompt set (the world's eval prompts: traine
 languages, short prompts and prompts whose decisive words come after CLIP's 77th token); the
 world's attribute classifier reads each image (omnidiff.scoring). Output: a long table
 (model x attribute x language x length), a Fréchet distance on evaluator features against real
-world images, bar charts, image grids, the claims of the paper checked against the baseline, and a
-self-contained HTML report, all logged to MLflow.
+world images, each score with a bootstrap 95% interval over prompts, the claims of the paper each
+decided on its interval against the baseline (train/claims.py: pass / fail / inconclusive), and a
+self-contained HTML report with error bars and every sample labelled with its prompt
+(train/eval_report.py), all logged to MLflow; report.json in the report folder is what
+``python -m train.readme_results`` turns into the README's results block.
 
 With real weights on disk (an SD-class model plus Inception and CLIP weights) the same command
 would compute FID and CLIP score with torchmetrics; this tiny-world build scores with the world's
@@ -18,15 +21,12 @@ own evaluator because no such weights exist offline here.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
-import io
 import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ import pandas as pd
 
 from omnidiff.config import load_config, to_dict
 from omnidiff.env import subdir
-from omnidiff.scoring import LONG, SHORT, frechet_distance, image_grids, prompt_faithfulness
+from omnidiff.scoring import LONG, Faithfulness, bootstrap_scores, frechet_distance, prompt_faithfulness
+from train.claims import check_claims, pooled_scores, with_intervals
 
 BASE_LABEL = "base"
 
@@ -52,10 +53,15 @@ class EvalInputs:
 @dataclass
 class EvalReport:
     summary: pd.DataFrame  # model, attribute, lang, length, n, correct, faithfulness
-    scores: pd.DataFrame  # model, lang, length, zero_shot, score (mean over score_attributes)
+    scores: pd.DataFrame  # model, lang, length, zero_shot, score (mean over score_attributes), prompts, low, high
+    pooled: pd.DataFrame  # model, length, langs, score, low, high: the mean over the trained languages
     frechet: dict[str, float]
-    claims: pd.DataFrame
+    claims: pd.DataFrame  # train.claims.CLAIM_COLUMNS + model_label
     report_dir: Path
+    per_prompt: pd.DataFrame = field(default_factory=pd.DataFrame)  # omnidiff.scoring.judge's rows + model
+    images: dict[str, np.ndarray] = field(default_factory=dict)  # model -> uint8 (N, H, W, 3), per_prompt's order
+    baseline: str | None = None
+    commit: str | None = None
     run_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,7 +70,10 @@ class EvalReport:
             "report_html": str(self.report_dir / "report.html"),
             "frechet": self.frechet,
             "scores": self.scores.to_dict(orient="records"),
+            "pooled": self.pooled.to_dict(orient="records"),
             "claims": self.claims.to_dict(orient="records"),
+            "baseline": self.baseline,
+            "commit": self.commit,
             "run_id": self.run_id,
         }
 
@@ -158,41 +167,40 @@ def score_table(summary: pd.DataFrame, zero_shot_langs: set[str], attributes: tu
     return scores
 
 
-def _score(scores: pd.DataFrame, model: str, lang: str | None, length: str | None, zero_shot: bool | None = None) -> float:
-    rows = scores[scores["model"] == model]
-    if lang is not None:
-        rows = rows[rows["lang"] == lang]
-    if length is not None:
-        rows = rows[rows["length"] == length]
-    if zero_shot is not None:
-        rows = rows[rows["zero_shot"] == zero_shot]
-    return float(rows["score"].mean()) if len(rows) else float("nan")
+def assemble(results: dict[str, Faithfulness], frechet: dict[str, float], zero_shot_langs: set[str], cfg,
+             report_dir: Path, baseline: str | None = None) -> EvalReport:
+    """Scores with their bootstrap intervals, pooled scores and claims from each model's per-prompt results.
 
+    ``results``: label -> omnidiff.scoring.Faithfulness over the same prompts. ``baseline``: the label
+    the others are judged against (None: no claims). Pure apart from the bootstrap's seeded RNG and
+    the git commit it records, so it is tested on synthetic results (tests/eval_synthetic.py).
+    """
+    order = list(results)
+    per_prompt = pd.concat([r.per_prompt.assign(model=label) for label, r in results.items()], ignore_index=True)
+    summary = pd.concat([r.summary.assign(model=label) for label, r in results.items()], ignore_index=True)
+    scores = score_table(summary, zero_shot_langs, cfg.score_attributes)
+    scores = scores.sort_values("model", key=lambda m: m.map(order.index), kind="stable").reset_index(drop=True)
+    prompts = per_prompt.groupby(["model", "lang", "length"])["prompt"].nunique()
+    keys = zip(scores["model"], scores["lang"], scores["length"], strict=True)
+    scores["prompts"] = [int(prompts.get(key, 0)) for key in keys]
+    _, replicates = bootstrap_scores(per_prompt, cfg.score_attributes, cfg.bootstrap_resamples, cfg.bootstrap_seed)
+    scores = with_intervals(scores, replicates, cfg.confidence)
+    pooled = pooled_scores(scores, replicates, cfg.confidence)
+    claims = pd.DataFrame()
+    if baseline is not None and len(results) > 1:
+        claims = pd.concat([check_claims(scores, replicates, label, baseline, cfg.claim_min_ratio, cfg.confidence)
+                            .assign(model_label=label) for label in results if label != baseline], ignore_index=True)
+    from omnidiff.tracking import git_commit
 
-def check_claims(scores: pd.DataFrame, model: str, baseline: str = BASE_LABEL) -> pd.DataFrame:
-    """The paper's claims (issue 6 "Must show") for ``model`` against ``baseline``, pass or fail, honestly."""
-    trained = sorted(set(scores.loc[~scores["zero_shot"], "lang"]) - {"en"})
-    zero_shot = sorted(set(scores.loc[scores["zero_shot"], "lang"]))
-    en_m, en_b = _score(scores, model, "en", SHORT), _score(scores, baseline, "en", SHORT)
-    rows = [{"claim": "short English >= base", "model": en_m, "base": en_b, "target": en_b, "pass": en_m >= en_b}]
-    for lang in trained:
-        m, b = _score(scores, model, lang, SHORT), _score(scores, baseline, lang, SHORT)
-        rows.append({"claim": f"{lang} short >= 3x base", "model": m, "base": b, "target": 3 * b, "pass": m >= 3 * b})
-        rows.append({"claim": f"{lang} short within 10 points of English", "model": m, "base": b,
-                     "target": en_m - 0.10, "pass": m >= en_m - 0.10})
-    long_m, long_b = _score(scores, model, None, LONG, False), _score(scores, baseline, None, LONG, False)
-    rows.append({"claim": "long prompts (>77 tokens) >= 3x base", "model": long_m, "base": long_b,
-                 "target": 3 * long_b, "pass": long_m >= 3 * long_b})
-    for lang in zero_shot:
-        m, b = _score(scores, model, lang, SHORT), _score(scores, baseline, lang, SHORT)
-        rows.append({"claim": f"{lang} (zero-shot) reported", "model": m, "base": b, "target": float("nan"),
-                     "pass": None})
-    return pd.DataFrame(rows)
+    return EvalReport(summary, scores, pooled, frechet, claims, report_dir, per_prompt,
+                      {label: r.images for label, r in results.items()}, baseline, git_commit())
 
 
 def evaluate(models: dict[str, str] | list[str] | str, cfg, inputs: EvalInputs | None = None,
              command: str | None = None) -> EvalReport:
     """Score every model in ``models`` (label -> reference) plus the baseline under label ``base``."""
+    from train.eval_report import write_report
+
     if isinstance(models, str):
         models = [models]
     if isinstance(models, list):
@@ -201,132 +209,30 @@ def evaluate(models: dict[str, str] | list[str] | str, cfg, inputs: EvalInputs |
     models = dict(models)
     if BASE_LABEL not in models and cfg.baseline != "none":
         models = {BASE_LABEL: inputs.baseline_ref, **models}
-    summaries, grids, frechet = [], {}, {}
+    results, frechet = {}, {}
     real_features = inputs.evaluator.features(inputs.real_images)
     t0 = time.perf_counter()
     for label, ref in models.items():
         print(f"[evaluate] {label}: {ref} on {len(inputs.prompts)} prompts", file=sys.stderr, flush=True)
         pipe = _load_pipeline(ref)
-        result = prompt_faithfulness(pipe, inputs.prompts, inputs.evaluator, seed=cfg.seed, steps=cfg.steps,
-                                     guidance=cfg.guidance, batch_size=cfg.batch_size)
-        summaries.append(result.summary.assign(model=label))
-        frechet[label] = frechet_distance(inputs.evaluator.features(result.images), real_features)
-        grids[label] = image_grids(result.per_prompt, result.images)
+        results[label] = prompt_faithfulness(pipe, inputs.prompts, inputs.evaluator, seed=cfg.seed, steps=cfg.steps,
+                                             guidance=cfg.guidance, batch_size=cfg.batch_size)
+        frechet[label] = frechet_distance(inputs.evaluator.features(results[label].images), real_features)
         del pipe
-    summary = pd.concat(summaries, ignore_index=True)
     zero_shot_langs = set(inputs.prompts.loc[inputs.prompts.get("zero_shot", False).astype(bool), "lang"])
-    scores = score_table(summary, zero_shot_langs, cfg.score_attributes)
-    baseline = BASE_LABEL if BASE_LABEL in models else next(iter(models))
-    claims = pd.concat([check_claims(scores, label, baseline).assign(model_label=label)
-                        for label in models if label != baseline], ignore_index=True) if len(models) > 1 else pd.DataFrame()
+    baseline = BASE_LABEL if BASE_LABEL in models else next(iter(models))  # --compare A B: B judged against A
     report_dir = Path(cfg.report_dir) if cfg.report_dir else subdir(
         "reports", "evaluate", hashlib.sha256(json.dumps(models, sort_keys=True).encode()).hexdigest()[:12])
     report_dir.mkdir(parents=True, exist_ok=True)
     command = command or "omnidiff evaluate " + " ".join(shlex.quote(f"{k}={v}") for k, v in models.items())
-    report = EvalReport(summary, scores, frechet, claims, report_dir)
-    write_report(report, grids, cfg, command, time.perf_counter() - t0)
+    report = assemble(results, frechet, zero_shot_langs, cfg, report_dir, baseline)
+    write_report(report, cfg, command, time.perf_counter() - t0)
     if cfg.track:
         report.run_id = log_report(report, models, cfg)
     return report
 
 
-# ---------------------------------------------------------------- pictures and report
-
-def charts(scores: pd.DataFrame) -> dict[str, Any]:
-    """Bar charts: score per language (short prompts) and per length, one bar per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figures = {}
-    models = list(dict.fromkeys(scores["model"]))
-    for name, frame, xcol in (
-        ("by_language", scores[scores["length"] == SHORT], "lang"),
-        ("by_length", scores[~scores["zero_shot"]].groupby(["model", "length"], as_index=False)["score"].mean(), "length"),
-    ):
-        xs = list(dict.fromkeys(frame.sort_values(xcol)[xcol]))
-        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(xs) * max(1, len(models)) / 2), 3.6))
-        width = 0.8 / max(1, len(models))
-        for i, model in enumerate(models):
-            vals = [frame[(frame["model"] == model) & (frame[xcol] == x)]["score"].mean() for x in xs]
-            ax.bar(np.arange(len(xs)) + i * width, vals, width, label=model)
-        ax.set_xticks(np.arange(len(xs)) + width * (len(models) - 1) / 2)
-        ax.set_xticklabels(xs)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("prompt faithfulness")
-        ax.set_title("short prompts, per language" if name == "by_language" else "per prompt length (trained languages)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        figures[name] = fig
-    return figures
-
-
-def _png_b64(image) -> str:
-    buf = io.BytesIO()
-    if hasattr(image, "savefig"):
-        image.savefig(buf, format="png", dpi=100)
-    else:
-        image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def write_report(report: EvalReport, grids: dict[str, dict[str, Any]], cfg, command: str, seconds: float) -> Path:
-    """summary.csv, scores.csv, claims.csv, charts, grids and a self-contained report.html."""
-    out = report.report_dir
-    report.summary.to_csv(out / "summary.csv", index=False)
-    report.scores.to_csv(out / "scores.csv", index=False)
-    report.claims.to_csv(out / "claims.csv", index=False)
-    (out / "frechet.json").write_text(json.dumps(report.frechet, indent=2))
-    figures = charts(report.scores)
-    for name, fig in figures.items():
-        fig.savefig(out / f"{name}.png", dpi=100)
-    for model, per_lang in grids.items():
-        for lang, grid in per_lang.items():
-            grid.save(out / f"grid_{model.replace('/', '_').replace('@', '_')}_{lang}.png")
-    table = report.scores.pivot_table(index=["lang", "length"], columns="model", values="score")
-    table = table[[m for m in dict.fromkeys(report.scores["model"])]]
-    parts = [
-        "<!doctype html><meta charset='utf-8'><title>omnidiff evaluation</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}.pass{color:#070}.fail{color:#a00}"
-        "img.grid{image-rendering:pixelated;width:512px}</style>",
-        "<h1>Prompt faithfulness per language and prompt length</h1>",
-        f"<p>Reproduce: <code>{html.escape(command)}</code> ({seconds:.0f} s). Score = mean faithfulness over "
-        f"{', '.join(cfg.score_attributes)}; {cfg.steps} sampling steps, guidance {cfg.guidance}, seed {cfg.seed}.</p>",
-        "" if cfg.require_fit_evaluator else
-        "<p><b>Smoke run: the evaluator was not required to be fit (>= 95% held-out accuracy); "
-        "these numbers do not judge the models.</b></p>",
-        "<h2>Scores (model columns)</h2>", table.to_html(float_format=lambda v: f"{v:.3f}"),
-        "<h2>Fréchet distance to real images (evaluator features; lower is better)</h2>",
-        pd.Series(report.frechet, name="frechet").to_frame().to_html(float_format=lambda v: f"{v:.3f}"),
-    ]
-    if len(report.claims):
-        rows = []
-        for r in report.claims.to_dict(orient="records"):
-            verdict = "reported" if r["pass"] is None else ("pass" if r["pass"] else "FAIL")
-            css = "" if r["pass"] is None else ("pass" if r["pass"] else "fail")
-            rows.append(f"<tr><td>{html.escape(str(r['model_label']))}</td><td style='text-align:left'>"
-                        f"{html.escape(r['claim'])}</td><td>{r['model']:.3f}</td><td>{r['base']:.3f}</td>"
-                        f"<td>{r['target']:.3f}</td><td class='{css}'>{verdict}</td></tr>")
-        parts += ["<h2>The paper's claims against the base model</h2>",
-                  "<table><tr><th>model</th><th>claim</th><th>model</th><th>base</th><th>target</th><th></th></tr>",
-                  *rows, "</table>"]
-    parts.append("<h2>Charts</h2>")
-    parts += [f"<img src='data:image/png;base64,{_png_b64(fig)}'>" for fig in figures.values()]
-    parts.append("<h2>Samples (green border: every asked attribute right)</h2>")
-    for model, per_lang in grids.items():
-        parts.append(f"<h3>{html.escape(model)}</h3>")
-        for lang, grid in per_lang.items():
-            parts.append(f"<p>{html.escape(lang)}<br><img class='grid' src='data:image/png;base64,{_png_b64(grid)}'></p>")
-    path = out / "report.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
-    import matplotlib.pyplot as plt
-
-    for fig in figures.values():
-        plt.close(fig)
-    return path
-
+# ---------------------------------------------------------------- tracking
 
 def _model_run_id(ref: str) -> str | None:
     """The training run that produced a model: lineage.json in its folder or the registry's run_id tag."""
@@ -351,7 +257,10 @@ def log_report(report: EvalReport, models: dict[str, str], cfg) -> str:
 
     def metrics_for(label: str) -> dict[str, float]:
         rows = report.scores[report.scores["model"] == label]
-        out = {f"eval.{r.lang}.{'long' if r.length == LONG else 'short'}": float(r.score) for r in rows.itertuples()}
+        out = {}
+        for r in rows.itertuples():
+            key = f"eval.{r.lang}.{'long' if r.length == LONG else 'short'}"
+            out |= {key: float(r.score), f"{key}.ci_low": float(r.low), f"{key}.ci_high": float(r.high)}
         out["eval.frechet"] = float(report.frechet[label])
         return out
 
@@ -373,17 +282,18 @@ def log_report(report: EvalReport, models: dict[str, str], cfg) -> str:
 
 
 def format_table(report: EvalReport) -> str:
-    table = report.scores.pivot_table(index=["lang", "length"], columns="model", values="score")
+    """The console view: scores with their 95% intervals, Fréchet distances, each claim's verdict."""
+    cells = report.scores.assign(cell=[f"{r.score:.3f} [{r.low:.3f}, {r.high:.3f}]" for r in report.scores.itertuples()])
+    table = cells.pivot(index=["lang", "length"], columns="model", values="cell")
     table = table[[m for m in dict.fromkeys(report.scores["model"])]]
-    lines = [table.to_string(float_format=lambda v: f"{v:.3f}")]
+    lines = [table.to_string()]
     lines.append("frechet: " + ", ".join(f"{k}={v:.3f}" for k, v in report.frechet.items()))
-    if len(report.claims):
-        for r in report.claims.to_dict(orient="records"):
-            verdict = "reported" if r["pass"] is None else ("PASS" if r["pass"] else "FAIL")
-            lines.append(f"[{verdict:>8}] {r['model_label']}: {r['claim']}: {r['model']:.3f} (base {r['base']:.3f})")
+    for r in report.claims.to_dict(orient="records"):
+        lines.append(f"[{r['verdict'].upper():>12}] {r['model_label']}: {r['claim']}: {r['kind']} {r['estimate']:.3f} "
+                     f"[{r['low']:.3f}, {r['high']:.3f}] ({r['model']:.3f} against {r['base']:.3f})")
     lines.append(f"report: {report.report_dir / 'report.html'}")
     return "\n".join(lines)
 
 
-__all__ = ["EvalReport", "check_claims", "evaluate", "format_table", "resolve_inputs", "score_table", "select_prompts",
-           "to_dict"]
+__all__ = ["EvalReport", "assemble", "check_claims", "evaluate", "format_table", "resolve_inputs", "score_table",
+           "select_prompts", "to_dict"]
