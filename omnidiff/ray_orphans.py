@@ -41,8 +41,13 @@ def current_job_id() -> str:
 
 
 def orphans(job_ids: Iterable[str] = (), classes: Iterable[str] = ORPHAN_CLASSES) -> list[dict[str, Any]]:
-    """Live actors of the jobs ``job_ids`` (whose drivers are known to be gone), and live actors of a
-    class in ``classes`` whose job is dead: ``[{actor_id, class, job_id, pid, node_id}]``."""
+    """Live unnamed actors of the jobs ``job_ids`` (whose drivers are known to be gone), and live actors
+    of a class in ``classes`` whose job is dead: ``[{actor_id, class, job_id, pid, node_id}]``.
+
+    A *named* detached actor is a cluster-wide service that whichever job came first created and
+    every later job shares (Ray Data's ``AutoscalingCoordinator`` and stats actor, Serve's
+    controller): it outlives its creator on purpose and is never an orphan.
+    """
     from ray._private import state
 
     job_ids, classes = set(job_ids), set(classes)
@@ -51,6 +56,8 @@ def orphans(job_ids: Iterable[str] = (), classes: Iterable[str] = ORPHAN_CLASSES
     for actor_id, actor in state.actors(actor_state_name="ALIVE").items():
         job = actor["JobID"]
         cls = actor["ActorClassName"].rsplit(".", 1)[-1]
+        if actor.get("Name"):
+            continue
         if job in job_ids or (cls in classes and job in dead_jobs):
             found.append({"actor_id": actor_id, "class": cls, "job_id": job, "pid": actor.get("Pid"),
                           "node_id": actor["Address"]["NodeID"]})
