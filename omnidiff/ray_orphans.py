@@ -107,6 +107,7 @@ def start_watcher(job_id: str, done_file: Path, log_path: Path) -> dict[str, Any
 
     from omnidiff import supervisor
 
+    supervisor.reap()  # earlier watchers of this process that have exited (no zombies in a long-lived process)
     argv = [sys.executable, "-m", "omnidiff.ray_orphans", "watch", "--pid", str(os.getpid()),
             "--create-time", repr(psutil.Process().create_time()), "--job", job_id, "--done", str(done_file)]
     proc = supervisor.launch(argv, dict(os.environ), log_path)  # own session: outlives a SIGKILLed driver
