@@ -48,7 +48,7 @@ from embed_cache.actor import EncodeShardActor
 from embed_cache.config import EmbedConfig
 from embed_cache.inputs import EmbedInputs, gather_inputs, resolve_snapshots
 from embed_cache.plan import KindPlan, plan_kind, plan_units
-from embed_cache.report import add_shard, finish_stats, log_run, new_stats, summarize
+from embed_cache.report import add_shard, finish_stats, identity_tags, log_run, new_stats, summarize
 from embed_cache.writer import CacheWriter
 from omnidiff.contracts.cache import cache_dir
 from omnidiff.progress import Progress
@@ -74,18 +74,24 @@ def run(cfg: EmbedConfig, *, actor: type = EncodeShardActor) -> dict[str, Any]:
     from omnidiff import tracking
 
     with tracking.start_run("embed", config=cfg) as mlrun:
-        kinds = embed(inputs, cfg, actor=actor)
+        takeover: dict[str, Any] = {}
+        kinds = embed(inputs, cfg, actor=actor, run_id=mlrun.info.run_id, takeover=takeover)
         summary = summarize(inputs, kinds, time.perf_counter() - start, mlrun.info.run_id)
+        summary["takeover"] = takeover
         log_run(summary, inputs, cfg)
     return summary
 
 
-def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardActor) -> dict[str, Any]:
+def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardActor, run_id: str | None = None,
+          takeover: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fill every cache in ``cfg.kinds`` with the keys of ``inputs`` it lacks; returns per-kind stats.
 
     All kinds share one actor pool (each actor loads each model once, on first use), so a run pays
     the actors' start-up once however many caches it fills. ``actor`` is the callable class each shard
     goes through (benchmarks/embed_throughput.py passes one that also samples the matmul roofline).
+    ``run_id``: the MLflow run of this job; once the caches are locked it is tagged with what it
+    reads and writes, and a killed run that wrote these caches before is closed (:func:`take_over`,
+    whose report lands in ``takeover``).
     """
     start = time.perf_counter()
     plans = {kind: plan_kind(kind, cfg) for kind in cfg.kinds}
@@ -124,6 +130,9 @@ def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardAct
                 )
             else:
                 log.info("embed %s: all %d keys cached -> %s", kind, len(work), directory)
+        result = take_over(run_id, inputs, writers)
+        if takeover is not None:
+            takeover.update(result)
         executor = choose_executor(cfg, sum(totals.values())) if units else None
         for kind_stats in stats.values():
             kind_stats["executor"] = executor
@@ -141,6 +150,49 @@ def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardAct
     for kind_stats in stats.values():
         finish_stats(kind_stats, seconds)
     return stats
+
+
+def take_over(run_id: str | None, inputs: EmbedInputs, writers: dict[str, CacheWriter]) -> dict[str, Any]:
+    """Claim the (locked) cache folders for run ``run_id``; close the killed runs that wrote them before.
+
+    The run is tagged at once with its snapshots and caches (``snapshot_digest``, ``cache_fingerprint.<kind>``,
+    ``cache_dir.<kind>``), so even a run killed later is found by lineage queries. Each folder's
+    previous writer (tracking.claim_folder) that did not finish is marked KILLED and linked both ways
+    (tracking.close_superseded) with what this run adopted from it: the shards named by its run stamp
+    that are in the manifest now (listed by it, or recovered unlisted by :class:`CacheWriter`).
+    Returns ``{"adopted": "adopted 3 cache shards (48 rows) of run X (llm 3)" or "", "supersedes": [ids]}``.
+    """
+    from omnidiff import tracking
+    from omnidiff.contracts.cache import SHARD_PREFIX
+
+    out: dict[str, Any] = {"adopted": "", "supersedes": []}
+    if run_id is None:
+        return out
+    tracking.set_tags(run_id, identity_tags(inputs.snapshots, {k: w.fingerprint for k, w in writers.items()},
+                                            {k: str(w.path) for k, w in writers.items()}))
+    previous: dict[str, dict[str, Any]] = {}
+    per_run: dict[str, dict[str, list[dict]]] = {}
+    for kind, writer in writers.items():
+        prev = tracking.claim_folder(writer.path, run_id, run_stamp=writer.run_stamp)
+        if not prev or not prev.get("run_id") or prev["run_id"] == run_id:
+            continue
+        previous[prev["run_id"]] = prev
+        prefix = f"{SHARD_PREFIX}{prev.get('run_stamp')}-"
+        per_run.setdefault(prev["run_id"], {})[kind] = [s for s in writer.manifest["shards"]
+                                                         if s["name"].startswith(prefix)]
+    sentences = []
+    for old, by_kind in per_run.items():
+        shards = [s for kind_shards in by_kind.values() for s in kind_shards]
+        sentence = (f"adopted {len(shards)} cache shards ({sum(s['rows'] for s in shards)} rows) of run {old} ("
+                    + ", ".join(f"{kind} {len(v)}" for kind, v in by_kind.items()) + ")")
+        closed = tracking.close_superseded(previous[old], run_id, sentence)
+        if closed:  # a FINISHED earlier run is just an earlier increment, not something taken over
+            sentences.append(f"{sentence}; run {old} was {closed['was']}, now {closed['status']}")
+            out["supersedes"].append(old)
+    out["adopted"] = "; ".join(sentences)
+    if out["adopted"]:
+        log.warning("embed: %s", out["adopted"])
+    return out
 
 
 def choose_executor(cfg: EmbedConfig, units: int) -> str:

@@ -143,6 +143,17 @@ def summarize(inputs: EmbedInputs, kinds: dict[str, Any], seconds: float, run_id
     }
 
 
+def identity_tags(snapshots: list[dict[str, Any]], fingerprints: dict[str, str], dirs: dict[str, str]) -> dict[str, str]:
+    """The tags that say what an embed run read and wrote, readable back by flows/lineage.py.
+
+    ``snapshot_digest``: the digests of its snapshots, comma-separated (one, usually);
+    ``cache_fingerprint.<kind>`` and ``cache_dir.<kind>`` (absolute) per cache it filled.
+    """
+    return {"snapshot_digest": ",".join(s["digest"] for s in snapshots),
+            **{f"cache_fingerprint.{k}": v for k, v in fingerprints.items()},
+            **{f"cache_dir.{k}": str(Path(v).resolve()) for k, v in dirs.items()}}
+
+
 def log_run(summary: dict[str, Any], inputs: EmbedInputs, cfg: EmbedConfig) -> None:
     """Log ``summary`` to the active MLflow run (``tracking.start_run("embed", ...)``)."""
     import mlflow
@@ -155,7 +166,6 @@ def log_run(summary: dict[str, Any], inputs: EmbedInputs, cfg: EmbedConfig) -> N
     for kind, stats in summary["kinds"].items():
         params[f"{kind}.fingerprint"] = stats["fingerprint"]
         params[f"{kind}.cache_dir"] = stats["dir"]
-        tags[f"cache_fingerprint.{kind}"] = stats["fingerprint"]
         if stats.get("executor"):
             tags["executor"] = stats["executor"]
         for name in METRICS:
@@ -167,7 +177,8 @@ def log_run(summary: dict[str, Any], inputs: EmbedInputs, cfg: EmbedConfig) -> N
     for i, snap in enumerate(summary["snapshots"]):
         params[f"snapshot.{i}.digest"] = snap["digest"]
         params[f"snapshot.{i}.path"] = snap["path"]
-        tags[f"snapshot_digest.{i}"] = snap["digest"]
+    # One readable tag per fact (issue 15: tags of the form ``snapshot_digest.0`` read back as no snapshot).
+    tags.update(identity_tags(summary["snapshots"], summary["fingerprints"], summary["dirs"]))
     mlflow.log_params(params)
     mlflow.log_metrics(metrics)
     mlflow.set_tags(tags)

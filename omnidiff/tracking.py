@@ -219,6 +219,103 @@ def log_json(obj: Any, artifact_path: str, run_id: str | None = None) -> None:
     _client().log_text(_run_id(run_id, "log_json"), text, artifact_path)
 
 
+# ----------------------------------------------------------------------------- runs that take over a folder
+
+RUN_RECORD = ".mlflow_run.json"
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+    """Set ``tags`` (values as strings) on run ``run_id``, open or not (no active-run state)."""
+    from mlflow.entities import RunTag
+
+    _client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def claim_folder(folder: str | Path, run_id: str, **extra: Any) -> dict[str, Any] | None:
+    """Name run ``run_id`` (and this process) as the one writing ``folder`` now; returns the record it replaces.
+
+    ``folder/.mlflow_run.json`` = ``{run_id, pid, create_time, host, claimed_at, **extra}``. A run that
+    resumes or continues a folder (a training's checkpoints, an embedding cache) reads who wrote it
+    before, to close that run if it was killed (:func:`close_superseded`). Call it only while holding
+    the folder (its lock), so two live runs never claim the same folder.
+    """
+    import socket
+    import time
+
+    import psutil
+
+    from omnidiff.contracts.io import atomic_write
+
+    path = Path(folder) / RUN_RECORD
+    previous = None
+    if path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            previous = json.loads(path.read_text())
+    record = {"run_id": run_id, "pid": os.getpid(), "create_time": psutil.Process().create_time(),
+              "host": socket.gethostname(), "claimed_at": time.time(), **extra}
+    atomic_write(path, json.dumps(record, indent=1, default=str))
+    return previous
+
+
+def update_claim(folder: str | Path, run_id: str, **extra: Any) -> None:
+    """Add ``extra`` to ``folder``'s run record if ``run_id`` still holds it (e.g. the Ray job id, once known)."""
+    from omnidiff.contracts.io import atomic_write
+
+    path = Path(folder) / RUN_RECORD
+    with contextlib.suppress(ValueError, OSError):
+        record = json.loads(path.read_text())
+        if record.get("run_id") == run_id:
+            atomic_write(path, json.dumps({**record, **extra}, indent=1, default=str))
+
+
+def record_alive(record: dict[str, Any]) -> bool:
+    """Whether the process that claimed a folder (:func:`claim_folder`) still runs, other than this one.
+
+    A record of another host counts as alive: its process cannot be checked from here.
+    """
+    import socket
+
+    from omnidiff.supervisor import is_alive
+
+    if record.get("host") and record["host"] != socket.gethostname():
+        return True
+    if record.get("pid") == os.getpid():
+        return False  # an earlier run of this very process: it has ended, whatever MLflow says
+    return is_alive(record.get("pid"), record.get("create_time"))
+
+
+def close_superseded(previous: dict[str, Any] | None, run_id: str, adopted: str) -> dict[str, Any] | None:
+    """Close the run that wrote a folder before run ``run_id`` took it over, and link the two both ways.
+
+    ``previous``: what :func:`claim_folder` returned. A previous run still RUNNING in MLflow whose
+    process is gone was killed (SIGKILL, OOM, a lost node): it is marked KILLED. Every unfinished
+    previous run (killed, failed) gets the tag ``superseded_by`` = ``run_id``, and run ``run_id`` gets
+    ``supersedes`` = its id and ``adopted`` = ``adopted`` (what it took over, e.g. "resumed from step
+    6 of run X"). A FINISHED previous run is left as it is. Returns ``{run_id, status, was}`` of the
+    previous run, or None when there is nothing to close (no record, our own run, a live process).
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not previous or not previous.get("run_id") or previous["run_id"] == run_id:
+        return None
+    old_id = previous["run_id"]
+    client = _client()
+    try:
+        old = client.get_run(old_id)
+    except MlflowException:  # a run of another tracking store, or deleted: nothing to close here
+        return None
+    was = old.info.status
+    if was == "FINISHED":
+        return None
+    if was == "RUNNING":
+        if record_alive(previous):
+            return None
+        client.set_terminated(old_id, status="KILLED")
+    set_tags(old_id, {"superseded_by": run_id})
+    set_tags(run_id, {"supersedes": old_id, "adopted": adopted})
+    return {"run_id": old_id, "status": client.get_run(old_id).info.status, "was": was}
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -316,7 +413,10 @@ def resolve_model(ref: str | Path) -> Path:
 
 __all__ = [
     "EXPERIMENT",
+    "RUN_RECORD",
     "TrackingError",
+    "claim_folder",
+    "close_superseded",
     "experiment_id",
     "git_commit",
     "log_figure",
@@ -325,6 +425,7 @@ __all__ = [
     "prefect_flow_run_id",
     "register_model",
     "resolve_model",
+    "set_tags",
     "start_run",
     "tracking_uri",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -231,3 +232,73 @@ def test_without_the_stack_runs_go_to_sqlite_under_home(monkeypatch, tmp_path):
     assert got.data.tags["stage"] == "offline"
     assert (tmp_path / "home" / "mlflow" / "artifacts").is_dir()
     assert not (tmp_path / "mlruns").exists()
+
+
+# ----------------------------------------------------------------------------- runs that take a folder over
+
+
+def _dead_process() -> dict:
+    """The pid and create time of a process that has exited (what a SIGKILLed driver leaves in its record)."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    create_time = psutil.Process(proc.pid).create_time()
+    proc.kill()
+    proc.wait(timeout=30)
+    return {"pid": proc.pid, "create_time": create_time}
+
+
+def test_a_run_left_running_by_a_dead_process_is_closed_and_linked_both_ways(stack, tmp_path):
+    client = _client()
+    killed = client.create_run(tracking.experiment_id(), tags={"stage": "embed"})  # RUNNING, as after a SIGKILL
+    assert tracking.claim_folder(tmp_path, killed.info.run_id) is None  # nobody wrote the folder before
+    record = json.loads((tmp_path / tracking.RUN_RECORD).read_text())
+    assert record["run_id"] == killed.info.run_id and record["pid"] == os.getpid()
+    (tmp_path / tracking.RUN_RECORD).write_text(json.dumps({**record, **_dead_process()}))
+
+    with tracking.start_run("embed") as rerun:
+        previous = tracking.claim_folder(tmp_path, rerun.info.run_id, run_stamp="x")
+        closed = tracking.close_superseded(previous, rerun.info.run_id, "adopted 2 cache shards")
+    assert closed == {"run_id": killed.info.run_id, "status": "KILLED", "was": "RUNNING"}
+    old, new = client.get_run(killed.info.run_id), client.get_run(rerun.info.run_id)
+    assert old.info.status == "KILLED" and old.data.tags["superseded_by"] == rerun.info.run_id
+    assert new.data.tags["supersedes"] == killed.info.run_id
+    assert new.data.tags["adopted"] == "adopted 2 cache shards"
+    assert json.loads((tmp_path / tracking.RUN_RECORD).read_text())["run_stamp"] == "x"
+
+
+def test_finished_and_live_previous_runs_are_left_alone(stack, tmp_path):
+    client = _client()
+    with tracking.start_run("embed") as finished:
+        pass
+    running = client.create_run(tracking.experiment_id(), tags={"stage": "train"})
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import psutil
+
+        alive = {"pid": live.pid, "create_time": psutil.Process(live.pid).create_time()}
+        with tracking.start_run("embed") as rerun:
+            assert tracking.close_superseded({"run_id": finished.info.run_id, **_dead_process()},
+                                             rerun.info.run_id, "x") is None
+            assert tracking.close_superseded({"run_id": running.info.run_id, **alive}, rerun.info.run_id, "x") is None
+            assert tracking.close_superseded({"run_id": rerun.info.run_id}, rerun.info.run_id, "x") is None
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+    assert client.get_run(finished.info.run_id).info.status == "FINISHED"
+    assert client.get_run(running.info.run_id).info.status == "RUNNING"  # its process still runs
+    assert "superseded_by" not in client.get_run(running.info.run_id).data.tags
+    assert "supersedes" not in client.get_run(rerun.info.run_id).data.tags
+    client.set_terminated(running.info.run_id)
+
+
+def test_a_failed_previous_run_keeps_its_status_and_gets_the_link(stack, tmp_path):
+    client = _client()
+    with pytest.raises(RuntimeError):
+        with tracking.start_run("train") as failed:
+            raise RuntimeError("boom")
+    with tracking.start_run("train") as rerun:
+        closed = tracking.close_superseded({"run_id": failed.info.run_id, **_dead_process()}, rerun.info.run_id,
+                                           "resumed from step 4")
+    assert closed == {"run_id": failed.info.run_id, "status": "FAILED", "was": "FAILED"}
+    assert client.get_run(failed.info.run_id).data.tags["superseded_by"] == rerun.info.run_id

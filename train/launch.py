@@ -30,8 +30,12 @@ from train.job import TrainJob, build_job
 from train.lineage import lineage, log_curves, log_inputs
 
 
-def launch(cfg: TrainConfig, job: TrainJob) -> None:
-    """Run ``train_worker`` on every rank: a Ray Train job, or this process for ``dist.launcher: local``."""
+def launch(cfg: TrainConfig, job: TrainJob, stale_ray_jobs: tuple[str, ...] = ()) -> None:
+    """Run ``train_worker`` on every rank: a Ray Train job, or this process for ``dist.launcher: local``.
+
+    ``stale_ray_jobs``: Ray jobs of killed runs of this checkpoint folder; what they left running
+    (Ray Train's detached PlacementGroupCleaner) is stopped first (omnidiff/ray_orphans.py).
+    """
     from train.loop import train_worker
 
     if cfg.dist.launcher == "local":
@@ -40,12 +44,25 @@ def launch(cfg: TrainConfig, job: TrainJob) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from omnidiff import ray_orphans, tracking
     from omnidiff.stack import ensure_ray
 
     # Ray Train 2.x also routes workers' print() through its logger, so every progress line would
     # reach the driver twice; the plain stdout stream is enough.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ensure_ray()
+    ckpt_dir = Path(job.checkpoint_dir)
+    job_id = ray_orphans.current_job_id()
+    stopped = ray_orphans.stop_orphans([j for j in stale_ray_jobs if j != job_id])  # never this driver's own
+    if stopped:
+        print(f"[train] stopped {len(stopped)} Ray actor(s) left by killed runs: "
+              + ", ".join(f"{a['class']} of job {a['job_id']}" + (f" ({a['skipped']})" if a.get("skipped") else "")
+                          for a in stopped), flush=True)
+    tracking.update_claim(ckpt_dir, job.mlflow_run_id, ray_job_id=job_id)
+    done = None
+    if os.environ.get("RAY_ADDRESS"):  # a cluster that outlives this driver: watch for our orphans
+        done = ckpt_dir / f".launch-{os.getpid()}-{time.time_ns()}.done"
+        ray_orphans.start_watcher(job_id, done, ckpt_dir / "ray_watch.log")
     resources = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if cfg.dist.use_gpu else {})}
     trainer = TorchTrainer(
         ray_train_worker,
@@ -61,7 +78,15 @@ def launch(cfg: TrainConfig, job: TrainJob) -> None:
     try:
         trainer.fit()
     except Exception as exc:  # Ray wraps the workers' tracebacks; keep them, name the stage
+        _ended(done)  # Ray Train stopped its controller's helpers itself
         raise TrainingError(f"training workers of {cfg.name!r} (stage {cfg.stage}) failed: {exc}") from exc
+    _ended(done)
+
+
+def _ended(done: Path | None) -> None:
+    """Tell the orphan watcher this launch ended cleanly (it exits without touching Ray)."""
+    if done is not None:
+        done.touch()
 
 
 def ray_train_worker(config: dict) -> None:
@@ -89,14 +114,17 @@ def run(cfg: TrainConfig) -> dict:
                if cfg.track else contextlib.nullcontext())
     with context as mlrun:
         run_id = mlrun.info.run_id if mlrun is not None else None
+        previous = tracking.claim_folder(ckpt_dir, run_id)
+        takeover = take_over(ckpt_dir, resume_tag, previous, run_id)
         lin = lineage(cfg, inputs, run_id)
         if run_id:
             log_inputs(cfg, inputs, lin)
         print(f"[train] stage {cfg.stage} '{cfg.name}': {len(inputs.examples)} examples, "
               f"{cfg.dist.num_workers} worker(s), checkpoints in {ckpt_dir}"
-              + (f", resuming from {resume_tag}" if resume_tag else ""), flush=True)
+              + (f", {takeover['adopted']}" if takeover["adopted"] else ""), flush=True)
         t0 = time.perf_counter()
-        launch(cfg, build_job(cfg, inputs, ckpt_dir, run_id))
+        stale = tuple(j for j in [(previous or {}).get("ray_job_id")] if j and not tracking.record_alive(previous))
+        launch(cfg, build_job(cfg, inputs, ckpt_dir, run_id), stale_ray_jobs=stale)
         wall = time.perf_counter() - t0
         if not result_path.is_file():
             raise TrainingError(f"training of {cfg.name!r} ended without a result ({result_path} missing)")
@@ -122,6 +150,33 @@ def run(cfg: TrainConfig) -> dict:
                 version = register_export(export_dir, cfg.registry.model_name, aliases, lin, run_id)
     print(f"[train] stage {cfg.stage} '{cfg.name}' done: loss {result['loss']:.5f}, export {export_dir}"
           + (f", registered {cfg.registry.model_name} v{version} @{cfg.registry.alias}" if version else ""), flush=True)
-    return {**result, "export_dir": str(export_dir), "run_id": run_id, "model_version": version,
+    return {**result, **takeover, "export_dir": str(export_dir), "run_id": run_id, "model_version": version,
             "model_ref": f"{cfg.registry.model_name}/{version}" if version else str(export_dir),
             "checkpoint_dir": str(ckpt_dir), "wall_s": wall}
+
+
+def take_over(ckpt_dir: Path, resume_tag: str | None, previous: dict | None, run_id: str | None) -> dict:
+    """Say what this run adopts from the one that wrote ``ckpt_dir`` before, and close that run if it was killed.
+
+    Returns ``{"adopted": "resumed from step 6 (step00000006) of run X" or "", "supersedes": X or None}``;
+    in MLflow the old run becomes KILLED (if it was left RUNNING by a dead driver) and the two runs
+    name each other (``superseded_by`` / ``supersedes``, tracking.close_superseded).
+    """
+    from omnidiff import tracking
+    from train.checkpoint import read_meta
+
+    old = (previous or {}).get("run_id")
+    old = old if old and old != run_id else None
+    of = f" of run {old}" if old else ""
+    if resume_tag:
+        adopted = f"resumed from step {read_meta(ckpt_dir, resume_tag)['step']} ({resume_tag}){of}"
+    else:
+        adopted = f"started at step 0 (run {old} left no complete checkpoint)" if old else ""
+    closed = None
+    if run_id and old:
+        if resume_tag:
+            tracking.set_tags(run_id, {"resumed_from_run": old})
+        closed = tracking.close_superseded(previous, run_id, adopted)
+        if closed:
+            adopted += f"; run {old} was {closed['was']}, now {closed['status']}"
+    return {"adopted": adopted, "supersedes": closed["run_id"] if closed else None}

@@ -40,11 +40,22 @@ def registry_ref(ref: str | None, folder_run_id: str | None, tracked: bool) -> s
     return None
 
 
+def base_model_lineage(folder: Path) -> dict:
+    """What a base model folder says about its making: its ``lineage.json``, and for a base model this
+    project pretrained (omnidiff/base/pretrain.py) the MLflow run named in its ``base.json``."""
+    out = {}
+    if (folder / "lineage.json").is_file():
+        out = json.loads((folder / "lineage.json").read_text())
+    if not out.get("run_id") and (folder / "base.json").is_file():
+        meta = json.loads((folder / "base.json").read_text())
+        if meta.get("mlflow_run_id"):
+            out = {**out, "run_id": meta["mlflow_run_id"], "stage": out.get("stage") or "base-pretrain"}
+    return out
+
+
 def lineage(cfg: TrainConfig, inputs: StageInputs, run_id: str | None) -> dict:
     """``lineage.json`` of the export: the run, its inputs, and the parent's lineage one level up."""
-    base_lineage = {}
-    if (inputs.base_model / "lineage.json").is_file():
-        base_lineage = json.loads((inputs.base_model / "lineage.json").read_text())
+    base_lineage = base_model_lineage(inputs.base_model)
     parent = None
     if inputs.init_from is not None:
         parent_run = inputs.parent_lineage.get("run_id")
@@ -72,14 +83,19 @@ def log_inputs(cfg: TrainConfig, inputs: StageInputs, lin: dict) -> None:
 
     from omnidiff import tracking
 
+    # What it read, readable back by flows/lineage.py: the snapshot, each cache by fingerprint and folder,
+    # the base model's pretraining run.
     mlflow.set_tags({"snapshot_digest": inputs.snapshot.digest, "parent_model": cfg.init_from or cfg.base_model,
                      "parent_run_id": (lin.get("parent") or {}).get("run_id") or "",
+                     "base_run_id": lin["base_model"].get("run_id") or "",
                      **{f"cache_fingerprint.{k}": s.fingerprint for k, s in inputs.stores.items()}})
     dataset = mlflow.data.from_pandas(inputs.examples, source=str(inputs.snapshot.path),
                                       name=f"{inputs.snapshot.name}@{inputs.snapshot.digest[:12]}")
     mlflow.log_input(dataset, context=f"train-stage{cfg.stage}")
     mlflow.log_params({"examples": len(inputs.examples), "snapshot_digest": inputs.snapshot.digest,
-                       **{f"cache_fingerprint.{k}": s.fingerprint for k, s in inputs.stores.items()}})
+                       "snapshot_path": str(inputs.snapshot.path),
+                       **{f"cache_fingerprint.{k}": s.fingerprint for k, s in inputs.stores.items()},
+                       **{f"cache_dir.{k}": str(Path(s.path).resolve()) for k, s in inputs.stores.items()}})
     tracking.log_json(lin, "lineage.json")
 
 

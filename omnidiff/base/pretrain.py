@@ -327,7 +327,9 @@ def _log_pretrain(cfg: BaseConfig, result: dict, pipe, world_dir: Path, out_dir:
     mlflow.log_metrics(
         {"wall_s": result["wall_s"], "steps_per_s": result["steps_per_s"], "final_loss": meta["final_loss"]}
     )
-    mlflow.set_tags({"base_dir": str(out_dir), "world_digest": meta["record"]["world_digest"]})
+    # base_hash = the folder's name (the digest of what determines its weights): flows/lineage.py finds this
+    # run by it when a training names the base model only by its folder.
+    mlflow.set_tags({"base_dir": str(out_dir), "base_hash": out_dir.name, "world_digest": meta["record"]["world_digest"]})
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(losses, lw=0.5, alpha=0.5, label="step")
     window = max(1, len(losses) // 50)
