@@ -45,19 +45,22 @@ LINEAGE = "lineage.json"
 CONDITIONINGS = ("clip", "llm_adapter")
 
 
-def sampling_scheduler(config: dict, num_inference_steps: int = 20):
+def sampling_scheduler(config: dict, num_inference_steps: int = 20, latent: bool = False):
     """DPM-Solver++ for a training noise schedule ``config`` (any diffusers scheduler's config).
 
-    Karras sigmas as in the release (PAPER.md) and thresholding on: with noise prediction the first
-    step magnifies the model's error ~100x and clamping the predicted image fixes it (NOTES.md
-    "Sampling pitfall"). Exception: on a cosine schedule (sigma_max ~2e4) Karras spacing puts about
-    half the steps at the same integer timestep 998, so the UNet would see one timestep for many
-    noise levels; then the timesteps are spaced linearly instead (logged).
+    Karras sigmas as in the release (PAPER.md). In pixel space (the tiny base) thresholding is on:
+    with noise prediction the first step magnifies the model's error ~100x and clamping the
+    predicted image fixes it (NOTES.md "Sampling pitfall"). For a latent model (``latent=True``: SD,
+    SDXL) it stays off: diffusers documents dynamic thresholding as unsuitable for latent-space
+    models, whose latents are not bounded by +-1 (issue 16). Exception: on a cosine schedule
+    (sigma_max ~2e4) Karras spacing puts about half the steps at the same integer timestep 998, so
+    the UNet would see one timestep for many noise levels; then the timesteps are spaced linearly
+    instead (logged). The schedule's ``prediction_type`` (epsilon or v_prediction) is kept.
     """
     from diffusers import DPMSolverMultistepScheduler
 
     keep = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    keep.update(algorithm_type="dpmsolver++", thresholding=True, use_karras_sigmas=True)
+    keep.update(algorithm_type="dpmsolver++", thresholding=not latent, use_karras_sigmas=True)
     scheduler = DPMSolverMultistepScheduler.from_config(keep)
     scheduler.set_timesteps(num_inference_steps)
     steps = scheduler.timesteps.tolist()
@@ -73,14 +76,49 @@ def sampling_scheduler(config: dict, num_inference_steps: int = 20):
     return scheduler
 
 
-def predict_noise(unet, sample, timesteps, tokens, pooled, mask):
+def sdxl_time_ids(original_size, crop_top_left, target_size) -> torch.Tensor:
+    """SDXL's added time ids ``(B, 6)`` = original (height, width) + crop (top, left) + target (height, width).
+
+    The order of diffusers' ``StableDiffusionXLPipeline._get_add_time_ids`` and of its SDXL training
+    script (``compute_time_ids``). Each argument is a pair or a ``(B, 2)`` array; int64, so no
+    compute dtype rounds a size (the UNet's sinusoidal projection takes them as they are).
+    """
+    parts = [torch.as_tensor(np.asarray(x), dtype=torch.long).reshape(-1, 2) for x in (original_size, crop_top_left, target_size)]
+    n = max(p.shape[0] for p in parts)
+    return torch.cat([p.expand(n, 2) for p in parts], dim=1)  # (B, 6)
+
+
+def pooled_width(unet) -> int | None:
+    """The width of the pooled text embedding the UNet reads: SDXL's ``text_embeds`` (its projection input
+    minus 6 time ids), the tiny base's class-embedding projection input, or ``None`` (SD 1.5 reads none)."""
+    cfg = unet.config
+    if cfg.addition_embed_type == "text_time":
+        return int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
+    if cfg.class_embed_type == "projection":
+        return int(cfg.projection_class_embeddings_input_dim)
+    return None
+
+
+def predict_noise(unet, sample, timesteps, tokens, pooled, mask, time_ids=None):
     """The one way the UNet is conditioned, shared by training and sampling so they cannot drift.
 
     ``sample (B, C, H, W)``, ``timesteps (B,)`` or scalar, ``tokens (B, T, D)``, ``pooled (B, Dp)``,
-    ``mask bool (B, T)`` (False = padding: no cross-attention to it) -> predicted noise ``(B, C, H, W)``.
-    ``pooled`` goes in only when the UNet was built with ``pooled_dim`` (class_embed_type "projection").
+    ``mask bool (B, T)`` (False = padding: no cross-attention to it), ``time_ids (B, 6)`` (SDXL:
+    :func:`sdxl_time_ids`) -> the UNet's prediction ``(B, C, H, W)``. ``pooled`` goes in as the tiny
+    base's class embedding (``class_embed_type`` "projection") or as SDXL's ``text_embeds`` with the
+    time ids (``addition_embed_type`` "text_time", diffusers' ``added_cond_kwargs``); SD 1.5 reads neither.
     """
     class_labels = pooled if unet.config.class_embed_type == "projection" else None
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        if time_ids is None:
+            raise ValueError("this UNet (SDXL, addition_embed_type 'text_time') needs time_ids: original size, "
+                             "crop and target size per image (omnidiff.pipeline.sdxl_time_ids)")
+        width = pooled_width(unet)
+        if pooled is None or pooled.shape[-1] != width:
+            raise ValueError(f"pooled text embedding of width {None if pooled is None else pooled.shape[-1]}, but this "
+                             f"SDXL UNet reads text_embeds of width {width} (the base folder's pooled_dim)")
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(sample.device)}
     # Text positions that no row reads (trailing padding: CLIP windows a caption does not use, adapter
     # queries past the longest predicted length) are cut: masked keys change nothing but cost attention.
     if mask is not None and mask.ndim == 2 and not mask.all():
@@ -93,7 +131,22 @@ def predict_noise(unet, sample, timesteps, tokens, pooled, mask):
         encoder_hidden_states=tokens,
         encoder_attention_mask=mask,
         class_labels=class_labels,
+        added_cond_kwargs=added,
     ).sample
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents ``(B, C, h, w)`` (scaled by the VAE's ``scaling_factor``) -> images ``(B, 3, H, W)`` in about [-1, 1].
+
+    In float32 where the VAE's config says ``force_upcast`` (SDXL's VAE overflows in fp16), as
+    diffusers' SDXL pipeline does; otherwise in the VAE's own dtype.
+    """
+    dtype = next(vae.parameters()).dtype
+    if getattr(vae.config, "force_upcast", False) and dtype != torch.float32:
+        vae = vae.to(torch.float32)
+        dtype = torch.float32
+    scale = getattr(vae.config, "scaling_factor", 1.0)
+    return vae.decode(latents.to(dtype) / scale).sample
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -151,7 +204,7 @@ class OmniDiffusionPipeline:
         self.unet = unet.eval()
         # A training scheduler (DDPM) from the training code becomes the sampler it implies.
         if not isinstance(scheduler, DPMSolverMultistepScheduler):
-            scheduler = sampling_scheduler(scheduler.config)
+            scheduler = sampling_scheduler(scheduler.config, latent=vae is not None)
         self.scheduler = scheduler
         self.conditioning = conditioning
         self.text_encoder = text_encoder.eval() if text_encoder is not None else None
@@ -259,18 +312,20 @@ class OmniDiffusionPipeline:
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=dev)
         latents = latents * scheduler.init_noise_sigma
+        time_ids = None
+        if self.unet.config.addition_embed_type == "text_time":  # SDXL: uncropped, generated at its own size
+            time_ids = sdxl_time_ids((height, width), (0, 0), (height, width)).expand(len(tokens), 6).to(dev)
         for t in scheduler.timesteps:
             model_in = torch.cat([latents, latents]) if guided else latents  # (2B or B, C, h, w)
             model_in = scheduler.scale_model_input(model_in, t)
-            eps = predict_noise(self.unet, model_in, t, tokens.to(dtype), pooled.to(dtype), mask)
+            eps = predict_noise(self.unet, model_in, t, tokens.to(dtype), pooled.to(dtype), mask, time_ids)
             if guided:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
             latents = scheduler.step(eps, t, latents).prev_sample
 
         if self.vae is not None:
-            scale = getattr(self.vae.config, "scaling_factor", 1.0)
-            images = self.vae.decode(latents / scale).sample  # (B, 3, H, W) in [-1, 1]
+            images = decode_latents(self.vae, latents)  # (B, 3, H, W) in [-1, 1]
         else:
             images = latents  # pixel space: the tiny world's images live in [-1, 1]
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -359,7 +414,7 @@ class OmniDiffusionPipeline:
             raise ValueError(f"{folder}/{MODEL_INDEX}: conditioning={conditioning!r}, expected one of {CONDITIONINGS}")
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        scheduler = _load_scheduler(scheduler_config)
+        scheduler = _load_scheduler(scheduler_config, latent=(folder / "vae").is_dir())
         vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True) if (folder / "vae").is_dir() else None
         lineage = json.loads((folder / LINEAGE).read_text()) if (folder / LINEAGE).exists() else None
         if conditioning == "clip":
@@ -394,12 +449,12 @@ class OmniDiffusionPipeline:
         return pipe.to(device)
 
 
-def _load_scheduler(config: dict):
+def _load_scheduler(config: dict, latent: bool = False):
     from diffusers import DPMSolverMultistepScheduler
 
     if config.get("_class_name") == "DPMSolverMultistepScheduler":
         return DPMSolverMultistepScheduler.from_config(config)  # as exported: the sampler settings are saved
-    return sampling_scheduler(config)  # a training scheduler's config: derive the sampler
+    return sampling_scheduler(config, latent=latent)  # a training scheduler's config: derive the sampler
 
 
 def _load_referenced_llm(ref: dict, llm_path, device: str) -> LLMTextEncoder:
