@@ -3,21 +3,24 @@
 One idea in one file (a little over 400 lines): the folder format, its loader and its sampler are
 read together whenever one of them changes; a split would only add imports between them.
 
-A diffusers-style folder (docs/architecture.md "Pipeline folder"), safetensors and JSON only:
+A diffusers-style folder (docs/architecture.md "Pipeline folder"), safetensors and JSON only (plus, for
+``llm_adapter``, three one-import files through which diffusers itself loads it: omnidiff/pipeline_diffusers.py):
 
     model_index.json        _class_name, conditioning: "clip" | "llm_adapter", component classes
-    unet/                   diffusers UNet2DConditionModel
-    scheduler/              DPMSolverMultistepScheduler (Karras sigmas, thresholding; NOTES.md)
+    unet/                   diffusers UNet2DConditionModel (SDXL's reads text_embeds + time_ids too)
+    scheduler/              DPMSolverMultistepScheduler (Karras sigmas; thresholding in pixel space only)
     vae/                    optional diffusers AutoencoderKL (SD-class models); absent = pixel space
     text_encoder/ tokenizer/            conditioning "clip": the base model's CLIP-style encoder
-    adapter/ text_encoder/encoder.json  conditioning "llm_adapter": the adapter + a reference to the
-                                        converted LLM folder (path, weights digest, layer, ...)
+    adapter/ text_encoder/encoder.json  conditioning "llm_adapter": the adapter + a portable reference to
+                                        the LLM (model id, folder name, weights digest, layer, ...;
+                                        resolved by find_llm), or the LLM itself copied into text_encoder/
     lineage.json            optional: MLflow run ids and input digests (written by train/)
 
 Loading needs only ``omnidiff.models`` and this module, never the training code:
 
     pipe = OmniDiffusionPipeline.from_pretrained("exports/stage2")
     images = pipe(["一个红色的圆在左边"], num_inference_steps=20, guidance_scale=3.0, seed=0)
+    pipe = DiffusionPipeline.from_pretrained("exports/stage2", trust_remote_code=True)  # diffusers' own loader
 """
 
 from __future__ import annotations
@@ -337,8 +340,14 @@ class OmniDiffusionPipeline:
         return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
 
     # -- files --------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path, lineage: dict | None = None) -> Path:
-        """Write the pipeline folder (safetensors + JSON only). Returns the folder."""
+    def save_pretrained(self, folder: str | Path, lineage: dict | None = None, copy_llm: bool = False) -> Path:
+        """Write the pipeline folder (safetensors + JSON only). Returns the folder.
+
+        An ``llm_adapter`` folder also loads with diffusers' ``DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)`` (omnidiff/pipeline_diffusers.py). Its LLM is referenced portably
+        (model id, folder name, weights digest: no path of this machine) or, with ``copy_llm``, copied
+        into ``text_encoder/`` so the folder stands alone.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         import diffusers
@@ -363,24 +372,25 @@ class OmniDiffusionPipeline:
                 clip_max_windows=self.clip_max_windows,
             )
         else:
+            from omnidiff.pipeline_diffusers import write_shims
+
             self.adapter.save_pretrained(folder / "adapter")
             (folder / "text_encoder").mkdir(exist_ok=True)
             ref = {
                 "_class_name": "LLMTextEncoder",
                 "model_id": self.llm.model_id,
-                "path": str(self.llm.path),
                 "folder_name": self.llm.path.name,
                 "weights_digest": self.llm.weights_digest,
                 "layer": self.llm.layer,
                 "max_length": self.llm.max_length,
                 "dtype": self.llm.dtype,
                 "fingerprint": self.llm.fingerprint,
+                "copied": bool(copy_llm),
             }
+            if copy_llm:
+                copy_llm_folder(self.llm.path, folder / "text_encoder")
             (folder / "text_encoder" / ENCODER_REF).write_text(json.dumps(ref, indent=2) + "\n")
-            index.update(
-                adapter=["omnidiff.models.adapter", "OmniAdapter"],
-                text_encoder=["omnidiff.models.llm", "LLMTextEncoder"],
-            )
+            index.update(write_shims(folder))
         (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         lineage = lineage if lineage is not None else self.lineage
         if lineage is not None:
@@ -405,7 +415,9 @@ class OmniDiffusionPipeline:
         if not (folder / MODEL_INDEX).exists():
             raise FileNotFoundError(f"{folder}: no {MODEL_INDEX} (not an OmniDiffusionPipeline folder)")
         index = json.loads((folder / MODEL_INDEX).read_text())
-        if index.get("_class_name") != "OmniDiffusionPipeline":
+        name = index.get("_class_name")
+        name = name[-1] if isinstance(name, list) and name else name  # [file, class]: diffusers' custom pipeline
+        if name not in ("OmniDiffusionPipeline", "OmniDiffusersPipeline"):
             raise ValueError(
                 f"{folder}/{MODEL_INDEX}: _class_name={index.get('_class_name')!r}, not OmniDiffusionPipeline"
             )
@@ -432,7 +444,7 @@ class OmniDiffusionPipeline:
             if not ref_path.exists():
                 raise FileNotFoundError(f"{ref_path}: missing (the reference to the LLM of an llm_adapter pipeline)")
             ref = json.loads(ref_path.read_text())
-            llm = llm if llm is not None else _load_referenced_llm(ref, llm_path, device)
+            llm = llm if llm is not None else load_referenced_llm(ref, llm_path, device, folder)
             if llm.weights_digest != ref["weights_digest"]:
                 raise ValueError(
                     f"LLM at {llm.path} has weights digest {llm.weights_digest[:12]}..., but {folder.name} was "
@@ -457,10 +469,47 @@ def _load_scheduler(config: dict, latent: bool = False):
     return sampling_scheduler(config, latent=latent)  # a training scheduler's config: derive the sampler
 
 
-def _load_referenced_llm(ref: dict, llm_path, device: str) -> LLMTextEncoder:
+LLM_PATH_ENV = "OMNIDIFF_LLM_PATH"
+
+
+def copy_llm_folder(source: Path, target: Path) -> None:
+    """The LLM folder's files (config, tokenizer, safetensors weights) into ``target``; pickles are refused."""
+    import shutil
+
+    pickled = [p.name for p in Path(source).rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    if pickled:
+        raise ValueError(f"{source}: {', '.join(pickled)}: the export copies safetensors weights only")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(Path(source).rglob("*")):
+        if path.is_file():
+            dest = target / path.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
+
+
+def find_llm(ref: dict, folder: Path | None = None, llm_path: str | Path | None = None) -> list[Path]:
+    """Where a pipeline's LLM may be, in order: ``llm_path``; the folder's own ``text_encoder/`` (an export
+    with ``copy_llm``); ``$OMNIDIFF_LLM_PATH``; ``<models root>/llm/<folder name>`` (``$OMNIDIFF_MODELS``,
+    else ``$OMNIDIFF_HOME/models``); the absolute ``path`` older exports recorded."""
     from omnidiff.env import models_dir
 
-    candidates = [Path(llm_path)] if llm_path else [Path(ref["path"]), models_dir() / "llm" / ref["folder_name"]]
+    if llm_path:
+        return [Path(llm_path)]
+    candidates = []
+    if folder is not None:
+        candidates.append(Path(folder) / "text_encoder")
+    if os.environ.get(LLM_PATH_ENV):
+        candidates.append(Path(os.environ[LLM_PATH_ENV]))
+    candidates.append(models_dir() / "llm" / ref["folder_name"])
+    if ref.get("path"):
+        candidates.append(Path(ref["path"]))
+    return candidates
+
+
+def load_referenced_llm(ref: dict, llm_path, device: str, folder: Path | None = None) -> LLMTextEncoder:
+    """The ``LLMTextEncoder`` ``text_encoder/encoder.json`` names, from the first of :func:`find_llm`'s places
+    that holds a model (its weights digest is checked by the caller)."""
+    candidates = find_llm(ref, folder, llm_path)
     for path in candidates:
         if (path / "config.json").exists():
             return LLMTextEncoder(
@@ -468,6 +517,7 @@ def _load_referenced_llm(ref: dict, llm_path, device: str) -> LLMTextEncoder:
             )
     hint = " (run 'omnidiff llm convert')" if ref.get("model_id") == "gemma3-270m" else ""
     raise FileNotFoundError(
-        f"the pipeline's LLM {ref['model_id']!r} (weights {ref['weights_digest'][:12]}...) is not at "
-        f"{', '.join(os.fspath(p) for p in candidates)}{hint}; pass llm_path= to point at it"
+        f"the pipeline's LLM {ref['model_id']!r} (folder {ref['folder_name']!r}, weights {ref['weights_digest'][:12]}...) "
+        f"is not at {', '.join(os.fspath(p) for p in candidates)}{hint}; put it under $OMNIDIFF_MODELS/llm/, "
+        f"set {LLM_PATH_ENV} to its folder, or pass llm_path="
     )

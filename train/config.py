@@ -212,6 +212,9 @@ class RegistrySection(ConfigModel):
     export_dir: pipeline folder to write; ``null`` = ``$OMNIDIFF_HOME/exports/<name>``.
     register: register the export as a version of ``model_name`` and point ``alias`` at it.
     stage_alias: also point ``stage<N>`` at it (what the next stage's ``init_from`` can name).
+    copy_llm: copy the LLM's files into the export's ``text_encoder/`` (a folder that stands alone);
+      off, the export names the LLM by id and weights digest, found under ``$OMNIDIFF_MODELS/llm/``
+      or ``$OMNIDIFF_LLM_PATH`` wherever it is loaded.
     """
 
     export_dir: Path | None = None
@@ -219,6 +222,7 @@ class RegistrySection(ConfigModel):
     model_name: NonBlank = "omnidiff-tiny"
     alias: NonBlank = "candidate"
     stage_alias: bool = True
+    copy_llm: bool = False
 
 
 UNET_PARTS = ("none", "all", "attention", "cross_attention")
