@@ -392,6 +392,8 @@ class OmniDiffusionPipeline:
             (folder / "text_encoder" / ENCODER_REF).write_text(json.dumps(ref, indent=2) + "\n")
             index.update(write_shims(folder))
         (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        for config in [*folder.glob("*/config.json"), *folder.glob("*/scheduler_config.json")]:
+            _drop_load_path(config)
         lineage = lineage if lineage is not None else self.lineage
         if lineage is not None:
             (folder / LINEAGE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
@@ -470,6 +472,15 @@ def _load_scheduler(config: dict, latent: bool = False):
 
 
 LLM_PATH_ENV = "OMNIDIFF_LLM_PATH"
+
+
+def _drop_load_path(config_path: Path) -> None:
+    """diffusers writes where a model was loaded from (``_name_or_path``) into its config: a path of this
+    machine that means nothing where the folder is loaded, so the folder keeps none."""
+    config = json.loads(config_path.read_text())
+    if "_name_or_path" in config:
+        del config["_name_or_path"]
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def copy_llm_folder(source: Path, target: Path) -> None:

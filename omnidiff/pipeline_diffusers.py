@@ -83,9 +83,12 @@ class OmniDiffusersPipeline(DiffusionPipeline):
 
     _optional_components = ["vae"]
 
-    def __init__(self, unet, scheduler, adapter, text_encoder, vae=None):
+    def __init__(self, unet, scheduler, adapter, text_encoder, vae=None, conditioning: str = "llm_adapter"):
         super().__init__()
+        if conditioning != "llm_adapter":
+            raise ValueError(f"conditioning={conditioning!r}: OmniDiffusersPipeline loads llm_adapter folders only")
         self.register_modules(unet=unet, scheduler=scheduler, adapter=adapter, text_encoder=text_encoder, vae=vae)
+        self.register_to_config(conditioning=conditioning)
 
     def to(self, *args, **kwargs):
         """diffusers moves the torch modules; the LLM (not an ``nn.Module``) follows the UNet."""

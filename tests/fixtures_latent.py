@@ -140,5 +140,6 @@ def run_stage2(base: Path, name: str, train_snapshot: Path, tiny_llm: Path, late
 @pytest.fixture(scope="session")
 def sd15_stage2(sd15_base, train_snapshot, tiny_llm, latent_caches, latent_cache_root, tmp_path_factory) -> dict:
     """Six stage-2 steps on the tiny SD 1.5 folder (latents, its PNDM schedule as DDPM, gradient checkpointing)."""
-    return run_stage2(sd15_base, "sd15-s2", train_snapshot, tiny_llm, latent_caches, latent_cache_root,
-                      tmp_path_factory.mktemp("latent-train"), **{"diffusion.gradient_checkpointing": True})
+    result = run_stage2(sd15_base, "sd15-s2", train_snapshot, tiny_llm, latent_caches, latent_cache_root,
+                        tmp_path_factory.mktemp("latent-train"), **{"diffusion.gradient_checkpointing": True})
+    return {**result, "base_model": str(sd15_base)}

@@ -31,6 +31,27 @@ def load_scheduler(folder: Path):
     return DDPMScheduler.from_config(config)
 
 
+def portable_lineage(lineage: dict) -> dict:
+    """``lineage`` with no path of this machine: a path under ``$OMNIDIFF_HOME`` becomes
+    ``$OMNIDIFF_HOME/<relative>``, any other absolute path its last component. The folder then moves
+    between machines as it is; the MLflow run's own ``lineage.json`` keeps the full paths."""
+    from omnidiff.env import home
+
+    root = home().resolve()
+
+    def portable(value):
+        if isinstance(value, dict):
+            return {k: portable(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [portable(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value):
+            path = Path(value)
+            return f"$OMNIDIFF_HOME/{path.relative_to(root)}" if path.is_relative_to(root) else path.name
+        return value
+
+    return portable(lineage)
+
+
 def export_pipeline(out_dir: Path, final_dir: Path, base_model: Path, llm, lineage: dict, copy_llm: bool = False) -> Path:
     """Pipeline folder at ``out_dir`` from the trained ``final_dir/{adapter,unet}``, the base model's
     scheduler (and VAE, if any) and the LLM encoder ``llm`` (an ``LLMTextEncoder``): referenced by id and
@@ -46,7 +67,7 @@ def export_pipeline(out_dir: Path, final_dir: Path, base_model: Path, llm, linea
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        pipe.save_pretrained(staging, lineage=lineage, copy_llm=copy_llm)
+        pipe.save_pretrained(staging, lineage=portable_lineage(lineage), copy_llm=copy_llm)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
             os.replace(out_dir, old)
