@@ -209,3 +209,31 @@ def test_stage2_on_sdxl_latents_lowers_its_loss(sdxl_base, train_snapshot, tiny_
     val = {int(k): v for k, v in result["val_loss"].items()}
     assert np.isfinite(list(val.values())).all()
     assert val[max(val)] < val[0], f"val loss {val[0]:.4f} -> {val[max(val)]:.4f}"
+
+
+def test_pipeline_samples_sdxl_latents_with_time_ids_and_decodes_them(sdxl_base, tiny_llm):
+    """OmniDiffusionPipeline on the SDXL folder: the UNet reads the pooled embedding as text_embeds and
+    (H, W, 0, 0, H, W) as time ids, the sampler does not threshold latents, the VAE decodes RGB."""
+    from types import SimpleNamespace
+
+    from omnidiff.contracts.base_folder import open_base_folder
+    from omnidiff.models.llm import LLMTextEncoder
+    from omnidiff.pipeline import OmniDiffusionPipeline
+    from train.export import load_scheduler
+    from train.model import load_unet, load_vae
+
+    base = open_base_folder(sdxl_base)
+    llm = LLMTextEncoder(tiny_llm)
+    torch.manual_seed(0)
+    adapter = _FixedAdapter(base.cross_attention_dim, base.pooled_dim)
+    adapter.shape = SimpleNamespace(out_dim=base.cross_attention_dim, llm_dim=llm.hidden_size)
+    pipe = OmniDiffusionPipeline(load_unet(sdxl_base), load_scheduler(sdxl_base / "scheduler"), "llm_adapter",
+                                 adapter=adapter, llm=llm, vae=load_vae(sdxl_base))
+    assert pipe.scheduler.config.thresholding is False
+    seen = []
+    pipe.unet.add_time_proj.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
+    side = base.native_resolution
+    images = pipe(["a red circle", "一个蓝色的方块"], num_inference_steps=2, output_type="np")
+    assert images.shape == (2, side, side, 3) and images.dtype == np.uint8
+    expected = torch.tensor([side, side, 0, 0, side, side]).repeat(4)  # (uncond + cond) x 2 prompts
+    torch.testing.assert_close(seen[0].float(), expected.float())
