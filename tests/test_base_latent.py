@@ -237,3 +237,43 @@ def test_pipeline_samples_sdxl_latents_with_time_ids_and_decodes_them(sdxl_base,
     assert images.shape == (2, side, side, 3) and images.dtype == np.uint8
     expected = torch.tensor([side, side, 0, 0, side, side]).repeat(4)  # (uncond + cond) x 2 prompts
     torch.testing.assert_close(seen[0].float(), expected.float())
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_a_fixed_latent_batch_loss_is_finite_and_falls(arch, sd15_base, sdxl_base, sized_snapshot, tiny_llm, tmp_path):
+    """The stage-2 objective on cached latents (no DeepSpeed: the loss alone): adapter + the folder's UNet,
+    the folder's schedule; a few AdamW steps on one fixed batch lower the loss."""
+    from omnidiff.contracts.base_folder import open_base_folder
+    from omnidiff.contracts.cache import CacheStore
+    from omnidiff.contracts.snapshot import Snapshot
+    from omnidiff.models.adapter import OmniAdapter
+    from tests.fixtures_latent import fresh_adapter_folder
+    from train.data import CachedBatches, diffusion_examples
+    from train.losses import compute_diffusion_loss
+    from train.model import load_noise_scheduler, load_unet
+
+    folder = sd15_base if arch == "sd15" else sdxl_base
+    base = open_base_folder(folder)
+    dirs = embed_latents(sized_snapshot, folder, tiny_llm, tmp_path / "cache")
+    stores = {"llm": CacheStore(dirs["llm"]), "pixels": CacheStore(dirs["pixels"])}
+    pairs = Snapshot.open(sized_snapshot).pairs(["caption", "lang", "split", "image_digest"]).to_pandas()
+    batch = CachedBatches(diffusion_examples(pairs, "train"), "diffusion", stores, seed=0).batch(np.arange(4))
+    assert ("time_ids" in batch) and batch["pixels"].shape[1:] == stores["pixels"].value_shape
+    if base.pooled_dim is not None and not adapter_takes_pooled_dim():
+        torch.manual_seed(0)
+        adapter = _FixedAdapter(base.cross_attention_dim, base.pooled_dim)  # until the adapter has pooled_dim
+    else:
+        adapter = OmniAdapter.from_pretrained(fresh_adapter_folder(folder, tmp_path) / "adapter")
+    unet = load_unet(folder).train()
+    modules = {"adapter": adapter.train(), "unet": unet}
+    schedule = load_noise_scheduler(folder)
+    opt = torch.optim.AdamW([*adapter.parameters(), *unet.parameters()], lr=1e-3)
+    losses = []
+    for _ in range(12):
+        loss, _ = compute_diffusion_loss(batch, modules, noise_scheduler=schedule, min_snr_gamma=5.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.9 * losses[0], losses
