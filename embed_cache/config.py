@@ -37,8 +37,10 @@ class PixelsSection(ConfigModel):
 
     resolution: images are resized (shorter side, bicubic) and centre-cropped to this square size
       when they differ; stored as float16 (C, H, W) in [-1, 1].
-    vae: a diffusers ``AutoencoderKL`` folder (SD-class models): store its latents (posterior mean x
-      scaling factor) instead of pixels. ``null`` for the tiny world, whose UNet works on pixels.
+    vae: a diffusers ``AutoencoderKL`` folder (SD-class models, e.g. ``<base>/vae``): store its latents
+      (posterior mean x scaling factor; fp32 where its config says ``force_upcast``) and each image's
+      original size and crop (SDXL's time ids) instead of pixels. ``null`` for the tiny world, whose
+      UNet works on pixels. ``resolution`` is then the base's native size (SD 1.5: 512, SDXL: 1024).
     batch_size: images per decode / VAE forward (a 1024 px VAE batch of 8 already needs GBs).
     """
 

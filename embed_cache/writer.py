@@ -36,6 +36,7 @@ from omnidiff.contracts.cache import (
     expected_schema,
     new_run_stamp,
     read_shard_table,
+    schema_matches,
     shard_name,
 )
 from omnidiff.contracts.encoders import STORAGE_FORMAT, fingerprint
@@ -211,7 +212,7 @@ class CacheWriter:
             table = pq.read_table(path)
             if self.manifest["value_shape"] is not None:
                 expected = expected_schema(self.kind, self.manifest["value_shape"])
-                if not table.schema.equals(expected):
+                if not schema_matches(self.kind, self.manifest["value_shape"], table.schema):
                     raise ValueError(f"schema {table.schema} != {expected}")
         except (OSError, pa.ArrowException, ValueError) as exc:
             os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))

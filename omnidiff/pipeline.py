@@ -3,21 +3,24 @@
 One idea in one file (a little over 400 lines): the folder format, its loader and its sampler are
 read together whenever one of them changes; a split would only add imports between them.
 
-A diffusers-style folder (docs/architecture.md "Pipeline folder"), safetensors and JSON only:
+A diffusers-style folder (docs/architecture.md "Pipeline folder"), safetensors and JSON only (plus, for
+``llm_adapter``, three one-import files through which diffusers itself loads it: omnidiff/pipeline_diffusers.py):
 
     model_index.json        _class_name, conditioning: "clip" | "llm_adapter", component classes
-    unet/                   diffusers UNet2DConditionModel
-    scheduler/              DPMSolverMultistepScheduler (Karras sigmas, thresholding; NOTES.md)
+    unet/                   diffusers UNet2DConditionModel (SDXL's reads text_embeds + time_ids too)
+    scheduler/              DPMSolverMultistepScheduler (Karras sigmas; thresholding in pixel space only)
     vae/                    optional diffusers AutoencoderKL (SD-class models); absent = pixel space
     text_encoder/ tokenizer/            conditioning "clip": the base model's CLIP-style encoder
-    adapter/ text_encoder/encoder.json  conditioning "llm_adapter": the adapter + a reference to the
-                                        converted LLM folder (path, weights digest, layer, ...)
+    adapter/ text_encoder/encoder.json  conditioning "llm_adapter": the adapter + a portable reference to
+                                        the LLM (model id, folder name, weights digest, layer, ...;
+                                        resolved by find_llm), or the LLM itself copied into text_encoder/
     lineage.json            optional: MLflow run ids and input digests (written by train/)
 
 Loading needs only ``omnidiff.models`` and this module, never the training code:
 
     pipe = OmniDiffusionPipeline.from_pretrained("exports/stage2")
     images = pipe(["一个红色的圆在左边"], num_inference_steps=20, guidance_scale=3.0, seed=0)
+    pipe = DiffusionPipeline.from_pretrained("exports/stage2", trust_remote_code=True)  # diffusers' own loader
 """
 
 from __future__ import annotations
@@ -45,19 +48,22 @@ LINEAGE = "lineage.json"
 CONDITIONINGS = ("clip", "llm_adapter")
 
 
-def sampling_scheduler(config: dict, num_inference_steps: int = 20):
+def sampling_scheduler(config: dict, num_inference_steps: int = 20, latent: bool = False):
     """DPM-Solver++ for a training noise schedule ``config`` (any diffusers scheduler's config).
 
-    Karras sigmas as in the release (PAPER.md) and thresholding on: with noise prediction the first
-    step magnifies the model's error ~100x and clamping the predicted image fixes it (NOTES.md
-    "Sampling pitfall"). Exception: on a cosine schedule (sigma_max ~2e4) Karras spacing puts about
-    half the steps at the same integer timestep 998, so the UNet would see one timestep for many
-    noise levels; then the timesteps are spaced linearly instead (logged).
+    Karras sigmas as in the release (PAPER.md). In pixel space (the tiny base) thresholding is on:
+    with noise prediction the first step magnifies the model's error ~100x and clamping the
+    predicted image fixes it (NOTES.md "Sampling pitfall"). For a latent model (``latent=True``: SD,
+    SDXL) it stays off: diffusers documents dynamic thresholding as unsuitable for latent-space
+    models, whose latents are not bounded by +-1 (issue 16). Exception: on a cosine schedule
+    (sigma_max ~2e4) Karras spacing puts about half the steps at the same integer timestep 998, so
+    the UNet would see one timestep for many noise levels; then the timesteps are spaced linearly
+    instead (logged). The schedule's ``prediction_type`` (epsilon or v_prediction) is kept.
     """
     from diffusers import DPMSolverMultistepScheduler
 
     keep = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    keep.update(algorithm_type="dpmsolver++", thresholding=True, use_karras_sigmas=True)
+    keep.update(algorithm_type="dpmsolver++", thresholding=not latent, use_karras_sigmas=True)
     scheduler = DPMSolverMultistepScheduler.from_config(keep)
     scheduler.set_timesteps(num_inference_steps)
     steps = scheduler.timesteps.tolist()
@@ -73,14 +79,49 @@ def sampling_scheduler(config: dict, num_inference_steps: int = 20):
     return scheduler
 
 
-def predict_noise(unet, sample, timesteps, tokens, pooled, mask):
+def sdxl_time_ids(original_size, crop_top_left, target_size) -> torch.Tensor:
+    """SDXL's added time ids ``(B, 6)`` = original (height, width) + crop (top, left) + target (height, width).
+
+    The order of diffusers' ``StableDiffusionXLPipeline._get_add_time_ids`` and of its SDXL training
+    script (``compute_time_ids``). Each argument is a pair or a ``(B, 2)`` array; int64, so no
+    compute dtype rounds a size (the UNet's sinusoidal projection takes them as they are).
+    """
+    parts = [torch.as_tensor(np.asarray(x), dtype=torch.long).reshape(-1, 2) for x in (original_size, crop_top_left, target_size)]
+    n = max(p.shape[0] for p in parts)
+    return torch.cat([p.expand(n, 2) for p in parts], dim=1)  # (B, 6)
+
+
+def pooled_width(unet) -> int | None:
+    """The width of the pooled text embedding the UNet reads: SDXL's ``text_embeds`` (its projection input
+    minus 6 time ids), the tiny base's class-embedding projection input, or ``None`` (SD 1.5 reads none)."""
+    cfg = unet.config
+    if cfg.addition_embed_type == "text_time":
+        return int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
+    if cfg.class_embed_type == "projection":
+        return int(cfg.projection_class_embeddings_input_dim)
+    return None
+
+
+def predict_noise(unet, sample, timesteps, tokens, pooled, mask, time_ids=None):
     """The one way the UNet is conditioned, shared by training and sampling so they cannot drift.
 
     ``sample (B, C, H, W)``, ``timesteps (B,)`` or scalar, ``tokens (B, T, D)``, ``pooled (B, Dp)``,
-    ``mask bool (B, T)`` (False = padding: no cross-attention to it) -> predicted noise ``(B, C, H, W)``.
-    ``pooled`` goes in only when the UNet was built with ``pooled_dim`` (class_embed_type "projection").
+    ``mask bool (B, T)`` (False = padding: no cross-attention to it), ``time_ids (B, 6)`` (SDXL:
+    :func:`sdxl_time_ids`) -> the UNet's prediction ``(B, C, H, W)``. ``pooled`` goes in as the tiny
+    base's class embedding (``class_embed_type`` "projection") or as SDXL's ``text_embeds`` with the
+    time ids (``addition_embed_type`` "text_time", diffusers' ``added_cond_kwargs``); SD 1.5 reads neither.
     """
     class_labels = pooled if unet.config.class_embed_type == "projection" else None
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        if time_ids is None:
+            raise ValueError("this UNet (SDXL, addition_embed_type 'text_time') needs time_ids: original size, "
+                             "crop and target size per image (omnidiff.pipeline.sdxl_time_ids)")
+        width = pooled_width(unet)
+        if pooled is None or pooled.shape[-1] != width:
+            raise ValueError(f"pooled text embedding of width {None if pooled is None else pooled.shape[-1]}, but this "
+                             f"SDXL UNet reads text_embeds of width {width} (the base folder's pooled_dim)")
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(sample.device)}
     # Text positions that no row reads (trailing padding: CLIP windows a caption does not use, adapter
     # queries past the longest predicted length) are cut: masked keys change nothing but cost attention.
     if mask is not None and mask.ndim == 2 and not mask.all():
@@ -93,7 +134,22 @@ def predict_noise(unet, sample, timesteps, tokens, pooled, mask):
         encoder_hidden_states=tokens,
         encoder_attention_mask=mask,
         class_labels=class_labels,
+        added_cond_kwargs=added,
     ).sample
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents ``(B, C, h, w)`` (scaled by the VAE's ``scaling_factor``) -> images ``(B, 3, H, W)`` in about [-1, 1].
+
+    In float32 where the VAE's config says ``force_upcast`` (SDXL's VAE overflows in fp16), as
+    diffusers' SDXL pipeline does; otherwise in the VAE's own dtype.
+    """
+    dtype = next(vae.parameters()).dtype
+    if getattr(vae.config, "force_upcast", False) and dtype != torch.float32:
+        vae = vae.to(torch.float32)
+        dtype = torch.float32
+    scale = getattr(vae.config, "scaling_factor", 1.0)
+    return vae.decode(latents.to(dtype) / scale).sample
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -151,7 +207,7 @@ class OmniDiffusionPipeline:
         self.unet = unet.eval()
         # A training scheduler (DDPM) from the training code becomes the sampler it implies.
         if not isinstance(scheduler, DPMSolverMultistepScheduler):
-            scheduler = sampling_scheduler(scheduler.config)
+            scheduler = sampling_scheduler(scheduler.config, latent=vae is not None)
         self.scheduler = scheduler
         self.conditioning = conditioning
         self.text_encoder = text_encoder.eval() if text_encoder is not None else None
@@ -259,18 +315,20 @@ class OmniDiffusionPipeline:
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=dev)
         latents = latents * scheduler.init_noise_sigma
+        time_ids = None
+        if self.unet.config.addition_embed_type == "text_time":  # SDXL: uncropped, generated at its own size
+            time_ids = sdxl_time_ids((height, width), (0, 0), (height, width)).expand(len(tokens), 6).to(dev)
         for t in scheduler.timesteps:
             model_in = torch.cat([latents, latents]) if guided else latents  # (2B or B, C, h, w)
             model_in = scheduler.scale_model_input(model_in, t)
-            eps = predict_noise(self.unet, model_in, t, tokens.to(dtype), pooled.to(dtype), mask)
+            eps = predict_noise(self.unet, model_in, t, tokens.to(dtype), pooled.to(dtype), mask, time_ids)
             if guided:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
             latents = scheduler.step(eps, t, latents).prev_sample
 
         if self.vae is not None:
-            scale = getattr(self.vae.config, "scaling_factor", 1.0)
-            images = self.vae.decode(latents / scale).sample  # (B, 3, H, W) in [-1, 1]
+            images = decode_latents(self.vae, latents)  # (B, 3, H, W) in [-1, 1]
         else:
             images = latents  # pixel space: the tiny world's images live in [-1, 1]
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -282,8 +340,14 @@ class OmniDiffusionPipeline:
         return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
 
     # -- files --------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path, lineage: dict | None = None) -> Path:
-        """Write the pipeline folder (safetensors + JSON only). Returns the folder."""
+    def save_pretrained(self, folder: str | Path, lineage: dict | None = None, copy_llm: bool = False) -> Path:
+        """Write the pipeline folder (safetensors + JSON only). Returns the folder.
+
+        An ``llm_adapter`` folder also loads with diffusers' ``DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)`` (omnidiff/pipeline_diffusers.py). Its LLM is referenced portably
+        (model id, folder name, weights digest: no path of this machine) or, with ``copy_llm``, copied
+        into ``text_encoder/`` so the folder stands alone.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         import diffusers
@@ -308,25 +372,28 @@ class OmniDiffusionPipeline:
                 clip_max_windows=self.clip_max_windows,
             )
         else:
+            from omnidiff.pipeline_diffusers import write_shims
+
             self.adapter.save_pretrained(folder / "adapter")
             (folder / "text_encoder").mkdir(exist_ok=True)
             ref = {
                 "_class_name": "LLMTextEncoder",
                 "model_id": self.llm.model_id,
-                "path": str(self.llm.path),
                 "folder_name": self.llm.path.name,
                 "weights_digest": self.llm.weights_digest,
                 "layer": self.llm.layer,
                 "max_length": self.llm.max_length,
                 "dtype": self.llm.dtype,
                 "fingerprint": self.llm.fingerprint,
+                "copied": bool(copy_llm),
             }
+            if copy_llm:
+                copy_llm_folder(self.llm.path, folder / "text_encoder")
             (folder / "text_encoder" / ENCODER_REF).write_text(json.dumps(ref, indent=2) + "\n")
-            index.update(
-                adapter=["omnidiff.models.adapter", "OmniAdapter"],
-                text_encoder=["omnidiff.models.llm", "LLMTextEncoder"],
-            )
+            index.update(write_shims(folder))
         (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        for config in [*folder.glob("*/config.json"), *folder.glob("*/scheduler_config.json")]:
+            _drop_load_path(config)
         lineage = lineage if lineage is not None else self.lineage
         if lineage is not None:
             (folder / LINEAGE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
@@ -350,7 +417,9 @@ class OmniDiffusionPipeline:
         if not (folder / MODEL_INDEX).exists():
             raise FileNotFoundError(f"{folder}: no {MODEL_INDEX} (not an OmniDiffusionPipeline folder)")
         index = json.loads((folder / MODEL_INDEX).read_text())
-        if index.get("_class_name") != "OmniDiffusionPipeline":
+        name = index.get("_class_name")
+        name = name[-1] if isinstance(name, list) and name else name  # [file, class]: diffusers' custom pipeline
+        if name not in ("OmniDiffusionPipeline", "OmniDiffusersPipeline"):
             raise ValueError(
                 f"{folder}/{MODEL_INDEX}: _class_name={index.get('_class_name')!r}, not OmniDiffusionPipeline"
             )
@@ -359,7 +428,7 @@ class OmniDiffusionPipeline:
             raise ValueError(f"{folder}/{MODEL_INDEX}: conditioning={conditioning!r}, expected one of {CONDITIONINGS}")
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        scheduler = _load_scheduler(scheduler_config)
+        scheduler = _load_scheduler(scheduler_config, latent=(folder / "vae").is_dir())
         vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True) if (folder / "vae").is_dir() else None
         lineage = json.loads((folder / LINEAGE).read_text()) if (folder / LINEAGE).exists() else None
         if conditioning == "clip":
@@ -377,7 +446,7 @@ class OmniDiffusionPipeline:
             if not ref_path.exists():
                 raise FileNotFoundError(f"{ref_path}: missing (the reference to the LLM of an llm_adapter pipeline)")
             ref = json.loads(ref_path.read_text())
-            llm = llm if llm is not None else _load_referenced_llm(ref, llm_path, device)
+            llm = llm if llm is not None else load_referenced_llm(ref, llm_path, device, folder)
             if llm.weights_digest != ref["weights_digest"]:
                 raise ValueError(
                     f"LLM at {llm.path} has weights digest {llm.weights_digest[:12]}..., but {folder.name} was "
@@ -394,18 +463,64 @@ class OmniDiffusionPipeline:
         return pipe.to(device)
 
 
-def _load_scheduler(config: dict):
+def _load_scheduler(config: dict, latent: bool = False):
     from diffusers import DPMSolverMultistepScheduler
 
     if config.get("_class_name") == "DPMSolverMultistepScheduler":
         return DPMSolverMultistepScheduler.from_config(config)  # as exported: the sampler settings are saved
-    return sampling_scheduler(config)  # a training scheduler's config: derive the sampler
+    return sampling_scheduler(config, latent=latent)  # a training scheduler's config: derive the sampler
 
 
-def _load_referenced_llm(ref: dict, llm_path, device: str) -> LLMTextEncoder:
+LLM_PATH_ENV = "OMNIDIFF_LLM_PATH"
+
+
+def _drop_load_path(config_path: Path) -> None:
+    """diffusers writes where a model was loaded from (``_name_or_path``) into its config: a path of this
+    machine that means nothing where the folder is loaded, so the folder keeps none."""
+    config = json.loads(config_path.read_text())
+    if "_name_or_path" in config:
+        del config["_name_or_path"]
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_llm_folder(source: Path, target: Path) -> None:
+    """The LLM folder's files (config, tokenizer, safetensors weights) into ``target``; pickles are refused."""
+    import shutil
+
+    pickled = [p.name for p in Path(source).rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    if pickled:
+        raise ValueError(f"{source}: {', '.join(pickled)}: the export copies safetensors weights only")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(Path(source).rglob("*")):
+        if path.is_file():
+            dest = target / path.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
+
+
+def find_llm(ref: dict, folder: Path | None = None, llm_path: str | Path | None = None) -> list[Path]:
+    """Where a pipeline's LLM may be, in order: ``llm_path``; the folder's own ``text_encoder/`` (an export
+    with ``copy_llm``); ``$OMNIDIFF_LLM_PATH``; ``<models root>/llm/<folder name>`` (``$OMNIDIFF_MODELS``,
+    else ``$OMNIDIFF_HOME/models``); the absolute ``path`` older exports recorded."""
     from omnidiff.env import models_dir
 
-    candidates = [Path(llm_path)] if llm_path else [Path(ref["path"]), models_dir() / "llm" / ref["folder_name"]]
+    if llm_path:
+        return [Path(llm_path)]
+    candidates = []
+    if folder is not None:
+        candidates.append(Path(folder) / "text_encoder")
+    if os.environ.get(LLM_PATH_ENV):
+        candidates.append(Path(os.environ[LLM_PATH_ENV]))
+    candidates.append(models_dir() / "llm" / ref["folder_name"])
+    if ref.get("path"):
+        candidates.append(Path(ref["path"]))
+    return candidates
+
+
+def load_referenced_llm(ref: dict, llm_path, device: str, folder: Path | None = None) -> LLMTextEncoder:
+    """The ``LLMTextEncoder`` ``text_encoder/encoder.json`` names, from the first of :func:`find_llm`'s places
+    that holds a model (its weights digest is checked by the caller)."""
+    candidates = find_llm(ref, folder, llm_path)
     for path in candidates:
         if (path / "config.json").exists():
             return LLMTextEncoder(
@@ -413,6 +528,7 @@ def _load_referenced_llm(ref: dict, llm_path, device: str) -> LLMTextEncoder:
             )
     hint = " (run 'omnidiff llm convert')" if ref.get("model_id") == "gemma3-270m" else ""
     raise FileNotFoundError(
-        f"the pipeline's LLM {ref['model_id']!r} (weights {ref['weights_digest'][:12]}...) is not at "
-        f"{', '.join(os.fspath(p) for p in candidates)}{hint}; pass llm_path= to point at it"
+        f"the pipeline's LLM {ref['model_id']!r} (folder {ref['folder_name']!r}, weights {ref['weights_digest'][:12]}...) "
+        f"is not at {', '.join(os.fspath(p) for p in candidates)}{hint}; put it under $OMNIDIFF_MODELS/llm/, "
+        f"set {LLM_PATH_ENV} to its folder, or pass llm_path="
     )

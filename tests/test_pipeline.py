@@ -60,12 +60,19 @@ def llm_folder(tmp_path_factory, tiny_llm):
 
 def test_folder_layout_is_safetensors_and_json_only(clip_folder, llm_folder):
     for folder in (clip_folder, llm_folder):
-        suffixes = {p.suffix for p in folder.rglob("*") if p.is_file()}
-        assert suffixes <= {".json", ".safetensors"}, suffixes
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert {p.suffix for p in files if p.suffix != ".py"} <= {".json", ".safetensors"}, files
+    # The only code: the one-import files through which diffusers loads an llm_adapter folder (issue 16 item 5).
+    shims = sorted(p.relative_to(llm_folder).as_posix() for p in llm_folder.rglob("*.py"))
+    assert shims == ["adapter/omnidiff_component.py", "pipeline_omnidiff.py", "text_encoder/omnidiff_component.py"]
+    for shim in shims:
+        code = [line for line in (llm_folder / shim).read_text().splitlines() if line and not line.startswith('"""')]
+        assert len(code) == 1 and code[0].startswith("from omnidiff.pipeline_diffusers import "), code
+    assert not list(clip_folder.rglob("*.py"))
     assert json.loads((clip_folder / "model_index.json").read_text())["conditioning"] == "clip"
     assert (clip_folder / "text_encoder" / "model.safetensors").exists() and (clip_folder / "tokenizer").is_dir()
     index = json.loads((llm_folder / "model_index.json").read_text())
-    assert index["_class_name"] == "OmniDiffusionPipeline" and index["conditioning"] == "llm_adapter"
+    assert index["_class_name"] == ["pipeline_omnidiff", "OmniDiffusersPipeline"] and index["conditioning"] == "llm_adapter"
     ref = json.loads((llm_folder / "text_encoder" / "encoder.json").read_text())
     assert len(ref["weights_digest"]) == 64 and ref["layer"] == 2
     assert json.loads((llm_folder / "lineage.json").read_text()) == {"stage2_run_id": "abc"}

@@ -104,12 +104,16 @@ class DiffusionSection(ConfigModel):
       guidance has an unconditional model to contrast with (PAPER.md weak points).
     min_snr_gamma: Min-SNR-gamma loss weighting (0 = plain MSE), as the base model was pretrained
       (configs/base.yaml: without it colour was never learned).
+    gradient_checkpointing: recompute the UNet's activations in the backward pass
+      (``unet.enable_gradient_checkpointing()``): an SD/SDXL UNet at 512-1024 px then fits a GPU's
+      memory at a useful micro-batch, for about a third more compute per step.
     """
 
     train_adapter: bool = True
     train_unet: Literal["none", "all", "attention", "cross_attention"] = "all"
     caption_dropout: float = Field(0.1, ge=0, lt=1)
     min_snr_gamma: float = Field(5.0, ge=0)
+    gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _something_trains(self) -> DiffusionSection:
@@ -208,6 +212,9 @@ class RegistrySection(ConfigModel):
     export_dir: pipeline folder to write; ``null`` = ``$OMNIDIFF_HOME/exports/<name>``.
     register: register the export as a version of ``model_name`` and point ``alias`` at it.
     stage_alias: also point ``stage<N>`` at it (what the next stage's ``init_from`` can name).
+    copy_llm: copy the LLM's files into the export's ``text_encoder/`` (a folder that stands alone);
+      off, the export names the LLM by id and weights digest, found under ``$OMNIDIFF_MODELS/llm/``
+      or ``$OMNIDIFF_LLM_PATH`` wherever it is loaded.
     """
 
     export_dir: Path | None = None
@@ -215,6 +222,7 @@ class RegistrySection(ConfigModel):
     model_name: NonBlank = "omnidiff-tiny"
     alias: NonBlank = "candidate"
     stage_alias: bool = True
+    copy_llm: bool = False
 
 
 UNET_PARTS = ("none", "all", "attention", "cross_attention")

@@ -216,6 +216,23 @@ def clip_target_mask(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask & (states != 0).any(-1)
 
 
+def cached_image_sizes(store) -> bool:
+    """Whether an image cache holds each image's original size and crop (latent caches, issue 16)."""
+    vae = (store.manifest.get("fingerprint_inputs") or {}).get("vae") or {}
+    return "sizes" in vae
+
+
+def image_time_ids(store, pixel_keys: Sequence[str]) -> torch.Tensor:
+    """SDXL's time ids ``long (B, 6)`` of cached images: original size + crop as cached, target = the
+    cache's resolution (what diffusers' SDXL training script builds per image, ``compute_time_ids``)."""
+    from omnidiff.pipeline import sdxl_time_ids
+
+    resolution = int(store.manifest["fingerprint_inputs"]["resolution"])
+    sizes = store.read_sizes(pixel_keys)
+    table = np.stack([sizes[k] for k in pixel_keys])  # (B, 4): height, width, top, left
+    return sdxl_time_ids(table[:, :2], table[:, 2:], (resolution, resolution))
+
+
 def sample_seed(seed: int, position: int) -> int:
     """A 63-bit torch seed per (run seed, global sample position), well mixed by NumPy's SeedSequence."""
     return int(np.random.SeedSequence([int(seed), int(position)]).generate_state(1, np.uint64)[0] >> 1)
@@ -291,11 +308,12 @@ class CachedBatches:
                 "target_mask": clip_target_mask(target, target_mask),
                 "target_pooled": torch.from_numpy(np.stack([pooled[k] for k in keys]).astype(np.float32)),  # (B, Dc)
             }
-        images, noise, timesteps, dropped = self._noised(rows["pixel_key"].tolist(), positions)
+        pixel_keys = rows["pixel_key"].tolist()
+        images, noise, timesteps, dropped = self._noised(pixel_keys, positions)
         if dropped.any():
             llm_arrays = [self.empty_states if d else a for a, d in zip(llm_arrays, dropped.tolist(), strict=True)]
         llm_states, llm_mask = pad_states(llm_arrays)
-        return {
+        batch = {
             "llm_states": llm_states,
             "llm_mask": llm_mask,
             "pixels": images,
@@ -303,6 +321,9 @@ class CachedBatches:
             "timesteps": timesteps,
             "dropped": dropped,
         }
+        if cached_image_sizes(self.stores["pixels"]):
+            batch["time_ids"] = image_time_ids(self.stores["pixels"], pixel_keys)  # (B, 6) long
+        return batch
 
     def _noised(self, pixel_keys: list[str], positions: np.ndarray):
         """Cached images ``(B, C, H, W)`` with their noise, timesteps and caption-dropout draws, seeded by position."""

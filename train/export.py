@@ -1,10 +1,12 @@
 """Export a trained stage as a pipeline folder that ``OmniDiffusionPipeline.from_pretrained`` loads.
 
 The folder (docs/architecture.md "Pipeline folder") is written by the pipeline class itself
-(``OmniDiffusionPipeline.save_pretrained``), so its format cannot drift from what the loader
-expects: ``unet/`` and ``adapter/`` (safetensors), ``scheduler/`` (the base model's sampler),
-``text_encoder/encoder.json`` (a reference to the converted LLM: path, weights digest, layer, max
-length, dtype), ``model_index.json`` and ``lineage.json``. It is written to a temporary folder and
+(``OmniDiffusionPipeline.save_pretrained``), so its format cannot drift from what the loaders
+expect (``OmniDiffusionPipeline.from_pretrained`` and diffusers' ``DiffusionPipeline.from_pretrained(
+folder, trust_remote_code=True)``): ``unet/`` and ``adapter/`` (safetensors), ``scheduler/`` (the
+base model's sampler), ``vae/`` (SD / SDXL bases), ``text_encoder/encoder.json`` (a portable
+reference to the LLM: model id, folder name, weights digest, layer, max length, dtype; no path of
+the training machine) or the LLM itself (``registry.copy_llm``), ``model_index.json`` and ``lineage.json``. It is written to a temporary folder and
 renamed into place, so a reader never sees half an export.
 """
 
@@ -18,7 +20,9 @@ from pathlib import Path
 
 
 def load_scheduler(folder: Path):
-    """The base model's scheduler (a sampler config stays a sampler; a training schedule is converted by the pipeline)."""
+    """The base model's scheduler as the pipeline's sampler: a DPM-Solver config stays as it is; any other
+    (SD's PNDM, SDXL's Euler, the tiny base's DDPM) keeps its noise schedule and prediction type and
+    becomes a DDPM config, which the pipeline turns into its sampler (no thresholding for latents)."""
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
     config = json.loads((Path(folder) / "scheduler_config.json").read_text())
@@ -27,23 +31,43 @@ def load_scheduler(folder: Path):
     return DDPMScheduler.from_config(config)
 
 
-def export_pipeline(out_dir: Path, final_dir: Path, base_model: Path, llm, lineage: dict) -> Path:
-    """Pipeline folder at ``out_dir`` from the trained ``final_dir/{adapter,unet}``, the base model's
-    scheduler (and VAE, if any) and the LLM encoder ``llm`` (an ``LLMTextEncoder``, referenced, not copied)."""
-    from diffusers import AutoencoderKL
+def portable_lineage(lineage: dict) -> dict:
+    """``lineage`` with no path of this machine: a path under ``$OMNIDIFF_HOME`` becomes
+    ``$OMNIDIFF_HOME/<relative>``, any other absolute path its last component. The folder then moves
+    between machines as it is; the MLflow run's own ``lineage.json`` keeps the full paths."""
+    from omnidiff.env import home
 
+    root = home().resolve()
+
+    def portable(value):
+        if isinstance(value, dict):
+            return {k: portable(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [portable(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value):
+            path = Path(value)
+            return f"$OMNIDIFF_HOME/{path.relative_to(root)}" if path.is_relative_to(root) else path.name
+        return value
+
+    return portable(lineage)
+
+
+def export_pipeline(out_dir: Path, final_dir: Path, base_model: Path, llm, lineage: dict, copy_llm: bool = False) -> Path:
+    """Pipeline folder at ``out_dir`` from the trained ``final_dir/{adapter,unet}``, the base model's
+    scheduler (and VAE, if any) and the LLM encoder ``llm`` (an ``LLMTextEncoder``): referenced by id and
+    weights digest, or copied into the folder with ``copy_llm`` (``registry.copy_llm``)."""
     from omnidiff.pipeline import OmniDiffusionPipeline
-    from train.model import load_modules
+    from train.model import load_modules, load_vae
 
     out_dir, final_dir, base_model = Path(out_dir), Path(final_dir), Path(base_model)
     adapter, unet = load_modules(final_dir)  # what rank 0 saved with train.model.save_modules
-    vae = AutoencoderKL.from_pretrained(base_model / "vae", use_safetensors=True) if (base_model / "vae").is_dir() else None
-    pipe = OmniDiffusionPipeline(unet, load_scheduler(base_model / "scheduler"), "llm_adapter", adapter=adapter,
-                                 llm=llm, vae=vae)
+    vae = load_vae(base_model)  # SD / SDXL: the base's VAE (fp16-only folders too); None in pixel space
+    scheduler = load_scheduler(base_model / "scheduler")
+    pipe = OmniDiffusionPipeline(unet, scheduler, "llm_adapter", adapter=adapter, llm=llm, vae=vae)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        pipe.save_pretrained(staging, lineage=lineage)
+        pipe.save_pretrained(staging, lineage=portable_lineage(lineage), copy_llm=copy_llm)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
             os.replace(out_dir, old)

@@ -134,7 +134,7 @@ def run(cfg: TrainConfig) -> dict:
         from train.export import export_pipeline
 
         llm = LLMTextEncoder(inputs.llm_path, layer=cfg.llm.layer, max_length=cfg.llm.max_length, dtype=cfg.llm.dtype)
-        export_pipeline(export_dir, Path(result["final_dir"]), inputs.base_model, llm, lin)
+        export_pipeline(export_dir, Path(result["final_dir"]), inputs.base_model, llm, lin, cfg.registry.copy_llm)
         del llm
         version = None
         if run_id:

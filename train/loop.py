@@ -183,9 +183,8 @@ def train(job: TrainJob, rank: int, world: int) -> None:
                 log_validation(done)
         if cfg.samples.every_steps and done % cfg.samples.every_steps == 0 and done < cfg.max_steps and job.prompts:
             state = full_state(engine, cfg)  # every rank: ZeRO-3 gathers
-            if rank == 0:
-                log_samples(cfg, job, state, ema, done, tracker)
-            barrier(world)
+            # every rank draws its share on its own device; rank 0 gathers and logs (train.samples)
+            log_samples(cfg, job, state, ema, done, tracker, rank=rank, world=world, device=engine.device)
 
     if progress is not None:
         progress.emit(final=True)
@@ -194,13 +193,14 @@ def train(job: TrainJob, rank: int, world: int) -> None:
 
     # -- 6. final weights from rank 0 (EMA where kept) for the driver's export, samples, result
     state = full_state(engine, cfg)
+    adapter, unet = build_modules(cfg, job, final_weights(state, ema))
+    if job.prompts:  # every rank draws its share (train.samples), before rank 0 writes the weights
+        log_samples(cfg, job, state, ema, cfg.max_steps, tracker, modules=(adapter, unet), rank=rank, world=world,
+                    device=engine.device)
     if rank == 0:
-        adapter, unet = build_modules(cfg, job, final_weights(state, ema))
         final_dir = Path(job.final_dir)
         shutil.rmtree(final_dir, ignore_errors=True)
         save_modules(final_dir, adapter, unet)
-        if job.prompts:
-            log_samples(cfg, job, state, ema, cfg.max_steps, tracker, modules=(adapter, unet))
         throughput = trained_samples / t_train if t_train > 0 else 0.0
         tracker.log({"train_samples_per_s": throughput}, cfg.max_steps)
         result = {"final_step": cfg.max_steps, "start_step": start_step, "loss": loss_value,

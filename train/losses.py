@@ -117,7 +117,10 @@ def diffusion_target(noise_scheduler, pixels: torch.Tensor, noise: torch.Tensor,
 
 
 def compute_diffusion_loss(batch: dict, modules, noise_scheduler, min_snr_gamma: float):
-    """Stages 2-3. ``batch``: llm_states, llm_mask, pixels (B,C,H,W), noise (B,C,H,W), timesteps (B,).
+    """Stages 2-3. ``batch``: llm_states, llm_mask, pixels (B,C,H,W), noise (B,C,H,W), timesteps (B,),
+    and for a latent cache time_ids (B, 6) (read by an SDXL UNet only). ``pixels`` are pixels in
+    [-1, 1] (the tiny base) or VAE latents times the folder's scaling factor; the target follows the
+    schedule's ``prediction_type`` (epsilon or v_prediction), no clamping anywhere.
 
     ``min_snr_gamma`` > 0 weights each example by Min-SNR-gamma, as the base model was pretrained.
     """
@@ -125,7 +128,8 @@ def compute_diffusion_loss(batch: dict, modules, noise_scheduler, min_snr_gamma:
     tokens, pooled, mask = modules["adapter"].condition(batch["llm_states"], batch["llm_mask"])
     pixels, noise, timesteps = batch["pixels"], batch["noise"], batch["timesteps"]
     noisy = noise_scheduler.add_noise(pixels, noise, timesteps)  # (B, C, H, W)
-    pred = predict_noise(modules["unet"], noisy, timesteps, tokens, pooled, mask)  # (B, C, H, W)
+    # SDXL: text_embeds = the adapter's pooled output, time_ids from each image's cached size and crop
+    pred = predict_noise(modules["unet"], noisy, timesteps, tokens, pooled, mask, batch.get("time_ids"))  # (B, C, H, W)
     target = diffusion_target(noise_scheduler, pixels, noise, timesteps)
     per_example = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))  # (B,)
     loss = (per_example * min_snr_weights(noise_scheduler, timesteps, min_snr_gamma)).mean()

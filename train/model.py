@@ -75,18 +75,38 @@ def unet_folder(cfg, job) -> Path:
     return Path(job.init_from) if (cfg.stage == 3 and job.init_from is not None) else Path(job.base_model)
 
 
+def weights_variant(folder: Path) -> dict:
+    """``{"variant": "fp16"}`` for a component folder that ships only ``*.fp16.safetensors`` (fp16-only
+    mirrors of published bases), else ``{}``."""
+    files = [p.name for p in Path(folder).glob("*.safetensors")]
+    return {"variant": "fp16"} if files and all(".fp16." in f for f in files) else {}
+
+
 def load_unet(folder: Path):
-    """``folder/unet`` (safetensors only)."""
+    """``folder/unet`` (safetensors only; the fp16 variant where that is all there is), in float32."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(Path(folder) / "unet", use_safetensors=True)
+    unet_dir = Path(folder) / "unet"
+    return UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True, **weights_variant(unet_dir)).float()
+
+
+def load_vae(base_model: Path):
+    """The base model's ``vae/`` (``AutoencoderKL``, eval mode), or ``None`` for a pixel-space base."""
+    vae_dir = Path(base_model) / "vae"
+    if not vae_dir.is_dir():
+        return None
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, **weights_variant(vae_dir)).float().eval()
 
 
 def load_noise_scheduler(base_model: Path):
-    """The base model's training noise schedule (``scheduler/``)."""
+    """The base model's training noise schedule: a ``DDPMScheduler`` from ``scheduler/``'s config, whatever
+    sampler class the folder names (SD ships PNDM, SDXL Euler), so the betas, ``num_train_timesteps`` and
+    ``prediction_type`` (epsilon or v_prediction) are the folder's."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_pretrained(Path(base_model) / "scheduler")
+    return DDPMScheduler.from_config(DDPMScheduler.load_config(Path(base_model) / "scheduler"))
 
 
 def build_stage_model(cfg, job) -> StageModel:
@@ -104,6 +124,8 @@ def build_stage_model(cfg, job) -> StageModel:
     unet = load_unet(unet_folder(cfg, job))
     for name, p in unet.named_parameters():
         p.requires_grad_(unet_trainable(name, cfg.diffusion.train_unet))
+    if cfg.diffusion.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     return StageModel(adapter, unet, partial(compute_diffusion_loss, noise_scheduler=load_noise_scheduler(job.base_model),
                                              min_snr_gamma=cfg.diffusion.min_snr_gamma))
 

@@ -50,6 +50,7 @@ SHARDS_DIR = "shards"
 SHARD_PREFIX = "part-"
 CORRUPT_SUFFIX = ".corrupt"
 VALUE_COLUMN = {"llm": "states", "clip": "states", "pixels": "pixels"}
+SIZE_COLUMNS = ("original_size", "crop_top_left")  # int32 pairs (height, width), (top, left) per image
 
 
 class CacheError(RuntimeError):
@@ -99,8 +100,12 @@ def cache_dir(kind: str, fingerprint: str, root: str | Path | None = None) -> Pa
 # ---------------------------------------------------------------------------------------- format
 
 
-def expected_schema(kind: str, value_shape: Sequence[int]) -> pa.Schema:
-    """The Arrow schema of a shard of ``kind`` (``value_shape`` = (D,) per token, or (C, H, W))."""
+def expected_schema(kind: str, value_shape: Sequence[int], sizes: bool = False) -> pa.Schema:
+    """The Arrow schema of a shard of ``kind`` (``value_shape`` = (D,) per token, or (C, H, W)).
+
+    ``sizes`` (pixels of a latent cache): each image's ``original_size`` (height, width) and the
+    ``crop_top_left`` (top, left) of its square crop in the resized image, as SDXL's time ids need.
+    """
     if kind in ("llm", "clip"):
         (dim,) = value_shape
         token = pa.list_(pa.float16(), int(dim))
@@ -114,8 +119,18 @@ def expected_schema(kind: str, value_shape: Sequence[int]) -> pa.Schema:
         return pa.schema(fields)
     if kind == "pixels":
         size = int(np.prod(value_shape))
-        return pa.schema([pa.field("key", pa.string(), False), pa.field("pixels", pa.list_(pa.float16(), size), False)])
+        fields = [pa.field("key", pa.string(), False), pa.field("pixels", pa.list_(pa.float16(), size), False)]
+        if sizes:
+            fields += [pa.field(name, pa.list_(pa.int32(), 2), False) for name in SIZE_COLUMNS]
+        return pa.schema(fields)
     raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+
+
+def schema_matches(kind: str, value_shape: Sequence[int], schema: pa.Schema) -> bool:
+    """Whether ``schema`` is a shard of ``kind``: an image cache may carry the per-image sizes or not."""
+    if kind == "pixels" and SIZE_COLUMNS[0] in schema.names:
+        return schema.equals(expected_schema(kind, value_shape, sizes=True))
+    return schema.equals(expected_schema(kind, value_shape))
 
 
 def find_non_finite(keys: Sequence[str], arrays: Iterable[np.ndarray]) -> dict[str, str]:
@@ -172,8 +187,17 @@ def states_table(keys: Sequence[str], states: Sequence[np.ndarray], pooled: np.n
     return pa.Table.from_arrays(list(columns.values()), schema=expected_schema(kind, (dim,)))
 
 
-def pixels_table(keys: Sequence[str], values: np.ndarray) -> pa.Table:
-    """Shard table from ``values (N, C, H, W)`` (pixels in [-1, 1] or latents), stored float16."""
+def pixels_table(
+    keys: Sequence[str],
+    values: np.ndarray,
+    original_sizes: np.ndarray | None = None,
+    crops: np.ndarray | None = None,
+) -> pa.Table:
+    """Shard table from ``values (N, C, H, W)`` (pixels in [-1, 1] or latents), stored float16.
+
+    ``original_sizes (N, 2)`` (height, width of the image as collected) and ``crops (N, 2)`` (top,
+    left of the square crop): both or neither; a latent cache stores them (SDXL's time ids).
+    """
     with np.errstate(over="ignore"):
         values16 = np.asarray(values, dtype=np.float16)
     if values16.ndim != 4 or values16.shape[0] != len(keys):
@@ -184,13 +208,19 @@ def pixels_table(keys: Sequence[str], values: np.ndarray) -> pa.Table:
     if rejected:
         raise NonFiniteStatesError(rejected)
     size = int(np.prod(values16.shape[1:]))
-    return pa.Table.from_arrays(
-        [
-            pa.array(list(keys), pa.string()),
-            pa.FixedSizeListArray.from_arrays(pa.array(values16.reshape(-1), pa.float16()), size),
-        ],
-        schema=expected_schema("pixels", values16.shape[1:]),
-    )
+    columns = [
+        pa.array(list(keys), pa.string()),
+        pa.FixedSizeListArray.from_arrays(pa.array(values16.reshape(-1), pa.float16()), size),
+    ]
+    if (original_sizes is None) != (crops is None):
+        raise ValueError("original_sizes and crops go together (both or neither)")
+    if original_sizes is not None:
+        for name, pairs in zip(SIZE_COLUMNS, (original_sizes, crops), strict=True):
+            pairs = np.asarray(pairs, dtype=np.int32)
+            if pairs.shape != (len(keys), 2):
+                raise ValueError(f"{name} shape {pairs.shape}, expected ({len(keys)}, 2)")
+            columns.append(pa.FixedSizeListArray.from_arrays(pa.array(pairs.reshape(-1), pa.int32()), 2))
+    return pa.Table.from_arrays(columns, schema=expected_schema("pixels", values16.shape[1:], original_sizes is not None))
 
 
 def encode_shard(table: pa.Table) -> bytes:
@@ -337,6 +367,21 @@ class CacheStore:
             else:
                 values = decode_states(table.column(column), self.hidden_size)
             out.update({key: value for (key, _), value in zip(rows, values, strict=True)})
+        return out
+
+    def read_sizes(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        """``{key: int32 (4,)}`` = original (height, width) + crop (top, left) of each image (latent caches)."""
+        if self.kind != "pixels":
+            raise CacheError(f"{self.path}: a {self.kind} cache has no image sizes (only pixels caches do)")
+        out: dict[str, np.ndarray] = {}
+        for name, rows in self._rows_by_shard(keys).items():
+            table = self._table(name)
+            if SIZE_COLUMNS[0] not in table.column_names:
+                raise CacheError(f"{self.path}: shard {name} holds no image sizes (a cache embedded without a VAE)")
+            table = table.take(pa.array([r for _, r in rows], pa.int64()))
+            pairs = [decode_fixed(table.column(c), (2,)) for c in SIZE_COLUMNS]  # 2 x (n, 2)
+            sizes = np.concatenate(pairs, axis=1).astype(np.int32)  # (n, 4)
+            out.update({key: value for (key, _), value in zip(rows, sizes, strict=True)})
         return out
 
     def read_pooled(self, keys: Iterable[str]) -> dict[str, np.ndarray]:

@@ -20,8 +20,8 @@ from omnidiff.contracts.cache import (
     CorruptShardError,
     decode_fixed,
     decode_states,
-    expected_schema,
     find_non_finite,
+    schema_matches,
 )
 from omnidiff.contracts.io import sha256_file
 
@@ -104,7 +104,7 @@ def check_shard(
         return f"does not parse: {exc}"
     if entry.get("rows") is not None and table.num_rows != entry["rows"]:
         return f"{table.num_rows} rows, manifest says {entry['rows']}"
-    if shape is not None and not table.schema.equals(expected_schema(kind, shape)):
+    if shape is not None and not schema_matches(kind, shape, table.schema):
         return f"schema {table.schema} differs from the {kind} format with shape {shape}"
     keys = table.column("key").to_pylist()
     if len(set(keys)) != len(keys):

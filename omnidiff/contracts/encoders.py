@@ -136,8 +136,18 @@ def clip_inputs(encoder_inputs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def pixels_inputs(resolution: int, vae_digest: str | None = None, vae_scaling_factor: float | None = None) -> dict:
-    """Fingerprint inputs of an image cache: pixels in [-1, 1] or VAE latents (mean of the posterior)."""
+def pixels_inputs(
+    resolution: int,
+    vae_digest: str | None = None,
+    vae_scaling_factor: float | None = None,
+    vae_upcast: bool = False,
+) -> dict:
+    """Fingerprint inputs of an image cache: pixels in [-1, 1] or VAE latents (mean of the posterior).
+
+    A latent cache also stores each image's original size and crop (SDXL's time ids: issue 16) and
+    encodes in float32 where the VAE's config says ``force_upcast`` (SDXL's VAE overflows in fp16),
+    both part of its inputs.
+    """
     out: dict[str, Any] = {
         "kind": "pixels",
         "resolution": int(resolution),
@@ -146,7 +156,8 @@ def pixels_inputs(resolution: int, vae_digest: str | None = None, vae_scaling_fa
         "storage": STORAGE_FORMAT,
     }
     if vae_digest is not None:
-        out["vae"] = {"digest": vae_digest, "scaling_factor": vae_scaling_factor, "latent": "posterior-mean"}
+        out["vae"] = {"digest": vae_digest, "scaling_factor": vae_scaling_factor, "latent": "posterior-mean",
+                      "upcast": bool(vae_upcast), "sizes": "original_size+crop_top_left"}
     return out
 
 
@@ -237,8 +248,22 @@ def vae_scale_factor(vae_config: dict) -> int:
     return 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
 
 
-def vae_info(vae: Path) -> tuple[str, float, int, int]:
-    """``(files digest, scaling factor, latent channels, downsampling factor)`` of a diffusers VAE folder."""
+@dataclass(frozen=True)
+class VAEInfo:
+    """What names a latent cache, read from a diffusers ``AutoencoderKL`` folder (no weights loaded)."""
+
+    digest: str
+    scaling_factor: float
+    latent_channels: int
+    downsampling: int  # pixels per latent along each side
+    force_upcast: bool  # encode / decode in float32 whatever the model's dtype (SDXL's VAE)
+
+    def __iter__(self):  # ``digest, scale, channels, down = vae_info(path)`` as before
+        return iter((self.digest, self.scaling_factor, self.latent_channels, self.downsampling))
+
+
+def vae_info(vae: Path) -> VAEInfo:
+    """Files digest, scaling factor, latent channels, downsampling factor and ``force_upcast`` of a VAE folder."""
     vae = Path(vae)
     config_path = vae / "config.json"
     if not config_path.exists():
@@ -246,7 +271,8 @@ def vae_info(vae: Path) -> tuple[str, float, int, int]:
     config = json.loads(config_path.read_text())
     down = vae_scale_factor(config)
     digest = files_digest(vae, patterns=("*.json", "*.safetensors", "*.bin"))
-    return digest, float(config.get("scaling_factor", 0.18215)), int(config.get("latent_channels", 4)), down
+    return VAEInfo(digest, float(config.get("scaling_factor", 0.18215)), int(config.get("latent_channels", 4)), down,
+                   bool(config.get("force_upcast", False)))
 
 
 # ---------------------------------------------------------------------------------------- cache specs
@@ -282,8 +308,9 @@ def pixels_spec(resolution: int, vae: str | Path | None = None) -> CacheSpec:
     resolution = int(resolution)
     if vae is None:
         return CacheSpec("pixels", pixels_inputs(resolution), (3, resolution, resolution))
-    digest, scale, channels, down = vae_info(Path(vae))
-    if resolution % down:
-        raise ValueError(f"pixels.resolution={resolution}: must be a multiple of the VAE's downsampling {down}")
-    side = resolution // down
-    return CacheSpec("pixels", pixels_inputs(resolution, digest, scale), (channels, side, side))
+    info = vae_info(Path(vae))
+    if resolution % info.downsampling:
+        raise ValueError(f"pixels.resolution={resolution}: must be a multiple of the VAE's downsampling {info.downsampling}")
+    side = resolution // info.downsampling
+    inputs = pixels_inputs(resolution, info.digest, info.scaling_factor, info.force_upcast)
+    return CacheSpec("pixels", inputs, (info.latent_channels, side, side))
