@@ -4,8 +4,9 @@ The folder (docs/architecture.md "Pipeline folder") is written by the pipeline c
 (``OmniDiffusionPipeline.save_pretrained``), so its format cannot drift from what the loader
 expects: ``unet/`` and ``adapter/`` (safetensors), ``scheduler/`` (the base model's sampler),
 ``text_encoder/encoder.json`` (a reference to the converted LLM: path, weights digest, layer, max
-length, dtype), ``model_index.json`` and ``lineage.json``. It is written to a temporary folder and
-renamed into place, so a reader never sees half an export.
+length, dtype), ``model_index.json``, ``lineage.json`` and ``card.json`` (what the served model can
+do: example prompts from its training data, the base model's sizes; serve/models.py reads it). It is
+written to a temporary folder and renamed into place, so a reader never sees half an export.
 """
 
 from __future__ import annotations
@@ -27,9 +28,32 @@ def load_scheduler(folder: Path):
     return DDPMScheduler.from_config(config)
 
 
-def export_pipeline(out_dir: Path, final_dir: Path, base_model: Path, llm, lineage: dict) -> Path:
+CARD_FILE = "card.json"
+EXAMPLES_PER_LANG = 2
+
+
+def export_card(prompts: list[dict], base_model: Path) -> dict:
+    """``card.json`` of an export: ``example_prompts``, the short prompts of the stage's sample set (val
+    captions of its training snapshot, ``EXAMPLES_PER_LANG`` per language: what the model was taught to
+    draw, issue 15 item 11), and the base model card's ``sizes`` when it lists any (the adapter does not
+    change what sizes the UNet can draw; a folder without them is served at the size it was trained at)."""
+    examples, per_lang = [], {}
+    for prompt in prompts:
+        lang = str(prompt["lang"])
+        if prompt.get("group", "short") == "short" and per_lang.get(lang, 0) < EXAMPLES_PER_LANG:
+            examples.append({"prompt": str(prompt["prompt"]), "lang": lang})
+            per_lang[lang] = per_lang.get(lang, 0) + 1
+    card: dict = {"example_prompts": examples}
+    base_card = Path(base_model) / CARD_FILE
+    if base_card.is_file() and json.loads(base_card.read_text()).get("sizes"):
+        card["sizes"] = list(json.loads(base_card.read_text())["sizes"])
+    return card
+
+
+def export_pipeline(out_dir: Path, final_dir: Path, base_model: Path, llm, lineage: dict, card: dict | None = None) -> Path:
     """Pipeline folder at ``out_dir`` from the trained ``final_dir/{adapter,unet}``, the base model's
-    scheduler (and VAE, if any) and the LLM encoder ``llm`` (an ``LLMTextEncoder``, referenced, not copied)."""
+    scheduler (and VAE, if any) and the LLM encoder ``llm`` (an ``LLMTextEncoder``, referenced, not copied);
+    ``card`` (:func:`export_card`) becomes its ``card.json``."""
     from diffusers import AutoencoderKL
 
     from omnidiff.pipeline import OmniDiffusionPipeline
@@ -44,6 +68,8 @@ def export_pipeline(out_dir: Path, final_dir: Path, base_model: Path, llm, linea
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         pipe.save_pretrained(staging, lineage=lineage)
+        if card is not None:
+            (staging / CARD_FILE).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
             os.replace(out_dir, old)
