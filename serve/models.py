@@ -131,7 +131,8 @@ def model_facts(read: JsonReader, where: str) -> dict[str, Any]:
     vae = read("vae/config.json")
     down = 2 ** (len(vae["block_out_channels"]) - 1) if isinstance(vae, dict) and vae.get("block_out_channels") else 1
     native = f"{width * down}x{height * down}"
-    card = read(CARD_FILE) or {}
+    card = read(CARD_FILE)
+    card = {} if card is None else card
     if not isinstance(card, dict):
         raise ConfigError(f"{where}/{CARD_FILE}: expected a JSON object")
     sizes = card.get("sizes") or [native]
