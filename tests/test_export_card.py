@@ -6,6 +6,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 
 def test_export_card_keeps_short_val_prompts_per_language_and_the_base_sizes(tmp_path):
@@ -33,3 +36,27 @@ def test_export_card_keeps_short_val_prompts_per_language_and_the_base_sizes(tmp
     facts = model_facts(_folder_reader(export), "export")
     assert facts["sizes"] == ["512x512", "768x512"] and facts["native_size"] == "64x64"
     assert facts["example_prompts"][2] == {"prompt": "一个红色的圆", "lang": "zh"}
+
+
+@pytest.mark.e2e
+def test_a_trained_export_carries_its_sample_prompts_as_the_cards_examples(train_overrides):
+    """A real (tiny) stage-1 training: the export's card.json holds short val captions of its snapshot."""
+    from omnidiff.config import load_config
+    from omnidiff.contracts.snapshot import Snapshot
+    from serve.models import _folder_reader, model_facts
+    from train import run
+    from train.config import TrainConfig
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "train_test_stage1.yaml"
+    result = run(load_config(TrainConfig, config, train_overrides("card-s1", **{"samples.per_group": 1})))
+    export = Path(result["export_dir"])
+    facts = model_facts(_folder_reader(export), str(export))
+    assert facts["sizes"] == ["16x16"]  # the base model's training size: its card lists none
+    examples = facts["example_prompts"]
+    lineage = json.loads((export / "lineage.json").read_text())
+    pairs = Snapshot.open(lineage["snapshot"]["path"]).pairs(["caption", "lang", "split"]).to_pandas()
+    val = pairs[pairs["split"] == "val"]
+    assert examples and len({e["lang"] for e in examples}) == len(examples)  # one per language at per_group=1
+    for example in examples:
+        row = val[val["caption"] == example["prompt"]]
+        assert len(row) and set(row["lang"]) == {example["lang"]}, example
