@@ -100,7 +100,8 @@ class GeneratorDeployment:
             try:
                 self.pipe(["warm-up"], num_inference_steps=1, guidance_scale=2.0, seed=0, height=height, width=width)
             except ValueError as exc:
-                raise ConfigError(f"limits.sizes: {size!r} does not work with {pinned['source']}: {exc}") from None
+                raise ConfigError(f"size {size!r} (its card's or limits.sizes) does not work with {pinned['source']}: "
+                                  f"{exc}") from None
         self.card_data = model_card(pinned, folder)
         self.batching = bool(batching["enabled"])
         if self.batching:
@@ -249,7 +250,7 @@ def build_app(cfg: ServeConfig, pinned: dict[str, Any] | None = None):
         # Its calls come from the ingress, which logs every HTTP request already.
         logging_config={"enable_access_log": False},
         **scaling,
-    ).bind(pinned, to_dict(cfg.batching), list(cfg.limits.sizes), cfg.torch_threads, cfg.device, cfg.sampling_nice)
+    ).bind(pinned, to_dict(cfg.batching), list(pinned["sizes"]), cfg.torch_threads, cfg.device, cfg.sampling_nice)
     # The ingress only parses and forwards: no CPU reservation, and it must never be the bottleneck,
     # so its own queue is effectively unbounded (the bounded one is the generator's).
     ingress = ImageAPIDeployment.options(

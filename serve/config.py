@@ -49,7 +49,9 @@ class LimitsConfig(ConfigModel):
     max_steps / default_steps: sampling steps (``steps`` of /v1/generate; the OpenAI route uses the default).
     max_guidance_scale / default_guidance_scale: classifier-free guidance scale.
     sizes: the ``WIDTHxHEIGHT`` values a request may ask for besides ``auto`` (= omitted: the model's own
-        size). Each is tried once when a replica starts, so one the model cannot make fails the deploy.
+        size). None (the default): every size the served model's card lists (serve/models.py: its
+        ``card.json`` sizes, else the size it was trained at); a list narrows those, and a size the card
+        does not list fails the deploy naming the card's sizes. Each is tried once when a replica starts.
     max_body_bytes: larger request bodies are refused with 413 before they are parsed. A body must at
         least hold a maximal prompt (UTF-8 up to 4 bytes a character, JSON escapes up to 12).
     """
@@ -60,7 +62,7 @@ class LimitsConfig(ConfigModel):
     default_steps: int = Field(20, ge=1)
     max_guidance_scale: float = Field(20.0, ge=0)
     default_guidance_scale: float = Field(3.0, ge=0)
-    sizes: tuple[str, ...] = Field(("16x16", "32x32"), min_length=1)
+    sizes: tuple[str, ...] | None = Field(None, min_length=1)
     max_body_bytes: int = Field(262144, ge=1024)
 
     @model_validator(mode="after")
@@ -69,9 +71,38 @@ class LimitsConfig(ConfigModel):
                 f"must be in [1, max_steps={self.max_steps}]")
         require(self.default_guidance_scale <= self.max_guidance_scale, "default_guidance_scale",
                 self.default_guidance_scale, f"must be in [0, max_guidance_scale={self.max_guidance_scale}]")
-        for i, size in enumerate(self.sizes):
+        for i, size in enumerate(self.sizes or ()):
             require(bool(_SIZE.match(size)), f"sizes[{i}]", size, "expected WIDTHxHEIGHT, e.g. '32x32'")
-        require(len(set(self.sizes)) == len(self.sizes), "sizes", self.sizes, "has duplicates")
+        require(len(set(self.sizes or ())) == len(self.sizes or ()), "sizes", self.sizes, "has duplicates")
+        return self
+
+
+class OpenAIConfig(ConfigModel):
+    """What the OpenAI-compatible route (POST /v1/images/generations) forgives, so that OpenAI clients and
+    tools work with the values they send by default or by habit (issue 15 item 6).
+
+    model_aliases: more ``model`` names that mean the served model (besides its id, ``id/version`` and
+        ``id@alias``): the OpenAI image model names tools send without asking. Empty: only the served names.
+    unsupported_size: what a ``size`` the model's card does not list gets: ``error`` (400 naming the
+        supported sizes) or ``native`` (drawn at the model's own size, as ``auto``; the answer's images
+        show the size they have). The native route /v1/generate always answers 400.
+
+    ``quality`` (standard, hd, low, medium, high, xhigh, max, auto) and ``style`` (vivid, natural) are
+    accepted and ignored: the route samples ``limits.default_steps`` steps whatever they say (ask
+    /v1/generate for more steps). ``output_format`` may only be png, ``background`` auto or opaque.
+    """
+
+    model_aliases: tuple[str, ...] = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5",
+                                      "gpt-image-2")
+    unsupported_size: Literal["error", "native"] = "error"
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenAIConfig:
+        for i, alias in enumerate(self.model_aliases):
+            require(bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", alias)), f"model_aliases[{i}]", alias,
+                    "expected a model name (letters, digits, '.', '_', ':', '-')")
+        require(len(set(self.model_aliases)) == len(self.model_aliases), "model_aliases", self.model_aliases,
+                "has duplicates")
         return self
 
 
@@ -126,6 +157,7 @@ class ServeConfig(ConfigModel):
     retry_after_s: the Retry-After header of a 503, in seconds.
     rollout_surge_percent: extra replicas started during a rolling update, so a new model version is
         loaded before the old replicas stop (no dropped requests).
+    openai: what the OpenAI-compatible route forgives (:class:`OpenAIConfig`).
     """
 
     kind: ClassVar[str] = "serve"
@@ -151,6 +183,7 @@ class ServeConfig(ConfigModel):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
 
     @model_validator(mode="after")

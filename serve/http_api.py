@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from omnidiff.config import to_dict
 from serve import auth
 from serve.config import ServeConfig, parse_size
+from serve.models import public_card
 from serve.schemas import (
     SEED_MAX,
     ErrorResponse,
@@ -68,6 +69,11 @@ class ApiSettings:
     model_ids: tuple[str, ...] = ()
     capacity: int | None = None
     title: str = "omnidiff image API"
+    # What the served model can draw (serve/models.py) and what the OpenAI route forgives (cfg.openai).
+    sizes: tuple[str, ...] = ()
+    native_size: str | None = None
+    model_aliases: tuple[str, ...] = ()
+    unsupported_size: str = "error"
 
 
 def model_ids(pinned: dict[str, Any]) -> tuple[str, ...]:
@@ -84,7 +90,15 @@ def settings_from_config(cfg: ServeConfig, token_digest: str | None, pinned: dic
     replicas = cfg.autoscaling.max_replicas if cfg.autoscaling.enabled else cfg.replicas
     return ApiSettings(limits=to_dict(cfg.limits), token_digest=token_digest, retry_after_s=cfg.retry_after_s,
                        route_prefix=cfg.route_prefix, model_ids=model_ids(pinned) if pinned else (),
-                       capacity=replicas * cfg.max_ongoing_requests + cfg.max_queued_requests)
+                       capacity=replicas * cfg.max_ongoing_requests + cfg.max_queued_requests,
+                       **_model_settings(cfg, pinned))
+
+
+def _model_settings(cfg: ServeConfig, pinned: dict[str, Any] | None) -> dict[str, Any]:
+    """Sizes from the pinned model (without one, e.g. for the spec alone: ``limits.sizes``, if set)."""
+    sizes = pinned["sizes"] if pinned else (cfg.limits.sizes or ())
+    return {"sizes": tuple(sizes), "native_size": pinned["native_size"] if pinned else None,
+            "model_aliases": tuple(cfg.openai.model_aliases), "unsupported_size": cfg.openai.unsupported_size}
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
@@ -93,8 +107,8 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _validation_error(exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's validation failure -> 400 naming the first field at fault."""
+def _validation_error(exc: RequestValidationError, sizes: str | None = None) -> JSONResponse:
+    """FastAPI's validation failure -> 400 naming the first field at fault (``sizes``: the supported ones, in words)."""
     first = exc.errors()[0] if exc.errors() else {}
     kind = first.get("type", "")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -102,12 +116,18 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
         return _error(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
                       "invalid_request_error", None, "invalid_json")
     param = ".".join(loc) if loc else None
+    if param == "size" and sizes and kind in ("literal_error", "string_pattern_mismatch", "string_type"):
+        return _error(400, f"size: {first.get('input')!r} is not a size this model supports; {sizes}",
+                      "invalid_request_error", param, "unsupported_size")
     if param is None:
         message = (f"request body: {first.get('msg', 'invalid')} "
                    "(send a JSON object with Content-Type: application/json)")
         return _error(400, message, "invalid_request_error", None, "invalid_body")
     if kind == "missing":
         return _error(400, f"{param}: field required", "invalid_request_error", param, "missing_field")
+    if kind == "string_pattern_mismatch" and param == "size":
+        return _error(400, f"size: {first.get('input')!r}: expected WIDTHxHEIGHT or 'auto'", "invalid_request_error",
+                      param, "invalid_value")
     if kind == "string_pattern_mismatch":
         return _error(400, f"{param}: must contain a non-whitespace character", "invalid_request_error", param,
                       "invalid_value")
@@ -162,7 +182,10 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
     from serve.config import LimitsConfig
 
     limits = from_dict(LimitsConfig, settings.limits)
-    bodies = request_models(limits, tuple(settings.model_ids))
+    bodies = request_models(limits, tuple(settings.model_ids) + tuple(settings.model_aliases) if settings.model_ids
+                            else (), settings.sizes or None, settings.unsupported_size == "native")
+    sizes_in_words = (f"supported sizes: {', '.join(settings.sizes)}, or 'auto' (the model's own"
+                      + (f", {settings.native_size})" if settings.native_size else ")")) if settings.sizes else None
     ImagesRequest, GenerateRequest = bodies.images, bodies.generate
     app = FastAPI(title=settings.title, version="1", docs_url=None, redoc_url=None,
                   description="OmniDiffusion: prompts in any language, OpenAI-compatible image generation.")
@@ -187,7 +210,7 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(_: Request, exc: RequestValidationError):
-        return _validation_error(exc)
+        return _validation_error(exc, sizes_in_words)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_: Request, exc: StarletteHTTPException):
@@ -229,7 +252,9 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
         return _error(400, exc.message, "invalid_request_error", exc.param, "invalid_value")
 
     def size_of(size: str | None) -> tuple[int | None, int | None]:
-        return (None, None) if size in (None, "auto") else parse_size(size)  # None: the model's own size
+        if size in (None, "auto") or (settings.sizes and size not in settings.sizes):  # only openai + native
+            return None, None  # the model's own size
+        return parse_size(size)
 
     def seeds_for(seed: int | None, n: int) -> list[int]:
         first = secrets.randbelow(SEED_MAX + 1) if seed is None else seed
@@ -246,10 +271,22 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
         served = state["card"] or await card(timeout_s=2.0)
         return Readiness(ready=True, model=served["id"], version=served["version"])
 
-    @app.get("/v1/models", response_model=ModelList, tags=["models"], dependencies=guarded, responses=get_errors,
-             summary="The served model, its registry version and lineage.")
-    async def list_models():
-        return ModelList(data=[ModelCard(**await card())])
+    @app.get("/v1/models", response_model=ModelList, response_model_exclude_none=True, tags=["models"],
+             responses=get_errors, summary="The served model: its names, sizes and example prompts.",
+             description="Open to all. With the server's bearer token (Authorization: Bearer <token>) the card "
+                         "also shows its source and lineage; a wrong token is a 401.")
+    async def list_models(request: Request):
+        # Open without a token (the playground needs the sizes and examples before one is typed), but
+        # then it shows no server paths, run ids or flow-run ids. The token is optional here, so the spec
+        # declares no security requirement (a client or fuzzer would read one as "401 without it").
+        header = request.headers.get("authorization")
+        full = settings.token_digest is not None and header is not None
+        if full and not auth.bearer_ok(header, settings.token_digest):
+            raise _AuthFailed()
+        served = await card()
+        names = list(settings.model_ids or (served["id"],)) + list(settings.model_aliases)
+        shown = served if full else public_card(served)
+        return ModelList(data=[ModelCard(**{**shown, "aliases": names})])
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, tags=["images"], dependencies=guarded,
               responses=errors, summary="OpenAI-compatible image generation.")
@@ -290,7 +327,7 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
         return JSONResponse(payload.model_dump(), headers=headers)
 
     page = PLAYGROUND.read_text(encoding="utf-8")
-    page_config = json.dumps({"prefix": prefix, "sizes": list(limits.sizes), "max_n": limits.max_n,
+    page_config = json.dumps({"prefix": prefix, "sizes": list(settings.sizes or limits.sizes or ()), "max_n": limits.max_n,
                               "max_steps": limits.max_steps, "default_steps": limits.default_steps,
                               "max_prompt_chars": limits.max_prompt_chars,
                               "default_guidance_scale": limits.default_guidance_scale,

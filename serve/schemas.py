@@ -89,17 +89,30 @@ class Readiness(BaseModel):
     version: str | None = None
 
 
+class ExamplePrompt(BaseModel):
+    prompt: str
+    lang: str | None = None
+
+
 class ModelCard(BaseModel):
+    """The served model. ``source`` and ``lineage`` are shown only to a request with the server's token."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "omnidiff"
     version: str | None = Field(default=None, description="Registry version, None when served from a folder.")
     alias: str | None = Field(default=None, description="The registry alias it was resolved from.")
-    source: str = Field(description="The reference it was resolved from (registry ref or folder).")
+    aliases: list[str] = Field(default_factory=list, description="Every name the `model` field of a request may use.")
     conditioning: str | None = Field(default=None, description="llm_adapter (ours) or clip (the base model).")
-    lineage: dict[str, str] = Field(
-        default_factory=dict,
+    sizes: list[str] = Field(default_factory=list, description="The WIDTHxHEIGHT sizes a request may ask for.")
+    native_size: str | None = Field(default=None, description="The size it was trained at (size 'auto').")
+    example_prompts: list[ExamplePrompt] = Field(
+        default_factory=list, description="Prompts of the kind it was trained on (from its training data)."
+    )
+    source: str | None = Field(default=None, description="The reference it was resolved from (registry ref or folder).")
+    lineage: dict[str, str] | None = Field(
+        default=None,
         description="run ids, snapshot digest, cache fingerprint, parent model, stage, ... (registry tags + lineage.json).",
     )
 
@@ -115,14 +128,27 @@ class RequestModels:
     generate: type[BaseModel]
 
 
-def request_models(limits: LimitsConfig, model_ids: tuple[str, ...] = ()) -> RequestModels:
-    """The two request bodies with ``limits`` (and the served model's ids) written into their constraints.
+SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
+# What OpenAI clients may send and this server ignores (serve.config.OpenAIConfig says why).
+OPENAI_QUALITIES = ("auto", "standard", "hd", "low", "medium", "high", "xhigh", "max")
+OPENAI_STYLES = ("vivid", "natural")
 
-    ``model_ids`` empty: any model string passes the schema (the ingress checks it).
+
+def request_models(limits: LimitsConfig, model_ids: tuple[str, ...] = (), sizes: tuple[str, ...] | None = None,
+                   openai_any_size: bool = False) -> RequestModels:
+    """The two request bodies with ``limits`` (and the served model's ids and sizes) written into their constraints.
+
+    ``model_ids`` empty: any model string passes the schema (the ingress checks it). ``sizes``: the
+    served sizes (default ``limits.sizes``; neither known: any WIDTHxHEIGHT passes the schema).
+    ``openai_any_size``: the OpenAI route takes any WIDTHxHEIGHT (``openai.unsupported_size=native``).
     """
     # pattern \S (JSON Schema: "contains"): a prompt of only whitespace says nothing.
     Prompt = Annotated[str, Field(min_length=1, max_length=limits.max_prompt_chars, pattern=r"\S")]
-    Size = Literal[tuple(limits.sizes) + ("auto",)]  # type: ignore[valid-type]
+    sizes = tuple(sizes) if sizes else tuple(limits.sizes or ())
+    AnySize = Annotated[str, Field(pattern=SIZE_PATTERN)]
+    Size = Literal[sizes + ("auto",)] if sizes else AnySize  # type: ignore[valid-type]
+    OpenAISize = AnySize if openai_any_size else Size
+    listed = f"one of {list(sizes)}" if sizes else "a size the model supports (GET /v1/models)"
     Model = Literal[model_ids] if model_ids else Annotated[str, Field(max_length=256)]  # type: ignore[valid-type]
     strict = ConfigDict(strict=True, extra="forbid")
 
@@ -134,10 +160,20 @@ def request_models(limits: LimitsConfig, model_ids: tuple[str, ...] = ()) -> Req
         prompt: Prompt = Field(description=f"What to draw, in any language; at most {limits.max_prompt_chars} characters.")
         model: Model | None = Field(default=None, description="The served model (GET /v1/models), or omitted.")
         n: Int = Field(default=1, ge=1, le=limits.max_n, description="Number of images.")
-        size: Size | None = Field(default=None, description=f"WIDTHxHEIGHT, one of {list(limits.sizes)}, or 'auto' (the model's own size).")
+        size: OpenAISize | None = Field(  # type: ignore[valid-type]
+            default=None,
+            description=f"WIDTHxHEIGHT, {listed}, or 'auto' (the model's own size)"
+            + ("; any other size is drawn at the model's own size." if openai_any_size else "."),
+        )
         response_format: Literal["b64_json", "url"] | None = Field(
             default=None, description="b64_json (default) or url (a data: URL; no files are hosted)."
         )
+        quality: Literal[OPENAI_QUALITIES] | None = Field(  # type: ignore[valid-type]
+            default=None, description="Accepted and ignored: the route samples the server's default steps."
+        )
+        style: Literal[OPENAI_STYLES] | None = Field(default=None, description="Accepted and ignored.")  # type: ignore[valid-type]
+        output_format: Literal["png"] | None = Field(default=None, description="png only.")
+        background: Literal["auto", "opaque"] | None = Field(default=None, description="The images are opaque.")
         user: str | None = Field(default=None, max_length=256, description="End-user id (accepted, not stored).")
 
         _text = field_validator("prompt", "user")(_check_text)
@@ -169,7 +205,7 @@ def request_models(limits: LimitsConfig, model_ids: tuple[str, ...] = ()) -> Req
         seed: Annotated[int, Field(ge=0, le=SEED_MAX), BeforeValidator(_integral)] | None = Field(
             default=None, description="Image i uses seed + i; random if omitted."
         )
-        size: Size | None = Field(default=None, description=f"WIDTHxHEIGHT, one of {list(limits.sizes)}, or 'auto' (the model's own size).")
+        size: Size | None = Field(default=None, description=f"WIDTHxHEIGHT, {listed}, or 'auto' (the model's own size).")  # type: ignore[valid-type]
         response_format: Literal["json", "png"] = Field(
             default="json", description="json: base64 PNGs in JSON; png: the image itself (needs n=1)."
         )

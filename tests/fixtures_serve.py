@@ -1,7 +1,8 @@
 """Session fixtures for the serve stage (loaded as a pytest plugin by conftest).
 
 ``serve_pipelines``: two tiny random-weight ``llm_adapter`` pipeline folders (v1, v2) built from
-omnidiff.models pieces on the ``tiny_llm`` (serving does not care what the weights learned).
+omnidiff.models pieces on the ``tiny_llm`` (serving does not care what the weights learned), each
+with a ``card.json`` of example prompts (:data:`EXAMPLE_PROMPTS`) as train/export.py writes one.
 ``serve_registry``: both registered in the session's MLflow as ``serve-test`` (v1 @production,
 v2 @candidate) with lineage tags. ``served``: the Ray Serve app from configs/serve_test.yaml
 serving ``serve-test`` (so @production) on a free 127.0.0.1 port with a bearer token; started
@@ -21,10 +22,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "serve-test"
 TOKEN_ENV = "OMNIDIFF_SERVE_TEST_TOKEN"
+# What the test models' cards say they know (tiny-world captions; none of the playground's old examples).
+EXAMPLE_PROMPTS = [
+    {"prompt": "a small red circle at the top left on a black background", "lang": "en"},
+    {"prompt": "白色背景上右下角的一个大的蓝色正方形", "lang": "zh"},
+    {"prompt": "un petit triangle jaune au centre sur fond gris", "lang": "fr"},
+]
 
 
-def build_tiny_pipeline(folder: Path, llm_path: Path, seed: int, lineage: dict) -> Path:
-    """A random ``llm_adapter`` pipeline at 16x16 pixels (sizes: multiples of 2)."""
+def build_tiny_pipeline(folder: Path, llm_path: Path, seed: int, lineage: dict, card: dict | None = None) -> Path:
+    """A random ``llm_adapter`` pipeline at 16x16 pixels (the pipeline draws multiples of 2; its card lists
+    only 16x16, the size it was "trained" at), with ``card`` as its card.json."""
+    import json
+
     import torch
     from diffusers import DDPMScheduler
 
@@ -41,7 +51,10 @@ def build_tiny_pipeline(folder: Path, llm_path: Path, seed: int, lineage: dict) 
                       pooled_dim=32)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
     pipe = OmniDiffusionPipeline(unet, scheduler, "llm_adapter", adapter=adapter, llm=llm)
-    return pipe.save_pretrained(folder, lineage=lineage)
+    folder = pipe.save_pretrained(folder, lineage=lineage)
+    if card is not None:
+        (folder / "card.json").write_text(json.dumps(card, ensure_ascii=False), encoding="utf-8")
+    return folder
 
 
 def free_port() -> int:
@@ -64,7 +77,8 @@ def serve_pipelines(tmp_path_factory, tiny_llm) -> tuple[Path, Path]:
     return tuple(
         build_tiny_pipeline(root / f"v{i}", tiny_llm, seed=i,
                             lineage={"stage": "3", "runs": {"train": f"run-of-v{i}"}, "snapshot_digest": f"snap{i}",
-                                     "cache_fingerprint": f"fp{i}"})
+                                     "cache_fingerprint": f"fp{i}"},
+                            card={"example_prompts": EXAMPLE_PROMPTS})
         for i in (1, 2)
     )
 

@@ -38,12 +38,13 @@ def test_openai_client_generates_from_a_chinese_prompt(served):
     import openai
 
     client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=served.token, max_retries=0, timeout=120)
-    result = client.images.generate(model="serve-test", prompt="蓝色背景上的红色圆形，位于左上角", n=2, size="32x32",
+    # 16x16: the size the test models were made at, the only one their cards list (issue 15 item 4).
+    result = client.images.generate(model="serve-test", prompt="蓝色背景上的红色圆形，位于左上角", n=2, size="16x16",
                                     response_format="b64_json")
     assert len(result.data) == 2
     for item in result.data:
         image = _image(base64.b64decode(item.b64_json))
-        assert (image.format, image.size, image.mode) == ("PNG", (32, 32), "RGB")
+        assert (image.format, image.size, image.mode) == ("PNG", (16, 16), "RGB")
     as_url = client.images.generate(prompt="一个绿色的三角形", response_format="url")
     assert as_url.data[0].url.startswith("data:image/png;base64,")
     assert _image(base64.b64decode(as_url.data[0].url.split(",", 1)[1])).size == (16, 16)  # the model's own size
@@ -52,7 +53,7 @@ def test_openai_client_generates_from_a_chinese_prompt(served):
         client.images.generate(prompt="红色", n=99)
     assert bad.value.param == "n"
     with pytest.raises(openai.BadRequestError) as bad:
-        client.images.generate(prompt="红色", model="dall-e-3")
+        client.images.generate(prompt="红色", model="dall-e-4")  # dall-e-3 is an accepted alias (openai.model_aliases)
     assert bad.value.param == "model"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{served.url}/v1", api_key="wrong", max_retries=0).images.generate(prompt="红色")
@@ -84,7 +85,9 @@ def test_health_readiness_and_model_lineage(served):
     assert ready.status_code == 200 and ready.json()["ready"] is True
     assert ready.json()["version"] == _production_version()
 
-    assert requests.get(f"{served.url}/v1/models", timeout=10).status_code == 401
+    # Without the token: names, sizes and examples only (tests/test_serve_openai.py); a wrong token is a 401.
+    assert "lineage" not in requests.get(f"{served.url}/v1/models", timeout=10).json()["data"][0]
+    assert requests.get(f"{served.url}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
     card = requests.get(f"{served.url}/v1/models", headers=served.headers, timeout=10).json()["data"][0]
     version = _production_version()
     assert (card["id"], card["version"], card["alias"], card["conditioning"]) == ("serve-test", version, "production",
@@ -110,8 +113,10 @@ BAD_INPUT = [
     ("/v1/images/generations", {"prompt": "x", "n": "2"}, 400, "n"),
     ("/v1/images/generations", {"prompt": "x", "size": "1024x1024"}, 400, "size"),
     ("/v1/images/generations", {"prompt": "x", "response_format": "jpeg"}, 400, "response_format"),
-    ("/v1/images/generations", {"prompt": "x", "quality": "hd"}, 400, "quality"),
-    ("/v1/images/generations", {"prompt": "x", "model": "dall-e-3"}, 400, "model"),
+    ("/v1/images/generations", {"prompt": "x", "quality": "ultra"}, 400, "quality"),  # hd and co. are accepted
+    ("/v1/images/generations", {"prompt": "x", "model": "dall-e-4"}, 400, "model"),  # dall-e-3 is an alias
+    ("/v1/images/generations", {"prompt": "x", "size": "32x32"}, 400, "size"),  # the model was made at 16x16
+    ("/v1/generate", {"prompt": "x", "size": "32x32"}, 400, "size"),
     ("/v1/generate", {"prompt": "x", "steps": 9}, 400, "steps"),
     ("/v1/generate", {"prompt": "x", "steps": "many"}, 400, "steps"),
     ("/v1/generate", {"prompt": "x", "guidance_scale": 21}, 400, "guidance_scale"),
@@ -158,6 +163,8 @@ def test_unknown_route_and_method_are_json(served):
 def test_bearer_token_guards_the_api_only(served):
     for method, path in (("get", "/v1/models"), ("post", "/v1/generate"), ("post", "/v1/images/generations")):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {served.token}"}):
+            if path == "/v1/models" and not headers:
+                continue  # open without a token, but then shows no lineage (tests/test_serve_openai.py)
             answer = requests.request(method, f"{served.url}{path}", json={"prompt": "x"}, headers=headers, timeout=10)
             assert answer.status_code == 401, (path, headers)
             assert answer.headers["www-authenticate"] == "Bearer"
@@ -176,7 +183,8 @@ def test_served_openapi_is_the_apps_spec(served):
     expected = build_fastapi(settings_from_config(served.cfg, auth.token_digest(served.token), pinned), None).openapi()
     assert spec == expected
     model = spec["components"]["schemas"]["ImagesGenerationRequest"]["properties"]["model"]["anyOf"][0]
-    assert model["enum"] == ["serve-test", f"serve-test/{pinned['version']}", "serve-test@production"]
+    assert model["enum"] == ["serve-test", f"serve-test/{pinned['version']}", "serve-test@production",
+                             *served.cfg.openai.model_aliases]
     # Every documented operation is routed (none answers 404/405).
     for path, operations in spec["paths"].items():
         for method in operations:

@@ -6,7 +6,9 @@
 The test types a Chinese prompt and the token into the page with synthetic keyboard input,
 clicks Generate with a synthetic mouse click, and waits for the image the page renders from
 the server's answer. It also checks that the page asks no host but the server (offline, and
-its Content-Security-Policy allows nothing else) and logs no JavaScript error.
+its Content-Security-Policy allows nothing else) and logs no JavaScript error, that its example
+prompts are the served model card's and its sizes the model's, and that an error clears the
+images of an earlier answer.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import requests
 
 from tests.browser import CHROMIUM, MISSING, open_page
+from tests.fixtures_serve import EXAMPLE_PROMPTS
 
 pytestmark = pytest.mark.e2e
 
@@ -37,19 +40,29 @@ def test_playground_generates_an_image_in_a_real_browser(served, browser, tmp_pa
     browser.wait_for("document.readyState === 'complete' && document.getElementById('size').options.length > 1")
     # The server wants a token, so the page shows its field.
     assert browser.evaluate("document.getElementById('token').getBoundingClientRect().width > 0") is True
+    # Before any token: the examples are the served model card's (what it was trained on), nothing else.
+    shown = browser.wait_for("(() => { const b = [...document.querySelectorAll('#examples button')];"
+                             " return b.length ? b.map(x => x.textContent) : null; })()")
+    assert shown == [e["prompt"] for e in EXAMPLE_PROMPTS]
+    browser.click("#examples button:nth-child(2)")
+    assert browser.evaluate("document.getElementById('prompt').value") == EXAMPLE_PROMPTS[1]["prompt"]
+    browser.evaluate("document.getElementById('prompt').value = ''")
+    # Only the sizes the model supports (its card: 16x16, the size it was made at).
+    options = browser.evaluate("[...document.getElementById('size').options].map(o => o.value)")
+    assert options == ["auto", "16x16"]
 
     browser.type_into("#token", served.token)
     browser.evaluate("document.getElementById('token').dispatchEvent(new Event('change'))")
     browser.wait_for("document.getElementById('model').textContent.includes('serve-test')")
     browser.type_into("#prompt", "蓝色背景上的红色圆形")
     browser.evaluate("document.getElementById('steps').value = '3'; document.getElementById('seed').value = '11';"
-                     "document.getElementById('size').value = '32x32'")
+                     "document.getElementById('size').value = '16x16'")
     browser.click("#generate")
 
     size = browser.wait_for("(() => { const img = document.querySelector('#images img');"
                             " return img && img.complete && img.naturalWidth ? [img.naturalWidth, img.naturalHeight]"
                             " : null; })()")
-    assert size == [32, 32]
+    assert size == [16, 16]
     status = browser.evaluate("document.getElementById('status').textContent")
     assert "seed 11" in status and "error" not in browser.evaluate("document.getElementById('status').className")
     alt = browser.evaluate("document.querySelector('#images img').alt")
@@ -60,7 +73,7 @@ def test_playground_generates_an_image_in_a_real_browser(served, browser, tmp_pa
     # The same request outside the browser gives the same picture (the page shows what the API made).
     page_png = browser.evaluate("document.querySelector('#images img').src").split(",", 1)[1]
     direct = requests.post(f"{served.url}/v1/generate", headers=served.headers, timeout=120,
-                           json={"prompt": "蓝色背景上的红色圆形", "steps": 3, "seed": 11, "size": "32x32",
+                           json={"prompt": "蓝色背景上的红色圆形", "steps": 3, "seed": 11, "size": "16x16",
                                  "guidance_scale": 3.0})
     import io
 
@@ -77,6 +90,8 @@ def test_playground_generates_an_image_in_a_real_browser(served, browser, tmp_pa
     error = browser.wait_for("document.getElementById('status').className === 'error'"
                              " && document.getElementById('status').textContent")
     assert "[steps]" in error
+    # ... and the image of the earlier answer is gone: it does not answer the request that failed.
+    assert browser.evaluate("document.querySelectorAll('#images img').length") == 0
 
     requested = {e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"}
     assert requested and all(u.startswith(served.url) or u.startswith("data:") for u in requested), requested

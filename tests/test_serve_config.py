@@ -45,6 +45,10 @@ def test_shipped_yaml_loads(name):
         ("route_prefix=api", "route_prefix"),
         ("auth.token_env='not a var'", "auth.token_env"),
         ("device=tpu", "device"),
+        ("limits.sizes=['16x16','16x16']", "limits.sizes"),
+        ("openai.unsupported_size=stretch", "openai.unsupported_size"),
+        ("openai.model_aliases=['dall e']", "openai.model_aliases[0]"),
+        ("openai.model_aliases=['a','a']", "openai.model_aliases"),
     ],
 )
 def test_bad_config_names_the_key(override, key):
@@ -61,7 +65,7 @@ def test_parse_size():
 
 def _models(**limits):
     cfg = load_config(ServeConfig, None, [f"limits.{k}={v}" for k, v in limits.items()])
-    return request_models(cfg.limits)
+    return request_models(cfg.limits, sizes=("16x16", "32x32"))  # a model whose card lists these
 
 
 def _field_of(exc: ValidationError) -> str:
@@ -171,6 +175,10 @@ def test_pin_model_folder_and_bad_refs(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no model_index.json"):
         pin_model(load_config(ServeConfig, None, [f"model={folder}"]))
     (folder / "model_index.json").write_text('{"_class_name": "OmniDiffusionPipeline"}')
+    with pytest.raises(ConfigError, match="unet/config.json has no sample_size"):  # what it draws is unknown
+        pin_model(load_config(ServeConfig, None, [f"model={folder}"]))
+    (folder / "unet").mkdir()
+    (folder / "unet" / "config.json").write_text('{"sample_size": 16}')
     pinned = pin_model(load_config(ServeConfig, None, [f"model={folder}"]))
     assert pinned["ref"] == str(folder.resolve()) and pinned["version"] is None
     with pytest.raises(ConfigError, match="neither a pipeline folder nor a registry ref"):
@@ -187,3 +195,108 @@ def test_no_ray_at_import():
     code = "import sys, serve.http_api, serve.models, serve.cli, serve.schemas; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------- sizes and the model card (issue 15)
+
+
+def _unet_folder(root: Path, sample_size, vae_blocks: int = 0, card: dict | None = None) -> Path:
+    """The JSON files of a pipeline folder that say what it can draw (no weights needed to read them)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model_index.json").write_text('{"_class_name": "OmniDiffusionPipeline", "conditioning": "llm_adapter"}')
+    (root / "unet").mkdir(exist_ok=True)
+    (root / "unet" / "config.json").write_text(json.dumps({"sample_size": sample_size}))
+    if vae_blocks:
+        (root / "vae").mkdir(exist_ok=True)
+        (root / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128] * vae_blocks}))
+    if card is not None:
+        (root / "card.json").write_text(json.dumps(card, ensure_ascii=False))
+    return root
+
+
+def test_model_facts_native_size_card_sizes_and_examples(tmp_path):
+    from serve.models import _folder_reader, model_facts
+
+    tiny = model_facts(_folder_reader(_unet_folder(tmp_path / "tiny", 16)), "tiny")
+    assert tiny == {"native_size": "16x16", "sizes": ["16x16"], "example_prompts": []}
+    # An SDXL-like folder: 128 latents x a 4-level VAE (8x) = 1024, and a card that lists its buckets.
+    sdxl = _unet_folder(tmp_path / "sdxl", 128, vae_blocks=4,
+                        card={"sizes": ["1024x1024", "1152x896", "896x1152"],
+                              "example_prompts": ["a castle", {"prompt": "一座城堡", "lang": "zh"}]})
+    facts = model_facts(_folder_reader(sdxl), "sdxl")
+    assert facts["native_size"] == "1024x1024" and facts["sizes"] == ["1024x1024", "1152x896", "896x1152"]
+    assert facts["example_prompts"] == [{"prompt": "a castle", "lang": None}, {"prompt": "一座城堡", "lang": "zh"}]
+    assert model_facts(_folder_reader(_unet_folder(tmp_path / "wide", [16, 32])), "wide")["native_size"] == "32x16"
+    for card, message in (({"sizes": ["big"]}, "size='big'"), ({"sizes": ["16x16", "16x16"]}, "distinct"),
+                          ({"example_prompts": [" "]}, "example_prompts"), ([], "JSON object")):
+        with pytest.raises(ConfigError, match=message):
+            model_facts(_folder_reader(_unet_folder(tmp_path / "bad", 16, card=card)), "bad")
+
+
+def test_pin_model_serves_the_cards_sizes_and_limits_may_only_narrow_them(tmp_path):
+    folder = _unet_folder(tmp_path / "m", 16, card={"sizes": ["16x16", "32x32"], "example_prompts": ["a red circle"]})
+    pinned = pin_model(load_config(ServeConfig, None, [f"model={folder}"]))
+    assert (pinned["sizes"], pinned["native_size"]) == (["16x16", "32x32"], "16x16")
+    assert pinned["example_prompts"] == [{"prompt": "a red circle", "lang": None}]
+    narrowed = pin_model(load_config(ServeConfig, None, [f"model={folder}", "limits.sizes=['32x32']"]))
+    assert narrowed["sizes"] == ["32x32"]
+    with pytest.raises(ConfigError, match=r"limits.sizes\[1\]='64x64': .* its card lists \['16x16', '32x32'\]"):
+        pin_model(load_config(ServeConfig, None, [f"model={folder}", "limits.sizes=['16x16','64x64']"]))
+    # Without a card: the size it was trained at, only (the tiny model: 16x16, issue 15 item 4).
+    plain = pin_model(load_config(ServeConfig, None, [f"model={_unet_folder(tmp_path / 'p', 16)}"]))
+    assert plain["sizes"] == ["16x16"] and plain["example_prompts"] == []
+
+
+def _pinned(tmp_path, **card) -> dict:
+    return pin_model(load_config(ServeConfig, None, [f"model={_unet_folder(tmp_path / 'm', 16, card=card or None)}"]))
+
+
+def test_spec_lists_the_models_sizes_and_the_openai_names(tmp_path):
+    cfg = load_config(ServeConfig, REPO / "configs" / "serve.yaml", [])
+    pinned = _pinned(tmp_path)
+    spec = build_fastapi(settings_from_config(cfg, None, pinned), None).openapi()
+    props = spec["components"]["schemas"]["ImagesGenerationRequest"]["properties"]
+    assert props["size"]["anyOf"][0]["enum"] == ["16x16", "auto"]
+    native = spec["components"]["schemas"]["GenerateRequest"]["properties"]["size"]["anyOf"][0]
+    assert native["enum"] == ["16x16", "auto"]
+    assert props["model"]["anyOf"][0]["enum"] == ["m", "dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini",
+                                                  "gpt-image-1.5", "gpt-image-2"]
+    assert "hd" in props["quality"]["anyOf"][0]["enum"] and props["style"]["anyOf"][0]["enum"] == ["vivid", "natural"]
+    # unsupported_size=native: the OpenAI route takes any WIDTHxHEIGHT (drawn at 16x16), the native one does not.
+    lenient = load_config(ServeConfig, REPO / "configs" / "serve.yaml", ["openai.unsupported_size=native"])
+    spec = build_fastapi(settings_from_config(lenient, None, pinned), None).openapi()
+    size = spec["components"]["schemas"]["ImagesGenerationRequest"]["properties"]["size"]["anyOf"][0]
+    assert "enum" not in size and size["pattern"]
+    assert spec["components"]["schemas"]["GenerateRequest"]["properties"]["size"]["anyOf"][0]["enum"] == ["16x16", "auto"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "a", "model": "dall-e-3", "quality": "hd", "style": "vivid"},
+        {"prompt": "a", "model": "gpt-image-1", "quality": "high", "output_format": "png", "background": "opaque"},
+        {"prompt": "a", "quality": "standard", "style": "natural", "size": "auto"},
+    ],
+)
+def test_openai_request_accepts_what_openai_clients_send(body):
+    models = request_models(load_config(ServeConfig, None, []).limits, ("m", "dall-e-3", "gpt-image-1"), ("16x16",))
+    parsed = models.images.model_validate(body)
+    assert parsed.prompt == "a"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "a", "quality": "ultra"}, "quality"),
+        ({"prompt": "a", "style": "noir"}, "style"),
+        ({"prompt": "a", "output_format": "jpeg"}, "output_format"),  # only PNGs are made
+        ({"prompt": "a", "background": "transparent"}, "background"),  # the images are opaque
+        ({"prompt": "a", "model": "dall-e-4"}, "model"),
+        ({"prompt": "a", "size": "32x32"}, "size"),
+    ],
+)
+def test_openai_request_still_rejects_what_it_cannot_honour(body, field):
+    models = request_models(load_config(ServeConfig, None, []).limits, ("m", "dall-e-3"), ("16x16",))
+    with pytest.raises(ValidationError) as info:
+        models.images.model_validate(body)
+    assert _field_of(info.value) == field

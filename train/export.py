@@ -6,8 +6,10 @@ expect (``OmniDiffusionPipeline.from_pretrained`` and diffusers' ``DiffusionPipe
 folder, trust_remote_code=True)``): ``unet/`` and ``adapter/`` (safetensors), ``scheduler/`` (the
 base model's sampler), ``vae/`` (SD / SDXL bases), ``text_encoder/encoder.json`` (a portable
 reference to the LLM: model id, folder name, weights digest, layer, max length, dtype; no path of
-the training machine) or the LLM itself (``registry.copy_llm``), ``model_index.json`` and ``lineage.json``. It is written to a temporary folder and
-renamed into place, so a reader never sees half an export.
+the training machine) or the LLM itself (``registry.copy_llm``), ``model_index.json``, ``lineage.json``
+and ``card.json`` (what the served model can do: example prompts from its training data, the base
+model's sizes; serve/models.py reads it). It is written to a temporary folder and renamed into
+place, so a reader never sees half an export.
 """
 
 from __future__ import annotations
@@ -31,6 +33,28 @@ def load_scheduler(folder: Path):
     return DDPMScheduler.from_config(config)
 
 
+CARD_FILE = "card.json"
+EXAMPLES_PER_LANG = 2
+
+
+def export_card(prompts: list[dict], base_model: Path) -> dict:
+    """``card.json`` of an export: ``example_prompts``, the short prompts of the stage's sample set (val
+    captions of its training snapshot, ``EXAMPLES_PER_LANG`` per language: what the model was taught to
+    draw, issue 15 item 11), and the base model card's ``sizes`` when it lists any (the adapter does not
+    change what sizes the UNet can draw; a folder without them is served at the size it was trained at)."""
+    examples, per_lang = [], {}
+    for prompt in prompts:
+        lang = str(prompt["lang"])
+        if prompt.get("group", "short") == "short" and per_lang.get(lang, 0) < EXAMPLES_PER_LANG:
+            examples.append({"prompt": str(prompt["prompt"]), "lang": lang})
+            per_lang[lang] = per_lang.get(lang, 0) + 1
+    card: dict = {"example_prompts": examples}
+    base_card = Path(base_model) / CARD_FILE
+    if base_card.is_file() and json.loads(base_card.read_text()).get("sizes"):
+        card["sizes"] = list(json.loads(base_card.read_text())["sizes"])
+    return card
+
+
 def portable_lineage(lineage: dict) -> dict:
     """``lineage`` with no path of this machine: a path under ``$OMNIDIFF_HOME`` becomes
     ``$OMNIDIFF_HOME/<relative>``, any other absolute path its last component. The folder then moves
@@ -52,10 +76,12 @@ def portable_lineage(lineage: dict) -> dict:
     return portable(lineage)
 
 
-def export_pipeline(out_dir: Path, final_dir: Path, base_model: Path, llm, lineage: dict, copy_llm: bool = False) -> Path:
+def export_pipeline(out_dir: Path, final_dir: Path, base_model: Path, llm, lineage: dict, copy_llm: bool = False,
+                    card: dict | None = None) -> Path:
     """Pipeline folder at ``out_dir`` from the trained ``final_dir/{adapter,unet}``, the base model's
     scheduler (and VAE, if any) and the LLM encoder ``llm`` (an ``LLMTextEncoder``): referenced by id and
-    weights digest, or copied into the folder with ``copy_llm`` (``registry.copy_llm``)."""
+    weights digest, or copied into the folder with ``copy_llm`` (``registry.copy_llm``); ``card``
+    (:func:`export_card`) becomes its ``card.json``."""
     from omnidiff.pipeline import OmniDiffusionPipeline
     from train.model import load_modules, load_vae
 
@@ -68,6 +94,8 @@ def export_pipeline(out_dir: Path, final_dir: Path, base_model: Path, llm, linea
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         pipe.save_pretrained(staging, lineage=portable_lineage(lineage), copy_llm=copy_llm)
+        if card is not None:
+            (staging / CARD_FILE).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
             os.replace(out_dir, old)

@@ -131,10 +131,11 @@ def run(cfg: TrainConfig) -> dict:
         result = json.loads(result_path.read_text())
 
         from omnidiff.models.llm import LLMTextEncoder
-        from train.export import export_pipeline
+        from train.export import export_card, export_pipeline
 
         llm = LLMTextEncoder(inputs.llm_path, layer=cfg.llm.layer, max_length=cfg.llm.max_length, dtype=cfg.llm.dtype)
-        export_pipeline(export_dir, Path(result["final_dir"]), inputs.base_model, llm, lin, cfg.registry.copy_llm)
+        export_pipeline(export_dir, Path(result["final_dir"]), inputs.base_model, llm, lin, cfg.registry.copy_llm,
+                        card=export_card(inputs.prompts, inputs.base_model))
         del llm
         version = None
         if run_id:
