@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from omnidiff.contracts.encoders import KINDS
-from omnidiff.contracts.storage import Folder, S3Settings, is_remote, open_folder
+from omnidiff.contracts.storage import Folder, S3Settings, is_remote, join_location, open_folder
 
 if TYPE_CHECKING:
     from omnidiff.contracts.cache_verify import VerifyReport
@@ -85,22 +85,22 @@ class NonFiniteStatesError(ValueError):
 # ---------------------------------------------------------------------------------------- locations
 
 
-def cache_root(root: str | Path | None = None) -> Path:
-    """``root`` or ``$OMNIDIFF_HOME/cache``."""
+def cache_root(root: str | Path | None = None) -> Path | str:
+    """``root`` or ``$OMNIDIFF_HOME/cache`` (an ``s3://`` root stays a URL string)."""
     if root is not None:
-        return Path(root)
+        return root if is_remote(root) else Path(root)
     from omnidiff.env import subdir
 
     return subdir("cache")
 
 
-def cache_dir(kind: str, fingerprint: str, root: str | Path | None = None) -> Path:
-    """``<root>/<kind>/<fingerprint>`` (not created)."""
+def cache_dir(kind: str, fingerprint: str, root: str | Path | None = None) -> Path | str:
+    """``<root>/<kind>/<fingerprint>`` (not created; a URL string under an ``s3://`` root)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
     if not fingerprint or "/" in fingerprint or fingerprint.startswith("."):
         raise ValueError(f"fingerprint={fingerprint!r}: not a valid directory name")
-    return cache_root(root) / kind / fingerprint
+    return join_location(cache_root(root), kind, fingerprint)
 
 
 # ---------------------------------------------------------------------------------------- format
