@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 from embed_cache.writer import CacheWriter, clean_cache, write_shard_file
+from omnidiff.config import ConfigError
 from omnidiff.contracts.cache import CacheStore, cache_dir, pixels_table, states_table
 from omnidiff.contracts.encoders import fingerprint, llm_inputs, pixels_inputs
 from omnidiff.contracts.snapshot import (
@@ -77,6 +78,8 @@ def test_settings_come_from_config_first_then_the_aws_environment():
         "http://cfg:3", "config", "id-cfg", "s-cfg", "ap-south-1")
     assert "s-cfg" not in repr(S3Settings(secret_access_key="s-cfg"))  # a config is logged: no secret in it
     assert S3Settings().resolved({}).region == "us-east-1"
+    with pytest.raises(ConfigError, match="endpoint_url"):
+        S3Settings(endpoint_url="127.0.0.1:8333")  # no scheme: refused, not guessed
 
 
 def test_bad_s3_urls_are_refused_by_name():

@@ -33,7 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from omnidiff.config import ConfigModel
 from omnidiff.contracts.io import atomic_write
@@ -54,14 +54,14 @@ class S3Settings(ConfigModel):
     Prefer the environment (or the provider's own credential chain) for the secret: a config is logged.
     """
 
-    endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333 (SeaweedFS, MinIO); None = AWS itself
+    endpoint_url: str | None = Field(None, pattern=r"^https?://[^/\s]+/?$")  # e.g. http://127.0.0.1:8333
     region: str | None = None
     access_key_id: str | None = None
     secret_access_key: SecretStr | None = None
     session_token: SecretStr | None = None
-    connect_timeout_s: float = 5.0
-    request_timeout_s: float = 60.0
-    max_attempts: int = 3
+    connect_timeout_s: float = Field(5.0, gt=0)
+    request_timeout_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(3, ge=1, le=20)
 
     def resolved(self, environ: Mapping[str, str] | None = None) -> ResolvedS3:
         """These settings with the unset ones filled from the AWS environment variables."""
