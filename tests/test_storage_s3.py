@@ -9,6 +9,11 @@ sees, and ``clean_*`` removes the leftovers; a bad endpoint or bad credentials g
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -250,3 +255,44 @@ def _write_snapshot_with(root: str, settings: S3Settings):
     writer = SnapshotWriter("tiny", root=root, storage=settings)
     writer.write_shard("pairs", _pairs(2, 0))
     return writer.finish({})
+
+
+KILLED_WRITER = """
+import sys, time
+import numpy as np
+from embed_cache.writer import CacheWriter, write_shard_file
+from omnidiff.contracts.cache import states_table
+from omnidiff.contracts.encoders import llm_inputs
+directory, encoder = sys.argv[1], eval(sys.argv[2])
+rng = np.random.default_rng(5)
+writer = CacheWriter(directory, llm_inputs(encoder)).open()
+writer.set_value_shape((8,))
+writer.write(states_table(["e0", "e1"], [rng.standard_normal((2, 8)).astype(np.float32)] * 2), 0)
+write_shard_file(directory, writer.shard_name(1), states_table(["f0"], [rng.standard_normal((3, 8)).astype(np.float32)]),
+                 writer.run_token)
+print("shard written, manifest not", flush=True)
+time.sleep(600)
+"""
+
+
+def test_cache_writer_sigkilled_mid_run_leaves_only_what_its_manifest_lists(s3_prefix, tmp_path):
+    """A real kill: a writer process publishes one shard, PUTs a second, and is SIGKILLed before listing it."""
+    inputs = llm_inputs(ENCODER)
+    directory = cache_dir("llm", fingerprint(inputs), f"{s3_prefix}/cache")
+    script = tmp_path / "writer.py"
+    script.write_text(KILLED_WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), directory, repr(ENCODER)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert proc.stdout.readline().strip() == "shard written, manifest not"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    store = CacheStore(directory)
+    assert store.keys() == ["e0", "e1"] and "f0" not in store
+    assert len(open_folder(directory).list("shards")) == 2  # the unlisted shard is there, and not read
+    with CacheWriter(directory, inputs) as rerun:
+        assert len(rerun.recovered["ignored"]) == 1 and rerun.keys == {"e0", "e1"}
+    assert len(clean_cache(directory, grace_s=0)) == 1
+    assert [o.rel for o in open_folder(directory).list("shards")] == [f"shards/{store.shard_names[0]}"]
