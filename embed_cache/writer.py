@@ -8,6 +8,13 @@ writer per cache directory (a file lock), and actors of a dead run cannot publis
 (the run token check in :func:`write_shard_file`). Should a key still appear in two shards, every
 reader resolves it the same way: the shard whose name sorts first (the oldest) wins, and the next
 writer drops the duplicate rows.
+
+On object storage (an ``s3://`` cache directory, omnidiff/contracts/storage.py) there is no rename and no
+file lock. A shard is one PUT (absent or complete, never half), and the manifest, rewritten by one PUT
+after every shard, is the commit point: readers open only listed shards. Unlisted shards a killed run
+left are *not* adopted there (their keys are computed again); :func:`clean_cache` deletes them once
+they are older than a grace period. The run token still keeps a dead run's actors from writing into a
+newer run; one writer per cache is the caller's duty (the embed job is the only writer).
 """
 
 from __future__ import annotations
@@ -41,19 +48,51 @@ from omnidiff.contracts.cache import (
 )
 from omnidiff.contracts.encoders import STORAGE_FORMAT, fingerprint
 from omnidiff.contracts.io import TMP_PREFIX, atomic_write, file_lock, fsync_dir, sha256_bytes
+from omnidiff.contracts.storage import (
+    DEFAULT_GRACE_S,
+    Folder,
+    S3Settings,
+    StorageError,
+    clean,
+    is_remote,
+    location_name,
+    open_folder,
+)
 
 LOCK_NAME = ".writer.lock"
 TOKEN_NAME = ".writer"
 
 
-def write_shard_file(directory: str | Path, name: str, table: pa.Table, run_token: str | None = None) -> dict:
+def _shard_entry(name: str, table: pa.Table, data: bytes) -> dict:
+    entry = {"name": name, "rows": table.num_rows, "sha256": sha256_bytes(data), "bytes": len(data)}
+    if "length" in table.column_names:
+        entry["tokens"] = int(pc.sum(table.column("length")).as_py() or 0)
+    return entry
+
+
+def _write_shard_object(folder: Folder, name: str, table: pa.Table, run_token: str | None) -> dict:
+    """:func:`write_shard_file` on object storage: one PUT of the finished bytes (no temp object)."""
+    data = encode_shard(table)
+    entry = _shard_entry(name, table, data)
+    if run_token is not None and _read_token(folder) != run_token:
+        return {**entry, "stale": True}
+    if folder.exists(f"{SHARDS_DIR}/{name}"):  # a retried task: keep both, as on a local disk
+        entry["name"] = name.replace(".parquet", f"-{uuid.uuid4().hex[:8]}.parquet")
+    folder.write_bytes(f"{SHARDS_DIR}/{entry['name']}", data)
+    return entry
+
+
+def write_shard_file(directory: str | Path, name: str, table: pa.Table, run_token: str | None = None,
+                     storage: S3Settings | None = None) -> dict:
     """Publish ``table`` as ``shards/<name>`` atomically; return its manifest entry.
 
     Called by the actors (they write where the data lives; the driver only publishes manifest
     entries). ``run_token`` guards against actors of a killed run: the shard is only renamed into
     place while the cache's ``.writer`` token is still theirs, else it is discarded and the entry
-    has ``stale: True``.
+    has ``stale: True``. An ``s3://`` directory gets one PUT (``storage`` or the AWS env vars).
     """
+    if is_remote(directory):
+        return _write_shard_object(open_folder(directory, storage), name, table, run_token)
     directory = Path(directory)
     shards = directory / SHARDS_DIR
     data = encode_shard(table)
@@ -79,8 +118,10 @@ def write_shard_file(directory: str | Path, name: str, table: pa.Table, run_toke
     return entry
 
 
-def _read_token(directory: Path) -> str | None:
+def _read_token(directory: Path | Folder) -> str | None:
     try:
+        if isinstance(directory, Folder):
+            return directory.read_bytes(TOKEN_NAME).decode().strip()
         return (directory / TOKEN_NAME).read_text().strip()
     except FileNotFoundError:
         return None
@@ -94,12 +135,14 @@ class CacheWriter:
     adds a shard written by :func:`write_shard_file` to the manifest (atomic rewrite).
     """
 
-    def __init__(self, path: str | Path, inputs: dict[str, Any]):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, inputs: dict[str, Any], storage: S3Settings | None = None):
+        self.storage = storage
+        self.folder: Folder | None = open_folder(path, storage) if is_remote(path) else None
+        self.path: Path | str = self.folder.url if self.folder is not None else Path(path)
         self.inputs = dict(inputs)
         self.kind = inputs["kind"]
         self.fingerprint = fingerprint(inputs)
-        if self.path.name != self.fingerprint:
+        if location_name(self.path) != self.fingerprint:
             raise CacheError(f"{self.path}: directory name is not the fingerprint {self.fingerprint} of its inputs")
         self.run_stamp = new_run_stamp()
         self.run_token = f"{self.run_stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -122,6 +165,8 @@ class CacheWriter:
         self.close()
 
     def open(self) -> CacheWriter:
+        if self.folder is not None:
+            return self._open_remote()
         (self.path / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         lock = file_lock(self.path / LOCK_NAME, timeout=0)
         try:
@@ -143,6 +188,42 @@ class CacheWriter:
             raise
         return self
 
+    def _open_remote(self) -> CacheWriter:
+        """Object storage: claim with the run token (no lock there), load the manifest, drop what vanished."""
+        self.folder.ensure()
+        self.folder.write_bytes(TOKEN_NAME, (self.run_token + "\n").encode())
+        self.recovered["ignored"] = []
+        self._load_manifest()
+        self._recover_remote()
+        return self
+
+    def _recover_remote(self) -> None:
+        present = {o.rel.split("/", 1)[1] for o in self.folder.list(SHARDS_DIR)}
+        kept = [e for e in self.manifest["shards"] if e["name"] in present]
+        self.recovered["missing"] = [e["name"] for e in self.manifest["shards"] if e["name"] not in present]
+        if len(kept) != len(self.manifest["shards"]):
+            self.manifest["shards"] = kept
+            self._write_manifest()
+        unreadable = []
+        for entry in sorted(self.manifest["shards"], key=lambda s: s["name"]):
+            try:
+                self.keys.update(self._shard_keys(entry["name"]))
+            except (OSError, pa.ArrowException, StorageError):
+                unreadable.append(entry["name"])
+        if unreadable:
+            self.recovered["quarantined"] = self.quarantine(unreadable)
+        listed = {s["name"] for s in self.manifest["shards"]}
+        # Never read: a killed run's unlisted shards wait for clean_cache; their keys are computed again.
+        self.recovered["ignored"] = sorted(n for n in present if n.startswith(SHARD_PREFIX) and n not in listed
+                                           and not n.endswith(CORRUPT_SUFFIX))
+
+    def _shard_keys(self, name: str) -> list[str]:
+        if self.folder is not None:
+            table = self.folder.read_parquet(f"{SHARDS_DIR}/{name}", ["key"])
+        else:
+            table = read_shard_table(self.path / SHARDS_DIR / name, ["key"])
+        return table.column("key").to_pylist()
+
     @property
     def recovered_anything(self) -> bool:
         """Whether :meth:`open` found leftovers of an interrupted run (temp files, unlisted or lost shards)."""
@@ -153,10 +234,19 @@ class CacheWriter:
             self._lock.release()
             self._lock = None
 
-    def _load_manifest(self) -> None:
+    def _read_manifest(self) -> dict | None:
+        if self.folder is not None:
+            try:
+                return json.loads(self.folder.read_bytes(MANIFEST_NAME))
+            except FileNotFoundError:
+                return None
         path = self.path / MANIFEST_NAME
-        if path.exists():
-            manifest = json.loads(path.read_text())
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def _load_manifest(self) -> None:
+        path = f"{self.path}/{MANIFEST_NAME}"
+        manifest = self._read_manifest()
+        if manifest is not None:
             if manifest.get("fingerprint") != self.fingerprint or manifest.get("fingerprint_inputs") != json.loads(
                 json.dumps(self.inputs)
             ):
@@ -262,7 +352,7 @@ class CacheWriter:
 
     def write(self, table: pa.Table, unit: int) -> dict:
         """Write and publish a shard from the driver (small jobs, adoption, tests)."""
-        entry = write_shard_file(self.path, self.shard_name(unit), table, self.run_token)
+        entry = write_shard_file(self.path, self.shard_name(unit), table, self.run_token, self.storage)
         self.publish(entry)
         return entry
 
@@ -271,7 +361,7 @@ class CacheWriter:
         if entry.get("stale"):
             raise CacheError(f"{self.path}: shard {entry['name']} was written under another run's token")
         if keys is None:
-            keys = read_shard_table(self.path / SHARDS_DIR / entry["name"], ["key"]).column("key").to_pylist()
+            keys = self._shard_keys(entry["name"])
         keys = list(keys)
         dup = self.keys.intersection(keys)
         if dup:
@@ -289,6 +379,9 @@ class CacheWriter:
         self.manifest["updated"] = _now()
         self.manifest["rows"] = sum(s["rows"] for s in self.manifest["shards"])
         data = json.dumps(self.manifest, indent=1, sort_keys=True, ensure_ascii=False).encode()
+        if self.folder is not None:
+            self.folder.write_bytes(MANIFEST_NAME, data)  # one PUT: the commit point on object storage
+            return
         atomic_write(self.path / MANIFEST_NAME, data)
 
     def quarantine(self, names: Iterable[str]) -> list[str]:
@@ -300,7 +393,13 @@ class CacheWriter:
         moved = []
         keep = []
         for entry in self.manifest["shards"]:
-            if entry["name"] in names:
+            if entry["name"] in names and self.folder is not None:
+                rel = f"{SHARDS_DIR}/{entry['name']}"
+                if self.folder.exists(rel):  # no rename on S3: copy, then delete
+                    self.folder.copy(rel, rel + CORRUPT_SUFFIX)
+                    self.folder.delete(rel)
+                moved.append(entry["name"])
+            elif entry["name"] in names:
                 path = self.path / SHARDS_DIR / entry["name"]
                 if path.exists():
                     os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
@@ -312,10 +411,10 @@ class CacheWriter:
         self.keys = set()
         for entry in keep:
             try:
-                table = read_shard_table(self.path / SHARDS_DIR / entry["name"], ["key"])
-            except (OSError, pa.ArrowException):
+                keys = self._shard_keys(entry["name"])
+            except (OSError, pa.ArrowException, StorageError):
                 continue  # unreadable as well: the caller's _recover quarantines it
-            self.keys.update(table.column("key").to_pylist())
+            self.keys.update(keys)
         return moved
 
 
@@ -323,10 +422,30 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def clean_cache(path: str, grace_s: float = DEFAULT_GRACE_S, storage: S3Settings | None = None) -> list[str]:
+    """Delete the objects of an ``s3://`` cache directory that its manifest does not list; returns their paths.
+
+    Kept: the manifest, the run token, listed shards and quarantined ``*.corrupt`` shards (for a person
+    to look at). Everything else (shards a killed run never listed) goes once older than ``grace_s``: a
+    running writer's next shard is unlisted until it is published. Local caches adopt such shards instead.
+    """
+    if not is_remote(path):
+        raise StorageError(f"clean_cache is for s3:// caches; {str(path)!r} is local (the next writer adopts "
+                           "unlisted shards there)")
+    folder = open_folder(path, storage)
+    try:
+        manifest = json.loads(folder.read_bytes(MANIFEST_NAME))
+    except FileNotFoundError:
+        raise CacheError(f"{folder.url}: not an embedding cache (no {MANIFEST_NAME}); nothing to clean") from None
+    listed = {MANIFEST_NAME, TOKEN_NAME, *(f"{SHARDS_DIR}/{s['name']}" for s in manifest["shards"])}
+    listed.update(o.rel for o in folder.list(SHARDS_DIR) if o.rel.endswith(CORRUPT_SUFFIX))
+    return clean(folder, listed, grace_s)
+
+
 @contextlib.contextmanager
-def open_writer(path: str | Path, inputs: dict[str, Any]):
-    """``with open_writer(dir, inputs) as writer:`` (lock held inside)."""
-    writer = CacheWriter(path, inputs).open()
+def open_writer(path: str | Path, inputs: dict[str, Any], storage: S3Settings | None = None):
+    """``with open_writer(dir, inputs) as writer:`` (lock held inside; no lock on object storage)."""
+    writer = CacheWriter(path, inputs, storage).open()
     try:
         yield writer
     finally:

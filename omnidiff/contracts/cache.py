@@ -24,6 +24,12 @@ Read side (the train stage)::
     states = store.read(keys)            # {key: float16 (L, D)}
     pooled = CacheStore(clip_dir).read_pooled(keys)   # {key: float16 (D,)}
     store.verify().raise_if_corrupt()    # names any corrupt shard
+
+A cache may live on object storage (``CacheStore("s3://bucket/cache/llm/<fingerprint>")``, endpoint and
+credentials from :class:`~omnidiff.contracts.storage.S3Settings` or the AWS environment variables).
+There each shard is one PUT and the manifest, rewritten after each shard, is the commit point: the
+reader opens only listed shards, so objects a killed writer left unlisted are never read
+(``embed_cache.writer.clean_cache`` deletes them after a grace period).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from omnidiff.contracts.encoders import KINDS
+from omnidiff.contracts.storage import Folder, S3Settings, is_remote, join_location, open_folder
 
 if TYPE_CHECKING:
     from omnidiff.contracts.cache_verify import VerifyReport
@@ -79,22 +86,22 @@ class NonFiniteStatesError(ValueError):
 # ---------------------------------------------------------------------------------------- locations
 
 
-def cache_root(root: str | Path | None = None) -> Path:
-    """``root`` or ``$OMNIDIFF_HOME/cache``."""
+def cache_root(root: str | Path | None = None) -> Path | str:
+    """``root`` or ``$OMNIDIFF_HOME/cache`` (an ``s3://`` root stays a URL string)."""
     if root is not None:
-        return Path(root)
+        return root if is_remote(root) else Path(root)
     from omnidiff.env import subdir
 
     return subdir("cache")
 
 
-def cache_dir(kind: str, fingerprint: str, root: str | Path | None = None) -> Path:
-    """``<root>/<kind>/<fingerprint>`` (not created)."""
+def cache_dir(kind: str, fingerprint: str, root: str | Path | None = None) -> Path | str:
+    """``<root>/<kind>/<fingerprint>`` (not created; a URL string under an ``s3://`` root)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
     if not fingerprint or "/" in fingerprint or fingerprint.startswith("."):
         raise ValueError(f"fingerprint={fingerprint!r}: not a valid directory name")
-    return cache_root(root) / kind / fingerprint
+    return join_location(cache_root(root), kind, fingerprint)
 
 
 # ---------------------------------------------------------------------------------------- format
@@ -281,12 +288,23 @@ def read_shard_table(path: Path, columns: list[str] | None = None) -> pa.Table:
 class CacheStore:
     """Read-only view of one cache directory (``cache/<kind>/<fingerprint>/``)."""
 
-    def __init__(self, path: str | Path, max_cached_shards: int = 4):
-        self.path = Path(path)
-        manifest_path = self.path / MANIFEST_NAME
-        if not manifest_path.is_file():
-            raise CacheError(f"{self.path}: not an embedding cache (no {MANIFEST_NAME}); run 'omnidiff embed' first")
-        self.manifest: dict = json.loads(manifest_path.read_text())
+    def __init__(self, path: str | Path, max_cached_shards: int = 4, storage: S3Settings | None = None):
+        self.folder: Folder | None = None
+        if is_remote(path):  # object storage: self.path is the s3:// URL
+            self.folder = open_folder(path, storage)
+            self.path: Path | str = self.folder.url
+            try:
+                self.manifest: dict = json.loads(self.folder.read_bytes(MANIFEST_NAME))
+            except FileNotFoundError:
+                raise CacheError(f"{self.path}: not an embedding cache (no {MANIFEST_NAME}); "
+                                 "run 'omnidiff embed' first") from None
+        else:
+            self.path = Path(path)
+            manifest_path = self.path / MANIFEST_NAME
+            if not manifest_path.is_file():
+                raise CacheError(f"{self.path}: not an embedding cache (no {MANIFEST_NAME}); "
+                                 "run 'omnidiff embed' first")
+            self.manifest = json.loads(manifest_path.read_text())
         self.kind: str = self.manifest["kind"]
         self.fingerprint: str = self.manifest["fingerprint"]
         self._index: dict[str, tuple[str, int]] | None = None
@@ -323,7 +341,7 @@ class CacheStore:
         if self._index is None:
             index: dict[str, tuple[str, int]] = {}
             for name in self.shard_names:  # oldest first: the first occurrence of a key wins
-                keys = read_shard_table(self.path / SHARDS_DIR / name, ["key"]).column("key").to_pylist()
+                keys = self._read_shard(name, ["key"]).column("key").to_pylist()
                 for row, key in enumerate(keys):
                     index.setdefault(key, (name, row))
             self._index = index
@@ -333,15 +351,20 @@ class CacheStore:
         if name in self._tables:
             self._tables.move_to_end(name)
             return self._tables[name]
-        path = self.path / SHARDS_DIR / name
         try:
-            table = read_shard_table(path)
+            table = self._read_shard(name)
         except (OSError, pa.ArrowException) as exc:
             raise CorruptShardError(self.path, {name: f"cannot read: {exc}"}) from None
         self._tables[name] = table
         while len(self._tables) > self._max_cached:
             self._tables.popitem(last=False)
         return table
+
+    def _read_shard(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        """A listed shard (memory-mapped locally, one GET on object storage)."""
+        if self.folder is not None:
+            return self.folder.read_parquet(f"{SHARDS_DIR}/{name}", columns)
+        return read_shard_table(self.path / SHARDS_DIR / name, columns)
 
     def _rows_by_shard(self, keys: Iterable[str]) -> dict[str, list[tuple[str, int]]]:
         index = self._key_index()
@@ -400,7 +423,7 @@ class CacheStore:
         wanted = None if keys is None else set(keys)
         out: dict[str, int] = {}
         for name in reversed(self.shard_names):  # reversed so the oldest shard's value wins
-            table = read_shard_table(self.path / SHARDS_DIR / name, ["key", "length"])
+            table = self._read_shard(name, ["key", "length"])
             for key, length in zip(table.column("key").to_pylist(), table.column("length").to_pylist(), strict=True):
                 if wanted is None or key in wanted:
                     out[key] = length
@@ -414,4 +437,7 @@ class CacheStore:
         """
         from omnidiff.contracts.cache_verify import verify_store
 
+        if self.folder is not None:
+            raise CacheError(f"{self.path}: verify reads local shards only; an s3:// cache is not verified yet "
+                             "(issue 17)")
         return verify_store(self, check_values)

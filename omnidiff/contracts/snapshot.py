@@ -18,6 +18,13 @@ renamed, and the whole snapshot is staged in a hidden folder and renamed to its
 digest when complete. A reader never sees half a shard or half a snapshot, and
 writing the same content twice lands in the same folder (the digest is over the
 content only: shard names, row counts and sha256s, and the schema version).
+
+On object storage (``root="s3://bucket/prefix"``, omnidiff/contracts/storage.py) there is no rename:
+shards are PUT under ``<name>/.staging-<id>/``, copied (server-side) into ``<name>/<digest16>/`` at
+:meth:`SnapshotWriter.finish`, and ``manifest.json`` is written last: it is the commit point. A
+reader opens a snapshot only through its manifest and reads only the shards it lists, so a killed
+writer's objects are never read; :func:`clean_snapshots` deletes them after a grace period. The
+same content gives the same digest and the same bytes locally and on S3.
 """
 
 from __future__ import annotations
@@ -33,6 +40,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from omnidiff.contracts.io import atomic_write, pid_alive, sha256_file
+from omnidiff.contracts.storage import (
+    DEFAULT_GRACE_S,
+    Folder,
+    S3Settings,
+    StorageError,
+    clean,
+    encode_parquet,
+    is_remote,
+    join_location,
+    open_folder,
+)
 from omnidiff.env import subdir
 
 SCHEMA_VERSION = 1
@@ -70,20 +88,34 @@ def _remove_dead_staging(name_dir: Path) -> None:
 class SnapshotWriter:
     """Stage shards in a hidden folder next to the final one; :meth:`finish` renames it to its digest."""
 
-    def __init__(self, name: str, root: Path | None = None):
+    def __init__(self, name: str, root: str | Path | None = None, storage: S3Settings | None = None):
         self.name = name
-        self.name_dir = (root or snapshots_root()) / name
+        self.shards: dict[str, list[dict]] = {table: [] for table in TABLES}
+        if root is not None and is_remote(root):
+            # Object storage: shards go under a staging prefix; finish() copies them and writes the manifest last.
+            self.folder: Folder | None = open_folder(join_location(root, name), storage)
+            self.folder.ensure()
+            self.name_dir = self.folder.url
+            self.staging = f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            return
+        self.folder = None
+        self.name_dir = Path(root or snapshots_root()) / name
         self.name_dir.mkdir(parents=True, exist_ok=True)
         _remove_dead_staging(self.name_dir)
         self.staging = self.name_dir / f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         for table in TABLES:
             (self.staging / table).mkdir(parents=True)
-        self.shards: dict[str, list[dict]] = {table: [] for table in TABLES}
 
     def write_shard(self, table_name: str, table: pa.Table) -> dict:
-        """Write ``table`` as the next shard of ``table_name`` (temp name, then rename)."""
+        """Write ``table`` as the next shard of ``table_name`` (temp name, then rename; one PUT on S3)."""
         index = len(self.shards[table_name])
         rel = f"{table_name}/part-{index:05d}.parquet"
+        if self.folder is not None:
+            data = encode_parquet(table, compression="zstd")
+            self.folder.write_bytes(f"{self.staging}/{rel}", data)
+            shard = {"path": rel, "rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
+            self.shards[table_name].append(shard)
+            return shard
         final = self.staging / rel
         tmp = final.with_name(f".{final.name}.tmp")
         pq.write_table(table, tmp, compression="zstd")
@@ -97,6 +129,8 @@ class SnapshotWriter:
         digest = content_digest(self.shards)
         full = {"schema_version": SCHEMA_VERSION, "name": self.name, "digest": digest, **manifest,
                 "shards": self.shards}
+        if self.folder is not None:
+            return self._finish_remote(digest, full)
         atomic_write(self.staging / "manifest.json", json.dumps(full, indent=2, ensure_ascii=False) + "\n")
         final = self.name_dir / digest[:16]
         if final.exists():
@@ -114,19 +148,45 @@ class SnapshotWriter:
         atomic_write(self.name_dir / "LATEST", digest[:16] + "\n")
         return final
 
+    def _finish_remote(self, digest: str, full: dict) -> str:
+        """Copy the staged shards into ``<digest16>/``, then the manifest (the commit point), then LATEST."""
+        folder, final = self.folder, digest[:16]
+        try:
+            Snapshot.open(folder.url_of(final), storage=None, folder=folder.child(final))
+            intact = True  # the same content was published before (a rerun)
+        except SnapshotError:
+            intact = False
+        if not intact:
+            for table in TABLES:
+                for shard in self.shards[table]:
+                    folder.copy(f"{self.staging}/{shard['path']}", f"{final}/{shard['path']}")
+            folder.write_bytes(f"{final}/manifest.json",
+                               (json.dumps(full, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        folder.write_bytes("LATEST", (digest[:16] + "\n").encode())
+        self.abort()
+        return folder.url_of(final)
+
     def abort(self) -> None:
+        if self.folder is not None:
+            for obj in self.folder.list(self.staging):
+                self.folder.delete(obj.rel)
+            return
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
 class Snapshot:
     """A finished pair snapshot folder; :meth:`open` checks the manifest and every shard's checksum."""
 
-    def __init__(self, path: Path, manifest: dict):
-        self.path = path
+    def __init__(self, path: Path | str, manifest: dict, folder: Folder | None = None):
+        self.path = path  # a Path, or an s3:// URL string for a snapshot on object storage
         self.manifest = manifest
+        self.folder = folder
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> Snapshot:
+    def open(cls, path: str | Path, verify: bool = True, storage: S3Settings | None = None,
+             folder: Folder | None = None) -> Snapshot:
+        if folder is not None or is_remote(path):
+            return cls._open_remote(folder or open_folder(path, storage), verify)
         path = Path(path)
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
@@ -145,8 +205,38 @@ class Snapshot:
             snap.verify()
         return snap
 
+    @classmethod
+    def _open_remote(cls, folder: Folder, verify: bool) -> Snapshot:
+        """The manifest is the commit point: no manifest object, no snapshot, whatever else is there."""
+        url = folder.url_of("manifest.json")
+        try:
+            manifest = json.loads(folder.read_bytes("manifest.json").decode("utf-8"))
+        except FileNotFoundError:
+            raise SnapshotError(f"{folder.url!r} is not a pair snapshot (no manifest.json)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SnapshotError(f"{url!r} is corrupt: {exc}") from None
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise SnapshotError(f"{url!r}: schema_version={manifest.get('schema_version')!r}, "
+                                f"this code reads {SCHEMA_VERSION}")
+        if content_digest(manifest["shards"]) != manifest["digest"]:
+            raise SnapshotError(f"{url!r}: the digest does not match its shard list (edited?)")
+        snap = cls(folder.url, manifest, folder)
+        if verify:
+            snap.verify()
+        return snap
+
     def verify(self) -> None:
         """Every shard exists with its recorded sha256; a SnapshotError names the first bad one."""
+        if self.folder is not None:
+            for table in TABLES:
+                for shard in self.manifest["shards"].get(table, []):
+                    if not self.folder.exists(shard["path"]):
+                        raise SnapshotError(f"snapshot {self.path!r}: shard {shard['path']} is missing")
+                    actual = self.folder.sha256(shard["path"])
+                    if actual != shard["sha256"]:
+                        raise SnapshotError(f"snapshot {self.path!r}: shard {shard['path']} is corrupt "
+                                            f"(sha256 {actual[:12]}..., manifest says {shard['sha256'][:12]}...)")
+            return
         for table in TABLES:
             for shard in self.manifest["shards"].get(table, []):
                 file = self.path / shard["path"]
@@ -169,15 +259,21 @@ class Snapshot:
     def counts(self) -> dict:
         return self.manifest["counts"]
 
-    def shard_paths(self, table: str = "pairs") -> list[Path]:
+    def shard_paths(self, table: str = "pairs") -> list[Path] | list[str]:
+        """The listed shards of ``table``: paths, or ``s3://`` URLs on object storage."""
         if table not in TABLES:
             raise ValueError(f"table={table!r}: one of {TABLES}")
+        if self.folder is not None:
+            return [self.folder.url_of(s["path"]) for s in self.manifest["shards"].get(table, [])]
         return [self.path / s["path"] for s in self.manifest["shards"].get(table, [])]
 
     def _read(self, table: str, columns: list[str] | None) -> pa.Table:
         paths = self.shard_paths(table)
         if not paths:
             raise SnapshotError(f"snapshot {str(self.path)!r} has no {table} shards")
+        if self.folder is not None:
+            return pa.concat_tables([self.folder.read_parquet(s["path"], columns)
+                                     for s in self.manifest["shards"][table]])
         return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
 
     def pairs(self, columns: list[str] | None = None) -> pa.Table:
@@ -196,8 +292,18 @@ class Snapshot:
         return f"Snapshot({str(self.path)!r}, digest={self.digest[:16]})"
 
 
-def latest_snapshot(name: str, root: Path | None = None) -> Path:
-    """Folder of the newest snapshot called ``name`` (from ``<name>/LATEST``)."""
+def latest_snapshot(name: str, root: str | Path | None = None, storage: S3Settings | None = None) -> Path | str:
+    """Folder of the newest snapshot called ``name`` (from ``<name>/LATEST``); a URL on object storage."""
+    if root is not None and is_remote(root):
+        folder = open_folder(join_location(root, name), storage)
+        try:
+            digest16 = folder.read_bytes("LATEST").decode().strip()
+        except FileNotFoundError:
+            raise SnapshotError(f"no snapshot named {name!r} yet ({folder.url_of('LATEST')!r} is missing); "
+                                "run `omnidiff collect`") from None
+        if not folder.exists(f"{digest16}/manifest.json"):
+            raise SnapshotError(f"{folder.url_of('LATEST')!r} points at {digest16}, which has no manifest.json")
+        return folder.url_of(digest16)
     name_dir = (root or snapshots_root()) / name
     latest = name_dir / "LATEST"
     if not latest.is_file():
@@ -206,3 +312,29 @@ def latest_snapshot(name: str, root: Path | None = None) -> Path:
     if not path.is_dir():
         raise SnapshotError(f"{str(latest)!r} points at {path.name}, which does not exist")
     return path
+
+
+def clean_snapshots(name: str, root: str | Path, grace_s: float = DEFAULT_GRACE_S,
+                    storage: S3Settings | None = None) -> list[str]:
+    """Delete what killed writers left under ``<root>/<name>/`` on object storage; returns the deleted paths.
+
+    Kept: ``LATEST``, every ``<digest16>/manifest.json`` and the shards it lists. Everything else
+    (staging prefixes, shards copied before a crash, before the manifest) goes once older than
+    ``grace_s``: a writer still running has such objects too. Local folders clean themselves (dead
+    staging folders go when the next writer starts), so this is for ``s3://`` roots.
+    """
+    if not is_remote(root):
+        raise StorageError(f"clean_snapshots is for s3:// roots; {str(root)!r} is local (writers clean it)")
+    folder = open_folder(join_location(root, name), storage)
+    listed = {"LATEST"}
+    for obj in folder.list():
+        parts = obj.rel.split("/")
+        if len(parts) == 2 and parts[1] == "manifest.json" and not parts[0].startswith("."):
+            try:
+                manifest = json.loads(folder.read_bytes(obj.rel).decode("utf-8"))
+                shards = [s["path"] for table in manifest["shards"].values() for s in table]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+                continue  # not a manifest this code wrote: its folder is not committed
+            listed.add(obj.rel)
+            listed.update(f"{parts[0]}/{p}" for p in shards)
+    return clean(folder, listed, grace_s)

@@ -1,0 +1,342 @@
+"""Where artifacts live: a local folder or a prefix on S3-compatible object storage (issue 17).
+
+    folder = open_folder("s3://bucket/omnidiff/data/snapshots")      # or a local path, unchanged
+    folder.write_bytes("tiny/LATEST", b"...")                          # one PUT: all or nothing
+    folder.read_bytes("tiny/LATEST"); folder.list("tiny"); folder.delete("tiny/x")
+
+A location is a local path or an ``s3://bucket/prefix`` URL; :func:`open_folder` turns it into a
+:class:`Folder` (a ``pyarrow.fs`` filesystem + the path inside it). The endpoint and the credentials come
+from :class:`S3Settings` (a config section) where set, else from the standard AWS environment
+variables: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``.
+
+S3 has no rename, so publishing is done with a manifest written last (docs/architecture.md, "Storage"):
+every data object is written first, each by one PUT (an object is either absent or complete), then the
+manifest object that lists them. The manifest is the commit point: readers open only what a manifest
+lists, so a crashed writer's objects are never read; :func:`clean` deletes such unlisted objects once
+they are older than a grace period (a live writer's objects are unlisted too until its manifest lands).
+Local folders keep their own protocol (temp file + rename) and are not changed by this module.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pydantic import Field, SecretStr
+
+from omnidiff.config import ConfigModel
+from omnidiff.contracts.io import atomic_write
+
+S3_SCHEME = "s3://"
+DEFAULT_REGION = "us-east-1"
+DEFAULT_GRACE_S = 24 * 3600.0  # longer than any writer takes between its first object and its manifest
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class StorageError(RuntimeError):
+    """A location cannot be used (bad URL, endpoint unreachable, access refused); the message names it."""
+
+
+class S3Settings(ConfigModel):
+    """Endpoint and credentials of an S3-compatible store; a field left ``None`` comes from the AWS env vars.
+
+    Prefer the environment (or the provider's own credential chain) for the secret: a config is logged.
+    """
+
+    endpoint_url: str | None = Field(None, pattern=r"^https?://[^/\s]+/?$")  # e.g. http://127.0.0.1:8333
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    connect_timeout_s: float = Field(5.0, gt=0)
+    request_timeout_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(3, ge=1, le=20)
+
+    def resolved(self, environ: Mapping[str, str] | None = None) -> ResolvedS3:
+        """These settings with the unset ones filled from the AWS environment variables."""
+        env = os.environ if environ is None else environ
+
+        def secret(value: SecretStr | None, var: str) -> str | None:
+            return value.get_secret_value() if value is not None else (env.get(var) or None)
+
+        endpoint = self.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+        source = "config" if self.endpoint_url else ("environment" if endpoint else "default")
+        return ResolvedS3(
+            endpoint_url=endpoint,
+            endpoint_source=source,
+            region=self.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION,
+            access_key_id=self.access_key_id or env.get("AWS_ACCESS_KEY_ID") or None,
+            secret_access_key=secret(self.secret_access_key, "AWS_SECRET_ACCESS_KEY"),
+            session_token=secret(self.session_token, "AWS_SESSION_TOKEN"),
+            connect_timeout_s=self.connect_timeout_s,
+            request_timeout_s=self.request_timeout_s,
+            max_attempts=self.max_attempts,
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedS3:
+    """:class:`S3Settings` after the environment filled the gaps (hashable: one filesystem per value)."""
+
+    endpoint_url: str | None
+    endpoint_source: str
+    region: str
+    access_key_id: str | None
+    secret_access_key: str | None
+    session_token: str | None
+    connect_timeout_s: float
+    request_timeout_s: float
+    max_attempts: int
+
+    def describe(self) -> str:
+        """For error messages: where requests go and with which key id (never the secret)."""
+        where = self.endpoint_url or "the AWS default endpoint"
+        key = self.access_key_id or "no key id (the default credential chain)"
+        return f"endpoint {where} (from {self.endpoint_source}), region {self.region}, key id {key}"
+
+
+_FILESYSTEMS: dict[ResolvedS3, pafs.S3FileSystem] = {}
+_FILESYSTEMS_LOCK = threading.Lock()
+
+
+def s3_filesystem(settings: ResolvedS3) -> pafs.S3FileSystem:
+    """One ``pyarrow.fs.S3FileSystem`` per resolved settings (made once: it holds a connection pool)."""
+    with _FILESYSTEMS_LOCK:
+        fs = _FILESYSTEMS.get(settings)
+        if fs is None:
+            kwargs: dict = {}
+            if settings.access_key_id and settings.secret_access_key:
+                kwargs.update(access_key=settings.access_key_id, secret_key=settings.secret_access_key,
+                              session_token=settings.session_token)
+            fs = pafs.S3FileSystem(
+                endpoint_override=settings.endpoint_url,
+                region=settings.region,
+                connect_timeout=settings.connect_timeout_s,
+                request_timeout=settings.request_timeout_s,
+                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
+                **kwargs,
+            )
+            _FILESYSTEMS[settings] = fs
+        return fs
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """Whether ``location`` is an ``s3://`` URL (anything else is a local path)."""
+    return isinstance(location, str) and location.startswith(S3_SCHEME)
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``); a clear error for a malformed URL."""
+    if not is_remote(url):
+        raise StorageError(f"{url!r} is not an s3:// URL")
+    bucket, _, key = url[len(S3_SCHEME):].partition("/")
+    if not _BUCKET_RE.match(bucket):
+        raise StorageError(f"{url!r}: bucket name {bucket!r} is not valid (3-63 characters: a-z, 0-9, '.', '-')")
+    key = key.strip("/")
+    if any(part in ("", ".", "..") for part in key.split("/")) and key:
+        raise StorageError(f"{url!r}: the key has an empty, '.' or '..' part")
+    return bucket, key
+
+
+def join_location(location: str | os.PathLike, *parts: str) -> str | Path:
+    """``location`` / parts: a URL stays a string URL, a local path a :class:`Path`."""
+    if is_remote(location):
+        return "/".join([str(location).rstrip("/"), *(p.strip("/") for p in parts if p)])
+    return Path(location).joinpath(*parts)
+
+
+def location_name(location: str | os.PathLike) -> str:
+    """The last part of a path or URL (``s3://b/cache/llm/abc`` -> ``abc``)."""
+    return str(location).rstrip("/").rsplit("/", 1)[-1] if is_remote(location) else Path(location).name
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    rel: str  # relative to the folder, '/'-separated
+    size: int
+    mtime: dt.datetime | None
+
+
+class Folder:
+    """A folder of objects on a ``pyarrow.fs`` filesystem: a local directory or an S3 prefix.
+
+    Paths given to the methods are relative, ``/``-separated. Every filesystem error becomes a
+    :class:`StorageError` naming the URL and, for S3, the endpoint and key id in use.
+    """
+
+    def __init__(self, location: str | os.PathLike, settings: S3Settings | None = None):
+        if is_remote(location):
+            bucket, key = split_s3_url(str(location))
+            self.s3 = (settings or S3Settings()).resolved()
+            self.fs: pafs.FileSystem = s3_filesystem(self.s3)
+            self.root = f"{bucket}/{key}" if key else bucket
+            self.url = f"{S3_SCHEME}{self.root}"
+            self.local: Path | None = None
+        else:
+            self.s3 = None
+            self.local = Path(location)
+            self.fs = pafs.LocalFileSystem()
+            self.root = str(self.local.absolute())
+            self.url = str(location)
+        self._settings = settings
+
+    @property
+    def remote(self) -> bool:
+        return self.local is None
+
+    @property
+    def name(self) -> str:
+        return location_name(self.url)
+
+    def child(self, *parts: str) -> Folder:
+        return Folder(join_location(self.url if self.remote else self.local, *parts), self._settings)
+
+    def path(self, rel: str = "") -> str:
+        """The path inside the filesystem (what pyarrow calls take)."""
+        return "/".join([self.root, rel.strip("/")]) if rel else self.root
+
+    def url_of(self, rel: str = "") -> str:
+        return "/".join([self.url.rstrip("/"), rel.strip("/")]) if rel else self.url
+
+    def _error(self, what: str, rel: str, exc: Exception) -> StorageError:
+        where = f" ({self.s3.describe()})" if self.s3 is not None else ""
+        return StorageError(f"cannot {what} {self.url_of(rel)!r}{where}: {exc}")
+
+    def _call(self, what: str, rel: str, fn: Callable):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except (OSError, pa.ArrowException) as exc:
+            raise self._error(what, rel, exc) from None
+
+    # -- reading
+    def info(self, rel: str) -> ObjectInfo | None:
+        """Size and time of one object, or None when it does not exist."""
+        info = self._call("look up", rel, lambda: self.fs.get_file_info(self.path(rel)))
+        if info.type != pafs.FileType.File:
+            return None
+        return ObjectInfo(rel, info.size or 0, info.mtime)
+
+    def exists(self, rel: str) -> bool:
+        return self.info(rel) is not None
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The object's bytes; FileNotFoundError (naming the URL) when it does not exist."""
+        if self.info(rel) is None:
+            raise FileNotFoundError(f"{self.url_of(rel)} does not exist")
+        return self._call("read", rel, lambda: self._read_all(rel))
+
+    def _read_all(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as fh:
+            return fh.read()
+
+    def sha256(self, rel: str) -> str:
+        """SHA-256 of the object, streamed in 8 MiB reads."""
+
+        def digest() -> str:
+            h = hashlib.sha256()
+            with self.fs.open_input_stream(self.path(rel)) as fh:
+                while chunk := fh.read(8 << 20):
+                    h.update(chunk)
+            return h.hexdigest()
+
+        return self._call("read", rel, digest)
+
+    def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        """A Parquet object as an Arrow table (only ``columns`` when given)."""
+        return self._call("read", rel, lambda: pq.read_table(self.path(rel), columns=columns, filesystem=self.fs))
+
+    def list(self, rel: str = "") -> list[ObjectInfo]:
+        """Every object under ``rel`` (recursive), sorted by relative path; [] when there is none."""
+        base = self.path(rel)
+        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        infos = self._call("list", rel, lambda: self.fs.get_file_info(selector))
+        out = []
+        for info in infos:
+            if info.type == pafs.FileType.File:
+                out.append(ObjectInfo(info.path[len(self.root):].lstrip("/"), info.size or 0, info.mtime))
+        return sorted(out, key=lambda o: o.rel)
+
+    # -- writing
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Publish one object: one PUT on S3 (readers see all of it or none), temp + rename locally."""
+        if not self.remote:
+            target = self.local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, data)
+            return
+
+        def put() -> None:
+            with self.fs.open_output_stream(self.path(rel)) as fh:
+                fh.write(data)
+
+        self._call("write", rel, put)
+
+    def copy(self, src_rel: str, dst_rel: str) -> None:
+        """Copy one object (a server-side copy on S3)."""
+        self._call("copy to", dst_rel, lambda: self.fs.copy_file(self.path(src_rel), self.path(dst_rel)))
+
+    def delete(self, rel: str) -> None:
+        """Delete one object; a missing one is no error."""
+        try:
+            self._call("delete", rel, lambda: self.fs.delete_file(self.path(rel)))
+        except FileNotFoundError:
+            pass
+
+    def ensure(self) -> None:
+        """Make sure the location can be used: the bucket answers (S3) or the folder exists (local)."""
+        if not self.remote:
+            self.local.mkdir(parents=True, exist_ok=True)
+            return
+        bucket = self.root.split("/", 1)[0]
+        info = self._call("reach the bucket of", "", lambda: self.fs.get_file_info(bucket))
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"bucket {bucket!r} of {self.url!r} does not exist ({self.s3.describe()})")
+
+    def __repr__(self) -> str:
+        return f"Folder({self.url!r})"
+
+
+def open_folder(location: str | os.PathLike, settings: S3Settings | None = None) -> Folder:
+    """A :class:`Folder` for a local path or an ``s3://bucket/prefix`` URL."""
+    return Folder(location, settings)
+
+
+def encode_parquet(table: pa.Table, **write_options) -> bytes:
+    """``table`` as Parquet bytes (the same bytes ``pq.write_table`` puts in a file with those options)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **write_options)
+    return buf.getvalue()
+
+
+def clean(folder: Folder, listed: Iterable[str], grace_s: float = DEFAULT_GRACE_S,
+          now: dt.datetime | None = None, under: str = "") -> list[str]:
+    """Delete objects under ``under`` that no manifest lists (``listed``) and that are older than ``grace_s``.
+
+    These are what crashed writers left: readers never open them. A writer still running has
+    unlisted objects too, so only those older than the grace period go. Returns the deleted paths.
+    """
+    keep = set(listed)
+    now = now or dt.datetime.now(dt.UTC)
+    deleted = []
+    for obj in folder.list(under):
+        if obj.rel in keep:
+            continue
+        mtime = obj.mtime if obj.mtime is None or obj.mtime.tzinfo else obj.mtime.replace(tzinfo=dt.UTC)
+        if mtime is not None and (now - mtime).total_seconds() < grace_s:
+            continue
+        folder.delete(obj.rel)
+        deleted.append(obj.rel)
+    return deleted
