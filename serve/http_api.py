@@ -44,7 +44,14 @@ PLAYGROUND = Path(__file__).with_name("playground.html")
 
 
 class Overloaded(Exception):
-    """The bounded queue in front of the generator is full."""
+    """Admitting the request would pass the bound on queued work or requests (serve/admission.py).
+
+    ``retry_after_s``: when it may fit, from the measured drain rate (None: the configured fallback).
+    """
+
+    def __init__(self, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(Exception):
@@ -67,6 +74,7 @@ class ApiSettings:
     route_prefix: str
     model_ids: tuple[str, ...] = ()
     capacity: int | None = None
+    admission: dict[str, Any] | None = None  # AdmissionConfig of one ingress replica (its share of the budget)
     title: str = "omnidiff image API"
 
 
@@ -82,9 +90,11 @@ def model_ids(pinned: dict[str, Any]) -> tuple[str, ...]:
 
 def settings_from_config(cfg: ServeConfig, token_digest: str | None, pinned: dict[str, Any] | None = None) -> ApiSettings:
     replicas = cfg.autoscaling.max_replicas if cfg.autoscaling.enabled else cfg.replicas
+    admission = to_dict(cfg.admission)
+    admission["max_queued_work"] = max(1, cfg.admission.max_queued_work // cfg.ingress_replicas)
     return ApiSettings(limits=to_dict(cfg.limits), token_digest=token_digest, retry_after_s=cfg.retry_after_s,
                        route_prefix=cfg.route_prefix, model_ids=model_ids(pinned) if pinned else (),
-                       capacity=replicas * cfg.max_ongoing_requests + cfg.max_queued_requests)
+                       capacity=replicas * cfg.max_ongoing_requests + cfg.max_queued_requests, admission=admission)
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
@@ -201,8 +211,9 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
 
     @app.exception_handler(Overloaded)
     async def on_overload(_: Request, exc: Overloaded):
-        return _error(503, "server overloaded: the request queue is full, retry later", "server_overloaded", None,
-                      "queue_full", headers={"Retry-After": str(settings.retry_after_s)})
+        retry_after = exc.retry_after_s or settings.retry_after_s
+        return _error(503, f"server overloaded: the request queue is full ({exc}); retry in {retry_after}s",
+                      "server_overloaded", None, "queue_full", headers={"Retry-After": str(retry_after)})
 
     @app.exception_handler(Unavailable)
     async def on_unavailable(_: Request, exc: Unavailable):
