@@ -163,3 +163,14 @@ def test_burst_of_heavy_requests_gets_503s_with_retry_after_while_cheap_ones_are
             assert "pixel-steps" in answer.json()["error"]["message"]
             assert 1 <= int(answer.headers["retry-after"]) <= admission.max_retry_after_s
     assert [a.status_code for a in cheaps] == [200, 200], [a.text for a in cheaps]
+
+
+def test_the_ingress_prices_the_models_own_size_at_the_largest_until_it_has_seen_it():
+    from serve.app import HandleBackend
+
+    backend = HandleBackend(None, budget=WorkBudget(max_work=10**6), sizes=("16x16", "64x32", "32x32"))
+    job = {"n": 2, "steps": 10, "width": None, "height": None}
+    assert backend.cost(job) == job_cost(2, 10, 64, 32)  # not known yet: never under-priced
+    assert backend.cost({**job, "width": 16, "height": 16}) == 2 * 10 * 256
+    backend.native_size = (16, 16)  # what a finished request of the model's own size showed
+    assert backend.cost(job) == 2 * 10 * 256
