@@ -91,18 +91,27 @@ class WorkBudget:
 
     # -- admission --------------------------------------------------------------------------
 
-    def admit(self, cost: int) -> Ticket:
+    def refusal(self, cost: int, requests: int | None = None) -> Overbudget | None:
+        """Why a request of ``cost`` would be refused now (None: it would be admitted). ``requests``:
+        how many requests to count against ``max_requests`` (default: those admitted)."""
         self._advance()
-        if self.max_requests is not None and self.in_flight >= self.max_requests:
+        requests = self.in_flight if requests is None else requests
+        if self.max_requests is not None and requests >= self.max_requests:
             # Room for one more request when the average one in flight finishes.
-            raise Overbudget(f"{self.in_flight} requests in flight, capacity {self.max_requests}",
-                             self.seconds_to_drain(self.queued_work / max(1, self.in_flight)))
+            return Overbudget(f"{requests} requests in flight, capacity {self.max_requests}",
+                              self.seconds_to_drain(self.queued_work / max(1, self.in_flight)))
         if self.in_flight and self.queued_work + cost > self.max_work:
             # Retry when enough of the queued work has drained for this request to fit (all of it,
             # for a request larger than the whole budget: those run alone).
             excess = self.queued_work + cost - self.max_work if cost <= self.max_work else self.queued_work
-            raise Overbudget(f"{self.queued_work} pixel-steps queued + {cost} asked > budget {self.max_work}",
-                             self.seconds_to_drain(excess))
+            return Overbudget(f"{self.queued_work} pixel-steps queued + {cost} asked > budget {self.max_work}",
+                              self.seconds_to_drain(excess))
+        return None
+
+    def admit(self, cost: int) -> Ticket:
+        refused = self.refusal(cost)
+        if refused is not None:
+            raise refused
         self.queued_work += cost
         self.in_flight += 1
         return Ticket(cost=cost, admitted_at=self.clock())

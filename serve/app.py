@@ -24,6 +24,7 @@ they hold, and requests wait at the handle meanwhile (tests/test_serve_deploy.py
 """
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -188,6 +189,30 @@ class HandleBackend:
         self.budget = budget or WorkBudget(max_work=2**62, max_requests=capacity)
         self.native_size: tuple[int, int] | None = None
         self.largest_size = max((parse_size(s) for s in sizes), key=lambda wh: wh[0] * wh[1], default=(64, 64))
+        self.smallest_pixels = min((w * h for w, h in map(parse_size, sizes)), default=1)
+        self.requests = 0  # generation requests inside the ingress now, whatever their stage (see ``gate``)
+
+    @contextlib.contextmanager
+    def gate(self):
+        """The first admission check, before the request's body is read (http_api's load shedding).
+
+        Yields an :class:`Overloaded` when no request could be admitted now, whatever it asks (the
+        request count is at capacity, counting requests still being read; or the queued work leaves no
+        room for the cheapest request), else None; the request counts as inside the ingress until
+        the ``with`` block ends. Answering these from the scope alone, without waiting for the body
+        (which the replica fetches from Serve's proxy), keeps a burst's 503s quick.
+        """
+        smallest = min(self.smallest_pixels, self.native_size[0] * self.native_size[1]) if self.native_size \
+            else self.smallest_pixels
+        refused = self.budget.refusal(job_cost(1, 1, smallest, 1), requests=self.requests)
+        if refused is not None:
+            yield Overloaded(str(refused), refused.retry_after_s)
+            return
+        self.requests += 1
+        try:
+            yield None
+        finally:
+            self.requests -= 1
 
     @property
     def in_flight(self) -> int:

@@ -174,3 +174,22 @@ def test_the_ingress_prices_the_models_own_size_at_the_largest_until_it_has_seen
     assert backend.cost({**job, "width": 16, "height": 16}) == 2 * 10 * 256
     backend.native_size = (16, 16)  # what a finished request of the model's own size showed
     assert backend.cost(job) == 2 * 10 * 256
+
+
+def test_the_gate_refuses_before_the_body_only_when_nothing_could_be_admitted():
+    from serve.app import HandleBackend
+
+    budget = WorkBudget(max_work=1000, max_requests=2, clock=Clock())
+    backend = HandleBackend(None, budget=budget, sizes=("16x16", "32x32"))
+    with backend.gate() as first, backend.gate() as second:
+        assert first is None and second is None and backend.requests == 2
+        with backend.gate() as third:  # two requests inside (one may still be reading its body): full
+            assert "2 requests in flight, capacity 2" in str(third) and third.retry_after_s >= 1
+    assert backend.requests == 0
+    ticket = budget.admit(1000 - 255)  # room left for 255 pixel-steps: not one 1-step 16x16 image
+    with backend.gate() as refused:
+        assert refused is not None and "budget 1000" in str(refused)
+    budget.release(ticket)
+    budget.admit(1000 - 256)  # room for exactly the cheapest request: the body decides
+    with backend.gate() as refused:
+        assert refused is None
