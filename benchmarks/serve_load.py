@@ -158,7 +158,7 @@ async def burst_waves(url: str, waves: int, clients: int, heavy_every: int, heav
         conns = await asyncio.gather(*[asyncio.open_connection(host, port) for _ in range(clients)])
 
         async def one(wave: int, i: int, reader, writer) -> None:
-            is_heavy = heavy_every > 0 and i % heavy_every == 0
+            is_heavy = heavy_every > 0 and i % heavy_every == heavy_every // 2  # not the first: see --heavy-every
             body = heavy if is_heavy else {"prompt": f"{PROMPTS[i % len(PROMPTS)]} #{wave}-{i}", "seed": i}
             try:
                 seconds, status, headers, payload = await _http_post(reader, writer, f"{host}:{port}",
@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--waves", type=int, default=3, help="bursts in the admission phase")
     parser.add_argument("--burst-clients", type=int, default=100, help="requests sent at once in each burst")
     parser.add_argument("--heavy-every", type=int, default=5,
-                        help="every k-th request of a burst is cost-heavy (max n, max steps, largest size)")
+                        help="every k-th request of a burst is cost-heavy (max n, max steps, largest size), "
+                             "from the (k//2)-th on: a heavy request first into an idle server is admitted and runs alone")
     parser.add_argument("--heavy-size", default=None, help="size of the heavy requests (default: largest allowed)")
     parser.add_argument("--wave-pause-s", type=float, default=2.0, help="pause after each burst's last answer")
     parser.add_argument("--phases", default="points,burst", help="what to run: points, burst or both")
