@@ -193,3 +193,31 @@ def test_the_gate_refuses_before_the_body_only_when_nothing_could_be_admitted():
     budget.admit(1000 - 256)  # room for exactly the cheapest request: the body decides
     with backend.gate() as refused:
         assert refused is None
+
+
+def test_the_api_answers_a_full_gate_503_before_reading_the_body_and_401_before_503():
+    """The ingress's FastAPI app with a backend (the app's seam, serve.http_api.GenerationBackend)
+    whose budget is spent: generation requests get the JSON 503 and Retry-After without their body
+    being read or validated; a caller without the token still gets 401; other routes are untouched."""
+    from fastapi.testclient import TestClient
+
+    from omnidiff.config import to_dict
+    from serve import auth
+    from serve.app import HandleBackend
+    from serve.config import LimitsConfig
+    from serve.http_api import ApiSettings, build_fastapi
+
+    budget = WorkBudget(max_work=1000, max_requests=8, fallback_retry_after_s=3, clock=Clock())
+    budget.admit(1000)
+    backend = HandleBackend(None, budget=budget, sizes=("16x16",))
+    settings = ApiSettings(limits=to_dict(LimitsConfig()), token_digest=auth.token_digest("s3cret"), retry_after_s=3,
+                           route_prefix="/")
+    client = TestClient(build_fastapi(settings, backend))
+    token = {"Authorization": "Bearer s3cret"}
+    for path in ("/v1/generate", "/v1/images/generations"):
+        answer = client.post(path, content=b"not even json", headers=token)  # never parsed
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "3"  # nothing finished yet
+        assert answer.json()["error"]["code"] == "queue_full" and "budget 1000" in answer.json()["error"]["message"]
+        assert client.post(path, json={"prompt": "x"}).status_code == 401
+    assert client.get("/healthz").status_code == 200
+    assert backend.requests == 0
