@@ -53,19 +53,6 @@ _REPLICA_ENV = ("MLFLOW_TRACKING_URI", "OMNIDIFF_HOME", "OMNIDIFF_MODELS", "HF_H
                 "TRANSFORMERS_OFFLINE")
 
 
-# Request-path settings of Ray Serve for the processes every HTTP request crosses (the proxy and the
-# ingress): route in the event loop that received the request, run the (async, never blocking) ingress
-# code in the replica's own loop, and buffer the per-request log lines. Each cross-thread hop costs
-# milliseconds once 100 requests arrive at once on 2 busy cores, and a burst's 503s wait behind them
-# (Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED sets the same three). A value in the environment wins.
-_FAST_PATH_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                  "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}
-
-
-def _fast_path_env() -> dict[str, str]:
-    return {key: os.environ.get(key, value) for key, value in _FAST_PATH_ENV.items()}
-
-
 # ----------------------------------------------------------------------------- generator
 
 
@@ -310,10 +297,8 @@ def build_app(cfg: ServeConfig, pinned: dict[str, Any] | None = None):
     generator = GeneratorDeployment.options(
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
-        # Its user code keeps its own thread (Serve's default; the controller's env, which replicas may
-        # inherit, says otherwise for the request path): __init__ loads the model synchronously.
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica,
-                           "runtime_env": {"env_vars": {**env_vars, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}}},
+                           "runtime_env": {"env_vars": env_vars}},
         max_surge_percent=cfg.rollout_surge_percent,
         # Its calls come from the ingress, which logs every HTTP request already.
         logging_config={"enable_access_log": False},
@@ -324,7 +309,7 @@ def build_app(cfg: ServeConfig, pinned: dict[str, Any] | None = None):
     ingress = ImageAPIDeployment.options(
         num_replicas=cfg.ingress_replicas,
         max_ongoing_requests=10_000,
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {**env_vars, **_fast_path_env()}}},
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env_vars}},
         max_surge_percent=cfg.rollout_surge_percent,
     )
     return ingress.bind(generator, settings_from_config(cfg, digest, pinned))
@@ -346,7 +331,7 @@ def start_serve(cfg: ServeConfig) -> None:
                                    max_header_count=cfg.http.max_header_count,
                                    max_header_bytes=cfg.http.max_header_bytes)
     serve.start(http_options={"host": cfg.host, "port": cfg.port, "keep_alive_timeout_s": cfg.http.keep_alive_timeout_s},
-                proxy_location="HeadOnly", controller_options={"runtime_env": {"env_vars": {**http_guard.proxy_env(guard), **_fast_path_env()}}})
+                proxy_location="HeadOnly", controller_options={"runtime_env": {"env_vars": http_guard.proxy_env(guard)}})
     # A Ray cluster has one Serve HTTP proxy: when Serve was already up, serve.start kept its
     # host/port and only logged a warning, and the app would be reachable somewhere else than
     # asked. Say so instead of waiting for /readyz on a port nobody listens on.
