@@ -24,6 +24,7 @@ they hold, and requests wait at the handle meanwhile (tests/test_serve_deploy.py
 """
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -39,7 +40,8 @@ from ray import serve
 from omnidiff import supervisor
 from omnidiff.config import ConfigError, to_dict
 from omnidiff.env import subdir
-from serve import auth
+from serve import auth, http_guard
+from serve.admission import Overbudget, WorkBudget, job_cost
 from serve.config import ServeConfig, parse_size
 from serve.http_api import ApiSettings, Overloaded, Unavailable, build_fastapi, settings_from_config
 from serve.models import model_card, pin_model
@@ -170,18 +172,59 @@ class GeneratorDeployment:
 
 
 class HandleBackend:
-    """The generator deployment behind a Serve handle, with Serve's errors mapped to ours.
+    """The generator deployment behind a Serve handle, with Serve's errors mapped to ours, and admission.
 
-    ``capacity`` = what the generators hold plus the bounded queue. Past it a request is turned
-    away here, before the handle is asked: the same answer Serve's ``max_queued_requests`` gives
-    (which stays the authority), minus the router work and its per-rejection warning log, so the
-    503 stays quick when the box is busiest.
+    Admission (serve/admission.py) happens here, before the handle is asked: a request is priced in
+    pixel-steps and refused with :class:`Overloaded` (503, ``Retry-After`` from the measured drain
+    rate) when the work already admitted plus its own would pass ``budget.max_work``, or when
+    ``capacity`` requests (what the generators hold plus the bounded queue) are in flight. Serve's
+    ``max_queued_requests`` on the handle stays the authority on the count; answering here first
+    skips the router work and its per-rejection warning log, so the 503 stays quick when the box is
+    busiest. A request of the model's own size (``width`` None) is priced at the largest allowed size
+    until a finished request has shown the model's size.
     """
 
-    def __init__(self, handle, capacity: int | None = None):
+    def __init__(self, handle, capacity: int | None = None, budget: WorkBudget | None = None,
+                 sizes: tuple[str, ...] = ()):
         self.handle = handle
-        self.capacity = capacity
-        self.in_flight = 0
+        self.budget = budget or WorkBudget(max_work=2**62, max_requests=capacity)
+        self.native_size: tuple[int, int] | None = None
+        self.largest_size = max((parse_size(s) for s in sizes), key=lambda wh: wh[0] * wh[1], default=(64, 64))
+        self.smallest_pixels = min((w * h for w, h in map(parse_size, sizes)), default=1)
+        self.requests = 0  # generation requests inside the ingress now, whatever their stage (see ``gate``)
+
+    @contextlib.contextmanager
+    def gate(self):
+        """The first admission check, before the request's body is read (http_api's load shedding).
+
+        Yields an :class:`Overloaded` when no request could be admitted now, whatever it asks (the
+        request count is at capacity, counting requests still being read; or the queued work leaves no
+        room for the cheapest request), else None; the request counts as inside the ingress until
+        the ``with`` block ends. Answering these from the scope alone, without waiting for the body
+        (which the replica fetches from Serve's proxy), keeps a burst's 503s quick.
+        """
+        smallest = min(self.smallest_pixels, self.native_size[0] * self.native_size[1]) if self.native_size \
+            else self.smallest_pixels
+        refused = self.budget.refusal(job_cost(1, 1, smallest, 1), requests=self.requests)
+        if refused is not None:
+            yield Overloaded(str(refused), refused.retry_after_s)
+            return
+        self.requests += 1
+        try:
+            yield None
+        finally:
+            self.requests -= 1
+
+    @property
+    def in_flight(self) -> int:
+        return self.budget.in_flight
+
+    def cost(self, job: dict[str, Any]) -> int:
+        if job["width"] is not None and job["height"] is not None:
+            width, height = job["width"], job["height"]
+        else:
+            width, height = self.native_size or self.largest_size
+        return job_cost(job["n"], job["steps"], width, height)
 
     async def _call(self, method: str, *args, timeout_s: float | None = None):
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -192,20 +235,26 @@ class HandleBackend:
                 return await response
             return await asyncio.wait_for(response, timeout_s)
         except BackPressureError as exc:
-            raise Overloaded(str(exc)) from None
+            raise Overloaded(str(exc), self.budget.seconds_to_drain(self.budget.queued_work)) from None
         except DeploymentUnavailableError as exc:
             raise Unavailable(str(exc)) from None
         except TimeoutError:
             raise Unavailable(f"the generator did not answer within {timeout_s}s") from None
 
     async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
-        if self.capacity is not None and self.in_flight >= self.capacity:
-            raise Overloaded(f"{self.in_flight} requests in flight, capacity {self.capacity}")
-        self.in_flight += 1  # one event loop: no lock needed
         try:
-            return await self._call("generate", job)
+            ticket = self.budget.admit(self.cost(job))  # one event loop: no lock needed
+        except Overbudget as exc:
+            raise Overloaded(str(exc), exc.retry_after_s) from None
+        finished = False
+        try:
+            result = await self._call("generate", job)
+            finished = True
         finally:
-            self.in_flight -= 1
+            self.budget.release(ticket, finished)
+        if job["width"] is None and self.native_size is None:
+            self.native_size = parse_size(result["size"])
+        return result
 
     async def card(self, timeout_s: float) -> dict[str, Any]:
         return await self._call("card", timeout_s=timeout_s)
@@ -217,7 +266,12 @@ class ImageAPIDeployment:
     """The HTTP ingress; its FastAPI app is built on the replica (``__serve_build_asgi_app__``)."""
 
     def __init__(self, generator, settings: ApiSettings):
-        self.backend = HandleBackend(generator, settings.capacity)
+        admission = settings.admission or {}
+        budget = WorkBudget(max_work=admission.get("max_queued_work", 2**62), max_requests=settings.capacity,
+                            fallback_retry_after_s=settings.retry_after_s,
+                            max_retry_after_s=admission.get("max_retry_after_s", 120),
+                            window_s=admission.get("throughput_window_s", 60.0))
+        self.backend = HandleBackend(generator, budget=budget, sizes=tuple(settings.sizes or settings.limits.get("sizes") or ()))
         self.settings = settings
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -272,7 +326,13 @@ def start_serve(cfg: ServeConfig) -> None:
     from omnidiff.stack import ensure_ray
 
     ensure_ray()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="HeadOnly")
+    # Slow and oversized clients are refused in the proxy (serve/http_guard.py): its startup hook and
+    # limits travel as the controller's env vars, which the proxy actors it starts inherit.
+    guard = http_guard.GuardLimits(header_timeout_s=cfg.http.header_timeout_s, body_timeout_s=cfg.http.body_timeout_s,
+                                   max_header_count=cfg.http.max_header_count,
+                                   max_header_bytes=cfg.http.max_header_bytes)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "keep_alive_timeout_s": cfg.http.keep_alive_timeout_s},
+                proxy_location="HeadOnly", controller_options={"runtime_env": {"env_vars": http_guard.proxy_env(guard)}})
     # A Ray cluster has one Serve HTTP proxy: when Serve was already up, serve.start kept its
     # host/port and only logged a warning, and the app would be reachable somewhere else than
     # asked. Say so instead of waiting for /readyz on a port nobody listens on.

@@ -106,6 +106,45 @@ class OpenAIConfig(ConfigModel):
         return self
 
 
+class AdmissionConfig(ConfigModel):
+    """Cost-aware admission in the ingress (serve/admission.py): the bound is on queued work, not requests.
+
+    max_queued_work: most sampling work admitted and unfinished at once, in pixel-steps summed over
+        requests (``n x steps x width x height``; a default 16x16, 20-step image is 5,120). Past it a
+        request gets 503 with a Retry-After from the measured drain rate. A request costing more than
+        the whole budget is admitted only when nothing else is (it runs alone). With several ingress
+        replicas each holds ``max_queued_work / ingress_replicas``.
+    max_retry_after_s: cap on the Retry-After of a 503 (seconds).
+    throughput_window_s: time constant of the measured throughput (pixel-steps per busy second).
+    """
+
+    max_queued_work: int = Field(500_000, ge=1)
+    max_retry_after_s: int = Field(120, ge=1, le=86_400)
+    throughput_window_s: float = Field(60.0, gt=0, le=3600)
+
+
+class HttpConfig(ConfigModel):
+    """Slow and oversized clients at Serve's HTTP proxy (serve/http_guard.py; issue 15).
+
+    header_timeout_s: a request's line and headers must arrive within this many seconds of the
+        connection opening (or of the request's first byte on a kept-alive connection), else the
+        connection is closed.
+    body_timeout_s: a request's body must arrive within this many seconds of its headers, else
+        408 and the connection is closed.
+    max_header_count: most header fields in a request; more is 431 and a closed connection.
+    max_header_bytes: most bytes of request line + headers; more is 431 and a closed connection.
+    keep_alive_timeout_s: an idle kept-alive connection is closed after this many seconds.
+    Applied when Serve's proxy starts (``serve.start``): a Serve instance already running keeps the
+    settings it was started with (``omnidiff serve down`` first to change them).
+    """
+
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    max_header_count: int = Field(100, ge=8, le=10_000)
+    max_header_bytes: int = Field(65536, ge=4096, le=16 * 1024 * 1024)
+    keep_alive_timeout_s: int = Field(5, ge=1, le=3600)
+
+
 class AuthConfig(ConfigModel):
     """Optional bearer-token auth on every /v1 route (the playground page, /healthz and /readyz stay open).
 
@@ -154,10 +193,14 @@ class ServeConfig(ConfigModel):
         health checks quickly.
     max_ongoing_requests: requests one generator replica holds at once (batching needs >= max_batch_size).
     max_queued_requests: bounded queue in front of the generator; beyond it requests get 503 + Retry-After.
-    retry_after_s: the Retry-After header of a 503, in seconds.
+        (A second bound, on requests; the first is on work: ``admission``.)
+    retry_after_s: the Retry-After of a 503 before any request has finished (no throughput measured
+        yet), and of a 503 for a generator that is not ready, in seconds.
     rollout_surge_percent: extra replicas started during a rolling update, so a new model version is
         loaded before the old replicas stop (no dropped requests).
     openai: what the OpenAI-compatible route forgives (:class:`OpenAIConfig`).
+    admission: the bound on queued work (:class:`AdmissionConfig`).
+    http: timeouts and header limits for slow or oversized clients (:class:`HttpConfig`).
     """
 
     kind: ClassVar[str] = "serve"
@@ -182,6 +225,8 @@ class ServeConfig(ConfigModel):
     rollout_surge_percent: int = Field(100, ge=0, le=100)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)

@@ -45,7 +45,14 @@ PLAYGROUND = Path(__file__).with_name("playground.html")
 
 
 class Overloaded(Exception):
-    """The bounded queue in front of the generator is full."""
+    """Admitting the request would pass the bound on queued work or requests (serve/admission.py).
+
+    ``retry_after_s``: when it may fit, from the measured drain rate (None: the configured fallback).
+    """
+
+    def __init__(self, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(Exception):
@@ -68,6 +75,7 @@ class ApiSettings:
     route_prefix: str
     model_ids: tuple[str, ...] = ()
     capacity: int | None = None
+    admission: dict[str, Any] | None = None  # AdmissionConfig of one ingress replica (its share of the budget)
     title: str = "omnidiff image API"
     # What the served model can draw (serve/models.py) and what the OpenAI route forgives (cfg.openai).
     sizes: tuple[str, ...] = ()
@@ -88,9 +96,11 @@ def model_ids(pinned: dict[str, Any]) -> tuple[str, ...]:
 
 def settings_from_config(cfg: ServeConfig, token_digest: str | None, pinned: dict[str, Any] | None = None) -> ApiSettings:
     replicas = cfg.autoscaling.max_replicas if cfg.autoscaling.enabled else cfg.replicas
+    admission = to_dict(cfg.admission)
+    admission["max_queued_work"] = max(1, cfg.admission.max_queued_work // cfg.ingress_replicas)
     return ApiSettings(limits=to_dict(cfg.limits), token_digest=token_digest, retry_after_s=cfg.retry_after_s,
                        route_prefix=cfg.route_prefix, model_ids=model_ids(pinned) if pinned else (),
-                       capacity=replicas * cfg.max_ongoing_requests + cfg.max_queued_requests,
+                       capacity=replicas * cfg.max_ongoing_requests + cfg.max_queued_requests, admission=admission,
                        **_model_settings(cfg, pinned))
 
 
@@ -176,6 +186,36 @@ class _BodyLimit:
         await self.app(scope, limited_receive, guarded_send)
 
 
+def _overloaded(exc: Overloaded, fallback_retry_after_s: int) -> JSONResponse:
+    retry_after = exc.retry_after_s or fallback_retry_after_s
+    return _error(503, f"server overloaded: the request queue is full ({exc}); retry in {retry_after}s",
+                  "server_overloaded", None, "queue_full", headers={"Retry-After": str(retry_after)})
+
+
+class _LoadShed:
+    """Answer a generation request 503 from its method, path and token alone when the backend's ``gate``
+    says nothing could be admitted now: no body read, no validation, no call to the generator, so a
+    burst's rejections stay quick. Other requests, and all when the backend has no ``gate``, pass."""
+
+    def __init__(self, app, backend, token_digest: str | None, retry_after_s: int):
+        self.app, self.backend = app, backend
+        self.token_digest, self.retry_after_s = token_digest, retry_after_s
+        self.enabled = callable(getattr(backend, "gate", None))
+
+    async def __call__(self, scope, receive, send):
+        if not (self.enabled and scope["type"] == "http" and scope["method"] == "POST"
+                and scope["path"].endswith(("/v1/generate", "/v1/images/generations"))):
+            return await self.app(scope, receive, send)
+        if self.token_digest is not None:  # a caller without the token gets its 401, not our 503
+            authorization = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
+            if not auth.bearer_ok(authorization, self.token_digest):
+                return await self.app(scope, receive, send)
+        with self.backend.gate() as refused:
+            if refused is not None:
+                return await _overloaded(refused, self.retry_after_s)(scope, receive, send)
+            await self.app(scope, receive, send)
+
+
 def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> FastAPI:
     """The HTTP API. ``backend`` None builds it for its OpenAPI spec only."""
     from omnidiff.config import from_dict
@@ -190,6 +230,8 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
     app = FastAPI(title=settings.title, version="1", docs_url=None, redoc_url=None,
                   description="OmniDiffusion: prompts in any language, OpenAI-compatible image generation.")
     app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(_LoadShed, backend=backend, token_digest=settings.token_digest,
+                       retry_after_s=settings.retry_after_s)  # added last: runs first
     bearer = HTTPBearer(auto_error=False, description="Bearer token, when the server was started with one.")
     state: dict[str, Any] = {"card": None}
     prefix = settings.route_prefix.rstrip("/")
@@ -224,8 +266,7 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
 
     @app.exception_handler(Overloaded)
     async def on_overload(_: Request, exc: Overloaded):
-        return _error(503, "server overloaded: the request queue is full, retry later", "server_overloaded", None,
-                      "queue_full", headers={"Retry-After": str(settings.retry_after_s)})
+        return _overloaded(exc, settings.retry_after_s)
 
     @app.exception_handler(Unavailable)
     async def on_unavailable(_: Request, exc: Unavailable):

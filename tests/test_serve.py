@@ -248,7 +248,8 @@ def test_overload_is_a_quick_json_503_and_the_server_stays_healthy(served):
     assert rejected, "40 requests at once should overflow 8 in flight + a queue of 8"
     for answer in rejected:
         assert answer.headers["content-type"] == "application/json"
-        assert answer.headers["retry-after"] == "1"
+        # Computed from the measured drain rate (serve/admission.py), within the configured cap.
+        assert 1 <= int(answer.headers["retry-after"]) <= served.cfg.admission.max_retry_after_s
         assert answer.json()["error"]["code"] == "queue_full"
     assert all(h.status_code == 200 for h in health)
     after = requests.post(f"{served.url}/v1/generate", json={"prompt": "x", "steps": 1}, headers=served.headers,
