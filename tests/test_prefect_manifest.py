@@ -51,7 +51,7 @@ def test_parameters_match_the_flow_signature(deployment):
 
 
 def test_definitions_are_the_resolved_gpu_configs():
-    """Regenerate from `omnidiff config check configs/gpu/pipeline_sdxl.yaml` when this fails."""
+    """Regenerate with `.venv/bin/python infra/prefect/regenerate.py` when this fails."""
     definitions = yaml.safe_load(MANIFEST.read_text())["definitions"]
     resolved = to_dict(load_any(REPO / "configs" / "gpu" / "pipeline_sdxl.yaml"))
     resolved.pop("kind")
