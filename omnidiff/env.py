@@ -28,16 +28,25 @@ def subdir(*parts: str) -> Path:
     return path
 
 
+# Usage reporting of every library the project and its stack run, off (issue 15). The stack's
+# servers get these whatever the caller's environment says (omnidiff/stack_services.py).
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "1",  # the convention several libraries read
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow's client and server, and its UI (/ajax-api/3.0/mlflow/ui-telemetry)
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the server's start-up report, and the UI's Amplitude events
+    "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",  # Ray's usage stats (also `ray start --disable-usage-stats`)
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations' version check
+    # wandb is installed (a dependency of a dependency) and never used: no run of it may phone home.
+    "WANDB_MODE": "disabled",
+}
+
 # Switches from ../shared/NOTES.md: no telemetry, no hub downloads, no state in ~.
 _OFFLINE_SWITCHES = {
-    "DO_NOT_TRACK": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
+    **TELEMETRY_OFF,
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "PYTHONWARNINGS": "ignore::DeprecationWarning",

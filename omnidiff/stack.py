@@ -18,11 +18,21 @@ machine. ``status`` asks each recorded server whether it is healthy.
 
 Everything lives under ``$OMNIDIFF_HOME/stack/``::
 
-    state.json        pids, process groups, ports, urls, client environment
+    state.json        pids, process groups, ports, urls, client environment (no secret in it)
+    prefect_auth      the Prefect API's auth string (mode 0600), made by the first ``up``
     logs/<name>.log   each server's stdout + stderr
     prefect/          PREFECT_HOME of the server (SQLite prefect.db)
     mlflow/           mlflow.db (SQLite backend store) + artifacts/ (artifact root, proxied by the server)
     ray/              Ray's temp dir (session logs, sockets, spilled objects) + auth_token
+
+Closed to other web origins and hosts (issue 15): a page open in the user's browser must not
+drive the servers, neither cross-origin (CORS) nor by rebinding its own DNS name to 127.0.0.1.
+Prefect's API wants the auth string of ``stack/prefect_auth`` as HTTP Basic credentials
+(``PREFECT_SERVER_API_AUTH_STRING``; the UI asks for it once), allows CORS from its own UI origin
+only, and answers only ``Host: 127.0.0.1`` or ``localhost`` (omnidiff/prefect_server.py). The
+project's own clients get the auth string from :func:`apply_env` (``PREFECT_API_AUTH_STRING``,
+read from the file, never stored in state.json). MLflow refuses a foreign Host (403) and Origin
+(400) by itself. Every server runs with telemetry off (``omnidiff.env.TELEMETRY_OFF``).
 
 Ray token authentication (a choice; ../shared/NOTES.md): Ray 2.60 turns token
 auth on for a new cluster and writes the token to ``~/.ray/auth_token``. Its
@@ -56,6 +66,7 @@ from omnidiff.env import home, subdir
 from omnidiff.stack_services import (
     DEFAULT_PORTS,
     HOST,
+    PREFECT_AUTH_FILE,
     RAY_EXTRA_PORTS,
     SERVICES,
     StackError,
@@ -63,8 +74,10 @@ from omnidiff.stack_services import (
     health_url,
     http_ok,
     port_free,
+    prefect_server_env,
     ray_client_env,
     ray_env,
+    read_secret,
     service_env,
     short_path,
     stack_dir,
@@ -159,6 +172,8 @@ def up(
         "mlflow": f"http://{HOST}:{ports['mlflow']}",
         "ray": f"{HOST}:{ports['ray']}",
     }
+    prefect_auth = write_token(root / PREFECT_AUTH_FILE, prefix="omnidiff:")  # "user:password", as Prefect asks
+    prefect_vars = prefect_server_env(urls["prefect"], read_secret(prefect_auth))
     client_env = {
         "MLFLOW_TRACKING_URI": urls["mlflow"],
         "PREFECT_API_URL": f"{urls['prefect']}/api",
@@ -174,14 +189,14 @@ def up(
         "started_at": time.time(),
         "services": {},
         "env": client_env,
+        "prefect_auth_file": str(prefect_auth),
         "ray_temp_link": str(ray_temp) if ray_temp != ray_dir else None,
     }
-    # The Prefect UI asks the API named here (by default the one on port 4200, whatever port it runs on).
-    base_env = {"PREFECT_UI_API_URL": f"{urls['prefect']}/api", **os.environ}
     try:
         for name in SERVICES:
             log_path = logs / f"{name}.log"
-            proc = supervisor.launch(argvs[name], service_env(name, base_env, ray_vars), log_path, fate_share)
+            env = service_env(name, dict(os.environ), ray_vars, prefect_vars)
+            proc = supervisor.launch(argvs[name], env, log_path, fate_share)
             state["services"][name] = supervisor.record(proc, log_path, port=ports[name], url=urls[name],
                                                         argv=argvs[name], healthy=False)
             if name == "ray":
@@ -272,7 +287,8 @@ def _wait_healthy(state: dict[str, Any], timeout_s: float, t0: float, say) -> No
 def format_urls(state: dict[str, Any]) -> str:
     svc = state["services"]
     return "\n".join([
-        f"prefect  {svc['prefect']['url']}   (API {state['env']['PREFECT_API_URL']})",
+        f"prefect  {svc['prefect']['url']}   (API {state['env']['PREFECT_API_URL']}; the UI asks for the "
+        f"auth string in {state['prefect_auth_file']}: omnidiff stack secret)",
         f"mlflow   {svc['mlflow']['url']}",
         f"ray      {svc['ray']['url']}   (RAY_ADDRESS; token in {state['env']['RAY_AUTH_TOKEN_PATH']})",
     ])
@@ -329,7 +345,7 @@ def _stop_flows_server(grace_s: float) -> None:
 def start_flows_server(config: str | Path, timeout_s: float = 240.0) -> int:
     """Run ``omnidiff flows deploy --config CONFIG`` against this stack (a child process; no import of flows)."""
     state = read_state()
-    env = {**os.environ, **(state or {}).get("env", {})}
+    env = {**os.environ, **(client_env(state) if state else {})}
     cmd = [sys.executable, "-m", "flows.cli", "deploy", "--config", str(config)]
     return subprocess.run(cmd, env=env, timeout=timeout_s).returncode
 
@@ -364,29 +380,45 @@ def status(timeout_s: float = 15.0) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- clients
 
 
+def client_env(state: dict[str, Any]) -> dict[str, str]:
+    """The environment a client of the stack needs: ``state["env"]`` plus the Prefect API's auth
+    string (``PREFECT_API_AUTH_STRING``), read from its 0600 file (state.json holds only its path)."""
+    env = dict(state["env"])
+    if state.get("prefect_auth_file"):
+        env["PREFECT_API_AUTH_STRING"] = read_secret(state["prefect_auth_file"])
+    return env
+
+
 def apply_env(state: dict[str, Any] | None = None, override: bool = False) -> dict[str, str]:
     """Point this process at the running stack: MLFLOW_TRACKING_URI, PREFECT_API_URL, RAY_ADDRESS.
 
     Only variables that are unset are filled (``override=True`` replaces them);
-    Ray's token variables go with RAY_ADDRESS. Does nothing when no stack is
-    recorded or its servers are not running. Returns what it set.
+    the Prefect API's auth string goes with PREFECT_API_URL and Ray's token
+    variables with RAY_ADDRESS. Does nothing when no stack is recorded or its
+    servers are not running. Returns what it set.
     """
     if state is None:
         state = read_state()
         if state is None or sorted(running_services(state)) != sorted(SERVICES):
             return {}
-    env = state["env"]
+    env = client_env(state)
     groups = [
         ("MLFLOW_TRACKING_URI",),
-        ("PREFECT_API_URL",),
+        ("PREFECT_API_URL", *(key for key in env if key == "PREFECT_API_AUTH_STRING")),
         ("RAY_ADDRESS", *(key for key in env if key.startswith("RAY_") and key != "RAY_ADDRESS")),
     ]
     applied: dict[str, str] = {}
     for group in groups:
-        if override or not os.environ.get(group[0]):
-            for key in group:
-                os.environ[key] = env[key]
-                applied[key] = env[key]
+        current = os.environ.get(group[0])
+        if override or not current:
+            keys = group
+        elif current == env[group[0]]:  # already pointed at this stack (an older `stack env`?): fill in its secrets
+            keys = tuple(key for key in group[1:] if not os.environ.get(key))
+        else:
+            continue
+        for key in keys:
+            os.environ[key] = env[key]
+            applied[key] = env[key]
     return applied
 
 

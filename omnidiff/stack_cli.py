@@ -4,17 +4,20 @@
                       [--ray-cpus 4] [--ray-object-store-mb 1024] [--timeout 120]
     omnidiff stack status
     omnidiff stack down
+    omnidiff stack env        shell exports pointing at the running stack (with the Prefect API's auth string)
+    omnidiff stack secret     the Prefect API's auth string, to paste into the Prefect UI's login page
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from omnidiff.stack import down, read_state, running_services, start_flows_server, status, up
-from omnidiff.stack_services import DEFAULT_PORTS, SERVICES, StackError, stack_dir
+from omnidiff.stack import client_env, down, read_state, running_services, start_flows_server, status, up
+from omnidiff.stack_services import DEFAULT_PORTS, SERVICES, StackError, read_secret, stack_dir
 
 DESCRIPTION = "The local stack: a Prefect server, an MLflow tracking server and a Ray head, all on 127.0.0.1."
 
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop exactly what `up` started")
     sub.add_parser("status", help="report each service's health")
     sub.add_parser("env", help="print shell exports pointing at the running stack")
+    sub.add_parser("secret", help="print the Prefect API's auth string (the Prefect UI's login asks for it)")
     args = parser.parse_args(argv)
 
     try:
@@ -67,13 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "down":
             down()
             return 0
-        if args.command == "env":
+        if args.command in ("env", "secret"):
             state = read_state()
             if not state or sorted(running_services(state)) != sorted(SERVICES):
                 print(f"no running stack under {stack_dir()}", file=sys.stderr)
                 return 1
-            for key, value in state["env"].items():
-                print(f"export {key}={value}")
+            if args.command == "secret":
+                if not state.get("prefect_auth_file"):
+                    raise StackError("this stack was started without a Prefect auth string; `down` and `up` it again")
+                print(read_secret(state["prefect_auth_file"]))
+                return 0
+            for key, value in client_env(state).items():
+                print(f"export {key}={shlex.quote(value)}")
             return 0
         report = status()
         if not report:

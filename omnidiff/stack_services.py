@@ -1,7 +1,8 @@
 """What the local stack's three servers are: their ports, environments, commands and health checks.
 
 omnidiff/stack.py starts and stops them (with omnidiff/supervisor.py); this file only describes
-them. Ray token authentication, and why the token lives under ``$OMNIDIFF_HOME``: see stack.py.
+them. Ray token authentication, the Prefect API's auth string and CORS allow-list, and why the
+secrets live under ``$OMNIDIFF_HOME``: see stack.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import requests
 
-from omnidiff.env import home, subdir
+from omnidiff.env import TELEMETRY_OFF, home, subdir
 
 HOST = "127.0.0.1"
 SERVICES = ("prefect", "mlflow", "ray")
@@ -100,13 +101,58 @@ def ray_env(token: Path) -> dict[str, str]:
     }
 
 
-def write_token(path: Path) -> Path:
+def write_token(path: Path, prefix: str = "") -> Path:
+    """A secret file (mode 0600): ``prefix`` + 64 random hex digits, written once and kept after.
+
+    A file that exists but is readable by group or others is an error: its secret may have leaked.
+    """
+    if path.is_file() and path.stat().st_mode & 0o077:
+        raise StackError(f"{path}: readable by group/others (mode {oct(path.stat().st_mode & 0o777)}); "
+                         "remove it (a new secret is made on the next `omnidiff stack up`)")
     if not path.is_file() or not path.read_text().strip():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
+            f.write(prefix + secrets.token_hex(32))
     return path
+
+
+def read_secret(path: str | Path) -> str:
+    """The secret in ``path`` (written by :func:`write_token`); a clear error when it is missing."""
+    try:
+        value = Path(path).read_text().strip()
+    except FileNotFoundError:
+        raise StackError(f"{path}: the stack's secret file is missing; run `omnidiff stack down` and `up` again") from None
+    if not value:
+        raise StackError(f"{path}: the stack's secret file is empty; run `omnidiff stack down` and `up` again")
+    return value
+
+
+# ----------------------------------------------------------------------------- Prefect's environment
+
+PREFECT_AUTH_FILE = "prefect_auth"  # under stack_dir(): the Prefect API's auth string ("omnidiff:<hex>")
+# What the Prefect UI sends to its API (read from the UI bundles of Prefect 3.9: its CSRF headers
+# and the Basic auth header).
+PREFECT_CORS_METHODS = "GET,POST,PUT,PATCH,DELETE,OPTIONS"
+PREFECT_CORS_HEADERS = "Authorization,Content-Type,Prefect-Csrf-Token,Prefect-Csrf-Client,Prefect-Csrf-Retry-Count"
+
+
+def prefect_server_env(url: str, auth_string: str) -> dict[str, str]:
+    """Settings of the stack's Prefect server (``url`` = ``http://127.0.0.1:<port>``).
+
+    The API answers only requests that carry ``auth_string`` as HTTP Basic credentials (its UI asks
+    for it once and keeps it in the browser's local storage); the CORS allow-list is the server's
+    own UI origin (as 127.0.0.1 and as localhost), not Prefect's default ``*``.
+    """
+    origins = [url, url.replace(f"//{HOST}:", "//localhost:")]
+    return {
+        "PREFECT_UI_API_URL": f"{url}/api",  # else the UI calls port 4200, whatever port it runs on
+        "PREFECT_SERVER_API_AUTH_STRING": auth_string,
+        "PREFECT_API_AUTH_STRING": auth_string,  # the server's own clients of its API
+        "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": ",".join(origins),
+        "PREFECT_SERVER_CORS_ALLOWED_METHODS": PREFECT_CORS_METHODS,
+        "PREFECT_SERVER_CORS_ALLOWED_HEADERS": PREFECT_CORS_HEADERS,
+    }
 
 
 # ----------------------------------------------------------------------------- commands
@@ -127,7 +173,9 @@ def commands(ports: dict[str, int], ray_ports: dict[str, int], ray_cpus: int, ob
     mlflow_dir = stack_dir() / "mlflow"
     (mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
     return {
-        "prefect": [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(ports["prefect"])],
+        # `prefect server start`'s foreground server behind a Host check (omnidiff/prefect_server.py).
+        "prefect": [sys.executable, "-m", "omnidiff.prefect_server", "--host", HOST, "--port", str(ports["prefect"]),
+                    "--allowed-host", HOST, "--allowed-host", "localhost"],
         "mlflow": [
             _executable("mlflow"), "server", "--host", HOST, "--port", str(ports["mlflow"]),
             "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
@@ -146,20 +194,24 @@ def commands(ports: dict[str, int], ray_ports: dict[str, int], ray_cpus: int, ob
     }
 
 
-def service_env(name: str, base: dict[str, str], ray_vars: dict[str, str]) -> dict[str, str]:
+def service_env(name: str, base: dict[str, str], ray_vars: dict[str, str],
+                prefect_vars: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the stack's server ``name``: ``base`` (the caller's), less any pointer at
+    another stack, plus the server's own settings and every telemetry switch off (whatever ``base``
+    says: Ray workers and the flows they run inherit the head's environment)."""
     env = dict(base)
-    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS"):
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "RAY_ADDRESS"):
         env.pop(key, None)  # a server must not talk to some other stack
+    env.update(TELEMETRY_OFF)
     env["OMNIDIFF_HOME"] = str(home())  # Ray workers inherit it: same home as the driver
     if name == "prefect":
         env["PREFECT_HOME"] = str(stack_dir() / "prefect")
-        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+        env.update(prefect_vars or {})
     elif name == "mlflow":
         # Without it the server forks a job runner: 8 processes and ~2.3 GB (NOTES.md).
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     elif name == "ray":
         env.update(ray_vars)
-        env["RAY_USAGE_STATS_ENABLED"] = "0"
     return env
 
 

@@ -13,6 +13,10 @@ be shown in a typed control holding its value: a number input for a number (a se
 such as ``stage``), a checkbox for a bool, a text field for a string, a nested section for a config
 section, "None" picked for a null. An untyped ``dict`` parameter renders as one JSON editor, so its
 field paths are missing and the test fails.
+
+The stack's Prefect API wants its auth string (issue 15): the browser first opens a deployment's
+page as a new user would, is sent to the UI's login page, and logs in with what `omnidiff stack
+secret` prints.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import asyncio
 import base64
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,6 +170,28 @@ def form_fields(browser, server: str, deployment_id: str, tmp_path: Path) -> lis
     return fields
 
 
+def log_in(browser, server: str, target: str, secret: str) -> None:
+    """Open ``target`` without credentials: the UI must send the browser to its login page; log in there."""
+    browser.call("Page.navigate", url=f"{server}{target}")
+    browser.wait_for("location.pathname === '/login' && !!document.querySelector('form input[type=password]')",
+                     timeout_s=120)
+    assert browser.evaluate("localStorage.getItem('prefect-password')") is None
+    browser.type_into("form input[type=password]", secret)
+    browser.click("form button[type=submit]")
+    stored = base64.b64encode(secret.encode()).decode()
+    browser.wait_for(f"localStorage.getItem('prefect-password') === {json.dumps(stored)}"
+                     " && location.pathname !== '/login'", timeout_s=60)
+
+
+def _stack_secret() -> str:
+    """The auth string as a user gets it: `omnidiff stack secret` (finds the stack by OMNIDIFF_HOME)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    shown = subprocess.run([sys.executable, "-m", "omnidiff.cli", "stack", "secret"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    return shown.stdout.strip()
+
+
 def test_custom_run_forms_are_typed_and_filled_in(deployments, browser, tmp_path):
     from flows.config import load_pipeline_config
 
@@ -174,6 +202,15 @@ def test_custom_run_forms_are_typed_and_filled_in(deployments, browser, tmp_path
 
     cfg = load_pipeline_config(CONFIG)
     ids = deployments["deployments"]
+
+    # A new browser: the UI asks for the stack's secret before it shows anything, then goes where it was sent.
+    secret = _stack_secret()
+    assert secret == os.environ["PREFECT_API_AUTH_STRING"]
+    log_in(browser, server, f"/deployments/deployment/{ids['train/train']}", secret)
+    assert browser.evaluate("location.pathname") == f"/deployments/deployment/{ids['train/train']}"
+    # What the page loaded before it had the secret was refused (401) by design, and the UI logs those
+    # failures (and throws on some, as a minified error); everything after the login must be clean.
+    browser.events.clear()
 
     # The pipeline: one "config" parameter, the whole pipeline config as nested sections.
     params = _parameters("omnidiff-pipeline/omnidiff-pipeline")

@@ -97,6 +97,11 @@ def test_cli_up_status_down_leaves_nothing(tmp_path):
             assert Path(services[name]["log"]).is_file()
         token = Path(state["env"]["RAY_AUTH_TOKEN_PATH"])
         assert token.is_relative_to(env["OMNIDIFF_HOME"]) and oct(token.stat().st_mode & 0o777) == "0o600"
+        # The Prefect API's auth string: its own 0600 file, named at `up`, never in state.json.
+        prefect_auth = Path(state["prefect_auth_file"])
+        assert prefect_auth.is_relative_to(env["OMNIDIFF_HOME"]) and oct(prefect_auth.stat().st_mode & 0o777) == "0o600"
+        assert prefect_auth.read_text().strip() not in state_file.read_text()
+        assert "omnidiff stack secret" in started.stdout
 
         status = _omnidiff(["stack", "status"], env, timeout=60)
         assert status.returncode == 0, status.stdout + status.stderr
