@@ -134,6 +134,9 @@ class HttpConfig(ConfigModel):
     max_header_count: most header fields in a request; more is 431 and a closed connection.
     max_header_bytes: most bytes of request line + headers; more is 431 and a closed connection.
     keep_alive_timeout_s: an idle kept-alive connection is closed after this many seconds.
+    allowed_hosts: Host header values the API answers (a DNS-rebinding page sends its own name, and
+        gets 400). ``null``: 127.0.0.1, localhost and [::1] when ``host`` is a loopback address,
+        anything otherwise (behind a load balancer or ingress, list its names here).
     Applied when Serve's proxy starts (``serve.start``): a Serve instance already running keeps the
     settings it was started with (``omnidiff serve down`` first to change them).
     """
@@ -143,6 +146,7 @@ class HttpConfig(ConfigModel):
     max_header_count: int = Field(100, ge=8, le=10_000)
     max_header_bytes: int = Field(65536, ge=4096, le=16 * 1024 * 1024)
     keep_alive_timeout_s: int = Field(5, ge=1, le=3600)
+    allowed_hosts: list[str] | None = None
 
 
 class AuthConfig(ConfigModel):

@@ -82,6 +82,7 @@ class ApiSettings:
     native_size: str | None = None
     model_aliases: tuple[str, ...] = ()
     unsupported_size: str = "error"
+    allowed_hosts: tuple[str, ...] = ("*",)  # Host header values answered (``allowed_hosts`` below)
 
 
 def model_ids(pinned: dict[str, Any]) -> tuple[str, ...]:
@@ -101,7 +102,18 @@ def settings_from_config(cfg: ServeConfig, token_digest: str | None, pinned: dic
     return ApiSettings(limits=to_dict(cfg.limits), token_digest=token_digest, retry_after_s=cfg.retry_after_s,
                        route_prefix=cfg.route_prefix, model_ids=model_ids(pinned) if pinned else (),
                        capacity=replicas * cfg.max_ongoing_requests + cfg.max_queued_requests, admission=admission,
-                       **_model_settings(cfg, pinned))
+                       allowed_hosts=allowed_hosts(cfg), **_model_settings(cfg, pinned))
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def allowed_hosts(cfg: ServeConfig) -> tuple[str, ...]:
+    """``http.allowed_hosts``, or by default the loopback names when the API binds loopback (a page
+    rebound to 127.0.0.1 still sends its own Host and gets 400), anything when it binds a public address."""
+    if cfg.http.allowed_hosts is not None:
+        return tuple(cfg.http.allowed_hosts)
+    return ("127.0.0.1", "localhost", "[::1]") if cfg.host in LOOPBACK else ("*",)
 
 
 def _model_settings(cfg: ServeConfig, pinned: dict[str, Any] | None) -> dict[str, Any]:
@@ -144,6 +156,25 @@ def _validation_error(exc: RequestValidationError, sizes: str | None = None) -> 
     if kind == "extra_forbidden":
         return _error(400, f"{param}: unknown field", "invalid_request_error", param, "unknown_field")
     return _error(400, f"{param}: {first.get('msg', 'invalid value')}", "invalid_request_error", param, "invalid_value")
+
+
+class _HostCheck:
+    """400 with a JSON error for a Host header not in ``allowed`` (DNS rebinding: a foreign page whose
+    name now resolves to 127.0.0.1 still sends its own name). Port ignored; ``[::1]`` for IPv6."""
+
+    def __init__(self, app, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, {h.lower() for h in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "").lower()
+            name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") and "]:" in host else host
+            if name not in self.allowed:
+                response = _error(400, f"Host {host!r} is not served here (serve http.allowed_hosts)",
+                                  "invalid_request_error", code="invalid_host")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _BodyLimit:
@@ -231,7 +262,9 @@ def build_fastapi(settings: ApiSettings, backend: GenerationBackend | None) -> F
                   description="OmniDiffusion: prompts in any language, OpenAI-compatible image generation.")
     app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(_LoadShed, backend=backend, token_digest=settings.token_digest,
-                       retry_after_s=settings.retry_after_s)  # added last: runs first
+                       retry_after_s=settings.retry_after_s)
+    if "*" not in settings.allowed_hosts:  # added last: runs first (a foreign Host costs nothing)
+        app.add_middleware(_HostCheck, allowed=settings.allowed_hosts)
     bearer = HTTPBearer(auto_error=False, description="Bearer token, when the server was started with one.")
     state: dict[str, Any] = {"card": None}
     prefix = settings.route_prefix.rstrip("/")

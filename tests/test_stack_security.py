@@ -316,7 +316,7 @@ def test_ray_http_endpoints_want_the_token_or_are_read_only_metrics(stack):
 # ----------------------------------------------------------------------------- the serve API
 
 
-def test_serve_api_gives_no_foreign_origin_and_wants_its_token_from_a_foreign_host(served):
+def test_serve_api_gives_no_foreign_origin_and_refuses_a_foreign_host(served):
     body = {"prompt": "a red circle", "n": 1, "size": "16x16"}
     route = f"{served.url}/v1/images/generations"
     preflight = requests.options(route, headers=PREFLIGHT, timeout=10)
@@ -324,4 +324,6 @@ def test_serve_api_gives_no_foreign_origin_and_wants_its_token_from_a_foreign_ho
     cross = requests.post(route, json=body, headers={"Origin": EVIL}, timeout=60)
     assert _allow_origin(cross) is None
     rebound = requests.post(route, json=body, headers={"Host": "evil.example"}, timeout=60)
-    assert rebound.status_code == 401, rebound.text
+    assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host", rebound.text
+    rebound_page = requests.get(f"{served.url}/", headers={"Host": "evil.example:8000"}, timeout=60)
+    assert rebound_page.status_code == 400, rebound_page.text
