@@ -136,3 +136,24 @@ def test_stage1_trains_through_the_real_loop(embedded, tiny_llm):
     base = open_base_folder(folder)
     assert adapter.shape.out_dim == base.cross_attention_dim
     assert adapter.shape.pooled_dim == (base.pooled_dim or base.cross_attention_dim)
+
+
+def test_the_pooled_head_has_its_own_width_and_old_folders_load(tmp_path):
+    from omnidiff.models.adapter import OmniAdapter
+
+    kwargs = dict(llm_dim=12, width=16, out_dim=20, num_queries=6, encoder_layers=1, decoder_layers=1, heads=2,
+                  input_norm=False, length_head=True, pooled_query=True)
+    adapter = OmniAdapter(**kwargs, pooled_dim=7).eval()
+    states, mask = torch.randn(2, 5, 12), torch.ones(2, 5, dtype=torch.bool)
+    tokens, pooled = adapter(states, mask)
+    assert tokens.shape == (2, 6, 20) and pooled.shape == (2, 7)
+    adapter.save_pretrained(tmp_path / "sdxl")
+    loaded = OmniAdapter.from_pretrained(tmp_path / "sdxl")
+    assert loaded.shape.pooled_dim == 7
+    torch.testing.assert_close(loaded(states, mask)[1], pooled)
+    # A folder saved before the pooled width existed: its head was out_dim wide.
+    OmniAdapter(**kwargs).save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert config.pop("pooled_dim") == 20
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    assert OmniAdapter.from_pretrained(tmp_path / "old").shape.pooled_dim == 20
