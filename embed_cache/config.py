@@ -22,7 +22,10 @@ CacheKind = Literal["llm", "clip", "pixels"]
 class ClipSection(ConfigModel):
     """The base model's CLIP-style text encoder: the stage-1 target on the English side.
 
-    base_model: the base model's pipeline folder (holds ``text_encoder/`` + ``tokenizer/``);
+    base_model: the base model's pipeline folder: the tiny base (``text_encoder/`` + ``tokenizer/``) or a
+      published Stable Diffusion 1.x / SDXL diffusers folder (``model_index.json``, tokenizers as
+      ``vocab.json`` + ``merges.txt``, ``fp16`` variant accepted), whose targets are what its own
+      pipeline feeds its UNet (all 77 positions of each window; SDXL: both towers + ``text_embeds``);
       a registry reference (``name@alias``) works too; ``null`` = the newest base model that
       ``omnidiff base pretrain`` wrote under ``models_dir()/base``.
     max_windows: long captions are encoded in up to this many stitched 77-token windows (PAPER.md).

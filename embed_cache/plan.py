@@ -5,8 +5,10 @@
 
 * ``llm``:    the LLM folder's fingerprint inputs (read without loading weights), (hidden,) per token,
   cost = tokens;
-* ``clip``:   the base model's CLIP text tower (loaded: its weights digest names the cache),
-  (hidden,) per token in up to ``clip.max_windows`` 77-token windows, cost = tokens;
+* ``clip``:   the base model's CLIP text tower(s) (their weights digest, from the files, names the cache),
+  (hidden,) per token in up to ``clip.max_windows`` 77-token windows, cost = tokens; the tiny base
+  stores its real tokens, a published SD / SDXL folder all 77 positions of each used window
+  (``(hidden, pooled)`` for SDXL, whose pooled ``text_embeds`` have their own width);
 * ``pixels``: the resolution (and the VAE's digest and scaling factor), (C, H, W), cost = 1 per image.
 
 :func:`plan_units` then cuts a kind's missing keys into length-sorted, token-balanced shards
@@ -30,7 +32,15 @@ from embed_cache.config import EmbedConfig
 from embed_cache.encoders.clip import load_clip
 from embed_cache.writer import CacheWriter
 from omnidiff.contracts.cache import cache_dir
-from omnidiff.contracts.encoders import clip_spec, fingerprint, llm_folder, llm_spec, pixels_spec
+from omnidiff.contracts.encoders import (
+    base_clip_spec,
+    clip_spec,
+    fingerprint,
+    is_published_base,
+    llm_folder,
+    llm_spec,
+    pixels_spec,
+)
 
 log = logging.getLogger("omnidiff.embed")
 
@@ -65,8 +75,9 @@ def newest_base_model() -> Path:
     return max(found, key=lambda p: (p / "model_index.json").stat().st_mtime)
 
 
-def clip_folders(cfg: EmbedConfig) -> tuple[Path, Path]:
-    """``(text_encoder/, tokenizer/)`` of the base model's pipeline folder (a path or a registry reference)."""
+def clip_base(cfg: EmbedConfig) -> Path:
+    """The base model's pipeline folder (``clip.base_model``: a path or a registry reference; ``null`` = the
+    newest pretrained tiny base)."""
     base = cfg.clip.base_model
     if base is None:
         base = newest_base_model()
@@ -76,11 +87,26 @@ def clip_folders(cfg: EmbedConfig) -> tuple[Path, Path]:
         from omnidiff.tracking import resolve_model  # e.g. omnidiff-base@production
 
         base = Path(resolve_model(str(base)))
+    return base.resolve()
+
+
+def clip_folders(cfg: EmbedConfig, base: Path | None = None) -> tuple[Path, Path]:
+    """``(text_encoder/, tokenizer/)`` of the tiny base's pipeline folder (``base``, else :func:`clip_base`)."""
+    base = clip_base(cfg) if base is None else base
     text_encoder, tokenizer = base / "text_encoder", base / "tokenizer"
     for folder in (text_encoder, tokenizer):
         if not folder.is_dir():
             raise FileNotFoundError(f"clip.base_model={str(cfg.clip.base_model)!r}: {folder} does not exist")
     return text_encoder.resolve(), tokenizer.resolve()
+
+
+def base_text_lengths(base: Path, texts: list[str], windows: int) -> list[int]:
+    """Positions a published base's target stores per text (77 per used window), from its tokenizer alone."""
+    from omnidiff.contracts.base_folder import open_base_folder
+    from omnidiff.models.clip_text import WINDOW, load_base_tokenizer, window_ids
+
+    tokenizer = load_base_tokenizer(open_base_folder(base).towers[0].tokenizer)
+    return (window_ids(tokenizer, list(texts), windows)[1].sum(1) * WINDOW).tolist()
 
 
 @dataclass
@@ -119,8 +145,20 @@ def plan_kind(kind: str, cfg: EmbedConfig) -> KindPlan:
             },
             lambda keys, texts: llm_token_lengths(path, list(texts), cfg.llm.max_length),
         )
+    base = clip_base(cfg) if kind == "clip" else None
+    if kind == "clip" and is_published_base(base):
+        windows = cfg.clip.max_windows
+        spec = base_clip_spec(base, windows)  # named from the files: no tower loaded here
+        return KindPlan(
+            kind,
+            spec.inputs,
+            spec.value_shape,
+            {"base_model": str(base), "max_windows": windows, "device": cfg.device,
+             "expected_inputs": spec.inputs["encoder"]},
+            lambda keys, texts: base_text_lengths(base, list(texts), windows),
+        )  # fmt: skip
     if kind == "clip":
-        text_encoder, tokenizer = clip_folders(cfg)
+        text_encoder, tokenizer = clip_folders(cfg, base)
         windows = cfg.clip.max_windows
         spec = clip_spec(text_encoder, tokenizer, windows)  # named from the files: no model loaded here
         return KindPlan(

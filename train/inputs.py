@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from omnidiff.contracts.encoders import CacheSpec, clip_spec, llm_folder, llm_spec, pixels_spec, vae_scale_factor
+from omnidiff.contracts.encoders import (
+    CacheSpec,
+    base_clip_spec,
+    is_published_base,
+    llm_folder,
+    llm_spec,
+    pixels_spec,
+    vae_scale_factor,
+)
 from omnidiff.contracts.keys import EMPTY_PROMPT, text_key
 from train.config import TrainConfig
 from train.data import (
@@ -48,7 +56,8 @@ class StageInputs:
     llm_path: Path
     llm_encoder_inputs: dict
     llm_dim: int
-    out_dim: int
+    out_dim: int  # the adapter's token width: the UNet's cross-attention width
+    pooled_dim: int  # the adapter's pooled width: SDXL's text_embeds width, else out_dim
     stores: dict[str, Any]
     examples: pd.DataFrame
     val_examples: pd.DataFrame | None = None
@@ -103,7 +112,7 @@ def cache_specs(cfg: TrainConfig, base: Path, llm_path: Path, unet_config: dict)
     kinds = ("llm", "clip") if cfg.family == "align" else ("llm", "pixels")
     specs = {"llm": llm_spec(llm_path, cfg.llm.layer, cfg.llm.max_length, cfg.llm.dtype)}
     if "clip" in kinds:
-        specs["clip"] = clip_spec(base / "text_encoder", base / "tokenizer", cfg.align.clip_windows)
+        specs["clip"] = base_clip_spec(base, cfg.align.clip_windows)
     if "pixels" in kinds:
         vae = base / "vae" if (base / "vae").is_dir() else None
         resolution = int(unet_config["sample_size"])
@@ -120,7 +129,7 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
         if not (base / sub).is_dir():
             raise TrainingError(f"base_model={cfg.base_model!r}: {base / sub} is missing (not a pipeline folder)")
     unet_config = json.loads((base / "unet" / "config.json").read_text())
-    out_dim = int(unet_config["cross_attention_dim"])
+    out_dim, pooled_dim = adapter_widths(base, unet_config)
     init_from = resolve_model_ref(cfg.init_from, "init_from") if cfg.init_from else None
     parent_lineage = {}
     if init_from is not None:
@@ -146,8 +155,11 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
     if cfg.family == "align" and stores["clip"].hidden_size != out_dim:
         raise CacheMismatchError(f"CLIP cache hidden size {stores['clip'].hidden_size} != the base UNet's "
                                  f"cross_attention_dim {out_dim}")
+    if cfg.family == "align" and stores["clip"].pooled_dim != pooled_dim:
+        raise CacheMismatchError(f"CLIP cache pooled width {stores['clip'].pooled_dim} != the base's pooled "
+                                 f"embedding width {pooled_dim}")
     if init_from is not None:
-        _check_parent(init_from, llm_encoder_inputs, llm_dim, out_dim)
+        _check_parent(init_from, llm_encoder_inputs, llm_dim, out_dim, pooled_dim)
 
     # -- examples
     pairs = snapshot.pairs(["caption", "lang", "caption_en", "split", "image_digest", "aesthetic"]).to_pandas()
@@ -174,7 +186,7 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
         llm_stats = llm_state_stats(stores["llm"], examples["llm_key"].tolist())
 
     scheduler_config = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
-    inputs = StageInputs(base, init_from, snapshot, llm_path, llm_encoder_inputs, llm_dim, out_dim,
+    inputs = StageInputs(base, init_from, snapshot, llm_path, llm_encoder_inputs, llm_dim, out_dim, pooled_dim,
                          stores, examples, val_examples, scheduler_config=scheduler_config,
                          parent_lineage=parent_lineage, llm_stats=llm_stats)
     _prompt_states(cfg, inputs, pairs)
@@ -185,11 +197,17 @@ def with_empty_prompt(examples: pd.DataFrame, stores: dict, share: float) -> pd.
     """Stage-1 examples plus copies of ("" -> CLIP's ""), ``share`` of the result, when both caches hold "".
 
     Classifier-free guidance contrasts every prompt with the adapter's output for "", so that output
-    must land where the base UNet's unconditional input (CLIP of "") is.
+    must land where the base UNet's unconditional input (CLIP of "") is. A base whose pipeline zeros
+    the unconditional embedding (SDXL's ``force_zeros_for_empty_prompt``: its "" target is all zeros)
+    gets none: there is no direction to learn, and the pipeline feeds zeros, not the adapter's output.
     """
 
     key = text_key(EMPTY_PROMPT)
     if share <= 0 or key not in stores["llm"] or key not in stores["clip"]:
+        return examples
+    if not np.any(stores["clip"].read([key])[key]):
+        print("[train] the base zeros its unconditional embedding (force_zeros_for_empty_prompt): "
+              "no '' examples in stage 1", flush=True)
         return examples
     copies = max(1, round(share * len(examples) / (1 - share)))
     empty = pd.DataFrame({"llm_key": [key] * copies, "target_key": [key] * copies, "lang": [""] * copies,
@@ -237,12 +255,29 @@ def _val_examples(cfg: TrainConfig, pairs: pd.DataFrame, parallel, stores: dict)
     return table.head(cfg.data.val_examples).reset_index(drop=True)
 
 
-def _check_parent(init_from: Path, llm_inputs: dict, llm_dim: int, out_dim: int) -> None:
-    """The parent export must have been trained on the same LLM and for the same UNet width."""
+def adapter_widths(base: Path, unet_config: dict) -> tuple[int, int]:
+    """``(token width, pooled width)`` the adapter must output for ``base``: the UNet's cross-attention
+    width (SDXL: 2048 = 768 + 1280, both towers' features), and SDXL's ``text_embeds`` width (1280) or,
+    where the base has no pooled input of its own width, the token width."""
+    out_dim = int(unet_config["cross_attention_dim"])
+    if not is_published_base(base):
+        return out_dim, out_dim
+    from omnidiff.contracts.base_folder import BaseFolderError, open_base_folder
+
+    try:
+        folder = open_base_folder(base)
+    except BaseFolderError as exc:
+        raise TrainingError(f"base_model: {exc}") from None
+    return folder.cross_attention_dim, folder.pooled_dim or folder.cross_attention_dim
+
+
+def _check_parent(init_from: Path, llm_inputs: dict, llm_dim: int, out_dim: int, pooled_dim: int) -> None:
+    """The parent export must have been trained on the same LLM and for the same UNet widths."""
     adapter_cfg = json.loads((init_from / "adapter" / "config.json").read_text())
-    if adapter_cfg["llm_dim"] != llm_dim or adapter_cfg["out_dim"] != out_dim:
-        raise TrainingError(f"init_from {init_from}: adapter maps {adapter_cfg['llm_dim']} -> {adapter_cfg['out_dim']}, "
-                            f"but this stage needs {llm_dim} (LLM cache) -> {out_dim} (UNet)")
+    theirs = (adapter_cfg["llm_dim"], adapter_cfg["out_dim"], adapter_cfg.get("pooled_dim", adapter_cfg["out_dim"]))
+    if theirs != (llm_dim, out_dim, pooled_dim):
+        raise TrainingError(f"init_from {init_from}: adapter maps {theirs[0]} -> {theirs[1]} tokens + {theirs[2]} pooled, "
+                            f"but this stage needs {llm_dim} (LLM cache) -> {out_dim} (UNet) + {pooled_dim} pooled")
     ref_path = init_from / "text_encoder" / "encoder.json"
     if ref_path.is_file():
         ref = json.loads(ref_path.read_text())

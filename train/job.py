@@ -27,7 +27,8 @@ class TrainJob:
     config: the stage's config. env: environment variables set in each worker first (WORKER_ENV).
     examples / val_examples: Parquet example tables (train.data). caches: ``{kind: cache folder}``.
     base_model / init_from: pipeline folders (init_from: the parent stage's export, or None).
-    llm_dim / out_dim: the adapter's input (LLM hidden size) and output (UNet cross-attention) widths.
+    llm_dim / out_dim: the adapter's input (LLM hidden size) and output (UNet cross-attention) widths;
+    pooled_dim: its pooled head's width (SDXL's text_embeds, else out_dim).
     empty_states: the LLM states of "" ``(L, Dl)`` (caption dropout, the sampler's unconditional input).
     llm_stats: per-dimension (mean, std) of the LLM states for a fresh adapter's ``input_norm``.
     prompts: the sample prompt set, ``[{prompt, lang, group, states (L, Dl)}]``.
@@ -45,6 +46,7 @@ class TrainJob:
     init_from: str | None
     llm_dim: int
     out_dim: int
+    pooled_dim: int
     empty_states: np.ndarray
     llm_stats: tuple[np.ndarray, np.ndarray] | None
     prompts: list[dict]
@@ -75,6 +77,7 @@ def build_job(cfg: TrainConfig, inputs: StageInputs, ckpt_dir: Path, run_id: str
         init_from=str(inputs.init_from) if inputs.init_from else None,
         llm_dim=inputs.llm_dim,
         out_dim=inputs.out_dim,
+        pooled_dim=inputs.pooled_dim,
         empty_states=inputs.empty_states,
         llm_stats=inputs.llm_stats,
         prompts=inputs.prompts,

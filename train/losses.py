@@ -2,8 +2,10 @@
 
 * ``align`` (stage 1, PAPER.md "The three stages" 1): adapter(LLM states of a caption in any
   language) against the cached CLIP states of its English side. Per token 1 - cosine + a small
-  norm-matching term (the release's default), averaged over *real* target tokens only (the
-  release also fits CLIP's padding; we don't), then over captions; the pooled embedding gets the
+  norm-matching term (the release's default), averaged over the target positions the base UNet
+  reads, then over captions: the tiny base masks CLIP's padding, so its cache holds real tokens
+  only; a published SD / SDXL UNet reads all 77 positions of a window, padding included, so its
+  cache holds (and stage 1 fits) every position of each used window. The pooled embedding gets the
   same loss against CLIP's pooled state, so stage 1 and stages 2-3 use one pooled head. Which query
   answers which CLIP token: a one-to-one set matching (the release's query i = position i measured
   worse, and was removed with MSE and the output-distillation term in issue 14); the adapter's
@@ -66,7 +68,10 @@ def set_assignment(tokens: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
 
 def compute_align_loss(batch: dict, modules, norm_weight: float, length_weight: float):
-    """Stage 1. ``batch``: llm_states (B,T,Dl), llm_mask (B,T), target (B,Tc,Dc), target_mask (B,Tc), target_pooled (B,Dc).
+    """Stage 1. ``batch``: llm_states (B,T,Dl), llm_mask (B,T), target (B,Tc,Dc), target_mask (B,Tc), target_pooled (B,Dp).
+
+    ``target_mask`` is True on every stored target position (train.data.clip_target_mask): the real
+    tokens for the tiny base, all positions of the used windows for SD / SDXL.
 
     Each real CLIP token is answered by the query a one-to-one matching assigns it
     (:func:`set_assignment`): the UNet's cross-attention reads its text tokens as a set (no position

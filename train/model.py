@@ -60,7 +60,7 @@ def initial_adapter(cfg, job):
     a = cfg.adapter
     adapter = OmniAdapter(job.llm_dim, a.width, job.out_dim, a.num_queries, a.encoder_layers, a.decoder_layers,
                           a.heads, a.dropout, input_norm=a.input_norm, length_head=a.length_head,
-                          pooled_query=a.pooled_query)
+                          pooled_query=a.pooled_query, pooled_dim=job.pooled_dim)
     if a.input_norm:
         if job.llm_stats is None:
             raise ValueError("adapter.input_norm needs the LLM cache's per-dimension statistics (job.llm_stats)")

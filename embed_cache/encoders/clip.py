@@ -1,8 +1,13 @@
 """``ClipShardEncoder``: the base model's CLIP text states of the English side, the stage-1 target.
 
-Captions go through the base model's own 77-token text tower in up to ``clip.max_windows``
-stitched windows (omnidiff/models/clip_text.py); the cache keeps the mask-true tokens and the
-pooled vector.
+Two kinds of base (omnidiff/models/clip_text.py):
+
+* the tiny base (``text_encoder=`` + ``tokenizer=``): its word-level tower in up to
+  ``clip.max_windows`` stitched windows; the cache keeps the mask-true tokens (its UNet masks
+  CLIP's padding) and the pooled vector;
+* a published SD / SDXL folder (``base_model=``): ``BaseTextEncoder``, exactly what the folder's
+  own pipeline feeds its UNet; the cache keeps all 77 positions of each used window (padding
+  included: that UNet reads it) and the pooled vector (SDXL: ``text_embeds``).
 """
 
 from __future__ import annotations
@@ -21,19 +26,32 @@ def load_clip(text_encoder: Path, tokenizer: Path):
     return ClipTextEncoder.from_pretrained(text_encoder, tokenizer_folder=tokenizer)
 
 
+def load_base_text(base_model: Path):
+    from omnidiff.models.clip_text import BaseTextEncoder
+
+    return BaseTextEncoder.from_base_folder(base_model)
+
+
 class ClipShardEncoder:
-    """CLIP text states of the English side in stitched 77-token windows (mask-true tokens), plus pooled."""
+    """The base's text states of the English side in stitched 77-token windows (the positions its UNet
+    reads), plus pooled. Give ``text_encoder`` + ``tokenizer`` (tiny base) or ``base_model`` (SD / SDXL)."""
 
     def __init__(
         self,
-        text_encoder: str,
-        tokenizer: str,
         max_windows: int,
         device: str,
         expected_inputs: dict,
         max_batch_size: int,
+        text_encoder: str | None = None,
+        tokenizer: str | None = None,
+        base_model: str | None = None,
     ):
-        self.model = load_clip(Path(text_encoder), Path(tokenizer)).to(device).eval()
+        if (base_model is None) == (text_encoder is None or tokenizer is None):
+            raise ValueError("ClipShardEncoder: give base_model (SD / SDXL folder) or text_encoder + tokenizer")
+        if base_model is not None:
+            self.model = load_base_text(Path(base_model)).to(device).eval()
+        else:
+            self.model = load_clip(Path(text_encoder), Path(tokenizer)).to(device).eval()
         self.max_windows = int(max_windows)
         require_same_inputs("CLIP", expected_inputs, self.model.fingerprint_inputs(self.max_windows))
 
@@ -43,7 +61,7 @@ class ClipShardEncoder:
         # Windows a caption does not need are skipped inside encode(), so sorting by length (= windows
         # used) already keeps the compute to the windows that hold text.
         with torch.inference_mode():
-            states, mask, pooled = self.model.encode(list(texts), self.max_windows)  # (B, W*77, D), (B, W*77), (B, D)
+            states, mask, pooled = self.model.encode(list(texts), self.max_windows)  # (B, W*77, D), (B, W*77), (B, P)
         states, mask, pooled = states.float().cpu().numpy(), mask.cpu().numpy(), pooled.float().cpu().numpy()
         return [(states[i][mask[i]], pooled[i]) for i in range(len(texts))]
 

@@ -30,6 +30,7 @@ from typing import Any, Literal
 LAYOUTS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "OmniDiffusionPipeline": "omnidiff"}
 Layout = Literal["sd", "sdxl", "omnidiff"]
 CLIP_WINDOW = 77
+VARIANTS = ("fp16", "bf16")
 
 
 class BaseFolderError(ValueError):
@@ -121,6 +122,23 @@ def _weights_variant(folder: Path) -> str | None:
     raise BaseFolderError(f"{folder}: no *.safetensors weights")
 
 
+def tower_variant(folder: Path, variant: str | None) -> str | None:
+    """The variant ``from_pretrained`` must ask ``folder`` for: the folder's ``variant`` where it has such
+    files (diffusers falls back to plain weights per component the same way), else ``None``."""
+    if variant and any(folder.glob(f"*.{variant}.safetensors")):
+        return variant
+    return None
+
+
+def weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The safetensors files ``from_pretrained(folder, variant=tower_variant(folder, variant))`` reads."""
+    chosen = tower_variant(folder, variant)
+    files = sorted(folder.glob("*.safetensors"))
+    if chosen:
+        return [p for p in files if f".{chosen}." in p.name]
+    return [p for p in files if not any(f".{v}." in p.name for v in VARIANTS)]
+
+
 def _tokenizer_folder(folder: Path) -> Path:
     if not folder.is_dir():
         raise BaseFolderError(f"{folder}: missing (a tokenizer folder)")
@@ -189,7 +207,8 @@ def open_base_folder(path: str | Path) -> BaseFolder:
         cross_attention_dim=int(cross),
         pooled_dim=pooled,
         time_ids=time_ids,
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+        # diffusers' StableDiffusionXLPipeline defaults it to True when model_index.json does not say
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", layout == "sdxl")),
         vae=vae,
         vae_config=_json(vae / "config.json", "the VAE config") if vae else {},
         unet_config=unet,

@@ -114,15 +114,17 @@ def expected_schema(kind: str, value_shape: Sequence[int], sizes: bool = False) 
     ``crop_top_left`` (top, left) of its square crop in the resized image, as SDXL's time ids need.
     """
     if kind in ("llm", "clip"):
-        (dim,) = value_shape
-        token = pa.list_(pa.float16(), int(dim))
+        # clip: (D,), or (D, P) when the pooled vector has its own width P (SDXL's projected text_embeds)
+        if len(value_shape) not in ((1,) if kind == "llm" else (1, 2)):
+            raise ValueError(f"value_shape={tuple(value_shape)}: expected (D,) for llm, (D,) or (D, P) for clip")
+        token = pa.list_(pa.float16(), int(value_shape[0]))
         fields = [
             pa.field("key", pa.string(), False),
             pa.field("length", pa.int32(), False),
             pa.field("states", pa.list_(token), False),
         ]
         if kind == "clip":
-            fields.append(pa.field("pooled", token, False))
+            fields.append(pa.field("pooled", pa.list_(pa.float16(), int(value_shape[-1])), False))
         return pa.schema(fields)
     if kind == "pixels":
         size = int(np.prod(value_shape))
@@ -153,7 +155,7 @@ def find_non_finite(keys: Sequence[str], arrays: Iterable[np.ndarray]) -> dict[s
 
 
 def states_table(keys: Sequence[str], states: Sequence[np.ndarray], pooled: np.ndarray | None = None) -> pa.Table:
-    """Shard table from per-key unpadded states ``(L_i, D)``; optional ``pooled (N, D)`` (clip).
+    """Shard table from per-key unpadded states ``(L_i, D)``; optional ``pooled (N, P)`` (clip; P = D except SDXL).
 
     Values are cast to float16; non-finite values raise :class:`NonFiniteStatesError` naming the keys.
     """
@@ -184,14 +186,16 @@ def states_table(keys: Sequence[str], states: Sequence[np.ndarray], pooled: np.n
     if pooled is not None:
         with np.errstate(over="ignore"):
             pooled16 = np.asarray(pooled, dtype=np.float16)
-        if pooled16.shape != (len(keys), dim):
-            raise ValueError(f"pooled shape {pooled16.shape}, expected ({len(keys)}, {dim})")
+        if pooled16.ndim != 2 or pooled16.shape[0] != len(keys):
+            raise ValueError(f"pooled shape {pooled16.shape}, expected ({len(keys)}, P)")
+        pooled_dim = int(pooled16.shape[1])
         rejected.update({k: f"pooled: {v}" for k, v in find_non_finite(keys, list(pooled16)).items()})
-        columns["pooled"] = pa.FixedSizeListArray.from_arrays(pa.array(pooled16.reshape(-1), pa.float16()), dim)
+        columns["pooled"] = pa.FixedSizeListArray.from_arrays(pa.array(pooled16.reshape(-1), pa.float16()), pooled_dim)
         kind = "clip"
     if rejected:
         raise NonFiniteStatesError(rejected)
-    return pa.Table.from_arrays(list(columns.values()), schema=expected_schema(kind, (dim,)))
+    shape = (dim,) if kind == "llm" or pooled_dim == dim else (dim, pooled_dim)
+    return pa.Table.from_arrays(list(columns.values()), schema=expected_schema(kind, shape))
 
 
 def pixels_table(
@@ -323,6 +327,11 @@ class CacheStore:
         return self.value_shape[0] if self.kind in ("llm", "clip") and self.value_shape else None
 
     @property
+    def pooled_dim(self) -> int | None:
+        """Width of the clip cache's pooled vectors (D, or P of a (D, P) value shape)."""
+        return self.value_shape[-1] if self.kind == "clip" and self.value_shape else None
+
+    @property
     def shard_names(self) -> list[str]:
         """Listed shards, oldest first (the order that resolves duplicate keys)."""
         return sorted(s["name"] for s in self.manifest["shards"])
@@ -408,13 +417,13 @@ class CacheStore:
         return out
 
     def read_pooled(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
-        """``{key: float16 (D,)}`` CLIP pooled embeddings (clip caches only)."""
+        """``{key: float16 (P,)}`` CLIP pooled embeddings (clip caches only)."""
         if self.kind != "clip":
             raise CacheError(f"{self.path}: a {self.kind} cache has no pooled column (only clip caches do)")
         out: dict[str, np.ndarray] = {}
         for name, rows in self._rows_by_shard(keys).items():
             table = self._table(name).take(pa.array([r for _, r in rows], pa.int64()))
-            pooled = decode_fixed(table.column("pooled"), (self.hidden_size,))
+            pooled = decode_fixed(table.column("pooled"), (self.pooled_dim,))
             out.update({key: value for (key, _), value in zip(rows, pooled, strict=True)})
         return out
 

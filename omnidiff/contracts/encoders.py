@@ -123,15 +123,23 @@ def files_digest(*folders: Path, patterns: tuple[str, ...] = ("*",)) -> str:
     return digest.hexdigest()
 
 
-def clip_inputs(encoder_inputs: dict[str, Any]) -> dict[str, Any]:
+# What a CLIP-target cache stores per caption. The tiny base masks CLIP's padding everywhere, so only
+# its real tokens are targets; a published SD / SDXL UNet cross-attends to all 77 positions of the
+# window, padding included, so every position of each used window is (docs/architecture.md).
+STORED_REAL_TOKENS = "mask-true tokens + pooled"
+STORED_WINDOWS = "all 77 positions of each used window + pooled"
+
+
+def clip_inputs(encoder_inputs: dict[str, Any], stored: str = STORED_REAL_TOKENS) -> dict[str, Any]:
     """Fingerprint inputs of a CLIP-target cache from ``ClipTextEncoder.fingerprint_inputs(max_windows)``
-    (weights + tokenizer digest, window layout, normaliser version)."""
+    (weights + tokenizer digest, window layout, normaliser version) or ``BaseTextEncoder``'s (``stored``
+    = :data:`STORED_WINDOWS`)."""
     if not encoder_inputs:
         raise ValueError("CLIP fingerprint inputs are empty")
     return {
         "kind": "clip",
         "encoder": dict(encoder_inputs),
-        "stored": "mask-true tokens + pooled",
+        "stored": stored,
         "storage": STORAGE_FORMAT,
     }
 
@@ -240,6 +248,52 @@ def describe_clip(
     return inputs, int(config["hidden_size"])
 
 
+def describe_base_text(base, max_windows: int = 1) -> tuple[dict, int, int]:
+    """``(BaseTextEncoder.from_base_folder(base).fingerprint_inputs(max_windows), hidden_size, pooled_dim)``
+    of a published SD / SDXL folder (``contracts.base_folder``) without loading its towers.
+
+    The digest is the one ``BaseTextEncoder.weights_digest`` computes in memory: per tower, the
+    tensors of the safetensors files ``from_pretrained`` reads (the ``fp16`` variant where the folder
+    has it) in name order as fp32 bytes, then its tokenizer's digest (the tokenizer is read: it is
+    small and holds no weights).
+    """
+    import contextlib
+
+    import torch
+    from safetensors import safe_open
+
+    from omnidiff.contracts.base_folder import open_base_folder, weight_files
+    from omnidiff.models.clip_text import WINDOW, load_base_tokenizer, tokenizer_digest
+
+    base = open_base_folder(base) if not hasattr(base, "towers") else base
+    if base.layout == "omnidiff":
+        raise ValueError(f"{base.path}: the tiny base is described by describe_clip")
+    digest = hashlib.sha256()
+    for i, tower in enumerate(base.towers):
+        files = weight_files(tower.encoder, base.variant)
+        if not files:
+            raise FileNotFoundError(f"{tower.encoder}: no *.safetensors weights")
+        with contextlib.ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
+            where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            for name in sorted(where):
+                digest.update(f"{i}/{name}".encode() + b"\0")
+                digest.update(where[name].get_tensor(name).to(torch.float32).contiguous().numpy().tobytes())
+        digest.update(tokenizer_digest(load_base_tokenizer(tower.tokenizer)).encode())
+    inputs = {
+        "model_id": f"{base.layout}-text-encoders",
+        "weights_digest": digest.hexdigest(),
+        "layer": "penultimate-concat" if base.hidden_layer == "penultimate" else "last",
+        "max_length": WINDOW * max_windows,
+        "dtype": "float32",  # BaseTextEncoder.from_base_folder's compute dtype, whatever the files hold
+        "template": f"pipeline-windows-{WINDOW}x{max_windows}",
+        "empty_prompt": "zeros" if base.force_zeros_for_empty_prompt else "encoded",
+        "normaliser_version": NORMALISER_VERSION,
+    }
+    last = base.towers[-1]
+    return inputs, base.text_width, int(last.projection_dim or last.width)
+
+
 # ---------------------------------------------------------------------------------------- VAE
 
 
@@ -284,7 +338,8 @@ class CacheSpec:
 
     kind: str
     inputs: dict[str, Any]
-    value_shape: tuple[int, ...]  # (D,) per token for llm / clip; (C, H, W) per image for pixels
+    # (D,) per token for llm / clip; clip (D, P) when the pooled width P differs (SDXL); (C, H, W) for pixels
+    value_shape: tuple[int, ...]
 
     @property
     def fingerprint(self) -> str:
@@ -301,6 +356,32 @@ def clip_spec(text_encoder: str | Path, tokenizer: str | Path, max_windows: int)
     """The CLIP-target cache of a base model's text encoder in ``max_windows`` windows (no model built)."""
     encoder_inputs, hidden = describe_clip(text_encoder, tokenizer, max_windows)
     return CacheSpec("clip", clip_inputs(encoder_inputs), (hidden,))
+
+
+def is_published_base(folder: str | Path) -> bool:
+    """Whether ``folder`` is a published SD / SDXL pipeline folder (its model_index.json says so)."""
+    from omnidiff.contracts.base_folder import LAYOUTS
+
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        cls = json.loads(index.read_text()).get("_class_name")
+    except json.JSONDecodeError:
+        return False
+    return LAYOUTS.get(str(cls)) in ("sd", "sdxl")
+
+
+def base_clip_spec(base_model: str | Path, max_windows: int) -> CacheSpec:
+    """The CLIP-target cache of a base model folder: a published SD / SDXL folder (every tower, what its
+    pipeline feeds the UNet, :func:`describe_base_text`) or the tiny base (``text_encoder/`` +
+    ``tokenizer/``, :func:`clip_spec`)."""
+    base_model = Path(base_model)
+    if not is_published_base(base_model):
+        return clip_spec(base_model / "text_encoder", base_model / "tokenizer", max_windows)
+    encoder_inputs, hidden, pooled = describe_base_text(base_model, max_windows)
+    shape = (hidden,) if pooled == hidden else (hidden, pooled)
+    return CacheSpec("clip", clip_inputs(encoder_inputs, STORED_WINDOWS), shape)
 
 
 def pixels_spec(resolution: int, vae: str | Path | None = None) -> CacheSpec:

@@ -4,6 +4,8 @@
 transformer encoder over them, a decoder whose fixed set of learnable queries cross-attends to the
 encoded tokens (so the output length is fixed whatever the prompt length; the release uses 227 =
 three CLIP windows), and an MLP on the mean of the output tokens for the pooled embedding.
+The token width ``out_dim`` is the base UNet's cross-attention width; the pooled head's width
+``pooled_dim`` is SDXL's ``text_embeds`` width (1280) where the base has one, else ``out_dim``.
 Unlike the release, padding is masked in every attention (PAPER.md "Known weak points").
 
 Three options, each fixing what the release's shape gets wrong on a base model that masks CLIP
@@ -61,6 +63,7 @@ class AdapterShape:
     input_norm: bool
     length_head: bool
     pooled_query: bool
+    pooled_dim: int  # the pooled head's width: out_dim, or SDXL's text_embeds width (issue 16)
 
 
 # Options a folder saved before they existed does not name: they were off then.
@@ -88,14 +91,17 @@ class OmniAdapter(nn.Module):
         input_norm: bool,
         length_head: bool,
         pooled_query: bool,
+        pooled_dim: int | None = None,
     ):
         super().__init__()
+        pooled_dim = out_dim if pooled_dim is None else pooled_dim
         for name, value in (
             ("llm_dim", llm_dim),
             ("width", width),
             ("out_dim", out_dim),
             ("num_queries", num_queries),
             ("heads", heads),
+            ("pooled_dim", pooled_dim),
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be a positive int")
@@ -106,7 +112,7 @@ class OmniAdapter(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
         self.shape = AdapterShape(llm_dim, width, out_dim, num_queries, encoder_layers, decoder_layers, heads, dropout,
-                                  bool(input_norm), bool(length_head), bool(pooled_query))
+                                  bool(input_norm), bool(length_head), bool(pooled_query), pooled_dim)
         if input_norm:  # identity until set_input_stats; saved with the weights
             self.register_buffer("input_mean", torch.zeros(llm_dim))
             self.register_buffer("input_scale", torch.ones(llm_dim))
@@ -128,7 +134,7 @@ class OmniAdapter(nn.Module):
         self.decoder = nn.TransformerDecoder(dec_layer, decoder_layers)
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, out_dim)
-        self.pooled_mlp = nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        self.pooled_mlp = nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, pooled_dim))
         self.length_head = (
             nn.Sequential(nn.Linear(llm_dim + 1, width), nn.GELU(), nn.Linear(width, 1)) if length_head else None
         )
@@ -147,7 +153,7 @@ class OmniAdapter(nn.Module):
         self.input_scale.copy_(std.clamp_min(eps))
 
     def forward(self, llm_states: torch.Tensor, llm_mask: torch.Tensor):
-        """``(tokens (B, Q, out_dim), pooled (B, out_dim))``."""
+        """``(tokens (B, Q, out_dim), pooled (B, pooled_dim))``."""
         tokens, pooled, _ = self.forward_all(llm_states, llm_mask)
         return tokens, pooled
 
@@ -169,7 +175,7 @@ class OmniAdapter(nn.Module):
         return torch.arange(q, device=log_count.device)[None] < n[:, None]
 
     def forward_all(self, llm_states: torch.Tensor, llm_mask: torch.Tensor):
-        """``(tokens (B, Q, out_dim), pooled (B, out_dim), log of the predicted real-token count (B,) or None)``."""
+        """``(tokens (B, Q, out_dim), pooled (B, pooled_dim), log of the predicted real-token count (B,) or None)``."""
         if llm_states.ndim != 3 or llm_states.shape[-1] != self.shape.llm_dim:
             raise ValueError(f"llm_states has shape {tuple(llm_states.shape)}; expected (B, T, {self.shape.llm_dim})")
         if llm_mask.shape != llm_states.shape[:2]:
@@ -194,7 +200,7 @@ class OmniAdapter(nn.Module):
         h = self.decoder(q, x, memory_key_padding_mask=pad)  # (B, Q[+1], W)
         out = self.out(self.norm(h))  # (B, Q[+1], out_dim)
         if self.shape.pooled_query:
-            tokens, pooled = out[:, :-1], self.pooled_mlp(out[:, -1])  # (B, Q, out_dim), (B, out_dim)
+            tokens, pooled = out[:, :-1], self.pooled_mlp(out[:, -1])  # (B, Q, out_dim), (B, pooled_dim)
         else:
             tokens, pooled = out, self.pooled_mlp(out.mean(1))
         return tokens, pooled, log_count
@@ -222,6 +228,7 @@ class OmniAdapter(nn.Module):
         if config.pop("max_positions", 0):
             raise ValueError(f"{folder}: this adapter was trained with position embeddings (max_positions), an option "
                              "removed in issue 14 (no gain); retrain it")
+        config.setdefault("pooled_dim", config.get("out_dim"))  # saved before issue 16: the pooled head was out_dim wide
         model = cls(**{**LEGACY_OPTIONS, **config})
         model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
         return model.eval()
