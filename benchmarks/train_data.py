@@ -20,7 +20,7 @@ after one warm-up batch), the peak RSS of the process and its growth over the RS
 and the peak number of decoded shards held per cache. Same machine, same run, same batches (the
 checksum of the last batch must agree across the three ways, or the run stops).
 
-Measured here (2 shared CPU cores, 64-row shards, batch 32; issue 17's notes have the full table): peak
+Measured here (2 shared CPU cores, 64-row shards, batch 32, default arguments): peak
 RSS growth 65 / 103 / 262 MiB (old) against 51 / 54 / 73 MiB (new K=8) at 4k / 16k / 65k rows, resident
 shards 64 / 256 / 859 against 8; ms per batch old 7.0 / 15.9 / 48.2, new K=all 5.1 / 8.0 / 44.2, new
 K=8 53.9 / 84.1 / 78.1 (each batch re-reads the shards it needs: the bound trades time for memory
