@@ -29,6 +29,8 @@ class DataSection(ConfigModel):
       ``null`` keeps every pair.
     val_examples: examples of the ``val`` split (same filters) whose loss is logged at the start and at
       every checkpoint, with fixed noise and timesteps so values are comparable (0 = off).
+    max_resident_shards: decoded cache shards a training rank keeps per cache (least recently used
+      out first); a rank's memory is bounded by it, not by the corpus (train.data, issue 17).
     """
 
     snapshot: NonBlank = "tiny"
@@ -36,6 +38,7 @@ class DataSection(ConfigModel):
     split: str = "train"
     aesthetic_min: float | None = None
     val_examples: int = Field(32, ge=0)
+    max_resident_shards: int = Field(8, ge=1)
 
 
 class AdapterSection(ConfigModel):

@@ -19,14 +19,18 @@ position too, so a resumed run, or one on a different worker count, sees the sam
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
+from omnidiff.contracts.cache import SIZE_COLUMNS, decode_fixed
 from omnidiff.contracts.keys import cache_key, english_side
 
 # A caption is "long" when the LLM needs more tokens than one CLIP window holds (PAPER.md "The problem").
@@ -196,13 +200,23 @@ def pad_states(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor
     """Unpadded per-token states ``[(L_i, D)]`` -> ``(states float32 (B, T, D), mask bool (B, T))``, T = max L_i."""
     if not arrays:
         raise ValueError("pad_states: no arrays")
-    dim = int(arrays[0].shape[-1])
-    t_max = max(int(a.shape[0]) for a in arrays)
-    states = torch.zeros(len(arrays), t_max, dim, dtype=torch.float32)  # (B, T, D)
-    mask = torch.zeros(len(arrays), t_max, dtype=torch.bool)  # (B, T)
-    for i, a in enumerate(arrays):
-        states[i, : a.shape[0]] = torch.from_numpy(np.asarray(a, dtype=np.float32))
-        mask[i, : a.shape[0]] = True
+    lengths = np.array([int(a.shape[0]) for a in arrays], dtype=np.int64)
+    return pad_flat(np.concatenate([np.asarray(a) for a in arrays], axis=0), lengths)
+
+
+def pad_flat(flat: np.ndarray, lengths: np.ndarray, t_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of B sequences back to back ``(sum L, D)`` + ``lengths (B,)`` -> ``(states (B, T, D), mask (B, T))``.
+
+    One scatter for the whole batch (no per-sample copies); T = ``t_max`` or max L_i.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    t_max = int(lengths.max(initial=0)) if t_max is None else int(t_max)
+    rows = np.repeat(np.arange(len(lengths)), lengths)  # (sum L,) batch index of each token
+    starts = np.cumsum(lengths) - lengths  # (B,)
+    cols = np.arange(len(rows)) - np.repeat(starts, lengths)  # (sum L,) token index inside its sequence
+    states = torch.zeros(len(lengths), t_max, int(flat.shape[-1]), dtype=torch.float32)  # (B, T, D)
+    states[torch.from_numpy(rows), torch.from_numpy(cols)] = torch.from_numpy(np.asarray(flat, dtype=np.float32))
+    mask = torch.from_numpy(np.arange(t_max)[None, :] < lengths[:, None])  # (B, T)
     return states, mask
 
 
@@ -238,51 +252,205 @@ def sample_seed(seed: int, position: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(position)]).generate_state(1, np.uint64)[0] >> 1)
 
 
-class CachedBatches:
-    """Builds one rank's micro-batches from the cache (pure function of the step; no state to checkpoint).
+# ------------------------------------------------------------------------------------ the stream
+#
+# What a rank holds (issue 17): per example, where its states live in each cache, as two int32
+# arrays (shard id, row in the shard): 8 bytes per example per cache instead of a table of Python
+# strings; the epoch's permutation (int32 below 2**31 examples); and at most ``max_resident_shards``
+# decoded shards per cache (an LRU). The keys are read once, compared with each shard's key column
+# as fixed-width bytes (sorted + searchsorted, no dict of the cache's keys) and dropped. A batch
+# reads only the cache rows of its own positions, each shard it needs once.
 
-    ``stores``: ``{"llm": CacheStore, "clip"|"pixels": CacheStore}``. ``empty_states`` are the LLM
+DEFAULT_RESIDENT_SHARDS = 8
+
+
+def fixed_width_keys(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A string key column -> numpy fixed-width bytes ``S<w>`` (zero copy when every key has one length)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if not pa.types.is_string(arr.type):
+        arr = arr.cast(pa.string())
+    if arr.null_count:
+        raise ValueError(f"{arr.null_count} null key(s) in an example or cache key column")
+    if len(arr) == 0:
+        return np.zeros(0, dtype="S1")
+    offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset : arr.offset + len(arr) + 1]
+    widths = np.diff(offsets)
+    if widths[0] > 0 and (widths == widths[0]).all():
+        data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+        return data.view(f"S{int(widths[0])}")
+    return np.array([k.encode() for k in arr.to_pylist()], dtype="S")
+
+
+class ResidentShards:
+    """One cache's shards as a training rank reads them: at most ``max_resident`` decoded shards at a
+    time (least recently used first out), only the value columns a batch needs.
+
+    ``peak_resident`` / ``shard_reads`` say how many were ever held at once / read in total;
+    ``read_log`` (a list, optional) receives every ``(shard ids, rows)`` a batch took (tests use it to
+    check that a rank reads only its own share).
+    """
+
+    def __init__(self, store, max_resident: int = DEFAULT_RESIDENT_SHARDS, read_log: list | None = None):
+        if int(max_resident) < 1:
+            raise ValueError(f"max_resident_shards={max_resident}: must be >= 1")
+        self.store, self.max_resident, self.read_log = store, int(max_resident), read_log
+        self.names = store.shard_names  # oldest first: the order that resolves duplicate keys
+        self._tables: OrderedDict[tuple[int, tuple[str, ...]], pa.Table] = OrderedDict()
+        self.peak_resident, self.shard_reads = 0, 0
+
+    def locate(self, keys: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """Fixed-width ``keys (N,)`` -> ``(shard id int32 (N,), row int32 (N,))``; the oldest shard wins a
+        duplicate key. Raises :class:`CacheMismatchError` naming a missing key."""
+        unique, inverse = np.unique(keys, return_inverse=True)  # sorted, so each shard's keys are searched
+        shard = np.full(len(unique), -1, dtype=np.int32)
+        row = np.full(len(unique), -1, dtype=np.int32)
+        for shard_id, name in enumerate(self.names):
+            shard_keys = fixed_width_keys(self.store._read_shard(name, ["key"]).column("key"))  # (s,)
+            at = np.minimum(np.searchsorted(unique, shard_keys), max(len(unique) - 1, 0))
+            hit = (unique[at] == shard_keys) if len(unique) else np.zeros(len(shard_keys), bool)
+            new = hit & (shard[at] < 0)
+            shard[at[new]] = shard_id
+            row[at[new]] = np.flatnonzero(new)
+        missing = np.flatnonzero(shard < 0)
+        if len(missing):
+            raise CacheMismatchError(
+                f"{len(missing)} of {len(unique)} {what} are not in the {self.store.kind} cache {self.store.path} "
+                f"(e.g. key {unique[missing[0]].decode()}); run 'omnidiff embed' over the snapshot first"
+            )
+        return shard[inverse], row[inverse]
+
+    def take(self, shard: np.ndarray, row: np.ndarray, columns: Sequence[str]) -> pa.Table:
+        """The rows ``(shard[i], row[i])`` in that order, ``columns`` only: one ``take`` over the shards they
+        live in, each read (or found resident) once."""
+        wanted, inverse = np.unique(shard, return_inverse=True)
+        if len(wanted) > self.max_resident:
+            # More shards than the bound in one batch: take per shard, holding one shard at a time.
+            parts = [self._shard(int(s), columns).take(pa.array(row[shard == s])) for s in wanted]
+            order = np.argsort(np.argsort(inverse, kind="stable"), kind="stable")  # batch row -> its place in parts
+            table = pa.concat_tables(parts).take(pa.array(order))
+        else:
+            tables = [self._shard(int(s), columns) for s in wanted]
+            base = np.cumsum([0] + [t.num_rows for t in tables[:-1]])
+            table = pa.concat_tables(tables).take(pa.array(base[inverse] + row))
+        if self.read_log is not None:
+            self.read_log.append((shard.copy(), row.copy()))
+        return table
+
+    def _shard(self, shard_id: int, columns: Sequence[str]) -> pa.Table:
+        key = (shard_id, tuple(columns))
+        if key in self._tables:
+            self._tables.move_to_end(key)
+            return self._tables[key]
+        name = self.names[shard_id]
+        try:
+            table = self.store._read_shard(name, list(columns))
+        except (OSError, pa.ArrowException) as exc:
+            from omnidiff.contracts.cache import CorruptShardError
+
+            raise CorruptShardError(self.store.path, {name: f"cannot read: {exc}"}) from None
+        table = table.combine_chunks()
+        self.shard_reads += 1
+        self._tables[key] = table
+        while len(self._tables) > self.max_resident:
+            self._tables.popitem(last=False)
+        self.peak_resident = max(self.peak_resident, len(self._tables))
+        return table
+
+    @property
+    def resident(self) -> int:
+        return len(self._tables)
+
+
+def _states_of(table: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A taken ``states`` column -> token rows back to back ``float16 (sum L, D)`` + ``lengths (B,)``."""
+    arr = table.column("states").combine_chunks()
+    offsets = arr.offsets.to_numpy()
+    flat = arr.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)  # (sum L, D)
+    return flat, np.diff(offsets).astype(np.int64)
+
+
+def _read_example_keys(examples: pd.DataFrame | pa.Table | str | Path, columns: list[str]) -> dict[str, np.ndarray]:
+    """The key columns of an example table (a DataFrame, an Arrow table or a Parquet file) as fixed-width bytes."""
+    if isinstance(examples, (str, Path)):
+        table = pq.read_table(examples, columns=columns)
+    elif isinstance(examples, pd.DataFrame):
+        missing = [c for c in columns if c not in examples.columns]
+        if missing:
+            raise ValueError(f"example table has no column(s) {missing}; expected {columns}")
+        table = pa.table({c: pa.array(examples[c].astype(str).to_numpy(), pa.string()) for c in columns})
+    else:
+        table = examples.select(columns)
+    return {c: fixed_width_keys(table.column(c)) for c in columns}
+
+
+class CachedBatches:
+    """One rank's micro-batches from the cache, a pure function of the global sample positions (no state
+    to checkpoint beyond the step).
+
+    ``examples``: the example table (DataFrame, Arrow table or Parquet path; only its key columns are
+    read). ``stores``: ``{"llm": CacheStore, "clip"|"pixels": CacheStore}``. ``empty_states`` are the LLM
     states of "" (caption dropout's replacement). ``num_train_timesteps`` is the diffusion schedule's
-    length (stages 2-3).
+    length (stages 2-3). ``max_resident_shards`` bounds the decoded shards kept per cache.
+
+    Order: epoch ``e`` visits the examples in ``default_rng([seed, e]).permutation(N)`` order; global
+    position ``p`` is example ``perm[p // N][p % N]`` (docs/architecture.md "Training data").
     """
 
     def __init__(
         self,
-        examples: pd.DataFrame,
+        examples: pd.DataFrame | pa.Table | str | Path,
         family: str,
         stores: dict[str, Any],
         seed: int,
         caption_dropout: float = 0.0,
         empty_states: np.ndarray | None = None,
         num_train_timesteps: int = 1000,
+        max_resident_shards: int = DEFAULT_RESIDENT_SHARDS,
+        read_log: list | None = None,
     ):
         if family not in ("align", "diffusion"):
             raise ValueError(f"family={family!r}: expected 'align' or 'diffusion'")
-        if len(examples) == 0:
-            raise ValueError("no training examples: the snapshot split (and filters) left nothing to train on")
         if family == "diffusion" and caption_dropout > 0 and empty_states is None:
             raise ValueError("caption dropout needs the LLM states of the empty prompt")
-        self.examples = examples.reset_index(drop=True)
-        self.family, self.stores, self.seed = family, stores, int(seed)
+        self.family, self.seed = family, int(seed)
         self.caption_dropout = float(caption_dropout)
         self.empty_states = empty_states
         self.num_train_timesteps = int(num_train_timesteps)
+        self.other = "clip" if family == "align" else "pixels"
+        key_column = "target_key" if family == "align" else "pixel_key"
+        keys = _read_example_keys(examples, ["llm_key", key_column])
+        self.n = len(keys["llm_key"])
+        if self.n == 0:
+            raise ValueError("no training examples: the snapshot split (and filters) left nothing to train on")
+        self.shards = {kind: ResidentShards(stores[kind], max_resident_shards, read_log) for kind in ("llm", self.other)}
+        what = {"llm": "captions", "clip": "English-side texts", "pixels": "images"}
+        column = {"llm": "llm_key", self.other: key_column}
+        # (shard id, row) per example and cache: int32 (N,) each; the key strings are dropped here
+        self.where = {kind: self.shards[kind].locate(keys[column[kind]], what[kind]) for kind in self.shards}
+        del keys
+        self.sizes = family == "diffusion" and cached_image_sizes(stores["pixels"])
         self._perms: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return self.n
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # a batch spans at most two epochs
+                self._perms.pop(min(self._perms))
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._perms[epoch] = perm.astype(np.int32) if self.n < 2**31 else perm
+        return self._perms[epoch]
 
     def example_index(self, positions: np.ndarray) -> np.ndarray:
-        """Global sample positions -> example rows: a fresh permutation per epoch."""
-        n = len(self.examples)
-        out = np.empty(len(positions), dtype=np.int64)
-        for i, p in enumerate(positions):
-            epoch, offset = divmod(int(p), n)
-            if epoch not in self._perms:
-                if len(self._perms) > 4:
-                    self._perms.clear()
-                self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(n)
-            out[i] = self._perms[epoch][offset]
+        """Global sample positions -> example rows ``int64 (B,)``: a fresh permutation per epoch."""
+        epochs, offsets = np.divmod(np.asarray(positions, dtype=np.int64), self.n)
+        out = np.empty(len(epochs), dtype=np.int64)
+        for epoch in np.unique(epochs):
+            chosen = epochs == epoch
+            out[chosen] = self._perm(int(epoch))[offsets[chosen]]
         return out
 
     @staticmethod
@@ -291,50 +459,88 @@ class CachedBatches:
         start = step * global_batch + micro_step * micro * world + rank * micro
         return np.arange(start, start + micro, dtype=np.int64)
 
+    def position_state(self, step: int, global_batch: int) -> dict:
+        """What a checkpoint records about the data position (the order itself follows from it)."""
+        return {"examples": self.n, "seed": self.seed, "next_position": int(step) * int(global_batch)}
+
+    def check_resume(self, state: dict | None, step: int, global_batch: int) -> None:
+        """A clear error when a checkpoint's data position belongs to another example set or seed."""
+        if not state:
+            return  # a checkpoint from before the position was recorded
+        mine = self.position_state(step, global_batch)
+        differs = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if differs:
+            shown = "; ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in differs.items())
+            raise RuntimeError(f"the checkpoint's data position does not match this run ({shown}): resuming would "
+                               "train on another order. Use the snapshot, split, seed and global_batch_size it was "
+                               "saved with, or another checkpoint.dir")
+
     def batch(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
-        rows = self.examples.iloc[self.example_index(positions)]
-        llm = self.stores["llm"].read(rows["llm_key"].tolist())
-        llm_arrays = [llm[k] for k in rows["llm_key"]]
+        rows = self.example_index(positions)  # (B,)
+        llm_shards = self.shards["llm"]
+        taken = llm_shards.take(*(w[rows] for w in self.where["llm"]), ["states"])
+        flat, lengths = _states_of(taken, llm_shards.store.hidden_size)  # (sum L, Dl), (B,)
+        other = self.shards[self.other]
+        shard, row = (w[rows] for w in self.where[self.other])
         if self.family == "align":
-            clip = self.stores["clip"]
-            keys = rows["target_key"].tolist()
-            targets, pooled = clip.read(keys), clip.read_pooled(keys)
-            target, target_mask = pad_states([targets[k] for k in keys])  # (B, Tc, Dc)
-            llm_states, llm_mask = pad_states(llm_arrays)  # (B, T, Dl)
+            clip = other.take(shard, row, ["states", "pooled"])
+            c_flat, c_lengths = _states_of(clip, other.store.hidden_size)
+            target, target_mask = pad_flat(c_flat, c_lengths)  # (B, Tc, Dc)
+            llm_states, llm_mask = pad_flat(flat, lengths)  # (B, T, Dl)
+            pooled = decode_fixed(clip.column("pooled"), (other.store.hidden_size,))  # (B, Dc)
             return {
                 "llm_states": llm_states,
                 "llm_mask": llm_mask,
                 "target": target,
                 "target_mask": clip_target_mask(target, target_mask),
-                "target_pooled": torch.from_numpy(np.stack([pooled[k] for k in keys]).astype(np.float32)),  # (B, Dc)
+                "target_pooled": torch.from_numpy(pooled.astype(np.float32)),
             }
-        pixel_keys = rows["pixel_key"].tolist()
-        images, noise, timesteps, dropped = self._noised(pixel_keys, positions)
-        if dropped.any():
-            llm_arrays = [self.empty_states if d else a for a, d in zip(llm_arrays, dropped.tolist(), strict=True)]
-        llm_states, llm_mask = pad_states(llm_arrays)
+        columns = ["pixels", *SIZE_COLUMNS] if self.sizes else ["pixels"]
+        pixels = other.take(shard, row, columns)
+        images = torch.from_numpy(decode_fixed(pixels.column("pixels"), other.store.value_shape).astype(np.float32))
+        noise, timesteps, dropped = self._draws(images.shape[1:], positions)
+        llm_states, llm_mask = self._with_dropout(flat, lengths, dropped.numpy())
         batch = {
             "llm_states": llm_states,
             "llm_mask": llm_mask,
-            "pixels": images,
+            "pixels": images,  # (B, C, H, W)
             "noise": noise,
             "timesteps": timesteps,
             "dropped": dropped,
         }
-        if cached_image_sizes(self.stores["pixels"]):
-            batch["time_ids"] = image_time_ids(self.stores["pixels"], pixel_keys)  # (B, 6) long
+        if self.sizes:
+            from omnidiff.pipeline import sdxl_time_ids
+
+            resolution = int(other.store.manifest["fingerprint_inputs"]["resolution"])
+            table = np.concatenate([decode_fixed(pixels.column(c), (2,)) for c in SIZE_COLUMNS], 1).astype(np.int32)
+            batch["time_ids"] = sdxl_time_ids(table[:, :2], table[:, 2:], (resolution, resolution))  # (B, 6) long
         return batch
 
-    def _noised(self, pixel_keys: list[str], positions: np.ndarray):
-        """Cached images ``(B, C, H, W)`` with their noise, timesteps and caption-dropout draws, seeded by position."""
-        pixels = self.stores["pixels"].read(pixel_keys)
-        images = torch.from_numpy(np.stack([pixels[k] for k in pixel_keys]).astype(np.float32))  # (B, C, H, W)
-        noise = torch.empty_like(images)
+    def _with_dropout(self, flat: np.ndarray, lengths: np.ndarray, dropped: np.ndarray):
+        """Padded LLM states where dropped captions carry the states of "" instead (one scatter each)."""
+        if not dropped.any():
+            return pad_flat(flat, lengths)
+        empty = np.asarray(self.empty_states)  # (Le, D)
+        kept = np.repeat(~dropped, lengths)  # (sum L,) tokens of kept captions
+        lengths_out = np.where(dropped, len(empty), lengths)
+        kept_lengths = np.where(dropped, 0, lengths)
+        states, _ = pad_flat(flat[kept], kept_lengths, t_max=int(lengths_out.max()))
+        states[torch.from_numpy(dropped), : len(empty)] = torch.from_numpy(empty.astype(np.float32))
+        mask = torch.from_numpy(np.arange(states.shape[1])[None, :] < lengths_out[:, None])
+        return states, mask
+
+    def _draws(self, shape: torch.Size, positions: np.ndarray):
+        """Noise ``(B, *shape)``, timesteps and caption-dropout draws, each seeded by its sample's position.
+
+        One generator per sample is what makes the draws a function of the position alone (the same on
+        any worker count, and after a resume); the rest of the batch is assembled without per-sample code.
+        """
+        noise = torch.empty(len(positions), *shape)
         timesteps = torch.empty(len(positions), dtype=torch.long)
         dropped = torch.zeros(len(positions), dtype=torch.bool)
         for i, p in enumerate(positions):
             g = torch.Generator().manual_seed(sample_seed(self.seed, int(p)))
-            noise[i] = torch.randn(images.shape[1:], generator=g)
+            noise[i] = torch.randn(shape, generator=g)
             timesteps[i] = int(torch.randint(0, self.num_train_timesteps, (1,), generator=g))
             dropped[i] = bool(torch.rand((), generator=g) < self.caption_dropout)
-        return images, noise, timesteps, dropped
+        return noise, timesteps, dropped

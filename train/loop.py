@@ -64,7 +64,6 @@ def train_worker(job: TrainJob) -> None:
 def train(job: TrainJob, rank: int, world: int) -> None:
     """The loop of one rank (steps 1-6 of the module docstring)."""
     import numpy as np
-    import pandas as pd
 
     from omnidiff.contracts.cache import CacheStore
     from omnidiff.contracts.io import atomic_write
@@ -87,19 +86,23 @@ def train(job: TrainJob, rank: int, world: int) -> None:
     cfg, ckpt_dir = job.config, Path(job.checkpoint_dir)
 
     # -- 1-2. data (keys -> cached states, never the LLM) and modules
-    stores = {kind: CacheStore(path, max_cached_shards=1 << 16) for kind, path in job.caches.items()}
+    # Each rank keeps (shard, row) int32 pairs per example and at most data.max_resident_shards decoded
+    # shards per cache; a batch reads only its own positions' rows (train.data, issue 17).
+    resident = cfg.data.max_resident_shards
+    stores = {kind: CacheStore(path, max_cached_shards=resident) for kind, path in job.caches.items()}
     model = build_stage_model(cfg, job)
     noise_scheduler = model.loss_fn.keywords.get("noise_scheduler")
     timesteps = noise_scheduler.config.num_train_timesteps if noise_scheduler is not None else 1000
-    batches = CachedBatches(pd.read_parquet(job.examples), cfg.family, stores, seed=cfg.seed,
+    batches = CachedBatches(job.examples, cfg.family, stores, seed=cfg.seed,
                             caption_dropout=cfg.diffusion.caption_dropout if cfg.diffusion else 0.0,
-                            empty_states=job.empty_states, num_train_timesteps=timesteps)
+                            empty_states=job.empty_states, num_train_timesteps=timesteps,
+                            max_resident_shards=resident)
     val_batch = None
     if job.val_examples:
-        val_df = pd.read_parquet(job.val_examples)
-        val = CachedBatches(val_df, cfg.family, stores, seed=cfg.seed + 1, caption_dropout=0.0,
-                            empty_states=job.empty_states, num_train_timesteps=timesteps)
-        val_batch = val.batch(np.arange(len(val_df)))  # fixed examples, noise and timesteps: comparable values
+        val = CachedBatches(job.val_examples, cfg.family, stores, seed=cfg.seed + 1, caption_dropout=0.0,
+                            empty_states=job.empty_states, num_train_timesteps=timesteps,
+                            max_resident_shards=resident)
+        val_batch = val.batch(np.arange(len(val)))  # fixed examples, noise and timesteps: comparable values
     val_losses: dict[int, float] = {}
 
     # -- 3-4. engine, resumed from the newest complete checkpoint
@@ -110,6 +113,7 @@ def train(job: TrainJob, rank: int, world: int) -> None:
     if load_tag is not None:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=load_tag)
         start_step = int(client["step"])
+        batches.check_resume(client.get("data"), start_step, cfg.global_batch_size)
         if ema:
             ema = {k: v.float().clone() for k, v in client["ema"].items()}
         if rank == 0:
@@ -177,7 +181,8 @@ def train(job: TrainJob, rank: int, world: int) -> None:
             window_loss, window_n, window_steps, window_metrics, t_window = 0.0, 0, 0, {}, time.perf_counter()
 
         if done % cfg.checkpoint.every_steps == 0 or done == cfg.max_steps:
-            save_checkpoint(engine, ckpt_dir, done, rank, world, cfg, {"step": done, "ema": ema})
+            save_checkpoint(engine, ckpt_dir, done, rank, world, cfg,
+                            {"step": done, "ema": ema, "data": batches.position_state(done, g_batch)})
             last_saved = done
             if val_batch is not None:
                 log_validation(done)
@@ -189,7 +194,8 @@ def train(job: TrainJob, rank: int, world: int) -> None:
     if progress is not None:
         progress.emit(final=True)
     if last_saved != cfg.max_steps:  # resumed at the end already: nothing new to save
-        save_checkpoint(engine, ckpt_dir, cfg.max_steps, rank, world, cfg, {"step": cfg.max_steps, "ema": ema})
+        save_checkpoint(engine, ckpt_dir, cfg.max_steps, rank, world, cfg,
+                        {"step": cfg.max_steps, "ema": ema, "data": batches.position_state(cfg.max_steps, g_batch)})
 
     # -- 6. final weights from rank 0 (EMA where kept) for the driver's export, samples, result
     state = full_state(engine, cfg)

@@ -1,0 +1,281 @@
+"""The training data stream (train.data.CachedBatches, issue 17): bounded resident shards, a rank reads
+only its share, the order is a function of (seed, position) only, and batches equal the per-sample
+assembly they replace.
+
+Caches here are real cache folders written by the embed stage's writer, with many small shards.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+D_LLM, D_CLIP, IMAGE = 8, 6, (3, 4, 4)
+
+
+def _write(directory, inputs, tables, shape):
+    from embed_cache.writer import open_writer
+
+    with open_writer(directory, inputs) as writer:
+        writer.set_value_shape(shape)
+        for unit, table in enumerate(tables):
+            writer.write(table, unit=unit)
+
+
+def _chunks(items, size):
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """40 captions, 40 images, 40 English targets; every cache in shards of 3 rows (14 shards each).
+
+    Captions have 1-9 tokens; 4 images reuse a caption (a key shared by examples); a few keys are
+    written twice, in an old and a new shard, where the old shard's value must win.
+    """
+    from embed_cache.writer import write_shard_file
+    from omnidiff.contracts.cache import MANIFEST_NAME, CacheStore, cache_dir, pixels_table, shard_name, states_table
+    from omnidiff.contracts.encoders import clip_inputs, fingerprint, llm_inputs, pixels_inputs
+    from omnidiff.contracts.keys import text_key
+
+    root = tmp_path_factory.mktemp("stream") / "cache"
+    rng = np.random.default_rng(0)
+    n = 40
+    llm_keys = [text_key(f"caption {i}") for i in range(n)] + [text_key("")]
+    llm_values = [rng.normal(size=(1 + i % 9, D_LLM)).astype(np.float16) for i in range(n)] + [
+        rng.normal(size=(2, D_LLM)).astype(np.float16)]
+    clip_keys = [text_key(f"english {i}") for i in range(n)]
+    clip_values = [rng.normal(size=(2 + i % 5, D_CLIP)).astype(np.float16) for i in range(n)]
+    pooled = rng.normal(size=(n, D_CLIP)).astype(np.float16)
+    digests = [f"{i:064x}" for i in range(n)]
+    images = rng.uniform(-1, 1, (n, *IMAGE)).astype(np.float16)
+
+    dirs = {}
+    inputs = llm_inputs({"model": "stream-test"})
+    dirs["llm"] = cache_dir("llm", fingerprint(inputs), root)
+    order = list(range(n + 1))
+    tables = [states_table([llm_keys[i] for i in c], [llm_values[i] for i in c]) for c in _chunks(order, 3)]
+    _write(dirs["llm"], inputs, tables, (D_LLM,))
+    # A newer shard repeating two keys with other values (as two overlapping writers could leave; the
+    # writer itself refuses it): every reader takes the oldest shard's value.
+    duplicate = states_table([llm_keys[0], llm_keys[5]], [np.ones_like(llm_values[0]), np.ones_like(llm_values[5])])
+    entry = write_shard_file(dirs["llm"], shard_name("99991231T000000000000", 0), duplicate)
+    manifest = json.loads((dirs["llm"] / MANIFEST_NAME).read_text())
+    manifest["shards"].append(entry)
+    (dirs["llm"] / MANIFEST_NAME).write_text(json.dumps(manifest))
+    inputs = clip_inputs({"model": "stream-test-clip"})
+    dirs["clip"] = cache_dir("clip", fingerprint(inputs), root)
+    _write(dirs["clip"], inputs, [states_table([clip_keys[i] for i in c], [clip_values[i] for i in c], pooled[c])
+                                  for c in _chunks(list(range(n)), 3)], (D_CLIP,))
+    inputs = pixels_inputs(IMAGE[-1])
+    dirs["pixels"] = cache_dir("pixels", fingerprint(inputs), root)
+    _write(dirs["pixels"], inputs, [pixels_table([digests[i] for i in c], images[c])
+                                    for c in _chunks(list(range(n)), 3)], IMAGE)
+    caption_of = [i if i < 36 else i - 36 for i in range(n)]  # images 36-39 reuse captions 0-3
+    diffusion = pd.DataFrame({"llm_key": [llm_keys[c] for c in caption_of], "pixel_key": digests, "lang": "en"})
+    align = pd.DataFrame({"llm_key": llm_keys[:n], "target_key": clip_keys, "lang": "en", "source": "pair"})
+    stores = {kind: CacheStore(path) for kind, path in dirs.items()}
+    assert all(len(s.shard_names) >= 14 for s in stores.values())
+    return {"dirs": dirs, "diffusion": diffusion, "align": align, "empty": llm_values[-1]}
+
+
+def _stores(world):
+    from omnidiff.contracts.cache import CacheStore
+
+    return {kind: CacheStore(path) for kind, path in world["dirs"].items()}
+
+
+def _reference_batch(examples: pd.DataFrame, family: str, stores, seed: int, positions, dropout=0.0, empty=None):
+    """The per-sample assembly CachedBatches replaced (the code before issue 17), as the oracle."""
+    from train.data import clip_target_mask, pad_states, sample_seed
+
+    n = len(examples)
+    rows = np.array([np.random.default_rng([seed, int(p) // n]).permutation(n)[int(p) % n] for p in positions])
+    chosen = examples.iloc[rows]
+    llm = stores["llm"].read(chosen["llm_key"].tolist())
+    arrays = [llm[k] for k in chosen["llm_key"]]
+    if family == "align":
+        keys = chosen["target_key"].tolist()
+        targets, pooled = stores["clip"].read(keys), stores["clip"].read_pooled(keys)
+        target, target_mask = pad_states([targets[k] for k in keys])
+        states, mask = pad_states(arrays)
+        return {"llm_states": states, "llm_mask": mask, "target": target,
+                "target_mask": clip_target_mask(target, target_mask),
+                "target_pooled": torch.from_numpy(np.stack([pooled[k] for k in keys]).astype(np.float32))}
+    keys = chosen["pixel_key"].tolist()
+    pixels = stores["pixels"].read(keys)
+    images = torch.from_numpy(np.stack([pixels[k] for k in keys]).astype(np.float32))
+    noise, timesteps = torch.empty_like(images), torch.empty(len(positions), dtype=torch.long)
+    dropped = torch.zeros(len(positions), dtype=torch.bool)
+    for i, p in enumerate(positions):
+        g = torch.Generator().manual_seed(sample_seed(seed, int(p)))
+        noise[i] = torch.randn(images.shape[1:], generator=g)
+        timesteps[i] = int(torch.randint(0, 1000, (1,), generator=g))
+        dropped[i] = bool(torch.rand((), generator=g) < dropout)
+    arrays = [empty if d else a for a, d in zip(arrays, dropped.tolist(), strict=True)]
+    states, mask = pad_states(arrays)
+    return {"llm_states": states, "llm_mask": mask, "pixels": images, "noise": noise, "timesteps": timesteps,
+            "dropped": dropped}
+
+
+def _assert_same(ours: dict, theirs: dict):
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        assert ours[key].shape == theirs[key].shape and ours[key].dtype == theirs[key].dtype, key
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("resident", [1, 3, 8])
+def test_diffusion_batches_equal_the_per_sample_assembly(world, resident):
+    from train.data import CachedBatches
+
+    stores = _stores(world)
+    batches = CachedBatches(world["diffusion"], "diffusion", stores, seed=7, caption_dropout=0.3,
+                            empty_states=world["empty"], max_resident_shards=resident)
+    dropped_some = False
+    for step in range(12):  # 12 * 8 = 96 positions: crosses two epoch boundaries (40 examples)
+        positions = CachedBatches.positions(step, 8, 0, 1, 8, 0)
+        ours = batches.batch(positions)
+        _assert_same(ours, _reference_batch(world["diffusion"], "diffusion", stores, 7, positions, 0.3,
+                                            world["empty"]))
+        dropped_some |= bool(ours["dropped"].any()) and not bool(ours["dropped"].all())
+    assert dropped_some  # the dropout branch (mixed lengths of "" and captions) was exercised
+
+
+def test_align_batches_equal_the_per_sample_assembly(world):
+    from train.data import CachedBatches
+
+    stores = _stores(world)
+    batches = CachedBatches(world["align"], "align", stores, seed=3, max_resident_shards=2)
+    for step in range(6):
+        positions = CachedBatches.positions(step, 16, 1, 2, 8, 0)
+        _assert_same(batches.batch(positions), _reference_batch(world["align"], "align", stores, 3, positions))
+
+
+def test_the_oldest_shard_wins_a_duplicated_key(world):
+    from train.data import CachedBatches
+
+    stores = _stores(world)
+    assert stores["llm"].shard_names[-1].startswith("part-9999")  # the newer duplicate shard is listed
+    batches = CachedBatches(world["align"], "align", stores, seed=0)
+    for row in (0, 5):  # the examples whose caption is duplicated
+        key = world["align"]["llm_key"][row]
+        position = int(np.flatnonzero(batches.example_index(np.arange(40)) == row)[0])
+        batch = batches.batch(np.array([position]))
+        oldest = stores["llm"].read([key])[key]
+        assert not np.all(oldest == 1)  # the newer duplicate holds ones
+        assert torch.equal(batch["llm_states"][0], torch.from_numpy(oldest.astype(np.float32)))
+
+
+def test_resident_shards_never_exceed_the_bound(world):
+    from train.data import CachedBatches
+
+    for resident in (1, 2, 5):
+        batches = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=0,
+                                max_resident_shards=resident)
+        for step in range(20):
+            batches.batch(CachedBatches.positions(step, 8, 0, 1, 8, 0))
+            for shards in batches.shards.values():
+                assert shards.resident <= resident
+        for shards in batches.shards.values():
+            assert shards.peak_resident == resident  # 14 shards, random rows: the bound is reached, never passed
+            assert shards.shard_reads > len(shards.names)  # evictions happened: shards were read again
+
+
+def test_a_rank_reads_only_its_share(world):
+    """Two ranks of one run: each reads exactly the cache rows of its own positions, never the other's."""
+    from train.data import CachedBatches
+
+    examples = world["align"]  # one distinct caption and target per example: rows identify examples
+    read = {}
+    for rank in (0, 1):
+        log: list = []
+        batches = CachedBatches(examples, "align", _stores(world), seed=5, max_resident_shards=2, read_log=log)
+        mine = []
+        for step in range(2):  # 32 positions of one epoch (40 examples): the shares are disjoint
+            for micro_step in range(2):
+                positions = CachedBatches.positions(step, 16, rank, 2, 4, micro_step)
+                batches.batch(positions)
+                mine.extend(batches.example_index(positions).tolist())
+        assert len(log) == 2 * 4  # the LLM rows and the target rows of each of the 4 micro-batches
+        llm_read = {(int(s), int(r)) for shard, row in log[0::2] for s, r in zip(shard, row, strict=True)}
+        llm_where = batches.where["llm"]
+        assert llm_read == {(int(llm_where[0][i]), int(llm_where[1][i])) for i in mine}
+        read[rank] = llm_read
+    assert read[0] and read[1] and not (read[0] & read[1])
+
+
+def test_the_order_does_not_depend_on_the_worker_count_or_a_restart(world):
+    """Every position's batch content is the same on 1, 2 or 4 ranks, and in a fresh stream started at
+    step N (a resume): the stream holds no state but the step."""
+    from train.data import CachedBatches
+
+    def step_rows(world_size: int, step: int, stream) -> list[tuple[int, ...]]:
+        rows = []
+        for rank in range(world_size):
+            for m in range(16 // (4 * world_size)):
+                positions = CachedBatches.positions(step, 16, rank, world_size, 4, m)
+                batch = stream.batch(positions)
+                rows += [tuple(p.tolist()) for p in batch["pixels"].flatten(1)[:, :3]]
+        return sorted(rows)
+
+    first = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1)
+    uninterrupted = [step_rows(1, s, first) for s in range(6)]
+    for world_size in (2, 4):
+        resumed = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1, max_resident_shards=2)
+        assert [step_rows(world_size, s, resumed) for s in range(3, 6)] == uninterrupted[3:]
+    assert uninterrupted[0] != uninterrupted[3]  # different steps see different examples
+
+
+def test_check_resume_names_a_changed_example_set(world):
+    from train.data import CachedBatches
+
+    batches = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1)
+    state = batches.position_state(6, 16)
+    assert state == {"examples": 40, "seed": 1, "next_position": 96}
+    batches.check_resume(state, 6, 16)  # same run: fine
+    batches.check_resume(None, 6, 16)  # a checkpoint from before the position was recorded
+    with pytest.raises(RuntimeError, match=r"examples: checkpoint 41 vs now 40"):
+        batches.check_resume({**state, "examples": 41}, 6, 16)
+
+
+def test_missing_keys_and_bad_bounds_are_named(world):
+    from train.data import CachedBatches, CacheMismatchError
+
+    examples = world["diffusion"].copy()
+    examples.loc[3, "pixel_key"] = "f" * 64
+    with pytest.raises(CacheMismatchError, match=r"1 of 40 images are not in the pixels cache .*e\.g\. key f{64}"):
+        CachedBatches(examples, "diffusion", _stores(world), seed=0)
+    with pytest.raises(ValueError, match="max_resident_shards=0"):
+        CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=0, max_resident_shards=0)
+    with pytest.raises(ValueError, match=r"no column\(s\) \['target_key'\]"):
+        CachedBatches(world["diffusion"], "align", _stores(world), seed=0)
+
+
+def test_examples_from_a_parquet_file_read_only_the_key_columns(world, tmp_path):
+    from train.data import CachedBatches
+
+    path = tmp_path / "examples.parquet"
+    world["diffusion"].to_parquet(path, index=False)
+    stores = _stores(world)
+    from_file = CachedBatches(path, "diffusion", stores, seed=2)
+    from_frame = CachedBatches(world["diffusion"], "diffusion", stores, seed=2)
+    for kind in ("llm", "pixels"):
+        for ours, theirs in zip(from_file.where[kind], from_frame.where[kind], strict=True):
+            assert ours.dtype == np.int32 and np.array_equal(ours, theirs)
+    _assert_same(from_file.batch(np.arange(8)), from_frame.batch(np.arange(8)))
+
+
+def test_pad_flat_matches_pad_states():
+    from train.data import pad_flat, pad_states
+
+    arrays = [np.full((n, 3), n, np.float16) for n in (2, 0, 5, 1)]
+    states, mask = pad_states(arrays)
+    flat_states, flat_mask = pad_flat(np.concatenate(arrays), np.array([2, 0, 5, 1]))
+    assert torch.equal(states, flat_states) and torch.equal(mask, flat_mask)
+    assert states.shape == (4, 5, 3) and mask.sum(1).tolist() == [2, 0, 5, 1]
+    assert states[2, 4, 0] == 5 and states[0, 2:].abs().sum() == 0
