@@ -23,6 +23,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.dataset as ds
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
 
 from omnidiff.contracts.io import sha256_file
 from omnidiff.env import home
@@ -157,6 +159,14 @@ def open_dataset(path: Path, what: str = "url list") -> ds.Dataset | None:
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise CollectError(f"{what} {str(path)!r} is corrupt or not a valid {fmt} file: {exc}") from None
     raise CollectError(f"{what} {str(path)!r}: unsupported file type")
+
+
+def _stream(path: Path, fmt: str | None):
+    """A streaming reader (record batches, one block at a time) of a CSV/TSV or JSONL list."""
+    if fmt in ("csv", "tsv"):
+        parse = pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+        return pa_csv.open_csv(path, parse_options=parse)
+    return pa_json.open_json(path)
 
 
 def read_file(path: Path, what: str = "url list") -> pa.Table:
@@ -315,7 +325,7 @@ class ListScan:
                 found: dict[str, str] = {}  # an empty file: no header to check
                 raw_schema = pa.schema([])
             else:
-                raw_schema = dataset.schema
+                raw_schema = dataset.schema if file_format(path) == "parquet" else self._text_schema(path, what)
                 found = find_columns(raw_schema.names, configured, aliases, required, path, section, what)
             std_schemas.append(standardise(raw_schema.empty_table(), found, standard, source_name, path, what).schema)
             self.files.append(_ListFile(path, source_name, dataset, found, sha256_file(path)))
@@ -325,6 +335,15 @@ class ListScan:
         self.schema = self.input_schema.append(pa.field("row_id", pa.int64()))
         self.rows: dict[str, int] = {}
         self.batches_read = 0
+
+    @staticmethod
+    def _text_schema(path: Path, what: str) -> pa.Schema:
+        """A CSV/JSON list's columns as its streaming reader infers them (from the first block)."""
+        try:
+            return _stream(path, file_format(path)).schema
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise CollectError(f"{what} {str(path)!r} is corrupt or not a valid {file_format(path)} file: "
+                               f"{exc}") from None
 
     def batches(self, batch_rows: int) -> Iterator[pa.Table]:
         """Standardised tables of at most ``batch_rows`` rows (url/caption_raw/... or text_raw/..., source,
@@ -354,8 +373,18 @@ class ListScan:
             return
         fmt = file_format(f.path)
         try:
-            # batch_readahead: pyarrow reads ahead this many batches per file (the default 16 is memory for nothing here)
-            for batch in f.dataset.to_batches(batch_size=batch_rows, batch_readahead=1, fragment_readahead=1):
+            if fmt == "parquet":
+                # Row group by row group: one reader over every row group holds more and more of the file's
+                # decoded data as it goes (measured with pyarrow 25: Arrow memory grew with the file).
+                parquet = pq.ParquetFile(f.path)
+                batches = (b for i in range(parquet.num_row_groups)
+                           for b in parquet.iter_batches(batch_size=batch_rows, row_groups=[i], use_threads=False))
+            else:
+                # pyarrow's streaming readers, one block at a time (the dataset scanner reads CSV ahead as fast as
+                # it can: measured, its Arrow memory grew with the file), blocks cut to batch_rows.
+                batches = (b.slice(start, batch_rows) for b in _stream(f.path, fmt)
+                           for start in range(0, b.num_rows, batch_rows))
+            for batch in batches:
                 if batch.num_rows:
                     yield batch
         except (pa.ArrowException, OSError, ValueError) as exc:
