@@ -4,26 +4,28 @@
     python -c "from data_prep.collect import run; from data_prep.config import CollectConfig; \\
                run(CollectConfig(url_lists=('urls.parquet',), track=False))"
 
-Order of work (each step is a plain function in the file named; reasons are machine-readable):
+Order of work (each step is a plain function in the file named; reasons are machine-readable). Memory
+does not grow with the lists (issue 17): the lists are scanned in batches, what later steps need is
+spilled to a temporary folder, and per-row work runs in ``workers`` processes (workers.py):
 
-1. read every url list (readers.py) -> one table, one ``row_id`` per input row;
+1. scan every url list in batches (readers.py ``ListScan``), one ``row_id`` per input row;
 2. caption and url checks before any request (pairs.py, normalise.py): ``empty_caption``,
    ``whitespace_caption``, ``no_letters``, ``caption_too_long``, ``missing_url``,
-   ``malformed_url``; then exact (url, caption) repeats -> ``duplicate``;
-3. language detection on what is left (langid.py): ``lang``, ``lang_detected``,
-   ``lang_mismatch`` (a flag, the row is kept);
+   ``malformed_url``; language detection (langid.py): ``lang``, ``lang_detected``,
+   ``lang_mismatch`` (a flag, the row is kept); then exact (url, caption) repeats -> ``duplicate``
+   (the first row in input order is kept; a hash-partitioned pass, spill.py ``RepeatFinder``);
+3. parallel-text files go through the same steps and a (text, English) key dedup (no images; parallel.py);
 4. img2dataset downloads the rest in a subprocess (download.py), resumable by
    shard; its per-row failures become reasons (``http_404``,
    ``connection_refused``, ``not_an_image``, ``truncated_image``, ``too_large``, ...);
 5. per finished shard, in row order (pairs.py): image digest, row key
    ``pair_key(image_digest, caption)``, repeats of a key -> ``duplicate`` (the
    first row in input order is kept), aesthetic score, train/val split by key hash;
-6. parallel-text files go through steps 1-3 and the key dedup (no images; parallel.py);
-7. the snapshot is written (snapshot.py) with counts; the invariant
-   ``input rows = kept + quarantined`` (by row id: no row lost, none twice) is
-   checked for pairs and parallel before the snapshot is published (quarantine.py);
-8. the run is logged to MLflow (report.py): the snapshot and its source lists as dataset
-   inputs, counts as metrics, the manifest and a chart of counts as artifacts.
+6. the invariant ``input rows = kept + quarantined`` (by row id: no row lost, none twice) is
+   checked for pairs and parallel (quarantine.py), the quarantine is written in row order, and the
+   snapshot is published with counts (snapshot.py);
+7. the run is logged to MLflow (report.py): the snapshot and its source lists as dataset inputs, counts as
+   metrics, the manifest and a chart of counts as artifacts.
 
 A second run over the same lists downloads nothing (every img2dataset shard is
 done) and writes the same content, so it lands in the same ``<digest16>`` folder.

@@ -131,22 +131,6 @@ def download_work_dir_of(cfg: CollectConfig, h) -> Path:
     return subdir("data", "collect", cfg.name, "downloads", h.hexdigest()[:16])
 
 
-def download_work_dir(cfg: CollectConfig, urls: list[str], row_ids: list[int]) -> Path:
-    """img2dataset's folder for this exact download input and the settings that change its output."""
-    h = download_hasher(cfg)
-    add_download_rows(h, urls, row_ids)
-    return download_work_dir_of(cfg, h)
-
-
-def write_download_input(work_dir: Path, urls: list[str], row_ids: list[int]) -> Path:
-    path = work_dir / "input.parquet"
-    if not path.is_file():
-        tmp = work_dir / ".input.parquet.tmp"
-        pq.write_table(pa.table({"url": pa.array(urls, pa.string()), "row_id": pa.array(row_ids, pa.int64())}), tmp)
-        tmp.replace(path)
-    return path
-
-
 def place_download_input(work_dir: Path, written: Path) -> Path:
     """Move an input file written batch by batch (url, row_id) into ``work_dir`` unless one is there already."""
     path = work_dir / "input.parquet"

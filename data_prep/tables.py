@@ -22,11 +22,6 @@ def extra_columns(table: pa.Table) -> list[str]:
     return [n for n in table.column_names if n not in _CONSUMED and n not in ("url", "source", "row_index")]
 
 
-def column_lists(table: pa.Table) -> dict[str, list]:
-    """The table as {column name: list of values}."""
-    return table.to_pydict() if table.num_rows else {n: [] for n in table.column_names}
-
-
 def snapshot_table(columns: list[tuple[str, pa.DataType]], computed: dict[str, list], inputs: pa.Table,
                    rows: list[int], passthrough: list[str], schema: pa.Schema) -> pa.Table:
     """The ``columns`` computed by the stage, then the ``passthrough`` columns of ``inputs`` at ``rows``."""
