@@ -137,8 +137,15 @@ class RepeatFinder:
     def find(self) -> Repeats:
         n_parts = max(1, math.ceil(self.rows.rows / self.partition_rows))
         parts = SpillFolder(self.folder / "parts")
-        for table in self.rows.iter_part(0):
-            parts.write_parts(table, hash_parts(table, self.key_columns, n_parts))
+        # Chunks of about partition_rows rows: each part gets one file per chunk (n_parts files each, not one
+        # per batch added).
+        chunk: list[pa.Table] = []
+        for i, table in enumerate(self.rows.iter_part(0)):
+            chunk.append(table)
+            if sum(t.num_rows for t in chunk) >= self.partition_rows or i == self.rows.files.get(0, 0) - 1:
+                table = pa.concat_tables(chunk)
+                parts.write_parts(table, hash_parts(table, self.key_columns, n_parts))
+                chunk = []
         repeats = SpillFolder(self.folder / "repeats")
         first_names = ["first_row_id"] + [f"first_{n}" for n in self.evidence]
         for part in parts.parts():
