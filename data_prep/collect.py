@@ -4,26 +4,28 @@
     python -c "from data_prep.collect import run; from data_prep.config import CollectConfig; \\
                run(CollectConfig(url_lists=('urls.parquet',), track=False))"
 
-Order of work (each step is a plain function in the file named; reasons are machine-readable):
+Order of work (each step is a plain function in the file named; reasons are machine-readable). Memory
+does not grow with the lists (issue 17): the lists are scanned in batches, what later steps need is
+spilled to a temporary folder, and per-row work runs in ``workers`` processes (workers.py):
 
-1. read every url list (readers.py) -> one table, one ``row_id`` per input row;
+1. scan every url list in batches (readers.py ``ListScan``), one ``row_id`` per input row;
 2. caption and url checks before any request (pairs.py, normalise.py): ``empty_caption``,
    ``whitespace_caption``, ``no_letters``, ``caption_too_long``, ``missing_url``,
-   ``malformed_url``; then exact (url, caption) repeats -> ``duplicate``;
-3. language detection on what is left (langid.py): ``lang``, ``lang_detected``,
-   ``lang_mismatch`` (a flag, the row is kept);
+   ``malformed_url``; language detection (langid.py): ``lang``, ``lang_detected``,
+   ``lang_mismatch`` (a flag, the row is kept); then exact (url, caption) repeats -> ``duplicate``
+   (the first row in input order is kept; a hash-partitioned pass, spill.py ``RepeatFinder``);
+3. parallel-text files go through the same steps and a (text, English) key dedup (no images; parallel.py);
 4. img2dataset downloads the rest in a subprocess (download.py), resumable by
    shard; its per-row failures become reasons (``http_404``,
    ``connection_refused``, ``not_an_image``, ``truncated_image``, ``too_large``, ...);
 5. per finished shard, in row order (pairs.py): image digest, row key
    ``pair_key(image_digest, caption)``, repeats of a key -> ``duplicate`` (the
    first row in input order is kept), aesthetic score, train/val split by key hash;
-6. parallel-text files go through steps 1-3 and the key dedup (no images; parallel.py);
-7. the snapshot is written (snapshot.py) with counts; the invariant
-   ``input rows = kept + quarantined`` (by row id: no row lost, none twice) is
-   checked for pairs and parallel before the snapshot is published (quarantine.py);
-8. the run is logged to MLflow (report.py): the snapshot and its source lists as dataset
-   inputs, counts as metrics, the manifest and a chart of counts as artifacts.
+6. the invariant ``input rows = kept + quarantined`` (by row id: no row lost, none twice) is
+   checked for pairs and parallel (quarantine.py), the quarantine is written in row order, and the
+   snapshot is published with counts (snapshot.py);
+7. the run is logged to MLflow (report.py): the snapshot and its source lists as dataset inputs, counts as
+   metrics, the manifest and a chart of counts as artifacts.
 
 A second run over the same lists downloads nothing (every img2dataset shard is
 done) and writes the same content, so it lands in the same ``<digest16>`` folder.
@@ -35,34 +37,31 @@ download again).
 
 from __future__ import annotations
 
+import functools
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep.config import CollectConfig
-from data_prep.download import (
-    download_work_dir,
-    expected_shards,
-    read_shard,
-    run_img2dataset,
-    write_download_input,
-)
-from data_prep.langid import LanguageDetector
+from data_prep.download import expected_shards, read_shard, run_img2dataset
 from data_prep.pairs import PairAssembler, PreparedPairs, prepare_pairs
 from data_prep.parallel import collect_parallel
-from data_prep.quarantine import QUARANTINE_SCHEMA, InvariantError, Quarantine, check_invariant
-from data_prep.readers import CollectError, SourceInfo, read_parallel_lists, read_url_lists
+from data_prep.quarantine import QUARANTINE_SCHEMA, KeptRows, Quarantine, check_invariant
+from data_prep.readers import CollectError, SourceInfo, scan_parallel_lists, scan_url_lists
 from data_prep.report import log_to_mlflow
-from data_prep.tables import write_shards
+from data_prep.tables import ShardBuffer
+from data_prep.workers import WorkerPool
 from omnidiff import config as config_lib
 from omnidiff.contracts.snapshot import Snapshot, SnapshotWriter
+from omnidiff.env import subdir
 from omnidiff.progress import Progress
 from omnidiff.text import NORMALISER_VERSION
 
@@ -95,47 +94,54 @@ def run(cfg: CollectConfig) -> Path:
 def build_snapshot(cfg: CollectConfig) -> CollectResult:
     """Everything but the MLflow logging: returns the snapshot folder and run stats."""
     t_start = time.perf_counter()
-    urls, url_sources = read_url_lists(cfg.url_lists, cfg.columns)
-    parallel, parallel_sources = read_parallel_lists(cfg.parallel_lists, cfg.parallel_columns)
-    if urls.num_rows == 0:
-        raise CollectError(f"no rows in any url list: {[s.path for s in url_sources]} (all empty)")
-    for s in url_sources + parallel_sources:
-        if s.rows == 0:
-            log.warning("%s has no rows", s.path)
-            print(f"[collect] warning: {s.path} has no rows", file=sys.stderr)
-
-    detector = LanguageDetector()
-    quarantine = Quarantine()
-    prepared = prepare_pairs(urls, cfg, detector, quarantine)
-    work_dir, stats = download_pairs(cfg, prepared)
-
+    url_scan = scan_url_lists(cfg.url_lists, cfg.columns)
+    parallel_scan = scan_parallel_lists(cfg.parallel_lists, cfg.parallel_columns)
+    spill = Path(tempfile.mkdtemp(prefix=".spill-", dir=subdir("data", "collect", cfg.name)))
     writer = SnapshotWriter(cfg.name)
     try:
-        assembler = PairAssembler(urls, prepared, cfg, writer, quarantine)
-        assemble_downloads(assembler, work_dir, prepared, cfg)
-        par = collect_parallel(parallel, cfg, detector, writer, quarantine)
+        with WorkerPool(cfg.workers) as pool:
+            quarantine = Quarantine(spill / "quarantine", cfg.dedup_partition_rows)
+            prepared = prepare_pairs(url_scan, cfg, pool, quarantine, spill)
+            if prepared.input_rows == 0:
+                raise CollectError(f"no rows in any url list: {[s.path for s in url_scan.sources]} (all empty)")
+            kept_parallel = KeptRows(spill / "kept_parallel", cfg.dedup_partition_rows)
+            par = collect_parallel(parallel_scan, cfg, pool, writer, quarantine, spill, kept_parallel)
+            for s in url_scan.sources + parallel_scan.sources:
+                if s.rows == 0:
+                    log.warning("%s has no rows", s.path)
+                    print(f"[collect] warning: {s.path} has no rows", file=sys.stderr)
+            stats = download_pairs(cfg, prepared)
+            kept_pairs = KeptRows(spill / "kept_pairs", cfg.dedup_partition_rows)
+            assembler = PairAssembler(prepared, cfg, writer, quarantine, pool, spill, kept_pairs)
+            assemble_downloads(assembler, prepared, cfg)
 
-        check_invariant("pairs", urls.num_rows, assembler.kept_row_ids, quarantine)
-        check_invariant("parallel", parallel.num_rows, par["kept_row_ids"], quarantine)
-        write_shards(writer, "quarantine", quarantine.table(), cfg.output_shard_rows)
+        check_invariant("pairs", prepared.input_rows, kept_pairs, quarantine)
+        check_invariant("parallel", par["input_rows"], kept_parallel, quarantine)
+        quarantine_shards = ShardBuffer(functools.partial(writer.write_shard, "quarantine"), cfg.output_shard_rows,
+                                        QUARANTINE_SCHEMA)
+        for table in quarantine.tables():
+            quarantine_shards.add(table)
+        quarantine_shards.finish()
 
+        url_sources, parallel_sources = url_scan.sources, parallel_scan.sources
         counts = {
-            "pairs": table_counts(urls.num_rows, len(assembler.kept_row_ids), quarantine.reasons("pairs"),
+            "pairs": table_counts(prepared.input_rows, kept_pairs.count, quarantine.reasons("pairs"),
                                   assembler.counts["by_language"], assembler.counts["by_split"],
-                                  assembler.counts["lang_mismatch"], url_sources,
-                                  _kept_by_source(urls, assembler.kept_row_ids)),
-            "parallel": table_counts(parallel.num_rows, len(par["kept_row_ids"]), quarantine.reasons("parallel"),
+                                  assembler.counts["lang_mismatch"], url_sources, assembler.counts["by_source"]),
+            "parallel": table_counts(par["input_rows"], kept_parallel.count, quarantine.reasons("parallel"),
                                      par["by_language"], par["by_split"], par["lang_mismatch"], parallel_sources,
-                                     _kept_by_source(parallel, par["kept_row_ids"])),
+                                     par["by_source"]),
         }
         columns = {"pairs": assembler.schema.names,
                    "parallel": pq.read_schema(writer.staging / writer.shards["parallel"][0]["path"]).names,
                    "quarantine": QUARANTINE_SCHEMA.names}
-        path = writer.finish(snapshot_manifest(cfg, url_sources, parallel_sources, counts, assembler.aesthetic,
-                                               columns))
+        path = writer.finish(snapshot_manifest(cfg, url_sources, parallel_sources, counts,
+                                               assembler.aesthetic_scores(), columns))
     except BaseException:
         writer.abort()
         raise
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
     snapshot = Snapshot.open(path)
     stats["seconds"] = time.perf_counter() - t_start
     counts = snapshot.counts["pairs"]
@@ -146,42 +152,31 @@ def build_snapshot(cfg: CollectConfig) -> CollectResult:
     return CollectResult(path, snapshot.manifest, url_sources, parallel_sources, stats)
 
 
-def download_pairs(cfg: CollectConfig, prepared: PreparedPairs) -> tuple[Path, dict]:
+def download_pairs(cfg: CollectConfig, prepared: PreparedPairs) -> dict:
     """img2dataset over the rows that passed the checks (nothing to do when every shard is done)."""
-    dl_urls = prepared.download_urls
-    work_dir = download_work_dir(cfg, dl_urls, prepared.download_rows)
-    stats = {"download_rows": len(dl_urls), "download_dir": str(work_dir), "shards": 0, "shards_new": 0,
-             "download_seconds": 0.0}
-    if dl_urls:
-        input_path = write_download_input(work_dir, dl_urls, prepared.download_rows)
-        dl = run_img2dataset(cfg.download, input_path, work_dir, len(dl_urls))
+    stats = {"download_rows": prepared.download_rows, "download_dir": str(prepared.work_dir), "shards": 0,
+             "shards_new": 0, "download_seconds": 0.0}
+    if prepared.download_rows:
+        dl = run_img2dataset(cfg.download, prepared.input_path, prepared.work_dir, prepared.download_rows)
         stats.update(shards=dl["shards"], shards_new=dl["shards_new"], download_seconds=dl["seconds"])
-    return work_dir, stats
+    return stats
 
 
-def assemble_downloads(assembler: PairAssembler, work_dir: Path, prepared: PreparedPairs,
-                       cfg: CollectConfig) -> None:
-    """Every img2dataset shard through the assembler, in shard order; img2dataset must return each row sent."""
-    n_rows = len(prepared.download_rows)
+def assemble_downloads(assembler: PairAssembler, prepared: PreparedPairs, cfg: CollectConfig) -> None:
+    """Every img2dataset shard through the assembler, in shard order, twice (keys, then rows); img2dataset must
+    return each row sent (checked shard by shard)."""
+    n_rows = prepared.download_rows
     n_shards = expected_shards(n_rows, cfg.download.shard_rows)
-    downloaded_ids: list[int] = []
+    shards_dir = prepared.work_dir / "shards"
+    for shard_id in range(n_shards):
+        assembler.key_shard(shard_id, read_shard(shards_dir, shard_id, n_shards, cfg.download.encode_format))
+    assembler.find_repeats()
     with Progress("collect", total=n_rows, unit="row") as progress:
         for shard_id in range(n_shards):
-            results = read_shard(work_dir / "shards", shard_id, n_shards, cfg.download.encode_format)
-            downloaded_ids.extend(results.column("row_id").to_pylist())
-            assembler.add_shard(results)
+            results = read_shard(shards_dir, shard_id, n_shards, cfg.download.encode_format)
+            assembler.add_shard(shard_id, results)
             progress.update(results.num_rows)
-    if sorted(downloaded_ids) != prepared.download_rows:
-        raise InvariantError(
-            f"img2dataset returned {len(downloaded_ids)} rows for {len(prepared.download_rows)} sent "
-            f"({len(set(downloaded_ids))} distinct) in {work_dir}"
-        )
     assembler.finish()
-
-
-def _kept_by_source(inputs: pa.Table, kept_row_ids: list[int]) -> Counter:
-    source_of = inputs.column("source").to_pylist()
-    return Counter(source_of[i] for i in kept_row_ids)
 
 
 def table_counts(input_rows: int, kept: int, reasons: Counter, by_language: Counter, by_split: Counter,
@@ -199,7 +194,7 @@ def table_counts(input_rows: int, kept: int, reasons: Counter, by_language: Coun
 
 
 def snapshot_manifest(cfg: CollectConfig, url_sources: list[SourceInfo], parallel_sources: list[SourceInfo],
-                      counts: dict, aesthetic_scores: list[float], columns: dict[str, list[str]]) -> dict:
+                      counts: dict, aesthetic_scores: np.ndarray, columns: dict[str, list[str]]) -> dict:
     """The manifest the snapshot writer completes (snapshot.py adds digest, shards and schema version)."""
     aesthetic = np.asarray(aesthetic_scores, np.float64)
     return {

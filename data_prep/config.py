@@ -126,6 +126,12 @@ class CollectConfig(ConfigModel):
     aesthetic_batch_size: images per scorer call.
     val_fraction: share of keys in the ``val`` split (by key hash, so stable across runs).
     output_shard_rows: rows per snapshot Parquet shard at most.
+    read_batch_rows: url-list rows read, checked and language-identified at once (one worker task);
+        with ``dedup_partition_rows`` it sets the stage's peak memory, which does not grow with the lists.
+    workers: worker processes for the checks, language identification and aesthetic scores
+        (1: in the driver process). Downloading uses ``download.processes``.
+    dedup_partition_rows: rows per partition of the duplicate search (keys are hash-partitioned into
+        spill files under the run's temporary folder, one partition in memory at a time).
     track: log the run to MLflow (omnidiff.tracking).
     """
 
@@ -145,6 +151,9 @@ class CollectConfig(ConfigModel):
     aesthetic_batch_size: int = Field(256, ge=1)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     output_shard_rows: int = Field(5000, ge=1)
+    read_batch_rows: int = Field(65536, ge=1)
+    workers: int = Field(1, ge=1)
+    dedup_partition_rows: int = Field(1_000_000, ge=1)
     track: bool = True
 
     @model_validator(mode="after")

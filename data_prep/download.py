@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,23 +112,31 @@ def reason_for(status: str | None, error_message: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def download_work_dir(cfg: CollectConfig, urls: list[str], row_ids: list[int]) -> Path:
-    """img2dataset's folder for this exact download input and the settings that change its output."""
+def download_hasher(cfg: CollectConfig):
+    """A sha256 fed the settings that change img2dataset's output; :func:`add_download_rows` feeds it the rows."""
     d = cfg.download
     h = hashlib.sha256()
     settings = [d.image_size, d.resize_mode, d.encode_format, d.encode_quality, d.shard_rows, d.max_image_bytes,
                 d.max_image_pixels, d.min_image_size, d.verify_images]
     h.update(json.dumps(settings).encode())
+    return h
+
+
+def add_download_rows(h, urls: list[str], row_ids: list[int]) -> None:
     for url, row_id in zip(urls, row_ids, strict=True):
         h.update(f"\n{row_id}\t{url}".encode("utf-8", "surrogatepass"))
+
+
+def download_work_dir_of(cfg: CollectConfig, h) -> Path:
     return subdir("data", "collect", cfg.name, "downloads", h.hexdigest()[:16])
 
 
-def write_download_input(work_dir: Path, urls: list[str], row_ids: list[int]) -> Path:
+def place_download_input(work_dir: Path, written: Path) -> Path:
+    """Move an input file written batch by batch (url, row_id) into ``work_dir`` unless one is there already."""
     path = work_dir / "input.parquet"
     if not path.is_file():
         tmp = work_dir / ".input.parquet.tmp"
-        pq.write_table(pa.table({"url": pa.array(urls, pa.string()), "row_id": pa.array(row_ids, pa.int64())}), tmp)
+        shutil.move(str(written), tmp)
         tmp.replace(path)
     return path
 

@@ -1,22 +1,29 @@
 """Parallel texts (a caption and its English, no image): checks, language, key dedup and split.
 
 They go through the same caption checks and language detection as the url
-lists, and repeats of a (text, English) key are quarantined as ``duplicate``.
+lists (batch by batch, in the workers), and repeats of a (text, English) key are
+quarantined as ``duplicate`` (the first in input order is kept; spill.RepeatFinder).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from data_prep.config import CollectConfig
-from data_prep.langid import LanguageDetector, assign_languages
-from data_prep.normalise import check_parallel_rows
-from data_prep.quarantine import Quarantine, quarantine_input_rows
-from data_prep.tables import column_lists, extra_columns, snapshot_table, split_of, write_shards
+from data_prep.quarantine import KeptRows, Quarantine, quarantine_input_rows
+from data_prep.readers import ListScan
+from data_prep.spill import RepeatFinder, SpillFolder
+from data_prep.tables import ShardBuffer, extra_columns, snapshot_table, split_of
 from omnidiff.contracts.keys import text_key
 from omnidiff.contracts.snapshot import SnapshotWriter
+
+if TYPE_CHECKING:
+    from data_prep.workers import WorkerPool
 
 PARALLEL_COLUMNS = [
     ("key", pa.string()), ("text", pa.string()), ("text_en", pa.string()), ("lang", pa.string()),
@@ -29,35 +36,49 @@ def parallel_key(text: str, text_en: str) -> str:
     return text_key(f"{text}\x1f{text_en}")
 
 
-def collect_parallel(parallel: pa.Table, cfg: CollectConfig, detector: LanguageDetector, writer: SnapshotWriter,
-                     quarantine: Quarantine) -> dict:
-    """Checks, language, key dedup and split of the text-only pairs; writes the parallel shards."""
-    col = column_lists(parallel)
-    checks = check_parallel_rows(col["text_raw"], col["text_en_raw"], cfg.max_caption_chars, cfg.long_caption)
-    rejected, reasons, details, kept, keys = [], [], [], [], []
-    seen: dict[str, int] = {}
-    for i, reason in enumerate(checks["reason"]):
-        detail = checks["detail"][i]
-        if reason is None:
-            key = parallel_key(checks["text"][i], checks["text_en"][i])
-            if key in seen:
-                first = seen[key]
-                reason, detail = "duplicate", (f"same text and English as {col['source'][first]} row "
-                                               f"{col['row_index'][first]}")
-            else:
-                seen[key] = i
-                kept.append(i), keys.append(key)
-                continue
-        rejected.append(i), reasons.append(reason), details.append(detail)
-    quarantine_input_rows(quarantine, "parallel", parallel, rejected, reasons, details)
-    langs = assign_languages([checks["text"][i] for i in kept], [col["lang_declared"][i] for i in kept], detector,
-                             cfg.lang_min_score)
-    passthrough = ["source", "row_index"] + extra_columns(parallel)
-    schema = pa.schema(PARALLEL_COLUMNS + [parallel.schema.field(n) for n in passthrough])
-    split = [split_of(k, cfg.val_fraction) for k in keys]
-    computed = {"key": keys, "text": [checks["text"][i] for i in kept],
-                "text_en": [checks["text_en"][i] for i in kept], **langs, "split": split}
-    table = snapshot_table(PARALLEL_COLUMNS, computed, parallel, kept, passthrough, schema)
-    write_shards(writer, "parallel", table, cfg.output_shard_rows)
-    return {"kept_row_ids": kept, "by_language": Counter(langs["lang"]), "by_split": Counter(split),
-            "lang_mismatch": sum(langs["lang_mismatch"])}
+def collect_parallel(scan: ListScan, cfg: CollectConfig, pool: WorkerPool, writer: SnapshotWriter,
+                     quarantine: Quarantine, spill_root: Path, kept: KeptRows) -> dict:
+    """Checks, language, key dedup and split of the text-only pairs, batch by batch; writes the parallel shards."""
+    from data_prep.pairs import _split_checked, quarantine_rejected
+    from data_prep.workers import check_parallel_batch
+
+    extras = extra_columns(scan.schema.empty_table())
+    finder = RepeatFinder(spill_root / "parallel_repeats", ["key"], ["source", "row_index"], cfg.dedup_partition_rows)
+    candidates = SpillFolder(spill_root / "parallel_candidates")
+    input_rows = 0
+    for batch, checked in pool.map(check_parallel_batch, scan.batches(cfg.read_batch_rows), cfg.max_caption_chars,
+                                   cfg.long_caption, cfg.lang_min_score):
+        input_rows += batch.num_rows
+        passing, rejected = _split_checked(batch, checked)
+        quarantine_rejected(quarantine, "parallel", batch, checked, rejected, extras)
+        candidates.write(passing)
+        finder.add(passing)
+    repeats = finder.find()
+
+    passthrough = ["source", "row_index"] + extras
+    schema = pa.schema(PARALLEL_COLUMNS + [scan.input_schema.field(n) for n in passthrough])
+    shards = ShardBuffer(functools.partial(writer.write_shard, "parallel"), cfg.output_shard_rows, schema)
+    counts = {"input_rows": input_rows, "by_language": Counter(), "by_split": Counter(), "lang_mismatch": 0,
+              "by_source": Counter()}
+    for table in candidates.iter_part(0):
+        row_ids = table.column("row_id").to_pylist()
+        found = repeats.lookup(row_ids)
+        if found:
+            positions = [i for i, r in enumerate(row_ids) if r in found]
+            details = [f"same text and English as {found[row_ids[i]][1]} row {found[row_ids[i]][2]}"
+                       for i in positions]
+            quarantine_input_rows(quarantine, "parallel", table, positions, ["duplicate"] * len(positions), details,
+                                  extras)
+            table = table.filter(pa.array([r not in found for r in row_ids]))
+        if table.num_rows == 0:
+            continue
+        computed = {name: table.column(name).to_pylist() for name, _ in PARALLEL_COLUMNS if name != "split"}
+        computed["split"] = [split_of(k, cfg.val_fraction) for k in computed["key"]]
+        shards.add(snapshot_table(PARALLEL_COLUMNS, computed, table, list(range(table.num_rows)), passthrough, schema))
+        kept.add(table.column("row_id").to_pylist())
+        counts["by_language"].update(computed["lang"])
+        counts["by_split"].update(computed["split"])
+        counts["lang_mismatch"] += sum(computed["lang_mismatch"])
+        counts["by_source"].update(table.column("source").to_pylist())
+    shards.finish()
+    return counts

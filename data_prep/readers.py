@@ -16,11 +16,13 @@ manifest with rows=0); zero rows in all lists together is an error.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
+import pyarrow.dataset as ds
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
@@ -68,7 +70,7 @@ PARALLEL_STANDARD = {"text": "text_raw", "text_en": "text_en_raw", "lang": "lang
 RESERVED = frozenset(
     "key caption caption_en lang lang_detected lang_score lang_mismatch image image_digest width height "
     "original_width original_height source_sha256 aesthetic split url source row_index row_id text text_en "
-    "reason detail table extra caption_raw caption_en_raw text_raw text_en_raw lang_declared".split()
+    "reason detail table extra caption_raw caption_en_raw text_raw text_en_raw lang_declared download_url".split()
 )
 
 
@@ -141,24 +143,41 @@ def _is_empty_text_file(path: Path) -> bool:
     return False
 
 
-def read_file(path: Path, what: str = "url list") -> pa.Table:
-    """Read one list as an Arrow table; a parse failure is a CollectError naming the file."""
+def open_dataset(path: Path, what: str = "url list") -> ds.Dataset | None:
+    """One list as a pyarrow dataset to scan in batches (None for a text file with no header and no rows)."""
     fmt = file_format(path)
     try:
         if fmt == "parquet":
-            return pq.read_table(path)
+            return ds.dataset(path, format="parquet")
         if _is_empty_text_file(path):
-            return pa.table({})
+            return None
         if fmt in ("csv", "tsv"):
-            return pa_csv.read_csv(
-                path,
-                parse_options=pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
-            )
+            parse = pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+            return ds.dataset(path, format=ds.CsvFileFormat(parse_options=parse))
         if fmt == "jsonl":
-            return pa_json.read_json(path)
+            return ds.dataset(path, format=ds.JsonFileFormat())
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise CollectError(f"{what} {str(path)!r} is corrupt or not a valid {fmt} file: {exc}") from None
     raise CollectError(f"{what} {str(path)!r}: unsupported file type")
+
+
+def _stream(path: Path, fmt: str | None):
+    """A streaming reader (record batches, one block at a time) of a CSV/TSV or JSONL list."""
+    if fmt in ("csv", "tsv"):
+        parse = pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+        return pa_csv.open_csv(path, parse_options=parse)
+    return pa_json.open_json(path)
+
+
+def read_file(path: Path, what: str = "url list") -> pa.Table:
+    """Read one whole list as an Arrow table (small lists, reports); the stage scans in batches (:class:`ListScan`)."""
+    dataset = open_dataset(path, what)
+    if dataset is None:
+        return pa.table({})
+    try:
+        return dataset.to_table()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CollectError(f"{what} {str(path)!r} is corrupt or not a valid {file_format(path)} file: {exc}") from None
 
 
 def find_columns(
@@ -211,8 +230,11 @@ def standardise(
     source_name: str,
     path: Path,
     what: str,
+    first_row: int = 0,
 ) -> pa.Table:
-    """Role columns renamed to their standard names (as strings), then source + row_index, then extras."""
+    """Role columns renamed to their standard names (as strings), then source + row_index, then extras.
+
+    ``first_row``: the row index of the table's first row in its file (a batch of a longer file)."""
     n = table.num_rows
     columns: dict[str, pa.ChunkedArray | pa.Array] = {}
     for role, std_name in standard.items():
@@ -225,7 +247,7 @@ def standardise(
         else:
             columns[std_name] = pa.nulls(n, pa.string())
     columns["source"] = pa.array([source_name] * n, pa.string())
-    columns["row_index"] = pa.array(range(n), pa.int64())
+    columns["row_index"] = pa.array(range(first_row, first_row + n), pa.int64())
     used = set(found.values())
     for name in table.column_names:
         if name in used:
@@ -245,67 +267,167 @@ def _source_names(files: list[Path]) -> list[str]:
     return [str(f.relative_to(common)) for f in files]
 
 
-def concat(tables: list[pa.Table]) -> pa.Table:
-    """Union of columns (missing ones null); extras whose types disagree between files become strings."""
+def unify_schemas(schemas: list[pa.Schema]) -> pa.Schema:
+    """Union of columns in order of appearance; extras whose types disagree between files become strings
+    (the permissive promotion pyarrow's concat_tables does, e.g. int32 + int64 -> int64, where it can)."""
     try:
-        return pa.concat_tables(tables, promote_options="permissive")
+        return pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowTypeError, pa.ArrowInvalid):
         types: dict[str, set] = {}
-        for t in tables:
-            for f in t.schema:
+        for schema in schemas:
+            for f in schema:
                 types.setdefault(f.name, set()).add(f.type)
         clash = {name for name, ts in types.items() if len(ts) > 1}
-        fixed = []
-        for t in tables:
-            for name in clash & set(t.column_names):
-                i = t.column_names.index(name)
-                t = t.set_column(i, name, t.column(name).cast(pa.string()))
-            fixed.append(t)
-        return pa.concat_tables(fixed, promote_options="permissive")
+        fixed = [pa.schema([pa.field(f.name, pa.string()) if f.name in clash else f for f in schema])
+                 for schema in schemas]
+        return pa.unify_schemas(fixed, promote_options="permissive")
 
 
-def read_lists(
-    paths: tuple[Path, ...] | list[Path],
-    configured: dict[str, str | None],
-    aliases: dict[str, tuple[str, ...]],
-    required: tuple[str, ...],
-    standard: dict[str, str],
-    section: str,
-    what: str,
-) -> tuple[pa.Table, list[SourceInfo]]:
-    files = expand_inputs(paths, what)
-    tables, infos = [], []
-    for path, source_name in zip(files, _source_names(files), strict=True):
-        raw = read_file(path, what)
-        if raw.num_columns == 0 and raw.num_rows == 0:
-            found: dict[str, str] = {}  # an empty file: no header to check
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns, in its order and types (a missing column is all nulls)."""
+    arrays = []
+    for f in schema:
+        if f.name in table.column_names:
+            column = table.column(f.name)
+            arrays.append(column if column.type == f.type else column.cast(f.type))
         else:
-            found = find_columns(raw.column_names, configured, aliases, required, path, section, what)
-        tables.append(standardise(raw, found, standard, source_name, path, what))
-        infos.append(SourceInfo(str(path), source_name, file_format(path) or "", sha256_file(path), raw.num_rows,
-                                found))
-    table = concat(tables)
-    table = table.append_column("row_id", pa.array(range(table.num_rows), pa.int64()))
-    return table, infos
+            arrays.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+@dataclass
+class _ListFile:
+    path: Path
+    name: str
+    dataset: ds.Dataset | None  # None: a text file with no header and no rows
+    found: dict[str, str]
+    sha256: str
+
+
+class ListScan:
+    """Lists of one kind scanned in batches: standardised columns, one ``row_id`` per input row across the lists.
+
+    Opening checks every file (it exists, parses, has the required columns) before any row is read;
+    :meth:`batches` then yields tables of at most ``batch_rows`` rows, in file and row order, so what
+    is held at once is one batch (plus pyarrow's read-ahead), whatever the size of the lists.
+    ``sources`` is complete once a scan has finished (a CSV's row count is known only then).
+    """
+
+    def __init__(self, paths, configured: dict[str, str | None], aliases: dict[str, tuple[str, ...]],
+                 required: tuple[str, ...], standard: dict[str, str], section: str, what: str):
+        self.standard, self.what = standard, what
+        self.files: list[_ListFile] = []
+        std_schemas = []
+        paths = expand_inputs(paths, what) if paths else []
+        for path, source_name in zip(paths, _source_names(paths) if paths else [], strict=True):
+            dataset = open_dataset(path, what)
+            if dataset is None:
+                found: dict[str, str] = {}  # an empty file: no header to check
+                raw_schema = pa.schema([])
+            else:
+                raw_schema = dataset.schema if file_format(path) == "parquet" else self._text_schema(path, what)
+                found = find_columns(raw_schema.names, configured, aliases, required, path, section, what)
+            std_schemas.append(standardise(raw_schema.empty_table(), found, standard, source_name, path, what).schema)
+            self.files.append(_ListFile(path, source_name, dataset, found, sha256_file(path)))
+        if not std_schemas:  # no lists at all: the standard columns, no extras
+            std_schemas.append(standardise(pa.table({}), {}, standard, "", Path(), what).schema)
+        self.input_schema = unify_schemas(std_schemas)
+        self.schema = self.input_schema.append(pa.field("row_id", pa.int64()))
+        self.rows: dict[str, int] = {}
+        self.batches_read = 0
+
+    @staticmethod
+    def _text_schema(path: Path, what: str) -> pa.Schema:
+        """A CSV/JSON list's columns as its streaming reader infers them (from the first block)."""
+        try:
+            return _stream(path, file_format(path)).schema
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise CollectError(f"{what} {str(path)!r} is corrupt or not a valid {file_format(path)} file: "
+                               f"{exc}") from None
+
+    def batches(self, batch_rows: int) -> Iterator[pa.Table]:
+        """Standardised tables of at most ``batch_rows`` rows (url/caption_raw/... or text_raw/..., source,
+        row_index, extras, row_id), in input order."""
+        row_id = 0
+        self.rows = {}
+        self.batches_read = 0
+        for f in self.files:
+            n = 0
+            for batch in self._file_batches(f, batch_rows):
+                table = standardise(pa.Table.from_batches([batch]), f.found, self.standard, f.name, f.path, self.what,
+                                    first_row=n)
+                try:
+                    table = conform(table, self.input_schema)
+                except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                    raise CollectError(f"{self.what} {str(f.path)!r}: rows {n}-{n + table.num_rows - 1} do not fit "
+                                       f"the lists' columns {self.input_schema} ({exc})") from None
+                table = table.append_column("row_id", pa.array(range(row_id, row_id + table.num_rows), pa.int64()))
+                n += table.num_rows
+                row_id += table.num_rows
+                self.batches_read += 1
+                yield table
+            self.rows[str(f.path)] = n
+
+    def _file_batches(self, f: _ListFile, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        if f.dataset is None:
+            return
+        fmt = file_format(f.path)
+        try:
+            if fmt == "parquet":
+                # Row group by row group: one reader over every row group holds more and more of the file's
+                # decoded data as it goes (measured with pyarrow 25: Arrow memory grew with the file).
+                parquet = pq.ParquetFile(f.path)
+                batches = (b for i in range(parquet.num_row_groups)
+                           for b in parquet.iter_batches(batch_size=batch_rows, row_groups=[i], use_threads=False))
+            else:
+                # pyarrow's streaming readers, one block at a time (the dataset scanner reads CSV ahead as fast as
+                # it can: measured, its Arrow memory grew with the file), blocks cut to batch_rows.
+                batches = (b.slice(start, batch_rows) for b in _stream(f.path, fmt)
+                           for start in range(0, b.num_rows, batch_rows))
+            for batch in batches:
+                if batch.num_rows:
+                    yield batch
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            if isinstance(exc, CollectError):
+                raise
+            raise CollectError(f"{self.what} {str(f.path)!r} is corrupt or not a valid {fmt} file: {exc}") from None
+
+    @property
+    def sources(self) -> list[SourceInfo]:
+        """The lists as the manifest records them (after a finished scan)."""
+        return [SourceInfo(str(f.path), f.name, file_format(f.path) or "", f.sha256, self.rows.get(str(f.path), 0),
+                           f.found) for f in self.files]
+
+    def table(self, batch_rows: int = 65536) -> pa.Table:
+        """Every row as one table (tests and small lists; the stage scans in batches)."""
+        tables = list(self.batches(batch_rows))
+        return pa.concat_tables(tables) if tables else self.schema.empty_table()
+
+
+def scan_url_lists(paths, columns) -> ListScan:
+    """The url lists' scan: url, caption_raw, lang_declared, caption_en_raw, source, row_index, extras..., row_id
+    (position in the concatenated input; the unit of the rows-in = rows-out invariant)."""
+    configured = {"url": columns.url, "caption": columns.caption, "lang": columns.lang,
+                  "caption_en": columns.caption_en}
+    return ListScan(paths, configured, URL_LIST_ALIASES, URL_LIST_REQUIRED, URL_LIST_STANDARD, "columns", "url list")
+
+
+def scan_parallel_lists(paths, columns) -> ListScan:
+    """The parallel-text files' scan: text_raw, text_en_raw, lang_declared, source, row_index, extras, row_id."""
+    configured = {"text": columns.text, "text_en": columns.text_en, "lang": columns.lang}
+    return ListScan(paths, configured, PARALLEL_ALIASES, PARALLEL_REQUIRED, PARALLEL_STANDARD, "parallel_columns",
+                    "parallel list")
 
 
 def read_url_lists(paths, columns) -> tuple[pa.Table, list[SourceInfo]]:
-    """All url lists as one table: url, caption_raw, lang_declared, caption_en_raw, source, row_index,
-    extras..., row_id (position in the concatenated input; the unit of the rows-in = rows-out invariant)."""
-    configured = {"url": columns.url, "caption": columns.caption, "lang": columns.lang,
-                  "caption_en": columns.caption_en}
-    return read_lists(paths, configured, URL_LIST_ALIASES, URL_LIST_REQUIRED, URL_LIST_STANDARD, "columns",
-                      "url list")
+    """All url lists as one table (see :func:`scan_url_lists`; small lists and tests)."""
+    scan = scan_url_lists(paths, columns)
+    table = scan.table()
+    return table, scan.sources
 
 
 def read_parallel_lists(paths, columns) -> tuple[pa.Table, list[SourceInfo]]:
-    """All parallel-text files as one table: text_raw, text_en_raw, lang_declared, source, row_index, extras,
-    row_id."""
-    configured = {"text": columns.text, "text_en": columns.text_en, "lang": columns.lang}
-    if not paths:
-        empty = {name: pa.array([], pa.string()) for name in PARALLEL_STANDARD.values()}
-        empty |= {"source": pa.array([], pa.string()), "row_index": pa.array([], pa.int64()),
-                  "row_id": pa.array([], pa.int64())}
-        return pa.table(empty), []
-    return read_lists(paths, configured, PARALLEL_ALIASES, PARALLEL_REQUIRED, PARALLEL_STANDARD,
-                      "parallel_columns", "parallel list")
+    """All parallel-text files as one table (see :func:`scan_parallel_lists`; small lists and tests)."""
+    scan = scan_parallel_lists(paths, columns)
+    table = scan.table()
+    return table, scan.sources
