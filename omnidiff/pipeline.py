@@ -6,7 +6,8 @@ read together whenever one of them changes; a split would only add imports betwe
 A diffusers-style folder (docs/architecture.md "Pipeline folder"), safetensors and JSON only (plus, for
 ``llm_adapter``, three one-import files through which diffusers itself loads it: omnidiff/pipeline_diffusers.py):
 
-    model_index.json        _class_name, conditioning: "clip" | "llm_adapter", component classes
+    model_index.json        _class_name, conditioning: "clip" | "llm_adapter", component classes,
+                            force_zeros_for_empty_prompt (SDXL bases: the unconditional embedding is zeros)
     unet/                   diffusers UNet2DConditionModel (SDXL's reads text_embeds + time_ids too)
     scheduler/              DPMSolverMultistepScheduler (Karras sigmas; thresholding in pixel space only)
     vae/                    optional diffusers AutoencoderKL (SD-class models); absent = pixel space
@@ -187,6 +188,7 @@ class OmniDiffusionPipeline:
         llm: LLMTextEncoder | None = None,
         vae=None,
         clip_max_windows: int = 1,
+        force_zeros_for_empty_prompt: bool = False,
     ):
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning={conditioning!r}: expected one of {CONDITIONINGS}")
@@ -202,6 +204,10 @@ class OmniDiffusionPipeline:
                 raise ValueError(f"adapter out_dim {adapter.shape.out_dim} != unet cross_attention_dim {cross}")
             if adapter.shape.llm_dim != llm.hidden_size:
                 raise ValueError(f"adapter llm_dim {adapter.shape.llm_dim} != LLM hidden size {llm.hidden_size}")
+            expected = pooled_width(unet)
+            if expected is not None and adapter.shape.pooled_dim != expected:
+                raise ValueError(f"adapter pooled_dim {adapter.shape.pooled_dim} != the width of the pooled embedding "
+                                 f"the unet reads ({expected}: SDXL's text_embeds or the class-embedding projection)")
         from diffusers import DPMSolverMultistepScheduler
 
         self.unet = unet.eval()
@@ -215,6 +221,10 @@ class OmniDiffusionPipeline:
         self.llm = llm
         self.vae = vae.eval() if vae is not None else None
         self.clip_max_windows = int(clip_max_windows)
+        # SDXL's model_index.json flag: the unconditional branch of an empty negative prompt is all zeros
+        # (tokens and pooled), as diffusers' StableDiffusionXLPipeline.encode_prompt feeds it; stage 1
+        # trains no "" example for such a base, so the adapter's output for "" means nothing.
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.lineage: dict | None = None
 
     # -- devices ------------------------------------------------------------------------------
@@ -279,7 +289,8 @@ class OmniDiffusionPipeline:
 
         ``seed``: one int (image i uses ``seed + i``) or one seed per prompt, so an image depends on
         its own prompt and seed only, never on what else is in the batch. Classifier-free guidance
-        runs the unconditional branch (``negative_prompt``, default "") in the same batch.
+        runs the unconditional branch (``negative_prompt``, default "") in the same batch; with
+        ``force_zeros_for_empty_prompt`` (SDXL bases) and no negative prompt that branch is all zeros.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         n = len(prompts)
@@ -302,7 +313,12 @@ class OmniDiffusionPipeline:
         tokens, pooled, mask = self.encode_prompt(prompts)
         guided = guidance_scale != 1.0
         if guided:  # one UNet batch: [unconditional; conditional]
-            u_tokens, u_pooled, u_mask = self.encode_prompt(negatives)
+            if self.force_zeros_for_empty_prompt and all(not (neg or "").strip() for neg in negatives):
+                # diffusers' SDXL encode_prompt: zeros, not the encoding of "" (every position read: mask all True)
+                u_tokens, u_pooled = torch.zeros_like(tokens), torch.zeros_like(pooled)
+                u_mask = torch.ones_like(mask)
+            else:
+                u_tokens, u_pooled, u_mask = self.encode_prompt(negatives)
             tokens, pooled, mask = (
                 torch.cat(pair) for pair in ((u_tokens, tokens), (u_pooled, pooled), (u_mask, mask))
             )
@@ -359,6 +375,7 @@ class OmniDiffusionPipeline:
             "unet": ["diffusers", type(self.unet).__name__],
             "scheduler": ["diffusers", type(self.scheduler).__name__],
             "vae": ["diffusers", type(self.vae).__name__] if self.vae is not None else [None, None],
+            "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
         }
         self.unet.save_pretrained(folder / "unet", safe_serialization=True)
         self.scheduler.save_pretrained(folder / "scheduler")
@@ -440,6 +457,7 @@ class OmniDiffusionPipeline:
                 text_encoder=text_encoder,
                 vae=vae,
                 clip_max_windows=int(index.get("clip_max_windows", 1)),
+                force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
             )
         else:
             ref_path = folder / "text_encoder" / ENCODER_REF
@@ -458,7 +476,8 @@ class OmniDiffusionPipeline:
                     f"{(ref['layer'], ref['max_length'])}"
                 )
             adapter = OmniAdapter.from_pretrained(folder / "adapter")
-            pipe = cls(unet, scheduler, "llm_adapter", adapter=adapter, llm=llm, vae=vae)
+            pipe = cls(unet, scheduler, "llm_adapter", adapter=adapter, llm=llm, vae=vae,
+                       force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)))
         pipe.lineage = lineage
         return pipe.to(device)
 
