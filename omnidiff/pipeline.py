@@ -482,6 +482,75 @@ class OmniDiffusionPipeline:
         return pipe.to(device)
 
 
+
+class PublishedBasePipeline:
+    """A published Stable Diffusion 1.5 / SDXL folder (``contracts.base_folder``) behind the call of
+    :class:`OmniDiffusionPipeline`, run by diffusers' own pipeline: the baseline that evaluate and serve
+    compare with. Its CLIP tokenizer reads English only. ``dtype`` (float16 / bfloat16 on a GPU) and the
+    VAE switches (``vae_slicing``, ``vae_tiling``: large images in less memory) are diffusers' own.
+    """
+
+    conditioning = "base"
+
+    def __init__(self, folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 vae_slicing: bool = False, vae_tiling: bool = False):
+        from diffusers import DiffusionPipeline
+
+        from omnidiff.contracts.base_folder import open_base_folder
+
+        self.base = open_base_folder(folder)
+        self.pipe = DiffusionPipeline.from_pretrained(self.base.path, torch_dtype=dtype, **self.base.load_kwargs)
+        self.pipe.set_progress_bar_config(disable=True)
+        if vae_slicing:
+            self.pipe.vae.enable_slicing()
+        if vae_tiling:
+            self.pipe.vae.enable_tiling()
+        self.pipe.to(device)
+        self.unet, self.vae, self.lineage = self.pipe.unet, self.pipe.vae, None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def native_resolution(self) -> int:
+        return self.base.native_resolution
+
+    @torch.no_grad()
+    def __call__(self, prompts, negative_prompt=None, num_inference_steps: int = 20, guidance_scale: float = 3.0,
+                 seed: int | list[int] = 0, height: int | None = None, width: int | None = None,
+                 output_type: Literal["pil", "np"] = "pil"):
+        """As :meth:`OmniDiffusionPipeline.__call__`: one generator per image (``seed + i``), so an image
+        depends on its own prompt and seed only."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("prompts: empty list")
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else [int(x) for x in seed]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompts)
+        if negative_prompt is not None:
+            negative_prompt = [normalise_caption(p or "") for p in negative_prompt]
+        size = self.native_resolution
+        generators = [torch.Generator().manual_seed(x) for x in seeds]
+        images = self.pipe(prompt=[normalise_caption(p) for p in prompts], negative_prompt=negative_prompt,
+                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           height=height or size, width=width or size, generator=generators, output_type="pil").images
+        if output_type == "np":
+            return np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+        return images
+
+
+def load_any_pipeline(folder: str | Path, device: str = "cpu", **kwargs):
+    """An export (:class:`OmniDiffusionPipeline`) or a published SD / SDXL base folder
+    (:class:`PublishedBasePipeline`), by the folder's ``model_index.json``."""
+    from omnidiff.contracts.encoders import is_published_base
+
+    if is_published_base(folder):
+        return PublishedBasePipeline(folder, device=device, **kwargs)
+    return OmniDiffusionPipeline.from_pretrained(folder, device=device)
+
 def _load_scheduler(config: dict, latent: bool = False):
     from diffusers import DPMSolverMultistepScheduler
 

@@ -93,3 +93,80 @@ def test_pipeline_refuses_an_adapter_whose_pooled_width_the_unet_does_not_read(s
     assert wrong.shape.pooled_dim != folder.pooled_dim
     with pytest.raises(ValueError, match=rf"adapter pooled_dim {wrong.shape.pooled_dim} .*\({folder.pooled_dim}"):
         OmniDiffusionPipeline(unet, scheduler, "llm_adapter", adapter=wrong, llm=LLMTextEncoder(tiny_llm), vae=vae)
+
+
+# ---------------------------------------------------------------- the pipeline flow on a published base
+
+def test_latent_pixels_use_the_base_vae_at_its_native_resolution(sd15_base):
+    from embed_cache.config import PixelsSection
+    from flows.pipeline import latent_pixels, published_base
+
+    base = published_base(sd15_base)
+    assert base.native_resolution == 32
+    pixels = latent_pixels(PixelsSection(), base)
+    assert (pixels.vae, pixels.resolution) == (base.vae, 32)
+    assert latent_pixels(PixelsSection(resolution=64), base).resolution == 64  # set: kept
+    own = PixelsSection(vae=sd15_base / "elsewhere", resolution=16)
+    assert latent_pixels(own, base) == own
+
+
+def test_a_folder_of_another_layout_is_refused_naming_what_is_missing(tmp_path):
+    from flows.pipeline import published_base
+    from omnidiff.contracts.base_folder import BaseFolderError
+
+    assert published_base(None) is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BaseFolderError, match="model_index.json"):
+        published_base(tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(BaseFolderError, match="KandinskyPipeline.*not a supported base"):
+        published_base(tmp_path / "other")
+
+
+def test_the_gpu_pipeline_config_takes_a_base_model(sd15_base):
+    from flows.config import load_pipeline_config
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_pipeline_config(repo / "configs" / "gpu" / "pipeline_sdxl.yaml", [f"base_model={sd15_base}"])
+    assert cfg.base_model == sd15_base
+
+
+def _flow_config(tiny_llm, base_model, tmp_path):
+    import socket
+
+    from flows.config import load_pipeline_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    overrides = [f"base_model={base_model}", f"world_port={port}", f"embed.llm.path={tiny_llm}", "deploy=false",
+                 "evaluate.max_per_group=1", "evaluate.steps=2", "evaluate.real_images=16",
+                 "evaluate.require_fit_evaluator=false", f"evaluate.report_dir={tmp_path / 'report'}"]
+    overrides += [f"stage{i}.llm.path={tiny_llm}" for i in (1, 2, 3)]
+    return load_pipeline_config(repo / "configs" / "pipeline_test.yaml", overrides)
+
+
+@pytest.mark.e2e
+def test_pipeline_flow_on_a_published_sd15_folder_builds_no_tiny_base(stack, tiny_llm, sd15_base, tmp_path):
+    from flows.pipeline import omnidiff_pipeline
+
+    out = omnidiff_pipeline(_flow_config(tiny_llm, sd15_base, tmp_path))
+    assert out["base"]["base_model"] == str(sd15_base.resolve())
+    for name in ("stage1", "stage2", "stage3"):
+        export = json.loads((__import__("pathlib").Path(out[name]["export_dir"]) / "model_index.json").read_text())
+        assert export["vae"] == ["diffusers", "AutoencoderKL"], export  # latent space: the base's VAE
+    assert {"collect", "embed", "stage1", "stage2", "stage3", "evaluate"} <= set(out["timings_s"])
+    assert out["evaluate"].get("report_html")
+
+
+@pytest.mark.e2e
+def test_pipeline_flow_fails_at_its_start_on_a_folder_that_is_no_base(stack, tiny_llm, tmp_path):
+    from flows.pipeline import omnidiff_pipeline
+    from omnidiff.contracts.base_folder import BaseFolderError
+
+    (tmp_path / "nobase").mkdir()
+    (tmp_path / "nobase" / "model_index.json").write_text(json.dumps({"_class_name": "UnCLIPPipeline"}))
+    with pytest.raises(BaseFolderError, match="UnCLIPPipeline.*not a supported base"):
+        omnidiff_pipeline(_flow_config(tiny_llm, tmp_path / "nobase", tmp_path))
