@@ -542,14 +542,27 @@ class PublishedBasePipeline:
         return images
 
 
-def load_any_pipeline(folder: str | Path, device: str = "cpu", **kwargs):
+def load_any_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                      vae_slicing: bool = False, vae_tiling: bool = False):
     """An export (:class:`OmniDiffusionPipeline`) or a published SD / SDXL base folder
-    (:class:`PublishedBasePipeline`), by the folder's ``model_index.json``."""
+    (:class:`PublishedBasePipeline`), by the folder's ``model_index.json``. ``dtype``: the UNet's and
+    VAE's (half precision needs a GPU); the VAE switches decode large images in less memory."""
     from omnidiff.contracts.encoders import is_published_base
 
+    if dtype != torch.float32 and torch.device(device).type == "cpu":
+        raise ValueError(f"dtype={dtype}: half precision runs on a GPU only (device={device!r}); use float32")
     if is_published_base(folder):
-        return PublishedBasePipeline(folder, device=device, **kwargs)
-    return OmniDiffusionPipeline.from_pretrained(folder, device=device)
+        return PublishedBasePipeline(folder, device=device, dtype=dtype, vae_slicing=vae_slicing,
+                                     vae_tiling=vae_tiling)
+    pipe = OmniDiffusionPipeline.from_pretrained(folder, device=device)
+    pipe.unet.to(dtype)
+    if pipe.vae is not None:
+        pipe.vae.to(dtype)  # decode_latents upcasts where the VAE's config says force_upcast (SDXL)
+        if vae_slicing:
+            pipe.vae.enable_slicing()
+        if vae_tiling:
+            pipe.vae.enable_tiling()
+    return pipe
 
 def _load_scheduler(config: dict, latent: bool = False):
     from diffusers import DPMSolverMultistepScheduler
