@@ -499,7 +499,7 @@ class PublishedBasePipeline:
         from omnidiff.contracts.base_folder import open_base_folder
 
         self.base = open_base_folder(folder)
-        self.pipe = DiffusionPipeline.from_pretrained(self.base.path, torch_dtype=dtype, **self.base.load_kwargs)
+        self.pipe = DiffusionPipeline.from_pretrained(self.base.path, torch_dtype=dtype, **self.base.load_kwargs())
         self.pipe.set_progress_bar_config(disable=True)
         if vae_slicing:
             self.pipe.vae.enable_slicing()

@@ -31,7 +31,8 @@ def test_the_base_folder_draws_through_diffusers_at_its_native_size(sd15_base):
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
     # One seed per image: an image depends on its own prompt and seed, not on its batch.
     alone = pipe(["a blue square"], num_inference_steps=2, guidance_scale=3.0, seed=6, output_type="np")
-    np.testing.assert_array_equal(alone[0], images[1])
+    # (batched CPU kernels sum in another order: at most one grey level apart)
+    assert np.abs(alone[0].astype(int) - images[1]).max() <= 1
     assert not np.array_equal(images[0], images[1])
     with pytest.raises(ValueError, match="half precision runs on a GPU only"):
         load_any_pipeline(sd15_base, dtype=torch.float16)
