@@ -530,6 +530,8 @@ class PublishedBasePipeline:
             raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
         if isinstance(negative_prompt, str):
             negative_prompt = [negative_prompt] * len(prompts)
+        if negative_prompt is not None and all(not (p or "").strip() for p in negative_prompt):
+            negative_prompt = None  # diffusers' own default: "" for SD, zeros where force_zeros_for_empty_prompt
         if negative_prompt is not None:
             negative_prompt = [normalise_caption(p or "") for p in negative_prompt]
         size = self.native_resolution
