@@ -40,8 +40,9 @@ def evaluator_task(cfg: BaseConfig) -> str:
 
 
 @flow(name="prepare-base", log_prints=True)
-def prepare_base_flow(base: BaseConfig, world: WorldConfig | None = None) -> dict[str, Any]:
-    """World (when given) -> base model + evaluator on that world; returns their folders."""
+def prepare_base_flow(base: BaseConfig, world: WorldConfig | None = None, build_base: bool = True) -> dict[str, Any]:
+    """World (when given) -> base model + evaluator on that world; returns their folders. With
+    ``build_base=False`` (the pipeline's ``base_model`` names a published folder) no tiny base is built."""
     from omnidiff.config import replace
     from omnidiff.stack import apply_env
 
@@ -51,7 +52,7 @@ def prepare_base_flow(base: BaseConfig, world: WorldConfig | None = None) -> dic
         world_dir = generate_world_task(world)
         base = replace(base, world_dir=Path(world_dir))
     return {"world_dir": world_dir or (str(base.world_dir) if base.world_dir else None),
-            "base_model": pretrain_base_task(base), "evaluator": evaluator_task(base)}
+            "base_model": pretrain_base_task(base) if build_base else None, "evaluator": evaluator_task(base)}
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ class PipelineConfig(ConfigModel):
     world_port: port of the local HTTP server for the world's images (fixed, so the url list and
         therefore the collect stage's input digest are the same on a rerun).
     base: the existing text-to-image model (pretrained once and cached) and the evaluator.
+    base_model: a published Stable Diffusion 1.5 / SDXL diffusers folder (model_index.json, vocab.json +
+        merges.txt tokenizers, fp16 variants accepted) to upgrade instead of the tiny base: no tiny base
+        is built, and every stage uses the folder (embed's CLIP targets, VAE latents at its native
+        resolution unless ``embed.pixels`` names a VAE, training, the evaluation baseline, serving).
+        A folder of another layout fails the flow at its start, naming what is missing.
     collect / embed / stage1 / stage2 / stage3 / evaluate / serve: each stage's config; the pipeline
         fills in what flows between stages (url lists, snapshot, cache, base model, parent export).
     skip_unchanged: skip a stage whose input digest matches a completed earlier run (its outputs
@@ -45,6 +50,7 @@ class PipelineConfig(ConfigModel):
 
     world: WorldConfig | None
     base: BaseConfig
+    base_model: Path | None = None
     collect: CollectConfig
     embed: EmbedConfig
     stage1: TrainConfig

@@ -140,9 +140,12 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
         out["mlflow_parent_run_id"] = parent.info.run_id
 
         # 1. what the pipeline stands on: the world (url-list source), the base model, the evaluator
-        base = run_stage("prepare-base", {"world": cfg.world, "base": cfg.base}, [],
-                         lambda: prepare_base_flow(cfg.base, cfg.world), index, skip, timings,
-                         ("base_model", "evaluator"))
+        published = published_base(cfg.base_model)  # a bad folder fails here, before any stage
+        base = run_stage("prepare-base", {"world": cfg.world, "base": cfg.base, "build_base": published is None}, [],
+                         lambda: prepare_base_flow(cfg.base, cfg.world, build_base=published is None), index, skip,
+                         timings, ("base_model", "evaluator"))
+        if published is not None:
+            base = {**base, "base_model": str(published.path)}
         out["base"] = base
         world_dir = Path(base["world_dir"]) if base.get("world_dir") else None
 
@@ -170,6 +173,8 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
         # 3. embed: LLM states of every caption, CLIP targets, pixels -> the Parquet cache
         embed_cfg = replace(cfg.embed, snapshots=(snapshot,),
                             clip=replace(cfg.embed.clip, base_model=Path(base["base_model"])))
+        if published is not None:
+            embed_cfg = replace(embed_cfg, pixels=latent_pixels(cfg.embed.pixels, published))
         out["embed"] = run_stage("embed", embed_cfg, [Path(snapshot) / "manifest.json"],
                                  lambda: _train_outputs(embed_flow(embed_cfg)), index, skip, timings, ())
 
@@ -209,6 +214,26 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
         mlflow.log_dict(out, "pipeline_outputs.json")
     print_summary(out)
     return out
+
+
+def published_base(base_model: Path | None):
+    """The ``BaseFolder`` of the pipeline's ``base_model`` (None: the tiny base is built). A folder that
+    is not a published SD / SDXL layout raises ``BaseFolderError`` naming what is missing."""
+    if base_model is None:
+        return None
+    from omnidiff.contracts.base_folder import open_base_folder
+
+    return open_base_folder(base_model)
+
+
+def latent_pixels(pixels: Any, base: Any) -> Any:
+    """Embed's image section for a published base: its VAE's latents at its native resolution. A
+    section that names a VAE of its own is kept; ``resolution`` other than the default is kept."""
+    if pixels.vae is not None:
+        return pixels
+    default = type(pixels).model_fields["resolution"].default
+    resolution = pixels.resolution if pixels.resolution != default else base.native_resolution
+    return replace(pixels, vae=base.vae, resolution=resolution)
 
 
 def deploy_and_serve(cfg: PipelineConfig, version: str | None) -> dict[str, Any]:

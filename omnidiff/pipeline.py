@@ -6,7 +6,8 @@ read together whenever one of them changes; a split would only add imports betwe
 A diffusers-style folder (docs/architecture.md "Pipeline folder"), safetensors and JSON only (plus, for
 ``llm_adapter``, three one-import files through which diffusers itself loads it: omnidiff/pipeline_diffusers.py):
 
-    model_index.json        _class_name, conditioning: "clip" | "llm_adapter", component classes
+    model_index.json        _class_name, conditioning: "clip" | "llm_adapter", component classes,
+                            force_zeros_for_empty_prompt (SDXL bases: the unconditional embedding is zeros)
     unet/                   diffusers UNet2DConditionModel (SDXL's reads text_embeds + time_ids too)
     scheduler/              DPMSolverMultistepScheduler (Karras sigmas; thresholding in pixel space only)
     vae/                    optional diffusers AutoencoderKL (SD-class models); absent = pixel space
@@ -187,6 +188,7 @@ class OmniDiffusionPipeline:
         llm: LLMTextEncoder | None = None,
         vae=None,
         clip_max_windows: int = 1,
+        force_zeros_for_empty_prompt: bool = False,
     ):
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning={conditioning!r}: expected one of {CONDITIONINGS}")
@@ -202,6 +204,10 @@ class OmniDiffusionPipeline:
                 raise ValueError(f"adapter out_dim {adapter.shape.out_dim} != unet cross_attention_dim {cross}")
             if adapter.shape.llm_dim != llm.hidden_size:
                 raise ValueError(f"adapter llm_dim {adapter.shape.llm_dim} != LLM hidden size {llm.hidden_size}")
+            expected = pooled_width(unet)
+            if expected is not None and adapter.shape.pooled_dim != expected:
+                raise ValueError(f"adapter pooled_dim {adapter.shape.pooled_dim} != the width of the pooled embedding "
+                                 f"the unet reads ({expected}: SDXL's text_embeds or the class-embedding projection)")
         from diffusers import DPMSolverMultistepScheduler
 
         self.unet = unet.eval()
@@ -215,6 +221,10 @@ class OmniDiffusionPipeline:
         self.llm = llm
         self.vae = vae.eval() if vae is not None else None
         self.clip_max_windows = int(clip_max_windows)
+        # SDXL's model_index.json flag: the unconditional branch of an empty negative prompt is all zeros
+        # (tokens and pooled), as diffusers' StableDiffusionXLPipeline.encode_prompt feeds it; stage 1
+        # trains no "" example for such a base, so the adapter's output for "" means nothing.
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.lineage: dict | None = None
 
     # -- devices ------------------------------------------------------------------------------
@@ -279,7 +289,8 @@ class OmniDiffusionPipeline:
 
         ``seed``: one int (image i uses ``seed + i``) or one seed per prompt, so an image depends on
         its own prompt and seed only, never on what else is in the batch. Classifier-free guidance
-        runs the unconditional branch (``negative_prompt``, default "") in the same batch.
+        runs the unconditional branch (``negative_prompt``, default "") in the same batch; with
+        ``force_zeros_for_empty_prompt`` (SDXL bases) and no negative prompt that branch is all zeros.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         n = len(prompts)
@@ -302,7 +313,12 @@ class OmniDiffusionPipeline:
         tokens, pooled, mask = self.encode_prompt(prompts)
         guided = guidance_scale != 1.0
         if guided:  # one UNet batch: [unconditional; conditional]
-            u_tokens, u_pooled, u_mask = self.encode_prompt(negatives)
+            if self.force_zeros_for_empty_prompt and all(not (neg or "").strip() for neg in negatives):
+                # diffusers' SDXL encode_prompt: zeros, not the encoding of "" (every position read: mask all True)
+                u_tokens, u_pooled = torch.zeros_like(tokens), torch.zeros_like(pooled)
+                u_mask = torch.ones_like(mask)
+            else:
+                u_tokens, u_pooled, u_mask = self.encode_prompt(negatives)
             tokens, pooled, mask = (
                 torch.cat(pair) for pair in ((u_tokens, tokens), (u_pooled, pooled), (u_mask, mask))
             )
@@ -359,6 +375,7 @@ class OmniDiffusionPipeline:
             "unet": ["diffusers", type(self.unet).__name__],
             "scheduler": ["diffusers", type(self.scheduler).__name__],
             "vae": ["diffusers", type(self.vae).__name__] if self.vae is not None else [None, None],
+            "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
         }
         self.unet.save_pretrained(folder / "unet", safe_serialization=True)
         self.scheduler.save_pretrained(folder / "scheduler")
@@ -440,6 +457,7 @@ class OmniDiffusionPipeline:
                 text_encoder=text_encoder,
                 vae=vae,
                 clip_max_windows=int(index.get("clip_max_windows", 1)),
+                force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
             )
         else:
             ref_path = folder / "text_encoder" / ENCODER_REF
@@ -458,10 +476,95 @@ class OmniDiffusionPipeline:
                     f"{(ref['layer'], ref['max_length'])}"
                 )
             adapter = OmniAdapter.from_pretrained(folder / "adapter")
-            pipe = cls(unet, scheduler, "llm_adapter", adapter=adapter, llm=llm, vae=vae)
+            pipe = cls(unet, scheduler, "llm_adapter", adapter=adapter, llm=llm, vae=vae,
+                       force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)))
         pipe.lineage = lineage
         return pipe.to(device)
 
+
+
+class PublishedBasePipeline:
+    """A published Stable Diffusion 1.5 / SDXL folder (``contracts.base_folder``) behind the call of
+    :class:`OmniDiffusionPipeline`, run by diffusers' own pipeline: the baseline that evaluate and serve
+    compare with. Its CLIP tokenizer reads English only. ``dtype`` (float16 / bfloat16 on a GPU) and the
+    VAE switches (``vae_slicing``, ``vae_tiling``: large images in less memory) are diffusers' own.
+    """
+
+    conditioning = "base"
+
+    def __init__(self, folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 vae_slicing: bool = False, vae_tiling: bool = False):
+        from diffusers import DiffusionPipeline
+
+        from omnidiff.contracts.base_folder import open_base_folder
+
+        self.base = open_base_folder(folder)
+        self.pipe = DiffusionPipeline.from_pretrained(self.base.path, torch_dtype=dtype, **self.base.load_kwargs())
+        self.pipe.set_progress_bar_config(disable=True)
+        if vae_slicing:
+            self.pipe.vae.enable_slicing()
+        if vae_tiling:
+            self.pipe.vae.enable_tiling()
+        self.pipe.to(device)
+        self.unet, self.vae, self.lineage = self.pipe.unet, self.pipe.vae, None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def native_resolution(self) -> int:
+        return self.base.native_resolution
+
+    @torch.no_grad()
+    def __call__(self, prompts, negative_prompt=None, num_inference_steps: int = 20, guidance_scale: float = 3.0,
+                 seed: int | list[int] = 0, height: int | None = None, width: int | None = None,
+                 output_type: Literal["pil", "np"] = "pil"):
+        """As :meth:`OmniDiffusionPipeline.__call__`: one generator per image (``seed + i``), so an image
+        depends on its own prompt and seed only."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("prompts: empty list")
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else [int(x) for x in seed]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompts)
+        if negative_prompt is not None and all(not (p or "").strip() for p in negative_prompt):
+            negative_prompt = None  # diffusers' own default: "" for SD, zeros where force_zeros_for_empty_prompt
+        if negative_prompt is not None:
+            negative_prompt = [normalise_caption(p or "") for p in negative_prompt]
+        size = self.native_resolution
+        generators = [torch.Generator().manual_seed(x) for x in seeds]
+        images = self.pipe(prompt=[normalise_caption(p) for p in prompts], negative_prompt=negative_prompt,
+                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           height=height or size, width=width or size, generator=generators, output_type="pil").images
+        if output_type == "np":
+            return np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+        return images
+
+
+def load_any_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                      vae_slicing: bool = False, vae_tiling: bool = False):
+    """An export (:class:`OmniDiffusionPipeline`) or a published SD / SDXL base folder
+    (:class:`PublishedBasePipeline`), by the folder's ``model_index.json``. ``dtype``: the UNet's and
+    VAE's (half precision needs a GPU); the VAE switches decode large images in less memory."""
+    from omnidiff.contracts.encoders import is_published_base
+
+    if dtype != torch.float32 and torch.device(device).type == "cpu":
+        raise ValueError(f"dtype={dtype}: half precision runs on a GPU only (device={device!r}); use float32")
+    if is_published_base(folder):
+        return PublishedBasePipeline(folder, device=device, dtype=dtype, vae_slicing=vae_slicing,
+                                     vae_tiling=vae_tiling)
+    pipe = OmniDiffusionPipeline.from_pretrained(folder, device=device)
+    pipe.unet.to(dtype)
+    if pipe.vae is not None:
+        pipe.vae.to(dtype)  # decode_latents upcasts where the VAE's config says force_upcast (SDXL)
+        if vae_slicing:
+            pipe.vae.enable_slicing()
+        if vae_tiling:
+            pipe.vae.enable_tiling()
+    return pipe
 
 def _load_scheduler(config: dict, latent: bool = False):
     from diffusers import DPMSolverMultistepScheduler

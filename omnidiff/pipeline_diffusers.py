@@ -83,12 +83,13 @@ class OmniDiffusersPipeline(DiffusionPipeline):
 
     _optional_components = ["vae"]
 
-    def __init__(self, unet, scheduler, adapter, text_encoder, vae=None, conditioning: str = "llm_adapter"):
+    def __init__(self, unet, scheduler, adapter, text_encoder, vae=None, conditioning: str = "llm_adapter",
+                 force_zeros_for_empty_prompt: bool = False):
         super().__init__()
         if conditioning != "llm_adapter":
             raise ValueError(f"conditioning={conditioning!r}: OmniDiffusersPipeline loads llm_adapter folders only")
         self.register_modules(unet=unet, scheduler=scheduler, adapter=adapter, text_encoder=text_encoder, vae=vae)
-        self.register_to_config(conditioning=conditioning)
+        self.register_to_config(conditioning=conditioning, force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
 
     def to(self, *args, **kwargs):
         """diffusers moves the torch modules; the LLM (not an ``nn.Module``) follows the UNet."""
@@ -115,7 +116,8 @@ class OmniDiffusersPipeline(DiffusionPipeline):
         from omnidiff.pipeline import OmniDiffusionPipeline
 
         inner = OmniDiffusionPipeline(self.unet, self.scheduler, "llm_adapter", adapter=self.adapter,
-                                      llm=self.text_encoder, vae=self.vae)
+                                      llm=self.text_encoder, vae=self.vae,
+                                      force_zeros_for_empty_prompt=self.config.force_zeros_for_empty_prompt)
         images = inner(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, seed=seed, height=height, width=width,
                        output_type="np" if output_type == "np" else "pil")

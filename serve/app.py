@@ -77,7 +77,7 @@ class GeneratorDeployment:
     """
 
     def __init__(self, pinned: dict[str, Any], batching: dict[str, Any], sizes: list[str], torch_threads: int,
-                 device: str, sampling_nice: int = 0):
+                 device: str, sampling_nice: int = 0, precision: dict[str, Any] | None = None):
         import torch
 
         self.sampling_nice = sampling_nice
@@ -92,9 +92,16 @@ class GeneratorDeployment:
             from omnidiff.tracking import resolve_model
 
             folder = Path(resolve_model(pinned["ref"]))
-        from omnidiff.pipeline import OmniDiffusionPipeline
+        from omnidiff.pipeline import load_any_pipeline
 
-        self.pipe = OmniDiffusionPipeline.from_pretrained(folder, device=device)
+        # An export, or a published SD / SDXL folder served as the baseline through diffusers' own pipeline.
+        precision = dict(precision or {})
+        dtype = precision.pop("dtype", "auto")
+        dtype = ("float16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
+        try:
+            self.pipe = load_any_pipeline(folder, device=device, dtype=getattr(torch, dtype), **precision)
+        except ValueError as exc:
+            raise ConfigError(f"{pinned['source']}: {exc}") from None
         # One step at every allowed size: a size this model cannot make fails the deployment here,
         # with its name, instead of as a 500 on some later request; and first-call costs are paid now.
         for size in [None, *sizes]:
@@ -304,7 +311,8 @@ def build_app(cfg: ServeConfig, pinned: dict[str, Any] | None = None):
         # Its calls come from the ingress, which logs every HTTP request already.
         logging_config={"enable_access_log": False},
         **scaling,
-    ).bind(pinned, to_dict(cfg.batching), list(pinned["sizes"]), cfg.torch_threads, cfg.device, cfg.sampling_nice)
+    ).bind(pinned, to_dict(cfg.batching), list(pinned["sizes"]), cfg.torch_threads, cfg.device, cfg.sampling_nice,
+           {"dtype": cfg.dtype, "vae_slicing": cfg.vae_slicing, "vae_tiling": cfg.vae_tiling})
     # The ingress only parses and forwards: no CPU reservation, and it must never be the bottleneck,
     # so its own queue is effectively unbounded (the bounded one is the generator's).
     ingress = ImageAPIDeployment.options(

@@ -192,6 +192,10 @@ class ServeConfig(ConfigModel):
     cpus_per_replica / gpus_per_replica: Ray resources of one generator replica.
     torch_threads: intra-op threads of one generator replica (0 = torch's default).
     device: ``auto`` (cuda when there is one), ``cpu`` or ``cuda``.
+    dtype: the UNet's and VAE's torch dtype: ``auto`` (float16 on a GPU, float32 on the CPU),
+        ``float32``, ``float16`` or ``bfloat16`` (half precision on a GPU only).
+    vae_slicing / vae_tiling: decode a batch one image at a time / in overlapping tiles (diffusers'
+        AutoencoderKL switches): large images (SDXL's 1024 px) in less memory, a little slower.
     sampling_nice: how much lower the CPU priority of the sampling threads is than the rest of the
         replica (Linux nice increment, 0 = same), so that a saturated CPU still answers 503s and
         health checks quickly.
@@ -222,6 +226,9 @@ class ServeConfig(ConfigModel):
     gpus_per_replica: float = Field(0.0, ge=0)
     torch_threads: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    vae_slicing: bool = False
+    vae_tiling: bool = False
     sampling_nice: int = Field(10, ge=0, le=19)
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(32, ge=1)  # the queue must be bounded

@@ -190,9 +190,20 @@ def model_card(pinned: dict[str, Any], folder: Path) -> dict[str, Any]:
     lineage_file = folder / "lineage.json"
     lineage = _flat_strings(json.loads(lineage_file.read_text(encoding="utf-8"))) if lineage_file.is_file() else {}
     lineage.update(pinned["registry"])  # the registry's tags are the authority when both say something
+    if index.get("conditioning") is None and index.get("_class_name") in BASE_PIPELINES:
+        # A published SD / SDXL folder served as the baseline: its own CLIP tokenizer, English only.
+        return {**_card(pinned, "base", lineage), "languages": ["en"],
+                "note": f"the base model ({index['_class_name']}) as published: English prompts only"}
+    return _card(pinned, index.get("conditioning"), lineage)
+
+
+BASE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def _card(pinned: dict[str, Any], conditioning: str | None, lineage: dict[str, str]) -> dict[str, Any]:
     return {"id": pinned["id"], "object": "model", "created": pinned["created"], "owned_by": "omnidiff",
             "version": pinned["version"], "alias": pinned["alias"], "source": pinned["source"],
-            "conditioning": index.get("conditioning"), "sizes": list(pinned["sizes"]),
+            "conditioning": conditioning, "sizes": list(pinned["sizes"]),
             "native_size": pinned["native_size"], "example_prompts": list(pinned["example_prompts"]),
             "lineage": lineage}
 
@@ -200,7 +211,7 @@ def model_card(pinned: dict[str, Any], folder: Path) -> dict[str, Any]:
 # Without the token /v1/models shows only these: names, what the model can do, nothing about the server
 # (``source`` can be an absolute path; ``lineage`` holds run ids, flow-run ids and paths; issue 15 item 7).
 PUBLIC_CARD_KEYS = ("id", "object", "created", "owned_by", "version", "alias", "conditioning", "sizes", "native_size",
-                    "example_prompts")
+                    "example_prompts", "languages", "note")
 
 
 def public_card(card: dict[str, Any]) -> dict[str, Any]:

@@ -104,7 +104,11 @@ class ModelCard(BaseModel):
     version: str | None = Field(default=None, description="Registry version, None when served from a folder.")
     alias: str | None = Field(default=None, description="The registry alias it was resolved from.")
     aliases: list[str] = Field(default_factory=list, description="Every name the `model` field of a request may use.")
-    conditioning: str | None = Field(default=None, description="llm_adapter (ours) or clip (the base model).")
+    conditioning: str | None = Field(default=None, description="llm_adapter (ours), clip (the tiny base model) or "
+                                     "base (a published SD / SDXL folder, run by diffusers' own pipeline).")
+    languages: list[str] | None = Field(default=None, description="The prompt languages it reads, where it is limited "
+                                        "(a published base: en).")
+    note: str | None = Field(default=None, description="What a user should know before prompting it.")
     sizes: list[str] = Field(default_factory=list, description="The WIDTHxHEIGHT sizes a request may ask for.")
     native_size: str | None = Field(default=None, description="The size it was trained at (size 'auto').")
     example_prompts: list[ExamplePrompt] = Field(

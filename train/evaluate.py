@@ -149,11 +149,28 @@ def real_world_images(world_dir: Path, n: int, resolution: int, seed: int) -> np
 
 # ---------------------------------------------------------------- scoring
 
-def _load_pipeline(ref: str):
-    from omnidiff.pipeline import OmniDiffusionPipeline
+def _load_pipeline(ref: str, resolution: int | None = None):
+    """The model ``ref`` names: an export, or a published SD / SDXL base folder (the baseline, run by
+    diffusers' own pipeline). Its images are resized to ``resolution`` (what the evaluator reads)."""
+    from omnidiff.pipeline import load_any_pipeline
     from omnidiff.tracking import resolve_model
 
-    return OmniDiffusionPipeline.from_pretrained(resolve_model(ref))
+    pipe = load_any_pipeline(resolve_model(ref))
+    return _Resized(pipe, resolution) if resolution is not None else pipe
+
+
+class _Resized:
+    """A pipeline whose images are resized (area-averaged, PIL's BOX) to the evaluator's square size:
+    an SD base and its exports draw at their native size (SD 1.5: 512), the evaluator reads its own."""
+
+    def __init__(self, pipe, resolution: int):
+        self.pipe, self.resolution = pipe, int(resolution)
+
+    def __call__(self, prompts, **kwargs):
+        from PIL import Image
+
+        size = (self.resolution, self.resolution)
+        return [im if im.size == size else im.convert("RGB").resize(size, Image.BOX) for im in self.pipe(prompts, **kwargs)]
 
 
 def score_table(summary: pd.DataFrame, zero_shot_langs: set[str], attributes: tuple[str, ...]) -> pd.DataFrame:
@@ -214,7 +231,7 @@ def evaluate(models: dict[str, str] | list[str] | str, cfg, inputs: EvalInputs |
     t0 = time.perf_counter()
     for label, ref in models.items():
         print(f"[evaluate] {label}: {ref} on {len(inputs.prompts)} prompts", file=sys.stderr, flush=True)
-        pipe = _load_pipeline(ref)
+        pipe = _load_pipeline(ref, inputs.evaluator.resolution)
         results[label] = prompt_faithfulness(pipe, inputs.prompts, inputs.evaluator, seed=cfg.seed, steps=cfg.steps,
                                              guidance=cfg.guidance, batch_size=cfg.batch_size)
         frechet[label] = frechet_distance(inputs.evaluator.features(results[label].images), real_features)

@@ -89,7 +89,8 @@ def export_pipeline(out_dir: Path, final_dir: Path, base_model: Path, llm, linea
     adapter, unet = load_modules(final_dir)  # what rank 0 saved with train.model.save_modules
     vae = load_vae(base_model)  # SD / SDXL: the base's VAE (fp16-only folders too); None in pixel space
     scheduler = load_scheduler(base_model / "scheduler")
-    pipe = OmniDiffusionPipeline(unet, scheduler, "llm_adapter", adapter=adapter, llm=llm, vae=vae)
+    pipe = OmniDiffusionPipeline(unet, scheduler, "llm_adapter", adapter=adapter, llm=llm, vae=vae,
+                                 force_zeros_for_empty_prompt=_force_zeros(base_model))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -104,3 +105,12 @@ def export_pipeline(out_dir: Path, final_dir: Path, base_model: Path, llm, linea
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _force_zeros(base_model: Path) -> bool:
+    """A published SDXL base's ``force_zeros_for_empty_prompt`` (the pipeline then feeds zeros as the
+    unconditional embedding, as diffusers does); False for the tiny base and SD 1.5."""
+    from omnidiff.contracts.base_folder import open_base_folder
+    from omnidiff.contracts.encoders import is_published_base
+
+    return is_published_base(base_model) and open_base_folder(base_model).force_zeros_for_empty_prompt
