@@ -141,7 +141,9 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
         # 1. what the pipeline stands on: the world (url-list source), the base model, the evaluator
         published = published_base(cfg.base_model)  # a bad folder fails here, before any stage
-        base = run_stage("prepare-base", {"world": cfg.world, "base": cfg.base, "build_base": published is None}, [],
+        # build_base enters the digest only when off, so the tiny-base runs keep their digest (and skip).
+        base_inputs = {"world": cfg.world, "base": cfg.base, **({} if published is None else {"build_base": False})}
+        base = run_stage("prepare-base", base_inputs, [],
                          lambda: prepare_base_flow(cfg.base, cfg.world, build_base=published is None), index, skip,
                          timings, ("base_model", "evaluator"))
         if published is not None:

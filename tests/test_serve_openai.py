@@ -153,8 +153,8 @@ def test_unsupported_size_native_draws_at_the_models_own_size(serve_pipelines, t
     app = build_fastapi(settings_from_config(cfg, None, pinned), backend)
 
     async def calls():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as http:
-            client = openai.AsyncOpenAI(base_url="http://app/v1", api_key="none", http_client=http, max_retries=0)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
+            client = openai.AsyncOpenAI(base_url="http://127.0.0.1/v1", api_key="none", http_client=http, max_retries=0)
             mapped = await client.images.generate(prompt="a red circle", model="dall-e-3", size="1024x1024",
                                                   quality="hd")
             native = await http.post("/v1/generate", json={"prompt": "a red circle", "size": "1024x1024"})
