@@ -182,7 +182,11 @@ def test_sample_grid_is_decoded_rgb_and_the_same_for_any_worker_count(sd15_base,
     assert sorted(one) == sorted(two) == [0, 1, 2]
     for i in one:
         assert one[i].shape == (side, side, 3)
-        np.testing.assert_array_equal(one[i], two[i])
+        # Same prompt, same noise: the same image. A rank draws its share as one batch, and a float
+        # reduction over a different batch can round one channel of one pixel to the next grey level
+        # (seen: 1 value of 3072); a different noise or prompt would change most of them.
+        diff = np.abs(one[i].astype(np.int16) - two[i].astype(np.int16))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.005, (diff.max(), (diff > 0).mean())
 
 
 def test_stage2_on_sd15_latents_lowers_its_loss_and_exports_the_vae(sd15_stage2):
@@ -226,7 +230,7 @@ def test_pipeline_samples_sdxl_latents_with_time_ids_and_decodes_them(sdxl_base,
     llm = LLMTextEncoder(tiny_llm)
     torch.manual_seed(0)
     adapter = _FixedAdapter(base.cross_attention_dim, base.pooled_dim)
-    adapter.shape = SimpleNamespace(out_dim=base.cross_attention_dim, llm_dim=llm.hidden_size)
+    adapter.shape = SimpleNamespace(out_dim=base.cross_attention_dim, llm_dim=llm.hidden_size, pooled_dim=base.pooled_dim)
     pipe = OmniDiffusionPipeline(load_unet(sdxl_base), load_scheduler(sdxl_base / "scheduler"), "llm_adapter",
                                  adapter=adapter, llm=llm, vae=load_vae(sdxl_base))
     assert pipe.scheduler.config.thresholding is False
