@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from data_prep.download import (
 )
 from data_prep.quarantine import InvariantError, KeptRows, Quarantine, quarantine_input_rows
 from data_prep.readers import ListScan
-from data_prep.spill import RepeatFinder, SpillFolder
+from data_prep.spill import RepeatFinder, Repeats, SpillFolder
 from data_prep.tables import ShardBuffer, extra_columns, snapshot_table, split_of
 from data_prep.workers import WorkerPool, check_pairs_batch, score_images
 from omnidiff.contracts.keys import digest_bytes, pair_key
@@ -89,6 +90,36 @@ def quarantine_rejected(quarantine: Quarantine, table_name: str, batch: pa.Table
                               checked.column("detail").take(positions).to_pylist(), extras)
 
 
+def check_rows_and_find_repeats(pool: WorkerPool, check: Callable[..., pa.Table], scan: ListScan, cfg: CollectConfig,
+                                quarantine: Quarantine, table_name: str, extras: list[str], finder: RepeatFinder,
+                                candidates: SpillFolder) -> int:
+    """First pass: ``check`` (a workers.py batch check) on every scanned batch in the pool; rejected rows to the
+    quarantine, the rest to ``candidates`` and ``finder``. Returns the number of input rows."""
+    input_rows = 0
+    for batch, checked in pool.map(check, scan.batches(cfg.read_batch_rows), cfg.max_caption_chars,
+                                   cfg.long_caption, cfg.lang_min_score):
+        input_rows += batch.num_rows
+        passing, rejected = _split_checked(batch, checked)
+        quarantine_rejected(quarantine, table_name, batch, checked, rejected, extras)
+        candidates.write(passing)
+        finder.add(passing)
+    return input_rows
+
+
+def drop_repeats(quarantine: Quarantine, table_name: str, table: pa.Table, repeats: Repeats, what: str,
+                 extras: list[str]) -> pa.Table:
+    """``table`` less the rows ``repeats`` knows as repeats, which go to the quarantine as ``duplicate``
+    ("same {what} as <source> row <row_index>" of the kept first row)."""
+    row_ids = table.column("row_id").to_pylist()
+    found = repeats.lookup(row_ids)
+    if not found:
+        return table
+    positions = [i for i, r in enumerate(row_ids) if r in found]
+    details = [f"same {what} as {found[row_ids[i]][1]} row {found[row_ids[i]][2]}" for i in positions]
+    quarantine_input_rows(quarantine, table_name, table, positions, ["duplicate"] * len(positions), details, extras)
+    return table.filter(pa.array([r not in found for r in row_ids]))
+
+
 def prepare_pairs(scan: ListScan, cfg: CollectConfig, pool: WorkerPool, quarantine: Quarantine,
                   spill_root: Path) -> PreparedPairs:
     """Checks, language and (url, caption) dedup of every url-list row; writes the download input."""
@@ -96,14 +127,8 @@ def prepare_pairs(scan: ListScan, cfg: CollectConfig, pool: WorkerPool, quaranti
     finder = RepeatFinder(spill_root / "pair_repeats", ["download_url", "caption"], ["source", "row_index"],
                           cfg.dedup_partition_rows)
     candidates = SpillFolder(spill_root / "pair_candidates")
-    input_rows = 0
-    for batch, checked in pool.map(check_pairs_batch, scan.batches(cfg.read_batch_rows), cfg.max_caption_chars,
-                                   cfg.long_caption, cfg.lang_min_score):
-        input_rows += batch.num_rows
-        passing, rejected = _split_checked(batch, checked)
-        quarantine_rejected(quarantine, "pairs", batch, checked, rejected, extras)
-        candidates.write(passing)
-        finder.add(passing)
+    input_rows = check_rows_and_find_repeats(pool, check_pairs_batch, scan, cfg, quarantine, "pairs", extras, finder,
+                                             candidates)
     repeats = finder.find()
 
     # Second pass, in input order: repeats to the quarantine, the rest to the download input.
@@ -114,15 +139,7 @@ def prepare_pairs(scan: ListScan, cfg: CollectConfig, pool: WorkerPool, quaranti
     n_download = 0
     with pq.ParquetWriter(input_tmp, DOWNLOAD_INPUT_SCHEMA) as input_writer:
         for table in candidates.iter_part(0):
-            row_ids = table.column("row_id").to_pylist()
-            found = repeats.lookup(row_ids)
-            if found:
-                positions = [i for i, r in enumerate(row_ids) if r in found]
-                details = [f"same url and caption as {found[row_ids[i]][1]} row {found[row_ids[i]][2]}"
-                           for i in positions]
-                quarantine_input_rows(quarantine, "pairs", table, positions, ["duplicate"] * len(positions), details,
-                                      extras)
-                table = table.filter(pa.array([r not in found for r in row_ids]))
+            table = drop_repeats(quarantine, "pairs", table, repeats, "url and caption", extras)
             if table.num_rows == 0:
                 continue
             urls, ids = table.column("download_url").to_pylist(), table.column("row_id").to_pylist()

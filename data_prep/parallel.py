@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from data_prep.config import CollectConfig
-from data_prep.quarantine import KeptRows, Quarantine, quarantine_input_rows
+from data_prep.quarantine import KeptRows, Quarantine
 from data_prep.readers import ListScan
 from data_prep.spill import RepeatFinder, SpillFolder
 from data_prep.tables import ShardBuffer, extra_columns, snapshot_table, split_of
@@ -39,20 +39,14 @@ def parallel_key(text: str, text_en: str) -> str:
 def collect_parallel(scan: ListScan, cfg: CollectConfig, pool: WorkerPool, writer: SnapshotWriter,
                      quarantine: Quarantine, spill_root: Path, kept: KeptRows) -> dict:
     """Checks, language, key dedup and split of the text-only pairs, batch by batch; writes the parallel shards."""
-    from data_prep.pairs import _split_checked, quarantine_rejected
+    from data_prep.pairs import check_rows_and_find_repeats, drop_repeats
     from data_prep.workers import check_parallel_batch
 
     extras = extra_columns(scan.schema.empty_table())
     finder = RepeatFinder(spill_root / "parallel_repeats", ["key"], ["source", "row_index"], cfg.dedup_partition_rows)
     candidates = SpillFolder(spill_root / "parallel_candidates")
-    input_rows = 0
-    for batch, checked in pool.map(check_parallel_batch, scan.batches(cfg.read_batch_rows), cfg.max_caption_chars,
-                                   cfg.long_caption, cfg.lang_min_score):
-        input_rows += batch.num_rows
-        passing, rejected = _split_checked(batch, checked)
-        quarantine_rejected(quarantine, "parallel", batch, checked, rejected, extras)
-        candidates.write(passing)
-        finder.add(passing)
+    input_rows = check_rows_and_find_repeats(pool, check_parallel_batch, scan, cfg, quarantine, "parallel", extras,
+                                             finder, candidates)
     repeats = finder.find()
 
     passthrough = ["source", "row_index"] + extras
@@ -61,15 +55,7 @@ def collect_parallel(scan: ListScan, cfg: CollectConfig, pool: WorkerPool, write
     counts = {"input_rows": input_rows, "by_language": Counter(), "by_split": Counter(), "lang_mismatch": 0,
               "by_source": Counter()}
     for table in candidates.iter_part(0):
-        row_ids = table.column("row_id").to_pylist()
-        found = repeats.lookup(row_ids)
-        if found:
-            positions = [i for i, r in enumerate(row_ids) if r in found]
-            details = [f"same text and English as {found[row_ids[i]][1]} row {found[row_ids[i]][2]}"
-                       for i in positions]
-            quarantine_input_rows(quarantine, "parallel", table, positions, ["duplicate"] * len(positions), details,
-                                  extras)
-            table = table.filter(pa.array([r not in found for r in row_ids]))
+        table = drop_repeats(quarantine, "parallel", table, repeats, "text and English", extras)
         if table.num_rows == 0:
             continue
         computed = {name: table.column(name).to_pylist() for name, _ in PARALLEL_COLUMNS if name != "split"}

@@ -44,54 +44,53 @@ def _scorer(name: str, options: dict):
     return _LOADED[key]
 
 
+def _language_columns(batch: pa.Table, checks: dict[str, list], text: str, lang_min_score: float) -> dict[str, pa.Array]:
+    """lang, lang_detected, lang_score, lang_mismatch of the rows the checks passed (null where rejected);
+    ``text`` names the checked column the detector reads."""
+    from data_prep.langid import assign_languages
+
+    passing = [i for i, reason in enumerate(checks["reason"]) if reason is None]
+    declared = batch.column("lang_declared").to_pylist()
+    langs = assign_languages([checks[text][i] for i in passing], [declared[i] for i in passing], _detector(),
+                             lang_min_score)
+    lang_cols = {name: [None] * batch.num_rows for name in langs}
+    for j, i in enumerate(passing):
+        for name, values in langs.items():
+            lang_cols[name][i] = values[j]
+    return {"lang": pa.array(lang_cols["lang"], pa.string()),
+            "lang_detected": pa.array(lang_cols["lang_detected"], pa.string()),
+            "lang_score": pa.array(lang_cols["lang_score"], pa.float32()),
+            "lang_mismatch": pa.array(lang_cols["lang_mismatch"], pa.bool_())}
+
+
 def check_pairs_batch(batch: pa.Table, max_chars: int, long_caption: str, lang_min_score: float) -> pa.Table:
     """url-list rows (url, caption_raw, caption_en_raw, lang_declared) -> per row: caption, caption_en, reason,
     detail, download_url (the stripped url), lang, lang_detected, lang_score, lang_mismatch (null where rejected)."""
-    from data_prep.langid import assign_languages
     from data_prep.normalise import check_rows
 
     urls = batch.column("url").to_pylist()
     checks = check_rows(urls, batch.column("caption_raw").to_pylist(), batch.column("caption_en_raw").to_pylist(),
                         max_chars, long_caption)
-    passing = [i for i, reason in enumerate(checks["reason"]) if reason is None]
-    declared = batch.column("lang_declared").to_pylist()
-    langs = assign_languages([checks["caption"][i] for i in passing], [declared[i] for i in passing], _detector(),
-                             lang_min_score)
-    n = batch.num_rows
-    lang_cols = {name: [None] * n for name in langs}
-    for j, i in enumerate(passing):
-        for name, values in langs.items():
-            lang_cols[name][i] = values[j]
+    lang_cols = _language_columns(batch, checks, "caption", lang_min_score)
     download_url = [u.strip() if r is None else None for u, r in zip(urls, checks["reason"], strict=True)]
     return pa.table({"caption": pa.array(checks["caption"], pa.string()),
                      "caption_en": pa.array(checks["caption_en"], pa.string()),
                      "reason": pa.array(checks["reason"], pa.string()),
                      "detail": pa.array(checks["detail"], pa.string()),
                      "download_url": pa.array(download_url, pa.string()),
-                     "lang": pa.array(lang_cols["lang"], pa.string()),
-                     "lang_detected": pa.array(lang_cols["lang_detected"], pa.string()),
-                     "lang_score": pa.array(lang_cols["lang_score"], pa.float32()),
-                     "lang_mismatch": pa.array(lang_cols["lang_mismatch"], pa.bool_())})
+                     **lang_cols})
 
 
 def check_parallel_batch(batch: pa.Table, max_chars: int, long_caption: str, lang_min_score: float) -> pa.Table:
     """parallel-text rows (text_raw, text_en_raw, lang_declared) -> per row: text, text_en, reason, detail, key,
     lang, lang_detected, lang_score, lang_mismatch (null where rejected)."""
-    from data_prep.langid import assign_languages
     from data_prep.normalise import check_parallel_rows
     from data_prep.parallel import parallel_key
 
     checks = check_parallel_rows(batch.column("text_raw").to_pylist(), batch.column("text_en_raw").to_pylist(),
                                  max_chars, long_caption)
-    passing = [i for i, reason in enumerate(checks["reason"]) if reason is None]
-    declared = batch.column("lang_declared").to_pylist()
-    langs = assign_languages([checks["text"][i] for i in passing], [declared[i] for i in passing], _detector(),
-                             lang_min_score)
+    lang_cols = _language_columns(batch, checks, "text", lang_min_score)
     n = batch.num_rows
-    lang_cols = {name: [None] * n for name in langs}
-    for j, i in enumerate(passing):
-        for name, values in langs.items():
-            lang_cols[name][i] = values[j]
     keys = [parallel_key(checks["text"][i], checks["text_en"][i]) if checks["reason"][i] is None else None
             for i in range(n)]
     return pa.table({"text": pa.array(checks["text"], pa.string()),
@@ -99,10 +98,7 @@ def check_parallel_batch(batch: pa.Table, max_chars: int, long_caption: str, lan
                      "reason": pa.array(checks["reason"], pa.string()),
                      "detail": pa.array(checks["detail"], pa.string()),
                      "key": pa.array(keys, pa.string()),
-                     "lang": pa.array(lang_cols["lang"], pa.string()),
-                     "lang_detected": pa.array(lang_cols["lang_detected"], pa.string()),
-                     "lang_score": pa.array(lang_cols["lang_score"], pa.float32()),
-                     "lang_mismatch": pa.array(lang_cols["lang_mismatch"], pa.bool_())})
+                     **lang_cols})
 
 
 def score_images(images: list[bytes], scorer: str, options: dict) -> list[float]:

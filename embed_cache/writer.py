@@ -24,7 +24,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,8 +199,21 @@ class CacheWriter:
 
     def _recover_remote(self) -> None:
         present = {o.rel.split("/", 1)[1] for o in self.folder.list(SHARDS_DIR)}
-        kept = [e for e in self.manifest["shards"] if e["name"] in present]
-        self.recovered["missing"] = [e["name"] for e in self.manifest["shards"] if e["name"] not in present]
+        self._recover_listed(lambda name: name in present)
+        listed = {s["name"] for s in self.manifest["shards"]}
+        # Never read: a killed run's unlisted shards wait for clean_cache; their keys are computed again.
+        self.recovered["ignored"] = sorted(n for n in present if n.startswith(SHARD_PREFIX) and n not in listed
+                                           and not n.endswith(CORRUPT_SUFFIX))
+
+    def _recover_listed(self, exists: Callable[[str], bool]) -> None:
+        """Loads the keys of the listed shards. Listed shards that vanished (``exists`` is false) or whose keys
+        cannot be read are unlisted (the unreadable ones quarantined), so their keys are computed again."""
+        kept = []
+        for entry in self.manifest["shards"]:
+            if exists(entry["name"]):
+                kept.append(entry)
+            else:
+                self.recovered["missing"].append(entry["name"])
         if len(kept) != len(self.manifest["shards"]):
             self.manifest["shards"] = kept
             self._write_manifest()
@@ -212,10 +225,6 @@ class CacheWriter:
                 unreadable.append(entry["name"])
         if unreadable:
             self.recovered["quarantined"] = self.quarantine(unreadable)
-        listed = {s["name"] for s in self.manifest["shards"]}
-        # Never read: a killed run's unlisted shards wait for clean_cache; their keys are computed again.
-        self.recovered["ignored"] = sorted(n for n in present if n.startswith(SHARD_PREFIX) and n not in listed
-                                           and not n.endswith(CORRUPT_SUFFIX))
 
     def _shard_keys(self, name: str) -> list[str]:
         if self.folder is not None:
@@ -271,26 +280,7 @@ class CacheWriter:
         for tmp in list(shards_dir.glob(f"{TMP_PREFIX}*")) + list(self.path.glob(f"{TMP_PREFIX}*")):
             tmp.unlink(missing_ok=True)
             self.recovered["temp_removed"] += 1
-        # Listed shards whose file vanished: drop them so their keys are computed again.
-        kept = []
-        for entry in self.manifest["shards"]:
-            if (shards_dir / entry["name"]).is_file():
-                kept.append(entry)
-            else:
-                self.recovered["missing"].append(entry["name"])
-        if len(kept) != len(self.manifest["shards"]):
-            self.manifest["shards"] = kept
-            self._write_manifest()
-        unreadable = []
-        for entry in sorted(self.manifest["shards"], key=lambda s: s["name"]):
-            try:
-                table = read_shard_table(shards_dir / entry["name"], ["key"])
-            except (OSError, pa.ArrowException):
-                unreadable.append(entry["name"])
-                continue
-            self.keys.update(table.column("key").to_pylist())
-        if unreadable:  # cannot even list its keys: unlist it so its keys are computed again
-            self.recovered["quarantined"] = self.quarantine(unreadable)
+        self._recover_listed(lambda name: (shards_dir / name).is_file())
         listed = {s["name"] for s in self.manifest["shards"]}
         for path in sorted(shards_dir.glob(f"{SHARD_PREFIX}*.parquet")):
             if path.name not in listed:

@@ -20,7 +20,6 @@ from PIL import Image
 
 from omnidiff.config import load_config
 from tests import eval_synthetic
-from tests.browser import CHROMIUM, MISSING, open_page
 from train.eval_config import EvalConfig
 from train.eval_report import CHART_MAX_WIDTH_PX, PAGE_MAX_WIDTH_PX, write_report
 from train.evaluate import assemble
@@ -123,14 +122,6 @@ def test_report_shows_intervals_and_verdicts(report):
     data = json.loads((rep.report_dir / "report.json").read_text())
     assert {"low", "high"} <= set(data["scores"][0]) and {"verdict", "low", "high"} <= set(data["claims"][0])
     assert data["baseline"] == "base" and len(data["pooled"]) == 2 * len(MODELS)
-
-
-@pytest.fixture
-def browser(tmp_path):
-    if CHROMIUM is None:
-        pytest.skip(MISSING)
-    with open_page(tmp_path) as tools:
-        yield tools
 
 
 def test_report_in_a_1280_px_browser_window(report, browser):

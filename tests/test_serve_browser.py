@@ -19,18 +19,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.browser import CHROMIUM, MISSING, open_page
 from tests.fixtures_serve import EXAMPLE_PROMPTS
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def browser(tmp_path):
-    if CHROMIUM is None:
-        pytest.skip(MISSING)
-    with open_page(tmp_path) as tools:
-        yield tools
 
 
 def test_playground_generates_an_image_in_a_real_browser(served, browser, tmp_path):

@@ -191,36 +191,32 @@ class Snapshot:
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
             raise SnapshotError(f"{str(path)!r} is not a pair snapshot (no manifest.json)")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SnapshotError(f"{str(manifest_path)!r} is corrupt: {exc}") from None
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise SnapshotError(f"{str(manifest_path)!r}: schema_version={manifest.get('schema_version')!r}, "
-                                f"this code reads {SCHEMA_VERSION}")
-        if content_digest(manifest["shards"]) != manifest["digest"]:
-            raise SnapshotError(f"{str(manifest_path)!r}: the digest does not match its shard list (edited?)")
-        snap = cls(path, manifest)
-        if verify:
-            snap.verify()
-        return snap
+        return cls._from_manifest(path, manifest_path.read_bytes(), str(manifest_path), verify)
 
     @classmethod
     def _open_remote(cls, folder: Folder, verify: bool) -> Snapshot:
         """The manifest is the commit point: no manifest object, no snapshot, whatever else is there."""
-        url = folder.url_of("manifest.json")
         try:
-            manifest = json.loads(folder.read_bytes("manifest.json").decode("utf-8"))
+            data = folder.read_bytes("manifest.json")
         except FileNotFoundError:
             raise SnapshotError(f"{folder.url!r} is not a pair snapshot (no manifest.json)") from None
+        return cls._from_manifest(folder.url, data, folder.url_of("manifest.json"), verify, folder)
+
+    @classmethod
+    def _from_manifest(cls, path: Path | str, data: bytes, where: str, verify: bool,
+                       folder: Folder | None = None) -> Snapshot:
+        """The snapshot whose manifest.json holds ``data`` (read from ``where``, named in errors): a SnapshotError
+        when it is not JSON, has another schema_version or a digest that does not match its shard list."""
+        try:
+            manifest = json.loads(data.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SnapshotError(f"{url!r} is corrupt: {exc}") from None
+            raise SnapshotError(f"{where!r} is corrupt: {exc}") from None
         if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise SnapshotError(f"{url!r}: schema_version={manifest.get('schema_version')!r}, "
+            raise SnapshotError(f"{where!r}: schema_version={manifest.get('schema_version')!r}, "
                                 f"this code reads {SCHEMA_VERSION}")
         if content_digest(manifest["shards"]) != manifest["digest"]:
-            raise SnapshotError(f"{url!r}: the digest does not match its shard list (edited?)")
-        snap = cls(folder.url, manifest, folder)
+            raise SnapshotError(f"{where!r}: the digest does not match its shard list (edited?)")
+        snap = cls(path, manifest, folder)
         if verify:
             snap.verify()
         return snap
