@@ -69,12 +69,11 @@ def test_stage2_bf16_zero2_on_cuda_then_half_precision_sampling(arch, request, t
         pipe = load_any_pipeline(export, device="cuda", dtype=dtype)
         assert isinstance(pipe, OmniDiffusionPipeline)
         assert next(pipe.unet.parameters()).dtype == dtype and next(pipe.unet.parameters()).is_cuda
-        images = pipe(["a red circle", "a blue square"], num_inference_steps=4, guidance_scale=3.0, seed=0,
-                      output_type="np")
-        assert images.dtype == np.uint8 and images.shape[0] == 2 and images.shape[-1] == 3
-        assert np.isfinite(images.astype(np.float32)).all()
-        assert images.std() > 0, f"{arch} {dtype}: a flat image (NaN latents decode to one colour)"
-        assert not np.array_equal(images[0], images[1]), f"{arch} {dtype}: the prompt does not reach the UNet"
+        draw = dict(num_inference_steps=4, guidance_scale=3.0, seed=0, output_type="np")
+        red, blue = pipe(["a red circle"], **draw), pipe(["a blue square"], **draw)  # same noise, other prompt
+        assert red.dtype == np.uint8 and red.shape[0] == 1 and red.shape[-1] == 3
+        assert red.std() > 0, f"{arch} {dtype}: a flat image (NaN latents decode to one colour)"
+        assert not np.array_equal(red, blue), f"{arch} {dtype}: the prompt does not reach the UNet"
         del pipe
         torch.cuda.empty_cache()
 
