@@ -2,7 +2,7 @@
 
     flock /tmp/omnidiff-heavy.lock .venv/bin/pytest tests/test_base_pipeline_gpu_yaml.py -x -q
 
-The same YAML and its stage files, with ``base_model`` set to the tiny SDXL folder and overrides that
+The same YAML and its stage files (collect excepted: see ``cpu_overrides``), with ``base_model`` set to the tiny SDXL folder and overrides that
 change only where the data comes from and how big and where things run: the tiny world served over
 local HTTP instead of LAION url lists (``world``), the tiny random LLM instead of the 7B, a tiny adapter,
 a few steps of small batches, one local rank on the CPU in fp32, embed in-process on the CPU, no deploy.
@@ -27,12 +27,10 @@ def cpu_overrides(llm: Path | str, port: int = 18766, report_dir: Path | str | N
     """The size / place overrides that run configs/gpu/pipeline_sdxl.yaml on a CPU box in minutes."""
     out = [
         "world=configs/world_test.yaml", f"world_port={port}", "deploy=false",
-        # collect: the world's 32 px images, one img2dataset process, the built-in aesthetic scorer
-        "collect.aesthetic_scorer=image_quality", "collect.aesthetic_options={}",
-        "collect.download.image_size=32", "collect.download.min_image_size=0", "collect.download.processes=1",
-        "collect.download.threads=8", "collect.download.distributor=multiprocessing",
-        "collect.download.shard_rows=50", "collect.download.timeout_s=5", "collect.download.retries=0",
-        "collect.output_shard_rows=64", "collect.val_fraction=0.2",
+        # collect: the LAION file's scorer (my_scorers.laion) and its options exist on the cluster only, and a
+        # dotted override merges into a dict rather than emptying it: the whole collect file is swapped for the
+        # tests' (32 px world images, one img2dataset process, the built-in image_quality scorer)
+        "collect=configs/collect_test.yaml",
         # embed: in-process on the CPU, the tiny LLM in fp32, the base folder's own VAE at its native size
         f"embed.llm.path={llm}", "embed.llm.dtype=float32", "embed.cache_root=null", "embed.executor=local",
         "embed.device=cpu", "embed.num_gpus_per_actor=0", "embed.num_actors=1", "embed.threads_per_actor=1",
@@ -81,6 +79,7 @@ def test_the_gpu_yaml_with_cpu_overrides_validates_and_keeps_its_layout(sdxl_bas
         assert ours.dist.use_gpu is False and theirs.dist.use_gpu is True and theirs.dist.precision == "bf16"
         assert ours.ema_decay == theirs.ema_decay
     assert cfg.embed.device == "cpu" and gpu.embed.device == "cuda"
+    assert cfg.collect.aesthetic_scorer == "image_quality" and gpu.collect.aesthetic_scorer != "image_quality"
     assert cfg.evaluate == gpu.evaluate.model_copy(update={"max_per_group": 1, "steps": 2, "real_images": 16,
                                                            "require_fit_evaluator": False})
 
