@@ -487,7 +487,7 @@ class CachedBatches:
             c_flat, c_lengths = _states_of(clip, other.store.hidden_size)
             target, target_mask = pad_flat(c_flat, c_lengths)  # (B, Tc, Dc)
             llm_states, llm_mask = pad_flat(flat, lengths)  # (B, T, Dl)
-            pooled = decode_fixed(clip.column("pooled"), (other.store.hidden_size,))  # (B, Dc)
+            pooled = decode_fixed(clip.column("pooled"), (other.store.pooled_dim,))  # (B, P): SDXL P != Dc
             return {
                 "llm_states": llm_states,
                 "llm_mask": llm_mask,
