@@ -67,3 +67,59 @@ def test_embed_report_carries_and_logs_the_target_stats(tokenizer_dir, caplog):
     with caplog.at_level("WARNING", logger="omnidiff.embed"):
         add_target_stats(stats, plan, WORLD)
     assert stats["distinct_fraction"] == 1.0 and caplog.text == ""
+
+
+# ------------------------------------------------------------------------------- stage 1 refuses
+
+
+def _clip_store(tmp_path, states):
+    import numpy as np
+
+    from embed_cache.writer import CacheWriter
+    from omnidiff.contracts.cache import CacheStore, cache_dir, states_table
+    from omnidiff.contracts.encoders import clip_inputs, fingerprint
+
+    inputs = clip_inputs({"model_id": "clip-text", "weights_digest": "d", "template": "clip-windows-77x1"})
+    keys = [f"k{i}" for i in range(len(states))]
+    with CacheWriter(cache_dir("clip", fingerprint(inputs), tmp_path), inputs) as writer:
+        writer.set_value_shape((8,))
+        writer.write(states_table(keys, states, pooled=np.stack([s[-1] for s in states])), unit=0)
+    return CacheStore(writer.path), keys
+
+
+def test_stage1_refuses_collapsed_targets_and_allows_them_when_told(tmp_path, caplog):
+    import numpy as np
+
+    from train.inputs import TrainingError, check_targets
+
+    rng = np.random.default_rng(0)
+    one = rng.standard_normal((6, 8)).astype(np.float32)
+    # Ten captions, seven of which share one target (float noise far below the rounding), three their own.
+    states = [one + 1e-5 * rng.standard_normal(one.shape).astype(np.float32) for _ in range(7)]
+    states += [rng.standard_normal((6, 8)).astype(np.float32) for _ in range(3)]
+    store, keys = _clip_store(tmp_path, states)
+    with pytest.raises(TrainingError, match=r"only 40% of 10 distinct English texts.*min_distinct_targets=0.5"):
+        check_targets(store, keys + keys[:3], 0.5, allow=False)
+    with caplog.at_level("WARNING", logger="omnidiff.train"):
+        assert check_targets(store, keys, 0.5, allow=True) == pytest.approx(0.4)
+    assert "allow_collapsed_targets" in caplog.text
+    assert check_targets(store, keys, 0.0, allow=False) == 1.0  # the check turned off
+
+
+def test_stage1_accepts_distinct_targets(tmp_path):
+    import numpy as np
+
+    from train.inputs import check_targets
+
+    rng = np.random.default_rng(1)
+    store, keys = _clip_store(tmp_path, [rng.standard_normal((n, 8)).astype(np.float32) for n in range(3, 13)])
+    assert check_targets(store, keys, 0.5, allow=False) == 1.0
+
+
+def test_align_section_has_the_threshold():
+    from omnidiff.config import ConfigError
+    from train.config import AlignSection
+
+    assert AlignSection().min_distinct_targets == 0.5 and AlignSection().allow_collapsed_targets is False
+    with pytest.raises(ConfigError, match="min_distinct_targets=1.5"):
+        AlignSection(min_distinct_targets=1.5)
