@@ -123,3 +123,40 @@ def test_align_section_has_the_threshold():
     assert AlignSection().min_distinct_targets == 0.5 and AlignSection().allow_collapsed_targets is False
     with pytest.raises(ConfigError, match="min_distinct_targets=1.5"):
         AlignSection(min_distinct_targets=1.5)
+
+
+# ------------------------------------------------------------------------------- evaluate refuses
+
+
+def _model_trained_on(tmp_path, name: str, captions: list[str]) -> Path:
+    import json
+
+    from tests.fixtures_embed import write_snapshot
+
+    snap = write_snapshot(name, [{"caption": c, "caption_en": c} for c in captions], root=tmp_path / "snapshots")
+    model = tmp_path / f"model-{name}"
+    model.mkdir()
+    (model / "lineage.json").write_text(json.dumps({"stage": 1, "snapshot": {"name": name, "path": str(snap)}}))
+    return model
+
+
+def test_evaluate_refuses_a_judge_of_another_world(tmp_path, capsys):
+    import pandas as pd
+
+    from train.evaluate import check_judge_applies
+
+    world = tmp_path / "world"
+    world.mkdir()
+    # Case and spacing differ from the snapshot's normalised captions; they still count as the world's.
+    pd.DataFrame({"caption_en": [c.upper() + "  " for c in WORLD] + ["a red circle on the right"]}).to_parquet(
+        world / "pairs.parquet")
+    fashion = _model_trained_on(tmp_path, "fashion", FASHION)
+    with pytest.raises(ValueError, match=r"only 0% are captions of the judged world.*allow_other_world=true"):
+        check_judge_applies(str(fashion), world)
+    assert check_judge_applies(str(fashion), world, allow=True) == 0.0
+    assert "allowed by allow_other_world" in capsys.readouterr().err
+    own = _model_trained_on(tmp_path, "own", WORLD)
+    assert check_judge_applies(str(own), world) == 1.0
+    base = tmp_path / "base-folder"  # no lineage.json: nothing to check
+    base.mkdir()
+    assert check_judge_applies(str(base), world) is None
