@@ -153,12 +153,14 @@ MIN_WORLD_OVERLAP = 0.5  # share of a model's training captions the judged world
 
 
 def _plain(text: str) -> str:
-    return " ".join(str(text).lower().split())
+    from omnidiff.text import normalise_caption
+
+    return normalise_caption(str(text)).lower()  # as collect keeps a caption, case aside
 
 
 def world_overlap(snapshot_path: str | Path, world_dir: Path) -> tuple[float, int]:
     """``(share, n)``: of the ``n`` distinct English captions of the snapshot's pairs, the share that are
-    captions of the world in ``world_dir`` (its ``pairs.parquet``), compared lowercased and space-collapsed."""
+    captions of the world in ``world_dir`` (its ``pairs.parquet``), compared as collect normalises them, case aside."""
     from omnidiff.contracts.snapshot import Snapshot
 
     snap = Snapshot.open(snapshot_path, verify=False)
