@@ -48,7 +48,7 @@ from embed_cache.actor import EncodeShardActor
 from embed_cache.config import EmbedConfig
 from embed_cache.inputs import EmbedInputs, gather_inputs, resolve_snapshots
 from embed_cache.plan import KindPlan, plan_kind, plan_units
-from embed_cache.report import add_shard, finish_stats, identity_tags, log_run, new_stats, summarize
+from embed_cache.report import add_shard, add_target_stats, finish_stats, identity_tags, log_run, new_stats, summarize
 from embed_cache.writer import CacheWriter
 from omnidiff.contracts.cache import cache_dir
 from omnidiff.progress import Progress
@@ -146,6 +146,8 @@ def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardAct
             _collect(results, writers, stats, totals, cfg, executor)
         for kind, writer in writers.items():
             stats[kind]["manifest"] = dict(writer.manifest)
+    if "clip" in plans:
+        add_target_stats(stats["clip"], plans["clip"], list(inputs.work("clip").values()))
     seconds = time.perf_counter() - start
     for kind_stats in stats.values():
         finish_stats(kind_stats, seconds)

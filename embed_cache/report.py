@@ -5,7 +5,8 @@
 
 Per kind: counts wanted / computed / skipped / rejected (by key, with the reason), useful tokens and
 tokens/s (end to end and over the busy span), the share of computed slots that was padding and of
-the tokens taken from shared prefixes, bytes on disk per token, and the manifest. MLflow gets the
+the tokens taken from shared prefixes, bytes on disk per token, and the manifest; for ``clip`` also
+the share of unknown tokens and of distinct targets over the run's captions (:func:`add_target_stats`). MLflow gets the
 fingerprints and cache folders as params and tags (lineage: a training run names the caches it
 read by these), the numbers as metrics, the manifests and rejected keys as artifacts.
 
@@ -47,6 +48,8 @@ METRICS = (
     "bytes_per_token",
     "stale_shards",
 )
+# Logged for the clip kind only (``clip.<name>``): can its targets teach anything (issue 16 item 8)?
+TARGET_METRICS = ("unknown_fraction", "distinct_fraction")
 
 
 def new_stats(plan: KindPlan, directory: Path, wanted: int) -> dict[str, Any]:
@@ -105,6 +108,30 @@ def add_shard(
     probes = (stats["probe_seconds"] - stats["first_probe_s"]) / n_actors
     span = now - stats["first_compute_at"] - probes
     stats["compute_span_s"] = max(span, stats["compute_seconds"] / n_actors)
+
+
+def add_target_stats(stats: dict[str, Any], plan: KindPlan, texts: list[str]) -> None:
+    """Add to the clip kind's ``stats`` the share of unknown tokens and of distinct targets over ``texts``.
+
+    Every caption of the run counts (cached or computed): the caption set stage 1 will align to. A
+    high ``unknown_fraction`` or a low ``distinct_fraction`` means the targets cannot tell the captions
+    apart (the tiny base's word tokenizer on another data set's words); the run logs a warning.
+    """
+    from embed_cache.encoders.clip import target_token_stats
+
+    enc = plan.encoder
+    found = target_token_stats(
+        texts, enc["max_windows"], tokenizer=enc.get("tokenizer"), base_model=enc.get("base_model")
+    )
+    stats.update(found)
+    if found["captions"] and (found["unknown_fraction"] > 0.2 or found["distinct_fraction"] < 0.5):
+        import logging
+
+        logging.getLogger("omnidiff.embed").warning(
+            "embed clip: %.0f%% of the target tokens are unknown to the base's tokenizer and only %.0f%% of %d "
+            "captions have a distinct target: stage 1 aligned to these targets cannot tell the captions apart",
+            100 * found["unknown_fraction"], 100 * found["distinct_fraction"], found["captions"],
+        )
 
 
 def finish_stats(stats: dict[str, Any], seconds: float) -> None:
@@ -171,6 +198,9 @@ def log_run(summary: dict[str, Any], inputs: EmbedInputs, cfg: EmbedConfig) -> N
         for name in METRICS:
             metrics[f"{kind}.{name}"] = float(stats[name])
         metrics[f"{kind}.rejected"] = float(len(stats["rejected"]))
+        for name in TARGET_METRICS:
+            if name in stats:
+                metrics[f"{kind}.{name}"] = float(stats[name])
         tracking.log_json(stats["manifest"], f"manifests/{kind}.json")
         if stats["rejected"]:
             tracking.log_json(stats["rejected"], f"rejected/{kind}.json")

@@ -87,6 +87,11 @@ class AlignSection(ConfigModel):
       to one per caption (the UNet reads its text tokens as a set).
     length_weight: weight of the length head's loss (squared error of the log token count; only
       with ``adapter.length_head``).
+    min_distinct_targets: stage 1 refuses to start when fewer than this share of the training's
+      distinct English texts have a distinct CLIP target (the tiny base's word tokenizer turns
+      another data set's words into ``<unk>``, so its captions share one target and nothing can be
+      learned); 0 turns the check off.
+    allow_collapsed_targets: start anyway, with a warning, when the targets collapse.
     """
 
     use_parallel: bool = True
@@ -94,6 +99,8 @@ class AlignSection(ConfigModel):
     empty_share: float = Field(0.02, ge=0, lt=0.5)
     norm_weight: float = Field(0.1, ge=0)
     length_weight: float = Field(0.1, ge=0)
+    min_distinct_targets: float = Field(0.5, ge=0, le=1)
+    allow_collapsed_targets: bool = False
 
 
 class DiffusionSection(ConfigModel):

@@ -34,6 +34,10 @@ class EvalConfig(ConfigModel):
     track: log to MLflow (an evaluate run, plus metrics and the report on each evaluated model's run).
     require_fit_evaluator: refuse an evaluator below 95% held-out accuracy (issue 2); false only for
         smoke runs on tiny budgets (tests), where the report then says the evaluator is unfit.
+    allow_other_world: judge a model whose training snapshot (its ``lineage.json``) holds mostly captions
+        that are not in the judged world (train/evaluate.py ``check_judge_applies``); by default such a
+        model is refused, since the world's judge only reads that world's attributes and every score
+        would sit at chance.
     """
 
     kind: ClassVar[str] = "evaluate"
@@ -57,3 +61,4 @@ class EvalConfig(ConfigModel):
     report_dir: Path | None = None
     track: bool = True
     require_fit_evaluator: bool = True
+    allow_other_world: bool = False

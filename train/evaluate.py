@@ -149,6 +149,65 @@ def real_world_images(world_dir: Path, n: int, resolution: int, seed: int) -> np
 
 # ---------------------------------------------------------------- scoring
 
+MIN_WORLD_OVERLAP = 0.5  # share of a model's training captions the judged world must hold
+
+
+def _plain(text: str) -> str:
+    from omnidiff.text import normalise_caption
+
+    return normalise_caption(str(text)).lower()  # as collect keeps a caption, case aside
+
+
+def world_overlap(snapshot_path: str | Path, world_dir: Path) -> tuple[float, int]:
+    """``(share, n)``: of the ``n`` distinct English captions of the snapshot's pairs, the share that are
+    captions of the world in ``world_dir`` (its ``pairs.parquet``), compared as collect normalises them, case aside."""
+    from omnidiff.contracts.snapshot import Snapshot
+
+    snap = Snapshot.open(snapshot_path, verify=False)
+    table = snap.pairs(["caption", "caption_en"]).to_pandas()
+    english = table["caption_en"].where(table["caption_en"].notna(), table["caption"])
+    trained = {_plain(t) for t in english if t}
+    world = pd.read_parquet(Path(world_dir) / "pairs.parquet", columns=["caption_en"])
+    known = {_plain(t) for t in world["caption_en"] if t}
+    return (len(trained & known) / len(trained) if trained else 1.0), len(trained)
+
+
+def check_judge_applies(ref: str, world_dir: Path, allow: bool = False) -> float | None:
+    """Refuse to judge model ``ref`` with ``world_dir``'s judge when it was trained on another data set.
+
+    The training snapshot comes from the model's ``lineage.json``; when fewer than
+    :data:`MIN_WORLD_OVERLAP` of its English captions are captions of the world, the world's judge
+    does not apply (every score would be at chance). ``allow`` (``allow_other_world``) only warns.
+    Returns the share, or None when there is nothing to check (no lineage: a base folder; the snapshot
+    is not readable here, which is said on stderr)."""
+    from omnidiff.tracking import resolve_model
+
+    try:
+        folder = Path(resolve_model(ref))
+    except Exception:
+        return None
+    lineage = folder / "lineage.json"
+    snapshot = (json.loads(lineage.read_text()).get("snapshot") or {}) if lineage.is_file() else {}
+    if not snapshot.get("path"):
+        return None
+    try:
+        share, n = world_overlap(snapshot["path"], world_dir)
+    except Exception as exc:  # moved or deleted snapshot: the check cannot run, the evaluation can
+        print(f"[evaluate] {ref}: cannot read its training snapshot {snapshot['path']} ({exc}); not checking "
+              f"that the judge of {world_dir} applies to it", file=sys.stderr, flush=True)
+        return None
+    if share >= MIN_WORLD_OVERLAP:
+        return share
+    message = (f"{ref} was trained on snapshot {snapshot.get('name') or snapshot['path']}, of whose {n} English "
+               f"captions only {share:.0%} are captions of the judged world {world_dir} (at least "
+               f"{MIN_WORLD_OVERLAP:.0%} needed): the world's judge reads only that world's attributes, so its "
+               "scores would be at chance. Evaluate with that data's own judge, or set allow_other_world=true")
+    if not allow:
+        raise ValueError(message)
+    print(f"[evaluate] WARNING: {message} (allowed by allow_other_world)", file=sys.stderr, flush=True)
+    return share
+
+
 def _load_pipeline(ref: str, resolution: int | None = None):
     """The model ``ref`` names: an export, or a published SD / SDXL base folder (the baseline, run by
     diffusers' own pipeline). Its images are resized to ``resolution`` (what the evaluator reads)."""
@@ -229,6 +288,9 @@ def evaluate(models: dict[str, str] | list[str] | str, cfg, inputs: EvalInputs |
     results, frechet = {}, {}
     real_features = inputs.evaluator.features(inputs.real_images)
     t0 = time.perf_counter()
+    for label, ref in models.items():
+        if label != BASE_LABEL:
+            check_judge_applies(ref, inputs.world_dir, getattr(cfg, "allow_other_world", False))
     for label, ref in models.items():
         print(f"[evaluate] {label}: {ref} on {len(inputs.prompts)} prompts", file=sys.stderr, flush=True)
         pipe = _load_pipeline(ref, inputs.evaluator.resolution)
@@ -312,5 +374,5 @@ def format_table(report: EvalReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EvalReport", "assemble", "check_claims", "evaluate", "format_table", "resolve_inputs", "score_table",
+__all__ = ["EvalReport", "assemble", "check_claims", "check_judge_applies", "evaluate", "format_table", "resolve_inputs", "score_table",
            "select_prompts", "to_dict"]

@@ -169,6 +169,8 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
             parallel = snapshot.parallel(["text", "lang", "text_en", "split"]).to_pandas()
         examples = align_examples(pairs, parallel, cfg.data.split)
         require_keys(stores["clip"], examples["target_key"].tolist(), "English-side texts")
+        check_targets(stores["clip"], examples["target_key"].tolist(), cfg.align.min_distinct_targets,
+                      cfg.align.allow_collapsed_targets)
     else:
         examples = diffusion_examples(pairs, cfg.data.split, cfg.data.aesthetic_min)
         require_keys(stores["pixels"], examples["pixel_key"].tolist(), "images")
@@ -191,6 +193,45 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
                          parent_lineage=parent_lineage, llm_stats=llm_stats)
     _prompt_states(cfg, inputs, pairs)
     return inputs
+
+
+def distinct_target_share(store, keys: list[str], max_texts: int = 4096) -> tuple[float, int]:
+    """``(share, n)``: of ``n`` distinct target keys (an even sample of at most ``max_texts``), the share
+    whose cached CLIP states are distinct. States are compared rounded to 2 decimals, so one token-id
+    sequence computed in two batches (float noise) counts once."""
+    distinct_keys = sorted(set(keys))
+    if len(distinct_keys) > max_texts:
+        distinct_keys = [distinct_keys[i] for i in np.linspace(0, len(distinct_keys) - 1, max_texts).astype(int)]
+    if not distinct_keys:
+        return 1.0, 0
+    seen = set()
+    for states in store.read(distinct_keys).values():
+        rounded = np.round(np.asarray(states, dtype=np.float32), 2) + 0.0  # + 0.0: -0.0 and 0.0 alike
+        seen.add((rounded.shape, rounded.tobytes()))
+    return len(seen) / len(distinct_keys), len(distinct_keys)
+
+
+def check_targets(store, keys: list[str], min_share: float, allow: bool) -> float:
+    """Refuse stage 1 when its CLIP targets collapse (``align.min_distinct_targets``); returns the share.
+
+    With ``allow`` (``align.allow_collapsed_targets``) it only warns."""
+    if min_share <= 0:
+        return 1.0
+    share, n = distinct_target_share(store, keys)
+    if share >= min_share:
+        return share
+    message = (
+        f"stage 1's CLIP targets collapse: only {share:.0%} of {n} distinct English texts have a distinct target "
+        f"(align.min_distinct_targets={min_share}); the base's tokenizer likely maps their words to <unk> "
+        "(see the embed run's clip.unknown_fraction), so the adapter cannot learn to tell them apart. Use a base "
+        "whose tokenizer knows these words, or set align.allow_collapsed_targets=true to train anyway"
+    )
+    if not allow:
+        raise TrainingError(message)
+    import logging
+
+    logging.getLogger("omnidiff.train").warning("%s (allowed by align.allow_collapsed_targets)", message)
+    return share
 
 
 def with_empty_prompt(examples: pd.DataFrame, stores: dict, share: float) -> pd.DataFrame:

@@ -68,3 +68,42 @@ class ClipShardEncoder:
     def table(self, keys, values):
         pooled = np.stack([v[1] for v in values]) if values else None
         return states_table(keys, [v[0] for v in values], pooled=pooled)
+
+
+def target_token_stats(
+    texts: list[str], max_windows: int, *, tokenizer: str | None = None, base_model: str | None = None
+) -> dict[str, float]:
+    """How much the CLIP targets of ``texts`` can teach, from the base's tokenizer alone (no weights).
+
+    ``unknown_fraction``: the share of the targets' tokens (within ``max_windows`` windows) that are the
+    tokenizer's unknown token. The tiny base's word tokenizer maps every word outside its world to
+    ``<unk>``, so captions of another data set can collapse to ``a <unk> <unk> of a <unk>``; a
+    published byte-level BPE has no unknown words (~0). ``distinct_fraction``: distinct token-id
+    sequences / captions; 1 when every caption gets its own target, near 1/captions when they share one.
+    Give ``tokenizer`` (the tiny base's tokenizer/ folder) or ``base_model`` (a published SD / SDXL folder).
+    """
+    from omnidiff.models.clip_text import WINDOW_TOKENS
+
+    if (tokenizer is None) == (base_model is None):
+        raise ValueError("target_token_stats: give tokenizer (tiny base) or base_model (SD / SDXL folder)")
+    texts = list(texts)
+    if base_model is not None:
+        from omnidiff.contracts.base_folder import open_base_folder
+        from omnidiff.models.clip_text import load_base_tokenizer
+
+        tok = load_base_tokenizer(open_base_folder(Path(base_model)).towers[0].tokenizer)
+        pieces = tok(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] if texts else []
+    else:
+        from omnidiff.models.clip_text import load_clip_tokenizer
+
+        tok = load_clip_tokenizer(Path(tokenizer))
+        pieces = [e.ids for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    pieces = [tuple(p[: WINDOW_TOKENS * int(max_windows)]) for p in pieces]
+    unk = tok.unk_token_id
+    total = sum(len(p) for p in pieces)
+    unknown = sum(1 for p in pieces for i in p if i == unk) if unk is not None else 0
+    return {
+        "captions": len(pieces),
+        "unknown_fraction": unknown / total if total else 0.0,
+        "distinct_fraction": len(set(pieces)) / len(pieces) if pieces else 1.0,
+    }
