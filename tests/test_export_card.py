@@ -39,7 +39,7 @@ def test_export_card_keeps_short_val_prompts_per_language_and_the_base_sizes(tmp
 
 
 @pytest.mark.e2e
-def test_a_trained_export_carries_its_sample_prompts_as_the_cards_examples(train_overrides):
+def test_a_trained_export_carries_its_sample_prompts_as_the_cards_examples(train_overrides, train_snapshot):
     """A real (tiny) stage-1 training: the export's card.json holds short val captions of its snapshot."""
     from omnidiff.config import load_config
     from omnidiff.contracts.snapshot import Snapshot
@@ -54,7 +54,9 @@ def test_a_trained_export_carries_its_sample_prompts_as_the_cards_examples(train
     assert facts["sizes"] == ["16x16"]  # the base model's training size: its card lists none
     examples = facts["example_prompts"]
     lineage = json.loads((export / "lineage.json").read_text())
-    pairs = Snapshot.open(lineage["snapshot"]["path"]).pairs(["caption", "lang", "split"]).to_pandas()
+    snapshot = Snapshot.open(train_snapshot)  # the export's lineage names it portably (by digest, no path)
+    assert lineage["snapshot"]["digest"] == snapshot.digest
+    pairs = snapshot.pairs(["caption", "lang", "split"]).to_pandas()
     val = pairs[pairs["split"] == "val"]
     assert examples and len({e["lang"] for e in examples}) == len(examples)  # one per language at per_group=1
     for example in examples:

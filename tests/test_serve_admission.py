@@ -131,7 +131,8 @@ def test_burst_of_heavy_requests_gets_503s_with_retry_after_while_cheap_ones_are
     from serve.config import parse_size
 
     limits, admission = served.cfg.limits, served.cfg.admission
-    width, height = max((parse_size(s) for s in limits.sizes), key=lambda wh: wh[0] * wh[1])
+    sizes = requests.get(f"{served.url}/v1/models", timeout=30).json()["data"][0]["sizes"]  # the model's card
+    width, height = max((parse_size(s) for s in sizes), key=lambda wh: wh[0] * wh[1])
     heavy = {"prompt": "a red circle", "n": limits.max_n, "steps": limits.max_steps, "size": f"{width}x{height}"}
     cheap = {"prompt": "a blue square", "n": 1, "steps": 1, "size": "16x16"}
     fit = admission.max_queued_work // job_cost(limits.max_n, limits.max_steps, width, height)  # heavies at once

@@ -61,8 +61,8 @@ def _refused(answer: bytes, ended: str) -> bool:
     return status in (400, 431) or (status is None and ended in ("closed", "reset"))
 
 
-BIG_HEADER = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n"
-MANY_HEADERS = (b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(5000))
+BIG_HEADER = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n"
+MANY_HEADERS = (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(5000))
                 + b"\r\n")
 
 
@@ -109,10 +109,10 @@ def guarded_server():
 
 
 def test_guard_times_out_unfinished_headers_and_bodies(guarded_server):
-    seconds, answer, ended = _exchange(guarded_server, b"GET / HTTP/1.1\r\nHost: x\r\n", wait_s=5)
+    seconds, answer, ended = _exchange(guarded_server, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n", wait_s=5)
     assert ended == "closed" and 0.9 < seconds < 2.5, (seconds, ended)
     assert _status(answer) == 408
-    seconds, answer, ended = _exchange(guarded_server, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab",
+    seconds, answer, ended = _exchange(guarded_server, b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\nab",
                                        wait_s=5)
     assert ended == "closed" and 1.4 < seconds < 3.0 and _status(answer) == 408, (seconds, answer)
     # A connection that sends nothing is closed too (no answer: there was no request).
@@ -124,7 +124,7 @@ def test_guard_refuses_big_and_many_headers_and_serves_normal_ones(guarded_serve
     for data in (BIG_HEADER, MANY_HEADERS):
         seconds, answer, ended = _exchange(guarded_server, data, wait_s=5)
         assert _status(answer) == 431 and ended in ("closed", "reset") and seconds < 2, (answer[:200], ended)
-    ok = (b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"a" * 30_000 + b"\r\n"
+    ok = (b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nX-Big: " + b"a" * 30_000 + b"\r\n"
           + b"".join(b"X-H%d: v\r\n" % i for i in range(90)) + b"Content-Length: 5\r\n\r\nhello")
     _, answer, ended = _exchange(guarded_server, ok, wait_s=5)
     assert _status(answer) == 200 and b"\r\n\r\n1\r\n5\r\n" in answer, answer[-100:]
@@ -133,13 +133,13 @@ def test_guard_refuses_big_and_many_headers_and_serves_normal_ones(guarded_serve
 def test_guard_times_the_headers_of_each_request_on_a_kept_alive_connection(guarded_server):
     conn = socket.create_connection(guarded_server, timeout=5)
     try:
-        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         first = b""
         while not first.endswith(b"\r\n0\r\n\r\n"):  # the whole chunked answer
             first += conn.recv(65536)
         assert _status(first) == 200
         time.sleep(0.8)  # within uvicorn's keep-alive; the next request's deadline starts at its first byte
-        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         t0 = time.monotonic()
         answer = b""
         while chunk := conn.recv(65536):
@@ -155,7 +155,7 @@ def test_guard_times_the_headers_of_each_request_on_a_kept_alive_connection(guar
 @pytest.mark.e2e
 def test_unfinished_headers_are_closed_within_the_timeout(served):
     limit = served.cfg.http.header_timeout_s
-    seconds, answer, ended = _exchange(_address(served.url), b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1",
+    seconds, answer, ended = _exchange(_address(served.url), b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: 1",
                                        wait_s=limit + 10)
     assert ended == "closed", f"headers never finished: connection {ended} after {seconds:.1f}s"
     assert seconds < limit + 2 and _status(answer) in (408, None), (seconds, answer)
@@ -164,7 +164,7 @@ def test_unfinished_headers_are_closed_within_the_timeout(served):
 @pytest.mark.e2e
 def test_unfinished_body_is_a_408_and_closed(served):
     limit = served.cfg.http.body_timeout_s
-    head = (f"POST /v1/generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {served.token}\r\n"
+    head = (f"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {served.token}\r\n"
             "Content-Type: application/json\r\nContent-Length: 200\r\n\r\n").encode()
     seconds, answer, ended = _exchange(_address(served.url), head + b'{"prompt": "a red', wait_s=limit + 10)
     assert ended == "closed", f"body never finished: connection {ended} after {seconds:.1f}s"

@@ -267,15 +267,25 @@ def test_mlflow_refuses_a_foreign_host_and_origin(stack):
 
 
 def _ray_listening_ports(stack) -> dict[int, str]:
-    """Every TCP port the stack's Ray processes listen on -> the process name."""
+    """Every TCP port the stack's Ray processes listen on -> the process name.
+
+    All on loopback, except one known exception: a Ray Serve replica starts its inter-deployment gRPC
+    server on ``[::]:0`` (ray/serve/_private/replica.py ``_on_initialized``; no option changes it),
+    so each replica has one such port. docs/architecture.md says so; it speaks gRPC (HTTP/2), which a
+    web page cannot send."""
     head = psutil.Process(stack["services"]["ray"]["pid"])
     ports = {}
     for proc in [head, *head.children(recursive=True)]:
         try:
+            wildcard = []
             for conn in proc.net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:
+                    if conn.laddr.ip in ("::", "0.0.0.0") and proc.name().startswith("ray::ServeReplica"):
+                        wildcard.append(conn.laddr.port)
+                        continue
                     assert conn.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1"), (proc.name(), conn.laddr)
                     ports[conn.laddr.port] = proc.name()
+            assert len(wildcard) <= 1, (proc.name(), wildcard)  # the inter-deployment gRPC server only
         except psutil.NoSuchProcess:
             continue
     return ports
