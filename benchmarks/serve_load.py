@@ -259,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
             model = args.model
         base = load_config(ServeConfig, args.config, [f"model={model}", f"port={_free_port()}", *args.overrides])
         limits = base.limits
-        heavy_size = args.heavy_size or "{}x{}".format(*max((parse_size(s) for s in limits.sizes),
+        from serve.models import pin_model
+
+        sizes = limits.sizes or pin_model(base)["sizes"]  # null: the sizes the model's card lists
+        heavy_size = args.heavy_size or "{}x{}".format(*max((parse_size(s) for s in sizes),
                                                              key=lambda wh: wh[0] * wh[1]))
         heavy = {"prompt": "a red circle on a blue background, drawn carefully", "n": limits.max_n,
                  "steps": limits.max_steps, "size": heavy_size, "seed": 1}
