@@ -53,7 +53,7 @@ def _client_env_without_stack_vars() -> dict[str, str]:
 # ----------------------------------------------------------------------------- what the servers are started with
 
 
-def test_every_server_runs_with_telemetry_off_whatever_the_caller_says():
+def test_every_server_runs_with_telemetry_off_whatever_the_caller_says(tmp_path):
     # A caller whose environment turns every switch on: the servers still get them off.
     noisy = {key: "1" if value in ("0", "false", "False") else "0" for key, value in env_mod.TELEMETRY_OFF.items()}
     noisy |= {"MLFLOW_DISABLE_TELEMETRY": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "true",
@@ -71,11 +71,11 @@ def test_every_server_runs_with_telemetry_off_whatever_the_caller_says():
     for key in ("MLFLOW_DISABLE_TELEMETRY", "PREFECT_SERVER_ANALYTICS_ENABLED", "RAY_USAGE_STATS_ENABLED",
                 "HF_HUB_DISABLE_TELEMETRY"):
         assert os.environ[key] == env_mod.TELEMETRY_OFF[key]
-    argvs = stack_services.commands({"prefect": 1, "mlflow": 2, "ray": 3}, {}, 2, 100, 1, Path("/tmp/x"))
+    argvs = stack_services.commands({"prefect": 1, "mlflow": 2, "ray": 3}, {}, 2, 100, 1, tmp_path)
     assert "--disable-usage-stats" in argvs["ray"]
 
 
-def test_prefect_server_settings_allow_only_its_own_origin():
+def test_prefect_server_settings_allow_only_its_own_origin(tmp_path):
     settings = stack_services.prefect_server_env("http://127.0.0.1:4321", "omnidiff:s3cret")
     assert settings["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"].split(",") == ["http://127.0.0.1:4321",
                                                                           "http://localhost:4321"]
@@ -85,7 +85,7 @@ def test_prefect_server_settings_allow_only_its_own_origin():
     assert settings["PREFECT_SERVER_API_AUTH_STRING"] == "omnidiff:s3cret"
     assert settings["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api"
     # The server's argv: its own launcher, with the Host check on.
-    argv = stack_services.commands({"prefect": 4321, "mlflow": 2, "ray": 3}, {}, 2, 100, 1, Path("/tmp/x"))["prefect"]
+    argv = stack_services.commands({"prefect": 4321, "mlflow": 2, "ray": 3}, {}, 2, 100, 1, tmp_path)["prefect"]
     assert argv[1:3] == ["-m", "omnidiff.prefect_server"]
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--allowed-host"] == ["127.0.0.1", "localhost"]
     with pytest.raises(SystemExit):
