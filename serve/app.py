@@ -40,7 +40,7 @@ from ray import serve
 from omnidiff import supervisor
 from omnidiff.config import ConfigError, to_dict
 from omnidiff.env import subdir
-from serve import auth, http_guard
+from serve import auth, edge, http_guard
 from serve.admission import Overbudget, WorkBudget, job_cost
 from serve.config import ServeConfig, parse_size
 from serve.http_api import ApiSettings, Overloaded, Unavailable, build_fastapi, settings_from_config
@@ -288,13 +288,32 @@ class ImageAPIDeployment:
 # ----------------------------------------------------------------------------- build / run
 
 
-def build_app(cfg: ServeConfig, pinned: dict[str, Any] | None = None):
-    """The bound Serve application for ``cfg`` (model pinned now unless given; token read now, only its hash kept)."""
+def api_settings(cfg: ServeConfig, pinned: dict[str, Any]) -> ApiSettings:
+    """The ingress's settings for ``cfg`` serving ``pinned`` (the token read now, only its hash kept)."""
     token = auth.load_token(cfg.auth.token_env, cfg.auth.token_file)
     if token is None and cfg.auth.require_token:
         raise ConfigError(f"auth.require_token=True: no token in ${cfg.auth.token_env} or auth.token_file={cfg.auth.token_file}")
-    digest = auth.token_digest(token) if token else None
+    return settings_from_config(cfg, auth.token_digest(token) if token else None, pinned)
+
+
+def edge_policy(cfg: ServeConfig, settings: ApiSettings) -> edge.EdgePolicy:
+    """What Serve's proxy needs to admit this app's generation requests itself (serve/edge.py): the
+    whole work budget (every ingress replica's share) and the ingress's pricing."""
+    limits = settings.limits
+    return edge.EdgePolicy(
+        app=cfg.app_name, route_prefix=cfg.route_prefix, token_digest=settings.token_digest,
+        allowed_hosts=tuple(h.lower() for h in settings.allowed_hosts), default_steps=limits["default_steps"],
+        max_steps=limits["max_steps"], max_n=limits["max_n"], max_body_bytes=limits["max_body_bytes"],
+        sizes=tuple(settings.sizes or limits.get("sizes") or ()), native_size=settings.native_size,
+        unsupported_size=settings.unsupported_size, max_work=cfg.admission.max_queued_work,
+        max_requests=settings.capacity, fallback_retry_after_s=settings.retry_after_s,
+        max_retry_after_s=cfg.admission.max_retry_after_s, throughput_window_s=cfg.admission.throughput_window_s)
+
+
+def build_app(cfg: ServeConfig, pinned: dict[str, Any] | None = None, settings: ApiSettings | None = None):
+    """The bound Serve application for ``cfg`` (model pinned now unless given; token read now, only its hash kept)."""
     pinned = pinned or pin_model(cfg)
+    settings = settings or api_settings(cfg, pinned)
     env_vars = {key: os.environ[key] for key in _REPLICA_ENV if os.environ.get(key)}
     if cfg.autoscaling.enabled:
         scaling: dict[str, Any] = {"autoscaling_config": {
@@ -321,7 +340,7 @@ def build_app(cfg: ServeConfig, pinned: dict[str, Any] | None = None):
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env_vars}},
         max_surge_percent=cfg.rollout_surge_percent,
     )
-    return ingress.bind(generator, settings_from_config(cfg, digest, pinned))
+    return ingress.bind(generator, settings)
 
 
 def base_url(cfg: ServeConfig, port: int | None = None) -> str:
@@ -339,8 +358,12 @@ def start_serve(cfg: ServeConfig) -> None:
     guard = http_guard.GuardLimits(header_timeout_s=cfg.http.header_timeout_s, body_timeout_s=cfg.http.body_timeout_s,
                                    max_header_count=cfg.http.max_header_count,
                                    max_header_bytes=cfg.http.max_header_bytes)
+    # With admission.edge the proxy also admits generation requests itself, from the policies that
+    # ``run`` publishes in a folder named after the port (serve/edge.py).
+    edge_dir = str(edge.edge_dir(cfg.port)) if cfg.admission.edge else None
     serve.start(http_options={"host": cfg.host, "port": cfg.port, "keep_alive_timeout_s": cfg.http.keep_alive_timeout_s},
-                proxy_location="HeadOnly", controller_options={"runtime_env": {"env_vars": http_guard.proxy_env(guard)}})
+                proxy_location="HeadOnly",
+                controller_options={"runtime_env": {"env_vars": http_guard.proxy_env(guard, edge_dir)}})
     # A Ray cluster has one Serve HTTP proxy: when Serve was already up, serve.start kept its
     # host/port and only logged a warning, and the app would be reachable somewhere else than
     # asked. Say so instead of waiting for /readyz on a port nobody listens on.
@@ -360,7 +383,12 @@ def run(cfg: ServeConfig, wait_ready_s: float = 300.0) -> dict[str, Any]:
     """Deploy (or roll) the app named ``cfg.app_name``; returns ``{"url", "model", "app"}`` once ready."""
     start_serve(cfg)
     pinned = pin_model(cfg)
-    serve.run(build_app(cfg, pinned), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    settings = api_settings(cfg, pinned)
+    # Withdrawn first: during a roll the old policy must not price the new version's requests.
+    edge.withdraw(edge.edge_dir(cfg.port), cfg.app_name)
+    serve.run(build_app(cfg, pinned, settings), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    if cfg.admission.edge:
+        edge.publish(edge.edge_dir(cfg.port), edge_policy(cfg, settings))
     url = base_url(cfg)
     wait_ready(url, wait_ready_s)
     result = {"url": url, "app": cfg.app_name, "model": pinned, "config": to_dict(cfg)}
@@ -409,6 +437,7 @@ def shutdown(cfg: ServeConfig) -> None:
 
     ensure_ray()
     serve.delete(cfg.app_name)
+    edge.withdraw(edge.edge_dir(cfg.port), cfg.app_name)
     forget(cfg.app_name)
     if not serve.status().applications:
         serve.shutdown()

@@ -116,11 +116,15 @@ class AdmissionConfig(ConfigModel):
         replicas each holds ``max_queued_work / ingress_replicas``.
     max_retry_after_s: cap on the Retry-After of a 503 (seconds).
     throughput_window_s: time constant of the measured throughput (pixel-steps per busy second).
+    edge: Serve's HTTP proxy admits generation requests itself, with the same pricing and the whole
+        budget, so a burst's 503s never reach the ingress (serve/edge.py). Applied where the proxy
+        runs on the machine that deploys the app, and from the proxy's start (like ``http``).
     """
 
     max_queued_work: int = Field(500_000, ge=1)
     max_retry_after_s: int = Field(120, ge=1, le=86_400)
     throughput_window_s: float = Field(60.0, gt=0, le=3600)
+    edge: bool = True
 
 
 class HttpConfig(ConfigModel):

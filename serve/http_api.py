@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from omnidiff.config import to_dict
 from serve import auth
 from serve.config import ServeConfig, parse_size
+from serve.edge import host_name, overloaded_message
 from serve.models import public_card
 from serve.schemas import (
     SEED_MAX,
@@ -167,8 +168,7 @@ class _HostCheck:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "").lower()
-            name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") and "]:" in host else host
+            host, name = host_name(scope["headers"])
             if name not in self.allowed:
                 response = _error(400, f"Host {host!r} is not served here (serve http.allowed_hosts)",
                                   "invalid_request_error", code="invalid_host")
@@ -219,8 +219,8 @@ class _BodyLimit:
 
 def _overloaded(exc: Overloaded, fallback_retry_after_s: int) -> JSONResponse:
     retry_after = exc.retry_after_s or fallback_retry_after_s
-    return _error(503, f"server overloaded: the request queue is full ({exc}); retry in {retry_after}s",
-                  "server_overloaded", None, "queue_full", headers={"Retry-After": str(retry_after)})
+    return _error(503, overloaded_message(str(exc), retry_after), "server_overloaded", None, "queue_full",
+                  headers={"Retry-After": str(retry_after)})
 
 
 class _LoadShed:

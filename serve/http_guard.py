@@ -22,7 +22,7 @@ limits live in the HTTP protocol itself:
   so they apply when Serve starts; a Serve instance already running keeps what it started with.
 
 What is not enforced here: a slow *reader* of the response (uvicorn's flow control pauses the app;
-the body has left the generator by then), and HTTP/2 (the proxy speaks HTTP/1.1 only). This module
+the body has left the generator by then), and HTTP/2 (the proxy speaks HTTP/1.1 only). The same hook adds serve/edge.py's admission middleware to the proxy. This module
 imports no Ray and no FastAPI: it is loaded in the proxy process.
 """
 
@@ -38,6 +38,7 @@ log = logging.getLogger("omnidiff.serve")
 ENV = "OMNIDIFF_SERVE_HTTP_GUARD"
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "serve.http_guard.proxy_callback"
+EDGE_ENV = "OMNIDIFF_SERVE_EDGE_DIR"  # serve/edge.py (kept in step with serve.edge.ENV)
 _PROTOCOL = "serve.http_guard:GuardedHttpToolsProtocol"
 
 
@@ -49,15 +50,28 @@ class GuardLimits:
     max_header_bytes: int = 65536
 
 
-def proxy_env(limits: GuardLimits) -> dict[str, str]:
-    """Environment variables that make a Serve proxy install the guard with ``limits``."""
-    return {CALLBACK_ENV: CALLBACK, ENV: json.dumps(asdict(limits))}
+def proxy_env(limits: GuardLimits, edge_dir: str | None = None) -> dict[str, str]:
+    """Environment variables that make a Serve proxy install the guard with ``limits`` (and, with
+    ``edge_dir``, admission at the edge from the policies published there: serve/edge.py)."""
+    env = {CALLBACK_ENV: CALLBACK, ENV: json.dumps(asdict(limits))}
+    if edge_dir:
+        env[EDGE_ENV] = str(edge_dir)
+    return env
 
 
 def proxy_callback() -> list:
-    """Ray's HTTP-proxy callback: install the guard from ``$OMNIDIFF_SERVE_HTTP_GUARD``; no ASGI middlewares."""
+    """Ray's HTTP-proxy callback: install the guard from ``$OMNIDIFF_SERVE_HTTP_GUARD``; the edge's
+    admission middleware when ``$OMNIDIFF_SERVE_EDGE_DIR`` names a policy folder."""
     install(GuardLimits(**json.loads(os.environ.get(ENV) or "{}")))
-    return []
+    directory = os.environ.get(EDGE_ENV)
+    if not directory:
+        return []
+    from starlette.middleware import Middleware
+
+    from serve.edge import EdgeAdmission
+
+    log.info("edge admission from %s", directory)
+    return [Middleware(EdgeAdmission, directory=directory)]
 
 
 def install(limits: GuardLimits) -> None:

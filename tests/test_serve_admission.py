@@ -163,6 +163,8 @@ def test_burst_of_heavy_requests_gets_503s_with_retry_after_while_cheap_ones_are
             assert answer.json()["error"]["code"] == "queue_full"
             assert "pixel-steps" in answer.json()["error"]["message"]
             assert 1 <= int(answer.headers["retry-after"]) <= admission.max_retry_after_s
+            # Refused by Serve's proxy itself (serve/edge.py, admission.edge), never reaching the ingress.
+            assert answer.headers["x-omnidiff-admission"] == "edge"
     assert [a.status_code for a in cheaps] == [200, 200], [a.text for a in cheaps]
 
 
