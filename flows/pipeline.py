@@ -129,7 +129,7 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
     from flows.evaluate import evaluate_flow
     from flows.training import train_flow
     from omnidiff.stack import apply_env
-    from omnidiff.tracking import start_run
+    from omnidiff.tracking import close_dead, enter_live, leave_live, start_run
 
     apply_env()
     cfg = config
@@ -138,82 +138,89 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
     # Stage runs nest under the pipeline's run, from whichever thread Prefect runs them in.
     with start_run("pipeline", config=cfg, run_name="omnidiff-pipeline", parent_of_any_thread=True) as parent:
         out["mlflow_parent_run_id"] = parent.info.run_id
-
-        # 1. what the pipeline stands on: the world (url-list source), the base model, the evaluator
-        published = published_base(cfg.base_model)  # a bad folder fails here, before any stage
-        # build_base enters the digest only when off, so the tiny-base runs keep their digest (and skip).
-        base_inputs = {"world": cfg.world, "base": cfg.base, **({} if published is None else {"build_base": False})}
-        base = run_stage("prepare-base", base_inputs, [],
-                         lambda: prepare_base_flow(cfg.base, cfg.world, build_base=published is None), index, skip,
-                         timings, ("base_model", "evaluator"))
-        if published is not None:
-            base = {**base, "base_model": str(published.path)}
-        out["base"] = base
-        world_dir = Path(base["world_dir"]) if base.get("world_dir") else None
-
-        # 2. collect: the world's images over local HTTP, through img2dataset, into a pair snapshot
-        collect_cfg = cfg.collect
-        server = None
-        if world_dir is not None:
-            from omnidiff.world import serve_world, write_url_list
-
-            server = serve_world(world_dir, port=cfg.world_port)
-            base_url = server.__enter__()
-            url_list = write_url_list(world_dir, base_url, out_path=world_dir / f"urls_{cfg.world_port}.parquet")
-            collect_cfg = replace(collect_cfg, url_lists=(Path(url_list),),
-                                  parallel_lists=(world_dir / "parallel.parquet",))
+        # A pipeline killed before its run ended (SIGKILL, OOM) left it RUNNING: close it, linked to this one.
+        for closed in close_dead("pipeline", parent.info.run_id,
+                                 "the stage outputs whose inputs are unchanged (skip_unchanged)" if skip else "nothing"):
+            print(f"pipeline run {closed['run_id']} was {closed['was']} with its process gone: now {closed['status']}")
+        enter_live("pipeline", parent.info.run_id)
         try:
-            collected = run_stage("collect", collect_cfg, list(collect_cfg.url_lists) + list(collect_cfg.parallel_lists),
-                                  lambda: {"snapshot": str(collect_flow(collect_cfg))}, index, skip, timings,
-                                  ("snapshot",))
+            # 1. what the pipeline stands on: the world (url-list source), the base model, the evaluator
+            published = published_base(cfg.base_model)  # a bad folder fails here, before any stage
+            # build_base enters the digest only when off, so the tiny-base runs keep their digest (and skip).
+            base_inputs = {"world": cfg.world, "base": cfg.base, **({} if published is None else {"build_base": False})}
+            base = run_stage("prepare-base", base_inputs, [],
+                             lambda: prepare_base_flow(cfg.base, cfg.world, build_base=published is None), index, skip,
+                             timings, ("base_model", "evaluator"))
+            if published is not None:
+                base = {**base, "base_model": str(published.path)}
+            out["base"] = base
+            world_dir = Path(base["world_dir"]) if base.get("world_dir") else None
+
+            # 2. collect: the world's images over local HTTP, through img2dataset, into a pair snapshot
+            collect_cfg = cfg.collect
+            server = None
+            if world_dir is not None:
+                from omnidiff.world import serve_world, write_url_list
+
+                server = serve_world(world_dir, port=cfg.world_port)
+                base_url = server.__enter__()
+                url_list = write_url_list(world_dir, base_url, out_path=world_dir / f"urls_{cfg.world_port}.parquet")
+                collect_cfg = replace(collect_cfg, url_lists=(Path(url_list),),
+                                      parallel_lists=(world_dir / "parallel.parquet",))
+            try:
+                collected = run_stage("collect", collect_cfg, list(collect_cfg.url_lists) + list(collect_cfg.parallel_lists),
+                                      lambda: {"snapshot": str(collect_flow(collect_cfg))}, index, skip, timings,
+                                      ("snapshot",))
+            finally:
+                if server is not None:
+                    server.__exit__(None, None, None)
+            snapshot = collected["snapshot"]
+            out["collect"] = collected
+
+            # 3. embed: LLM states of every caption, CLIP targets, pixels -> the Parquet cache
+            embed_cfg = replace(cfg.embed, snapshots=(snapshot,),
+                                clip=replace(cfg.embed.clip, base_model=Path(base["base_model"])))
+            if published is not None:
+                embed_cfg = replace(embed_cfg, pixels=latent_pixels(cfg.embed.pixels, published))
+            out["embed"] = run_stage("embed", embed_cfg, [Path(snapshot) / "manifest.json"],
+                                     lambda: _train_outputs(embed_flow(embed_cfg)), index, skip, timings, ())
+
+            # 4-6. the three training stages, each from the previous one's export
+            parent_export = None
+            exports = {}
+            for name in ("stage1", "stage2", "stage3"):
+                stage_cfg = getattr(cfg, name)
+                stage_cfg = replace(stage_cfg, base_model=base["base_model"],
+                                    data=replace(stage_cfg.data, snapshot=snapshot),
+                                    init_from=parent_export if stage_cfg.stage > 1 else stage_cfg.init_from)
+                stage_cfg = _per_input_folders(name, stage_cfg, [Path(snapshot) / "manifest.json"])
+                result = run_stage(name, stage_cfg, [Path(snapshot) / "manifest.json"],
+                                   lambda c=stage_cfg: _train_outputs(train_flow(c)), index, skip, timings,
+                                   ("export_dir",))
+                out[name] = result
+                parent_export = result["export_dir"]
+                exports[name] = result
+
+            # 7. evaluate: base vs every stage, per language and prompt length
+            eval_cfg = replace(cfg.evaluate, world_dir=world_dir, baseline=base["base_model"],
+                               evaluator_dir=Path(base["evaluator"]))
+            models = {"base": base["base_model"], **{n: r["export_dir"] for n, r in exports.items()}}
+            out["evaluate"] = run_stage("evaluate", {"cfg": eval_cfg, "models": models}, [],
+                                        lambda: evaluate_flow(models, eval_cfg), index, skip, timings, ("report_html",))
+            mlflow.set_tag("report_html", out["evaluate"].get("report_html"))
+
+            # 8. register + deploy: stage 3's version -> @production, roll (or start) the Serve app
+            if cfg.deploy:
+                version = exports["stage3"].get("model_version")
+                t0 = time.perf_counter()
+                emit_event("stage_start", stage="deploy", run=_flow_run_id())
+                out["deploy"] = deploy_and_serve(cfg, version)
+                timings["deploy"] = time.perf_counter() - t0
+                emit_event("stage_end", stage="deploy", run=_flow_run_id(), seconds=timings["deploy"], skipped=False)
+            out["timings_s"] = timings
+            mlflow.log_dict(out, "pipeline_outputs.json")
         finally:
-            if server is not None:
-                server.__exit__(None, None, None)
-        snapshot = collected["snapshot"]
-        out["collect"] = collected
-
-        # 3. embed: LLM states of every caption, CLIP targets, pixels -> the Parquet cache
-        embed_cfg = replace(cfg.embed, snapshots=(snapshot,),
-                            clip=replace(cfg.embed.clip, base_model=Path(base["base_model"])))
-        if published is not None:
-            embed_cfg = replace(embed_cfg, pixels=latent_pixels(cfg.embed.pixels, published))
-        out["embed"] = run_stage("embed", embed_cfg, [Path(snapshot) / "manifest.json"],
-                                 lambda: _train_outputs(embed_flow(embed_cfg)), index, skip, timings, ())
-
-        # 4-6. the three training stages, each from the previous one's export
-        parent_export = None
-        exports = {}
-        for name in ("stage1", "stage2", "stage3"):
-            stage_cfg = getattr(cfg, name)
-            stage_cfg = replace(stage_cfg, base_model=base["base_model"],
-                                data=replace(stage_cfg.data, snapshot=snapshot),
-                                init_from=parent_export if stage_cfg.stage > 1 else stage_cfg.init_from)
-            stage_cfg = _per_input_folders(name, stage_cfg, [Path(snapshot) / "manifest.json"])
-            result = run_stage(name, stage_cfg, [Path(snapshot) / "manifest.json"],
-                               lambda c=stage_cfg: _train_outputs(train_flow(c)), index, skip, timings,
-                               ("export_dir",))
-            out[name] = result
-            parent_export = result["export_dir"]
-            exports[name] = result
-
-        # 7. evaluate: base vs every stage, per language and prompt length
-        eval_cfg = replace(cfg.evaluate, world_dir=world_dir, baseline=base["base_model"],
-                           evaluator_dir=Path(base["evaluator"]))
-        models = {"base": base["base_model"], **{n: r["export_dir"] for n, r in exports.items()}}
-        out["evaluate"] = run_stage("evaluate", {"cfg": eval_cfg, "models": models}, [],
-                                    lambda: evaluate_flow(models, eval_cfg), index, skip, timings, ("report_html",))
-        mlflow.set_tag("report_html", out["evaluate"].get("report_html"))
-
-        # 8. register + deploy: stage 3's version -> @production, roll (or start) the Serve app
-        if cfg.deploy:
-            version = exports["stage3"].get("model_version")
-            t0 = time.perf_counter()
-            emit_event("stage_start", stage="deploy", run=_flow_run_id())
-            out["deploy"] = deploy_and_serve(cfg, version)
-            timings["deploy"] = time.perf_counter() - t0
-            emit_event("stage_end", stage="deploy", run=_flow_run_id(), seconds=timings["deploy"], skipped=False)
-        out["timings_s"] = timings
-        mlflow.log_dict(out, "pipeline_outputs.json")
+            leave_live("pipeline", parent.info.run_id)
     print_summary(out)
     return out
 

@@ -239,21 +239,12 @@ def claim_folder(folder: str | Path, run_id: str, **extra: Any) -> dict[str, Any
     before, to close that run if it was killed (:func:`close_superseded`). Call it only while holding
     the folder (its lock), so two live runs never claim the same folder.
     """
-    import socket
-    import time
-
-    import psutil
-
-    from omnidiff.contracts.io import atomic_write
-
     path = Path(folder) / RUN_RECORD
     previous = None
     if path.is_file():
         with contextlib.suppress(ValueError, OSError):
             previous = json.loads(path.read_text())
-    record = {"run_id": run_id, "pid": os.getpid(), "create_time": psutil.Process().create_time(),
-              "host": socket.gethostname(), "claimed_at": time.time(), **extra}
-    atomic_write(path, json.dumps(record, indent=1, default=str))
+    claim_folder_record(path, run_id, **extra)
     return previous
 
 
@@ -314,6 +305,65 @@ def close_superseded(previous: dict[str, Any] | None, run_id: str, adopted: str)
     set_tags(old_id, {"superseded_by": run_id})
     set_tags(run_id, {"supersedes": old_id, "adopted": adopted})
     return {"run_id": old_id, "status": client.get_run(old_id).info.status, "was": was}
+
+
+# ----------------------------------------------------------------------------- runs that own no folder
+
+
+def _live_dir(kind: str) -> Path:
+    from omnidiff.env import subdir
+
+    return subdir("runs") / kind
+
+
+def enter_live(kind: str, run_id: str) -> Path:
+    """Record that this process holds run ``run_id`` of ``kind`` (e.g. the pipeline's parent run) until
+    :func:`leave_live`; a later run of that kind closes it if this process dies first (:func:`close_dead`).
+    For runs that own no folder to :func:`claim_folder`; one record file per run, so runs of the same
+    kind may overlap."""
+    folder = _live_dir(kind)
+    folder.mkdir(parents=True, exist_ok=True)
+    return claim_folder_record(folder / f"{run_id}.json", run_id)
+
+
+def leave_live(kind: str, run_id: str) -> None:
+    (_live_dir(kind) / f"{run_id}.json").unlink(missing_ok=True)
+
+
+def close_dead(kind: str, run_id: str, adopted: str) -> list[dict[str, Any]]:
+    """Close the runs of ``kind`` whose process died without ending them (marked KILLED, linked both ways
+    with run ``run_id`` as by :func:`close_superseded`); returns what was closed. Records of live
+    processes are left; records of finished or closed runs are removed."""
+    closed = []
+    folder = _live_dir(kind)
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            record = json.loads(path.read_text())
+        except (ValueError, OSError):
+            path.unlink(missing_ok=True)
+            continue
+        if record.get("run_id") == run_id or record_alive(record):
+            continue
+        done = close_superseded(record, run_id, adopted)
+        if done is not None:
+            closed.append(done)
+        path.unlink(missing_ok=True)
+    return closed
+
+
+def claim_folder_record(path: Path, run_id: str, **extra: Any) -> Path:
+    """Write the run record of :func:`claim_folder` (``{run_id, pid, create_time, host, claimed_at}``) at ``path``."""
+    import socket
+    import time
+
+    import psutil
+
+    from omnidiff.contracts.io import atomic_write
+
+    record = {"run_id": run_id, "pid": os.getpid(), "create_time": psutil.Process().create_time(),
+              "host": socket.gethostname(), "claimed_at": time.time(), **extra}
+    atomic_write(path, json.dumps(record, indent=1, default=str))
+    return path
 
 
 # ----------------------------------------------------------------------------- registry

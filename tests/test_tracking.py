@@ -302,3 +302,51 @@ def test_a_failed_previous_run_keeps_its_status_and_gets_the_link(stack, tmp_pat
                                            "resumed from step 4")
     assert closed == {"run_id": failed.info.run_id, "status": "FAILED", "was": "FAILED"}
     assert client.get_run(failed.info.run_id).data.tags["superseded_by"] == rerun.info.run_id
+
+
+_HOLD_A_RUN = """
+import sys, time
+from omnidiff import tracking
+with tracking.start_run("pipeline") as run:
+    tracking.enter_live("pipeline", run.info.run_id)
+    print(run.info.run_id, flush=True)
+    if sys.argv[1] == "finish":
+        tracking.leave_live("pipeline", run.info.run_id)
+    else:
+        time.sleep(120)
+"""
+
+
+def test_a_pipeline_run_whose_process_was_sigkilled_is_closed_by_the_next_one(stack, tmp_path):
+    """Runs that own no folder (the pipeline's parent run) keep a live record; the next run of that
+    kind closes the ones whose process died (KILLED, linked both ways) and leaves live and ended ones."""
+    import signal
+
+    client = _client()
+    home = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def hold(mode: str):
+        proc = subprocess.Popen([sys.executable, "-c", _HOLD_A_RUN, mode], stdout=subprocess.PIPE, text=True, env=home)
+        return proc, proc.stdout.readline().strip()
+
+    killed, killed_id = hold("sleep")
+    live, live_id = hold("sleep")
+    finished, finished_id = hold("finish")
+    try:
+        assert finished.wait(timeout=120) == 0
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+        assert client.get_run(killed_id).info.status == "RUNNING"  # what a SIGKILL leaves in MLflow
+        with tracking.start_run("pipeline") as rerun:
+            closed = tracking.close_dead("pipeline", rerun.info.run_id, "kept stage outputs")
+        assert closed == [{"run_id": killed_id, "status": "KILLED", "was": "RUNNING"}]
+        old, new = client.get_run(killed_id), client.get_run(rerun.info.run_id)
+        assert old.info.status == "KILLED" and old.data.tags["superseded_by"] == rerun.info.run_id
+        assert new.data.tags["supersedes"] == killed_id and new.data.tags["adopted"] == "kept stage outputs"
+        assert client.get_run(live_id).info.status == "RUNNING"  # its process still runs: left alone
+        assert client.get_run(finished_id).info.status == "FINISHED"
+        records = {p.stem for p in (tracking._live_dir("pipeline")).glob("*.json")}
+        assert killed_id not in records and live_id in records and finished_id not in records
+    finally:
+        live.kill()
+        live.wait(timeout=30)
