@@ -33,11 +33,18 @@ def colour_images(names: list[str], size: int = 32, seed: int = 0) -> np.ndarray
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def build_clip_folder(out: str | Path, train_steps: int = 120, seed: int = 0) -> Path:
+def build_clip_folder(out: str | Path, train_steps: int = 50, seed: int = 0) -> Path:
     """A tiny CLIP folder that tells the colours of :data:`COLOURS` apart (see the module docstring)."""
     import torch
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
-                              CLIPTokenizer, CLIPVisionConfig)
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextConfig,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+    )
 
     out = Path(out)
     vocab_size = write_clip_tokenizer(out)

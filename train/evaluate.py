@@ -395,7 +395,7 @@ def log_report(report: EvalReport, models: dict[str, str], cfg) -> str:
     from omnidiff.tracking import start_run
 
     def metrics_for(label: str) -> dict[str, float]:
-        rows = report.scores[report.scores["model"] == label]
+        rows = report.scores[report.scores["model"] == label] if len(report.scores) else report.scores
         out = {}
         for r in rows.itertuples():
             key = f"eval.{r.lang}.{'long' if r.length == LONG else 'short'}"

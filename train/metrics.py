@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,27 +170,32 @@ class ImageFeatures:
 
     def __init__(self, path: Path, batch_size: int = 32):
         import torch
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+        from transformers import AutoImageProcessor, AutoModel
 
         path = Path(path)
         folder = check_local_model(path.parent if path.suffix == ".safetensors" else path, "metrics.feature_extractor")
         self.path, self.batch_size = path, int(batch_size)
         try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
+            if path.suffix == ".safetensors":  # the named weights in place of the folder's, loaded by transformers
                 if not path.is_file():
                     raise MetricsError(f"metrics.feature_extractor: no such weights file {path}")
-                self.model = AutoModel.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
-                missing, unexpected = self.model.load_state_dict(load_file(path), strict=False)
-                if missing or unexpected:
-                    raise MetricsError(f"metrics.feature_extractor: {path} does not fit {folder}/config.json "
-                                       f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+                with tempfile.TemporaryDirectory() as view:
+                    for item in folder.iterdir():
+                        if item.suffix != ".safetensors" and item.is_file():
+                            (Path(view) / item.name).symlink_to(item.resolve())
+                    (Path(view) / "model.safetensors").symlink_to(path.resolve())
+                    self.model, loading = AutoModel.from_pretrained(view, local_files_only=True, use_safetensors=True,
+                                                                    output_loading_info=True)
             else:
-                self.model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+                self.model, loading = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                                output_loading_info=True)
             self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-        except OSError as exc:
-            raise MetricsError(f"metrics.feature_extractor: {folder}: {exc}") from None
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise MetricsError(f"metrics.feature_extractor: {path}: {exc}") from None
+        missing = sorted(loading.get("missing_keys") or [])
+        if missing:
+            raise MetricsError(f"metrics.feature_extractor: {path} does not fit {folder / 'config.json'}: "
+                               f"{len(missing)} weights missing ({missing[:3]}...)")
         self.model = self.model.eval().to(_device())
         with torch.inference_mode():
             self.num_features = int(self(np.zeros((1, 8, 8, 3), dtype=np.uint8)).shape[-1])
