@@ -238,3 +238,31 @@ def test_one_command_measures_a_published_sd_folder(sd15_base, clip_folder, tmp_
     assert run.data.metrics["metrics.clip.de.long.sd15"] == pytest.approx(clip.loc[("sd15", "de", "long"), "clip_score"])
     assert run.data.metrics["metrics.fid.base"] == pytest.approx(distances["base"]["fid"])
 
+
+
+def test_the_world_judge_and_the_metrics_section_share_one_report(sd15_base, tiny_world, clip_folder, tmp_path):
+    """judge: world (the demo's) plus a metrics section: both in report.json, the CLIP table in report.html."""
+    from omnidiff.config import load_config
+    from omnidiff.models.evaluator import AttributeClassifier, save_evaluator
+    from omnidiff.world.attributes import ATTRIBUTES
+    from train.eval_config import EvalConfig
+    from train.evaluate import evaluate, format_table
+
+    torch.manual_seed(0)
+    labels = {name: list(ATTRIBUTES[name]) for name in ("shape", "colour", "position")}
+    judge = save_evaluator(AttributeClassifier(labels, 16), {name: 0.5 for name in labels}, tmp_path / "judge")
+    out = tmp_path / "report"
+    cfg = load_config(EvalConfig, "configs/evaluate.yaml", [
+        f"world_dir={tiny_world}", f"evaluator_dir={judge}", f"baseline={sd15_base}", "require_fit_evaluator=false",
+        "track=false", "max_per_group=1", "steps=2", "real_images=8", "bootstrap_resamples=100", "langs=[en]",
+        f"report_dir={out}", "metrics.prompt_set=configs/prompts/multilingual_v1.jsonl", f"metrics.clip={clip_folder}",
+        "metrics.langs=[ko]", "metrics.lengths=[short]"])
+    report = evaluate({}, cfg)
+    saved = json.loads((out / "report.json").read_text())
+    assert {r["lang"] for r in saved["scores"]} == {"en"}  # the world judge's table
+    clip = pd.DataFrame(saved["metrics"]["clip"])
+    assert set(zip(clip["lang"], clip["length"], strict=True)) == {("ko", "short"), ("ko", ALL), (ALL, "short"),
+                                                                   (ALL, ALL)}
+    assert (clip["prompts"] == 3).all() and saved["metrics"]["fid_kid"] == {}
+    assert "CLIP score per language and prompt length" in (out / "report.html").read_text()
+    assert "CLIP score (English references)" in format_table(report)
