@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -350,8 +351,6 @@ def run_metrics(models: dict[str, str], mcfg, load_pipeline: Callable[[str], Any
                 seed: int, batch_size: int, baseline: str | None = None, resamples: int = 2000,
                 bootstrap_seed: int = 0, confidence: float = 0.95) -> MetricsResult:
     """Draw the prompt set with every model (label -> reference, loaded by ``load_pipeline``) and measure."""
-    import sys
-
     prompts = select_prompt_set(load_prompt_set(mcfg.prompt_set), mcfg.langs, mcfg.lengths)
     rows = pd.concat([prompts.assign(sample=k) for k in range(mcfg.images_per_prompt)], ignore_index=True)
     scorer = ClipScorer(mcfg.clip, mcfg.feature_batch_size)
