@@ -280,7 +280,7 @@ def format_demo_report(result: dict[str, Any], out: dict[str, Any], wall_s: floa
         lines += ["", f"report (tables, charts, image grids): {report['report_html']}"]
     if out.get("deploy", {}).get("endpoint"):
         lines.append(f"endpoint: {out['deploy']['endpoint']}  (playground at /, OpenAI-compatible /v1/images/generations)")
-    lines.append("lineage: omnidiff lineage omnidiff-tiny@production")
+    lines.append(f"lineage: omnidiff lineage {out.get('stage3', {}).get('model_name') or 'omnidiff-tiny'}@production")
     return "\n".join(lines)
 
 

@@ -53,6 +53,9 @@ def build_deployments(pipeline_config: str | Path | None = None, nightly_cron: s
     # Load flows by module path (flows.pipeline.omnidiff_pipeline), not by file: Prefect puts a script's
     # folder on sys.path, where a flows/<name>.py would shadow a package of the same name.
     kw = {"tags": tags, "entrypoint_type": EntrypointType.MODULE_PATH}
+    from train.registry import model_name_for
+
+    model = model_name_for(cfg.stage3, cfg.collect.name)  # the pipeline's snapshot is collect's
     return [
         omnidiff_pipeline.to_deployment(name="omnidiff-pipeline", parameters={"config": _params(cfg)}, **kw,
                                         description="url lists -> collect -> embed -> stages 1-3 -> evaluate -> deploy"),
@@ -66,9 +69,9 @@ def build_deployments(pipeline_config: str | Path | None = None, nightly_cron: s
         embed_flow.to_deployment(name="embed", **kw, parameters={"cfg": _params(cfg.embed)}),
         train_flow.to_deployment(name="train", **kw, parameters={"cfg": _params(cfg.stage1)}),
         evaluate_flow.to_deployment(name="evaluate", **kw,
-                                    parameters={"models": {"candidate": f"{cfg.stage3.registry.model_name}@candidate"},
+                                    parameters={"models": {"candidate": f"{model}@candidate"},
                                                 "cfg": _params(cfg.evaluate)}),
-        deploy.to_deployment(name="deploy", **kw, parameters={"model": cfg.stage3.registry.model_name}),
+        deploy.to_deployment(name="deploy", **kw, parameters={"model": model}),
     ]
 
 

@@ -28,6 +28,7 @@ from omnidiff.config import replace, to_dict
 from omnidiff.contracts.io import sha256_file
 from omnidiff.env import subdir
 from omnidiff.progress import emit_event
+from train.registry import model_name_for
 
 SKIP_INDEX = "stage_index.json"
 
@@ -144,6 +145,7 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
             print(f"pipeline run {closed['run_id']} was {closed['was']} with its process gone: now {closed['status']}")
         enter_live("pipeline", parent.info.run_id)
         try:
+
             # 1. what the pipeline stands on: the world (url-list source), the base model, the evaluator
             published = published_base(cfg.base_model)  # a bad folder fails here, before any stage
             # build_base enters the digest only when off, so the tiny-base runs keep their digest (and skip).
@@ -212,9 +214,11 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
             # 8. register + deploy: stage 3's version -> @production, roll (or start) the Serve app
             if cfg.deploy:
                 version = exports["stage3"].get("model_version")
+                # the model stage 3 registered into: registry.model_name, or the run's own data's (omnidiff-<snapshot>)
+                model = exports["stage3"].get("model_name") or model_name_for(stage_cfg)
                 t0 = time.perf_counter()
                 emit_event("stage_start", stage="deploy", run=_flow_run_id())
-                out["deploy"] = deploy_and_serve(cfg, version)
+                out["deploy"] = deploy_and_serve(cfg, version, model)
                 timings["deploy"] = time.perf_counter() - t0
                 emit_event("stage_end", stage="deploy", run=_flow_run_id(), seconds=timings["deploy"], skipped=False)
             out["timings_s"] = timings
@@ -245,12 +249,11 @@ def latent_pixels(pixels: Any, base: Any) -> Any:
     return replace(pixels, vae=base.vae, resolution=resolution)
 
 
-def deploy_and_serve(cfg: PipelineConfig, version: str | None) -> dict[str, Any]:
-    """Promote stage 3's version to @production; roll the running Serve app, or start it."""
+def deploy_and_serve(cfg: PipelineConfig, version: str | None, model: str) -> dict[str, Any]:
+    """Promote stage 3's version of ``model`` to @production; roll the running Serve app, or start it."""
     from flows.deploy import deploy
     from serve import app as serve_app
 
-    model = cfg.stage3.registry.model_name
     result = deploy(model=model, version=str(version) if version else None, app_name=cfg.serve.app_name)
     if not serve_app.running(cfg.serve.app_name):
         serve_app.run(replace(cfg.serve, model=f"{model}@production"))

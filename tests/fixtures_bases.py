@@ -8,8 +8,16 @@ tokenizer folder the way the published repositories ship it: ``vocab.json`` + ``
 writes only ``*.fp16.safetensors`` weights, as fp16-only mirrors do.
 
 Shapes are arguments so tests can vary them (the code must read widths from the folder, never
-assume one fixture's numbers). The session fixtures ``sd15_base`` and ``sdxl_base`` use two
-different shapes on purpose.
+assume one fixture's numbers): text widths, heads and layers, UNet channels, attention heads per
+block (diffusers' ``attention_head_dim``, which is a head count), transformer layers per block,
+resnet layers per block. Cross-attention sits where the published models put it: SD 1.5 in the
+high-resolution blocks, SDXL only in the low-resolution ones. The session fixtures ``sd15_base`` and
+``sdxl_base`` use different shapes on purpose:
+
+| fixture | text widths (heads) | UNet channels | attention blocks | heads (head width) | transformer layers | resnets |
+|---|---|---|---|---|---|---|
+| sd15_base | 32 (2) | 16, 32 | 16-ch blocks + mid | 2 (8; mid 16) | 1 | 1 |
+| sdxl_base | 40 (5) + 56 (4) | 16, 24 | 24-ch blocks + mid | 2 (12) | 2 | 2 |
 
     folder = build_base_folder(tmp / "sd15", "sd15", text_width=32)
     pipe = StableDiffusionPipeline.from_pretrained(folder)   # loads as a published SD 1.5 does
@@ -74,7 +82,8 @@ def write_clip_tokenizer(folder: Path, words=DEFAULT_WORDS, pad_token: str = EOS
     return len(vocab)
 
 
-def _text_encoder(cls, vocab_size: int, width: int, layers: int, seed: int, projection_dim: int | None = None):
+def _text_encoder(cls, vocab_size: int, width: int, layers: int, seed: int, projection_dim: int | None = None,
+                  heads: int = 4):
     import torch
     from transformers import CLIPTextConfig
 
@@ -84,7 +93,7 @@ def _text_encoder(cls, vocab_size: int, width: int, layers: int, seed: int, proj
         hidden_size=width,
         intermediate_size=width * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         max_position_embeddings=77,
         projection_dim=projection_dim or width,
         hidden_act="quick_gelu" if projection_dim is None else "gelu",
@@ -107,12 +116,19 @@ def build_base_folder(
     latent_channels: int = 4,
     sample_size: int = 32,
     time_embed_dim: int = 8,
+    text_heads: int | tuple[int, int] = 4,
+    attention_heads: int | tuple[int, ...] = 4,
+    transformer_layers_per_block: int | tuple[int, ...] = 1,
+    layers_per_block: int = 1,
     variant: str | None = None,
     words=DEFAULT_WORDS,
     seed: int = 0,
 ) -> Path:
     """Save a tiny ``StableDiffusionPipeline`` (``arch="sd15"``) or ``StableDiffusionXLPipeline``
-    (``arch="sdxl"``) folder at ``out``. ``sample_size`` is the image size in pixels."""
+    (``arch="sdxl"``) folder at ``out``. ``sample_size`` is the image size in pixels. ``text_heads``: one
+    count for every tower or one per tower; ``attention_heads`` / ``transformer_layers_per_block``: one
+    value for every UNet block or one per block (diffusers' ``attention_head_dim`` and
+    ``transformer_layers_per_block``)."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -144,18 +160,27 @@ def build_base_folder(
     latent_size = sample_size // 2 ** (len(vae_blocks) - 1)
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                     steps_offset=1, prediction_type="epsilon")  # fmt: skip
+    levels = len(unet_channels)
+    # SD 1.5 attends in its high-resolution blocks, SDXL only in its low-resolution ones (as published)
+    if arch == "sd15":
+        down = ("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (levels - 1)
+    else:
+        down = ("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",)
+    up = tuple(name.replace("Down", "Up") for name in reversed(down))
     unet_common = dict(
         sample_size=latent_size,
         in_channels=latent_channels,
         out_channels=latent_channels,
         block_out_channels=unet_channels,
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (len(unet_channels) - 1),
-        up_block_types=("UpBlock2D",) * (len(unet_channels) - 1) + ("CrossAttnUpBlock2D",),
-        attention_head_dim=4,
+        layers_per_block=layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        attention_head_dim=attention_heads,
+        transformer_layers_per_block=transformer_layers_per_block,
         norm_num_groups=8,
     )
-    text_encoder = _text_encoder(CLIPTextModel, vocab_size, text_width, text_layers, seed + 2)
+    heads_1, heads_2 = (text_heads, text_heads) if isinstance(text_heads, int) else text_heads
+    text_encoder = _text_encoder(CLIPTextModel, vocab_size, text_width, text_layers, seed + 2, heads=heads_1)
     if arch == "sd15":
         from diffusers import StableDiffusionPipeline
 
@@ -179,7 +204,8 @@ def build_base_folder(
         from transformers import CLIPTokenizer
 
         text_encoder_2 = _text_encoder(
-            CLIPTextModelWithProjection, vocab_size, text_width_2, text_layers + 1, seed + 4, projection_dim
+            CLIPTextModelWithProjection, vocab_size, text_width_2, text_layers + 1, seed + 4, projection_dim,
+            heads=heads_2,
         )
         torch.manual_seed(seed + 3)
         unet = UNet2DConditionModel(
@@ -214,13 +240,16 @@ def build_base_folder(
 
 @pytest.fixture(scope="session")
 def sd15_base(tmp_path_factory) -> Path:
-    """A tiny SD 1.5 folder: CLIP width 32, UNet channels (16, 32), 32 px images (8x8 latents)."""
-    return build_base_folder(tmp_path_factory.mktemp("bases") / "tiny-sd15", "sd15")
+    """A tiny SD 1.5 folder: CLIP width 32 (2 heads), UNet channels (16, 32) with 2 attention heads a block,
+    32 px images (8x8 latents)."""
+    return build_base_folder(tmp_path_factory.mktemp("bases") / "tiny-sd15", "sd15", text_heads=2, attention_heads=2)
 
 
 @pytest.fixture(scope="session")
 def sdxl_base(tmp_path_factory) -> Path:
-    """A tiny SDXL folder: CLIP widths 40 + 56 (cross-attention 96), pooled projection 24, 32 px images."""
+    """A tiny SDXL folder: CLIP widths 40 + 56 (cross-attention 96; 5 and 4 heads), pooled projection 24,
+    UNet channels (16, 24) with (4, 2) attention heads and (1, 2) transformer layers, 2 resnets a block,
+    32 px images."""
     return build_base_folder(
         tmp_path_factory.mktemp("bases") / "tiny-sdxl",
         "sdxl",
@@ -228,5 +257,9 @@ def sdxl_base(tmp_path_factory) -> Path:
         text_width_2=56,
         projection_dim=24,
         unet_channels=(16, 24),
+        text_heads=(5, 4),
+        attention_heads=(4, 2),
+        transformer_layers_per_block=(1, 2),
+        layers_per_block=2,
         seed=1,
     )

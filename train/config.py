@@ -221,6 +221,8 @@ class RegistrySection(ConfigModel):
 
     export_dir: pipeline folder to write; ``null`` = ``$OMNIDIFF_HOME/exports/<name>``.
     register: register the export as a version of ``model_name`` and point ``alias`` at it.
+    model_name: the registered model; null: the run's own data's, ``omnidiff-<snapshot name>``
+      (train/registry.py ``model_name_for``; the demo's snapshot ``tiny`` gives ``omnidiff-tiny``).
     stage_alias: also point ``stage<N>`` at it (what the next stage's ``init_from`` can name).
     copy_llm: copy the LLM's files into the export's ``text_encoder/`` (a folder that stands alone);
       off, the export names the LLM by id and weights digest, found under ``$OMNIDIFF_MODELS/llm/``
@@ -229,7 +231,7 @@ class RegistrySection(ConfigModel):
 
     export_dir: Path | None = None
     register: bool = True
-    model_name: NonBlank = "omnidiff-tiny"
+    model_name: NonBlank | None = None
     alias: NonBlank = "candidate"
     stage_alias: bool = True
     copy_llm: bool = False
@@ -249,7 +251,9 @@ class TrainConfig(ConfigModel):
       registry reference ``name@alias`` / ``name/version``. Its UNet is the stage-2 starting point and
       its text encoder named the stage-1 targets.
     init_from: the parent stage's export (folder or registry reference): stage 2 takes its adapter,
-      stage 3 its adapter and UNet. ``null`` starts the adapter fresh (stage 1).
+      stage 3 its adapter and UNet. ``null`` starts the adapter fresh (stage 1). ``auto``: the previous
+      stage of this run's own model, ``<model>@stage<N-1>`` with ``<model>`` as ``registry.model_name``
+      resolves (the run's snapshot's unless named); fresh for stage 1.
     align: stage 1's options (AlignSection); diffusion: stages 2-3's (DiffusionSection).
     micro_batch_size: examples per rank per forward; global_batch_size: examples per optimizer step
       (= micro x gradient accumulation x workers).

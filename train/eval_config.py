@@ -3,11 +3,45 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from omnidiff.config import ConfigModel
+from omnidiff.config import ConfigModel, require
+
+
+class MetricsSection(ConfigModel):
+    """CLIP score per language and prompt length, FID / KID against reference images (train/metrics.py).
+
+    Every path is local; nothing is downloaded (transformers loads with ``local_files_only``).
+
+    prompt_set: a JSONL prompt set (omnidiff/contracts/prompt_sets.py), e.g. configs/prompts/multilingual_v1.jsonl.
+    clip: a CLIP folder as ``CLIPModel.save_pretrained`` + ``CLIPProcessor.save_pretrained`` write it
+        (config.json, model.safetensors, tokenizer and preprocessor files), e.g. a local copy of
+        openai/clip-vit-large-patch14. CLIP reads English: every prompt is scored against its English reference.
+    reference_images: a folder of real images (png / jpg / webp, searched recursively): the real side of
+        FID and KID; None: no FID / KID.
+    feature_extractor: the image features FID / KID compare: a local transformers vision model folder
+        (config.json + model.safetensors + preprocessor_config.json; CLIP, CLIP vision, DINOv2, ...) or its
+        ``.safetensors`` file; None: the image tower of ``clip``.
+    max_reference_images: at most this many reference images (a seeded pick).
+    images_per_prompt: images drawn per prompt (each its own seed); a prompt's images are one bootstrap unit.
+    langs, lengths: only these languages / length buckets of the prompt set (empty = all).
+    kid_subsets, kid_subset_size: KID's subsets and their size (the size is capped at the smaller image count).
+    feature_batch_size: images per CLIP / feature-extractor forward pass.
+    """
+
+    prompt_set: Path
+    clip: Path
+    reference_images: Path | None = None
+    feature_extractor: Path | None = None
+    max_reference_images: int = Field(1000, ge=2)
+    images_per_prompt: int = Field(1, ge=1)
+    langs: tuple[str, ...] = ()
+    lengths: tuple[Literal["short", "long"], ...] = ()
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    feature_batch_size: int = Field(32, ge=1)
 
 
 class EvalConfig(ConfigModel):
@@ -34,6 +68,10 @@ class EvalConfig(ConfigModel):
     track: log to MLflow (an evaluate run, plus metrics and the report on each evaluated model's run).
     require_fit_evaluator: refuse an evaluator below 95% held-out accuracy (issue 2); false only for
         smoke runs on tiny budgets (tests), where the report then says the evaluator is unfit.
+    judge: ``world`` scores prompt faithfulness with the tiny world's attribute judge (the demo); ``none``
+        skips it (a real base has no such judge) and needs ``metrics``; the baseline is then only what
+        ``baseline`` names.
+    metrics: optional CLIP score / FID / KID on a prompt set (train/metrics.py); None: not computed.
     allow_other_world: judge a model whose training snapshot (its ``lineage.json``) holds mostly captions
         that are not in the judged world (train/evaluate.py ``check_judge_applies``); by default such a
         model is refused, since the world's judge only reads that world's attributes and every score
@@ -62,3 +100,11 @@ class EvalConfig(ConfigModel):
     track: bool = True
     require_fit_evaluator: bool = True
     allow_other_world: bool = False
+    judge: Literal["world", "none"] = "world"
+    metrics: MetricsSection | None = None
+
+    @model_validator(mode="after")
+    def _something_to_measure(self) -> EvalConfig:
+        require(self.judge == "world" or self.metrics is not None, "judge", self.judge,
+                "with no world judge there is nothing to measure: set metrics.prompt_set and metrics.clip")
+        return self

@@ -187,6 +187,10 @@ def render_html(report, cfg, command: str, seconds: float, figures: dict[str, An
         "<h2>Fréchet distance to real images (evaluator features; lower is better)</h2>",
         pd.Series(report.frechet, name="frechet").to_frame().to_html(border=0, float_format=lambda v: f"{v:.3f}"),
     ]
+    if getattr(report, "metrics", None) is not None:  # the config's metrics section (train/metrics.py)
+        from train.metrics import metrics_html
+
+        parts.append(metrics_html(report.metrics))
     if len(report.claims):
         parts += ["<h2>The paper's claims against the base model</h2>",
                   "<p>" + VERDICTS_EXPLAINED.format(conf=cfg.confidence, resamples=cfg.bootstrap_resamples,

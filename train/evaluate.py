@@ -14,14 +14,20 @@ self-contained HTML report with error bars and every sample labelled with its pr
 (train/eval_report.py), all logged to MLflow; report.json in the report folder is what
 ``python -m train.readme_results`` turns into the README's results block.
 
-With real weights on disk (an SD-class model plus Inception and CLIP weights) the same command
-would compute FID and CLIP score with torchmetrics; this tiny-world build scores with the world's
-own evaluator because no such weights exist offline here.
+Beyond the tiny world (issue 16 item 7): the config's optional ``metrics`` section (train/metrics.py)
+has every model draw a JSONL prompt set and reports torchmetrics' CLIP score per language and prompt
+length (against each prompt's English reference) and FID / KID against a folder of reference images,
+from local CLIP and feature-extractor folders; ``judge: none`` drops the world's attribute judge for
+a base that has none (configs/evaluate_metrics.yaml):
+
+    omnidiff evaluate stage3=path/to/export --config configs/evaluate_metrics.yaml -o baseline=path/to/sd15 \
+        -o metrics.clip=/models/clip-vit-large-patch14 -o metrics.reference_images=/data/reference
 """
 
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import shlex
 import sys
@@ -63,9 +69,10 @@ class EvalReport:
     baseline: str | None = None
     commit: str | None = None
     run_id: str | None = None
+    metrics: Any = None  # train.metrics.MetricsResult when the config has a metrics section
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        return {"metrics": self.metrics.to_dict() if self.metrics is not None else None,
             "report_dir": str(self.report_dir),
             "report_html": str(self.report_dir / "report.html"),
             "frechet": self.frechet,
@@ -272,6 +279,22 @@ def assemble(results: dict[str, Faithfulness], frechet: dict[str, float], zero_s
                       {label: r.images for label, r in results.items()}, baseline, git_commit())
 
 
+def _report_dir(cfg, models: dict[str, str]) -> Path:
+    report_dir = Path(cfg.report_dir) if cfg.report_dir else subdir(
+        "reports", "evaluate", hashlib.sha256(json.dumps(models, sort_keys=True).encode()).hexdigest()[:12])
+    report_dir.mkdir(parents=True, exist_ok=True)
+    return report_dir
+
+
+def measure(models: dict[str, str], cfg, baseline: str | None, resolution: int | None = None):
+    """The config's ``metrics`` section on ``models`` (train/metrics.py): CLIP score, FID / KID."""
+    from train.metrics import run_metrics
+
+    return run_metrics(models, cfg.metrics, lambda ref: _load_pipeline(ref, resolution), steps=cfg.steps,
+                       guidance=cfg.guidance, seed=cfg.seed, batch_size=cfg.batch_size, baseline=baseline,
+                       resamples=cfg.bootstrap_resamples, bootstrap_seed=cfg.bootstrap_seed, confidence=cfg.confidence)
+
+
 def evaluate(models: dict[str, str] | list[str] | str, cfg, inputs: EvalInputs | None = None,
              command: str | None = None) -> EvalReport:
     """Score every model in ``models`` (label -> reference) plus the baseline under label ``base``."""
@@ -281,6 +304,9 @@ def evaluate(models: dict[str, str] | list[str] | str, cfg, inputs: EvalInputs |
         models = [models]
     if isinstance(models, list):
         models = {ref: ref for ref in models}
+    command = command or "omnidiff evaluate " + " ".join(shlex.quote(f"{k}={v}") for k, v in models.items())
+    if getattr(cfg, "judge", "world") == "none":
+        return evaluate_metrics_only(dict(models), cfg, command)
     inputs = inputs or resolve_inputs(cfg)
     models = dict(models)
     if BASE_LABEL not in models and cfg.baseline != "none":
@@ -300,12 +326,46 @@ def evaluate(models: dict[str, str] | list[str] | str, cfg, inputs: EvalInputs |
         del pipe
     zero_shot_langs = set(inputs.prompts.loc[inputs.prompts.get("zero_shot", False).astype(bool), "lang"])
     baseline = BASE_LABEL if BASE_LABEL in models else next(iter(models))  # --compare A B: B judged against A
-    report_dir = Path(cfg.report_dir) if cfg.report_dir else subdir(
-        "reports", "evaluate", hashlib.sha256(json.dumps(models, sort_keys=True).encode()).hexdigest()[:12])
-    report_dir.mkdir(parents=True, exist_ok=True)
-    command = command or "omnidiff evaluate " + " ".join(shlex.quote(f"{k}={v}") for k, v in models.items())
+    report_dir = _report_dir(cfg, models)
     report = assemble(results, frechet, zero_shot_langs, cfg, report_dir, baseline)
+    if getattr(cfg, "metrics", None) is not None:
+        from train.metrics import write_metrics
+
+        report.metrics = measure(models, cfg, baseline)
+        write_metrics(report.metrics, report_dir)
     write_report(report, cfg, command, time.perf_counter() - t0)
+    if cfg.track:
+        report.run_id = log_report(report, models, cfg)
+    return report
+
+
+def evaluate_metrics_only(models: dict[str, str], cfg, command: str) -> EvalReport:
+    """``judge: none``: only the metrics section, at each model's native size; the baseline is what
+    ``baseline`` names (a base folder, an export or a registry reference), none when it is unset."""
+    from train.metrics import metrics_html, write_metrics
+
+    if cfg.baseline not in (None, "none") and BASE_LABEL not in models:
+        models = {BASE_LABEL: cfg.baseline, **models}
+    if not models:
+        raise ValueError("evaluate: no model to measure (give a MODEL, or set baseline)")
+    baseline = BASE_LABEL if BASE_LABEL in models else None
+    t0 = time.perf_counter()
+    report_dir = _report_dir(cfg, models)
+    empty = pd.DataFrame()
+    from omnidiff.tracking import git_commit
+
+    report = EvalReport(empty, empty, empty, {}, empty, report_dir, baseline=baseline, commit=git_commit())
+    report.metrics = measure(models, cfg, baseline)
+    write_metrics(report.metrics, report_dir)
+    seconds = time.perf_counter() - t0
+    (report_dir / "report.json").write_text(json.dumps({**report.to_dict(), "command": command, "seconds": seconds},
+                                                       indent=1, default=str))
+    (report_dir / "report.html").write_text(
+        "<!doctype html><html lang='en'><meta charset='utf-8'><title>omnidiff evaluation</title>"
+        "<body style='font-family:sans-serif;max-width:1200px;margin:1em auto'>"
+        f"<h1>CLIP score, FID and KID</h1><p>Reproduce: <code>{html.escape(command)}</code> ({seconds:.0f} s); "
+        f"{cfg.steps} sampling steps, guidance {cfg.guidance}, seed {cfg.seed}.</p>\n"
+        f"{metrics_html(report.metrics)}\n</body></html>\n", encoding="utf-8")
     if cfg.track:
         report.run_id = log_report(report, models, cfg)
     return report
@@ -335,12 +395,15 @@ def log_report(report: EvalReport, models: dict[str, str], cfg) -> str:
     from omnidiff.tracking import start_run
 
     def metrics_for(label: str) -> dict[str, float]:
-        rows = report.scores[report.scores["model"] == label]
+        rows = report.scores[report.scores["model"] == label] if len(report.scores) else report.scores
         out = {}
         for r in rows.itertuples():
             key = f"eval.{r.lang}.{'long' if r.length == LONG else 'short'}"
             out |= {key: float(r.score), f"{key}.ci_low": float(r.low), f"{key}.ci_high": float(r.high)}
-        out["eval.frechet"] = float(report.frechet[label])
+        if label in report.frechet:
+            out["eval.frechet"] = float(report.frechet[label])
+        if report.metrics is not None:
+            out |= report.metrics.mlflow_metrics(label)
         return out
 
     with start_run("evaluate", config=cfg, tags={"models": json.dumps(models)}) as run:
@@ -361,7 +424,19 @@ def log_report(report: EvalReport, models: dict[str, str], cfg) -> str:
 
 
 def format_table(report: EvalReport) -> str:
-    """The console view: scores with their 95% intervals, Fréchet distances, each claim's verdict."""
+    """The console view: scores with their 95% intervals, Fréchet distances, each claim's verdict, the metrics."""
+    lines = []
+    if len(report.scores):
+        lines += _judge_lines(report)
+    if report.metrics is not None:
+        from train.metrics import format_metrics
+
+        lines.append(format_metrics(report.metrics))
+    lines.append(f"report: {report.report_dir / 'report.html'}")
+    return "\n".join(lines)
+
+
+def _judge_lines(report: EvalReport) -> list[str]:
     cells = report.scores.assign(cell=[f"{r.score:.3f} [{r.low:.3f}, {r.high:.3f}]" for r in report.scores.itertuples()])
     table = cells.pivot(index=["lang", "length"], columns="model", values="cell")
     table = table[[m for m in dict.fromkeys(report.scores["model"])]]
@@ -370,9 +445,8 @@ def format_table(report: EvalReport) -> str:
     for r in report.claims.to_dict(orient="records"):
         lines.append(f"[{r['verdict'].upper():>12}] {r['model_label']}: {r['claim']}: {r['kind']} {r['estimate']:.3f} "
                      f"[{r['low']:.3f}, {r['high']:.3f}] ({r['model']:.3f} against {r['base']:.3f})")
-    lines.append(f"report: {report.report_dir / 'report.html'}")
-    return "\n".join(lines)
+    return lines
 
 
-__all__ = ["EvalReport", "assemble", "check_claims", "check_judge_applies", "evaluate", "format_table", "resolve_inputs", "score_table",
-           "select_prompts", "to_dict"]
+__all__ = ["EvalReport", "assemble", "check_claims", "check_judge_applies", "evaluate", "evaluate_metrics_only",
+           "format_table", "measure", "resolve_inputs", "score_table", "select_prompts", "to_dict"]

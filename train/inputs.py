@@ -40,6 +40,7 @@ from train.data import (
     require_keys,
     sample_prompt_table,
 )
+from train.registry import INIT_FROM_AUTO, parent_ref
 
 
 class TrainingError(RuntimeError):
@@ -66,6 +67,7 @@ class StageInputs:
     scheduler_config: dict = field(default_factory=dict)
     parent_lineage: dict = field(default_factory=dict)
     llm_stats: tuple[np.ndarray, np.ndarray] | None = None
+    init_ref: str | None = None  # what init_from named, ``auto`` resolved (train.registry.parent_ref)
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -130,15 +132,24 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
             raise TrainingError(f"base_model={cfg.base_model!r}: {base / sub} is missing (not a pipeline folder)")
     unet_config = json.loads((base / "unet" / "config.json").read_text())
     out_dim, pooled_dim = adapter_widths(base, unet_config)
-    init_from = resolve_model_ref(cfg.init_from, "init_from") if cfg.init_from else None
+    snapshot = open_snapshot(cfg.data.snapshot)
+    init_ref = parent_ref(cfg, snapshot.name)
+    try:
+        init_from = resolve_model_ref(init_ref, "init_from") if init_ref else None
+    except TrainingError as exc:
+        if cfg.init_from != INIT_FROM_AUTO:
+            raise
+        raise TrainingError(f"init_from=auto: the stage-{cfg.stage - 1} model of this run's data is {init_ref} "
+                            f"(snapshot {snapshot.name!r}), and it cannot be loaded ({exc}). Train stage "
+                            f"{cfg.stage - 1} on this snapshot first (it registers @stage{cfg.stage - 1}), or set "
+                            "init_from to an export folder or registry reference") from None
     parent_lineage = {}
     if init_from is not None:
         if not (init_from / "adapter").is_dir():
-            raise TrainingError(f"init_from={cfg.init_from!r}: {init_from} has no adapter/ (not an llm_adapter export)")
+            raise TrainingError(f"init_from={init_ref!r}: {init_from} has no adapter/ (not an llm_adapter export)")
         if (init_from / "lineage.json").is_file():
             parent_lineage = json.loads((init_from / "lineage.json").read_text())
 
-    snapshot = open_snapshot(cfg.data.snapshot)
     llm_path = llm_folder(cfg.llm.path)
     stores: dict[str, Any] = {}
     for kind, spec in cache_specs(cfg, base, llm_path, unet_config).items():
@@ -190,7 +201,7 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
     scheduler_config = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
     inputs = StageInputs(base, init_from, snapshot, llm_path, llm_encoder_inputs, llm_dim, out_dim, pooled_dim,
                          stores, examples, val_examples, scheduler_config=scheduler_config,
-                         parent_lineage=parent_lineage, llm_stats=llm_stats)
+                         parent_lineage=parent_lineage, llm_stats=llm_stats, init_ref=init_ref)
     _prompt_states(cfg, inputs, pairs)
     return inputs
 

@@ -103,6 +103,9 @@ def run(cfg: TrainConfig) -> dict:
     from omnidiff import tracking
 
     inputs = resolve_inputs(cfg)
+    from train.registry import model_name_for
+
+    model_name = model_name_for(cfg, inputs.snapshot.name)  # registry.model_name, or the run's own data's
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else subdir("checkpoints") / cfg.name
     resume_tag = check_checkpoint_folder(cfg, ckpt_dir, identity(cfg, inputs))
     export_dir = Path(cfg.registry.export_dir) if cfg.registry.export_dir else subdir("exports") / cfg.name
@@ -148,11 +151,11 @@ def run(cfg: TrainConfig) -> dict:
                 from train.registry import register_export
 
                 aliases = [cfg.registry.alias] + ([f"stage{cfg.stage}"] if cfg.registry.stage_alias else [])
-                version = register_export(export_dir, cfg.registry.model_name, aliases, lin, run_id)
+                version = register_export(export_dir, model_name, aliases, lin, run_id)
     print(f"[train] stage {cfg.stage} '{cfg.name}' done: loss {result['loss']:.5f}, export {export_dir}"
-          + (f", registered {cfg.registry.model_name} v{version} @{cfg.registry.alias}" if version else ""), flush=True)
+          + (f", registered {model_name} v{version} @{cfg.registry.alias}" if version else ""), flush=True)
     return {**result, **takeover, "export_dir": str(export_dir), "run_id": run_id, "model_version": version,
-            "model_ref": f"{cfg.registry.model_name}/{version}" if version else str(export_dir),
+            "model_name": model_name, "model_ref": f"{model_name}/{version}" if version else str(export_dir),
             "checkpoint_dir": str(ckpt_dir), "wall_s": wall}
 
 

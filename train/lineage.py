@@ -59,9 +59,9 @@ def lineage(cfg: TrainConfig, inputs: StageInputs, run_id: str | None) -> dict:
     parent = None
     if inputs.init_from is not None:
         parent_run = inputs.parent_lineage.get("run_id")
-        parent = {"ref": cfg.init_from, "path": str(inputs.init_from), "run_id": parent_run,
-                  "stage": inputs.parent_lineage.get("stage"),
-                  "model": registry_ref(cfg.init_from, parent_run, cfg.track)}
+        ref = inputs.init_ref or cfg.init_from  # init_from: auto, resolved
+        parent = {"ref": ref, "path": str(inputs.init_from), "run_id": parent_run,
+                  "stage": inputs.parent_lineage.get("stage"), "model": registry_ref(ref, parent_run, cfg.track)}
     return {
         "stage": cfg.stage,
         "name": cfg.name,
@@ -85,7 +85,7 @@ def log_inputs(cfg: TrainConfig, inputs: StageInputs, lin: dict) -> None:
 
     # What it read, readable back by flows/lineage.py: the snapshot, each cache by fingerprint and folder,
     # the base model's pretraining run.
-    mlflow.set_tags({"snapshot_digest": inputs.snapshot.digest, "parent_model": cfg.init_from or cfg.base_model,
+    mlflow.set_tags({"snapshot_digest": inputs.snapshot.digest, "parent_model": inputs.init_ref or cfg.base_model,
                      "parent_run_id": (lin.get("parent") or {}).get("run_id") or "",
                      "base_run_id": lin["base_model"].get("run_id") or "",
                      **{f"cache_fingerprint.{k}": s.fingerprint for k, s in inputs.stores.items()}})
