@@ -20,8 +20,7 @@ position too, so a resumed run, or one on a different worker count, sees the sam
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +265,7 @@ def sample_seed(seed: int, position: int) -> int:
 # from before) is read whole, as it was.
 
 DEFAULT_RESIDENT_SHARDS = 8
-_FOOTERS_KEPT = 64  # parsed Parquet footers kept per cache (reopening a shard then skips parsing its footer)
+_FILES_OPEN = 64  # shard files a rank keeps open per cache (a file descriptor and the parsed footer each)
 
 
 def fixed_width_keys(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -295,8 +294,8 @@ class ResidentShards:
     one piece, so the bound is then ``max_resident`` whole shards, as before.
 
     ``peak_resident`` / ``group_reads`` / ``shard_reads`` say how many row groups were ever held at once /
-    decoded in total / how many times a shard file was opened to read them; ``read_log`` (a list, optional)
-    receives every ``(shard ids, rows)`` a batch took (tests use it to check that a rank reads only its share).
+    decoded in total / how many times a shard was read from (its missing groups, once per batch); ``read_log``
+    (a list, optional) receives every ``(shard ids, rows)`` a batch took (tests use it to check that a rank reads only its share).
     """
 
     def __init__(self, store, max_resident: int = DEFAULT_RESIDENT_SHARDS, read_log: list | None = None):
@@ -305,7 +304,7 @@ class ResidentShards:
         self.store, self.max_resident, self.read_log = store, int(max_resident), read_log
         self.names = store.shard_names  # oldest first: the order that resolves duplicate keys
         self.group_starts: list[np.ndarray] = []  # per shard: int64 (G+1,), the first row of each row group + rows
-        self._footers: OrderedDict[int, pq.FileMetaData] = OrderedDict()
+        self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._tables: OrderedDict[tuple[int, int, tuple[str, ...]], pa.Table] = OrderedDict()
         self.peak_resident, self.shard_reads, self.group_reads = 0, 0, 0
 
@@ -317,11 +316,11 @@ class ResidentShards:
         row = np.full(len(unique), -1, dtype=np.int32)
         self.group_starts = []
         for shard_id in range(len(self.names)):
-            with self._open(shard_id) as parquet:
-                footer = parquet.metadata
-                rows = [footer.row_group(g).num_rows for g in range(footer.num_row_groups)]
-                self.group_starts.append(np.cumsum([0, *rows], dtype=np.int64))
-                shard_keys = fixed_width_keys(parquet.read(columns=["key"]).column("key"))  # (s,)
+            parquet = self._file(shard_id)
+            footer = parquet.metadata
+            rows = [footer.row_group(g).num_rows for g in range(footer.num_row_groups)]
+            self.group_starts.append(np.cumsum([0, *rows], dtype=np.int64))
+            shard_keys = fixed_width_keys(parquet.read(columns=["key"], use_threads=False).column("key"))  # (s,)
             at = np.minimum(np.searchsorted(unique, shard_keys), max(len(unique) - 1, 0))
             hit = (unique[at] == shard_keys) if len(unique) else np.zeros(len(shard_keys), bool)
             new = hit & (shard[at] < 0)
@@ -370,10 +369,11 @@ class ResidentShards:
         missing = [p for p in pieces.tolist() if p not in found]
         for shard_id in sorted({p >> 32 for p in missing}):
             groups = [p & 0xFFFFFFFF for p in missing if p >> 32 == shard_id]
+            parquet = self._file(shard_id)
             try:
-                with self._open(shard_id) as parquet:
-                    for g in groups:
-                        found[shard_id << 32 | g] = parquet.read_row_group(g, columns=list(columns)).combine_chunks()
+                for g in groups:  # small reads: Arrow's thread pool costs more than it saves here
+                    found[shard_id << 32 | g] = parquet.read_row_group(g, columns=list(columns),
+                                                                       use_threads=False).combine_chunks()
             except (OSError, pa.ArrowException) as exc:
                 from omnidiff.contracts.cache import CorruptShardError
 
@@ -387,30 +387,33 @@ class ResidentShards:
                 self.peak_resident = max(self.peak_resident, len(self._tables))
         return [found[p] for p in pieces.tolist()]
 
-    @contextmanager
-    def _open(self, shard_id: int) -> Iterator[pq.ParquetFile]:
-        """A listed shard as a ``ParquetFile`` (memory-mapped locally; ranged GETs of the groups read on S3),
-        closed on leaving the block."""
+    def _file(self, shard_id: int) -> pq.ParquetFile:
+        """A listed shard as an open ``ParquetFile``: plain reads locally (no memory map, whose touched pages would
+        count as this rank's memory), ranged GETs of the groups read on S3. At most ``_FILES_OPEN`` stay open."""
         from omnidiff.contracts.cache import SHARDS_DIR, CorruptShardError
 
+        if shard_id in self._files:
+            self._files.move_to_end(shard_id)
+            return self._files[shard_id]
         name = self.names[shard_id]
         folder = getattr(self.store, "folder", None)
         try:
             if folder is not None:
                 source = folder.fs.open_input_file(folder.path(f"{SHARDS_DIR}/{name}"))
             else:
-                source = pa.memory_map(str(Path(self.store.path) / SHARDS_DIR / name))
-            parquet = pq.ParquetFile(source, metadata=self._footers.get(shard_id))
+                source = pa.OSFile(str(Path(self.store.path) / SHARDS_DIR / name))
+            parquet = pq.ParquetFile(source)
         except (OSError, pa.ArrowException) as exc:
             raise CorruptShardError(self.store.path, {name: f"cannot read: {exc}"}) from None
-        self._footers[shard_id] = parquet.metadata
-        self._footers.move_to_end(shard_id)
-        while len(self._footers) > _FOOTERS_KEPT:
-            self._footers.popitem(last=False)
-        try:
-            yield parquet
-        finally:
-            parquet.close(force=True)  # closes the memory map / the S3 file it was given
+        self._files[shard_id] = parquet
+        while len(self._files) > _FILES_OPEN:
+            self._files.popitem(last=False)[1].close(force=True)  # closes the file it was given
+        return parquet
+
+    def close(self) -> None:
+        """Close the shard files kept open."""
+        while self._files:
+            self._files.popitem()[1].close(force=True)
 
     @property
     def resident(self) -> int:
