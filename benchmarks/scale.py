@@ -61,11 +61,12 @@ class TreeSampler(threading.Thread):
             name = proc.name()
         except Exception:  # noqa: BLE001  (a process that exited between listing and reading)
             return "gone"
-        if "default_worker.py" in cmd or name.startswith("ray::"):
+        if any(d in cmd or d in name for d in ("gcs_server", "raylet", "dashboard", "Dashboard", "log_monitor",
+                                               "monitor.py", "runtime_env", "RuntimeEnv", "ray_client_server",
+                                               "ray.util.client.server")):
+            return "ray"  # Ray's daemons and agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``)
+        if "default_worker.py" in cmd or name.startswith("ray::") or "setup_worker.py" in cmd:
             return "workers"
-        if any(d in cmd or d in name for d in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py",
-                                               "runtime_env", "ray_client_server", "ray/_private")):
-            return "ray"
         return "workers"  # img2dataset's processes, multiprocessing helpers
 
     def run(self) -> None:
