@@ -289,13 +289,15 @@ def fixed_width_keys(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 class ResidentShards:
     """One cache's shards as a training rank reads them: only the Parquet row groups that hold a batch's
-    rows, only the value columns it needs, and at most ``max_resident`` decoded row groups at a time (least
-    recently used first out). A shard of one row group (written before shards were cut into groups) is
-    one piece, so the bound is then ``max_resident`` whole shards, as before.
+    rows, only the value columns it needs, and at most ``max_resident`` shards' worth of decoded rows at a time
+    (``budget_rows`` = ``max_resident`` x the rows of the largest shard; least recently used groups out first).
+    So the bound means what it meant when a shard was read whole (a shard written as one row group, as before
+    row groups, is still one piece), while a batch decodes only the groups it needs.
 
-    ``peak_resident`` / ``group_reads`` / ``shard_reads`` say how many row groups were ever held at once /
-    decoded in total / how many times a shard was read from (its missing groups, once per batch); ``read_log``
-    (a list, optional) receives every ``(shard ids, rows)`` a batch took (tests use it to check that a rank reads only its share).
+    ``peak_resident`` / ``peak_resident_rows`` / ``group_reads`` / ``shard_reads`` say how many row groups /
+    rows were ever held at once, how many groups were decoded in total and how many times a shard was read
+    from (its missing groups, once per batch); ``read_log`` (a list, optional) receives every
+    ``(shard ids, rows)`` a batch took (tests use it to check that a rank reads only its share).
     """
 
     def __init__(self, store, max_resident: int = DEFAULT_RESIDENT_SHARDS, read_log: list | None = None):
@@ -306,7 +308,8 @@ class ResidentShards:
         self.group_starts: list[np.ndarray] = []  # per shard: int64 (G+1,), the first row of each row group + rows
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._tables: OrderedDict[tuple[int, int, tuple[str, ...]], pa.Table] = OrderedDict()
-        self.peak_resident, self.shard_reads, self.group_reads = 0, 0, 0
+        self.budget_rows, self.resident_rows = 0, 0  # the budget is set by locate (it reads each shard's size)
+        self.peak_resident, self.peak_resident_rows, self.shard_reads, self.group_reads = 0, 0, 0, 0
 
     def locate(self, keys: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
         """Fixed-width ``keys (N,)`` -> ``(shard id int32 (N,), row int32 (N,))``; the oldest shard wins a
@@ -326,6 +329,7 @@ class ResidentShards:
             new = hit & (shard[at] < 0)
             shard[at[new]] = shard_id
             row[at[new]] = np.flatnonzero(new)
+        self.budget_rows = self.max_resident * max((int(s[-1]) for s in self.group_starts), default=1)
         missing = np.flatnonzero(shard < 0)
         if len(missing):
             raise CacheMismatchError(
@@ -336,7 +340,7 @@ class ResidentShards:
 
     def take(self, shard: np.ndarray, row: np.ndarray, columns: Sequence[str]) -> pa.Table:
         """The rows ``(shard[i], row[i])`` in that order, ``columns`` only: the row groups holding them are
-        decoded (or found resident) once each, at most ``max_resident`` held at a time."""
+        decoded (or found resident) once each, in rounds of at most ``budget_rows`` rows."""
         columns = tuple(columns)
         shard = np.asarray(shard, dtype=np.int64)
         group, inner = np.empty(len(shard), np.int64), np.empty(len(shard), np.int64)  # (B,) each
@@ -346,13 +350,16 @@ class ResidentShards:
             g = np.searchsorted(starts, row[chosen], side="right") - 1
             group[chosen], inner[chosen] = g, row[chosen] - starts[g]
         wanted, inverse = np.unique(shard << 32 | group, return_inverse=True)  # pieces, shard-major
-        parts, order = [], []
-        for first in range(0, len(wanted), self.max_resident):  # at most max_resident pieces per round
-            tables = self._pieces(wanted[first : first + self.max_resident], columns)
+        sizes = np.array([self._group_rows(p) for p in wanted.tolist()], dtype=np.int64)  # rows of each piece
+        parts, order, first = [], [], 0
+        while first < len(wanted):  # rounds of at most budget_rows decoded rows (at least one piece)
+            last = first + max(1, int(np.searchsorted(np.cumsum(sizes[first:]), self.budget_rows, side="right")))
+            tables = self._pieces(wanted[first:last], columns)
             base = np.cumsum([0] + [t.num_rows for t in tables[:-1]])
-            mine = np.flatnonzero((inverse >= first) & (inverse < first + len(tables)))  # batch rows of this round
+            mine = np.flatnonzero((inverse >= first) & (inverse < last))  # batch rows of this round
             parts.append(pa.concat_tables(tables).take(pa.array(base[inverse[mine] - first] + inner[mine])))
             order.append(mine)
+            first = last
         table = parts[0] if len(parts) == 1 else pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(order))))
         if self.read_log is not None:
             self.read_log.append((shard.astype(np.int32), np.asarray(row).copy()))
@@ -381,11 +388,18 @@ class ResidentShards:
             self.shard_reads += 1
             self.group_reads += len(groups)
             for g in groups:
-                self._tables[(shard_id, g, columns)] = found[shard_id << 32 | g]
-                while len(self._tables) > self.max_resident:
-                    self._tables.popitem(last=False)
+                table = found[shard_id << 32 | g]
+                self._tables[(shard_id, g, columns)] = table
+                self.resident_rows += table.num_rows
+                while self.resident_rows > self.budget_rows and len(self._tables) > 1:
+                    self.resident_rows -= self._tables.popitem(last=False)[1].num_rows
                 self.peak_resident = max(self.peak_resident, len(self._tables))
+                self.peak_resident_rows = max(self.peak_resident_rows, self.resident_rows)
         return [found[p] for p in pieces.tolist()]
+
+    def _group_rows(self, piece: int) -> int:
+        starts = self.group_starts[piece >> 32]
+        return int(starts[(piece & 0xFFFFFFFF) + 1] - starts[piece & 0xFFFFFFFF])
 
     def _file(self, shard_id: int) -> pq.ParquetFile:
         """A listed shard as an open ``ParquetFile``: plain reads locally (no memory map, whose touched pages would
