@@ -62,12 +62,16 @@ class TreeSampler(threading.Thread):
             name = proc.name()
         except Exception:  # noqa: BLE001  (a process that exited between listing and reading)
             return "gone"
-        if any(d in cmd or d in name for d in ("gcs_server", "raylet", "dashboard", "Dashboard", "log_monitor",
-                                               "monitor.py", "runtime_env", "RuntimeEnv", "ray_client_server",
-                                               "ray.util.client.server")):
-            return "ray"  # Ray's daemons and agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``)
-        if "default_worker.py" in cmd or name.startswith("ray::") or "setup_worker.py" in cmd:
+        # Ray's agents run as ``ray::DashboardAgent`` / ``ray::RuntimeEnvAgent``; a worker's own command line
+        # names the agents' ports, so the agents are recognised by their title or script, before the workers.
+        if any(d in cmd for d in ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "dashboard/agent.py",
+                                  "runtime_env/agent/main.py")):
+            return "ray"
+        if "default_worker.py" in cmd or "setup_worker.py" in cmd or cmd.startswith("ray::") or name.startswith("ray::"):
             return "workers"
+        if any(d in cmd for d in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py",
+                                  "ray.util.client.server", "ray_client_server")):
+            return "ray"  # Ray's daemons
         return "workers"  # img2dataset's processes, multiprocessing helpers
 
     def run(self) -> None:
