@@ -11,7 +11,8 @@ Every measurement runs in a fresh process (so its peak RSS is its own), all in t
 * ``old``: the code before issue 17, kept below as the baseline: the whole example table as a pandas
   DataFrame, ``CacheStore.read`` (a dict of every cached key, and every shard it touched kept:
   ``max_cached_shards=1 << 16``), one array per sample padded in a Python loop.
-* ``new K=8``: ``train.data.CachedBatches`` as train.loop runs it (data.max_resident_shards = 8).
+* ``new K=8``: ``train.data.CachedBatches`` as train.loop runs it (data.max_resident_shards = 8): only the Parquet
+  row groups of a batch's rows are decoded (``--row-group-rows``; 0 writes one group per shard, as before).
 * ``new K=all``: the same with a bound above the shard count, to separate the vectorised assembly
   from the cost of re-reading evicted shards.
 
@@ -20,11 +21,13 @@ after one warm-up batch), the peak RSS of the process and its growth over the RS
 and the peak number of decoded shards held per cache. Same machine, same run, same batches (the
 checksum of the last batch must agree across the three ways, or the run stops).
 
-Measured here (2 shared CPU cores, 64-row shards, batch 32, default arguments): peak
-RSS growth 65 / 103 / 262 MiB (old) against 51 / 54 / 73 MiB (new K=8) at 4k / 16k / 65k rows, resident
-shards 64 / 256 / 859 against 8; ms per batch old 7.0 / 15.9 / 48.2, new K=all 5.1 / 8.0 / 44.2, new
-K=8 53.9 / 84.1 / 78.1 (each batch re-reads the shards it needs: the bound trades time for memory
-under a corpus-wide permutation).
+Measured here (2 shared CPU cores, batch 32, 64-row shards in row groups of 32 rows, default arguments; the
+figures move by up to ~1.5x between runs on this shared box): peak RSS growth 57 / 108 / 254 MiB (old) against
+62 / 68 / 79 MiB (new K=8) at 4k / 16k / 65k rows; ms per batch old 10.6 / 16.8 / 46.2, new K=8 25.7 / 31.4 /
+33.4 (0.41x / 0.53x / 1.38x), new K=all 3.8 / 10.1 / 25.0. Before shards had row groups (one group per shard)
+new K=8 was 0.13-0.62x the old time. With ``--shard-rows 2048`` (the embed stage's default) at 65k rows: growth
+307 MiB (old) against 124 MiB (new K=8), 1.48x faster. K counts shards' worth of rows (``budget_rows``); the
+resident column shows row groups.
 """
 
 from __future__ import annotations
