@@ -257,8 +257,8 @@ def sample_seed(seed: int, position: int) -> int:
 # What a rank holds (issue 17): per example, where its states live in each cache, as two int32
 # arrays (shard id, row in the shard): 8 bytes per example per cache instead of a table of Python
 # strings; the epoch's permutation (int32 below 2**31 examples); per shard the first row of each
-# Parquet row group (a few int64 per shard); and at most ``max_resident_shards`` decoded row groups per
-# cache (an LRU). The keys are read once, compared with each shard's key column as fixed-width bytes
+# Parquet row group (a few int64 per shard); and decoded row groups holding at most ``max_resident_shards``
+# shards' worth of rows per cache (an LRU). The keys are read once, compared with each shard's key column as fixed-width bytes
 # (sorted + searchsorted, no dict of the cache's keys) and dropped. A batch decodes only the row groups
 # holding its own rows (ParquetFile.read_row_group; the embed writer cuts shards into groups of
 # omnidiff.contracts.cache.SHARD_ROW_GROUP_ROWS rows), each once; a shard written as one row group (caches
