@@ -11,7 +11,8 @@ Every measurement runs in a fresh process (so its peak RSS is its own), all in t
 * ``old``: the code before issue 17, kept below as the baseline: the whole example table as a pandas
   DataFrame, ``CacheStore.read`` (a dict of every cached key, and every shard it touched kept:
   ``max_cached_shards=1 << 16``), one array per sample padded in a Python loop.
-* ``new K=8``: ``train.data.CachedBatches`` as train.loop runs it (data.max_resident_shards = 8).
+* ``new K=8``: ``train.data.CachedBatches`` as train.loop runs it (data.max_resident_shards = 8): only the Parquet
+  row groups of a batch's rows are decoded (``--row-group-rows``; 0 writes one group per shard, as before).
 * ``new K=all``: the same with a bound above the shard count, to separate the vectorised assembly
   from the cost of re-reading evicted shards.
 
@@ -20,11 +21,13 @@ after one warm-up batch), the peak RSS of the process and its growth over the RS
 and the peak number of decoded shards held per cache. Same machine, same run, same batches (the
 checksum of the last batch must agree across the three ways, or the run stops).
 
-Measured here (2 shared CPU cores, 64-row shards, batch 32, default arguments): peak
-RSS growth 65 / 103 / 262 MiB (old) against 51 / 54 / 73 MiB (new K=8) at 4k / 16k / 65k rows, resident
-shards 64 / 256 / 859 against 8; ms per batch old 7.0 / 15.9 / 48.2, new K=all 5.1 / 8.0 / 44.2, new
-K=8 53.9 / 84.1 / 78.1 (each batch re-reads the shards it needs: the bound trades time for memory
-under a corpus-wide permutation).
+Measured here (2 shared CPU cores, batch 32, 64-row shards in row groups of 32 rows, default arguments; the
+figures move by up to ~1.5x between runs on this shared box): peak RSS growth 57 / 108 / 254 MiB (old) against
+62 / 68 / 79 MiB (new K=8) at 4k / 16k / 65k rows; ms per batch old 10.6 / 16.8 / 46.2, new K=8 25.7 / 31.4 /
+33.4 (0.41x / 0.53x / 1.38x), new K=all 3.8 / 10.1 / 25.0. Before shards had row groups (one group per shard)
+new K=8 was 0.13-0.62x the old time. With ``--shard-rows 2048`` (the embed stage's default) at 65k rows: growth
+307 MiB (old) against 124 MiB (new K=8), 1.48x faster. K counts shards' worth of rows (``budget_rows``); the
+resident column shows row groups.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE = (4, 8, 8)
 
 
-def build_cache(root: Path, rows: int, dim: int, shard_rows: int) -> dict:
+def build_cache(root: Path, rows: int, dim: int, shard_rows: int, row_group_rows: int) -> dict:
     """LLM + image caches of ``rows`` examples and the example table, like the embed stage writes them."""
     import numpy as np
     import pandas as pd
@@ -63,7 +67,7 @@ def build_cache(root: Path, rows: int, dim: int, shard_rows: int) -> dict:
         for unit, start in enumerate(range(0, rows, shard_rows)):
             chunk = range(start, min(rows, start + shard_rows))
             values = [rng.normal(size=(4 + i % 25, dim)).astype(np.float16) for i in chunk]
-            writer.write(states_table([keys[i] for i in chunk], values), unit)
+            writer.write(states_table([keys[i] for i in chunk], values), unit, row_group_rows or len(chunk))
     p_inputs = pixels_inputs(IMAGE[-1])
     pix_dir = cache_dir("pixels", fingerprint(p_inputs), root)
     with open_writer(pix_dir, p_inputs) as writer:
@@ -71,7 +75,7 @@ def build_cache(root: Path, rows: int, dim: int, shard_rows: int) -> dict:
         for unit, start in enumerate(range(0, rows, shard_rows)):
             n = min(rows, start + shard_rows) - start
             values = rng.normal(size=(n, *IMAGE)).astype(np.float16)
-            writer.write(pixels_table(digests[start : start + n], values), unit)
+            writer.write(pixels_table(digests[start : start + n], values), unit, row_group_rows or n)
     examples = root / "examples.parquet"
     pd.DataFrame({"llm_key": keys, "pixel_key": digests, "lang": "en"}).to_parquet(examples, index=False)
     return {"llm": str(llm_dir), "pixels": str(pix_dir), "examples": str(examples)}
@@ -205,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=4096, help="examples at scale 1")
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--shard-rows", type=int, default=64, help="rows per cache shard (many small shards)")
+    parser.add_argument("--row-group-rows", type=int, default=None,
+                        help="rows per Parquet row group in a shard (default: the writer's SHARD_ROW_GROUP_ROWS); "
+                             "0 = one group per shard, the layout before")
     parser.add_argument("--dim", type=int, default=64, help="LLM hidden size of the synthetic states")
     parser.add_argument("--batch", type=int, default=32, help="micro-batch size")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per round")
@@ -218,16 +225,29 @@ def main(argv: list[str] | None = None) -> None:
                                  spec["resident"])))
         return
 
+    if args.row_group_rows is None:
+        from omnidiff.contracts.cache import SHARD_ROW_GROUP_ROWS
+
+        args.row_group_rows = SHARD_ROW_GROUP_ROWS
+    groups = f"row groups of {args.row_group_rows} rows" if args.row_group_rows else "one row group per shard"
     tmp = Path(tempfile.mkdtemp(prefix="train-data-bench-"))
+    try:
+        measure_all(args, tmp, groups)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure_all(args, tmp: Path, groups: str) -> None:
     print(f"batch {args.batch}, {args.batches} batches x {args.rounds} rounds (median), LLM dim {args.dim}, "
-          f"latents {IMAGE}, {args.shard_rows} rows per shard; one fresh process per line; 1 torch thread", flush=True)
+          f"latents {IMAGE}, {args.shard_rows} rows per shard in {groups}; one fresh process per line; "
+          "1 torch thread", flush=True)
     header = (f"{'rows':>7} {'shards':>6}  {'way':<10} {'ms/batch':>9} {'vs old':>7} {'1st batch s':>11} "
-              f"{'peak RSS MiB':>12} {'growth MiB':>10}  resident shards (llm, pixels)")
+              f"{'peak RSS MiB':>12} {'growth MiB':>10}  peak resident llm, pixels (old: shards, new: row groups)")
     print(header)
     for scale in args.scales:
         rows = args.rows * scale
         t0 = time.perf_counter()
-        paths = build_cache(tmp / f"x{scale}", rows, args.dim, args.shard_rows)
+        paths = build_cache(tmp / f"x{scale}", rows, args.dim, args.shard_rows, args.row_group_rows)
         build_s = time.perf_counter() - t0
         results = {"old": run_child("old", paths, args, 1 << 16),
                    f"new K={args.resident}": run_child("new", paths, args, args.resident),

@@ -37,6 +37,7 @@ from omnidiff.contracts.cache import (
     CORRUPT_SUFFIX,
     MANIFEST_NAME,
     SHARD_PREFIX,
+    SHARD_ROW_GROUP_ROWS,
     SHARDS_DIR,
     CacheError,
     encode_shard,
@@ -70,9 +71,10 @@ def _shard_entry(name: str, table: pa.Table, data: bytes) -> dict:
     return entry
 
 
-def _write_shard_object(folder: Folder, name: str, table: pa.Table, run_token: str | None) -> dict:
+def _write_shard_object(folder: Folder, name: str, table: pa.Table, run_token: str | None,
+                        row_group_rows: int = SHARD_ROW_GROUP_ROWS) -> dict:
     """:func:`write_shard_file` on object storage: one PUT of the finished bytes (no temp object)."""
-    data = encode_shard(table)
+    data = encode_shard(table, row_group_rows)
     entry = _shard_entry(name, table, data)
     if run_token is not None and _read_token(folder) != run_token:
         return {**entry, "stale": True}
@@ -83,19 +85,21 @@ def _write_shard_object(folder: Folder, name: str, table: pa.Table, run_token: s
 
 
 def write_shard_file(directory: str | Path, name: str, table: pa.Table, run_token: str | None = None,
-                     storage: S3Settings | None = None) -> dict:
+                     storage: S3Settings | None = None, row_group_rows: int = SHARD_ROW_GROUP_ROWS) -> dict:
     """Publish ``table`` as ``shards/<name>`` atomically; return its manifest entry.
 
     Called by the actors (they write where the data lives; the driver only publishes manifest
     entries). ``run_token`` guards against actors of a killed run: the shard is only renamed into
     place while the cache's ``.writer`` token is still theirs, else it is discarded and the entry
-    has ``stale: True``. An ``s3://`` directory gets one PUT (``storage`` or the AWS env vars).
+    has ``stale: True``. An ``s3://`` directory gets one PUT (``storage`` or the AWS env vars). The shard is
+    cut into Parquet row groups of ``row_group_rows`` rows, so a training rank decodes only the groups a
+    batch needs (omnidiff/contracts/cache.py ``SHARD_ROW_GROUP_ROWS``).
     """
     if is_remote(directory):
-        return _write_shard_object(open_folder(directory, storage), name, table, run_token)
+        return _write_shard_object(open_folder(directory, storage), name, table, run_token, row_group_rows)
     directory = Path(directory)
     shards = directory / SHARDS_DIR
-    data = encode_shard(table)
+    data = encode_shard(table, row_group_rows)
     tmp = shards / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
     with tmp.open("wb") as fh:
         fh.write(data)
@@ -340,9 +344,9 @@ class CacheWriter:
     def shard_name(self, unit: int) -> str:
         return shard_name(self.run_stamp, unit)
 
-    def write(self, table: pa.Table, unit: int) -> dict:
+    def write(self, table: pa.Table, unit: int, row_group_rows: int = SHARD_ROW_GROUP_ROWS) -> dict:
         """Write and publish a shard from the driver (small jobs, adoption, tests)."""
-        entry = write_shard_file(self.path, self.shard_name(unit), table, self.run_token, self.storage)
+        entry = write_shard_file(self.path, self.shard_name(unit), table, self.run_token, self.storage, row_group_rows)
         self.publish(entry)
         return entry
 

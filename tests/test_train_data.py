@@ -279,3 +279,125 @@ def test_pad_flat_matches_pad_states():
     assert torch.equal(states, flat_states) and torch.equal(mask, flat_mask)
     assert states.shape == (4, 5, 3) and mask.sum(1).tolist() == [2, 0, 5, 1]
     assert states[2, 4, 0] == 5 and states[0, 2:].abs().sum() == 0
+
+
+# ------------------------------------------------------------------------------ row groups (issue 17)
+
+
+def _grouped_caches(root, rows: int, shard_rows: int, row_group_rows: int, seed: int = 0):
+    """An LLM cache and a pixels cache of ``rows`` keys in shards of ``shard_rows`` rows cut into row groups of
+    ``row_group_rows`` rows (0: one group per shard, the layout before), and their diffusion example table."""
+    from embed_cache.writer import open_writer
+    from omnidiff.contracts.cache import cache_dir, pixels_table, states_table
+    from omnidiff.contracts.encoders import fingerprint, llm_inputs, pixels_inputs
+    from omnidiff.contracts.keys import text_key
+
+    rng = np.random.default_rng(seed)
+    keys = [text_key(f"grouped {i}") for i in range(rows)]
+    digests = [f"{i:064x}" for i in range(rows)]
+    dirs = {}
+    for kind, inputs, shape in (("llm", llm_inputs({"model": "grouped"}), (D_LLM,)),
+                                ("pixels", pixels_inputs(IMAGE[-1]), IMAGE)):
+        dirs[kind] = cache_dir(kind, fingerprint(inputs), root)
+        with open_writer(dirs[kind], inputs) as writer:
+            writer.set_value_shape(shape)
+            for unit, chunk in enumerate(_chunks(list(range(rows)), shard_rows)):
+                if kind == "llm":
+                    table = states_table([keys[i] for i in chunk],
+                                         [rng.normal(size=(1 + i % 7, D_LLM)).astype(np.float16) for i in chunk])
+                else:
+                    table = pixels_table([digests[i] for i in chunk],
+                                         rng.uniform(-1, 1, (len(chunk), *IMAGE)).astype(np.float16))
+                writer.write(table, unit, row_group_rows=row_group_rows or len(chunk))
+    examples = pd.DataFrame({"llm_key": keys, "pixel_key": digests, "lang": "en"})
+    return dirs, examples
+
+
+def test_shards_are_written_in_small_row_groups(tmp_path):
+    import pyarrow.parquet as pq
+
+    from omnidiff.contracts.cache import SHARD_ROW_GROUP_ROWS, SHARDS_DIR, CacheStore, encode_shard, states_table
+
+    table = states_table([f"k{i}" for i in range(70)], [np.ones((2, D_LLM), np.float16)] * 70)
+    groups = pq.ParquetFile(pa_buffer(encode_shard(table))).metadata
+    assert SHARD_ROW_GROUP_ROWS == 32
+    assert [groups.row_group(g).num_rows for g in range(groups.num_row_groups)] == [32, 32, 6]
+    one = pq.ParquetFile(pa_buffer(encode_shard(table, row_group_rows=100))).metadata
+    assert one.num_row_groups == 1
+    with pytest.raises(ValueError, match="row_group_rows=0"):
+        encode_shard(table, row_group_rows=0)
+    dirs, _ = _grouped_caches(tmp_path, rows=20, shard_rows=10, row_group_rows=4)
+    store = CacheStore(dirs["llm"])
+    for name in store.shard_names:  # the embed writer's shards, as a plain pyarrow reader sees them
+        meta = pq.ParquetFile(dirs["llm"] / SHARDS_DIR / name).metadata
+        assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [4, 4, 2]
+
+
+def pa_buffer(data: bytes):
+    import pyarrow as pa
+
+    return pa.BufferReader(data)
+
+
+@pytest.mark.parametrize("resident", [1, 4, 64])
+def test_batches_from_row_groups_equal_the_per_sample_assembly(tmp_path, resident):
+    """Shards of 12 rows in groups of 5: a batch decodes only the groups holding its rows, never holds more than
+    ``resident`` shards' worth of rows, and builds exactly what the per-sample code built."""
+    from omnidiff.contracts.cache import CacheStore
+    from train.data import CachedBatches
+
+    dirs, examples = _grouped_caches(tmp_path, rows=60, shard_rows=12, row_group_rows=5)
+    stores = {kind: CacheStore(path) for kind, path in dirs.items()}
+    batches = CachedBatches(examples, "diffusion", stores, seed=4, max_resident_shards=resident)
+    assert [len(s) for s in batches.shards["llm"].group_starts] == [4] * 5  # 3 groups per shard: 0, 5, 10, 12
+    for step in range(10):  # 80 positions: crosses an epoch boundary
+        positions = CachedBatches.positions(step, 8, 0, 1, 8, 0)
+        before = {k: s.group_reads for k, s in batches.shards.items()}
+        _assert_same(batches.batch(positions), _reference_batch(examples, "diffusion", stores, 4, positions))
+        rows = batches.example_index(positions)
+        for kind, shards in batches.shards.items():
+            shard, row = (w[rows] for w in batches.where[kind])
+            needed = {(int(s), int(r) // 5) for s, r in zip(shard, row, strict=True)}
+            assert shards.group_reads - before[kind] <= len(needed)  # only the groups of this batch's rows
+            assert shards.budget_rows == 12 * resident  # the bound: `resident` shards' worth of rows
+            assert shards.resident_rows == sum(t.num_rows for t in shards._tables.values()) <= shards.budget_rows
+            assert shards.peak_resident_rows <= shards.budget_rows
+            assert all(t.num_rows <= 5 for t in shards._tables.values())  # decoded pieces are groups, not shards
+    for shards in batches.shards.values():
+        if resident == 1:  # one shard's worth: several groups of different shards, evicted as batches pass
+            assert shards.peak_resident > 1 and shards.group_reads > 3 * 5
+
+
+def test_a_cache_mixing_one_group_shards_and_grouped_shards_reads_the_same(tmp_path):
+    """Shards written before row groups (one group each) and after, side by side in one stream."""
+    from omnidiff.contracts.cache import CacheStore
+    from train.data import CachedBatches
+
+    whole, examples = _grouped_caches(tmp_path / "whole", rows=36, shard_rows=9, row_group_rows=0, seed=1)
+    grouped, _ = _grouped_caches(tmp_path / "grouped", rows=36, shard_rows=9, row_group_rows=2, seed=1)
+    a = CachedBatches(examples, "diffusion", {k: CacheStore(p) for k, p in whole.items()}, seed=0,
+                      max_resident_shards=3)
+    b = CachedBatches(examples, "diffusion", {k: CacheStore(p) for k, p in grouped.items()}, seed=0,
+                      max_resident_shards=3)
+    assert {len(s) for s in a.shards["pixels"].group_starts} == {2} and {len(s) for s in b.shards["pixels"].group_starts} == {6}
+    for step in range(5):
+        positions = CachedBatches.positions(step, 8, 0, 1, 8, 0)
+        _assert_same(a.batch(positions), b.batch(positions))
+    assert b.shards["pixels"].group_reads > a.shards["pixels"].group_reads  # smaller pieces, more of them
+    assert a.shards["pixels"].group_reads == a.shards["pixels"].shard_reads  # one group = one whole shard
+
+
+def test_batches_read_row_groups_of_a_cache_on_s3(tmp_path, s3_prefix):
+    """The same stream over caches on the S3 server (ranged reads of the groups) equals the local one."""
+    from omnidiff.contracts.cache import CacheStore
+    from train.data import CachedBatches
+
+    local, examples = _grouped_caches(tmp_path, rows=24, shard_rows=8, row_group_rows=3, seed=2)
+    remote, _ = _grouped_caches(f"{s3_prefix}/cache", rows=24, shard_rows=8, row_group_rows=3, seed=2)
+    assert str(remote["llm"]).startswith("s3://")
+    a = CachedBatches(examples, "diffusion", {k: CacheStore(p) for k, p in local.items()}, seed=9, max_resident_shards=2)
+    b = CachedBatches(examples, "diffusion", {k: CacheStore(p) for k, p in remote.items()}, seed=9, max_resident_shards=2)
+    for step in range(3):
+        positions = CachedBatches.positions(step, 8, 0, 1, 8, 0)
+        _assert_same(b.batch(positions), a.batch(positions))
+    assert b.shards["llm"].group_reads == a.shards["llm"].group_reads

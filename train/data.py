@@ -256,12 +256,16 @@ def sample_seed(seed: int, position: int) -> int:
 #
 # What a rank holds (issue 17): per example, where its states live in each cache, as two int32
 # arrays (shard id, row in the shard): 8 bytes per example per cache instead of a table of Python
-# strings; the epoch's permutation (int32 below 2**31 examples); and at most ``max_resident_shards``
-# decoded shards per cache (an LRU). The keys are read once, compared with each shard's key column
-# as fixed-width bytes (sorted + searchsorted, no dict of the cache's keys) and dropped. A batch
-# reads only the cache rows of its own positions, each shard it needs once.
+# strings; the epoch's permutation (int32 below 2**31 examples); per shard the first row of each
+# Parquet row group (a few int64 per shard); and decoded row groups holding at most ``max_resident_shards``
+# shards' worth of rows per cache (an LRU). The keys are read once, compared with each shard's key column as fixed-width bytes
+# (sorted + searchsorted, no dict of the cache's keys) and dropped. A batch decodes only the row groups
+# holding its own rows (ParquetFile.read_row_group; the embed writer cuts shards into groups of
+# omnidiff.contracts.cache.SHARD_ROW_GROUP_ROWS rows), each once; a shard written as one row group (caches
+# from before) is read whole, as it was.
 
 DEFAULT_RESIDENT_SHARDS = 8
+_FILES_OPEN = 64  # shard files a rank keeps open per cache (a file descriptor and the parsed footer each)
 
 
 def fixed_width_keys(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -284,12 +288,16 @@ def fixed_width_keys(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 class ResidentShards:
-    """One cache's shards as a training rank reads them: at most ``max_resident`` decoded shards at a
-    time (least recently used first out), only the value columns a batch needs.
+    """One cache's shards as a training rank reads them: only the Parquet row groups that hold a batch's
+    rows, only the value columns it needs, and at most ``max_resident`` shards' worth of decoded rows at a time
+    (``budget_rows`` = ``max_resident`` x the rows of the largest shard; least recently used groups out first).
+    So the bound means what it meant when a shard was read whole (a shard written as one row group, as before
+    row groups, is still one piece), while a batch decodes only the groups it needs.
 
-    ``peak_resident`` / ``shard_reads`` say how many were ever held at once / read in total;
-    ``read_log`` (a list, optional) receives every ``(shard ids, rows)`` a batch took (tests use it to
-    check that a rank reads only its own share).
+    ``peak_resident`` / ``peak_resident_rows`` / ``group_reads`` / ``shard_reads`` say how many row groups /
+    rows were ever held at once, how many groups were decoded in total and how many times a shard was read
+    from (its missing groups, once per batch); ``read_log`` (a list, optional) receives every
+    ``(shard ids, rows)`` a batch took (tests use it to check that a rank reads only its share).
     """
 
     def __init__(self, store, max_resident: int = DEFAULT_RESIDENT_SHARDS, read_log: list | None = None):
@@ -297,8 +305,11 @@ class ResidentShards:
             raise ValueError(f"max_resident_shards={max_resident}: must be >= 1")
         self.store, self.max_resident, self.read_log = store, int(max_resident), read_log
         self.names = store.shard_names  # oldest first: the order that resolves duplicate keys
-        self._tables: OrderedDict[tuple[int, tuple[str, ...]], pa.Table] = OrderedDict()
-        self.peak_resident, self.shard_reads = 0, 0
+        self.group_starts: list[np.ndarray] = []  # per shard: int64 (G+1,), the first row of each row group + rows
+        self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self._tables: OrderedDict[tuple[int, int, tuple[str, ...]], pa.Table] = OrderedDict()
+        self.budget_rows, self.resident_rows = 0, 0  # the budget is set by locate (it reads each shard's size)
+        self.peak_resident, self.peak_resident_rows, self.shard_reads, self.group_reads = 0, 0, 0, 0
 
     def locate(self, keys: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
         """Fixed-width ``keys (N,)`` -> ``(shard id int32 (N,), row int32 (N,))``; the oldest shard wins a
@@ -306,13 +317,19 @@ class ResidentShards:
         unique, inverse = np.unique(keys, return_inverse=True)  # sorted, so each shard's keys are searched
         shard = np.full(len(unique), -1, dtype=np.int32)
         row = np.full(len(unique), -1, dtype=np.int32)
-        for shard_id, name in enumerate(self.names):
-            shard_keys = fixed_width_keys(self.store._read_shard(name, ["key"]).column("key"))  # (s,)
+        self.group_starts = []
+        for shard_id in range(len(self.names)):
+            parquet = self._file(shard_id)
+            footer = parquet.metadata
+            rows = [footer.row_group(g).num_rows for g in range(footer.num_row_groups)]
+            self.group_starts.append(np.cumsum([0, *rows], dtype=np.int64))
+            shard_keys = fixed_width_keys(parquet.read(columns=["key"], use_threads=False).column("key"))  # (s,)
             at = np.minimum(np.searchsorted(unique, shard_keys), max(len(unique) - 1, 0))
             hit = (unique[at] == shard_keys) if len(unique) else np.zeros(len(shard_keys), bool)
             new = hit & (shard[at] < 0)
             shard[at[new]] = shard_id
             row[at[new]] = np.flatnonzero(new)
+        self.budget_rows = self.max_resident * max((int(s[-1]) for s in self.group_starts), default=1)
         missing = np.flatnonzero(shard < 0)
         if len(missing):
             raise CacheMismatchError(
@@ -322,41 +339,95 @@ class ResidentShards:
         return shard[inverse], row[inverse]
 
     def take(self, shard: np.ndarray, row: np.ndarray, columns: Sequence[str]) -> pa.Table:
-        """The rows ``(shard[i], row[i])`` in that order, ``columns`` only: one ``take`` over the shards they
-        live in, each read (or found resident) once."""
-        wanted, inverse = np.unique(shard, return_inverse=True)
-        if len(wanted) > self.max_resident:
-            # More shards than the bound in one batch: take per shard, holding one shard at a time.
-            parts = [self._shard(int(s), columns).take(pa.array(row[shard == s])) for s in wanted]
-            order = np.argsort(np.argsort(inverse, kind="stable"), kind="stable")  # batch row -> its place in parts
-            table = pa.concat_tables(parts).take(pa.array(order))
-        else:
-            tables = [self._shard(int(s), columns) for s in wanted]
+        """The rows ``(shard[i], row[i])`` in that order, ``columns`` only: the row groups holding them are
+        decoded (or found resident) once each, in rounds of at most ``budget_rows`` rows."""
+        columns = tuple(columns)
+        shard = np.asarray(shard, dtype=np.int64)
+        group, inner = np.empty(len(shard), np.int64), np.empty(len(shard), np.int64)  # (B,) each
+        for s in np.unique(shard):
+            chosen = shard == s
+            starts = self.group_starts[int(s)]
+            g = np.searchsorted(starts, row[chosen], side="right") - 1
+            group[chosen], inner[chosen] = g, row[chosen] - starts[g]
+        wanted, inverse = np.unique(shard << 32 | group, return_inverse=True)  # pieces, shard-major
+        sizes = np.array([self._group_rows(p) for p in wanted.tolist()], dtype=np.int64)  # rows of each piece
+        parts, order, first = [], [], 0
+        while first < len(wanted):  # rounds of at most budget_rows decoded rows (at least one piece)
+            last = first + max(1, int(np.searchsorted(np.cumsum(sizes[first:]), self.budget_rows, side="right")))
+            tables = self._pieces(wanted[first:last], columns)
             base = np.cumsum([0] + [t.num_rows for t in tables[:-1]])
-            table = pa.concat_tables(tables).take(pa.array(base[inverse] + row))
+            mine = np.flatnonzero((inverse >= first) & (inverse < last))  # batch rows of this round
+            parts.append(pa.concat_tables(tables).take(pa.array(base[inverse[mine] - first] + inner[mine])))
+            order.append(mine)
+            first = last
+        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(order))))
         if self.read_log is not None:
-            self.read_log.append((shard.copy(), row.copy()))
+            self.read_log.append((shard.astype(np.int32), np.asarray(row).copy()))
         return table
 
-    def _shard(self, shard_id: int, columns: Sequence[str]) -> pa.Table:
-        key = (shard_id, tuple(columns))
-        if key in self._tables:
-            self._tables.move_to_end(key)
-            return self._tables[key]
+    def _pieces(self, pieces: np.ndarray, columns: tuple[str, ...]) -> list[pa.Table]:
+        """The decoded row groups ``pieces`` (``shard << 32 | group``), reading the missing ones shard by shard."""
+        found: dict[int, pa.Table] = {}
+        for piece in pieces.tolist():
+            key = (piece >> 32, piece & 0xFFFFFFFF, columns)
+            if key in self._tables:
+                self._tables.move_to_end(key)
+                found[piece] = self._tables[key]
+        missing = [p for p in pieces.tolist() if p not in found]
+        for shard_id in sorted({p >> 32 for p in missing}):
+            groups = [p & 0xFFFFFFFF for p in missing if p >> 32 == shard_id]
+            parquet = self._file(shard_id)
+            try:
+                for g in groups:  # small reads: Arrow's thread pool costs more than it saves here
+                    found[shard_id << 32 | g] = parquet.read_row_group(g, columns=list(columns),
+                                                                       use_threads=False).combine_chunks()
+            except (OSError, pa.ArrowException) as exc:
+                from omnidiff.contracts.cache import CorruptShardError
+
+                raise CorruptShardError(self.store.path, {self.names[shard_id]: f"cannot read: {exc}"}) from None
+            self.shard_reads += 1
+            self.group_reads += len(groups)
+            for g in groups:
+                table = found[shard_id << 32 | g]
+                self._tables[(shard_id, g, columns)] = table
+                self.resident_rows += table.num_rows
+                while self.resident_rows > self.budget_rows and len(self._tables) > 1:
+                    self.resident_rows -= self._tables.popitem(last=False)[1].num_rows
+                self.peak_resident = max(self.peak_resident, len(self._tables))
+                self.peak_resident_rows = max(self.peak_resident_rows, self.resident_rows)
+        return [found[p] for p in pieces.tolist()]
+
+    def _group_rows(self, piece: int) -> int:
+        starts = self.group_starts[piece >> 32]
+        return int(starts[(piece & 0xFFFFFFFF) + 1] - starts[piece & 0xFFFFFFFF])
+
+    def _file(self, shard_id: int) -> pq.ParquetFile:
+        """A listed shard as an open ``ParquetFile``: plain reads locally (no memory map, whose touched pages would
+        count as this rank's memory), ranged GETs of the groups read on S3. At most ``_FILES_OPEN`` stay open."""
+        from omnidiff.contracts.cache import SHARDS_DIR, CorruptShardError
+
+        if shard_id in self._files:
+            self._files.move_to_end(shard_id)
+            return self._files[shard_id]
         name = self.names[shard_id]
+        folder = getattr(self.store, "folder", None)
         try:
-            table = self.store._read_shard(name, list(columns))
+            if folder is not None:
+                source = folder.fs.open_input_file(folder.path(f"{SHARDS_DIR}/{name}"))
+            else:
+                source = pa.OSFile(str(Path(self.store.path) / SHARDS_DIR / name))
+            parquet = pq.ParquetFile(source)
         except (OSError, pa.ArrowException) as exc:
-            from omnidiff.contracts.cache import CorruptShardError
-
             raise CorruptShardError(self.store.path, {name: f"cannot read: {exc}"}) from None
-        table = table.combine_chunks()
-        self.shard_reads += 1
-        self._tables[key] = table
-        while len(self._tables) > self.max_resident:
-            self._tables.popitem(last=False)
-        self.peak_resident = max(self.peak_resident, len(self._tables))
-        return table
+        self._files[shard_id] = parquet
+        while len(self._files) > _FILES_OPEN:
+            self._files.popitem(last=False)[1].close(force=True)  # closes the file it was given
+        return parquet
+
+    def close(self) -> None:
+        """Close the shard files kept open."""
+        while self._files:
+            self._files.popitem()[1].close(force=True)
 
     @property
     def resident(self) -> int:

@@ -234,8 +234,18 @@ def pixels_table(
     return pa.Table.from_arrays(columns, schema=expected_schema("pixels", values16.shape[1:], original_sizes is not None))
 
 
-def encode_shard(table: pa.Table) -> bytes:
-    """Parquet bytes. Byte-stream-split + zstd on the float16 columns: ~0.85-0.95 of raw fp16 size."""
+# Rows per Parquet row group in a shard. A training rank decodes only the row groups holding a batch's rows
+# (train.data.ResidentShards reads them with ParquetFile.read_row_groups), so a small group keeps the bytes
+# decoded per sampled row small; 32 rows cost ~1-3% in file size and ~0.3 KB of footer per group. A storage
+# layout, not a format: readers take any row-group layout (shards written before hold one group each).
+SHARD_ROW_GROUP_ROWS = 32
+
+
+def encode_shard(table: pa.Table, row_group_rows: int = SHARD_ROW_GROUP_ROWS) -> bytes:
+    """Parquet bytes in row groups of ``row_group_rows`` rows. Byte-stream-split + zstd on the float16
+    columns: ~0.85-0.95 of raw fp16 size."""
+    if int(row_group_rows) < 1:
+        raise ValueError(f"row_group_rows={row_group_rows}: must be >= 1")
     float_columns = {
         "states": "states.list.element.list.element",
         "pooled": "pooled.list.element",
@@ -250,7 +260,7 @@ def encode_shard(table: pa.Table) -> bytes:
         compression_level=1,
         use_dictionary=["key"],
         use_byte_stream_split=split,
-        row_group_size=max(1, table.num_rows),
+        row_group_size=int(row_group_rows),
     )
     return buf.getvalue()
 
