@@ -39,6 +39,7 @@ from omnidiff.contracts.encoders import vae_scale_factor
 from omnidiff.models.adapter import OmniAdapter
 from omnidiff.models.clip_text import ClipTextEncoder
 from omnidiff.models.llm import LLMTextEncoder
+from omnidiff.models.unet import add_coord_channels, coord_channels
 from omnidiff.text import normalise_caption
 
 log = logging.getLogger("omnidiff")
@@ -111,6 +112,7 @@ def predict_noise(unet, sample, timesteps, tokens, pooled, mask, time_ids=None):
     :func:`sdxl_time_ids`) -> the UNet's prediction ``(B, C, H, W)``. ``pooled`` goes in as the tiny
     base's class embedding (``class_embed_type`` "projection") or as SDXL's ``text_embeds`` with the
     time ids (``addition_embed_type`` "text_time", diffusers' ``added_cond_kwargs``); SD 1.5 reads neither.
+    A UNet with two more inputs than outputs also gets the pixel coordinates (omnidiff/models/unet.py).
     """
     class_labels = pooled if unet.config.class_embed_type == "projection" else None
     added = None
@@ -129,6 +131,8 @@ def predict_noise(unet, sample, timesteps, tokens, pooled, mask, time_ids=None):
         used = mask.any(0).nonzero()
         keep = int(used.max()) + 1 if len(used) else 1
         tokens, mask = tokens[:, :keep], mask[:, :keep]
+    if coord_channels(unet):  # a CoordConv UNet (omnidiff/models/unet.py): y and x after the sample
+        sample = add_coord_channels(sample)
     return unet(
         sample,
         timesteps,
@@ -323,7 +327,7 @@ class OmniDiffusionPipeline:
                 torch.cat(pair) for pair in ((u_tokens, tokens), (u_pooled, pooled), (u_mask, mask))
             )
 
-        channels = int(self.unet.config.in_channels)
+        channels = int(self.unet.config.out_channels)  # in_channels also counts coordinate channels
         shape = (channels, height // down, width // down)
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
         latents = torch.stack(noise).to(dev, dtype)  # (B, C, h, w)

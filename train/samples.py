@@ -66,7 +66,7 @@ def sample_images(
     if unet.config.addition_embed_type == "text_time":  # SDXL: uncropped, at the base's own size
         time_ids = sdxl_time_ids((side, side), (0, 0), (side, side)).expand(2 * n, 6).to(device)
     seeds = [seed + i for i in range(n)] if seeds is None else list(seeds)
-    noise = [torch.randn(unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(int(s)))
+    noise = [torch.randn(unet.config.out_channels, size, size, generator=torch.Generator().manual_seed(int(s)))
              for s in seeds]
     x = torch.stack(noise).to(device) * scheduler.init_noise_sigma  # (N, C, h, w)
     for t in scheduler.timesteps:

@@ -47,12 +47,16 @@ class UNetConfig(ConfigModel):
     attention_head_dim: channels per attention head.
     use_pooled: also condition on the text encoder's pooled embedding (SDXL-style ``text`` addition
       embedding); the adapter has a pooled head for exactly this (PAPER.md).
+    coord_channels: feed the pixel coordinates (y, x) as two extra input channels (CoordConv), so the UNet
+      knows where each pixel is and can draw "in the top left corner" there; without them it drew a
+      corner shape in whichever corner the noise suggested (omnidiff/models/unet.py, issue 18).
     """
 
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
     attention_head_dim: int = Field(8, ge=1)
     use_pooled: bool = True
+    coord_channels: bool = False
 
     @model_validator(mode="after")
     def _levels(self) -> UNetConfig:

@@ -129,6 +129,7 @@ def build_models(cfg: BaseConfig):
         layers_per_block=cfg.unet.layers_per_block,
         attention_head_dim=cfg.unet.attention_head_dim,
         pooled_dim=te.hidden if cfg.unet.use_pooled else None,
+        coord_channels=cfg.unet.coord_channels,
     )
     scheduler = DDPMScheduler(
         num_train_timesteps=cfg.pretrain.num_train_timesteps,

@@ -7,11 +7,46 @@ here (../shared/NOTES.md): block_out_channels (32, 64, 64), cross-attention in t
 
     unet = build_unet(16, 3, 3, (32, 64, 64), cross_attention_dim=128, layers_per_block=1, attention_head_dim=8)
     eps = unet(x, t, encoder_hidden_states=tokens, encoder_attention_mask=mask).sample   # (B, 3, 16, 16)
+
+Coordinate channels (CoordConv, Liu et al. 2018, https://arxiv.org/abs/1807.03247; issue 18 item 2):
+``build_unet(..., coord_channels=True)`` makes ``in_channels = out_channels + 2``, and
+``omnidiff.pipeline.predict_noise`` appends two fixed channels, y and x in [-1, 1], to every sample
+(:func:`add_coord_channels`). A convolution and a cross-attention query are the same at every pixel,
+so without them the UNet can only tell where it is from the zero padding: the tiny base then drew
+"in the top left corner" in whichever corner the noise suggested (benchmarks/base_position.py).
+The folder stays a plain diffusers ``UNet2DConditionModel``; the channel difference is the marker.
 """
 
 from __future__ import annotations
 
 import math
+
+import torch
+
+COORD_CHANNELS = 2  # y, x
+
+
+def coord_channels(unet) -> int:
+    """How many coordinate channels ``unet`` reads after the sample: 2 when ``in_channels = out_channels + 2``
+    (built with ``coord_channels=True``), 0 when they are equal; any other difference is refused."""
+    extra = int(unet.config.in_channels) - int(unet.config.out_channels)
+    if extra not in (0, COORD_CHANNELS):
+        raise ValueError(
+            f"UNet with in_channels={unet.config.in_channels}, out_channels={unet.config.out_channels}: "
+            f"expected equal counts, or {COORD_CHANNELS} more inputs (coordinate channels); other extra inputs "
+            "(e.g. an inpainting UNet's mask and masked image) are not supported"
+        )
+    return extra
+
+
+def add_coord_channels(sample: torch.Tensor) -> torch.Tensor:
+    """``sample (B, C, H, W)`` -> ``(B, C + 2, H, W)``: the sample, then y and x (pixel centres spanning
+    [-1, 1]: -1 = top / left). A function of the grid size only, so any resolution gets its own grid."""
+    b, _, h, w = sample.shape
+    ys = torch.linspace(-1.0, 1.0, h, device=sample.device, dtype=sample.dtype)  # (H,)
+    xs = torch.linspace(-1.0, 1.0, w, device=sample.device, dtype=sample.dtype)  # (W,)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))  # (2, H, W)
+    return torch.cat([sample, grid.expand(b, -1, -1, -1)], dim=1)
 
 
 def build_unet(
@@ -24,6 +59,7 @@ def build_unet(
     attention_head_dim: int = 8,
     pooled_dim: int | None = None,
     cross_attention_levels: int | None = None,
+    coord_channels: bool = False,
 ):
     """A ``UNet2DConditionModel`` with cross-attention in the ``cross_attention_levels`` lowest-resolution
     levels (default: all but the first, full-resolution one, where attention is the costliest) and in
@@ -34,6 +70,8 @@ def build_unet(
     ``pooled_dim`` adds SDXL-like pooled-text conditioning: the pooled embedding ``(B, pooled_dim)`` is
     projected and added to the timestep embedding (``class_embed_type="projection"``); pass it as
     ``class_labels=pooled`` in forward.
+    ``coord_channels`` adds two input channels for the pixel coordinates (``in_channels + 2`` inputs;
+    ``omnidiff.pipeline.predict_noise`` fills them with :func:`add_coord_channels`).
     """
     from diffusers import UNet2DConditionModel
 
@@ -57,7 +95,7 @@ def build_unet(
     groups = math.gcd(32, *channels)  # GroupNorm needs groups dividing every width
     return UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=in_channels,
+        in_channels=in_channels + (COORD_CHANNELS if coord_channels else 0),
         out_channels=out_channels,
         down_block_types=down,
         up_block_types=up,

@@ -1,0 +1,151 @@
+"""Does the base model draw position? Pretrain base variants (or load folders) and judge where they draw.
+
+    .venv/bin/python benchmarks/base_position.py --config configs/base.yaml --evaluator EVALUATOR_DIR \\
+        --variant before:unet.coord_channels=false --variant coord:unet.coord_channels=true \\
+        [--set pretrain.steps=500 ...] [--model NAME=FOLDER ...] [--images 4]
+
+Each ``--variant NAME:KEY=VALUE,...`` pretrains the base of ``--config`` with those dotted overrides
+(plus every ``--set``; nothing is cached) and each ``--model NAME=FOLDER`` loads a pipeline folder. For
+every model it prints:
+- faithfulness per attribute on the world's short English eval prompts (``--images`` images each,
+  the demo's sampler: 20 DPM-Solver++ steps, guidance 3), and the position confusion (asked x drawn);
+- the corner test: one prompt in its four corner wordings, each sampled from the same noise
+  (``--corner-seeds`` seeds). "follows word" is the share of images drawn in the corner asked for;
+  "same corner" the share of seeds whose four images all land in one corner (1.0 = the noise decides);
+- a linear probe of the text encoder: can the position be read from the states the UNet attends to
+  (mean over the real tokens) and from the pooled state (what the UNet adds to its time embedding)?
+- pretraining wall time and s/step, and its ratio to the first variant's, measured in the same run.
+
+Used for issue 18 item 2 (omnidiff/models/unet.py: coordinate channels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CORNERS = {"top-left": "top left", "top-right": "top right", "bottom-left": "bottom left", "bottom-right": "bottom right"}
+CORNER_PROMPT = "a large red circle in the {} corner on a black background"
+
+
+def text_probe(text_encoder, captions: list[str], labels: list[str], seed: int = 0) -> dict[str, float]:
+    """Held-out accuracy of a linear classifier of ``labels`` from the encoder's mean token state and its pooled state."""
+    import torch
+
+    with torch.no_grad():
+        states, mask, pooled = text_encoder.encode(captions, 1)  # (N, 77, D), (N, 77), (N, D)
+    mean = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (N, D)
+    classes = sorted(set(labels))
+    y = torch.tensor([classes.index(v) for v in labels])
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_fit = len(y) * 2 // 3
+    fit, held = order[:n_fit], order[n_fit:]
+    out = {}
+    for name, x in (("mean_states", mean), ("pooled", pooled)):
+        x = (x - x[fit].mean(0)) / (x[fit].std(0) + 1e-6)
+        w = torch.zeros(x.shape[1], len(classes), requires_grad=True)
+        b = torch.zeros(len(classes), requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=0.05)
+        for _ in range(300):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(x[fit] @ w + b, y[fit]).backward()
+            opt.step()
+        out[name] = float(((x[held] @ w + b).argmax(1) == y[held]).float().mean())
+    return out
+
+
+def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_seeds: int) -> dict:
+    import numpy as np
+    import pandas as pd
+
+    from omnidiff import scoring
+    from omnidiff.text import normalise_caption
+
+    prompts = pd.read_parquet(world / "eval_prompts.parquet")
+    prompts = prompts[(prompts["lang"] == "en") & (scoring.length_buckets(prompts) == scoring.SHORT).to_numpy()]
+    prompts = scoring.select_prompts(prompts, ["en"], 0, images, seed=0).reset_index(drop=True)
+    t0 = time.perf_counter()
+    drawn = scoring.generate_images(pipe, prompts["prompt"].tolist(), 0, 20, 3.0, 64, name=f"{name} eval")
+    verdicts = scoring.judge(prompts, evaluator.predict(drawn))
+    scores = {a: float(verdicts[f"ok_{a}"].dropna().astype(float).mean()) for a in evaluator.labels}
+    confusion = pd.crosstab(verdicts["position"], verdicts["pred_position"])
+    # The corner test: the same noise for all four wordings; the drawn corner should follow the words.
+    words = [CORNER_PROMPT.format(c) for c in CORNERS.values()]
+    rows = []
+    for seed in range(corner_seeds):
+        ims = pipe(words, num_inference_steps=20, guidance_scale=3.0, seed=[1000 + seed] * 4, output_type="np")
+        rows.append(evaluator.predict(ims)["position"])
+    rows = np.array(rows)  # (seeds, 4)
+    follows = float((rows == np.array(list(CORNERS))).mean())
+    same = float(np.mean([len(set(r)) == 1 for r in rows]))
+    pairs = pd.read_parquet(world / "pairs.parquet", columns=["caption_en", "position", "is_long"])
+    pairs = pairs[~pairs["is_long"]].drop_duplicates("caption_en").head(900)
+    probe = text_probe(pipe.text_encoder, [normalise_caption(c) for c in pairs["caption_en"]], list(pairs["position"]))
+    return {"scores": scores, "confusion": confusion, "follows_word": follows, "same_corner": same,
+            "probe": probe, "n_images": len(prompts), "judge_s": time.perf_counter() - t0}
+
+
+def main() -> None:
+    import torch
+
+    from omnidiff.base.config import BaseConfig
+    from omnidiff.base.pretrain import build_pipeline, load_pairs, resolve_world, train
+    from omnidiff.config import load_config
+    from omnidiff.models.evaluator import load_evaluator
+    from omnidiff.pipeline import OmniDiffusionPipeline
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/base.yaml"))
+    parser.add_argument("--evaluator", type=Path, required=True, help="an evaluator folder fit for this world")
+    parser.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,KEY=VALUE (dotted overrides)")
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE override for every variant")
+    parser.add_argument("--model", action="append", default=[], help="NAME=FOLDER: a pipeline folder to judge")
+    parser.add_argument("--images", type=int, default=4, help="images per short English eval prompt")
+    parser.add_argument("--corner-seeds", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    evaluator = load_evaluator(args.evaluator)
+
+    models: list[tuple[str, object, dict]] = []
+    for spec in args.model:
+        name, folder = spec.split("=", 1)
+        models.append((name, OmniDiffusionPipeline.from_pretrained(folder), {}))
+    world = None
+    for spec in args.variant:
+        name, _, overrides = spec.partition(":")
+        cfg = load_config(BaseConfig, args.config, [*args.set, *[o for o in overrides.split(",") if o]])
+        world = resolve_world(cfg)
+        images, captions = load_pairs(world, cfg.resolution)
+        print(f"[{name}] pretraining {cfg.pretrain.steps} steps, batch {cfg.pretrain.batch_size}, unet {cfg.unet}",
+              flush=True)
+        result = train(cfg, images, captions)
+        pipe = build_pipeline(result["text_encoder"], result["unet"], result["scheduler"])
+        n_params = sum(p.numel() for p in result["unet"].parameters())
+        models.append((name, pipe, {"wall_s": result["wall_s"], "s_per_step": 1 / result["steps_per_s"],
+                                    "unet_params": n_params}))
+    if world is None:
+        cfg = load_config(BaseConfig, args.config, args.set)
+        world = resolve_world(cfg)
+
+    first_wall = None
+    for name, pipe, timing in models:
+        r = judge_model(pipe, name, world, evaluator, args.images, args.corner_seeds)
+        print(f"\n== {name}: {r['n_images']} images of short English prompts")
+        print("   faithfulness: " + "  ".join(f"{a} {v:.1%}" for a, v in r["scores"].items()))
+        print(f"   corner test: follows word {r['follows_word']:.1%}, same corner for all four words {r['same_corner']:.1%}")
+        print(f"   text probe (position): mean states {r['probe']['mean_states']:.1%}, pooled {r['probe']['pooled']:.1%}")
+        if timing:
+            first_wall = first_wall or timing["wall_s"]
+            print(f"   pretraining: {timing['wall_s']:.0f} s, {timing['s_per_step']:.3f} s/step, "
+                  f"{timing['wall_s'] / first_wall:.2f}x the first variant; UNet {timing['unet_params']:,} parameters")
+        print("   position confusion (rows asked, columns drawn):")
+        print("   " + r["confusion"].to_string().replace("\n", "\n   "))
+
+
+if __name__ == "__main__":
+    main()
