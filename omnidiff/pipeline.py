@@ -157,20 +157,25 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents.to(dtype) / scale).sample
 
 
-def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, floor: float = 0.0) -> torch.Tensor:
     """Per-example Min-SNR-gamma loss weights ``(B,)`` for the schedule's ``prediction_type`` (Hang et al. 2023).
 
     ``min(SNR, gamma) / SNR`` for noise prediction, ``min(SNR, gamma) / (SNR + 1)`` for v-prediction;
     all ones when ``gamma`` is 0. Measured on the tiny world: without it the base model never learned
     colour (omnidiff/base/pretrain.py), and stage 2's colour faithfulness stalled the same way.
+    ``floor`` > 0 clamps ``SNR`` from below as well (``clamp(SNR, floor, gamma)``, the image-space weight;
+    "truncated SNR", Salimans & Ho 2022): plain Min-SNR weights the noisiest steps by about SNR, ~0 there,
+    and those are the steps where an image's layout, where the shape goes, is decided (issue 18 item 2).
     """
     from diffusers.training_utils import compute_snr
 
     if gamma <= 0:
         return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
+    if floor < 0 or floor > gamma:
+        raise ValueError(f"floor={floor}: must be in [0, gamma={gamma}]")
     snr = compute_snr(scheduler, timesteps)  # (B,): alpha_bar / (1 - alpha_bar)
     v_pred = scheduler.config.prediction_type == "v_prediction"
-    return torch.clamp(snr, max=gamma) / (snr + 1 if v_pred else snr)
+    return torch.clamp(snr, min=floor, max=gamma) / (snr + 1 if v_pred else snr)
 
 
 class OmniDiffusionPipeline:

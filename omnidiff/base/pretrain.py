@@ -148,6 +148,7 @@ def compute_loss(
     scheduler,
     gen: torch.Generator,
     min_snr_gamma: float = 0.0,
+    min_snr_floor: float = 0.0,
 ) -> torch.Tensor:
     """Diffusion MSE for one batch: images (B, 3, R, R), token ids / mask (B, 77).
 
@@ -165,7 +166,7 @@ def compute_loss(
     v_pred = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(images, noise, t) if v_pred else noise  # (B, 3, R, R)
     per_image = ((pred - target) ** 2).mean(dim=(1, 2, 3))  # (B,)
-    return (per_image * min_snr_weights(scheduler, t, min_snr_gamma)).mean()
+    return (per_image * min_snr_weights(scheduler, t, min_snr_gamma, min_snr_floor)).mean()
 
 
 def train(cfg: BaseConfig, images: torch.Tensor, captions: list[str]) -> dict:
@@ -199,7 +200,8 @@ def train(cfg: BaseConfig, images: torch.Tensor, captions: list[str]) -> dict:
             ids, mask = all_ids[idx].clone(), all_mask[idx].clone()
             drop = torch.rand(p.batch_size, generator=gen) < p.caption_dropout  # (B,)
             ids[drop], mask[drop] = null_ids, null_mask
-            loss = compute_loss(images[idx], ids, mask, text_encoder, unet, scheduler, gen, p.min_snr_gamma)
+            loss = compute_loss(images[idx], ids, mask, text_encoder, unet, scheduler, gen, p.min_snr_gamma,
+                                p.min_snr_floor)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
