@@ -24,9 +24,10 @@ from omnidiff.contracts.storage import open_folder
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
-# What the code documents as local while storage lives on S3: caches and temp folders.
+# What the code documents as local while storage lives on S3: caches, temp folders (data/collect's download
+# and spill folders), tools' state dirs (omnidiff.env), the private Ray, progress events, the stack lookup.
 LOCAL_OK = {"checkpoint_cache", "export_cache", "model_cache", "data", "prefect", "hf", "torch_extensions",
-            "matplotlib", "triton", "xdg_cache", "ray_train", "models", "ray"}
+            "matplotlib", "triton", "xdg_cache", "ray_train", "models", "ray", "progress", "stack"}
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -113,4 +114,5 @@ def test_every_stage_on_object_storage(s3_server, s3_prefix, tiny_world_lists, t
 
     # -- nothing but documented caches and temp folders on the local disk
     assert {p.name for p in home.iterdir()} <= LOCAL_OK, sorted(p.name for p in home.iterdir())
-    assert not (home / "data" / "snapshots").exists() or not any((home / "data" / "snapshots").rglob("*.parquet"))
+    assert sorted(p.name for p in (home / "data").iterdir()) == ["collect"]  # img2dataset's shards, the spill
+    assert not any((home / "stack").iterdir())  # only looked up: no stack was started
