@@ -54,6 +54,21 @@ def test_verify_reads_an_s3_cache_and_names_a_corrupt_shard(s3_prefix):
     assert str(err.value.cache).startswith("s3://")
 
 
+def test_embed_verify_command_repairs_an_s3_cache(s3_prefix, capsys):
+    from embed_cache.cli import main
+    from omnidiff.contracts.cache import CacheStore
+
+    directory = _cache(s3_prefix)
+    assert main(["verify", directory]) == 0
+    assert json.loads(capsys.readouterr().out)["cache"] == directory
+    bad = CacheStore(directory).shard_names[0]
+    open_folder(directory).write_bytes(f"shards/{bad}", b"broken")
+    assert main(["verify", directory, "--repair"]) == 1
+    store = CacheStore(directory)
+    assert bad not in store.shard_names and len(store) == 10 and store.verify().ok  # its keys: to compute again
+    assert open_folder(directory).exists(f"shards/{bad}.corrupt")
+
+
 def test_a_published_folder_is_fetched_once_by_its_digest(s3_prefix, tmp_path):
     src = tmp_path / "export"
     (src / "unet").mkdir(parents=True)
