@@ -167,6 +167,10 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, world: int, cf
     # The marker ds_to_universal looks for: this checkpoint may be converted for another worker count.
     client_state = {**client_state,
                     UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    if remote is not None:  # the work folder may hold a killed run's files of this tag: they must not be published
+        if _machine_leader(rank, world):
+            shutil.rmtree(Path(ckpt_dir) / tag, ignore_errors=True)
+        barrier(world)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     if rank == 0:
         meta = {"step": step, "world_size": world, "zero_stage": cfg.dist.zero_stage, "tag": tag,
