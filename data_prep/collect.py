@@ -37,6 +37,7 @@ download again).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import shutil
@@ -55,12 +56,13 @@ from data_prep.download import expected_shards, read_shard, run_img2dataset
 from data_prep.pairs import PairAssembler, PreparedPairs, prepare_pairs
 from data_prep.parallel import collect_parallel
 from data_prep.quarantine import QUARANTINE_SCHEMA, KeptRows, Quarantine, check_invariant
-from data_prep.readers import CollectError, SourceInfo, scan_parallel_lists, scan_url_lists
+from data_prep.readers import CollectError, SourceInfo, file_format, scan_parallel_lists, scan_url_lists
 from data_prep.report import log_to_mlflow
 from data_prep.tables import ShardBuffer
 from data_prep.workers import WorkerPool
 from omnidiff import config as config_lib
 from omnidiff.contracts.snapshot import Snapshot, SnapshotWriter
+from omnidiff.contracts.storage import S3Settings, is_remote, location_name, open_folder
 from omnidiff.env import subdir
 from omnidiff.progress import Progress
 from omnidiff.text import NORMALISER_VERSION
@@ -72,7 +74,7 @@ log = logging.getLogger("omnidiff.collect")
 class CollectResult:
     """What one collect run produced; ``stats`` is run-specific (timings), not part of the snapshot."""
 
-    path: Path
+    path: Path | str  # an s3:// URL for a snapshot on object storage
     manifest: dict
     url_sources: list[SourceInfo]
     parallel_sources: list[SourceInfo]
@@ -94,10 +96,17 @@ def run(cfg: CollectConfig) -> Path:
 def build_snapshot(cfg: CollectConfig) -> CollectResult:
     """Everything but the MLflow logging: returns the snapshot folder and run stats."""
     t_start = time.perf_counter()
-    url_scan = scan_url_lists(cfg.url_lists, cfg.columns)
-    parallel_scan = scan_parallel_lists(cfg.parallel_lists, cfg.parallel_columns)
+    settings = cfg.storage.s3.pinned()
     spill = Path(tempfile.mkdtemp(prefix=".spill-", dir=subdir("data", "collect", cfg.name)))
-    writer = SnapshotWriter(cfg.name)
+    try:
+        url_lists, urls = fetch_remote_lists(cfg.url_lists, spill / "lists", settings)
+        parallel_lists, parallel_urls = fetch_remote_lists(cfg.parallel_lists, spill / "parallel_lists", settings)
+        url_scan = scan_url_lists(url_lists, cfg.columns)
+        parallel_scan = scan_parallel_lists(parallel_lists, cfg.parallel_columns)
+        writer = SnapshotWriter(cfg.name, cfg.storage.under(cfg.snapshot_root, "data", "snapshots"), settings)
+    except BaseException:
+        shutil.rmtree(spill, ignore_errors=True)
+        raise
     try:
         with WorkerPool(cfg.workers) as pool:
             quarantine = Quarantine(spill / "quarantine", cfg.dedup_partition_rows)
@@ -123,7 +132,8 @@ def build_snapshot(cfg: CollectConfig) -> CollectResult:
             quarantine_shards.add(table)
         quarantine_shards.finish()
 
-        url_sources, parallel_sources = url_scan.sources, parallel_scan.sources
+        url_sources = [_named_by_url(s, urls) for s in url_scan.sources]
+        parallel_sources = [_named_by_url(s, parallel_urls) for s in parallel_scan.sources]
         counts = {
             "pairs": table_counts(prepared.input_rows, kept_pairs.count, quarantine.reasons("pairs"),
                                   assembler.counts["by_language"], assembler.counts["by_split"],
@@ -133,7 +143,7 @@ def build_snapshot(cfg: CollectConfig) -> CollectResult:
                                      par["by_source"]),
         }
         columns = {"pairs": assembler.schema.names,
-                   "parallel": pq.read_schema(writer.staging / writer.shards["parallel"][0]["path"]).names,
+                   "parallel": _staged_schema(writer, writer.shards["parallel"][0]["path"]).names,
                    "quarantine": QUARANTINE_SCHEMA.names}
         path = writer.finish(snapshot_manifest(cfg, url_sources, parallel_sources, counts,
                                                assembler.aesthetic_scores(), columns))
@@ -142,14 +152,53 @@ def build_snapshot(cfg: CollectConfig) -> CollectResult:
         raise
     finally:
         shutil.rmtree(spill, ignore_errors=True)
-    snapshot = Snapshot.open(path)
+    snapshot = Snapshot.open(path, storage=settings)
     stats["seconds"] = time.perf_counter() - t_start
     counts = snapshot.counts["pairs"]
-    print(f"[collect] {snapshot.name}/{path.name}: {counts['input_rows']} rows -> {counts['kept']} kept, "
+    print(f"[collect] {snapshot.name}/{location_name(path)}: {counts['input_rows']} rows -> {counts['kept']} kept, "
           f"{counts['quarantined']} quarantined {counts['quarantined_by_reason']}; "
           f"parallel {snapshot.counts['parallel']['kept']}/{snapshot.counts['parallel']['input_rows']}; "
           f"{stats['shards_new']}/{stats['shards']} shards downloaded in {stats['seconds']:.1f}s", file=sys.stderr)
     return CollectResult(path, snapshot.manifest, url_sources, parallel_sources, stats)
+
+
+def fetch_remote_lists(locations, dest: Path, settings: S3Settings) -> tuple[list[Path], dict[str, str]]:
+    """``locations`` with every ``s3://`` one copied into ``dest`` (an object, or every supported object under
+    a prefix, sorted), streamed to disk; returns the local paths (others unchanged) and {local copy: URL}."""
+    out: list[Path] = []
+    urls: dict[str, str] = {}
+    for i, location in enumerate(locations):
+        if not is_remote(location):
+            out.append(Path(location))
+            continue
+        folder = open_folder(location, settings)
+        bucket_only = "/" not in folder.root
+        parent = None if bucket_only else open_folder(str(location).rsplit("/", 1)[0], settings)
+        if parent is not None and parent.exists(location_name(location)):  # one object
+            objects = [(parent, location_name(location))]
+        else:  # a prefix: its supported objects, not those of sub-prefixes
+            objects = [(folder, o.rel) for o in folder.list() if "/" not in o.rel and file_format(Path(o.rel))]
+            if not objects:
+                raise CollectError(f"url list {location!r}: no object there and no .parquet/.csv/.tsv/.jsonl "
+                                   "object under that prefix")
+        for source, rel in objects:
+            target = dest / str(i) / Path(rel).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.download(rel, target)
+            out.append(target)
+            urls[str(target)] = source.url_of(rel)
+    return out, urls
+
+
+def _named_by_url(source: SourceInfo, urls: dict[str, str]) -> SourceInfo:
+    """A source read from a local copy of an ``s3://`` list is recorded under its URL (lineage, manifest)."""
+    return dataclasses.replace(source, path=urls[source.path]) if source.path in urls else source
+
+
+def _staged_schema(writer: SnapshotWriter, rel: str):
+    if writer.folder is not None:
+        return pq.read_schema(writer.folder.path(f"{writer.staging}/{rel}"), filesystem=writer.folder.fs)
+    return pq.read_schema(writer.staging / rel)
 
 
 def download_pairs(cfg: CollectConfig, prepared: PreparedPairs) -> dict:

@@ -8,12 +8,12 @@ dotted key and the bad value (omnidiff.config).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from omnidiff.config import ConfigModel, NonBlank, require
+from omnidiff.contracts.storage import Location, StorageSection
 from omnidiff.text import DEFAULT_MAX_CHARS
 
 _NAME = r"^[A-Za-z0-9_-]+$"  # a snapshot name becomes a folder name
@@ -106,9 +106,12 @@ class DownloadConfig(ConfigModel):
 class CollectConfig(ConfigModel):
     """Collect image-caption pairs from url lists into a versioned pair snapshot (DESIGN.md, stage 1).
 
-    name: snapshot name: the snapshot lands in ``$OMNIDIFF_HOME/data/snapshots/<name>/<digest16>/``.
+    name: snapshot name: the snapshot lands in ``$OMNIDIFF_HOME/data/snapshots/<name>/<digest16>/``
+        (``<storage.root>/data/snapshots/...`` with a storage root, or ``snapshot_root``).
     url_lists: url list files or folders of them (.parquet, .csv, .tsv, .jsonl, optionally .gz).
-        Relative paths are taken from the current directory, else from $OMNIDIFF_HOME.
+        Relative paths are taken from the current directory, else from $OMNIDIFF_HOME. An
+        ``s3://bucket/prefix`` names one object or every supported object under that prefix (copied
+        into the run's temporary folder first, then scanned as a local list; the manifest names the URL).
     parallel_lists: parallel-text files (text in language X + English, no image), same formats.
     columns: column names of the url lists (LAION and img2dataset names work unset).
     parallel_columns: column names of the parallel-text files.
@@ -133,13 +136,16 @@ class CollectConfig(ConfigModel):
     dedup_partition_rows: rows per partition of the duplicate search (keys are hash-partitioned into
         spill files under the run's temporary folder, one partition in memory at a time).
     track: log the run to MLflow (omnidiff.tracking).
+    snapshot_root: where ``<name>/<digest16>/`` snapshots go: a folder or ``s3://bucket/prefix``;
+        ``null`` = ``<storage.root>/data/snapshots``, else ``$OMNIDIFF_HOME/data/snapshots``.
+    storage: default root and S3 endpoint / credentials (omnidiff/contracts/storage.py ``StorageSection``).
     """
 
     kind: ClassVar[str] = "collect"
 
     name: str = Field("tiny", pattern=_NAME)
-    url_lists: tuple[Path, ...] = ()
-    parallel_lists: tuple[Path, ...] = ()
+    url_lists: tuple[Location, ...] = ()
+    parallel_lists: tuple[Location, ...] = ()
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     parallel_columns: ParallelColumnsConfig = Field(default_factory=ParallelColumnsConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
@@ -155,6 +161,8 @@ class CollectConfig(ConfigModel):
     workers: int = Field(1, ge=1)
     dedup_partition_rows: int = Field(1_000_000, ge=1)
     track: bool = True
+    snapshot_root: Location | None = None
+    storage: StorageSection = Field(default_factory=StorageSection)
 
     @model_validator(mode="after")
     def _has_url_lists(self) -> CollectConfig:

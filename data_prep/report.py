@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from data_prep.readers import read_file
 from omnidiff.contracts.snapshot import Snapshot
+from omnidiff.contracts.storage import is_remote
 
 if TYPE_CHECKING:
     from data_prep.collect import CollectResult
@@ -72,7 +73,7 @@ def log_to_mlflow(result: CollectResult) -> None:
                      tags={"snapshot_digest": snapshot.digest, "snapshot_path": str(result.path)})
     for kind, sources in (("url_list", result.url_sources), ("parallel_list", result.parallel_sources)):
         for s in sources:
-            frame = _source_frame(Path(s.path))
+            frame = _source_frame(Path(s.path)) if not is_remote(s.path) else _columns_frame(s)
             ds = mlflow.data.from_pandas(frame, source=s.path, name=s.name, digest=s.sha256[:16])
             mlflow.log_input(ds, context=kind, tags={"sha256": s.sha256, "rows": str(s.rows)})
     mlflow.set_tags({"snapshot_name": snapshot.name, "snapshot_digest": snapshot.digest,
@@ -97,6 +98,13 @@ def sources_tag(result: CollectResult, max_chars: int = 5000) -> str:
     if len(shown) < len(entries):
         shown.append({"more": len(entries) - len(shown)})
     return json.dumps(shown, ensure_ascii=False)
+
+
+def _columns_frame(source):
+    """An ``s3://`` list (its local copy is gone by now): the dataset records its columns and digest only."""
+    import pandas as pd
+
+    return pd.DataFrame(columns=sorted(set(source.columns.values())))
 
 
 def _source_frame(path: Path):

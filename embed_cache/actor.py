@@ -25,6 +25,7 @@ from embed_cache.encoders.llm import LLMShardEncoder
 from embed_cache.encoders.pixels import PixelShardEncoder
 from embed_cache.writer import write_shard_file
 from omnidiff.contracts.cache import NonFiniteStatesError
+from omnidiff.contracts.storage import S3Settings
 
 SHARD_ENCODERS = {"llm": LLMShardEncoder, "clip": ClipShardEncoder, "pixels": PixelShardEncoder}
 
@@ -48,6 +49,7 @@ class EncodeShardActor:
         max_tokens: int,
         max_batch_size: int,
         batch_overhead: float | None = None,
+        storage: S3Settings | None = None,
     ):
         import torch
         import transformers
@@ -57,6 +59,7 @@ class EncodeShardActor:
         self.caches, self.run_tokens, self.encoder_kwargs = caches, run_tokens, encoders
         self.max_tokens, self.max_batch_size = int(max_tokens), int(max_batch_size)
         self.batch_overhead = batch_overhead
+        self.storage = storage  # the driver's resolved S3 settings: an s3:// cache is written with them
         self.encoders: dict[str, Any] = {}
 
     def encoder(self, kind: str):
@@ -95,7 +98,8 @@ class EncodeShardActor:
             table = encoder.table(keys, values) if keys else None
         entry: dict[str, Any] = {"name": None, "rows": 0, "sha256": None, "bytes": 0, "stale": False}
         if table is not None:
-            entry.update(write_shard_file(self.caches[kind], str(batch["shard"].iloc[0]), table, self.run_tokens[kind]))
+            entry.update(write_shard_file(self.caches[kind], str(batch["shard"].iloc[0]), table, self.run_tokens[kind],
+                                          self.storage))
         entry.setdefault("tokens", len(keys))
         return pd.DataFrame([{
             "kind": kind,

@@ -42,11 +42,22 @@ def _run(args) -> int:
     return 1 if summary["rejected"] else 0
 
 
+def _location(value: str) -> Path | str:
+    """A cache folder path, or an ``s3://`` URL kept as a string (a Path would fold its ``//``)."""
+    from omnidiff.contracts.storage import is_remote
+
+    return value.rstrip("/") if is_remote(value) else Path(value)
+
+
 def _where(args) -> int:
     from embed_cache.plan import cache_dirs
+    from omnidiff.contracts.storage import is_remote, open_folder
 
-    for kind, path in cache_dirs(_load(args)).items():
-        print(f"{kind:<7} {path}{'' if (path / 'manifest.json').exists() else '  (not built yet)'}")
+    cfg = _load(args)
+    for kind, path in cache_dirs(cfg).items():
+        built = (open_folder(path, cfg.storage.s3).exists("manifest.json") if is_remote(path)
+                 else (path / "manifest.json").exists())
+        print(f"{kind:<7} {path}{'' if built else '  (not built yet)'}")
     return 0
 
 
@@ -78,7 +89,8 @@ def main(argv: list[str]) -> int:
         prog=f"omnidiff embed{'' if command == 'run' else ' ' + command}", description=__doc__.split("\n\n")[0]
     )
     if command == "verify":
-        parser.add_argument("cache_dir", type=Path, help="a cache folder: <cache root>/<kind>/<fingerprint>")
+        parser.add_argument("cache_dir", type=_location,
+                            help="a cache folder or s3:// URL: <cache root>/<kind>/<fingerprint>")
         parser.add_argument("--repair", action="store_true", help="unlist corrupt shards so they are recomputed")
         parser.add_argument("--fast", action="store_true", help="skip decoding values (checksums and schema only)")
     else:

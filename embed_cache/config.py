@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from omnidiff.config import ConfigModel, NonBlank, require
 from omnidiff.contracts.encoders import LLMSection  # one definition: the train stage reads what embed wrote
+from omnidiff.contracts.storage import Location, StorageSection
 
 CacheKind = Literal["llm", "clip", "pixels"]
 
@@ -56,10 +57,15 @@ class EmbedConfig(ConfigModel):
     """The embed stage (DESIGN.md stage 2; docs/architecture.md "Embedding cache").
 
     snapshots: pair snapshots to embed; a name means the newest snapshot of that name
-      (``data/snapshots/<name>/LATEST``), a path means that snapshot directory.
+      (``<snapshot_root>/<name>/LATEST``), a path or ``s3://`` URL means that snapshot directory.
+    snapshot_root: where named snapshots are looked up; ``null`` = ``<storage.root>/data/snapshots``, else
+      ``$OMNIDIFF_HOME/data/snapshots``.
     kinds: which caches to fill: ``llm`` (every distinct caption + parallel text + ""), ``clip``
       (English side, stage-1 target), ``pixels`` (decoded images or VAE latents, stages 2-3).
-    cache_root: where ``<kind>/<fingerprint>/`` live; ``null`` = ``$OMNIDIFF_HOME/cache``.
+    cache_root: where ``<kind>/<fingerprint>/`` live (a folder or ``s3://bucket/prefix``); ``null`` =
+      ``<storage.root>/cache``, else ``$OMNIDIFF_HOME/cache``.
+    storage: default root and S3 endpoint / credentials (``StorageSection``); the actors get the
+      driver's resolved settings inside their (pickled) arguments.
     include_parallel: also embed the snapshot's parallel texts (stage-1 translation pairs).
     splits: which snapshot splits to embed.
     executor: ``ray`` (Ray Data over an actor pool), ``local`` (the same actor class called in this
@@ -94,7 +100,9 @@ class EmbedConfig(ConfigModel):
 
     snapshots: tuple[NonBlank, ...] = Field(("tiny",), min_length=1)
     kinds: tuple[CacheKind, ...] = Field(("llm", "clip", "pixels"), min_length=1)
-    cache_root: Path | None = None
+    cache_root: Location | None = None
+    snapshot_root: Location | None = None
+    storage: StorageSection = Field(default_factory=StorageSection)
     include_parallel: bool = True
     splits: tuple[str, ...] = Field(("train", "val"), min_length=1)
     llm: LLMSection = Field(default_factory=LLMSection)

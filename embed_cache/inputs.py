@@ -20,6 +20,7 @@ import pandas as pd
 
 from embed_cache.config import EmbedConfig
 from omnidiff.contracts.keys import cache_key, english_side
+from omnidiff.contracts.storage import S3Settings, is_remote
 
 
 @dataclass
@@ -60,10 +61,15 @@ class EmbedInputs:
         return {"llm": self.texts, "clip": self.english, "pixels": self.images}[kind]
 
 
-def resolve_snapshots(names: Iterable[str]) -> list[Path]:
-    """Snapshot names -> their newest snapshot directory (``LATEST``); existing paths stay as they are."""
-    out = []
+def resolve_snapshots(names: Iterable[str], root: str | Path | None = None,
+                      storage: S3Settings | None = None) -> list[Path | str]:
+    """Snapshot names -> their newest snapshot directory (``LATEST`` under ``root``, an ``s3://`` URL on object
+    storage); existing paths and ``s3://`` snapshot URLs stay as they are."""
+    out: list[Path | str] = []
     for name in names:
+        if is_remote(name):
+            out.append(name)
+            continue
         path = Path(name)
         if path.is_dir() and (path / "manifest.json").exists():
             out.append(path.resolve())
@@ -71,7 +77,8 @@ def resolve_snapshots(names: Iterable[str]) -> list[Path]:
         from omnidiff.contracts.snapshot import SnapshotError, latest_snapshot
 
         try:
-            out.append(Path(latest_snapshot(name)).resolve())
+            found = latest_snapshot(name, root, storage)
+            out.append(found if is_remote(found) else Path(found).resolve())
         except (SnapshotError, FileNotFoundError) as exc:
             raise FileNotFoundError(
                 f"snapshots: {name!r} is neither a snapshot directory nor a collected snapshot name: {exc}"
@@ -107,7 +114,8 @@ def _read(snapshot: Any, accessor: str, columns: list[str], splits: set[str]) ->
     return frame[frame["split"].isin(splits)] if "split" in frame.columns else frame
 
 
-def gather_inputs(snapshot_dirs: Iterable[Path], cfg: EmbedConfig) -> EmbedInputs:
+def gather_inputs(snapshot_dirs: Iterable[Path | str], cfg: EmbedConfig,
+                  storage: S3Settings | None = None) -> EmbedInputs:
     """Distinct texts / English texts / images of the snapshots' chosen splits, plus ""."""
     from omnidiff.contracts.snapshot import Snapshot
 
@@ -117,7 +125,7 @@ def gather_inputs(snapshot_dirs: Iterable[Path], cfg: EmbedConfig) -> EmbedInput
         inputs.add_english("")
     splits = set(cfg.splits)
     for path in snapshot_dirs:
-        snap = Snapshot.open(path)
+        snap = Snapshot.open(path, storage=storage)
         inputs.snapshots.append({"path": str(path), "digest": str(getattr(snap, "digest", ""))})
         columns = ["caption", "caption_en", "lang", "split"]
         if "pixels" in cfg.kinds:

@@ -65,8 +65,9 @@ def run(cfg: EmbedConfig, *, actor: type = EncodeShardActor) -> dict[str, Any]:
     "rejected": n, "run_id": mlflow run id or None}``.
     """
     start = time.perf_counter()
-    snapshots = resolve_snapshots(cfg.snapshots)
-    inputs = gather_inputs(snapshots, cfg)
+    settings = cfg.storage.s3.pinned()  # the driver's endpoint and credentials, for every reader and writer
+    snapshots = resolve_snapshots(cfg.snapshots, cfg.storage.under(cfg.snapshot_root, "data", "snapshots"), settings)
+    inputs = gather_inputs(snapshots, cfg, settings)
     if not cfg.track:
         kinds = embed(inputs, cfg, actor=actor)
         return summarize(inputs, kinds, time.perf_counter() - start, None)
@@ -95,6 +96,8 @@ def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardAct
     """
     start = time.perf_counter()
     plans = {kind: plan_kind(kind, cfg) for kind in cfg.kinds}
+    settings = cfg.storage.s3.pinned()
+    cache_root = cfg.storage.under(cfg.cache_root, "cache")
     stats: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
         writers: dict[str, CacheWriter] = {}
@@ -102,8 +105,8 @@ def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardAct
         totals: dict[str, int] = {}
         for kind, plan in plans.items():
             work = inputs.work(kind)
-            directory = cache_dir(kind, plan.fingerprint, cfg.cache_root)
-            writer = writers[kind] = stack.enter_context(CacheWriter(directory, plan.inputs))
+            directory = cache_dir(kind, plan.fingerprint, cache_root)
+            writer = writers[kind] = stack.enter_context(CacheWriter(directory, plan.inputs, settings))
             writer.set_value_shape(plan.value_shape)
             stats[kind] = new_stats(plan, directory, len(work))
             stats[kind]["references"] = inputs.references[kind]
@@ -175,7 +178,7 @@ def take_over(run_id: str | None, inputs: EmbedInputs, writers: dict[str, CacheW
     previous: dict[str, dict[str, Any]] = {}
     per_run: dict[str, dict[str, list[dict]]] = {}
     for kind, writer in writers.items():
-        prev = tracking.claim_folder(writer.path, run_id, run_stamp=writer.run_stamp)
+        prev = tracking.claim_folder(writer.path, run_id, settings=writer.storage, run_stamp=writer.run_stamp)
         if not prev or not prev.get("run_id") or prev["run_id"] == run_id:
             continue
         previous[prev["run_id"]] = prev
@@ -214,6 +217,7 @@ def _actor_kwargs(plans: dict[str, KindPlan], writers: dict[str, CacheWriter], c
     return {
         "caches": {k: str(w.path) for k, w in writers.items()},
         "run_tokens": {k: w.run_token for k, w in writers.items()},
+        "storage": next(iter(writers.values())).storage if writers else None,  # pinned S3 settings (pickled)
         "encoders": {k: p.encoder for k, p in plans.items()},
         "threads": cfg.threads_per_actor,
         "max_tokens": cfg.max_tokens,

@@ -193,9 +193,11 @@ def plan_kind(kind: str, cfg: EmbedConfig) -> KindPlan:
     raise ValueError(f"kind={kind!r}: expected llm, clip or pixels")
 
 
-def cache_dirs(cfg: EmbedConfig) -> dict[str, Path]:
-    """The cache directory of every kind in ``cfg`` (what train reads), without computing anything."""
-    return {kind: cache_dir(kind, plan_kind(kind, cfg).fingerprint, cfg.cache_root) for kind in cfg.kinds}
+def cache_dirs(cfg: EmbedConfig) -> dict[str, Path | str]:
+    """The cache directory of every kind in ``cfg`` (what train reads), without computing anything
+    (an ``s3://`` URL under an object-storage root)."""
+    root = cfg.storage.under(cfg.cache_root, "cache")
+    return {kind: cache_dir(kind, plan_kind(kind, cfg).fingerprint, root) for kind in cfg.kinds}
 
 
 def plan_units(

@@ -26,6 +26,7 @@ from embed_cache.inputs import EmbedInputs
 from embed_cache.plan import KindPlan
 from omnidiff.config import to_dict
 from omnidiff.contracts.cache import CacheStore
+from omnidiff.contracts.storage import S3Settings
 
 # Metrics logged per kind as ``<kind>.<name>``.
 METRICS = (
@@ -217,7 +218,7 @@ def log_run(summary: dict[str, Any], inputs: EmbedInputs, cfg: EmbedConfig) -> N
     )
 
 
-def open_caches(summary_or_dirs: dict[str, Any]) -> dict[str, CacheStore]:
+def open_caches(summary_or_dirs: dict[str, Any], storage: S3Settings | None = None) -> dict[str, CacheStore]:
     """``{kind: CacheStore}`` from :func:`embed_cache.job.run`'s result (or its ``dirs``)."""
     dirs = summary_or_dirs.get("dirs", summary_or_dirs)
-    return {kind: CacheStore(path) for kind, path in dirs.items()}
+    return {kind: CacheStore(path, storage=storage) for kind, path in dirs.items()}

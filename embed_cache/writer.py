@@ -419,7 +419,7 @@ def _now() -> str:
 def clean_cache(path: str, grace_s: float = DEFAULT_GRACE_S, storage: S3Settings | None = None) -> list[str]:
     """Delete the objects of an ``s3://`` cache directory that its manifest does not list; returns their paths.
 
-    Kept: the manifest, the run token, listed shards and quarantined ``*.corrupt`` shards (for a person
+    Kept: the manifest, the run token, the run record, listed shards and quarantined ``*.corrupt`` shards (for a person
     to look at). Everything else (shards a killed run never listed) goes once older than ``grace_s``: a
     running writer's next shard is unlisted until it is published. Local caches adopt such shards instead.
     """
@@ -431,7 +431,9 @@ def clean_cache(path: str, grace_s: float = DEFAULT_GRACE_S, storage: S3Settings
         manifest = json.loads(folder.read_bytes(MANIFEST_NAME))
     except FileNotFoundError:
         raise CacheError(f"{folder.url}: not an embedding cache (no {MANIFEST_NAME}); nothing to clean") from None
-    listed = {MANIFEST_NAME, TOKEN_NAME, *(f"{SHARDS_DIR}/{s['name']}" for s in manifest["shards"])}
+    from omnidiff.tracking import RUN_RECORD  # which MLflow run wrote the cache: kept as well
+
+    listed = {MANIFEST_NAME, TOKEN_NAME, RUN_RECORD, *(f"{SHARDS_DIR}/{s['name']}" for s in manifest["shards"])}
     listed.update(o.rel for o in folder.list(SHARDS_DIR) if o.rel.endswith(CORRUPT_SUFFIX))
     return clean(folder, listed, grace_s)
 

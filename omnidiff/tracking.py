@@ -231,32 +231,52 @@ def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     _client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def claim_folder(folder: str | Path, run_id: str, **extra: Any) -> dict[str, Any] | None:
+def _read_record(folder: str | Path, settings: Any = None) -> dict[str, Any] | None:
+    """``folder``'s run record (local or ``s3://``), or None when there is none or it does not parse."""
+    from omnidiff.contracts.storage import StorageError, is_remote, open_folder
+
+    with contextlib.suppress(ValueError, OSError, StorageError):
+        if is_remote(folder):
+            return json.loads(open_folder(folder, settings).read_bytes(RUN_RECORD))
+        path = Path(folder) / RUN_RECORD
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def _write_record(folder: str | Path, record: dict[str, Any], settings: Any = None) -> None:
+    from omnidiff.contracts.io import atomic_write
+    from omnidiff.contracts.storage import is_remote, open_folder
+
+    data = json.dumps(record, indent=1, default=str)
+    if is_remote(folder):
+        open_folder(folder, settings).write_bytes(RUN_RECORD, data.encode())  # one PUT
+    else:
+        atomic_write(Path(folder) / RUN_RECORD, data)
+
+
+def claim_folder(folder: str | Path, run_id: str, settings: Any = None, **extra: Any) -> dict[str, Any] | None:
     """Name run ``run_id`` (and this process) as the one writing ``folder`` now; returns the record it replaces.
 
     ``folder/.mlflow_run.json`` = ``{run_id, pid, create_time, host, claimed_at, **extra}``. A run that
     resumes or continues a folder (a training's checkpoints, an embedding cache) reads who wrote it
     before, to close that run if it was killed (:func:`close_superseded`). Call it only while holding
-    the folder (its lock), so two live runs never claim the same folder.
+    the folder (its lock), so two live runs never claim the same folder. ``folder`` may be an ``s3://``
+    prefix (``settings``: its :class:`~omnidiff.contracts.storage.S3Settings`; the record is one PUT).
     """
-    path = Path(folder) / RUN_RECORD
-    previous = None
-    if path.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            previous = json.loads(path.read_text())
-    claim_folder_record(path, run_id, **extra)
+    previous = _read_record(folder, settings)
+    _write_record(folder, _new_record(run_id, **extra), settings)
     return previous
 
 
-def update_claim(folder: str | Path, run_id: str, **extra: Any) -> None:
+def update_claim(folder: str | Path, run_id: str, settings: Any = None, **extra: Any) -> None:
     """Add ``extra`` to ``folder``'s run record if ``run_id`` still holds it (e.g. the Ray job id, once known)."""
-    from omnidiff.contracts.io import atomic_write
+    record = _read_record(folder, settings)
+    from omnidiff.contracts.storage import StorageError
 
-    path = Path(folder) / RUN_RECORD
-    with contextlib.suppress(ValueError, OSError):
-        record = json.loads(path.read_text())
-        if record.get("run_id") == run_id:
-            atomic_write(path, json.dumps({**record, **extra}, indent=1, default=str))
+    if record is not None and record.get("run_id") == run_id:
+        with contextlib.suppress(OSError, StorageError):
+            _write_record(folder, {**record, **extra}, settings)
 
 
 def record_alive(record: dict[str, Any]) -> bool:
@@ -351,18 +371,22 @@ def close_dead(kind: str, run_id: str, adopted: str) -> list[dict[str, Any]]:
     return closed
 
 
-def claim_folder_record(path: Path, run_id: str, **extra: Any) -> Path:
-    """Write the run record of :func:`claim_folder` (``{run_id, pid, create_time, host, claimed_at}``) at ``path``."""
+def _new_record(run_id: str, **extra: Any) -> dict[str, Any]:
+    """A run record: ``{run_id, pid, create_time, host, claimed_at, **extra}`` of this process."""
     import socket
     import time
 
     import psutil
 
+    return {"run_id": run_id, "pid": os.getpid(), "create_time": psutil.Process().create_time(),
+            "host": socket.gethostname(), "claimed_at": time.time(), **extra}
+
+
+def claim_folder_record(path: Path, run_id: str, **extra: Any) -> Path:
+    """Write the run record of :func:`claim_folder` for run ``run_id`` at the local ``path``."""
     from omnidiff.contracts.io import atomic_write
 
-    record = {"run_id": run_id, "pid": os.getpid(), "create_time": psutil.Process().create_time(),
-              "host": socket.gethostname(), "claimed_at": time.time(), **extra}
-    atomic_write(path, json.dumps(record, indent=1, default=str))
+    atomic_write(path, json.dumps(_new_record(run_id, **extra), indent=1, default=str))
     return path
 
 
@@ -424,13 +448,24 @@ def model_version(ref: str):
     raise TrackingError(f"model ref {ref!r}: expected an existing folder, 'name@alias' or 'name/version'")
 
 
-def resolve_model(ref: str | Path) -> Path:
-    """A local pipeline folder for ``ref``: an existing folder, ``name@alias`` or ``name/version``.
+def resolve_model(ref: str | Path, settings: Any = None) -> Path:
+    """A local pipeline folder for ``ref``: an existing folder, ``name@alias``, ``name/version``, or the
+    ``s3://`` URL of an export published to object storage.
 
     Registry versions are downloaded once into ``$OMNIDIFF_HOME/model_cache/``
     (keyed by tracking store, name, version, source and creation time, so a
-    reset registry that reuses version numbers never hits a stale copy).
+    reset registry that reuses version numbers never hits a stale copy). An ``s3://`` export is
+    downloaded once into ``$OMNIDIFF_HOME/model_cache/s3/<digest16>/``, keyed by the digest of its
+    manifest (``omnidiff.contracts.storage.fetch_folder``; endpoint and credentials from the AWS
+    environment variables unless ``settings`` gives them); an export without a manifest is refused.
     """
+    from omnidiff.contracts.storage import StorageError, fetch_folder, is_remote, open_folder
+
+    if is_remote(ref):
+        try:
+            return fetch_folder(open_folder(str(ref), settings), subdir("model_cache", "s3"))
+        except StorageError as exc:
+            raise TrackingError(f"model ref {ref!r}: {exc}") from None
     path = Path(ref).expanduser()
     if path.is_dir():
         return path.resolve()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from omnidiff.config import ConfigError
+from omnidiff.contracts.storage import is_remote
 from serve.config import ServeConfig, parse_size
 
 CARD_FILE = "card.json"
@@ -39,6 +40,10 @@ def pin_model(cfg: ServeConfig) -> dict[str, Any]:
     tags and run id (lineage). A bare name tries ``cfg.alias`` then ``cfg.fallback_alias``.
     """
     path = Path(cfg.model).expanduser()
+    if is_remote(cfg.model):  # an export on object storage: its local copy, keyed by its manifest digest
+        from omnidiff.tracking import resolve_model
+
+        path = Path(resolve_model(cfg.model))
     if path.is_dir():
         folder = path.resolve()
         if not (folder / "model_index.json").is_file():

@@ -10,20 +10,23 @@ the same object is the Prefect flow's parameter and what MLflow logs.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from omnidiff.config import ConfigModel, NonBlank, require
 from omnidiff.contracts.encoders import LLMSection  # one definition: the stage's llm section must match the embed run's
+from omnidiff.contracts.storage import Location, StorageSection
 
 
 class DataSection(ConfigModel):
     """Which rows of the pair snapshot a stage trains on.
 
-    snapshot: a pair snapshot: a name (newest of ``data/snapshots/<name>``) or a snapshot folder.
-    cache_root: where ``<kind>/<fingerprint>/`` caches live; ``null`` = ``$OMNIDIFF_HOME/cache``.
+    snapshot: a pair snapshot: a name (newest of ``<snapshot_root>/<name>``) or a snapshot folder / URL.
+    snapshot_root: where named snapshots are looked up; ``null`` = ``<storage.root>/data/snapshots``, else
+      ``$OMNIDIFF_HOME/data/snapshots``.
+    cache_root: where ``<kind>/<fingerprint>/`` caches live; ``null`` = ``<storage.root>/cache``, else
+      ``$OMNIDIFF_HOME/cache``.
     split: the snapshot split to train on.
     aesthetic_min: keep pairs whose ``aesthetic`` score is >= this (stage 3's high-aesthetic subset);
       ``null`` keeps every pair.
@@ -34,7 +37,8 @@ class DataSection(ConfigModel):
     """
 
     snapshot: NonBlank = "tiny"
-    cache_root: Path | None = None
+    snapshot_root: Location | None = None
+    cache_root: Location | None = None
     split: str = "train"
     aesthetic_min: float | None = None
     val_examples: int = Field(32, ge=0)
@@ -184,14 +188,17 @@ class DistSection(ConfigModel):
 class CheckpointSection(ConfigModel):
     """DeepSpeed checkpoints for resume (the export is separate).
 
-    dir: checkpoint folder; ``null`` = ``$OMNIDIFF_HOME/checkpoints/<name>``.
+    dir: checkpoint folder or ``s3://`` prefix; ``null`` = ``<storage.root>/checkpoints/<name>``, else
+      ``$OMNIDIFF_HOME/checkpoints/<name>``. On object storage each rank works in a local folder (a cache
+      under ``$OMNIDIFF_HOME/checkpoint_cache/``) and every checkpoint is uploaded with its manifest last
+      (train/checkpoint.py).
     every_steps: save every N optimizer steps (and always at the end).
     keep: how many recent checkpoints to keep.
     resume: ``auto`` continues from the folder's latest checkpoint when there is one; ``never``
       refuses a folder that already holds checkpoints (pick another ``name`` or delete it).
     """
 
-    dir: Path | None = None
+    dir: Location | None = None
     every_steps: int = Field(100, ge=1)
     keep: int = Field(2, ge=1)
     resume: Literal["auto", "never"] = "auto"
@@ -219,7 +226,9 @@ warnings.filterwarnings("ignore", message='Field name "register" in "RegistrySec
 class RegistrySection(ConfigModel):
     """Export + MLflow registry.
 
-    export_dir: pipeline folder to write; ``null`` = ``$OMNIDIFF_HOME/exports/<name>``.
+    export_dir: pipeline folder or ``s3://`` prefix to write; ``null`` = ``<storage.root>/exports/<name>``,
+      else ``$OMNIDIFF_HOME/exports/<name>``. On object storage the folder is uploaded with a manifest
+      written last; loaders (``omnidiff.tracking.resolve_model``) download it by its manifest digest.
     register: register the export as a version of ``model_name`` and point ``alias`` at it.
     model_name: the registered model; null: the run's own data's, ``omnidiff-<snapshot name>``
       (train/registry.py ``model_name_for``; the demo's snapshot ``tiny`` gives ``omnidiff-tiny``).
@@ -229,7 +238,7 @@ class RegistrySection(ConfigModel):
       or ``$OMNIDIFF_LLM_PATH`` wherever it is loaded.
     """
 
-    export_dir: Path | None = None
+    export_dir: Location | None = None
     register: bool = True
     model_name: NonBlank | None = None
     alias: NonBlank = "candidate"
@@ -262,6 +271,8 @@ class TrainConfig(ConfigModel):
     log_every: steps between loss lines / MLflow metric points.
     seed: model init, data order, noise and dropout; a run is a function of (config, seed).
     track: log the run to MLflow (``MLFLOW_TRACKING_URI``, else a local store under home).
+    storage: default root and S3 endpoint / credentials (``StorageSection``); the ranks get the driver's
+      resolved settings in their (pickled) job.
     """
 
     kind: ClassVar[str] = "train"
@@ -287,6 +298,7 @@ class TrainConfig(ConfigModel):
     log_every: int = Field(10, ge=1)
     seed: int = 0
     track: bool = True
+    storage: StorageSection = Field(default_factory=StorageSection)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

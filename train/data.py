@@ -113,7 +113,7 @@ def _key(text: str) -> str:
 # ------------------------------------------------------------------------------------ caches
 
 
-def open_checked_cache(kind: str, inputs: dict, root: Path | None, what: str):
+def open_checked_cache(kind: str, inputs: dict, root: Path | str | None, what: str, storage=None):
     """The ``CacheStore`` of ``<root>/<kind>/<fingerprint(inputs)>``; a clear :class:`CacheMismatchError`
     when there is none for these encoder settings (naming the caches that exist and how their encoders
     differ) or when the folder's manifest was built from other inputs. ``what`` names the encoder in
@@ -121,18 +121,20 @@ def open_checked_cache(kind: str, inputs: dict, root: Path | None, what: str):
     """
     from omnidiff.contracts.cache import MANIFEST_NAME, CacheStore, cache_dir, cache_root
     from omnidiff.contracts.encoders import fingerprint
+    from omnidiff.contracts.storage import is_remote, open_folder
 
     expected = fingerprint(inputs)
     path = cache_dir(kind, expected, root)
-    manifest_path = path / MANIFEST_NAME
-    if not manifest_path.is_file():
-        others = _describe_other_caches(cache_root(root) / kind, inputs)
+    present = (open_folder(path, storage).exists(MANIFEST_NAME) if is_remote(path)
+               else (path / MANIFEST_NAME).is_file())
+    if not present:
+        others = "" if is_remote(path) else _describe_other_caches(cache_root(root) / kind, inputs)
         raise CacheMismatchError(
             f"no {kind} cache for {what} at {path} (fingerprint {expected}). "
             + (f"Caches of other encoders there: {others}. " if others else "")
             + "Run 'omnidiff embed' with the same encoder settings, or point the config at the encoder the cache was built with."
         )
-    store = CacheStore(path, max_cached_shards=1 << 16)
+    store = CacheStore(path, max_cached_shards=1 << 16, storage=storage)
     found = _plain(store.manifest.get("fingerprint_inputs") or {})
     if store.fingerprint != expected or found != _plain(inputs):
         raise CacheMismatchError(

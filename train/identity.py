@@ -18,14 +18,14 @@ from train.inputs import StageInputs, TrainingError
 
 # Settings that may change between a run and its resume (how it runs, not what it trains).
 RESUMABLE_CHANGES = ("name", "max_steps", "dist", "checkpoint", "samples", "registry", "log_every", "track",
-                     "micro_batch_size")
+                     "micro_batch_size", "storage")  # storage: where things live, not what is trained
 IDENTITY_NAME = "run_identity.json"
 
 
 def identity(cfg: TrainConfig, inputs: StageInputs) -> dict:
     """What a checkpoint folder is the training of: the config minus run settings, plus its inputs."""
     resolved = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
-    resolved["data"] = {k: v for k, v in resolved["data"].items() if k != "cache_root"}
+    resolved["data"] = {k: v for k, v in resolved["data"].items() if k not in ("cache_root", "snapshot_root")}
     return {
         "config": resolved,
         "snapshot_digest": inputs.snapshot.digest,
@@ -43,19 +43,31 @@ def _folder_digest(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_checkpoint_folder(cfg: TrainConfig, ckpt_dir: Path, ident: dict) -> str | None:
-    """The tag a run will resume from (None = fresh); refuses a folder of another training."""
-    tag = latest_tag(ckpt_dir)
+def check_checkpoint_folder(cfg: TrainConfig, ckpt_dir: Path, ident: dict, remote=None) -> str | None:
+    """The tag a run will resume from (None = fresh); refuses a folder of another training.
+
+    ``remote``: the checkpoint prefix on object storage (its ``run_identity.json`` and ``latest`` count).
+    """
+    tag = latest_tag(ckpt_dir, remote)
     path = ckpt_dir / IDENTITY_NAME
+    if remote is not None:
+        ckpt_dir = remote.url
     if tag is None:
+        if remote is not None:
+            remote.write_bytes(IDENTITY_NAME, json.dumps(ident, indent=1, sort_keys=True).encode())
+            return None
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(ident, indent=1, sort_keys=True))
         return None
     if cfg.checkpoint.resume == "never":
         raise TrainingError(f"{ckpt_dir} already holds checkpoints (latest {tag}) and checkpoint.resume is 'never': "
                             "choose another name or checkpoint.dir, or delete the folder")
-    if path.is_file():
+    saved = None
+    if remote is not None and remote.exists(IDENTITY_NAME):
+        saved = json.loads(remote.read_bytes(IDENTITY_NAME))
+    elif remote is None and path.is_file():
         saved = json.loads(path.read_text())
+    if saved is not None:
         if saved != json.loads(json.dumps(ident, sort_keys=True)):
             diffs = _diff_keys(saved, json.loads(json.dumps(ident)))
             raise TrainingError(

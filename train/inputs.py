@@ -73,7 +73,7 @@ class StageInputs:
 # ----------------------------------------------------------------------------------- inputs
 
 
-def resolve_model_ref(ref: str, what: str) -> Path:
+def resolve_model_ref(ref: str, what: str, storage=None) -> Path:
     """A pipeline folder from a folder path, a registry reference (omnidiff.tracking.resolve_model), or a
     base config YAML (``kind: base``), meaning the base model ``omnidiff base pretrain`` made from it."""
     path = Path(ref).expanduser()
@@ -89,24 +89,29 @@ def resolve_model_ref(ref: str, what: str) -> Path:
             raise TrainingError(f"{what}={ref!r}: its base model is not trained yet ({folder}); "
                                 f"run 'omnidiff base pretrain --config {ref}' first")
         return folder
+    from omnidiff.contracts.storage import is_remote
     from omnidiff.tracking import is_model_ref
 
-    if is_model_ref(ref):
+    if is_model_ref(ref) or is_remote(ref):  # a registry version, or an export published to object storage
         from omnidiff.tracking import TrackingError, resolve_model
 
         try:
-            return Path(resolve_model(ref))
+            return Path(resolve_model(ref, storage))
         except TrackingError as exc:
             raise TrainingError(f"{what}={ref!r}: {exc}") from None
     raise TrainingError(f"{what}={ref!r}: no such folder, and not a registry reference like "
                         "'omnidiff-tiny@candidate' or 'omnidiff-tiny/3'")
 
 
-def open_snapshot(ref: str):
+def open_snapshot(ref: str, root=None, storage=None):
+    """The snapshot ``ref`` names: a folder, an ``s3://`` snapshot URL, or a name (its ``LATEST`` under ``root``)."""
     from omnidiff.contracts.snapshot import Snapshot, latest_snapshot
+    from omnidiff.contracts.storage import is_remote
 
+    if is_remote(ref):
+        return Snapshot.open(ref, storage=storage)
     path = Path(ref).expanduser()
-    return Snapshot.open(path if path.is_dir() else latest_snapshot(ref))
+    return Snapshot.open(path if path.is_dir() else latest_snapshot(ref, root, storage), storage=storage)
 
 
 def cache_specs(cfg: TrainConfig, base: Path, llm_path: Path, unet_config: dict) -> dict[str, CacheSpec]:
@@ -124,18 +129,20 @@ def cache_specs(cfg: TrainConfig, base: Path, llm_path: Path, unet_config: dict)
     return specs
 
 
-def resolve_inputs(cfg: TrainConfig) -> StageInputs:
-    """Steps 1-3 of the module docstring."""
-    base = resolve_model_ref(cfg.base_model, "base_model")
+def resolve_inputs(cfg: TrainConfig, storage=None) -> StageInputs:
+    """Steps 1-3 of the module docstring. ``storage``: resolved S3 settings (default: ``cfg.storage.s3``)."""
+    storage = storage or cfg.storage.s3
+    base = resolve_model_ref(cfg.base_model, "base_model", storage)
     for sub in ("unet", "scheduler"):
         if not (base / sub).is_dir():
             raise TrainingError(f"base_model={cfg.base_model!r}: {base / sub} is missing (not a pipeline folder)")
     unet_config = json.loads((base / "unet" / "config.json").read_text())
     out_dim, pooled_dim = adapter_widths(base, unet_config)
-    snapshot = open_snapshot(cfg.data.snapshot)
+    snapshot = open_snapshot(cfg.data.snapshot, cfg.storage.under(cfg.data.snapshot_root, "data", "snapshots"),
+                             storage)
     init_ref = parent_ref(cfg, snapshot.name)
     try:
-        init_from = resolve_model_ref(init_ref, "init_from") if init_ref else None
+        init_from = resolve_model_ref(init_ref, "init_from", storage) if init_ref else None
     except TrainingError as exc:
         if cfg.init_from != INIT_FROM_AUTO:
             raise
@@ -159,7 +166,8 @@ def resolve_inputs(cfg: TrainConfig) -> StageInputs:
             what = f"the base model's text encoder ({base.name}, {cfg.align.clip_windows} windows)"
         else:
             what = f"the base model's image space ({spec.value_shape})"
-        stores[kind] = open_checked_cache(kind, spec.inputs, cfg.data.cache_root, what)
+        stores[kind] = open_checked_cache(kind, spec.inputs, cfg.storage.under(cfg.data.cache_root, "cache"), what,
+                                          storage)
         if kind == "llm":
             llm_encoder_inputs = spec.inputs["encoder"]
     llm_dim = int(stores["llm"].hidden_size)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from omnidiff.contracts.storage import S3Settings, is_remote, open_folder
 from train.config import TrainConfig
 from train.inputs import StageInputs
 
@@ -35,6 +36,10 @@ class TrainJob:
     sampling_scheduler: the base model's scheduler config (for sample grids).
     checkpoint_dir / final_dir / result_path: where ranks checkpoint, rank 0 writes the final
     weights, and rank 0 writes ``result.json``. mlflow_run_id: the driver's run (None: untracked).
+    checkpoint_url: the checkpoint prefix on object storage (None: ``checkpoint_dir`` is the checkpoint
+    folder itself); ``checkpoint_dir`` is then each machine's local work folder, and the examples, the
+    final weights and ``result.json`` travel through the prefix (train/checkpoint.py).
+    storage: the driver's resolved S3 settings (endpoint, credentials), for caches and checkpoints.
     """
 
     config: TrainConfig
@@ -55,10 +60,18 @@ class TrainJob:
     final_dir: str
     result_path: str
     mlflow_run_id: str | None
+    checkpoint_url: str | None = None
+    storage: S3Settings | None = None
+
+    def remote(self):
+        """The checkpoint prefix as a :class:`~omnidiff.contracts.storage.Folder`, or None for a local folder."""
+        return open_folder(self.checkpoint_url, self.storage) if self.checkpoint_url else None
 
 
-def build_job(cfg: TrainConfig, inputs: StageInputs, ckpt_dir: Path, run_id: str | None) -> TrainJob:
-    """The job of ``cfg`` over ``inputs``; writes the example tables into ``ckpt_dir``."""
+def build_job(cfg: TrainConfig, inputs: StageInputs, ckpt_dir: Path, run_id: str | None,
+              checkpoint_url: str | None = None, storage: S3Settings | None = None) -> TrainJob:
+    """The job of ``cfg`` over ``inputs``; writes the example tables into ``ckpt_dir`` (and, with a
+    ``checkpoint_url``, uploads them there: the ranks may run on machines that cannot see ``ckpt_dir``)."""
     examples_path = ckpt_dir / "examples.parquet"
     tmp = examples_path.with_name(f".examples-{os.getpid()}.parquet")
     inputs.examples.to_parquet(tmp, index=False)
@@ -67,11 +80,19 @@ def build_job(cfg: TrainConfig, inputs: StageInputs, ckpt_dir: Path, run_id: str
     if inputs.val_examples is not None:
         val_path = ckpt_dir / "val_examples.parquet"
         inputs.val_examples.to_parquet(val_path, index=False)
+    examples, val = str(examples_path), str(val_path) if val_path else None
+    if checkpoint_url is not None and is_remote(checkpoint_url):
+        remote = open_folder(checkpoint_url, storage)
+        remote.upload(examples_path, examples_path.name)
+        examples = remote.url_of(examples_path.name)
+        if val_path is not None:
+            remote.upload(val_path, val_path.name)
+            val = remote.url_of(val_path.name)
     return TrainJob(
         config=cfg,
         env={k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)},
-        examples=str(examples_path),
-        val_examples=str(val_path) if val_path else None,
+        examples=examples,
+        val_examples=val,
         caches={k: str(s.path) for k, s in inputs.stores.items()},
         base_model=str(inputs.base_model),
         init_from=str(inputs.init_from) if inputs.init_from else None,
@@ -86,4 +107,6 @@ def build_job(cfg: TrainConfig, inputs: StageInputs, ckpt_dir: Path, run_id: str
         final_dir=str(ckpt_dir / "final"),
         result_path=str(ckpt_dir / "result.json"),
         mlflow_run_id=run_id,
+        checkpoint_url=checkpoint_url,
+        storage=storage,
     )

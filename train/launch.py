@@ -58,7 +58,7 @@ def launch(cfg: TrainConfig, job: TrainJob, stale_ray_jobs: tuple[str, ...] = ()
         print(f"[train] stopped {len(stopped)} Ray actor(s) left by killed runs: "
               + ", ".join(f"{a['class']} of job {a['job_id']}" + (f" ({a['skipped']})" if a.get("skipped") else "")
                           for a in stopped), flush=True)
-    tracking.update_claim(ckpt_dir, job.mlflow_run_id, ray_job_id=job_id)
+    tracking.update_claim(job.checkpoint_url or ckpt_dir, job.mlflow_run_id, settings=job.storage, ray_job_id=job_id)
     done = None
     if os.environ.get("RAY_ADDRESS"):  # a cluster that outlives this driver: watch for our orphans
         done = ckpt_dir / f".launch-{os.getpid()}-{time.time_ns()}.done"
@@ -101,37 +101,58 @@ def run(cfg: TrainConfig) -> dict:
     import contextlib
 
     from omnidiff import tracking
+    from omnidiff.contracts.storage import is_remote, open_folder, publish_folder
+    from train.checkpoint import fetch_dir, local_dir
 
-    inputs = resolve_inputs(cfg)
+    settings = cfg.storage.s3.pinned()  # the driver's endpoint and credentials, handed to every rank
+    inputs = resolve_inputs(cfg, settings)
     from train.registry import model_name_for
 
     model_name = model_name_for(cfg, inputs.snapshot.name)  # registry.model_name, or the run's own data's
-    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else subdir("checkpoints") / cfg.name
-    resume_tag = check_checkpoint_folder(cfg, ckpt_dir, identity(cfg, inputs))
-    export_dir = Path(cfg.registry.export_dir) if cfg.registry.export_dir else subdir("exports") / cfg.name
+    location = cfg.storage.under(cfg.checkpoint.dir, "checkpoints", cfg.name) or subdir("checkpoints") / cfg.name
+    remote = open_folder(location, settings) if is_remote(location) else None
+    ckpt_dir = local_dir(location)  # on object storage: this machine's work folder (train/checkpoint.py)
+    if remote is not None:
+        remote.ensure()
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    resume_tag = check_checkpoint_folder(cfg, ckpt_dir, identity(cfg, inputs), remote)
+    export_location = cfg.storage.under(cfg.registry.export_dir, "exports", cfg.name) or subdir("exports") / cfg.name
+    # An export to object storage is written locally first (a cache), then published with its manifest last.
+    export_dir = (subdir("export_cache") / location_key(export_location) if is_remote(export_location)
+                  else Path(export_location))
     result_path = ckpt_dir / "result.json"
     result_path.unlink(missing_ok=True)
+    if remote is not None:
+        remote.delete("result.json")
 
     tags = {"train.name": cfg.name, "resumed_from": resume_tag or ""}
     context = (tracking.start_run(f"train-stage{cfg.stage}", config=cfg, run_name=cfg.name, tags=tags)
                if cfg.track else contextlib.nullcontext())
     with context as mlrun:
         run_id = mlrun.info.run_id if mlrun is not None else None
-        previous = tracking.claim_folder(ckpt_dir, run_id)
-        takeover = take_over(ckpt_dir, resume_tag, previous, run_id)
+        previous = tracking.claim_folder(remote.url if remote else ckpt_dir, run_id, settings=settings)
+        takeover = take_over(ckpt_dir, resume_tag, previous, run_id, remote)
         lin = lineage(cfg, inputs, run_id)
         if run_id:
             log_inputs(cfg, inputs, lin)
         print(f"[train] stage {cfg.stage} '{cfg.name}': {len(inputs.examples)} examples, "
-              f"{cfg.dist.num_workers} worker(s), checkpoints in {ckpt_dir}"
+              f"{cfg.dist.num_workers} worker(s), checkpoints in {remote.url if remote else ckpt_dir}"
               + (f", {takeover['adopted']}" if takeover["adopted"] else ""), flush=True)
         t0 = time.perf_counter()
         stale = tuple(j for j in [(previous or {}).get("ray_job_id")] if j and not tracking.record_alive(previous))
-        launch(cfg, build_job(cfg, inputs, ckpt_dir, run_id), stale_ray_jobs=stale)
+        launch(cfg, build_job(cfg, inputs, ckpt_dir, run_id, remote.url if remote else None, settings),
+               stale_ray_jobs=stale)
         wall = time.perf_counter() - t0
-        if not result_path.is_file():
-            raise TrainingError(f"training of {cfg.name!r} ended without a result ({result_path} missing)")
-        result = json.loads(result_path.read_text())
+        if remote is not None:  # the ranks may have run elsewhere: their result and weights come from the prefix
+            if not remote.exists("result.json"):
+                raise TrainingError(f"training of {cfg.name!r} ended without a result ({remote.url_of('result.json')} "
+                                    "missing)")
+            result = json.loads(remote.read_bytes("result.json"))
+            result["final_dir"] = str(fetch_dir(remote, "final", ckpt_dir / "final"))
+        else:
+            if not result_path.is_file():
+                raise TrainingError(f"training of {cfg.name!r} ended without a result ({result_path} missing)")
+            result = json.loads(result_path.read_text())
 
         from omnidiff.models.llm import LLMTextEncoder
         from train.export import export_card, export_pipeline
@@ -140,6 +161,9 @@ def run(cfg: TrainConfig) -> dict:
         export_pipeline(export_dir, Path(result["final_dir"]), inputs.base_model, llm, lin, cfg.registry.copy_llm,
                         card=export_card(inputs.prompts, inputs.base_model))
         del llm
+        if is_remote(export_location):
+            published = publish_folder(export_dir, open_folder(export_location, settings))
+            print(f"[train] export published to {export_location} (digest {published['digest'][:16]})", flush=True)
         version = None
         if run_id:
             import mlflow
@@ -152,14 +176,23 @@ def run(cfg: TrainConfig) -> dict:
 
                 aliases = [cfg.registry.alias] + ([f"stage{cfg.stage}"] if cfg.registry.stage_alias else [])
                 version = register_export(export_dir, model_name, aliases, lin, run_id)
-    print(f"[train] stage {cfg.stage} '{cfg.name}' done: loss {result['loss']:.5f}, export {export_dir}"
+    print(f"[train] stage {cfg.stage} '{cfg.name}' done: loss {result['loss']:.5f}, export {export_location}"
           + (f", registered {model_name} v{version} @{cfg.registry.alias}" if version else ""), flush=True)
     return {**result, **takeover, "export_dir": str(export_dir), "run_id": run_id, "model_version": version,
-            "model_name": model_name, "model_ref": f"{model_name}/{version}" if version else str(export_dir),
-            "checkpoint_dir": str(ckpt_dir), "wall_s": wall}
+            "model_name": model_name, "model_ref": f"{model_name}/{version}" if version else str(export_location),
+            "checkpoint_dir": str(remote.url if remote else ckpt_dir), "wall_s": wall,
+            **({"export_url": str(export_location)} if is_remote(export_location) else {})}
 
 
-def take_over(ckpt_dir: Path, resume_tag: str | None, previous: dict | None, run_id: str | None) -> dict:
+def location_key(location: str | Path) -> str:
+    """A local folder name for an ``s3://`` location (the first 16 hex digits of its sha256)."""
+    import hashlib
+
+    return hashlib.sha256(str(location).encode()).hexdigest()[:16]
+
+
+def take_over(ckpt_dir: Path, resume_tag: str | None, previous: dict | None, run_id: str | None,
+              remote=None) -> dict:
     """Say what this run adopts from the one that wrote ``ckpt_dir`` before, and close that run if it was killed.
 
     Returns ``{"adopted": "resumed from step 6 (step00000006) of run X" or "", "supersedes": X or None}``;
@@ -173,7 +206,7 @@ def take_over(ckpt_dir: Path, resume_tag: str | None, previous: dict | None, run
     old = old if old and old != run_id else None
     of = f" of run {old}" if old else ""
     if resume_tag:
-        adopted = f"resumed from step {read_meta(ckpt_dir, resume_tag)['step']} ({resume_tag}){of}"
+        adopted = f"resumed from step {read_meta(ckpt_dir, resume_tag, remote)['step']} ({resume_tag}){of}"
     else:
         adopted = f"started at step 0 (run {old} left no complete checkpoint)" if old else ""
     closed = None

@@ -95,7 +95,7 @@ def log_inputs(cfg: TrainConfig, inputs: StageInputs, lin: dict) -> None:
     mlflow.log_params({"examples": len(inputs.examples), "snapshot_digest": inputs.snapshot.digest,
                        "snapshot_path": str(inputs.snapshot.path),
                        **{f"cache_fingerprint.{k}": s.fingerprint for k, s in inputs.stores.items()},
-                       **{f"cache_dir.{k}": str(Path(s.path).resolve()) for k, s in inputs.stores.items()}})
+                       **{f"cache_dir.{k}": _where(s.path) for k, s in inputs.stores.items()}})
     tracking.log_json(lin, "lineage.json")
 
 
@@ -153,3 +153,10 @@ class Tracker:
     def json(self, obj, artifact_file: str) -> None:
         if self.client is not None:
             self.client.log_dict(self.run_id, obj, artifact_file)
+
+
+def _where(path) -> str:
+    """A cache's place for a tag: a local folder resolved, an ``s3://`` URL as it is."""
+    from omnidiff.contracts.storage import is_remote
+
+    return str(path) if is_remote(path) else str(Path(path).resolve())

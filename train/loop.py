@@ -68,7 +68,7 @@ def train(job: TrainJob, rank: int, world: int) -> None:
     from omnidiff.contracts.cache import CacheStore
     from omnidiff.contracts.io import atomic_write
     from omnidiff.progress import Progress
-    from train.checkpoint import barrier, prepare_resume, save_checkpoint
+    from train.checkpoint import barrier, prepare_resume, publish_dir, save_checkpoint
     from train.data import CachedBatches
     from train.engine import (
         ema_init,
@@ -84,29 +84,32 @@ def train(job: TrainJob, rank: int, world: int) -> None:
     from train.samples import log_samples
 
     cfg, ckpt_dir = job.config, Path(job.checkpoint_dir)
+    remote = job.remote()  # the checkpoint prefix on object storage, or None (train/checkpoint.py)
 
     # -- 1-2. data (keys -> cached states, never the LLM) and modules
     # Each rank keeps (shard, row) int32 pairs per example and at most data.max_resident_shards decoded
     # shards per cache; a batch reads only its own positions' rows (train.data, issue 17).
     resident = cfg.data.max_resident_shards
-    stores = {kind: CacheStore(path, max_cached_shards=resident) for kind, path in job.caches.items()}
+    stores = {kind: CacheStore(path, max_cached_shards=resident, storage=job.storage)
+              for kind, path in job.caches.items()}
+    examples, val_examples = (_local_examples(job, ckpt_dir, rank, path) for path in (job.examples, job.val_examples))
     model = build_stage_model(cfg, job)
     noise_scheduler = model.loss_fn.keywords.get("noise_scheduler")
     timesteps = noise_scheduler.config.num_train_timesteps if noise_scheduler is not None else 1000
-    batches = CachedBatches(job.examples, cfg.family, stores, seed=cfg.seed,
+    batches = CachedBatches(examples, cfg.family, stores, seed=cfg.seed,
                             caption_dropout=cfg.diffusion.caption_dropout if cfg.diffusion else 0.0,
                             empty_states=job.empty_states, num_train_timesteps=timesteps,
                             max_resident_shards=resident)
     val_batch = None
-    if job.val_examples:
-        val = CachedBatches(job.val_examples, cfg.family, stores, seed=cfg.seed + 1, caption_dropout=0.0,
+    if val_examples:
+        val = CachedBatches(val_examples, cfg.family, stores, seed=cfg.seed + 1, caption_dropout=0.0,
                             empty_states=job.empty_states, num_train_timesteps=timesteps,
                             max_resident_shards=resident)
         val_batch = val.batch(np.arange(len(val)))  # fixed examples, noise and timesteps: comparable values
     val_losses: dict[int, float] = {}
 
     # -- 3-4. engine, resumed from the newest complete checkpoint
-    load_tag, load_universal = prepare_resume(ckpt_dir, cfg, rank, world)
+    load_tag, load_universal = prepare_resume(ckpt_dir, cfg, rank, world, remote)
     engine = init_engine(model, cfg, world, load_universal)
     ema = ema_init(model, cfg.ema_decay)  # {name: float32 tensor} of trained parameters, {} when off
     start_step = 0
@@ -182,7 +185,7 @@ def train(job: TrainJob, rank: int, world: int) -> None:
 
         if done % cfg.checkpoint.every_steps == 0 or done == cfg.max_steps:
             save_checkpoint(engine, ckpt_dir, done, rank, world, cfg,
-                            {"step": done, "ema": ema, "data": batches.position_state(done, g_batch)})
+                            {"step": done, "ema": ema, "data": batches.position_state(done, g_batch)}, remote)
             last_saved = done
             if val_batch is not None:
                 log_validation(done)
@@ -195,7 +198,8 @@ def train(job: TrainJob, rank: int, world: int) -> None:
         progress.emit(final=True)
     if last_saved != cfg.max_steps:  # resumed at the end already: nothing new to save
         save_checkpoint(engine, ckpt_dir, cfg.max_steps, rank, world, cfg,
-                        {"step": cfg.max_steps, "ema": ema, "data": batches.position_state(cfg.max_steps, g_batch)})
+                        {"step": cfg.max_steps, "ema": ema, "data": batches.position_state(cfg.max_steps, g_batch)},
+                        remote)
 
     # -- 6. final weights from rank 0 (EMA where kept) for the driver's export, samples, result
     state = full_state(engine, cfg)
@@ -213,6 +217,9 @@ def train(job: TrainJob, rank: int, world: int) -> None:
                   "samples_per_s": throughput, "final_dir": str(final_dir), "world_size": world,
                   "resumed_from": load_tag, "val_loss": val_losses}
         atomic_write(Path(job.result_path), json.dumps(result, indent=1))
+        if remote is not None:  # the final weights, then the result (the run's last word) on the prefix
+            publish_dir(final_dir, remote, "final")
+            remote.write_bytes("result.json", json.dumps(result, indent=1).encode())
     barrier(world)
     if cfg.dist.launcher == "ray":
         import ray.train
@@ -220,3 +227,15 @@ def train(job: TrainJob, rank: int, world: int) -> None:
         ray.train.report({"step": cfg.max_steps, "loss": loss_value})
     # launcher local: the one-rank process group stays up; DeepSpeed keeps module-level groups bound
     # to it, so the next local run in this process reuses it instead of re-initialising.
+
+
+def _local_examples(job: TrainJob, ckpt_dir: Path, rank: int, path: str | None) -> str | None:
+    """An example table on the checkpoint prefix, copied for this rank (the ranks read Parquet files)."""
+    from omnidiff.contracts.storage import is_remote, location_name, open_folder
+
+    if path is None or not is_remote(path):
+        return path
+    name = location_name(path)
+    local = ckpt_dir / f".{name}-rank{rank}"
+    open_folder(path.rsplit("/", 1)[0], job.storage).download(name, local)
+    return str(local)

@@ -23,14 +23,15 @@ from omnidiff.contracts.cache import (
     find_non_finite,
     schema_matches,
 )
-from omnidiff.contracts.io import sha256_file
+from omnidiff.contracts.io import sha256_bytes, sha256_file
+from omnidiff.contracts.storage import Folder, StorageError
 
 
 @dataclasses.dataclass
 class VerifyReport:
     """Result of :meth:`CacheStore.verify`: ``corrupt`` names every bad shard and why."""
 
-    cache: Path
+    cache: Path | str  # a folder, or the s3:// URL of a cache on object storage
     shards: int = 0
     rows: int = 0
     corrupt: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -67,10 +68,14 @@ def verify_store(store: CacheStore, check_values: bool = True) -> VerifyReport:
     report = VerifyReport(store.path)
     seen: set[str] = set()
     shape = store.value_shape
+    folder = store.folder  # None for a local cache
     for entry in sorted(store.manifest["shards"], key=lambda s: s["name"]):
         name = entry["name"]
         report.shards += 1
-        problem = check_shard(store.path / SHARDS_DIR / name, entry, store.kind, shape, check_values)
+        if folder is not None:
+            problem = check_shard_object(folder, f"{SHARDS_DIR}/{name}", entry, store.kind, shape, check_values)
+        else:
+            problem = check_shard(store.path / SHARDS_DIR / name, entry, store.kind, shape, check_values)
         if isinstance(problem, str):
             report.corrupt[name] = problem
             continue
@@ -80,6 +85,11 @@ def verify_store(store: CacheStore, check_values: bool = True) -> VerifyReport:
         report.duplicate_keys += len(dup)
         seen.update(keys)
     listed = {s["name"] for s in store.manifest["shards"]}
+    if folder is not None:  # what killed writers left: never read, deleted by embed_cache.writer.clean_cache
+        names = (o.rel.split("/", 1)[1] for o in folder.list(SHARDS_DIR))
+        report.unlisted = sorted(n for n in names if n.startswith(SHARD_PREFIX) and n.endswith(".parquet")
+                                 and n not in listed)
+        return report
     shards_dir = store.path / SHARDS_DIR
     if shards_dir.is_dir():
         report.unlisted = sorted(
@@ -102,6 +112,32 @@ def check_shard(
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
         return f"does not parse: {exc}"
+    return check_table(table, entry, kind, shape, check_values)
+
+
+def check_shard_object(folder: Folder, rel: str, entry: dict, kind: str, shape: tuple[int, ...] | None,
+                       check_values: bool) -> str | list[str]:
+    """:func:`check_shard` of an object on S3: one GET, then size, sha256 and parse on those bytes."""
+    try:
+        data = folder.read_bytes(rel)
+    except FileNotFoundError:
+        return "file missing"
+    except StorageError as exc:
+        return f"cannot read: {exc}"
+    if "bytes" in entry and len(data) != entry["bytes"]:
+        return f"size {len(data)} != manifest {entry['bytes']}"
+    if "sha256" in entry and sha256_bytes(data) != entry["sha256"]:
+        return "sha256 mismatch"
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (OSError, pa.ArrowException) as exc:
+        return f"does not parse: {exc}"
+    return check_table(table, entry, kind, shape, check_values)
+
+
+def check_table(table: pa.Table, entry: dict, kind: str, shape: tuple[int, ...] | None,
+                check_values: bool) -> str | list[str]:
+    """The checks after parsing: row count, schema, unique keys, lengths, finite values."""
     if entry.get("rows") is not None and table.num_rows != entry["rows"]:
         return f"{table.num_rows} rows, manifest says {entry['rows']}"
     if shape is not None and not schema_matches(kind, shape, table.schema):

@@ -23,17 +23,20 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import json
 import os
 import re
+import shutil
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import Field, SecretStr
+from pydantic import Field, PlainSerializer, PlainValidator, SecretStr
 
 from omnidiff.config import ConfigModel
 from omnidiff.contracts.io import atomic_write
@@ -83,6 +86,75 @@ class S3Settings(ConfigModel):
             request_timeout_s=self.request_timeout_s,
             max_attempts=self.max_attempts,
         )
+
+
+    def pinned(self, environ: Mapping[str, str] | None = None) -> S3Settings:
+        """These settings with every unset field filled from the environment *now*.
+
+        What the driver hands its Ray actors and training ranks (inside their pickled job, never in a
+        runtime env or a log line): a worker then reaches the same store with the same credentials
+        whatever environment its node's Ray was started with.
+        """
+        r = self.resolved(environ)
+        return S3Settings(
+            endpoint_url=r.endpoint_url, region=r.region, access_key_id=r.access_key_id,
+            secret_access_key=SecretStr(r.secret_access_key) if r.secret_access_key else None,
+            session_token=SecretStr(r.session_token) if r.session_token else None,
+            connect_timeout_s=self.connect_timeout_s, request_timeout_s=self.request_timeout_s,
+            max_attempts=self.max_attempts,
+        )
+
+
+def _location(value: object) -> str | Path:
+    """A config value that names where an artifact lives: an ``s3://bucket/prefix`` URL (kept as a string,
+    checked) or a local path (a :class:`Path`); any other URL scheme is refused with the reason."""
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a local path or an s3://bucket/prefix URL")
+    if is_remote(value):
+        try:
+            split_s3_url(value)
+        except StorageError as exc:
+            raise ValueError(str(exc)) from None
+        return value.rstrip("/")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+        raise ValueError(f"{value!r}: only local paths and s3:// URLs are supported")
+    return Path(value)
+
+
+# A config field that may name a local path or an s3:// prefix (an s3:// URL would not survive as a Path:
+# Path("s3://b/x") is "s3:/b/x").
+Location = Annotated[
+    Path | str,
+    PlainValidator(_location, json_schema_input_type=str),
+    PlainSerializer(str, return_type=str),
+]
+
+
+class StorageSection(ConfigModel):
+    """``storage:`` of a stage config: where its artifacts live by default, and how to reach object storage.
+
+    root: ``s3://bucket/prefix`` (or a local folder): the stage's snapshots, caches, checkpoints and exports
+      go under it, in ``$OMNIDIFF_HOME``'s layout (``data/snapshots/``, ``cache/``, ``checkpoints/<name>/``,
+      ``exports/<name>/``) unless a field of their own names another place; ``null`` = ``$OMNIDIFF_HOME``.
+    s3: endpoint and credentials (:class:`S3Settings`); unset fields come from the AWS environment
+      variables. A secret written here is never printed or logged (it is dropped from the logged config:
+      give it through the environment when a config travels, e.g. as a Prefect parameter).
+    """
+
+    root: Location | None = None
+    s3: S3Settings = Field(default_factory=S3Settings)
+
+    def under(self, explicit: str | Path | None, *parts: str) -> str | Path | None:
+        """``explicit`` when set, else ``<root>/<parts>`` when a root is set, else None (the caller's default)."""
+        if explicit is not None:
+            return explicit
+        return join_location(self.root, *parts) if self.root is not None else None
+
+    @property
+    def remote(self) -> bool:
+        return self.root is not None and is_remote(self.root)
 
 
 @dataclass(frozen=True)
@@ -284,6 +356,43 @@ class Folder:
 
         self._call("write", rel, put)
 
+    def download(self, rel: str, target: Path, chunk: int = 8 << 20) -> None:
+        """Stream the object to the local file ``target`` (written under a temp name, then renamed)."""
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
+
+        def get() -> None:
+            with self.fs.open_input_stream(self.path(rel)) as src, tmp.open("wb") as dst:
+                while data := src.read(chunk):
+                    dst.write(data)
+
+        try:
+            if self.info(rel) is None:
+                raise FileNotFoundError(f"{self.url_of(rel)} does not exist")
+            self._call("download", rel, get)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def upload(self, source: Path, rel: str, chunk: int = 8 << 20) -> None:
+        """Publish the local file ``source`` as one object (a single PUT, or a multipart upload that the
+        store shows only once complete; locally temp + rename)."""
+        if not self.remote:
+            target = self.local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+            return
+
+        def put() -> None:
+            with Path(source).open("rb") as src, self.fs.open_output_stream(self.path(rel)) as dst:
+                while data := src.read(chunk):
+                    dst.write(data)
+
+        self._call("write", rel, put)
+
     def copy(self, src_rel: str, dst_rel: str) -> None:
         """Copy one object (a server-side copy on S3)."""
         self._call("copy to", dst_rel, lambda: self.fs.copy_file(self.path(src_rel), self.path(dst_rel)))
@@ -340,3 +449,68 @@ def clean(folder: Folder, listed: Iterable[str], grace_s: float = DEFAULT_GRACE_
         folder.delete(obj.rel)
         deleted.append(obj.rel)
     return deleted
+
+
+FOLDER_MANIFEST = "folder_manifest.json"  # a published folder's commit point (exports on object storage)
+
+
+def publish_folder(local: Path, folder: Folder, manifest_name: str = FOLDER_MANIFEST) -> dict:
+    """Upload every file of the local folder ``local`` to ``folder``, then its manifest, last.
+
+    The manifest lists each file's relative path, size and sha256, and a ``digest`` over that list (the
+    folder's identity: :func:`fetch_folder` caches by it). Objects of an older publish that the new
+    manifest does not list are deleted after the manifest is written. Returns the manifest.
+    """
+    from omnidiff.contracts.io import sha256_file
+
+    local = Path(local)
+    files = []
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        rel = path.relative_to(local).as_posix()
+        if rel == manifest_name:
+            continue
+        folder.upload(path, rel)
+        files.append({"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    listing = "\n".join(f"{f['path']}\t{f['bytes']}\t{f['sha256']}" for f in files)
+    manifest = {"files": files, "digest": hashlib.sha256(listing.encode()).hexdigest(),
+                "published": dt.datetime.now(dt.UTC).isoformat()}
+    folder.write_bytes(manifest_name, json.dumps(manifest, indent=1).encode())  # the commit point
+    listed = {f["path"] for f in files} | {manifest_name}
+    for obj in folder.list():
+        if obj.rel not in listed:
+            folder.delete(obj.rel)
+    return manifest
+
+
+def fetch_folder(folder: Folder, cache_root: Path, manifest_name: str = FOLDER_MANIFEST) -> Path:
+    """A local copy of a folder :func:`publish_folder` wrote: ``<cache_root>/<digest16>/``, downloaded once.
+
+    Only listed files are read, each checked against its sha256; the copy is assembled under a temp name
+    and renamed, so a half-downloaded folder is never used. A folder without a manifest is refused.
+    """
+    from omnidiff.contracts.io import sha256_file
+
+    try:
+        manifest = json.loads(folder.read_bytes(manifest_name))
+    except FileNotFoundError:
+        raise StorageError(f"{folder.url!r}: no {manifest_name} (not a published folder, or its writer did not "
+                           "finish)") from None
+    target = Path(cache_root) / manifest["digest"][:16]
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for entry in manifest["files"]:
+            folder.download(entry["path"], staging / entry["path"])
+            if sha256_file(staging / entry["path"]) != entry["sha256"]:
+                raise StorageError(f"{folder.url_of(entry['path'])!r}: sha256 differs from {manifest_name}")
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not target.is_dir():  # lost a race with another process: its copy is as good
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
