@@ -22,8 +22,14 @@ English prompts, 20-step DPM-Solver, guidance 3, judged by the evaluator, with
   the ~0.3 per dim that the random residual layers add, so a fresh encoder's states barely say
   which word sits where) and Min-SNR-gamma 5 loss weighting (``pretrain.min_snr_gamma``):
   colour 17% -> 100%, size 58% -> 90% at 700 steps.
-- 1000 steps: shape 21% -> 96%, colour 100%, size 98%, background 100%; position stays at chance
-  (23%; the deepest attention sits at 4x4 and 8x8).
+- 1000 steps: shape 21% -> 96%, colour 100%, size 98%, background 100%; position stayed at chance.
+- Position (issue 18 item 2, ``benchmarks/base_position.py``): the corner a shape went to followed the
+  noise, not the words (one prompt in its four corner wordings from the same noise: the same corner for
+  81% of seeds), while the text encoder's token states encode it (linear probe 99.7%) and the judge reads
+  it on renders (100%). Two changes: the pixel coordinates as two input channels
+  (``unet.coord_channels``; alone: position 26%, the noise still decided), and ``pretrain.min_snr_floor``
+  1: plain Min-SNR weights a v step by ~SNR at the noisiest steps (<0.01 at t=999), exactly the steps
+  that decide where the shape goes; the floor gives them weight ~1.
 The choice of target is saved in the scheduler config, which the pipeline's sampler and
 stages 2-3 (train/losses.py) read.
 
