@@ -68,19 +68,24 @@ class RayCluster:
         """This process (and what it starts) points at the cluster; disconnected and restored on leaving."""
         from omnidiff.stack import _reload_ray_auth
 
+        def disconnect() -> None:
+            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()
+
+        disconnect()  # an earlier test's Ray (another cluster, another token) must not be reused
         saved = {key: os.environ.get(key) for key in self.client_env()}
         os.environ.update(self.client_env())
         _reload_ray_auth()
         try:
             yield self
         finally:
-            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-                sys.modules["ray"].shutdown()
+            disconnect()
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+            _reload_ray_auth()
 
     def logs_mention(self, node: str, text: str) -> list[Path]:
         """This node's worker log files that contain ``text`` (Ray names the actor class in its worker's log)."""

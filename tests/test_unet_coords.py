@@ -75,15 +75,15 @@ def test_pipeline_with_a_coord_unet_samples_saves_and_loads(tmp_path):
     assert (before.astype(int) - after.astype(int)).__abs__().max() <= 1
 
 
-def test_shipped_base_configs_build_a_coord_unet():
+def test_shipped_base_configs_build_what_they_say():
+    """The test base sees pixel coordinates (so every stage is tested on such a UNet); the demo's base does
+    not until a full-size run shows they help (measured: position 26% with them vs 33% without)."""
     from omnidiff.base.config import BaseConfig
+    from omnidiff.base.pretrain import build_models
     from omnidiff.config import load_config
 
-    for name in ("base.yaml", "base_test.yaml"):
+    for name, expected in (("base_test.yaml", COORD_CHANNELS), ("base.yaml", 0)):
         cfg = load_config(BaseConfig, REPO / "configs" / name)
-        assert cfg.unet.coord_channels, f"configs/{name}: the base must see pixel coordinates (issue 18 item 2)"
-    from omnidiff.base.pretrain import build_models
-
-    cfg = load_config(BaseConfig, REPO / "configs" / "base_test.yaml")
-    _, unet, _ = build_models(cfg)
-    assert coord_channels(unet) == COORD_CHANNELS
+        assert bool(cfg.unet.coord_channels) == bool(expected), f"configs/{name}"
+        _, unet, _ = build_models(cfg)
+        assert coord_channels(unet) == expected, f"configs/{name}"
