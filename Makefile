@@ -28,7 +28,7 @@ demo: install llm
 	$(BIN)/omnidiff demo --config configs/pipeline.yaml
 
 test: install llm
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=30 $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
