@@ -162,3 +162,23 @@ def train_overrides(train_snapshot: Path, train_base: Path, train_caches: Path, 
         return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in items.items()]
 
     return overrides
+
+
+TWO_WORKERS = {"dist.launcher": "ray", "dist.num_workers": 2, "dist.zero_stage": 2}
+TWO_WORKER_MODEL = "omnidiff-train-test"
+
+
+@pytest.fixture(scope="session")
+def two_worker_reference(stack, train_overrides) -> dict:
+    """An uninterrupted two-worker stage-1 run of configs/train_test_stage1.yaml (12 steps), tracked, registered
+    as ``TWO_WORKER_MODEL``, with a sample grid: the run every kill-and-resume test compares its weights with
+    (tests/test_train_e2e.py on a local disk, tests/test_s3_kill.py on S3), trained once per session."""
+    from omnidiff.config import load_config
+    from train import run
+    from train.config import TrainConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    return run(load_config(TrainConfig, repo / "configs" / "train_test_stage1.yaml", train_overrides(
+        "ray-reference", **TWO_WORKERS, track=True, **{
+            "registry.register": True, "registry.model_name": TWO_WORKER_MODEL, "samples.per_group": 1,
+            "samples.steps": 2})))

@@ -32,12 +32,12 @@ from embed_cache.config import EmbedConfig
 from omnidiff.config import load_config, replace
 from omnidiff.contracts.storage import open_folder
 from tests.fixtures_embed import EMBED_TEST_CONFIG, write_snapshot
+from tests.fixtures_train import TWO_WORKERS
 from tests.test_embed_job import captions
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
-TWO_WORKERS = {"dist.launcher": "ray", "dist.num_workers": 2, "dist.zero_stage": 2}
 
 
 def _weights(export_dir: Path) -> dict[str, torch.Tensor]:
@@ -104,13 +104,10 @@ def test_sigkill_embed_with_its_cache_on_s3_then_rerun_holds_every_key_once(stac
 
 
 @pytest.fixture(scope="module")
-def local_reference(stack, train_overrides):
-    """An uninterrupted two-worker stage-1 run, checkpoints and export on the local disk."""
-    from train import run
-    from train.config import TrainConfig
-
-    return run(load_config(TrainConfig, REPO / "configs" / "train_test_stage1.yaml",
-                           train_overrides("s3-kill-reference", **TWO_WORKERS)))
+def local_reference(two_worker_reference):
+    """An uninterrupted two-worker stage-1 run, checkpoints and export on the local disk (tests/fixtures_train.py,
+    shared with the local kill test of tests/test_train_e2e.py)."""
+    return two_worker_reference
 
 
 def test_sigkill_a_rank_with_checkpoints_on_s3_resumes_to_the_same_weights(local_reference, train_overrides, s3_prefix):

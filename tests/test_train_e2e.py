@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from omnidiff.config import load_config
+from tests.fixtures_train import TWO_WORKER_MODEL as MODEL
+from tests.fixtures_train import TWO_WORKERS
 from train.config import TrainConfig
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = "omnidiff-train-test"
-TWO_WORKERS = {"dist.launcher": "ray", "dist.num_workers": 2, "dist.zero_stage": 2}
 
 
 def _cfg(overrides) -> TrainConfig:
@@ -40,12 +40,9 @@ def _weights(export_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(stack, train_overrides):
-    """An uninterrupted two-worker stage-1 run, tracked, registered, with a sample grid."""
-    from train import run
-
-    return run(_cfg(train_overrides("ray-reference", **TWO_WORKERS, track=True, **{
-        "registry.register": True, "registry.model_name": MODEL, "samples.per_group": 1, "samples.steps": 2})))
+def reference(two_worker_reference):
+    """An uninterrupted two-worker stage-1 run, tracked, registered, with a sample grid (tests/fixtures_train.py)."""
+    return two_worker_reference
 
 
 def test_two_workers_train_and_are_tracked_and_registered(reference, tiny_llm):
