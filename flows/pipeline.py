@@ -167,10 +167,12 @@ def with_storage(stage_cfg: Any, storage: StorageSection) -> Any:
 
 
 def upload_lists(paths: tuple[Path, ...], location: str, settings: S3Settings) -> tuple[str, ...]:
-    """Each local url list as an object under ``location`` (same name); returns their URLs."""
+    """Each local url list as an object under ``location`` (same name; not uploaded again when the object holds
+    the same bytes); returns their URLs."""
     folder = open_folder(location, settings)
     for path in paths:
-        folder.upload(path, path.name)
+        if not (folder.exists(path.name) and folder.sha256(path.name) == sha256_file(path)):
+            folder.upload(path, path.name)
     return tuple(folder.url_of(path.name) for path in paths)
 
 

@@ -48,13 +48,14 @@ def _local_files(home: Path) -> set[str]:
 
 
 def _listed(folder, manifest: str, key: str = "files") -> list[str]:
-    """The objects a manifest lists (each checked to exist on the store)."""
+    """The objects a manifest lists, relative to the manifest's folder (each checked to exist on the store)."""
     data = json.loads(folder.read_bytes(manifest))
     paths = [entry["path"] for entry in data[key]] if isinstance(data[key], list) else \
         [entry["path"] for entries in data[key].values() for entry in entries]
     assert paths, (folder.url, manifest)
+    base = manifest.rpartition("/")[0]
     for rel in paths:
-        assert folder.exists(rel), f"{folder.url_of(rel)} is listed by {manifest} but missing"
+        assert folder.exists(f"{base}/{rel}" if base else rel), f"{rel} is listed by {manifest} but missing"
     return paths
 
 
@@ -133,7 +134,7 @@ def test_pipeline_on_object_storage_then_a_rerun_that_skips_every_stage(s3_pipel
 
     # -- a rerun: every stage skipped by its input digest, the same outputs, nothing written to the store
     store = open_folder(root)
-    objects = {(o.rel, o.size) for o in store.list()}
+    objects = {(o.rel, o.size, o.mtime) for o in store.list()}
     again = omnidiff_pipeline(cfg)
     client = MlflowClient(tracking_uri=tracking.tracking_uri())
     run = client.get_run(again["mlflow_parent_run_id"])
@@ -142,4 +143,4 @@ def test_pipeline_on_object_storage_then_a_rerun_that_skips_every_stage(s3_pipel
     assert again["collect"]["snapshot"] == snapshot
     assert [again[n]["export_url"] for n in ("stage1", "stage2", "stage3")] == \
         [out[n]["export_url"] for n in ("stage1", "stage2", "stage3")]
-    assert {(o.rel, o.size) for o in store.list()} == objects
+    assert {(o.rel, o.size, o.mtime) for o in store.list()} == objects
