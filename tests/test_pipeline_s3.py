@@ -106,12 +106,12 @@ def test_pipeline_on_object_storage_then_a_rerun_that_skips_every_stage(s3_pipel
         assert report.ok and report.rows > 0 and report.unlisted == [], (kind, report)
     parent_export = None
     for name in ("stage1", "stage2", "stage3"):
-        stage = out[name]
+        stage, run_name = out[name], getattr(cfg, name).name
         export = open_folder(stage["export_url"])
-        assert stage["export_url"].startswith(f"{root}/exports/{name}/"), stage
+        assert stage["export_url"].startswith(f"{root}/exports/{run_name}/"), stage
         assert "model_index.json" in _listed(export, FOLDER_MANIFEST)
         checkpoints = open_folder(stage["checkpoint_dir"])
-        assert stage["checkpoint_dir"].startswith(f"{root}/checkpoints/{name}/"), stage
+        assert stage["checkpoint_dir"].startswith(f"{root}/checkpoints/{run_name}/"), stage
         tag = checkpoints.read_bytes("latest").decode().strip()
         assert any(p.endswith("model_states.pt") for p in _listed(checkpoints, f"{tag}/manifest.json"))
         lineage = json.loads(export.read_bytes("lineage.json"))
