@@ -265,7 +265,8 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
             if published is not None:
                 embed_cfg = replace(embed_cfg, pixels=latent_pixels(cfg.embed.pixels, published))
             out["embed"] = run_stage("embed", embed_cfg, [snapshot_manifest],
-                                     lambda: _train_outputs(embed_flow(embed_cfg)), index, skip, timings, ())
+                                     lambda: _train_outputs(embed_flow(embed_cfg)), index, skip, timings,
+                                     tuple(f"{kind}_dir" for kind in embed_cfg.kinds))  # each cache still there
 
             # 4-6. the three training stages, each from the previous one's export
             parent_export = None
