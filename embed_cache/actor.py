@@ -3,7 +3,8 @@
     ds.map_batches(EncodeShardActor, fn_constructor_kwargs=..., batch_size=None, compute=ActorPoolStrategy(...))
 
 The driver (embed_cache/job.py) hands each shard over as one pandas block (columns ``kind``,
-``shard``, ``key``, ``payload``, ``length``: ``plan_units`` in embed_cache/plan.py) and gets back
+``shard``, ``key``, ``payload``, ``length``: ``plan_units`` in embed_cache/plan.py; a pixel payload is
+where the image is in the snapshot, an ``ImageRef``, and the actor reads the bytes itself) and gets back
 one report row per shard (what was written, rejected keys, token counts, seconds). A worker
 reports failure as data: a non-finite row is rejected by key and the rest of the shard is kept.
 The ``local`` executor calls the same class in the driver's process.
@@ -23,6 +24,7 @@ from embed_cache import batching
 from embed_cache.encoders.clip import ClipShardEncoder
 from embed_cache.encoders.llm import LLMShardEncoder
 from embed_cache.encoders.pixels import PixelShardEncoder
+from embed_cache.inputs import ImageRef, is_image_ref, read_images
 from embed_cache.writer import write_shard_file
 from omnidiff.contracts.cache import NonFiniteStatesError
 from omnidiff.contracts.storage import S3Settings
@@ -77,6 +79,8 @@ class EncodeShardActor:
         order = np.argsort(batch["length"].to_numpy(), kind="stable")  # the driver sorted already
         keys = [batch["key"].iloc[i] for i in order]
         payloads = [decode_payload(kind, batch["payload"].iloc[i]) for i in order]
+        if kind == "pixels":  # this shard's images, read here from their snapshot rows (never on the driver)
+            payloads = resolve_images(payloads, self.storage)
         lengths = batch["length"].to_numpy()[order]
         batch_limit = min(self.max_batch_size, getattr(encoder, "batch_size", self.max_batch_size))
         if hasattr(encoder, "compute_shard"):  # plans its own batches (the LLM: shared prefixes)
@@ -117,9 +121,25 @@ class EncodeShardActor:
 
 
 def encode_payload(kind: str, payload: Any) -> bytes:
-    """Every unit's payload column is binary (one Arrow schema for all kinds): texts go as UTF-8."""
+    """Every unit's payload column is binary (one Arrow schema for all kinds): texts go as UTF-8, an image
+    as its :class:`ImageRef` (or its bytes, for inputs built in memory)."""
+    if isinstance(payload, ImageRef):
+        return payload.encode()
     return payload if kind == "pixels" else str(payload).encode("utf-8")
 
 
 def decode_payload(kind: str, payload: bytes) -> Any:
-    return payload if kind == "pixels" else bytes(payload).decode("utf-8")
+    if kind == "pixels":
+        return ImageRef.decode(payload) if is_image_ref(payload) else payload
+    return bytes(payload).decode("utf-8")
+
+
+def resolve_images(payloads: list[Any], storage: S3Settings | None) -> list[bytes]:
+    """Image bytes for a shard's pixel payloads: each :class:`ImageRef` read from its snapshot shard."""
+    refs = [i for i, p in enumerate(payloads) if isinstance(p, ImageRef)]
+    if not refs:
+        return payloads
+    out = list(payloads)
+    for i, data in zip(refs, read_images([payloads[i] for i in refs], storage), strict=True):
+        out[i] = data
+    return out

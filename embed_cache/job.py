@@ -12,7 +12,9 @@ What it computes (docs/architecture.md "Embedding cache"):
   latents when ``pixels.vae`` is set: what stages 2-3 train on.
 
 How (each step is why the cache beats padded per-file caches; each has its file):
-1. The driver gathers the distinct keys (embed_cache/inputs.py), opens the cache directory named by the fingerprint
+1. The driver gathers the distinct keys (embed_cache/inputs.py: it streams the snapshots' small columns and
+   keeps, per image, only where it is, an ``ImageRef``; the actors read the images), opens the cache
+   directory named by the fingerprint
    (omnidiff/contracts/encoders.py) as its only writer and subtracts what is cached: a caption that is
    in ten snapshots is computed once, and a rerun computes only what is new.
 2. The missing work is sorted by token length and cut into shards balanced by tokens

@@ -30,6 +30,7 @@ from embed_cache import batching
 from embed_cache.actor import encode_payload
 from embed_cache.config import EmbedConfig
 from embed_cache.encoders.clip import load_clip
+from embed_cache.inputs import ImageRef
 from embed_cache.writer import CacheWriter
 from omnidiff.contracts.cache import cache_dir
 from omnidiff.contracts.encoders import (
@@ -203,8 +204,15 @@ def cache_dirs(cfg: EmbedConfig) -> dict[str, Path | str]:
 def plan_units(
     kind: str, writer: CacheWriter, todo: list[str], payloads: list[Any], lengths: np.ndarray, cfg: EmbedConfig
 ) -> list[pd.DataFrame]:
-    """Length-sorted, token-balanced shards of missing keys: one DataFrame (= one Ray block) per shard."""
-    order = batching.length_order(lengths, todo)
+    """Length-sorted, token-balanced shards of missing keys: one DataFrame (= one Ray block) per shard.
+
+    Images (cost 1 each) referenced in snapshots (``ImageRef``) go in snapshot order instead, so the actor of
+    a shard reads a run of neighbouring rows: few row groups, each read once."""
+    if kind == "pixels" and payloads and all(isinstance(p, ImageRef) for p in payloads):
+        order = np.asarray(sorted(range(len(todo)), key=lambda i: (payloads[i].path, payloads[i].row, todo[i])),
+                           dtype=np.int64)
+    else:
+        order = batching.length_order(lengths, todo)
     keys = [todo[i] for i in order]
     payloads = [encode_payload(kind, payloads[i]) for i in order]
     lengths = lengths[order]

@@ -20,6 +20,7 @@ from data_prep.config import CollectConfig
 from embed_cache.config import EmbedConfig
 from omnidiff.base.config import BaseConfig
 from omnidiff.config import ConfigModel, load_config, require
+from omnidiff.contracts.storage import StorageSection
 from omnidiff.world.config import WorldConfig
 from serve.config import ServeConfig
 from train.config import TrainConfig
@@ -42,7 +43,11 @@ class PipelineConfig(ConfigModel):
     collect / embed / stage1 / stage2 / stage3 / evaluate / serve: each stage's config; the pipeline
         fills in what flows between stages (url lists, snapshot, cache, base model, parent export).
     skip_unchanged: skip a stage whose input digest matches a completed earlier run (its outputs
-        still on disk), so a rerun redoes only what a change touches.
+        still there), so a rerun redoes only what a change touches.
+    storage: where every stage's artifacts live (``StorageSection``): ``root: s3://bucket/prefix`` puts the
+        snapshot, caches, checkpoints, exports, the published evaluation report and the stage index under
+        it (configs/s3/pipeline.yaml); handed to each stage that names no ``storage.root`` of its own.
+        ``null`` root: each stage's own ``storage`` (by default ``$OMNIDIFF_HOME``).
     deploy: promote the stage-3 model to ``production`` and roll (or start) the Serve app.
     """
 
@@ -61,6 +66,7 @@ class PipelineConfig(ConfigModel):
     world_port: int = Field(8765, ge=1, le=65535)
     skip_unchanged: bool = True
     deploy: bool = True
+    storage: StorageSection = Field(default_factory=StorageSection)
 
     @model_validator(mode="after")
     def _stages_fit_their_slots(self) -> PipelineConfig:

@@ -8,8 +8,16 @@ prepare-base (world, base model, evaluator) -> collect -> embed -> stage 1 -> st
 
 One MLflow parent run per pipeline run; every stage's own run nests under it (omnidiff.tracking
 nests under the active run). A stage whose input digest (its resolved config plus the digests of
-the files it reads) matches an earlier completed run, whose outputs are still on disk, is skipped
+the files it reads) matches an earlier completed run, whose outputs are still there, is skipped
 and its outputs reused: a rerun after a change redoes only what the change touches.
+
+Object storage (issue 17; configs/s3/pipeline.yaml): ``storage.root: s3://bucket/prefix`` in the pipeline
+config is handed to every stage that names no root of its own, and the flow passes ``s3://`` locations
+between stages: the snapshot URL to embed and training, each stage's export URL to the next stage and
+to evaluate; checkpoints and exports go to ``<root>/checkpoints|exports/<stage>/<digest12>``, the
+evaluation report is published to ``<root>/reports/evaluate/<digest12>`` and the stage index lives at
+``<root>/pipeline/stage_index.json``. A stage counts as done only while what its manifest commits is
+there (a snapshot's ``manifest.json``, an export's ``folder_manifest.json``).
 """
 
 from __future__ import annotations
@@ -26,6 +34,16 @@ from prefect import flow, get_run_logger
 from flows.config import PipelineConfig
 from omnidiff.config import replace, to_dict
 from omnidiff.contracts.io import sha256_file
+from omnidiff.contracts.storage import (
+    FOLDER_MANIFEST,
+    Folder,
+    S3Settings,
+    StorageSection,
+    is_remote,
+    join_location,
+    open_folder,
+    publish_folder,
+)
 from omnidiff.env import subdir
 from omnidiff.progress import emit_event
 from train.registry import model_name_for
@@ -35,44 +53,68 @@ SKIP_INDEX = "stage_index.json"
 
 # ---------------------------------------------------------------- skipping unchanged stages
 
-def input_digest(stage: str, cfg: Any, files: list[Path] = ()) -> str:
-    """Stable digest of a stage's inputs: its resolved config and the content of the files it reads."""
-    record = {"stage": stage, "config": to_dict(cfg) if cfg is not None else None,
-              "files": {str(p): sha256_file(p) for p in files if Path(p).is_file()}}
+def input_digest(stage: str, cfg: Any, files: list[Path | str] = (), settings: S3Settings | None = None) -> str:
+    """Stable digest of a stage's inputs: its resolved config and the content of the files it reads
+    (local paths, or ``s3://`` objects read with ``settings``)."""
+    digests = {str(p): d for p in files if (d := _file_digest(p, settings)) is not None}
+    record = {"stage": stage, "config": to_dict(cfg) if cfg is not None else None, "files": digests}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-class StageIndex:
-    """input digest -> outputs of the completed stage run (a JSON file under home/pipeline/)."""
+def _file_digest(location: Path | str, settings: S3Settings | None) -> str | None:
+    """sha256 of a local file or an ``s3://`` object; None when it does not exist."""
+    if is_remote(location):
+        parent, _, name = str(location).rpartition("/")
+        folder = open_folder(parent, settings)
+        return folder.sha256(name) if folder.exists(name) else None
+    return sha256_file(location) if Path(location).is_file() else None
 
-    def __init__(self, path: Path | None = None):
-        self.path = path or subdir("pipeline") / SKIP_INDEX
+
+def committed(location: str | Path, settings: S3Settings | None = None) -> bool:
+    """Whether a stage output is there: a local path that exists; on object storage a prefix whose commit
+    point (``manifest.json`` of a snapshot, ``folder_manifest.json`` of a published folder) exists."""
+    if not is_remote(location):
+        return Path(location).exists()
+    folder = open_folder(location, settings)
+    return folder.exists("manifest.json") or folder.exists(FOLDER_MANIFEST)
+
+
+class StageIndex:
+    """input digest -> outputs of the completed stage run: ``stage_index.json`` in a folder (``home/pipeline/``,
+    or ``<storage.root>/pipeline/`` on object storage, so a rerun from any machine skips what is done)."""
+
+    def __init__(self, path: Path | None = None, folder: Folder | None = None, settings: S3Settings | None = None):
+        if folder is None:
+            path = path or subdir("pipeline") / SKIP_INDEX
+            folder, self.name = open_folder(path.parent), path.name
+        else:
+            self.name = SKIP_INDEX
+        self.folder, self.settings = folder, settings
+        self.path = folder.url_of(self.name) if folder.remote else folder.local / self.name
 
     def _read(self) -> dict[str, Any]:
-        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+        return json.loads(self.folder.read_bytes(self.name)) if self.folder.exists(self.name) else {}
 
     def get(self, stage: str, digest: str) -> dict[str, Any] | None:
         entry = self._read().get(f"{stage}:{digest}")
         if not entry:
             return None
-        missing = [p for p in entry.get("paths", []) if not Path(p).exists()]
+        missing = [p for p in entry.get("paths", []) if not committed(p, self.settings)]
         return None if missing else entry["outputs"]
 
     def put(self, stage: str, digest: str, outputs: dict[str, Any], paths: list[str]) -> None:
         data = self._read()
         data[f"{stage}:{digest}"] = {"outputs": outputs, "paths": paths, "at": time.time()}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1, default=str))
-        tmp.replace(self.path)
+        self.folder.write_bytes(self.name, json.dumps(data, indent=1, default=str).encode())  # temp + rename / one PUT
 
 
-def run_stage(name: str, cfg: Any, files: list[Path], fn: Callable[[], dict[str, Any]], index: StageIndex,
+def run_stage(name: str, cfg: Any, files: list[Path | str], fn: Callable[[], dict[str, Any]], index: StageIndex,
               skip: bool, timings: dict[str, float], path_keys: tuple[str, ...]) -> dict[str, Any]:
     """Run ``fn`` unless an earlier run with the same input digest left its outputs; time it either way."""
     import mlflow
 
     logger = get_run_logger()
-    digest = input_digest(name, cfg, files)
+    digest = input_digest(name, cfg, files, index.settings)
     t0 = time.perf_counter()
     emit_event("stage_start", stage=name, run=_flow_run_id())
     cached = index.get(name, digest) if skip else None
@@ -99,17 +141,49 @@ def _flow_run_id() -> str | None:
     return str(context.flow_run.id) if context and context.flow_run else None
 
 
-def _per_input_folders(name: str, cfg: Any, files: list[Path]) -> Any:
+def _per_input_folders(name: str, cfg: Any, files: list[Path | str], settings: S3Settings | None = None) -> Any:
     """Checkpoint and export folders of their own for each set of stage inputs (unless the config
     names them): a pipeline rerun after a crash resumes from its own checkpoints, while a run with
     other inputs (a new base model, snapshot or config) starts fresh instead of meeting another
-    training's checkpoints, and never overwrites an export that the stage index still points to."""
-    digest = input_digest(name, cfg, files)[:12]
+    training's checkpoints, and never overwrites an export that the stage index still points to.
+    Under ``storage.root`` (``s3://`` or a folder) they are ``<root>/checkpoints|exports/<name>/<digest12>``."""
+    digest = input_digest(name, cfg, files, settings)[:12]
+
+    def folder(kind: str) -> Path | str:
+        return cfg.storage.under(None, kind, cfg.name, digest) or subdir(kind, cfg.name) / digest
+
     if cfg.checkpoint.dir is None:
-        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, dir=subdir("checkpoints", cfg.name) / digest))
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, dir=folder("checkpoints")))
     if cfg.registry.export_dir is None:
-        cfg = replace(cfg, registry=replace(cfg.registry, export_dir=subdir("exports", cfg.name) / digest))
+        cfg = replace(cfg, registry=replace(cfg.registry, export_dir=folder("exports")))
     return cfg
+
+
+def with_storage(stage_cfg: Any, storage: StorageSection) -> Any:
+    """``stage_cfg`` with the pipeline's ``storage`` section, unless the stage names a root of its own."""
+    if storage.root is None or stage_cfg.storage.root is not None:
+        return stage_cfg
+    return replace(stage_cfg, storage=storage)
+
+
+def upload_lists(paths: tuple[Path, ...], location: str, settings: S3Settings) -> tuple[str, ...]:
+    """Each local url list as an object under ``location`` (same name; not uploaded again when the object holds
+    the same bytes); returns their URLs."""
+    folder = open_folder(location, settings)
+    for path in paths:
+        if not (folder.exists(path.name) and folder.sha256(path.name) == sha256_file(path)):
+            folder.upload(path, path.name)
+    return tuple(folder.url_of(path.name) for path in paths)
+
+
+def publish_report(report: dict[str, Any], storage: StorageSection, digest: str) -> dict[str, Any]:
+    """On object storage: the evaluation report folder published to ``<root>/reports/evaluate/<digest12>``
+    (manifest last); the returned outputs gain ``report_url``. Locally: unchanged."""
+    if not storage.remote or not report.get("report_dir"):
+        return report
+    url = str(join_location(storage.root, "reports", "evaluate", digest[:12]))
+    publish_folder(Path(report["report_dir"]), open_folder(url, storage.s3.pinned()))
+    return {**report, "report_url": url}
 
 
 # ---------------------------------------------------------------- the flow
@@ -134,7 +208,10 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
     apply_env()
     cfg = config
-    index, timings, out = StageIndex(), {}, {}
+    settings = cfg.storage.s3.pinned() if cfg.storage.remote else cfg.storage.s3
+    index = (StageIndex(folder=open_folder(join_location(cfg.storage.root, "pipeline"), settings), settings=settings)
+             if cfg.storage.root is not None else StageIndex())
+    timings, out = {}, {}
     skip = cfg.skip_unchanged
     # Stage runs nest under the pipeline's run, from whichever thread Prefect runs them in.
     with start_run("pipeline", config=cfg, run_name="omnidiff-pipeline", parent_of_any_thread=True) as parent:
@@ -159,7 +236,7 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
             world_dir = Path(base["world_dir"]) if base.get("world_dir") else None
 
             # 2. collect: the world's images over local HTTP, through img2dataset, into a pair snapshot
-            collect_cfg = cfg.collect
+            collect_cfg = with_storage(cfg.collect, cfg.storage)
             server = None
             if world_dir is not None:
                 from omnidiff.world import serve_world, write_url_list
@@ -167,8 +244,10 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
                 server = serve_world(world_dir, port=cfg.world_port)
                 base_url = server.__enter__()
                 url_list = write_url_list(world_dir, base_url, out_path=world_dir / f"urls_{cfg.world_port}.parquet")
-                collect_cfg = replace(collect_cfg, url_lists=(Path(url_list),),
-                                      parallel_lists=(world_dir / "parallel.parquet",))
+                lists = (Path(url_list), world_dir / "parallel.parquet")
+                if cfg.storage.remote:  # the url lists on the store too: collect reads them from there
+                    lists = upload_lists(lists, join_location(cfg.storage.root, "lists", world_dir.name), settings)
+                collect_cfg = replace(collect_cfg, url_lists=(lists[0],), parallel_lists=(lists[1],))
             try:
                 collected = run_stage("collect", collect_cfg, list(collect_cfg.url_lists) + list(collect_cfg.parallel_lists),
                                       lambda: {"snapshot": str(collect_flow(collect_cfg))}, index, skip, timings,
@@ -176,39 +255,49 @@ def omnidiff_pipeline(config: PipelineConfig) -> dict[str, Any]:
             finally:
                 if server is not None:
                     server.__exit__(None, None, None)
-            snapshot = collected["snapshot"]
+            snapshot = collected["snapshot"]  # a folder, or an s3:// URL under storage.root
+            snapshot_manifest = join_location(snapshot, "manifest.json")
             out["collect"] = collected
 
             # 3. embed: LLM states of every caption, CLIP targets, pixels -> the Parquet cache
-            embed_cfg = replace(cfg.embed, snapshots=(snapshot,),
+            embed_cfg = replace(with_storage(cfg.embed, cfg.storage), snapshots=(snapshot,),
                                 clip=replace(cfg.embed.clip, base_model=Path(base["base_model"])))
             if published is not None:
                 embed_cfg = replace(embed_cfg, pixels=latent_pixels(cfg.embed.pixels, published))
-            out["embed"] = run_stage("embed", embed_cfg, [Path(snapshot) / "manifest.json"],
-                                     lambda: _train_outputs(embed_flow(embed_cfg)), index, skip, timings, ())
+            out["embed"] = run_stage("embed", embed_cfg, [snapshot_manifest],
+                                     lambda: _train_outputs(embed_flow(embed_cfg)), index, skip, timings,
+                                     tuple(f"{kind}_dir" for kind in embed_cfg.kinds))  # each cache still there
 
             # 4-6. the three training stages, each from the previous one's export
             parent_export = None
             exports = {}
             for name in ("stage1", "stage2", "stage3"):
-                stage_cfg = getattr(cfg, name)
+                stage_cfg = with_storage(getattr(cfg, name), cfg.storage)
                 stage_cfg = replace(stage_cfg, base_model=base["base_model"],
                                     data=replace(stage_cfg.data, snapshot=snapshot),
                                     init_from=parent_export if stage_cfg.stage > 1 else stage_cfg.init_from)
-                stage_cfg = _per_input_folders(name, stage_cfg, [Path(snapshot) / "manifest.json"])
-                result = run_stage(name, stage_cfg, [Path(snapshot) / "manifest.json"],
+                stage_cfg = _per_input_folders(name, stage_cfg, [snapshot_manifest], settings)
+                # on object storage the export's URL is what the stage index checks and the next stage reads
+                # (export_dir is then this machine's local copy, a cache)
+                remote_export = is_remote(stage_cfg.registry.export_dir)
+                result = run_stage(name, stage_cfg, [snapshot_manifest],
                                    lambda c=stage_cfg: _train_outputs(train_flow(c)), index, skip, timings,
-                                   ("export_dir",))
+                                   ("export_url",) if remote_export else ("export_dir",))
                 out[name] = result
-                parent_export = result["export_dir"]
+                parent_export = result.get("export_url") or result["export_dir"]
                 exports[name] = result
 
             # 7. evaluate: base vs every stage, per language and prompt length
             eval_cfg = replace(cfg.evaluate, world_dir=world_dir, baseline=base["base_model"],
                                evaluator_dir=Path(base["evaluator"]))
-            models = {"base": base["base_model"], **{n: r["export_dir"] for n, r in exports.items()}}
-            out["evaluate"] = run_stage("evaluate", {"cfg": eval_cfg, "models": models}, [],
-                                        lambda: evaluate_flow(models, eval_cfg), index, skip, timings, ("report_html",))
+            models = {"base": base["base_model"],
+                      **{n: r.get("export_url") or r["export_dir"] for n, r in exports.items()}}
+            eval_inputs = {"cfg": eval_cfg, "models": models}
+            eval_digest = input_digest("evaluate", eval_inputs, [], settings)
+            out["evaluate"] = run_stage(
+                "evaluate", eval_inputs, [],
+                lambda: publish_report(evaluate_flow(models, eval_cfg), cfg.storage, eval_digest), index, skip,
+                timings, ("report_url",) if cfg.storage.remote else ("report_html",))
             mlflow.set_tag("report_html", out["evaluate"].get("report_html"))
 
             # 8. register + deploy: stage 3's version -> @production, roll (or start) the Serve app
