@@ -171,6 +171,20 @@ def train_evaluator(cfg: BaseConfig) -> Path:
     if (out_dir / "metrics.json").is_file() and not cfg.force:
         log.info("evaluator cached at %s", out_dir)
         return out_dir
+    if not cfg.force:
+        from omnidiff.base import shipped
+
+        manifest = shipped.install("evaluator", out_dir.name, out_dir)
+        if manifest is not None:
+            print(f"evaluator: installed the shipped copy {out_dir.name} (sha256 verified; built at commit "
+                  f"{str(manifest.get('built_at_commit'))[:12]}; force=true retrains it) -> {out_dir}")
+            with _run(cfg, "base-evaluator") as run:
+                if run is not None:
+                    import mlflow
+
+                    mlflow.set_tags({"evaluator_dir": str(out_dir), "shipped": "true",
+                                     "shipped_commit": str(manifest.get("built_at_commit"))})
+            return out_dir
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with _run(cfg, "base-evaluator") as run:

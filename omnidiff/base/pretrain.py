@@ -288,6 +288,8 @@ def pretrain(cfg: BaseConfig) -> Path:
     if is_complete(out_dir) and not cfg.force:
         print(f"base model cached at {out_dir}")
         return out_dir
+    if not cfg.force and _install_shipped(cfg, out_dir, digest):
+        return out_dir
     images, captions = load_pairs(world_dir, cfg.resolution)
     print(f"pretraining the base model on {len(captions)} English pairs from {world_dir}")
     with _run(cfg) as run:
@@ -318,6 +320,32 @@ def pretrain(cfg: BaseConfig) -> Path:
         if run is not None:
             _log_pretrain(cfg, result, pipe, world_dir, out_dir, meta)
     return out_dir
+
+
+def _install_shipped(cfg: BaseConfig, out_dir: Path, world_digest: str) -> bool:
+    """Install the repository's shipped copy of this exact base (omnidiff/base/shipped.py) instead of
+    pretraining; False (and why, when other copies are shipped) when none matches."""
+    from omnidiff.base import shipped
+
+    manifest = shipped.install("base", out_dir.name, out_dir)
+    if manifest is None:
+        known = [m for m in shipped.others("base") if m.get("record")]
+        if known:
+            same_config = [m for m in known if m["record"].get("config") == model_record(cfg, world_digest)["config"]]
+            why = (f"it was built on world {same_config[0]['record'].get('world_digest', '?')[:12]}, this world is "
+                   f"{world_digest[:12]}" if same_config else "the shipped ones were built from another config")
+            print(f"no shipped base model matches {out_dir.name} ({why}); pretraining")
+        return False
+    print(f"base model: installed the shipped copy {out_dir.name} (sha256 verified; built at commit "
+          f"{str(manifest.get('built_at_commit'))[:12]}; rebuild with `{manifest.get('rebuild')}` and force=true) "
+          f"-> {out_dir}")
+    with _run(cfg) as run:
+        if run is not None:
+            import mlflow
+
+            mlflow.set_tags({"base_dir": str(out_dir), "base_hash": out_dir.name, "world_digest": world_digest,
+                             "shipped": "true", "shipped_commit": str(manifest.get("built_at_commit"))})
+    return True
 
 
 def _log_pretrain(cfg: BaseConfig, result: dict, pipe, world_dir: Path, out_dir: Path, meta: dict) -> None:

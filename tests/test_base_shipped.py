@@ -1,0 +1,102 @@
+"""Shipped base artifacts (omnidiff/base/shipped.py, issue 18 item 5): a shipped copy of exactly this base is
+installed instead of pretraining, verified file by file; anything else trains as before.
+
+    .venv/bin/pytest tests/test_base_shipped.py -x -q
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_base import tiny_base_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Trained(Exception):
+    """Raised by the stand-in for the training loop: reaching it means no shipped copy was used."""
+
+
+@pytest.fixture
+def fresh_models(tmp_path, monkeypatch) -> Path:
+    """An empty models cache and an empty shipped tree of this test's own."""
+    models, shipped_dir = tmp_path / "models", tmp_path / "shipped"
+    monkeypatch.setenv("OMNIDIFF_MODELS", str(models))
+    monkeypatch.setenv("OMNIDIFF_SHIPPED_DIR", str(shipped_dir))
+    return shipped_dir
+
+
+def _refuse_training(monkeypatch):
+    from omnidiff.base import evaluator_train, pretrain
+
+    def refuse(*args, **kwargs):
+        raise Trained
+
+    monkeypatch.setattr(pretrain, "train", refuse)
+    monkeypatch.setattr(evaluator_train, "fit_classifier", refuse)
+
+
+def test_a_shipped_base_and_evaluator_are_installed_instead_of_trained(tiny_base_model, tiny_evaluator, tiny_world,
+                                                                     fresh_models, monkeypatch):
+    from omnidiff.base import shipped
+    from omnidiff.base.evaluator_train import train_evaluator
+    from omnidiff.base.pretrain import pretrain
+
+    shipped.pack("base", tiny_base_model, rebuild="omnidiff base pretrain --config configs/base_test.yaml")
+    shipped.pack("evaluator", tiny_evaluator, rebuild="omnidiff base evaluator --config configs/base_test.yaml")
+    _refuse_training(monkeypatch)
+    cfg = tiny_base_config(tiny_world)
+
+    base = pretrain(cfg)
+    assert base != tiny_base_model and base.name == tiny_base_model.name  # the same hash, in the fresh cache
+    for original in sorted(p for p in tiny_base_model.rglob("*") if p.is_file()):
+        assert (base / original.relative_to(tiny_base_model)).read_bytes() == original.read_bytes(), original
+    evaluator = train_evaluator(cfg)
+    assert evaluator.name == tiny_evaluator.name
+    assert (evaluator / "model.safetensors").read_bytes() == (tiny_evaluator / "model.safetensors").read_bytes()
+
+    # the installed base loads and samples like the trained one
+    from omnidiff.pipeline import OmniDiffusionPipeline
+
+    images = OmniDiffusionPipeline.from_pretrained(base)(["a red circle"], num_inference_steps=2, output_type="np")
+    assert images.shape[0] == 1
+
+    # force=true trains even with a shipped copy
+    with pytest.raises(Trained):
+        pretrain(tiny_base_config(tiny_world, "force=true"))
+
+
+def test_another_config_finds_no_shipped_copy_and_trains(tiny_base_model, tiny_world, fresh_models, monkeypatch,
+                                                         capsys):
+    from omnidiff.base import shipped
+    from omnidiff.base.pretrain import pretrain
+
+    shipped.pack("base", tiny_base_model, rebuild="omnidiff base pretrain --config configs/base_test.yaml")
+    _refuse_training(monkeypatch)
+    with pytest.raises(Trained):
+        pretrain(tiny_base_config(tiny_world, "pretrain.seed=123"))
+    assert "no shipped base model matches" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["change", "remove", "add"])
+def test_a_shipped_folder_that_does_not_verify_is_refused_naming_the_file(tiny_base_model, tiny_world, fresh_models,
+                                                                          monkeypatch, damage):
+    from omnidiff.base import shipped
+    from omnidiff.base.pretrain import pretrain
+
+    folder = shipped.pack("base", tiny_base_model, rebuild="x")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if damage == "change":
+        blob = bytearray(weights.read_bytes())
+        blob[-1] ^= 0xFF
+        weights.write_bytes(bytes(blob))
+    elif damage == "remove":
+        weights.unlink()
+    else:
+        (folder / "unet" / "extra.bin").write_bytes(b"\0")
+    _refuse_training(monkeypatch)
+    with pytest.raises(shipped.ShippedArtifactError, match="unet/(diffusion_pytorch_model.safetensors|extra.bin)"):
+        pretrain(tiny_base_config(tiny_world))
+    assert not (fresh_models.parent / "models" / "base" / folder.name / "model_index.json").exists()
