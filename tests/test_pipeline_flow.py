@@ -30,20 +30,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def pipeline_overrides(llm, serve_port: int, name: str, route: str, *extra: str) -> list[str]:
+    """Dotted overrides that shrink configs/pipeline_test.yaml's run to a test's size: the tiny test LLM in every
+    stage, a small evaluation, a Serve app ``name`` at ``route`` on ``serve_port``, every stage registering
+    ``name`` (tests/test_pipeline_s3.py uses them too)."""
+    overrides = [f"world_port={_free_port()}", f"embed.llm.path={llm}", "evaluate.max_per_group=2",
+                 "evaluate.steps=4", "evaluate.real_images=32", "evaluate.require_fit_evaluator=false",
+                 f"serve.app_name={name}", f"serve.route_prefix={route}", f"serve.port={serve_port}", *extra]
+    overrides += [f"stage{i}.llm.path={llm}" for i in (1, 2, 3)]
+    overrides += [f"stage{i}.registry.register=true" for i in (1, 2, 3)]
+    overrides += [f"stage{i}.registry.model_name={name}" for i in (1, 2, 3)]
+    return overrides
+
+
 @pytest.fixture(scope="module")
 def pipeline_cfg(stack, tiny_llm, serve_port):
     from flows.config import load_pipeline_config
     from serve import app as serve_app
 
-    llm = f"{tiny_llm}"
-    overrides = [f"world_port={_free_port()}", f"embed.llm.path={llm}", "evaluate.max_per_group=2",
-                 "evaluate.steps=4", "evaluate.real_images=32", "evaluate.track=true",
-                 "evaluate.require_fit_evaluator=false", "collect.track=true",
-                 "serve.app_name=omnidiff-pipeline-test", "serve.route_prefix=/pipeline-test",
-                 f"serve.port={serve_port}"]
-    overrides += [f"stage{i}.llm.path={llm}" for i in (1, 2, 3)]
-    overrides += [f"stage{i}.registry.register=true" for i in (1, 2, 3)]
-    overrides += [f"stage{i}.registry.model_name=omnidiff-pipeline-test" for i in (1, 2, 3)]
+    overrides = pipeline_overrides(tiny_llm, serve_port, "omnidiff-pipeline-test", "/pipeline-test",
+                                   "evaluate.track=true", "collect.track=true")
     cfg = load_pipeline_config(CONFIG, overrides)
     yield cfg
     if serve_app.running(cfg.serve.app_name):

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from omnidiff.contracts.storage import FOLDER_MANIFEST, open_folder
+from tests.test_pipeline_flow import pipeline_overrides
 
 pytestmark = pytest.mark.e2e
 
@@ -35,12 +35,6 @@ LOCAL_SCRATCH = ("checkpoint_cache/", "export_cache/", "model_cache/", "reports/
 # What must never be local: the snapshot, the caches, checkpoints, exports, the stage index.
 ON_THE_STORE = ("data/snapshots/", "cache/llm/", "cache/clip/", "cache/pixels/", "checkpoints/", "exports/",
                 "pipeline/")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _local_files(home: Path) -> set[str]:
@@ -64,13 +58,8 @@ def s3_pipeline_cfg(stack, s3_prefix, tiny_llm, serve_port):
     from flows.config import load_pipeline_config
     from serve import app as serve_app
 
-    overrides = [f"storage.root={s3_prefix}/store", f"world_port={_free_port()}", f"embed.llm.path={tiny_llm}",
-                 "evaluate.max_per_group=2", "evaluate.steps=4", "evaluate.real_images=32",
-                 "evaluate.require_fit_evaluator=false", "serve.app_name=omnidiff-pipeline-s3-test",
-                 "serve.route_prefix=/pipeline-s3-test", f"serve.port={serve_port}"]
-    overrides += [f"stage{i}.llm.path={tiny_llm}" for i in (1, 2, 3)]
-    overrides += [f"stage{i}.registry.register=true" for i in (1, 2, 3)]
-    overrides += [f"stage{i}.registry.model_name=omnidiff-pipeline-s3-test" for i in (1, 2, 3)]
+    overrides = pipeline_overrides(tiny_llm, serve_port, "omnidiff-pipeline-s3-test", "/pipeline-s3-test",
+                                   f"storage.root={s3_prefix}/store")
     cfg = load_pipeline_config(CONFIG, overrides)
     yield cfg
     if serve_app.running(cfg.serve.app_name):
