@@ -58,6 +58,19 @@ def text_probe(text_encoder, captions: list[str], labels: list[str], seed: int =
     return out
 
 
+def with_spacing(pipe, spacing: str):
+    """``pipe`` sampling with its scheduler's ``timestep_spacing`` set to ``spacing`` ("saved": unchanged).
+
+    A shallow copy: the models are shared, only the sampler differs."""
+    import copy
+
+    if spacing == "saved":
+        return pipe
+    out = copy.copy(pipe)
+    out.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, "timestep_spacing": spacing})
+    return out
+
+
 def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_seeds: int) -> dict:
     import numpy as np
     import pandas as pd
@@ -108,6 +121,9 @@ def main() -> None:
     parser.add_argument("--corner-seeds", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--time-only", action="store_true", help="pretrain and report the time; judge nothing")
+    parser.add_argument("--spacing", action="append", default=[], choices=["saved", "leading", "trailing", "linspace"],
+                        help="judge every model with its sampler's timestep_spacing set to this (repeatable; "
+                             "default: as saved). 'leading' starts 20 steps at t=940 of 1000, not at pure noise")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # The test world's evaluator is not fit on every attribute (shape); position is what is read here.
@@ -135,6 +151,9 @@ def main() -> None:
         cfg = load_config(BaseConfig, args.config, args.set)
         world = resolve_world(cfg)
 
+    if args.spacing:
+        models = [(f"{name} [{sp}]" if len(args.spacing) > 1 or sp != "saved" else name, with_spacing(pipe, sp), timing)
+                  for name, pipe, timing in models for sp in args.spacing]
     first_wall = None
     for name, pipe, timing in models:
         if args.time_only:
@@ -145,7 +164,11 @@ def main() -> None:
                   f"{timing['wall_s'] / first_wall:.2f}x the first variant; UNet {timing['unet_params']:,} parameters")
             continue
         r = judge_model(pipe, name, world, evaluator, args.images, args.corner_seeds)
-        print(f"\n== {name}: {r['n_images']} images of short English prompts")
+        first = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        first.set_timesteps(20)
+        print(f"\n== {name}: {r['n_images']} images of short English prompts; sampler "
+              f"{pipe.scheduler.config.timestep_spacing!r}, first timestep {int(first.timesteps[0])}, "
+              f"judged in {r['judge_s']:.0f} s")
         print("   faithfulness: " + "  ".join(f"{a} {v:.1%}" for a, v in r["scores"].items()))
         print(f"   corner test: follows word {r['follows_word']:.1%}, same corner for all four words {r['same_corner']:.1%}")
         print(f"   text probe (position): mean states {r['probe']['mean_states']:.1%}, pooled {r['probe']['pooled']:.1%}")
