@@ -71,7 +71,7 @@ def with_spacing(pipe, spacing: str):
     return out
 
 
-def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_seeds: int) -> dict:
+def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_seeds: int, guidance: float = 3.0) -> dict:
     import numpy as np
     import pandas as pd
 
@@ -82,7 +82,7 @@ def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_see
     prompts = prompts[(prompts["lang"] == "en") & (scoring.length_buckets(prompts) == scoring.SHORT).to_numpy()]
     prompts = scoring.select_prompts(prompts, ["en"], 0, images, seed=0).reset_index(drop=True)
     t0 = time.perf_counter()
-    drawn = scoring.generate_images(pipe, prompts["prompt"].tolist(), 0, 20, 3.0, 64, name=f"{name} eval")
+    drawn = scoring.generate_images(pipe, prompts["prompt"].tolist(), 0, 20, guidance, 64, name=f"{name} eval")
     verdicts = scoring.judge(prompts, evaluator.predict(drawn))
     scores = {a: float(verdicts[f"ok_{a}"].dropna().astype(float).mean()) for a in evaluator.labels}
     confusion = pd.crosstab(verdicts["position"], verdicts["pred_position"])
@@ -90,7 +90,7 @@ def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_see
     words = [CORNER_PROMPT.format(c) for c in CORNERS.values()]
     rows = []
     for seed in range(corner_seeds):
-        ims = pipe(words, num_inference_steps=20, guidance_scale=3.0, seed=[1000 + seed] * 4, output_type="np")
+        ims = pipe(words, num_inference_steps=20, guidance_scale=guidance, seed=[1000 + seed] * 4, output_type="np")
         rows.append(evaluator.predict(ims)["position"])
     rows = np.array(rows)  # (seeds, 4)
     follows = float((rows == np.array(list(CORNERS))).mean())
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=[], help="NAME=FOLDER: a pipeline folder to judge")
     parser.add_argument("--images", type=int, default=4, help="images per short English eval prompt")
     parser.add_argument("--corner-seeds", type=int, default=16)
+    parser.add_argument("--guidance", type=float, action="append", default=[],
+                        help="classifier-free guidance scale (repeatable: every model is judged at each; default 3, the demo's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--time-only", action="store_true", help="pretrain and report the time; judge nothing")
     parser.add_argument("--spacing", action="append", default=[], choices=["saved", "leading", "trailing", "linspace"],
@@ -163,21 +165,29 @@ def main() -> None:
             print(f"== {name}: pretraining {timing['wall_s']:.0f} s, {timing['s_per_step']:.3f} s/step, "
                   f"{timing['wall_s'] / first_wall:.2f}x the first variant; UNet {timing['unet_params']:,} parameters")
             continue
-        r = judge_model(pipe, name, world, evaluator, args.images, args.corner_seeds)
-        first = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        first.set_timesteps(20)
-        print(f"\n== {name}: {r['n_images']} images of short English prompts; sampler "
-              f"{pipe.scheduler.config.timestep_spacing!r}, first timestep {int(first.timesteps[0])}, "
-              f"judged in {r['judge_s']:.0f} s")
-        print("   faithfulness: " + "  ".join(f"{a} {v:.1%}" for a, v in r["scores"].items()))
-        print(f"   corner test: follows word {r['follows_word']:.1%}, same corner for all four words {r['same_corner']:.1%}")
-        print(f"   text probe (position): mean states {r['probe']['mean_states']:.1%}, pooled {r['probe']['pooled']:.1%}")
+        for guidance in args.guidance or [3.0]:
+            report(pipe, f"{name} g{guidance:g}" if args.guidance else name, timing, first_wall,
+                   judge_model(pipe, name, world, evaluator, args.images, args.corner_seeds, guidance))
         if timing:
             first_wall = first_wall or timing["wall_s"]
-            print(f"   pretraining: {timing['wall_s']:.0f} s, {timing['s_per_step']:.3f} s/step, "
-                  f"{timing['wall_s'] / first_wall:.2f}x the first variant; UNet {timing['unet_params']:,} parameters")
-        print("   position confusion (rows asked, columns drawn):")
-        print("   " + r["confusion"].to_string().replace("\n", "\n   "))
+
+
+def report(pipe, name: str, timing: dict, first_wall: float | None, r: dict) -> None:
+    """Print one judged model."""
+    first = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    first.set_timesteps(20)
+    print(f"\n== {name}: {r['n_images']} images of short English prompts; sampler "
+          f"{pipe.scheduler.config.timestep_spacing!r}, first timestep {int(first.timesteps[0])}, "
+          f"judged in {r['judge_s']:.0f} s")
+    print("   faithfulness: " + "  ".join(f"{a} {v:.1%}" for a, v in r["scores"].items()))
+    print(f"   corner test: follows word {r['follows_word']:.1%}, same corner for all four words {r['same_corner']:.1%}")
+    print(f"   text probe (position): mean states {r['probe']['mean_states']:.1%}, pooled {r['probe']['pooled']:.1%}")
+    if timing:
+        first_wall = first_wall or timing["wall_s"]
+        print(f"   pretraining: {timing['wall_s']:.0f} s, {timing['s_per_step']:.3f} s/step, "
+              f"{timing['wall_s'] / first_wall:.2f}x the first variant; UNet {timing['unet_params']:,} parameters")
+    print("   position confusion (rows asked, columns drawn):")
+    print("   " + r["confusion"].to_string().replace("\n", "\n   "))
 
 
 if __name__ == "__main__":
