@@ -45,7 +45,7 @@ def test_the_floor_keeps_the_noisiest_steps_weighted_and_leaves_the_rest():
 
 
 def test_the_floor_set_on_the_shipped_base_trains_its_noisiest_steps():
-    """The demo's base ships with the floor off (unmeasured at full size, issue 18): its noisiest steps get
+    """The demo's base ships with the floor off (floor 1 measured worse at full size, issue 18): its noisiest steps get
     almost no weight; ``pretrain.min_snr_floor=1`` on the same config gives them about 1."""
     from omnidiff.base.config import BaseConfig
     from omnidiff.config import ConfigError, load_config
