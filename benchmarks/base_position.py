@@ -71,6 +71,38 @@ def with_spacing(pipe, spacing: str):
     return out
 
 
+def first_step_test(pipe, seeds: int, guidance: float) -> dict[str, float]:
+    """What the UNet predicts from pure noise at the training's noisiest timestep (999), where the input carries
+    no image at all, so the prediction should follow the words only.
+
+    For the four corner wordings from the same noise (``seeds`` seeds): the quadrant of the guided predicted
+    image (x0 = alpha x - sigma v) with the most red. Returns {"follows": share in the asked quadrant (chance
+    25%), "same": share of seeds whose four predictions share a quadrant}. v-prediction only."""
+    import numpy as np
+    import torch
+
+    from omnidiff.pipeline import predict_noise
+
+    if pipe.scheduler.config.prediction_type != "v_prediction":
+        raise ValueError("first_step_test reads a v-prediction UNet")
+    t = int(pipe.scheduler.config.num_train_timesteps) - 1
+    alpha_bar = pipe.scheduler.alphas_cumprod[t]
+    tokens, pooled, mask = pipe.encode_prompt([CORNER_PROMPT.format(c) for c in CORNERS.values()] + [""])
+    hits, same = 0, 0
+    for seed in range(seeds):
+        noise = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1000 + seed)).expand(5, -1, -1, -1)
+        with torch.no_grad():
+            v = predict_noise(pipe.unet, noise, torch.full((5,), t), tokens, pooled, mask)  # (5, 3, 16, 16)
+        x0 = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * v
+        x0 = x0[4:] + guidance * (x0[:4] - x0[4:])  # (4, 3, 16, 16): guided, per wording
+        red = x0[:, 0] - 0.5 * (x0[:, 1] + x0[:, 2])  # (4, 16, 16)
+        quadrants = torch.stack([red[:, :8, :8], red[:, :8, 8:], red[:, 8:, :8], red[:, 8:, 8:]], 1).mean((2, 3))
+        drawn = quadrants.argmax(1).tolist()  # CORNERS order: top-left, top-right, bottom-left, bottom-right
+        hits += sum(d == i for i, d in enumerate(drawn))
+        same += len(set(drawn)) == 1
+    return {"follows": hits / (4 * seeds), "same": same / seeds, "t": t, "guided_x0_std": float(np.std(x0.numpy()))}
+
+
 def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_seeds: int, guidance: float = 3.0) -> dict:
     import numpy as np
     import pandas as pd
@@ -98,8 +130,9 @@ def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_see
     pairs = pd.read_parquet(world / "pairs.parquet", columns=["caption_en", "position", "is_long"])
     pairs = pairs[~pairs["is_long"]].drop_duplicates("caption_en").head(900)
     probe = text_probe(pipe.text_encoder, [normalise_caption(c) for c in pairs["caption_en"]], list(pairs["position"]))
+    first = first_step_test(pipe, corner_seeds, guidance)
     return {"scores": scores, "confusion": confusion, "follows_word": follows, "same_corner": same,
-            "probe": probe, "n_images": len(prompts), "judge_s": time.perf_counter() - t0}
+            "first_step": first, "probe": probe, "n_images": len(prompts), "judge_s": time.perf_counter() - t0}
 
 
 def main() -> None:
@@ -181,6 +214,9 @@ def report(pipe, name: str, timing: dict, first_wall: float | None, r: dict) -> 
           f"judged in {r['judge_s']:.0f} s")
     print("   faithfulness: " + "  ".join(f"{a} {v:.1%}" for a, v in r["scores"].items()))
     print(f"   corner test: follows word {r['follows_word']:.1%}, same corner for all four words {r['same_corner']:.1%}")
+    f = r["first_step"]
+    print(f"   first step (predicted image from pure noise at t={f['t']}): red in the asked quadrant {f['follows']:.1%}, "
+          f"same quadrant for all four words {f['same']:.1%}")
     print(f"   text probe (position): mean states {r['probe']['mean_states']:.1%}, pooled {r['probe']['pooled']:.1%}")
     if timing:
         first_wall = first_wall or timing["wall_s"]
