@@ -58,7 +58,52 @@ def text_probe(text_encoder, captions: list[str], labels: list[str], seed: int =
     return out
 
 
-def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_seeds: int) -> dict:
+def with_spacing(pipe, spacing: str):
+    """``pipe`` sampling with its scheduler's ``timestep_spacing`` set to ``spacing`` ("saved": unchanged).
+
+    A shallow copy: the models are shared, only the sampler differs."""
+    import copy
+
+    if spacing == "saved":
+        return pipe
+    out = copy.copy(pipe)
+    out.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, "timestep_spacing": spacing})
+    return out
+
+
+def first_step_test(pipe, seeds: int, guidance: float) -> dict[str, float]:
+    """What the UNet predicts from pure noise at the training's noisiest timestep (999), where the input carries
+    no image at all, so the prediction should follow the words only.
+
+    For the four corner wordings from the same noise (``seeds`` seeds): the quadrant of the guided predicted
+    image (x0 = alpha x - sigma v) with the most red. Returns {"follows": share in the asked quadrant (chance
+    25%), "same": share of seeds whose four predictions share a quadrant}. v-prediction only."""
+    import numpy as np
+    import torch
+
+    from omnidiff.pipeline import predict_noise
+
+    if pipe.scheduler.config.prediction_type != "v_prediction":
+        raise ValueError("first_step_test reads a v-prediction UNet")
+    t = int(pipe.scheduler.config.num_train_timesteps) - 1
+    alpha_bar = pipe.scheduler.alphas_cumprod[t]
+    tokens, pooled, mask = pipe.encode_prompt([CORNER_PROMPT.format(c) for c in CORNERS.values()] + [""])
+    hits, same = 0, 0
+    for seed in range(seeds):
+        noise = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1000 + seed)).expand(5, -1, -1, -1)
+        with torch.no_grad():
+            v = predict_noise(pipe.unet, noise, torch.full((5,), t), tokens, pooled, mask)  # (5, 3, 16, 16)
+        x0 = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * v
+        x0 = x0[4:] + guidance * (x0[:4] - x0[4:])  # (4, 3, 16, 16): guided, per wording
+        red = x0[:, 0] - 0.5 * (x0[:, 1] + x0[:, 2])  # (4, 16, 16)
+        quadrants = torch.stack([red[:, :8, :8], red[:, :8, 8:], red[:, 8:, :8], red[:, 8:, 8:]], 1).mean((2, 3))
+        drawn = quadrants.argmax(1).tolist()  # CORNERS order: top-left, top-right, bottom-left, bottom-right
+        hits += sum(d == i for i, d in enumerate(drawn))
+        same += len(set(drawn)) == 1
+    return {"follows": hits / (4 * seeds), "same": same / seeds, "t": t, "guided_x0_std": float(np.std(x0.numpy()))}
+
+
+def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_seeds: int, guidance: float = 3.0) -> dict:
     import numpy as np
     import pandas as pd
 
@@ -69,7 +114,7 @@ def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_see
     prompts = prompts[(prompts["lang"] == "en") & (scoring.length_buckets(prompts) == scoring.SHORT).to_numpy()]
     prompts = scoring.select_prompts(prompts, ["en"], 0, images, seed=0).reset_index(drop=True)
     t0 = time.perf_counter()
-    drawn = scoring.generate_images(pipe, prompts["prompt"].tolist(), 0, 20, 3.0, 64, name=f"{name} eval")
+    drawn = scoring.generate_images(pipe, prompts["prompt"].tolist(), 0, 20, guidance, 64, name=f"{name} eval")
     verdicts = scoring.judge(prompts, evaluator.predict(drawn))
     scores = {a: float(verdicts[f"ok_{a}"].dropna().astype(float).mean()) for a in evaluator.labels}
     confusion = pd.crosstab(verdicts["position"], verdicts["pred_position"])
@@ -77,7 +122,7 @@ def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_see
     words = [CORNER_PROMPT.format(c) for c in CORNERS.values()]
     rows = []
     for seed in range(corner_seeds):
-        ims = pipe(words, num_inference_steps=20, guidance_scale=3.0, seed=[1000 + seed] * 4, output_type="np")
+        ims = pipe(words, num_inference_steps=20, guidance_scale=guidance, seed=[1000 + seed] * 4, output_type="np")
         rows.append(evaluator.predict(ims)["position"])
     rows = np.array(rows)  # (seeds, 4)
     follows = float((rows == np.array(list(CORNERS))).mean())
@@ -85,8 +130,9 @@ def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_see
     pairs = pd.read_parquet(world / "pairs.parquet", columns=["caption_en", "position", "is_long"])
     pairs = pairs[~pairs["is_long"]].drop_duplicates("caption_en").head(900)
     probe = text_probe(pipe.text_encoder, [normalise_caption(c) for c in pairs["caption_en"]], list(pairs["position"]))
+    first = first_step_test(pipe, corner_seeds, guidance)
     return {"scores": scores, "confusion": confusion, "follows_word": follows, "same_corner": same,
-            "probe": probe, "n_images": len(prompts), "judge_s": time.perf_counter() - t0}
+            "first_step": first, "probe": probe, "n_images": len(prompts), "judge_s": time.perf_counter() - t0}
 
 
 def main() -> None:
@@ -106,8 +152,13 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=[], help="NAME=FOLDER: a pipeline folder to judge")
     parser.add_argument("--images", type=int, default=4, help="images per short English eval prompt")
     parser.add_argument("--corner-seeds", type=int, default=16)
+    parser.add_argument("--guidance", type=float, action="append", default=[],
+                        help="classifier-free guidance scale (repeatable: every model is judged at each; default 3, the demo's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--time-only", action="store_true", help="pretrain and report the time; judge nothing")
+    parser.add_argument("--spacing", action="append", default=[], choices=["saved", "leading", "trailing", "linspace"],
+                        help="judge every model with its sampler's timestep_spacing set to this (repeatable; "
+                             "default: as saved). 'leading' starts 20 steps at t=940 of 1000, not at pure noise")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # The test world's evaluator is not fit on every attribute (shape); position is what is read here.
@@ -135,6 +186,9 @@ def main() -> None:
         cfg = load_config(BaseConfig, args.config, args.set)
         world = resolve_world(cfg)
 
+    if args.spacing:
+        models = [(f"{name} [{sp}]" if len(args.spacing) > 1 or sp != "saved" else name, with_spacing(pipe, sp), timing)
+                  for name, pipe, timing in models for sp in args.spacing]
     first_wall = None
     for name, pipe, timing in models:
         if args.time_only:
@@ -144,17 +198,32 @@ def main() -> None:
             print(f"== {name}: pretraining {timing['wall_s']:.0f} s, {timing['s_per_step']:.3f} s/step, "
                   f"{timing['wall_s'] / first_wall:.2f}x the first variant; UNet {timing['unet_params']:,} parameters")
             continue
-        r = judge_model(pipe, name, world, evaluator, args.images, args.corner_seeds)
-        print(f"\n== {name}: {r['n_images']} images of short English prompts")
-        print("   faithfulness: " + "  ".join(f"{a} {v:.1%}" for a, v in r["scores"].items()))
-        print(f"   corner test: follows word {r['follows_word']:.1%}, same corner for all four words {r['same_corner']:.1%}")
-        print(f"   text probe (position): mean states {r['probe']['mean_states']:.1%}, pooled {r['probe']['pooled']:.1%}")
+        for guidance in args.guidance or [3.0]:
+            report(pipe, f"{name} g{guidance:g}" if args.guidance else name, timing, first_wall,
+                   judge_model(pipe, name, world, evaluator, args.images, args.corner_seeds, guidance))
         if timing:
             first_wall = first_wall or timing["wall_s"]
-            print(f"   pretraining: {timing['wall_s']:.0f} s, {timing['s_per_step']:.3f} s/step, "
-                  f"{timing['wall_s'] / first_wall:.2f}x the first variant; UNet {timing['unet_params']:,} parameters")
-        print("   position confusion (rows asked, columns drawn):")
-        print("   " + r["confusion"].to_string().replace("\n", "\n   "))
+
+
+def report(pipe, name: str, timing: dict, first_wall: float | None, r: dict) -> None:
+    """Print one judged model."""
+    first = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    first.set_timesteps(20)
+    print(f"\n== {name}: {r['n_images']} images of short English prompts; sampler "
+          f"{pipe.scheduler.config.timestep_spacing!r}, first timestep {int(first.timesteps[0])}, "
+          f"judged in {r['judge_s']:.0f} s")
+    print("   faithfulness: " + "  ".join(f"{a} {v:.1%}" for a, v in r["scores"].items()))
+    print(f"   corner test: follows word {r['follows_word']:.1%}, same corner for all four words {r['same_corner']:.1%}")
+    f = r["first_step"]
+    print(f"   first step (predicted image from pure noise at t={f['t']}): red in the asked quadrant {f['follows']:.1%}, "
+          f"same quadrant for all four words {f['same']:.1%}")
+    print(f"   text probe (position): mean states {r['probe']['mean_states']:.1%}, pooled {r['probe']['pooled']:.1%}")
+    if timing:
+        first_wall = first_wall or timing["wall_s"]
+        print(f"   pretraining: {timing['wall_s']:.0f} s, {timing['s_per_step']:.3f} s/step, "
+              f"{timing['wall_s'] / first_wall:.2f}x the first variant; UNet {timing['unet_params']:,} parameters")
+    print("   position confusion (rows asked, columns drawn):")
+    print("   " + r["confusion"].to_string().replace("\n", "\n   "))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def sampling_scheduler(config: dict, num_inference_steps: int = 20, latent: bool
     models, whose latents are not bounded by +-1 (issue 16). Exception: on a cosine schedule
     (sigma_max ~2e4) Karras spacing puts about half the steps at the same integer timestep 998, so
     the UNet would see one timestep for many noise levels; then the timesteps are spaced linearly
-    instead (logged). The schedule's ``prediction_type`` (epsilon or v_prediction) is kept.
+    instead (logged), "trailing" so the first one is the training's noisiest. The schedule's
+    ``prediction_type`` (epsilon or v_prediction) is kept.
     """
     from diffusers import DPMSolverMultistepScheduler
 
@@ -76,7 +77,11 @@ def sampling_scheduler(config: dict, num_inference_steps: int = 20, latent: bool
             len(steps),
             keep.get("beta_schedule"),
         )
-        keep["use_karras_sigmas"] = False
+        # "trailing": the first step is the training's last timestep (999 of 1000), where the sample really is
+        # pure noise. The training scheduler's default "leading" starts 20 steps at t=940 (alpha 0.09), so
+        # the model reads the noise's low frequencies as a faint image there: it decided the corner a shape
+        # went to, not the prompt (issue 18 item 2, benchmarks/base_position.py).
+        keep.update(use_karras_sigmas=False, timestep_spacing="trailing")
         scheduler = DPMSolverMultistepScheduler.from_config(keep)
     return scheduler
 

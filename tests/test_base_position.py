@@ -45,7 +45,7 @@ def test_the_floor_keeps_the_noisiest_steps_weighted_and_leaves_the_rest():
 
 
 def test_the_floor_set_on_the_shipped_base_trains_its_noisiest_steps():
-    """The demo's base ships with the floor off (unmeasured at full size, issue 18): its noisiest steps get
+    """The demo's base ships with the floor off (floor 1 measured worse at full size, issue 18): its noisiest steps get
     almost no weight; ``pretrain.min_snr_floor=1`` on the same config gives them about 1."""
     from omnidiff.base.config import BaseConfig
     from omnidiff.config import ConfigError, load_config
@@ -82,3 +82,21 @@ def test_pretraining_passes_the_floor_to_the_loss():
     losses = [compute_loss(images, ids, mask, text_encoder, Zero(), _cosine(), torch.Generator().manual_seed(1),
                            5.0, floor).item() for floor in (0.0, 1.0)]
     assert losses[1] > losses[0], losses  # same draws, the noisy steps now count
+
+
+def test_the_sampler_starts_where_the_training_noise_is_pure():
+    """The tiny base samples from pure noise, so its sampler's first timestep must be the training's noisiest
+    (999 of 1000, alpha_bar ~2e-9). The training scheduler's default "leading" spacing started 20 steps at
+    t=940, where training images keep alpha 0.09 of their signal: the model read the noise's low frequencies
+    as that faint image, and the noise decided the corner (benchmarks/base_position.py)."""
+    from omnidiff.pipeline import sampling_scheduler
+
+    train = _cosine()
+    assert train.config.timestep_spacing == "leading"  # what a pretrain's scheduler carries into the sampler
+    sampler = sampling_scheduler(train.config, 20)
+    sampler.set_timesteps(20)
+    steps = sampler.timesteps.tolist()
+    assert steps[0] == 999, steps
+    assert train.alphas_cumprod[steps[0]] < 1e-6
+    assert len(set(steps)) == 20 and steps == sorted(steps, reverse=True) and steps[-1] < 100, steps
+    assert sampler.config.prediction_type == "v_prediction" and sampler.config.thresholding

@@ -29,7 +29,8 @@ English prompts, 20-step DPM-Solver, guidance 3, judged by the evaluator, with
   it on renders (100%). Two changes: the pixel coordinates as two input channels
   (``unet.coord_channels``; alone: position 26%, the noise still decided), and ``pretrain.min_snr_floor``
   1: plain Min-SNR weights a v step by ~SNR at the noisiest steps (<0.01 at t=999), exactly the steps
-  that decide where the shape goes; the floor gives them weight ~1.
+  that decide where the shape goes; the floor gives them weight ~1. Measured at full size it made things worse
+  (position 26%, shape 17%, colour 28%: benchmarks/base_position_results.md), so it stays off.
 The choice of target is saved in the scheduler config, which the pipeline's sampler and
 stages 2-3 (train/losses.py) read.
 
