@@ -1,0 +1,121 @@
+"""Several LLM layers feeding the adapter (issue 18 item 3): ``llm.layer: [i, j, ...]`` concatenates those
+layers' hidden states along the features, names its own cache and travels with an exported pipeline.
+
+.venv/bin/pytest tests/test_llm_layers.py -x -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from omnidiff.config import ConfigError, load_config
+from omnidiff.contracts.encoders import describe_llm, llm_fingerprint, llm_spec
+from omnidiff.models.adapter import OmniAdapter
+from omnidiff.models.llm import LLMTextEncoder
+from omnidiff.models.unet import build_unet
+from omnidiff.pipeline import OmniDiffusionPipeline
+
+TEXTS = ["a red circle on the left", "左边有一个红色的圆", "", "ein blaues Quadrat oben rechts"]
+
+
+def _transformers_states(path, text: str, indices) -> torch.Tensor:
+    """transformers' own ``hidden_states`` of ``text`` at ``indices``, concatenated: (T, k x D)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tokenizer([text], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model(input_ids=ids, output_hidden_states=True)
+    return torch.cat([out.hidden_states[i][0] for i in indices], dim=-1)
+
+
+def test_states_are_the_concatenation_of_transformers_hidden_states(tiny_llm):
+    enc = LLMTextEncoder(tiny_llm, layer=[0, 1, 2])  # the tiny Gemma has hidden_states 0..2
+    assert enc.layers == (0, 1, 2) and enc.layer == [0, 1, 2] and enc.hidden_size == 3 * 64
+    states, mask = enc.encode(TEXTS)  # (B, T, 192), (B, T)
+    assert states.shape[-1] == 192
+    for i, text in enumerate(TEXTS[:2]):
+        want = _transformers_states(tiny_llm, text, [0, 1, 2])  # (T, 192)
+        torch.testing.assert_close(states[i, mask[i]], want, rtol=1e-4, atol=1e-4)
+    # each block is that single layer's encoding, in the order given
+    for j, layer in enumerate((0, 1, 2)):
+        alone, _ = LLMTextEncoder(tiny_llm, layer=layer).encode(TEXTS)
+        torch.testing.assert_close(states[..., 64 * j : 64 * (j + 1)], alone, rtol=1e-5, atol=1e-5)
+    assert (states[~mask] == 0).all()
+
+
+def test_the_layer_set_names_the_cache_and_a_single_layer_keeps_its_old_name(tiny_llm):
+    last = LLMTextEncoder(tiny_llm)
+    pair = LLMTextEncoder(tiny_llm, layer=[1, 2])
+    other_pair = LLMTextEncoder(tiny_llm, layer=[0, 2])
+    assert len({last.fingerprint, pair.fingerprint, other_pair.fingerprint}) == 3
+    assert LLMTextEncoder(tiny_llm, layer=[1, -1]).fingerprint == pair.fingerprint, "-1 is layer 2"
+    # one layer, as an index or a one-element list, is the cache it always was (old caches stay valid)
+    assert LLMTextEncoder(tiny_llm, layer=[2]).fingerprint == last.fingerprint
+    assert "layer_combine" not in last.fingerprint_inputs() and last.fingerprint_inputs()["layer"] == 2
+    assert pair.fingerprint_inputs()["layer"] == [1, 2]
+    # the no-weights description the embed driver and the train stage use agrees with the loaded encoder
+    for enc in (last, pair, other_pair):
+        inputs, hidden = describe_llm(tiny_llm, enc.layer)
+        assert inputs == enc.fingerprint_inputs() and hidden == enc.hidden_size
+        assert llm_spec(tiny_llm, enc.layer).fingerprint == llm_fingerprint(enc.fingerprint_inputs())
+    assert llm_spec(tiny_llm, (1, 2)).value_shape == (128,)
+
+
+def test_prefix_sharing_gives_the_same_concatenated_states(tiny_llm):
+    enc = LLMTextEncoder(tiny_llm, layer=[1, 2])
+    ids = enc.tokenize(["a red circle on the left", "a red circle on the right"])
+    full, _ = enc.forward_rows([ids[1]])
+    p = 6
+    _, kept = enc.forward_rows([ids[0]], keep=[p])
+    cont, _ = enc.forward_rows([ids[1][p:]], prefixes=[kept[0]])
+    torch.testing.assert_close(cont[0], full[0][p:], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_layer_sets_are_clear_errors(tiny_llm):
+    for bad, why in (([2, 1], "increasing"), ([1, 1], "increasing"), ([], "non-empty"), ([1, 5], "0..2"),
+                     (["1"], "index")):
+        with pytest.raises(ValueError, match=why):
+            LLMTextEncoder(tiny_llm, layer=bad)
+        with pytest.raises(ValueError, match="llm.layer="):
+            describe_llm(tiny_llm, bad)
+
+
+def test_config_takes_an_index_or_a_list(tmp_path):
+    from embed_cache.config import EmbedConfig
+    from train.config import TrainConfig
+
+    assert load_config(EmbedConfig, "configs/embed.yaml", ["llm.layer=[6, 12, 18]"]).llm.layer == (6, 12, 18)
+    assert load_config(TrainConfig, "configs/train_stage1.yaml", ["llm.layer=[6,12,18]"]).llm.layer == (6, 12, 18)
+    assert load_config(EmbedConfig, "configs/embed.yaml", ["llm.layer=9"]).llm.layer == 9
+    with pytest.raises(ConfigError, match=r"llm.layer=\[\]: an empty list"):
+        load_config(EmbedConfig, "configs/embed.yaml", ["llm.layer=[]"])
+    with pytest.raises(ConfigError, match=r"llm.layer=\[3, 3\]: a layer is listed twice"):
+        load_config(EmbedConfig, "configs/embed.yaml", ["llm.layer=[3, 3]"])
+
+
+def test_a_pipeline_saved_with_layers_reloads_with_them(tmp_path, tiny_llm):
+    torch.manual_seed(0)
+    llm = LLMTextEncoder(tiny_llm, layer=[1, 2])
+    adapter = OmniAdapter(llm_dim=llm.hidden_size, width=32, out_dim=32, num_queries=8, encoder_layers=1,
+                          decoder_layers=1, heads=4, input_norm=False, length_head=False, pooled_query=False)
+    unet = build_unet(16, 3, 3, (16, 32), 32, 1, 8, 32)
+    from diffusers import DDPMScheduler
+
+    pipe = OmniDiffusionPipeline(unet, DDPMScheduler(num_train_timesteps=1000), "llm_adapter", adapter=adapter, llm=llm)
+    folder = pipe.save_pretrained(tmp_path / "pipe")
+    ref = json.loads((folder / "text_encoder" / "encoder.json").read_text())
+    assert ref["layer"] == [1, 2] and ref["fingerprint"] == llm.fingerprint
+    loaded = OmniDiffusionPipeline.from_pretrained(folder, llm_path=tiny_llm)
+    assert loaded.llm.layers == (1, 2) and loaded.llm.hidden_size == 128
+    assert loaded.llm is not llm and loaded.llm.fingerprint == llm.fingerprint
+    a = pipe([TEXTS[0]], seed=3, num_inference_steps=2, output_type="np")
+    b = loaded([TEXTS[0]], seed=3, num_inference_steps=2, output_type="np")
+    assert (a == b).all()
+    # an encoder with another layer set cannot be paired with this adapter
+    with pytest.raises(ValueError, match="layer"):
+        OmniDiffusionPipeline.from_pretrained(folder, llm=LLMTextEncoder(tiny_llm, layer=[0, 2]))
