@@ -7,6 +7,7 @@ layers' hidden states along the features, names its own cache and travels with a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,58 @@ def test_a_pipeline_saved_with_layers_reloads_with_them(tmp_path, tiny_llm):
     # an encoder with another layer set cannot be paired with this adapter
     with pytest.raises(ValueError, match="layer"):
         OmniDiffusionPipeline.from_pretrained(folder, llm=LLMTextEncoder(tiny_llm, layer=[0, 2]))
+
+
+def _embed_llm(snapshot, llm, cache_root, layer) -> None:
+    """The embed stage's LLM cache of ``snapshot`` with ``layer``, in this process (as fixtures_train does)."""
+    from embed_cache.config import EmbedConfig, LLMSection
+    from embed_cache.encoders.llm import LLMShardEncoder
+    from embed_cache.inputs import gather_inputs
+    from embed_cache.plan import plan_kind
+    from embed_cache.writer import open_writer
+    from omnidiff.contracts.cache import cache_dir
+
+    cfg = EmbedConfig(snapshots=(str(snapshot),), kinds=("llm",), cache_root=cache_root,
+                      llm=LLMSection(path=llm, layer=layer), track=False)
+    plan = plan_kind("llm", cfg)
+    work = gather_inputs([snapshot], cfg).work("llm")
+    keys = sorted(work)
+    encoder = LLMShardEncoder(**plan.encoder, max_batch_size=64)
+    assert encoder.model.layers == (1, 2) and plan.value_shape == (128,)
+    with open_writer(cache_dir("llm", plan.fingerprint, cache_root), plan.inputs) as writer:
+        writer.set_value_shape(plan.value_shape)
+        writer.write(encoder.table(keys, encoder.compute([work[k] for k in keys])), unit=0)
+
+
+def test_stage1_on_a_layer_set_and_english_alone_exports_a_pipeline_with_those_layers(
+        train_snapshot, train_caches, tiny_llm, train_overrides):
+    """embed (layers [1, 2]) -> stage 1 on English alone (DeepSpeed, local launcher) -> export -> reload."""
+    from train.config import TrainConfig
+    from train.inputs import CacheMismatchError, resolve_inputs
+    from train.launch import run
+
+    def config(name: str, **extra) -> TrainConfig:
+        return load_config(TrainConfig, "configs/train_test_stage1.yaml",
+                           train_overrides(name, **{"samples.per_group": 0, **extra}))
+
+    with pytest.raises(CacheMismatchError):  # no cache of this layer set yet: never another layer's states
+        resolve_inputs(config("missing", **{"llm.layer": [1, 2]}))
+    _embed_llm(train_snapshot, tiny_llm, train_caches, (1, 2))
+    every = resolve_inputs(config("all", **{"llm.layer": [1, 2]}))
+    assert every.llm_dim == 128 and every.llm_encoder_inputs["layer"] == [1, 2]
+    assert {"en", "de", "zh"} <= set(every.examples["lang"])
+    cfg = config("english", **{"llm.layer": [1, 2], "align.langs": ["en"], "max_steps": 4})
+    english = resolve_inputs(cfg)
+    assert set(english.examples["lang"]) <= {"en", ""} and (english.examples["lang"] == "en").sum() > 0
+    assert (english.examples["lang"] == "en").sum() == (every.examples["lang"] == "en").sum()
+    with pytest.raises(Exception, match=r"align.langs=\['xx'\]: no stage-1 examples"):
+        resolve_inputs(config("none", **{"llm.layer": [1, 2], "align.langs": ["xx"]}))
+
+    result = run(cfg)
+    folder = result["export_dir"]
+    ref = json.loads((Path(folder) / "text_encoder" / "encoder.json").read_text())
+    assert ref["layer"] == [1, 2]
+    pipe = OmniDiffusionPipeline.from_pretrained(folder, llm_path=tiny_llm)
+    assert pipe.llm.layers == (1, 2) and pipe.adapter.shape.llm_dim == 128
+    images = pipe(["a red circle", "ein rotes Quadrat"], seed=0, num_inference_steps=2, output_type="np")
+    assert images.shape[0] == 2
