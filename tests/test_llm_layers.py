@@ -23,7 +23,8 @@ TEXTS = ["a red circle on the left", "左边有一个红色的圆", "", "ein bla
 
 
 def _transformers_states(path, text: str, indices) -> torch.Tensor:
-    """transformers' own ``hidden_states`` of ``text`` at ``indices``, concatenated: (T, k x D)."""
+    """transformers' own ``hidden_states`` of ``text`` at ``indices``, each earlier layer than the last
+    through the model's own final norm (``model.norm``), concatenated: (T, k x D)."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -31,7 +32,10 @@ def _transformers_states(path, text: str, indices) -> torch.Tensor:
     ids = tokenizer([text], return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         out = model(input_ids=ids, output_hidden_states=True)
-    return torch.cat([out.hidden_states[i][0] for i in indices], dim=-1)
+        last = model.config.num_hidden_layers
+        torch.testing.assert_close(out.hidden_states[last], out.last_hidden_state)  # already normed
+        return torch.cat([out.hidden_states[i][0] if i == last else model.norm(out.hidden_states[i][0])
+                          for i in indices], dim=-1)
 
 
 def test_states_are_the_concatenation_of_transformers_hidden_states(tiny_llm):
@@ -58,9 +62,12 @@ def test_the_layer_set_names_the_cache_and_a_single_layer_keeps_its_old_name(tin
     # one layer, as an index or a one-element list, is the cache it always was (old caches stay valid)
     assert LLMTextEncoder(tiny_llm, layer=[2]).fingerprint == last.fingerprint
     assert "layer_combine" not in last.fingerprint_inputs() and last.fingerprint_inputs()["layer"] == 2
-    assert pair.fingerprint_inputs()["layer"] == [1, 2]
+    assert "layer_norm" not in last.fingerprint_inputs()
+    assert pair.fingerprint_inputs()["layer"] == [1, 2] and pair.fingerprint_inputs()["layer_norm"] == "final-norm"
+    # an earlier layer alone goes through the final norm: a cache of its raw states has another name
+    assert LLMTextEncoder(tiny_llm, layer=1).fingerprint_inputs()["layer_norm"] == "final-norm"
     # the no-weights description the embed driver and the train stage use agrees with the loaded encoder
-    for enc in (last, pair, other_pair):
+    for enc in (last, pair, other_pair, LLMTextEncoder(tiny_llm, layer=1)):
         inputs, hidden = describe_llm(tiny_llm, enc.layer)
         assert inputs == enc.fingerprint_inputs() and hidden == enc.hidden_size
         assert llm_spec(tiny_llm, enc.layer).fingerprint == llm_fingerprint(enc.fingerprint_inputs())
@@ -175,3 +182,17 @@ def test_stage1_on_a_layer_set_and_english_alone_exports_a_pipeline_with_those_l
     assert pipe.llm.layers == (1, 2) and pipe.adapter.shape.llm_dim == 128
     images = pipe(["a red circle", "ein rotes Quadrat"], seed=0, num_inference_steps=2, output_type="np")
     assert images.shape[0] == 2
+
+
+@pytest.mark.slow
+def test_gemma_middle_layers_fit_the_fp16_cache(gemma_llm):
+    """Gemma 3's raw middle-layer residual stream overflows fp16 at <bos> (the cache rejected every row
+    as inf); through the final norm every value is finite in fp16, and the layers still differ."""
+    enc = LLMTextEncoder(gemma_llm, layer=[6, 9, 12, 18])
+    states, mask = enc.encode(TEXTS)  # (B, T, 4 x 640)
+    assert states.shape[-1] == 4 * 640
+    assert torch.isfinite(states[mask].half()).all()
+    blocks = states[mask].reshape(-1, 4, 640)
+    assert not torch.allclose(blocks[:, 1], blocks[:, 3], atol=1e-2)
+    raw = enc.model(input_ids=torch.tensor([enc.tokenize(TEXTS[:1])[0]]), output_hidden_states=True).hidden_states[9]
+    assert not torch.isfinite(raw.half()).all(), "the raw layer-9 stream no longer overflows fp16: revisit the norm"

@@ -4,7 +4,8 @@ A cache lives in ``cache/<kind>/<fingerprint>/`` (docs/architecture.md "Embeddin
 fingerprint is the SHA-256 (first 16 hex chars) of a canonical JSON of its inputs:
 
 * ``llm``:    ``LLMTextEncoder.fingerprint_inputs()`` (model id, weights digest, layer, max length,
-  dtype, template, normaliser version) + the storage format;
+  dtype, template, normaliser version; for several layers how they combine, for an earlier layer than
+  the last its norm) + the storage format;
 * ``clip``:   ``ClipTextEncoder.fingerprint_inputs(max_windows)`` (weights + tokenizer digest, window
   layout, normaliser version) + the storage format;
 * ``pixels``: resolution, value range, and for latents the VAE weights digest and scaling factor.
@@ -82,7 +83,7 @@ def describe_llm(
     """
     from transformers import AutoConfig
 
-    from omnidiff.models.llm import LAYER_COMBINE, resolve_layers
+    from omnidiff.models.llm import LAYER_COMBINE, LAYER_NORM, resolve_layers
     from omnidiff.models.llm_folders import read_manifest, weights_digest
 
     path = Path(path).resolve()
@@ -107,6 +108,8 @@ def describe_llm(
     }
     if len(layers) > 1:
         inputs["layer_combine"] = LAYER_COMBINE
+    if min(layers) < n_layers:
+        inputs["layer_norm"] = LAYER_NORM
     return inputs, int(text_config.hidden_size) * len(layers)
 
 

@@ -45,6 +45,9 @@ def _load_tokenizer(path: str, stamp: tuple):
 
 # How several layers' states become one vector per token (part of the fingerprint of a multi-layer cache).
 LAYER_COMBINE = "concat-features"
+# What an earlier layer's residual stream goes through (part of the fingerprint when a layer < the last).
+LAYER_NORM = "final-norm"
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f")
 
 
 def resolve_layers(layer, num_hidden_layers: int, name: str = "the LLM") -> tuple[int, ...]:
@@ -78,12 +81,14 @@ class LLMTextEncoder:
     head costs 2.4x the tokens/s).
 
     ``layer`` indexes ``hidden_states`` as transformers returns them: 0 = the embeddings,
-    ``num_hidden_layers`` (= -1) = the last layer after the final norm. A list of indices (issue 18:
-    ``[6, 12, 18]``) concatenates those layers' states along the features, in the order given, so
+    ``num_hidden_layers`` (= -1) = the last layer after the final norm. An earlier layer's residual
+    stream goes through the model's own final norm too (``model.norm``, what the last layer gets), so
+    every layer is on the scale the LM head reads: Gemma 3's middle layers carry a "massive activation"
+    (the <bos> token, one dimension past fp16's 65504) that the fp16 cache cannot store (measured:
+    every caption's layer-9 row rejected as inf, issue 18). A list of indices (``[6, 12, 18]``)
+    concatenates those layers' states along the features, in the order given, so
     ``D = len(layer) x hidden size``: middle layers are more language-agnostic than the last, and a
-    linear first projection of the concatenation can weigh (or average) the layers as it learns to;
-    the adapter's ``input_norm`` standardises each dimension, so layers of very different scale
-    (Gemma's middle layers before the final norm) enter on an equal footing.
+    linear first projection of the concatenation can weigh (or average) the layers as it learns to.
     Texts are run in length-sorted micro-batches of ``batch_size`` so padding costs little.
     """
 
@@ -134,6 +139,8 @@ class LLMTextEncoder:
         self.model.requires_grad_(False)
         # transformers renamed ``past_key_values`` to ``cache`` (5.x deprecates the old name).
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        if min(self.layers) < n_layers:
+            self.final_norm  # noqa: B018 (a body without one is refused here, not at the first forward)
         self._manifest = read_manifest(self.path)
         self._weights_digest: str | None = self._manifest.get("weights_digest")
 
@@ -173,6 +180,18 @@ class LLMTextEncoder:
                 states[i, : lengths[i]] = h
                 mask[i, : lengths[i]] = True
         return states, mask
+
+    @property
+    def final_norm(self):
+        """The body's final norm (Gemma / Llama ``norm``, Phi ``final_layernorm``, GPT-2 ``ln_f``)."""
+        import torch
+
+        for name in FINAL_NORM_NAMES:
+            module = getattr(self.model, name, None)
+            if isinstance(module, torch.nn.Module):
+                return module
+        raise ValueError(f"layer={self.layer!r}: {self.path.name}'s body has no final norm ({', '.join(FINAL_NORM_NAMES)}) "
+                         "to put an earlier layer on the last layer's scale; use layer=-1")
 
     @property
     def causal(self) -> bool:
@@ -261,8 +280,10 @@ class LLMTextEncoder:
         if last:
             hidden = out.last_hidden_state  # (b, S, D)
         else:  # the final norm's output is last_hidden_state, whatever hidden_states[-1] holds in a version
-            per_layer = [out.last_hidden_state if i == self.num_hidden_layers else out.hidden_states[i]
-                         for i in self.layers]
+            norm = self.final_norm
+            with torch.inference_mode():
+                per_layer = [out.last_hidden_state if i == self.num_hidden_layers else norm(out.hidden_states[i])
+                             for i in self.layers]
             hidden = per_layer[0] if len(per_layer) == 1 else torch.cat(per_layer, dim=-1)  # (b, S, k x D)
         states = [hidden[j, : s_len[j]].float().cpu() for j in range(b)]
         kept: list = [None] * b
@@ -308,6 +329,8 @@ class LLMTextEncoder:
         }
         if len(self.layers) > 1:
             inputs["layer_combine"] = LAYER_COMBINE
+        if min(self.layers) < self.num_hidden_layers:
+            inputs["layer_norm"] = LAYER_NORM
         return inputs
 
     @property
