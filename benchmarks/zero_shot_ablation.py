@@ -155,6 +155,15 @@ class Ablation:
         if done.is_file() and json.loads(done.read_text())["protocol"] == protocol:
             print(f"[ablation] {name}: trained already ({done})", flush=True)
             return
+        run_dir = self.work / "runs" / name
+        if run_dir.exists():  # another protocol's training (or an interrupted one of this protocol: it resumes)
+            stamp = run_dir / "protocol.json"
+            if stamp.is_file() and json.loads(stamp.read_text()) != protocol:
+                aside = run_dir.with_name(f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
+                run_dir.rename(aside)
+                print(f"[ablation] {name}: a training of another protocol moved to {aside}", flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "protocol.json").write_text(json.dumps(protocol, indent=2))
         cfg = self.train_config(name, overrides)
         t0 = time.perf_counter()
         result = run(cfg)
@@ -230,7 +239,7 @@ def ablation_table(per_prompt, models: list[str], attributes: tuple[str, ...], r
         return f"[{low:.2f}, {high:.2f}]"
 
     langs = sorted({lang for _, lang, _ in point}, key=lambda x: (x != reference_lang, x))
-    lengths = [length for length in ("short", "long") if any(k[2] == length for k in point)]
+    lengths = sorted({k[2] for k in point}, key=lambda x: (x not in ("short", "<=77"), x))  # short prompts first
     out = []
     first = models[0]
     for length in lengths:
@@ -238,7 +247,9 @@ def ablation_table(per_prompt, models: list[str], attributes: tuple[str, ...], r
         head = (["variant"] + [f"{lang} score [95%]" for lang in langs]
                 + [f"{lang}/{reference_lang} [95%]" for lang in others]
                 + [f"{lang} - {first} [95%]" for lang in langs])
-        out += [f"\n{length} prompts ({per_prompt.loc[per_prompt['length'] == length, 'prompt'].nunique()} distinct, "
+        part = per_prompt[per_prompt["length"] == length]
+        seeds = part.groupby(["model", "prompt"]).size().max()
+        out += [f"\nprompts of {length} tokens ({part['prompt'].nunique()} distinct, {seeds} image(s) each; "
                 f"score = mean of {'/'.join(attributes)})\n", "| " + " | ".join(head) + " |",
                 "|" + "---|" * len(head)]
         for model in models:
@@ -277,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse-cache", help="a cache root to copy matching caches from (read only)")
     parser.add_argument("--steps", type=int, default=400, help="stage-1 optimizer steps (the demo: 1200)")
     parser.add_argument("--seed", type=int, default=0, help="training seed and evaluation seed, every variant")
-    parser.add_argument("--launcher", choices=("local", "ray"), default="local",
-                        help="local: one DeepSpeed rank in this process (global batch by accumulation); ray: 2 workers")
+    parser.add_argument("--launcher", choices=("local", "ray"), default="ray",
+                        help="ray: 2 Ray Train workers of 1 CPU (the demo's stage 1); local: one DeepSpeed rank "
+                             "in this process, 1 thread, the global batch by accumulation (2.5x slower here)")
     parser.add_argument("--langs", default="en,de,ko,ru", help="evaluated languages, comma-separated, English first")
     parser.add_argument("--max-per-group", type=int, default=0, help="prompts per (language, length); 0 = all")
     parser.add_argument("--seeds-per-prompt", type=int, default=2, help="images per prompt, each its own seed")
