@@ -158,7 +158,7 @@ class Ablation:
         run_dir = self.work / "runs" / name
         if run_dir.exists():  # another protocol's training (or an interrupted one of this protocol: it resumes)
             stamp = run_dir / "protocol.json"
-            if stamp.is_file() and json.loads(stamp.read_text()) != protocol:
+            if not stamp.is_file() or json.loads(stamp.read_text()) != protocol:
                 aside = run_dir.with_name(f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
                 run_dir.rename(aside)
                 print(f"[ablation] {name}: a training of another protocol moved to {aside}", flush=True)
