@@ -189,6 +189,7 @@ class LLMSection(ConfigModel):
     layer: index into ``hidden_states`` (0 = embeddings, -1 = last layer after the final norm), or a
         list of indices in increasing order, e.g. ``[6, 12, 18]``: those layers' states concatenated along
         the features (issue 18; ``LLMTextEncoder``), so the adapter reads ``len(layer) x`` the hidden size.
+        A layer before the last goes through the model's final norm (Gemma's raw middle layers overflow fp16).
         The set of layers names the cache, and an exported pipeline encodes prompts with the same layers.
     max_length: tokens kept per caption (longer captions are cut).
     dtype: compute dtype; fp32 on CPU (these cores have no native bf16, NOTES.md). Storage is fp16.
