@@ -81,7 +81,10 @@ class AlignSection(ConfigModel):
     English side (PAPER.md "The three stages" 1). Stage 1 needs this section (``align: {}`` for the
     defaults); stages 2-3 refuse it.
 
-    use_parallel: also train on the snapshot's parallel texts (translation -> English).
+    use_parallel: also train on the snapshot's parallel texts (translation -> English). Off, stage 1 still
+      reads every language's captions (each aligned with its English side); ``langs`` restricts that.
+    langs: only examples (captions and parallel texts) in these languages; empty = all. ``[en]`` is
+      stage 1 on English alone, as MuLan aligns (issue 18's ablation, benchmarks/zero_shot_ablation.py).
     clip_windows: the target: CLIP windows of 77 tokens stitched per English caption (the CLIP
       cache's ``max_windows``).
     empty_share: share of training examples that align "" with CLIP's "" (the unconditional
@@ -99,6 +102,7 @@ class AlignSection(ConfigModel):
     """
 
     use_parallel: bool = True
+    langs: tuple[NonBlank, ...] = ()
     clip_windows: int = Field(3, ge=1, le=16)
     empty_share: float = Field(0.02, ge=0, lt=0.5)
     norm_weight: float = Field(0.1, ge=0)

@@ -187,6 +187,11 @@ def resolve_inputs(cfg: TrainConfig, storage=None) -> StageInputs:
         if cfg.align.use_parallel and snapshot.shard_paths("parallel"):
             parallel = snapshot.parallel(["text", "lang", "text_en", "split"]).to_pandas()
         examples = align_examples(pairs, parallel, cfg.data.split)
+        if cfg.align.langs:  # e.g. [en]: stage 1 on English alone (MuLan), the other languages zero-shot
+            examples = examples[examples["lang"].isin(cfg.align.langs)].reset_index(drop=True)
+            if len(examples) == 0:
+                raise TrainingError(f"align.langs={list(cfg.align.langs)}: no stage-1 examples in these languages "
+                                    f"in snapshot {snapshot.path} split {cfg.data.split!r}")
         require_keys(stores["clip"], examples["target_key"].tolist(), "English-side texts")
         check_targets(stores["clip"], examples["target_key"].tolist(), cfg.align.min_distinct_targets,
                       cfg.align.allow_collapsed_targets)

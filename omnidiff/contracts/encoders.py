@@ -4,7 +4,8 @@ A cache lives in ``cache/<kind>/<fingerprint>/`` (docs/architecture.md "Embeddin
 fingerprint is the SHA-256 (first 16 hex chars) of a canonical JSON of its inputs:
 
 * ``llm``:    ``LLMTextEncoder.fingerprint_inputs()`` (model id, weights digest, layer, max length,
-  dtype, template, normaliser version) + the storage format;
+  dtype, template, normaliser version; for several layers how they combine, for an earlier layer than
+  the last its norm) + the storage format;
 * ``clip``:   ``ClipTextEncoder.fingerprint_inputs(max_windows)`` (weights + tokenizer digest, window
   layout, normaliser version) + the storage format;
 * ``pixels``: resolution, value range, and for latents the VAE weights digest and scaling factor.
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from omnidiff.config import ConfigModel
+from omnidiff.config import ConfigModel, require
 from omnidiff.text import NORMALISER_VERSION
 
 # Bump when the shard layout (columns, types, encodings) changes: old caches then stay untouched
@@ -71,7 +72,9 @@ def llm_fingerprint(encoder_inputs: dict[str, Any]) -> str:
     return fingerprint(llm_inputs(encoder_inputs))
 
 
-def describe_llm(path: str | Path, layer: int = -1, max_length: int = 512, dtype: str = "float32") -> tuple[dict, int]:
+def describe_llm(
+    path: str | Path, layer: int | list[int] | tuple[int, ...] = -1, max_length: int = 512, dtype: str = "float32"
+) -> tuple[dict, int]:
     """``(LLMTextEncoder(path, layer, max_length, dtype).fingerprint_inputs(), hidden_size)`` without loading weights.
 
     The embed driver names the cache before any actor loads the model, and the train stage finds the
@@ -80,6 +83,7 @@ def describe_llm(path: str | Path, layer: int = -1, max_length: int = 512, dtype
     """
     from transformers import AutoConfig
 
+    from omnidiff.models.llm import LAYER_COMBINE, LAYER_NORM, resolve_layers
     from omnidiff.models.llm_folders import read_manifest, weights_digest
 
     path = Path(path).resolve()
@@ -88,19 +92,25 @@ def describe_llm(path: str | Path, layer: int = -1, max_length: int = 512, dtype
     config = AutoConfig.from_pretrained(path)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     n_layers = int(text_config.num_hidden_layers)
-    if not -(n_layers + 1) <= layer <= n_layers:
-        raise ValueError(f"llm.layer={layer!r}: {path.name} has hidden_states 0..{n_layers} (or -1..-{n_layers + 1})")
+    try:
+        layers = resolve_layers(layer, n_layers, path.name)
+    except ValueError as exc:
+        raise ValueError(f"llm.{exc}") from None
     manifest = read_manifest(path)
     inputs = {
         "model_id": manifest.get("model_id") or path.name,
         "weights_digest": manifest.get("weights_digest") or weights_digest(path),
-        "layer": layer % (n_layers + 1),
+        "layer": layers[0] if len(layers) == 1 else list(layers),
         "max_length": int(max_length),
         "dtype": dtype,
         "template": "raw",
         "normaliser_version": NORMALISER_VERSION,
     }
-    return inputs, int(text_config.hidden_size)
+    if len(layers) > 1:
+        inputs["layer_combine"] = LAYER_COMBINE
+    if min(layers) < n_layers:
+        inputs["layer_norm"] = LAYER_NORM
+    return inputs, int(text_config.hidden_size) * len(layers)
 
 
 def files_digest(*folders: Path, patterns: tuple[str, ...] = ("*",)) -> str:
@@ -176,15 +186,27 @@ class LLMSection(ConfigModel):
     """The frozen LLM whose per-token states are cached (the embed stage) and read (the train stage).
 
     path: a transformers causal-LM folder; ``null`` = the converted Gemma 3 270M (``ensure_gemma()``).
-    layer: index into ``hidden_states`` (0 = embeddings, -1 = last layer after the final norm).
+    layer: index into ``hidden_states`` (0 = embeddings, -1 = last layer after the final norm), or a
+        list of indices in increasing order, e.g. ``[6, 12, 18]``: those layers' states concatenated along
+        the features (issue 18; ``LLMTextEncoder``), so the adapter reads ``len(layer) x`` the hidden size.
+        A layer before the last goes through the model's final norm (Gemma's raw middle layers overflow fp16).
+        The set of layers names the cache, and an exported pipeline encodes prompts with the same layers.
     max_length: tokens kept per caption (longer captions are cut).
     dtype: compute dtype; fp32 on CPU (these cores have no native bf16, NOTES.md). Storage is fp16.
     """
 
     path: Path | None = None
-    layer: int = -1
+    layer: int | tuple[int, ...] = -1
     max_length: int = Field(512, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _layer_set(self) -> LLMSection:
+        # The rest (within the model's depth, increasing once resolved) needs the model: resolve_layers.
+        if isinstance(self.layer, tuple):
+            require(len(self.layer) > 0, "layer", list(self.layer), "an empty list of layers (give an index or some)")
+            require(len(set(self.layer)) == len(self.layer), "layer", list(self.layer), "a layer is listed twice")
+        return self
 
 
 def llm_folder(path: str | Path | None) -> Path:
@@ -346,7 +368,7 @@ class CacheSpec:
         return fingerprint(self.inputs)
 
 
-def llm_spec(path: str | Path, layer: int = -1, max_length: int = 512, dtype: str = "float32") -> CacheSpec:
+def llm_spec(path: str | Path, layer: int | list[int] | tuple[int, ...] = -1, max_length: int = 512, dtype: str = "float32") -> CacheSpec:
     """The LLM cache of ``LLMTextEncoder(path, layer, max_length, dtype)`` (config + manifest only)."""
     encoder_inputs, hidden = describe_llm(path, layer, max_length, dtype)
     return CacheSpec("llm", llm_inputs(encoder_inputs), (hidden,))

@@ -43,6 +43,34 @@ def _load_tokenizer(path: str, stamp: tuple):
     return tokenizer
 
 
+# How several layers' states become one vector per token (part of the fingerprint of a multi-layer cache).
+LAYER_COMBINE = "concat-features"
+# What an earlier layer's residual stream goes through (part of the fingerprint when a layer < the last).
+LAYER_NORM = "final-norm"
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f")
+
+
+def resolve_layers(layer, num_hidden_layers: int, name: str = "the LLM") -> tuple[int, ...]:
+    """``layer`` (an index, or a list of them) as non-negative indices into ``hidden_states``.
+
+    Indices run 0..``num_hidden_layers`` (0 = the embeddings) or -1..-(``num_hidden_layers`` + 1); a list
+    must be non-empty, of distinct layers, in increasing order (one cache per layer set, not per spelling).
+    """
+    many = isinstance(layer, (list, tuple))
+    values = list(layer) if many else [layer]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"layer={layer!r}: an index into hidden_states or a non-empty list of them")
+    n = num_hidden_layers
+    for v in values:
+        if not -(n + 1) <= v <= n:
+            raise ValueError(f"layer={layer!r}: {name} has hidden_states 0..{n} (or -1..-{n + 1})")
+    resolved = tuple(v % (n + 1) for v in values)
+    if any(b <= a for a, b in zip(resolved, resolved[1:], strict=False)):
+        raise ValueError(f"layer={layer!r}: several layers must be distinct and in increasing order "
+                         f"(resolved: {list(resolved)})")
+    return resolved
+
+
 class LLMTextEncoder:
     """Per-token hidden states of a frozen causal LM, from the decoder body only.
 
@@ -53,14 +81,21 @@ class LLMTextEncoder:
     head costs 2.4x the tokens/s).
 
     ``layer`` indexes ``hidden_states`` as transformers returns them: 0 = the embeddings,
-    ``num_hidden_layers`` (= -1) = the last layer after the final norm.
+    ``num_hidden_layers`` (= -1) = the last layer after the final norm. An earlier layer's residual
+    stream goes through the model's own final norm too (``model.norm``, what the last layer gets), so
+    every layer is on the scale the LM head reads: Gemma 3's middle layers carry a "massive activation"
+    (the <bos> token, one dimension past fp16's 65504) that the fp16 cache cannot store (measured:
+    every caption's layer-9 row rejected as inf, issue 18). A list of indices (``[6, 12, 18]``)
+    concatenates those layers' states along the features, in the order given, so
+    ``D = len(layer) x hidden size``: middle layers are more language-agnostic than the last, and a
+    linear first projection of the concatenation can weigh (or average) the layers as it learns to.
     Texts are run in length-sorted micro-batches of ``batch_size`` so padding costs little.
     """
 
     def __init__(
         self,
         path: str | Path,
-        layer: int = -1,
+        layer: int | list[int] | tuple[int, ...] = -1,
         max_length: int = 512,
         dtype: str = "float32",
         device: str = "cpu",
@@ -85,14 +120,12 @@ class LLMTextEncoder:
         config = AutoConfig.from_pretrained(self.path)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         n_layers = int(text_config.num_hidden_layers)
-        if not -(n_layers + 1) <= layer <= n_layers:
-            raise ValueError(
-                f"layer={layer!r}: {self.path.name} has hidden_states 0..{n_layers} (or -1..-{n_layers + 1})"
-            )
-        self.layer = layer % (n_layers + 1)  # one index per layer, so -1 and n_layers share a fingerprint
+        # One index per layer, so -1 and n_layers share a fingerprint; a one-element list is that layer.
+        self.layers = resolve_layers(layer, n_layers, self.path.name)
+        self.layer: int | list[int] = self.layers[0] if len(self.layers) == 1 else list(self.layers)
         self.num_hidden_layers = n_layers
         self.text_config = text_config
-        self.hidden_size = int(text_config.hidden_size)
+        self.hidden_size = int(text_config.hidden_size) * len(self.layers)  # the width of the states
 
         self.tokenizer = load_tokenizer(self.path)  # right padding, shared with the embed driver
         self._pad_id = self.tokenizer.pad_token_id
@@ -106,6 +139,8 @@ class LLMTextEncoder:
         self.model.requires_grad_(False)
         # transformers renamed ``past_key_values`` to ``cache`` (5.x deprecates the old name).
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        if min(self.layers) < n_layers:
+            self.final_norm  # noqa: B018 (a body without one is refused here, not at the first forward)
         self._manifest = read_manifest(self.path)
         self._weights_digest: str | None = self._manifest.get("weights_digest")
 
@@ -145,6 +180,18 @@ class LLMTextEncoder:
                 states[i, : lengths[i]] = h
                 mask[i, : lengths[i]] = True
         return states, mask
+
+    @property
+    def final_norm(self):
+        """The body's final norm (Gemma / Llama ``norm``, Phi ``final_layernorm``, GPT-2 ``ln_f``)."""
+        import torch
+
+        for name in FINAL_NORM_NAMES:
+            module = getattr(self.model, name, None)
+            if isinstance(module, torch.nn.Module):
+                return module
+        raise ValueError(f"layer={self.layer!r}: {self.path.name}'s body has no final norm ({', '.join(FINAL_NORM_NAMES)}) "
+                         "to put an earlier layer on the last layer's scale; use layer=-1")
 
     @property
     def causal(self) -> bool:
@@ -220,7 +267,7 @@ class LLMTextEncoder:
                             k[j, :, p_max - p_len[j] :] = p[layer][0]
                             v[j, :, p_max - p_len[j] :] = p[layer][1]
                     cache.update(k, v, layer)
-        last = self.layer == self.num_hidden_layers
+        last = self.layers == (self.num_hidden_layers,)
         with torch.inference_mode():
             out = self.model(
                 input_ids=input_ids.to(self.device),
@@ -230,7 +277,14 @@ class LLMTextEncoder:
                 **({self._cache_kwarg: cache} if cache is not None else {}),
                 output_hidden_states=not last,
             )
-        hidden = out.last_hidden_state if last else out.hidden_states[self.layer]  # (b, S, D)
+        if last:
+            hidden = out.last_hidden_state  # (b, S, D)
+        else:  # the final norm's output is last_hidden_state, whatever hidden_states[-1] holds in a version
+            norm = self.final_norm
+            with torch.inference_mode():
+                per_layer = [out.last_hidden_state if i == self.num_hidden_layers else norm(out.hidden_states[i])
+                             for i in self.layers]
+            hidden = per_layer[0] if len(per_layer) == 1 else torch.cat(per_layer, dim=-1)  # (b, S, k x D)
         states = [hidden[j, : s_len[j]].float().cpu() for j in range(b)]
         kept: list = [None] * b
         for j in range(b):
@@ -259,10 +313,12 @@ class LLMTextEncoder:
         return self._manifest.get("model_id") or self.path.name
 
     def fingerprint_inputs(self) -> dict:
-        """Everything that changes the states (architecture.md "Embedding cache")."""
+        """Everything that changes the states (architecture.md "Embedding cache"). One layer keeps the
+        form it always had (``"layer": 18``), so caches written before layer lists existed stay valid;
+        several are ``"layer": [6, 12, 18]`` plus how they are combined."""
         from omnidiff.text import NORMALISER_VERSION
 
-        return {
+        inputs = {
             "model_id": self.model_id,
             "weights_digest": self.weights_digest,
             "layer": self.layer,
@@ -271,6 +327,11 @@ class LLMTextEncoder:
             "template": "raw",
             "normaliser_version": NORMALISER_VERSION,
         }
+        if len(self.layers) > 1:
+            inputs["layer_combine"] = LAYER_COMBINE
+        if min(self.layers) < self.num_hidden_layers:
+            inputs["layer_norm"] = LAYER_NORM
+        return inputs
 
     @property
     def fingerprint(self) -> str:

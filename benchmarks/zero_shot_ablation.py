@@ -1,0 +1,328 @@
+"""What brings the zero-shot languages (ko, ru) close to English? Issue 18 item 3's ablation.
+
+Each variant is a stage-1 training (the adapter alone, PAPER.md "The three stages" 1) that differs in one
+thing: which LLM layer(s) feed the adapter, or which languages stage 1 reads. Every variant runs the
+same protocol (same snapshot, base model, steps, seeds) and its stage-1 export is judged with the
+world's evaluator on the same prompts and image seeds, so the table's differences are paired.
+
+    export OMNIDIFF_MODELS=/work/main/.omnidiff/models   # the converted Gemma 3 270M
+    B=".venv/bin/python benchmarks/zero_shot_ablation.py --work /tmp/abl --snapshot SNAPSHOT_DIR \\
+        --base-model BASE_DIR --world-dir WORLD_DIR --evaluator-dir EVALUATOR_DIR --steps 400"
+    $B embed --variant mid9          # the variant's LLM cache (+ the CLIP targets once)
+    $B train --variant mid9          # stage 1, exported under WORK/runs/mid9/export
+    $B evaluate --variant mid9       # its per-prompt verdicts under WORK/eval/mid9/
+    $B table                         # every evaluated variant: scores, intervals, ratios to English
+    $B all                           # every step of every --variant in turn (an idle machine)
+
+Each step skips what is already done (a cache is filled only where keys are missing, a finished
+training with the same protocol is not rerun, an evaluated variant is not re-evaluated), so on a
+shared box each step is one short command under the heavy-work lock. ``--reuse-cache ROOT`` copies
+the caches of ROOT whose fingerprints a variant needs into WORK/cache (never writes to ROOT).
+
+Variants (``--variant NAME`` or ``--variant NAME:key=value;key=value`` with train-config overrides,
+``llm.layer`` also setting the embed run's layers):
+  last      llm.layer=-1, stage 1 on every language + parallel texts (today's default)
+  mid9      llm.layer=9 (Gemma 3 270M has 18 layers: the middle one)
+  concat    llm.layer=[6,12,18], the three layers' states concatenated along the features
+  english   llm.layer=-1, align.langs=[en]: stage 1 on English captions alone (MuLan-style)
+
+The table: per (variant, language) the score (mean faithfulness over the eval config's
+``score_attributes``) on short prompts with its bootstrap 95% interval (prompts resampled, a prompt's
+``--seeds-per-prompt`` images kept together, 2000 resamples, seed 0: omnidiff.scoring.bootstrap_scores),
+the ratio of each zero-shot language to English with its interval, and the paired difference to the
+first variant. Long prompts get the same table below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS: dict[str, dict[str, object]] = {
+    "last": {"llm.layer": -1},
+    "mid9": {"llm.layer": 9},
+    "concat": {"llm.layer": [6, 12, 18]},
+    "english": {"llm.layer": -1, "align.langs": ["en"]},
+}
+STEPS = ("embed", "train", "evaluate", "table", "all")
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
+    """``NAME`` (a predefined variant) or ``NAME:key=value;key=value`` (values read as YAML)."""
+    import yaml
+
+    name, _, rest = spec.partition(":")
+    if not rest:
+        if name not in VARIANTS:
+            raise SystemExit(f"--variant {spec!r}: not one of {sorted(VARIANTS)}; or give NAME:key=value;...")
+        return name, dict(VARIANTS[name])
+    overrides: dict[str, object] = {"llm.layer": -1}
+    for item in filter(None, rest.split(";")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {spec!r}: {item!r} is not key=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name, overrides
+
+
+def _dotted(items: dict[str, object]) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in items.items()]
+
+
+class Ablation:
+    """One protocol (paths, steps, evaluation size) and the work folder its variants live in."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.work = Path(args.work).resolve()
+        self.cache = self.work / "cache"
+
+    # -- configs --------------------------------------------------------------------------------
+    def embed_config(self, overrides: dict[str, object]):
+        from embed_cache.config import EmbedConfig
+        from omnidiff.config import load_config
+
+        items = {"snapshots": [str(self.args.snapshot)], "kinds": ["llm", "clip"], "cache_root": str(self.cache),
+                 "llm.layer": overrides.get("llm.layer", -1), "clip.base_model": str(self.args.base_model),
+                 "executor": "local", "track": False}
+        return load_config(EmbedConfig, REPO / "configs" / "embed.yaml", _dotted(items) + self.args.embed_set)
+
+    def train_config(self, name: str, overrides: dict[str, object]):
+        from omnidiff.config import load_config
+        from train.config import TrainConfig
+
+        run = self.work / "runs" / name
+        items = {"name": f"ablation-{name}", "base_model": str(self.args.base_model), "data.snapshot": str(self.args.snapshot),
+                 "data.cache_root": str(self.cache), "checkpoint.dir": str(run / "checkpoints"),
+                 "registry.export_dir": str(run / "export"), "registry.register": False, "track": False,
+                 "max_steps": self.args.steps, "checkpoint.every_steps": max(1, self.args.steps // 4),
+                 "samples.per_group": 0, "seed": self.args.seed, "dist.launcher": self.args.launcher,
+                 "dist.num_workers": 1 if self.args.launcher == "local" else 2, **overrides}
+        return load_config(TrainConfig, REPO / "configs" / "train_stage1.yaml", _dotted(items) + self.args.train_set)
+
+    def eval_config(self, name: str):
+        from omnidiff.config import load_config
+        from train.eval_config import EvalConfig
+
+        items = {"world_dir": str(self.args.world_dir), "evaluator_dir": str(self.args.evaluator_dir), "baseline": "none",
+                 "langs": self.args.langs, "max_per_group": self.args.max_per_group, "seed": self.args.seed,
+                 "track": False, "report_dir": str(self.work / "eval" / name / "report")}
+        return load_config(EvalConfig, REPO / "configs" / "evaluate.yaml", _dotted(items) + self.args.eval_set)
+
+    # -- steps ----------------------------------------------------------------------------------
+    def reuse_caches(self, cfg) -> None:
+        """Copy the caches this variant needs from ``--reuse-cache`` (same fingerprint = same states)."""
+        from embed_cache.plan import plan_kind
+
+        if not self.args.reuse_cache:
+            return
+        for kind in cfg.kinds:
+            fp = plan_kind(kind, cfg).fingerprint
+            source, target = Path(self.args.reuse_cache) / kind / fp, self.cache / kind / fp
+            if source.is_dir() and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(source, target.with_name(target.name + ".copying"))
+                target.with_name(target.name + ".copying").rename(target)
+                print(f"[ablation] reused {kind} cache {fp} from {source.parent.parent}", flush=True)
+
+    def embed(self, name: str, overrides: dict[str, object]) -> None:
+        from embed_cache.job import run
+
+        cfg = self.embed_config(overrides)
+        self.reuse_caches(cfg)
+        t0 = time.perf_counter()
+        run(cfg)
+        print(f"[ablation] {name}: embed done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def protocol(self, name: str, overrides: dict[str, object]) -> dict:
+        return {"variant": name, "overrides": overrides, "steps": self.args.steps, "seed": self.args.seed,
+                "snapshot": str(self.args.snapshot), "base_model": str(self.args.base_model),
+                "train_set": self.args.train_set, "launcher": self.args.launcher}
+
+    def train(self, name: str, overrides: dict[str, object]) -> None:
+        from train.launch import run
+
+        done = self.work / "runs" / name / "done.json"
+        protocol = self.protocol(name, overrides)
+        if done.is_file() and json.loads(done.read_text())["protocol"] == protocol:
+            print(f"[ablation] {name}: trained already ({done})", flush=True)
+            return
+        run_dir = self.work / "runs" / name
+        if run_dir.exists():  # another protocol's training (or an interrupted one of this protocol: it resumes)
+            stamp = run_dir / "protocol.json"
+            if not stamp.is_file() or json.loads(stamp.read_text()) != protocol:
+                aside = run_dir.with_name(f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
+                run_dir.rename(aside)
+                print(f"[ablation] {name}: a training of another protocol moved to {aside}", flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "protocol.json").write_text(json.dumps(protocol, indent=2))
+        cfg = self.train_config(name, overrides)
+        t0 = time.perf_counter()
+        result = run(cfg)
+        wall = time.perf_counter() - t0
+        done.write_text(json.dumps({"protocol": protocol, "export_dir": result["export_dir"], "wall_s": wall,
+                                    "final_loss": result.get("loss"), "val_loss": result.get("val_loss")}, indent=2))
+        print(f"[ablation] {name}: stage 1 done in {wall:.0f} s, loss {result.get('loss')}", flush=True)
+
+    def evaluate(self, name: str) -> None:
+        import pandas as pd
+
+        from omnidiff.scoring import select_prompts
+        from train.evaluate import evaluate, resolve_inputs
+
+        done = self.work / "runs" / name / "done.json"
+        if not done.is_file():
+            raise SystemExit(f"[ablation] {name}: not trained yet ({done} missing): run the train step first")
+        out = self.work / "eval" / name / "per_prompt.parquet"
+        setting = {"langs": self.args.langs, "max_per_group": self.args.max_per_group,
+                   "seeds_per_prompt": self.args.seeds_per_prompt, "seed": self.args.seed, "eval_set": self.args.eval_set,
+                   "trained": json.loads(done.read_text())["protocol"]}
+        stamp = out.with_suffix(".json")
+        if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == setting:
+            print(f"[ablation] {name}: evaluated already ({out})", flush=True)
+            return
+        cfg = self.eval_config(name)
+        inputs = resolve_inputs(cfg)
+        # Several images per prompt, each its own seed (row r is sampled with seed + r), one bootstrap unit.
+        inputs.prompts = select_prompts(inputs.prompts, images_per_prompt=self.args.seeds_per_prompt)
+        t0 = time.perf_counter()
+        report = evaluate({name: json.loads(done.read_text())["export_dir"]}, cfg, inputs=inputs)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(report.per_prompt).to_parquet(out)
+        stamp.write_text(json.dumps(setting, indent=2))
+        print(f"[ablation] {name}: evaluated {len(inputs.prompts)} images in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    # -- the table ------------------------------------------------------------------------------
+    def table(self, names: list[str]) -> str:
+        import pandas as pd
+
+        cfg = self.eval_config(names[0] if names else "table")
+        frames = []
+        evaluated = sorted((self.work / "eval").glob("*/per_prompt.parquet"))
+        order = names or [p.parent.name for p in evaluated]
+        for name in order:
+            path = self.work / "eval" / name / "per_prompt.parquet"
+            if path.is_file():
+                frames.append(pd.read_parquet(path).assign(model=name))
+        if not frames:
+            raise SystemExit(f"[ablation] nothing evaluated under {self.work / 'eval'}")
+        text = ablation_table(pd.concat(frames, ignore_index=True), [f["model"].iloc[0] for f in frames],
+                              tuple(cfg.score_attributes), cfg.bootstrap_resamples, cfg.bootstrap_seed, cfg.confidence)
+        for name in [f["model"].iloc[0] for f in frames]:
+            done = json.loads((self.work / "runs" / name / "done.json").read_text())
+            text += (f"\n{name}: {json.dumps(done['protocol']['overrides'])}, stage 1 {done['wall_s']:.0f} s, "
+                     f"final loss {done['final_loss']:.4f}")
+        return text + "\n"
+
+
+def ablation_table(per_prompt, models: list[str], attributes: tuple[str, ...], resamples: int = 2000, seed: int = 0,
+                   confidence: float = 0.95, reference_lang: str = "en") -> str:
+    """Markdown tables (short, then long prompts): score [95% interval] per (model, language), each other
+    language's ratio to ``reference_lang``, and the paired difference to the first model."""
+    import numpy as np
+
+    from omnidiff.scoring import bootstrap_scores
+
+    point, reps = bootstrap_scores(per_prompt, attributes, resamples, seed)
+    alpha = (1 - confidence) / 2
+
+    def interval(values) -> str:
+        low, high = np.nanquantile(values, [alpha, 1 - alpha])
+        return f"[{low:.2f}, {high:.2f}]"
+
+    langs = sorted({lang for _, lang, _ in point}, key=lambda x: (x != reference_lang, x))
+    lengths = sorted({k[2] for k in point}, key=lambda x: (x not in ("short", "<=77"), x))  # short prompts first
+    out = []
+    first = models[0]
+    for length in lengths:
+        others = [lang for lang in langs if lang != reference_lang]
+        head = (["variant"] + [f"{lang} score [95%]" for lang in langs]
+                + [f"{lang}/{reference_lang} [95%]" for lang in others]
+                + [f"{lang} - {first} [95%]" for lang in langs])
+        part = per_prompt[per_prompt["length"] == length]
+        seeds = part.groupby(["model", "prompt"]).size().max()
+        out += [f"\nprompts of {length} tokens ({part['prompt'].nunique()} distinct, {seeds} image(s) each; "
+                f"score = mean of {'/'.join(attributes)})\n", "| " + " | ".join(head) + " |",
+                "|" + "---|" * len(head)]
+        for model in models:
+            cells = [model]
+            for lang in langs:
+                key = (model, lang, length)
+                cells.append(f"{point[key]:.2f} {interval(reps[key])}" if key in point else "-")
+            ref = (model, reference_lang, length)
+            for lang in others:
+                key = (model, lang, length)
+                if key in point and ref in point and point[ref] > 0:
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        ratio = reps[key] / reps[ref]
+                    cells.append(f"{point[key] / point[ref]:.2f}x {interval(ratio[np.isfinite(ratio)])}")
+                else:
+                    cells.append("-")
+            for lang in langs:
+                key, base = (model, lang, length), (first, lang, length)
+                if model == first or key not in point or base not in point:
+                    cells.append("-")
+                else:  # one set of resamples per (lang, length) shared by every model: a paired difference
+                    cells.append(f"{point[key] - point[base]:+.2f} {interval(reps[key] - reps[base])}")
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("step", choices=STEPS)
+    parser.add_argument("--variant", action="append", default=[], help="NAME or NAME:key=value;... (repeatable)")
+    parser.add_argument("--work", required=True, help="the folder every cache, checkpoint, export and result goes to")
+    parser.add_argument("--snapshot", help="the pair snapshot folder (stage 1's data)")
+    parser.add_argument("--base-model", help="the base model folder (the CLIP targets, the UNet)")
+    parser.add_argument("--world-dir", help="the world whose eval prompts and judge are used")
+    parser.add_argument("--evaluator-dir", help="the world's trained evaluator folder")
+    parser.add_argument("--reuse-cache", help="a cache root to copy matching caches from (read only)")
+    parser.add_argument("--steps", type=int, default=400, help="stage-1 optimizer steps (the demo: 1200)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed and evaluation seed, every variant")
+    parser.add_argument("--launcher", choices=("local", "ray"), default="ray",
+                        help="ray: 2 Ray Train workers of 1 CPU (the demo's stage 1); local: one DeepSpeed rank "
+                             "in this process, 1 thread, the global batch by accumulation (2.5x slower here)")
+    parser.add_argument("--langs", default="en,de,ko,ru", help="evaluated languages, comma-separated, English first")
+    parser.add_argument("--max-per-group", type=int, default=0, help="prompts per (language, length); 0 = all")
+    parser.add_argument("--seeds-per-prompt", type=int, default=2, help="images per prompt, each its own seed")
+    parser.add_argument("--embed-set", action="append", default=[], help="embed config override key=value")
+    parser.add_argument("--train-set", action="append", default=[], help="train config override key=value")
+    parser.add_argument("--eval-set", action="append", default=[], help="evaluate config override key=value")
+    parser.add_argument("--out", help="also write the table to this file")
+    args = parser.parse_args(argv)
+    args.langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
+    variants = dict(parse_variant(v) for v in (args.variant or list(VARIANTS)))
+    if args.step in ("embed", "train", "evaluate", "all"):
+        missing = [f"--{k.replace('_', '-')}" for k in ("snapshot", "base_model", "world_dir", "evaluator_dir")
+                   if getattr(args, k) is None]
+        if missing:
+            parser.error(f"{args.step} needs {', '.join(missing)}")
+    os.environ.setdefault("OMNIDIFF_HOME", str(Path(args.work).resolve() / "home"))  # nothing lands in the caller's home
+    ablation = Ablation(args)
+    ablation.work.mkdir(parents=True, exist_ok=True)
+    for name, overrides in variants.items():
+        if args.step in ("embed", "all"):
+            ablation.embed(name, overrides)
+        if args.step in ("train", "all"):
+            ablation.train(name, overrides)
+        if args.step in ("evaluate", "all"):
+            ablation.evaluate(name)
+    if args.step in ("table", "all"):
+        text = ablation.table(list(variants) if args.variant else [])
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
