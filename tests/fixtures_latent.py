@@ -49,7 +49,7 @@ def embed_latents(snapshot: Path, base: Path, llm: Path, cache_root: Path) -> di
         work = inputs.work(kind)
         keys = sorted(work)
         encoder = encoders[kind](**plan.encoder, max_batch_size=64)
-        values = encoder.compute([work[k] for k in keys])
+        values = encoder.compute(inputs.payloads(kind, keys))  # images read from their snapshot rows
         with open_writer(directory, plan.inputs) as writer:
             writer.set_value_shape(plan.value_shape)
             writer.write(encoder.table(keys, values), unit=0)
