@@ -1,11 +1,11 @@
 """Shipped base artifacts: the demo's pretrained tiny base model and evaluator, in the repository (issue 18 item 5).
 
 Pretraining the tiny base (1000 steps) and its evaluator takes 10-12 minutes on 2 CPU cores, half of a first
-``make demo``. Both are deterministic functions of their config (and, for the base, of the world's content
-digest), so the repository ships the folders they produce, and ``omnidiff base pretrain`` / ``evaluator``
-install a shipped copy instead of training when one matches:
+``make demo``. Both are named by their config (and, for the base, the world's content digest), so a folder of
+packed copies (``$OMNIDIFF_SHIPPED_DIR``, e.g. a team's shared folder; the repository holds no weights) lets
+``omnidiff base pretrain`` / ``evaluator`` install a copy instead of training when one matches:
 
-    omnidiff/base/shipped/<kind>/<hash>/        kind = base | evaluator; hash = the cache folder's name
+    $OMNIDIFF_SHIPPED_DIR/<kind>/<hash>/        kind = base | evaluator; hash = the cache folder's name
         SHIPPED.json                            {kind, hash, record, files: {relative path: sha256}, rebuild, ...}
         <the cached folder's files, as the cache holds them>
 
@@ -21,7 +21,7 @@ install a shipped copy instead of training when one matches:
     python -m omnidiff.base.shipped pack base ~/.omnidiff/models/base/<hash> --rebuild "omnidiff base pretrain ..."
     python -m omnidiff.base.shipped verify              # every shipped folder against its SHIPPED.json
 
-``OMNIDIFF_SHIPPED_DIR`` points the lookup elsewhere (the tests use it).
+``OMNIDIFF_SHIPPED_DIR`` defaults to ``$OMNIDIFF_HOME/shipped``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ class ShippedArtifactError(RuntimeError):
 
 
 def shipped_root() -> Path:
-    return Path(os.environ.get("OMNIDIFF_SHIPPED_DIR") or Path(__file__).resolve().parent / "shipped")
+    from omnidiff.env import home
+
+    return Path(os.environ.get("OMNIDIFF_SHIPPED_DIR") or home() / "shipped")
 
 
 def _sha256(path: Path) -> str:
