@@ -19,41 +19,21 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures_train import run_encoders_in_process
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def embed_latents(snapshot: Path, base: Path, llm: Path, cache_root: Path) -> dict[str, Path]:
     """Fill the ``llm`` and latent ``pixels`` caches of ``snapshot`` for ``base`` (its VAE, native size)."""
     from embed_cache.config import EmbedConfig, LLMSection, PixelsSection
-    from embed_cache.encoders.llm import LLMShardEncoder
-    from embed_cache.encoders.pixels import PixelShardEncoder
-    from embed_cache.inputs import gather_inputs
-    from embed_cache.plan import plan_kind
-    from embed_cache.writer import open_writer
     from omnidiff.contracts.base_folder import open_base_folder
-    from omnidiff.contracts.cache import MANIFEST_NAME, cache_dir
 
     folder = open_base_folder(base)
     cfg = EmbedConfig(snapshots=(str(snapshot),), kinds=("llm", "pixels"), cache_root=cache_root,
                       llm=LLMSection(path=llm), pixels=PixelsSection(resolution=folder.native_resolution, vae=folder.vae),
                       track=False)  # fmt: skip
-    inputs = gather_inputs([snapshot], cfg)
-    encoders = {"llm": LLMShardEncoder, "pixels": PixelShardEncoder}
-    dirs = {}
-    for kind in cfg.kinds:
-        plan = plan_kind(kind, cfg)
-        directory = cache_dir(kind, plan.fingerprint, cache_root)
-        dirs[kind] = directory
-        if (directory / MANIFEST_NAME).is_file():
-            continue  # the LLM cache is shared by every base
-        work = inputs.work(kind)
-        keys = sorted(work)
-        encoder = encoders[kind](**plan.encoder, max_batch_size=64)
-        values = encoder.compute(inputs.payloads(kind, keys))  # images read from their snapshot rows
-        with open_writer(directory, plan.inputs) as writer:
-            writer.set_value_shape(plan.value_shape)
-            writer.write(encoder.table(keys, values), unit=0)
-    return dirs
+    return run_encoders_in_process(cfg, skip_existing=True)  # the LLM cache is shared by every base
 
 
 def adapter_takes_pooled_dim() -> bool:

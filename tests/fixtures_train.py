@@ -92,31 +92,40 @@ def embed_in_process(snapshot: Path, base: Path, llm: Path, cache_root: Path, re
                      llm_max_length: int = 512) -> dict:
     """Fill the llm / clip / pixels caches of ``snapshot`` with the embed stage's encoders, in this process."""
     from embed_cache.config import ClipSection, EmbedConfig, LLMSection, PixelsSection
+
+    cfg = EmbedConfig(snapshots=(str(snapshot),), cache_root=cache_root, llm=LLMSection(path=llm, max_length=llm_max_length),
+                      clip=ClipSection(base_model=base, max_windows=3), pixels=PixelsSection(resolution=resolution),
+                      track=False)
+    return run_encoders_in_process(cfg)
+
+
+def run_encoders_in_process(cfg, skip_existing: bool = False) -> dict:
+    """Compute every kind of ``cfg`` (an EmbedConfig) with the embed stage's own shard encoders and write each
+    cache with its ``CacheWriter``, in this process (no Ray). ``skip_existing``: keep a kind whose cache already
+    has a manifest (e.g. the LLM cache shared by several bases). Returns kind -> cache folder."""
     from embed_cache.encoders.clip import ClipShardEncoder
     from embed_cache.encoders.llm import LLMShardEncoder
     from embed_cache.encoders.pixels import PixelShardEncoder
     from embed_cache.inputs import gather_inputs
     from embed_cache.plan import plan_kind
     from embed_cache.writer import open_writer
-    from omnidiff.contracts.cache import cache_dir
+    from omnidiff.contracts.cache import MANIFEST_NAME, cache_dir
 
-    cfg = EmbedConfig(snapshots=(str(snapshot),), cache_root=cache_root, llm=LLMSection(path=llm, max_length=llm_max_length),
-                      clip=ClipSection(base_model=base, max_windows=3), pixels=PixelsSection(resolution=resolution),
-                      track=False)
-    inputs = gather_inputs([snapshot], cfg)
+    inputs = gather_inputs(list(cfg.snapshots), cfg)
     encoders = {"llm": LLMShardEncoder, "clip": ClipShardEncoder, "pixels": PixelShardEncoder}
     dirs = {}
     for kind in cfg.kinds:
         plan = plan_kind(kind, cfg)
-        work = inputs.work(kind)
-        keys = sorted(work)
+        directory = cache_dir(kind, plan.fingerprint, cfg.cache_root)
+        dirs[kind] = directory
+        if skip_existing and (directory / MANIFEST_NAME).is_file():
+            continue
+        keys = sorted(inputs.work(kind))
         encoder = encoders[kind](**plan.encoder, max_batch_size=64)
         values = encoder.compute(inputs.payloads(kind, keys))  # images read from their snapshot rows
-        directory = cache_dir(kind, plan.fingerprint, cache_root)
         with open_writer(directory, plan.inputs) as writer:
             writer.set_value_shape(plan.value_shape)
             writer.write(encoder.table(keys, values), unit=0)
-        dirs[kind] = directory
     return dirs
 
 
