@@ -100,3 +100,38 @@ def test_a_shipped_folder_that_does_not_verify_is_refused_naming_the_file(tiny_b
     with pytest.raises(shipped.ShippedArtifactError, match="unet/(diffusion_pytorch_model.safetensors|extra.bin)"):
         pretrain(tiny_base_config(tiny_world))
     assert not (fresh_models.parent / "models" / "base" / folder.name / "model_index.json").exists()
+
+
+def test_a_half_packed_base_is_installed_as_float32_rounded_weights(tiny_base_model, tiny_world, fresh_models,
+                                                                   monkeypatch):
+    """``--half`` stores float32 tensors as float16 (the repository's copy stays small) and install widens them
+    back: the cache holds float32 weights equal to the trained ones rounded to float16, and the base samples."""
+    import torch
+    from safetensors.torch import load_file
+
+    from omnidiff.base import shipped
+    from omnidiff.base.pretrain import pretrain
+    from omnidiff.pipeline import OmniDiffusionPipeline
+
+    folder = shipped.pack("base", tiny_base_model, rebuild="omnidiff base pretrain --config configs/base_test.yaml",
+                          half=True)
+    manifest = shipped.verify(folder)
+    weight_files = sorted(p.relative_to(tiny_base_model).as_posix() for p in tiny_base_model.rglob("*.safetensors"))
+    assert manifest["widened"] == weight_files and manifest["stored_dtype"] == "float16"
+    for rel in weight_files:
+        packed = load_file(folder / rel)
+        assert {t.dtype for t in packed.values() if t.is_floating_point()} == {torch.float16}, rel
+        assert (folder / rel).stat().st_size < 0.6 * (tiny_base_model / rel).stat().st_size, rel
+
+    _refuse_training(monkeypatch)
+    base = pretrain(tiny_base_config(tiny_world))
+    assert base.name == tiny_base_model.name
+    for rel in weight_files:
+        trained, installed = load_file(tiny_base_model / rel), load_file(base / rel)
+        assert set(trained) == set(installed), rel
+        for key, tensor in trained.items():
+            assert installed[key].dtype == tensor.dtype, (rel, key)
+            assert torch.equal(installed[key], tensor.to(torch.float16).to(tensor.dtype) if tensor.dtype == torch.float32
+                               else tensor), (rel, key)
+    images = OmniDiffusionPipeline.from_pretrained(base)(["a red circle"], num_inference_steps=2, output_type="np")
+    assert images.shape[0] == 1 and images.std() > 0  # an image, not a constant

@@ -2,26 +2,29 @@
 
 Pretraining the tiny base (1000 steps) and its evaluator takes 10-12 minutes on 2 CPU cores, half of a first
 ``make demo``. Both are named by their config (and, for the base, the world's content digest), so a folder of
-packed copies (``$OMNIDIFF_SHIPPED_DIR``, e.g. a team's shared folder; the repository holds no weights) lets
-``omnidiff base pretrain`` / ``evaluator`` install a copy instead of training when one matches:
+packed copies lets ``omnidiff base pretrain`` / ``evaluator`` install a copy instead of training when one matches.
+The repository ships the demo's (``omnidiff/base/shipped/``, 4.9 MB: weights packed as float16, every file under
+5 MB); ``$OMNIDIFF_SHIPPED_DIR`` points the lookup at another tree (a team's shared folder; the tests use it):
 
-    $OMNIDIFF_SHIPPED_DIR/<kind>/<hash>/        kind = base | evaluator; hash = the cache folder's name
-        SHIPPED.json                            {kind, hash, record, files: {relative path: sha256}, rebuild, ...}
-        <the cached folder's files, as the cache holds them>
+    omnidiff/base/shipped/<kind>/<hash>/        kind = base | evaluator; hash = the cache folder's name
+        SHIPPED.json                            {kind, hash, record, files: {relative path: sha256}, rebuild,
+                                                 stored_dtype, widened: [files stored as float16], ...}
+        <the cached folder's files; with ``--half`` its float32 safetensors tensors stored as float16>
 
 * The lookup is by the cache folder's name, which hashes everything that decides the weights (the model and
   pretraining config, the world's content digest, the code's version): a changed config or world finds no
   shipped copy and trains as before. ``force=true`` always trains.
 * Before a copy is used, every file is checked against its sha256 in SHIPPED.json; a missing, changed or
   unlisted file is an error naming it (a shipped folder that does not verify is never loaded).
+* ``--half`` packs float32 safetensors tensors as float16 (half the bytes); install widens them back to
+  float32, so the cache holds what the code trains and loads. The shipped copy is then the float16 rounding of
+  the trained weights (relative error <= 2^-11 per weight); SHIPPED.json lists which files were narrowed.
 * ``SHIPPED.json`` says how to rebuild the folder (``rebuild``) and records what built it (commit, torch);
   the install is tracked as a ``base-pretrain`` / ``base-evaluator`` run tagged ``shipped=true`` with the
   same ``base_hash`` tag a trained base gets, so lineage still reaches the base.
 
-    python -m omnidiff.base.shipped pack base ~/.omnidiff/models/base/<hash> --rebuild "omnidiff base pretrain ..."
+    python -m omnidiff.base.shipped pack base ~/.omnidiff/models/base/<hash> --half --rebuild "omnidiff base pretrain ..."
     python -m omnidiff.base.shipped verify              # every shipped folder against its SHIPPED.json
-
-``OMNIDIFF_SHIPPED_DIR`` defaults to ``$OMNIDIFF_HOME/shipped``.
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ class ShippedArtifactError(RuntimeError):
     """A shipped folder that does not match its SHIPPED.json."""
 
 
-def shipped_root() -> Path:
-    from omnidiff.env import home
+PACKAGED = Path(__file__).resolve().parent / "shipped"
 
-    return Path(os.environ.get("OMNIDIFF_SHIPPED_DIR") or home() / "shipped")
+
+def shipped_root() -> Path:
+    return Path(os.environ.get("OMNIDIFF_SHIPPED_DIR") or PACKAGED)
 
 
 def _sha256(path: Path) -> str:
@@ -95,6 +99,8 @@ def install(kind: str, name: str, dest: Path, root: Path | None = None) -> dict 
     tmp = dest.with_name(dest.name + ".shipped-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
+    for rel in manifest.get("widened", []):
+        _convert_floats(tmp / rel, "float16", "float32")
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)  # a reader never sees a half-copied folder
@@ -107,8 +113,26 @@ def others(kind: str, root: Path | None = None) -> list[dict]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(base.glob(f"*/{MANIFEST}"))]
 
 
-def pack(kind: str, folder: Path, rebuild: str, record: dict | None = None, root: Path | None = None) -> Path:
-    """Copy a cache folder into the shipped tree with its SHIPPED.json (sha256 of every file)."""
+def _convert_floats(path: Path, source: str, target: str) -> bool:
+    """Rewrite a safetensors file with its ``source``-dtype tensors cast to ``target`` (metadata kept); changed?"""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, dst = getattr(torch, source), getattr(torch, target)
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = fh.metadata()
+        tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    if not any(t.dtype == src for t in tensors.values()):
+        return False
+    save_file({k: (t.to(dst) if t.dtype == src else t).contiguous() for k, t in tensors.items()}, str(path), metadata)
+    return True
+
+
+def pack(kind: str, folder: Path, rebuild: str, record: dict | None = None, root: Path | None = None,
+         half: bool = False) -> Path:
+    """Copy a cache folder into the shipped tree with its SHIPPED.json (sha256 of every file); ``half``: store
+    float32 safetensors tensors as float16 (install widens them back)."""
     import torch
 
     from omnidiff.tracking import git_commit
@@ -124,9 +148,12 @@ def pack(kind: str, folder: Path, rebuild: str, record: dict | None = None, root
     target = (root or shipped_root()) / kind / folder.name
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(folder, target, ignore=shutil.ignore_patterns(MANIFEST))
+    widened = sorted(p.relative_to(target).as_posix() for p in target.rglob("*.safetensors")
+                     if half and _convert_floats(p, "float32", "float16"))
     manifest = {
         "kind": kind, "hash": folder.name, "record": record, "rebuild": rebuild,
         "built_at_commit": git_commit(), "torch": torch.__version__,
+        "stored_dtype": "float16" if widened else "as trained", "widened": widened,
         "files": {p.relative_to(target).as_posix(): _sha256(p) for p in _files(target)},
     }  # fmt: skip
     (target / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -140,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("kind", choices=KINDS)
     p.add_argument("folder", type=Path)
     p.add_argument("--rebuild", required=True, help="the command that rebuilds this folder from scratch")
+    p.add_argument("--half", action="store_true", help="store float32 weights as float16 (installed as float32)")
     sub.add_parser("verify", help="check every shipped folder against its SHIPPED.json")
     args = parser.parse_args(argv)
     if args.command == "pack":
-        print(pack(args.kind, args.folder, args.rebuild))
+        print(pack(args.kind, args.folder, args.rebuild, half=args.half))
         return 0
     bad = 0
     for kind in KINDS:
