@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from omnidiff.contracts.encoders import (
     CacheSpec,
@@ -219,6 +220,31 @@ def resolve_inputs(cfg: TrainConfig, storage=None) -> StageInputs:
     return inputs
 
 
+def iter_states(store, keys: list[str], read_log: list | None = None):
+    """``(key, float16 (L, D))`` for every one of ``keys`` (distinct), shard by shard: only the Parquet row groups
+    of one shard that hold wanted rows are decoded at a time, and shard files are read, not memory-mapped
+    (:class:`train.data.ResidentShards`). ``CacheStore.read`` of thousands of keys instead held all their states at
+    once, whole shards, and the mapped pages of every shard it touched (issue 17: the driver's peak grew with the
+    cache). ``read_log`` (tests) receives each read's ``(shard ids, rows)``."""
+    from train.data import ResidentShards, _states_of, fixed_width_keys
+
+    if not keys:
+        return
+    shards = ResidentShards(store, max_resident=1, read_log=read_log)
+    try:
+        shard, row = shards.locate(fixed_width_keys(pa.array(keys, pa.string())), f"texts of the {store.kind} cache")
+        for s in np.unique(shard).tolist():
+            mine = np.flatnonzero(shard == s)
+            flat, lengths = _states_of(shards.take(shard[mine], row[mine], ["states"]), store.hidden_size)
+            ends = np.cumsum(lengths)  # (n,): flat holds the n texts' (L, D) states back to back
+            for i, end, length in zip(mine.tolist(), ends.tolist(), lengths.tolist(), strict=True):
+                yield keys[i], flat[end - length : end]
+            shards.release()  # one shard's decoded groups and file at a time
+            pa.default_memory_pool().release_unused()
+    finally:
+        shards.close()
+
+
 def distinct_target_share(store, keys: list[str], max_texts: int = 4096) -> tuple[float, int]:
     """``(share, n)``: of ``n`` distinct target keys (an even sample of at most ``max_texts``), the share
     whose cached CLIP states are distinct. States are compared rounded to 2 decimals, so one token-id
@@ -229,7 +255,7 @@ def distinct_target_share(store, keys: list[str], max_texts: int = 4096) -> tupl
     if not distinct_keys:
         return 1.0, 0
     seen = set()
-    for states in store.read(distinct_keys).values():
+    for _, states in iter_states(store, distinct_keys):
         rounded = np.round(np.asarray(states, dtype=np.float32), 2) + 0.0  # + 0.0: -0.0 and 0.0 alike
         seen.add((rounded.shape, rounded.tobytes()))
     return len(seen) / len(distinct_keys), len(distinct_keys)
@@ -287,15 +313,18 @@ def llm_state_stats(store, keys: list[str], max_texts: int = 4096) -> tuple[np.n
     examples gets the same statistics (and so the same adapter).
     """
     chosen = sorted(set(keys))[:max_texts]
-    states = store.read(chosen)
     total = np.zeros(store.hidden_size, dtype=np.float64)
     total_sq = np.zeros(store.hidden_size, dtype=np.float64)
     count = 0
+    sums: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}  # per text; added up below in ``chosen`` order
+    for key, states in iter_states(store, chosen):
+        x = np.asarray(states, dtype=np.float64)  # (L, D)
+        sums[key] = (x.sum(0), np.square(x).sum(0), x.shape[0])
     for key in chosen:
-        x = np.asarray(states[key], dtype=np.float64)  # (L, D)
-        total += x.sum(0)
-        total_sq += np.square(x).sum(0)
-        count += x.shape[0]
+        x_sum, x_sq, n = sums[key]
+        total += x_sum
+        total_sq += x_sq
+        count += n
     if count == 0:
         raise TrainingError("adapter.input_norm: the LLM cache holds no token states for the training texts")
     mean = total / count
