@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from omnidiff.contracts.encoders import (
     CacheSpec,
@@ -182,12 +183,9 @@ def resolve_inputs(cfg: TrainConfig, storage=None) -> StageInputs:
         _check_parent(init_from, llm_encoder_inputs, llm_dim, out_dim, pooled_dim)
 
     # -- examples
-    pairs = snapshot.pairs(["caption", "lang", "caption_en", "split", "image_digest", "aesthetic"]).to_pandas()
-    parallel = None
+    use_parallel = cfg.family == "align" and cfg.align.use_parallel and bool(snapshot.shard_paths("parallel"))
+    examples, pairs, parallel = gather_examples(cfg, snapshot, use_parallel)
     if cfg.family == "align":
-        if cfg.align.use_parallel and snapshot.shard_paths("parallel"):
-            parallel = snapshot.parallel(["text", "lang", "text_en", "split"]).to_pandas()
-        examples = align_examples(pairs, parallel, cfg.data.split)
         if cfg.align.langs:  # e.g. [en]: stage 1 on English alone (MuLan), the other languages zero-shot
             examples = examples[examples["lang"].isin(cfg.align.langs)].reset_index(drop=True)
             if len(examples) == 0:
@@ -197,7 +195,6 @@ def resolve_inputs(cfg: TrainConfig, storage=None) -> StageInputs:
         check_targets(stores["clip"], examples["target_key"].tolist(), cfg.align.min_distinct_targets,
                       cfg.align.allow_collapsed_targets)
     else:
-        examples = diffusion_examples(pairs, cfg.data.split, cfg.data.aesthetic_min)
         require_keys(stores["pixels"], examples["pixel_key"].tolist(), "images")
     if len(examples) == 0:
         raise TrainingError(
@@ -243,6 +240,53 @@ def iter_states(store, keys: list[str], read_log: list | None = None):
             pa.default_memory_pool().release_unused()
     finally:
         shards.close()
+
+
+PAIR_COLUMNS = ["caption", "lang", "caption_en", "split", "image_digest", "aesthetic"]
+PARALLEL_COLUMNS = ["text", "lang", "text_en", "split"]
+
+
+def snapshot_frames(snapshot, table: str, columns: list[str]):
+    """One DataFrame per listed shard of ``table`` (``columns`` only), in shard order."""
+    if not snapshot.shard_paths(table):
+        getattr(snapshot, table)(columns)  # raises the snapshot's own error (no shards of this table)
+    if snapshot.folder is not None:
+        for shard in snapshot.manifest["shards"][table]:
+            yield snapshot.folder.read_parquet(shard["path"], columns).to_pandas()
+    else:
+        for path in snapshot.shard_paths(table):
+            yield pq.read_table(path, columns=columns).to_pandas()
+
+
+def gather_examples(cfg: TrainConfig, snapshot, use_parallel: bool):
+    """``(examples, val pairs, val parallel texts or None)``, reading the snapshot shard by shard: the driver
+    holds one shard's captions at a time and keeps only the val split's rows (for validation examples and the
+    sample prompts; every pair when no row is in val), not the whole pairs table (issue 17). The examples are those
+    :func:`train.data.align_examples` / :func:`train.data.diffusion_examples` make of the whole table: per shard,
+    then the first of each (LLM text, target) in input order, sorted by key."""
+    split = cfg.data.split
+    parts, val_pairs, val_parallel = [], [], []
+    for frame in snapshot_frames(snapshot, "pairs", PAIR_COLUMNS):
+        if cfg.family == "align":
+            parts.append(align_examples(frame, None, split))
+        else:
+            parts.append(diffusion_examples(frame, split, cfg.data.aesthetic_min))
+        val_pairs.append(frame[frame["split"] == "val"])
+    if use_parallel:
+        no_pairs = pd.DataFrame(columns=["caption", "lang", "caption_en", "split"])
+        for frame in snapshot_frames(snapshot, "parallel", PARALLEL_COLUMNS):
+            parts.append(align_examples(no_pairs, frame, split))
+            val_parallel.append(frame[frame["split"] == "val"])
+    examples = pd.concat(parts, ignore_index=True)
+    if cfg.family == "align":  # align_examples' own rule, across shards: the first (text, target) kept
+        examples = examples.drop_duplicates(["llm_key", "target_key"]).sort_values(["llm_key", "target_key"])
+    else:
+        examples = examples.sort_values(["pixel_key", "llm_key"])
+    pairs = pd.concat(val_pairs, ignore_index=True)
+    if len(pairs) == 0:  # no val split: the sample prompts come from every pair (sample_prompt_table)
+        pairs = snapshot.pairs(PAIR_COLUMNS).to_pandas()
+    parallel = pd.concat(val_parallel, ignore_index=True) if use_parallel else None
+    return examples.reset_index(drop=True), pairs, parallel
 
 
 def distinct_target_share(store, keys: list[str], max_texts: int = 4096) -> tuple[float, int]:
