@@ -43,7 +43,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from embed_cache.actor import CALLS_PER_ACTOR, EncodeShardActor
@@ -119,7 +118,7 @@ def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardAct
             stats[kind]["skipped"] = len(work) - len(todo)
             if todo:
                 payloads = [work[k] for k in todo]
-                lengths = np.asarray(plan.lengths(todo, payloads), dtype=np.int64)
+                lengths = plan.token_lengths(todo, payloads)
                 kind_units = plan_units(kind, writer, todo, payloads, lengths, cfg)
                 units += kind_units
                 totals[kind] = int(lengths.sum())

@@ -575,3 +575,26 @@ def test_vae_slot_stores_latents_for_sd_class_models(tmp_path):
     ]))  # fmt: skip
     assert plain["fingerprints"]["pixels"] != out["fingerprints"]["pixels"]
     assert CacheStore(plain["dirs"]["pixels"]).value_shape == (3, 16, 16)
+
+
+def test_the_driver_tokenises_in_bounded_chunks(tiny_llm, tiny_clip_base):
+    """The token lengths that plan the shards come from tokenizer calls of at most TOKENIZE_CHUNK texts, and equal a
+    single call over every text (a single call held every caption's token ids at once)."""
+    import dataclasses
+
+    from embed_cache.plan import plan_kind
+
+    cfg = load_config(EmbedConfig, EMBED_TEST_CONFIG, [f"llm.path={tiny_llm}", f"clip.base_model={tiny_clip_base}"])
+    texts = [normalise_caption(t) for t in captions(23, seed=5)]
+    keys = [text_key(t) for t in texts]
+    for kind in ("llm", "clip"):
+        plan = plan_kind(kind, cfg)
+        calls: list[int] = []
+
+        def recorded(k, p, lengths=plan.lengths, calls=calls):
+            calls.append(len(k))
+            return lengths(k, p)
+
+        lengths = dataclasses.replace(plan, lengths=recorded).token_lengths(keys, texts, chunk=5)
+        assert calls == [5, 5, 5, 5, 3]
+        assert lengths.dtype == np.int64 and lengths.tolist() == list(plan.lengths(keys, texts))
