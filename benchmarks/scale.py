@@ -15,8 +15,11 @@ served on 127.0.0.1 and then, each stage in a fresh process:
   Train worker.
 
 A sampler polls the stage's process tree every 0.2 s (psutil): ``driver`` is the peak RSS of the stage process;
-``workers`` is the sum over its worker processes (Ray workers, img2dataset's processes) of each one's peak RSS;
-``ray`` the same for Ray's own daemons (GCS, raylet, agents). Throughput: rows per second of the stage's wall time
+``workers`` is the peak, over the samples, of the summed RSS of its worker processes alive at that sample (Ray
+workers, img2dataset's processes): what they held at once; ``ray`` the same for Ray's own daemons (GCS, raylet,
+agents). ``procs`` counts the worker processes that ran and ``each MiB`` sums each one's own peak: img2dataset's pool
+replaces a worker every 5 shards (``maxtasksperchild``), so that sum grows with the shards while what is held at once
+does not (the figure session 8 reported as ``workers``). Throughput: rows per second of the stage's wall time
 in its process, after imports (training: the loop's samples per second; its row count is fixed by the steps,
 and its wall time adds the driver's set-up). Goals: peak at
 10N at most 1.2x that at N; throughput per row at 10N at least 0.9x that at N.
@@ -54,6 +57,7 @@ class TreeSampler(threading.Thread):
         self.pid, self.stop = pid, threading.Event()
         self.driver = 0
         self.peaks: dict[int, tuple[str, int]] = {}  # pid -> (class, peak rss)
+        self.together: dict[str, int] = {}  # class -> peak of the sum over the processes alive at one sample
 
     @staticmethod
     def classify(proc) -> str:
@@ -87,6 +91,7 @@ class TreeSampler(threading.Thread):
                 children = root.children(recursive=True)
             except psutil.NoSuchProcess:
                 return
+            now: dict[str, int] = {}
             for child in children:
                 try:
                     rss = child.memory_info().rss
@@ -94,13 +99,22 @@ class TreeSampler(threading.Thread):
                     continue
                 kind, peak = self.peaks.get(child.pid) or (self.classify(child), 0)
                 self.peaks[child.pid] = (kind, max(peak, rss))
+                now[kind] = now.get(kind, 0) + rss
+            for kind, total in now.items():
+                self.together[kind] = max(self.together.get(kind, 0), total)
             self.stop.wait(SAMPLE_S)
 
     def summary(self) -> dict[str, float]:
-        out = {"driver": self.driver / 2**20, "workers": 0.0, "ray": 0.0}
+        """MiB: ``driver``; ``workers`` / ``ray``: the peak of the processes' summed RSS at one sample (what the
+        machine held at once); ``workers_procs``: how many worker processes ran over the stage; ``workers_each``: the
+        sum of every worker process's own peak (process pools that replace their workers, as img2dataset's
+        ``maxtasksperchild`` does, add a process per few shards to it, never to what is held at once)."""
+        out = {"driver": self.driver / 2**20, "workers": self.together.get("workers", 0) / 2**20,
+               "ray": self.together.get("ray", 0) / 2**20, "workers_procs": 0, "workers_each": 0.0}
         for kind, peak in self.peaks.values():
-            if kind in out:
-                out[kind] += peak / 2**20
+            if kind == "workers":
+                out["workers_procs"] += 1
+                out["workers_each"] += peak / 2**20
         return out
 
 
@@ -306,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"LLM: tiny random Gemma-3 test model {llm.name} (not Gemma 3 270M); N = {sizes[0]}, {large} images; "
               f"training {0 if args.s3_only else args.steps} steps; cpus {os.cpu_count()}", flush=True)
         print(f"{'rows':>7} {'stage':<9} {'seconds':>8} {'rows/s':>9} {'driver MiB':>10} {'workers MiB':>11} "
-              f"{'ray MiB':>8}")
+              f"{'ray MiB':>8} {'procs':>5} {'each MiB':>8}")
         results = {}
         for rows in sizes:
             results[rows] = measure_size(root / f"n{rows}", rows, llm, base, args.steps, env,
@@ -314,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             for stage, r in results[rows].items():
                 m = r["memory_mb"]
                 print(f"{rows:>7} {stage:<9} {r['seconds']:>8.1f} {rate(r):>9.1f} "
-                      f"{m['driver']:>10.0f} {m['workers']:>11.0f} {m['ray']:>8.0f}", flush=True)
+                      f"{m['driver']:>10.0f} {m['workers']:>11.0f} {m['ray']:>8.0f} {m['workers_procs']:>5} "
+                      f"{m['workers_each']:>8.0f}", flush=True)
         if len(sizes) > 1:
             print("\ngoals (10N against N):")
             for line in verdicts(results[sizes[0]], results[sizes[1]]):

@@ -157,7 +157,7 @@ class CollectConfig(ConfigModel):
     aesthetic_batch_size: int = Field(256, ge=1)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     output_shard_rows: int = Field(5000, ge=1)
-    read_batch_rows: int = Field(65536, ge=1)
+    read_batch_rows: int = Field(4096, ge=1)
     workers: int = Field(1, ge=1)
     dedup_partition_rows: int = Field(1_000_000, ge=1)
     track: bool = True

@@ -43,10 +43,9 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from embed_cache.actor import EncodeShardActor
+from embed_cache.actor import CALLS_PER_ACTOR, EncodeShardActor
 from embed_cache.config import EmbedConfig
 from embed_cache.inputs import EmbedInputs, gather_inputs, resolve_snapshots
 from embed_cache.plan import KindPlan, plan_kind, plan_units
@@ -119,7 +118,7 @@ def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardAct
             stats[kind]["skipped"] = len(work) - len(todo)
             if todo:
                 payloads = [work[k] for k in todo]
-                lengths = np.asarray(plan.lengths(todo, payloads), dtype=np.int64)
+                lengths = plan.token_lengths(todo, payloads)
                 kind_units = plan_units(kind, writer, todo, payloads, lengths, cfg)
                 units += kind_units
                 totals[kind] = int(lengths.sum())
@@ -246,7 +245,10 @@ def _execute_ray(units: list[pd.DataFrame], plans, writers, cfg: EmbedConfig, ac
         fn_constructor_kwargs=_actor_kwargs(plans, writers, cfg),
         batch_size=None,
         batch_format="pandas",
-        compute=ActorPoolStrategy(size=min(cfg.num_actors, len(units))),
+        # two calls at once per actor: one computes while the other reads images or uploads its shard
+        # (EncodeShardActor's compute lock keeps the models to one shard at a time)
+        compute=ActorPoolStrategy(size=min(cfg.num_actors, len(units)), max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+                                  enable_true_multi_threading=True),
         num_cpus=cfg.threads_per_actor,
         num_gpus=cfg.num_gpus_per_actor or None,
     )

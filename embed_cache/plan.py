@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,13 +102,18 @@ def clip_folders(cfg: EmbedConfig, base: Path | None = None) -> tuple[Path, Path
     return text_encoder.resolve(), tokenizer.resolve()
 
 
-def base_text_lengths(base: Path, texts: list[str], windows: int) -> list[int]:
-    """Positions a published base's target stores per text (77 per used window), from its tokenizer alone."""
+def base_text_lengths(base: Path, texts: list[str], windows: int, tokenizer=None) -> list[int]:
+    """Positions a published base's target stores per text (77 per used window), from its tokenizer alone
+    (``tokenizer``: the base's, already loaded)."""
     from omnidiff.contracts.base_folder import open_base_folder
     from omnidiff.models.clip_text import WINDOW, load_base_tokenizer, window_ids
 
-    tokenizer = load_base_tokenizer(open_base_folder(base).towers[0].tokenizer)
+    if tokenizer is None:
+        tokenizer = load_base_tokenizer(open_base_folder(base).towers[0].tokenizer)
     return (window_ids(tokenizer, list(texts), windows)[1].sum(1) * WINDOW).tolist()
+
+
+TOKENIZE_CHUNK = 4096  # texts the driver tokenises at once to plan the shards
 
 
 @dataclass
@@ -123,6 +129,13 @@ class KindPlan:
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.inputs)
+
+    def token_lengths(self, keys: list[str], payloads: list[Any], chunk: int = TOKENIZE_CHUNK) -> np.ndarray:
+        """int64 ``(N,)``: :attr:`lengths` of ``keys``, ``chunk`` texts per tokenizer call, so the token ids held
+        at once are one chunk's, whatever the number of texts (a single call held every caption's ids)."""
+        parts = [np.asarray(self.lengths(keys[i : i + chunk], payloads[i : i + chunk]), dtype=np.int64)
+                 for i in range(0, len(keys), chunk)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def plan_kind(kind: str, cfg: EmbedConfig) -> KindPlan:
@@ -149,6 +162,14 @@ def plan_kind(kind: str, cfg: EmbedConfig) -> KindPlan:
     base = clip_base(cfg) if kind == "clip" else None
     if kind == "clip" and is_published_base(base):
         windows = cfg.clip.max_windows
+
+        def load_tokenizer():
+            from omnidiff.contracts.base_folder import open_base_folder
+            from omnidiff.models.clip_text import load_base_tokenizer
+
+            return load_base_tokenizer(open_base_folder(base).towers[0].tokenizer)
+
+        base_tokenizer = functools.cache(load_tokenizer)  # loaded once per plan, for every chunk
         spec = base_clip_spec(base, windows)  # named from the files: no tower loaded here
         return KindPlan(
             kind,
@@ -156,11 +177,12 @@ def plan_kind(kind: str, cfg: EmbedConfig) -> KindPlan:
             spec.value_shape,
             {"base_model": str(base), "max_windows": windows, "device": cfg.device,
              "expected_inputs": spec.inputs["encoder"]},
-            lambda keys, texts: base_text_lengths(base, list(texts), windows),
+            lambda keys, texts: base_text_lengths(base, list(texts), windows, base_tokenizer()),
         )  # fmt: skip
     if kind == "clip":
         text_encoder, tokenizer = clip_folders(cfg, base)
         windows = cfg.clip.max_windows
+        clip = functools.cache(lambda: load_clip(text_encoder, tokenizer))  # loaded once per plan, for every chunk
         spec = clip_spec(text_encoder, tokenizer, windows)  # named from the files: no model loaded here
         return KindPlan(
             kind,
@@ -174,7 +196,7 @@ def plan_kind(kind: str, cfg: EmbedConfig) -> KindPlan:
                 "expected_inputs": spec.inputs["encoder"],
             },
             # The driver loads the (small) CLIP text tower only when there is something to compute.
-            lambda keys, texts: load_clip(text_encoder, tokenizer).token_lengths(list(texts), windows),
+            lambda keys, texts: clip().token_lengths(list(texts), windows),
         )
     if kind == "pixels":
         res = cfg.pixels.resolution

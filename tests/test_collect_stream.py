@@ -121,6 +121,32 @@ def test_repeat_finder_matches_a_dict_across_batches_and_partitions(tmp_path):
     assert found == expected
 
 
+@pytest.mark.parametrize("partition_rows", [10_000, 7])  # one partition (the rows as added), several
+def test_repeat_finder_compares_each_key_column_exactly(tmp_path, partition_rows):
+    """Two key columns: rows repeat only when both match; values that a joined string would confuse
+    ("a\x1fb" + "c" against "a" + "b\x1fc") stay apart, and the first row in input order wins."""
+    from data_prep.spill import RepeatFinder
+
+    rows = [("a", "b"), ("a", "c"), ("a\x1fb", "c"), ("a", "b\x1fc"), ("a", "b"), ("", "b"), ("a", "c"),
+            ("", "b"), ("b", "a"), ("a", "b")] * 3
+    finder = RepeatFinder(tmp_path / "f", ["url", "caption"], ["source", "row_index"], partition_rows=partition_rows)
+    for start in range(0, len(rows), 4):
+        ids = list(range(start, min(start + 4, len(rows))))
+        finder.add(pa.table({"row_id": pa.array(ids, pa.int64()), "url": [rows[i][0] for i in ids],
+                             "caption": [rows[i][1] for i in ids], "source": [f"s{i % 2}" for i in ids],
+                             "row_index": pa.array([100 + i for i in ids], pa.int64())}))
+    seen: dict[tuple[str, str], int] = {}
+    expected = {}
+    for i, key in enumerate(rows):
+        if key in seen:
+            expected[i] = (seen[key], f"s{seen[key] % 2}", 100 + seen[key])
+        else:
+            seen[key] = i
+    repeats = finder.find()
+    assert repeats.count == len(expected) == len(rows) - 6  # 6 distinct (url, caption) keys
+    assert repeats.lookup(list(range(len(rows)))) == expected
+
+
 def _prepare(lists, tmp_path, name, **overrides):
     from data_prep.pairs import prepare_pairs
     from data_prep.quarantine import Quarantine

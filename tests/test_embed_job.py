@@ -117,6 +117,69 @@ def test_actor_packs_computes_unpadded_and_rejects_nan_rows_by_key(tiny_llm, tmp
         )
 
 
+def test_an_actor_uploads_one_shard_while_it_computes_the_next(tiny_llm, tmp_path, monkeypatch):
+    """Two calls of one actor at once (as Ray runs them, embed_cache/job.py): the models compute one shard at a
+    time, and a shard's write (one PUT on object storage) runs beside the other shard's compute (issue 17)."""
+    import threading
+    import time
+
+    import embed_cache.actor as actor_module
+    from embed_cache.actor import CALLS_PER_ACTOR, EncodeShardActor
+
+    assert CALLS_PER_ACTOR >= 2
+    spans: dict[str, list[tuple[str, float, float]]] = {"compute": [], "write": []}
+    write = actor_module.write_shard_file
+
+    def slow_write(directory, name, *args, **kw):  # a store with a slow PUT
+        start = time.perf_counter()
+        time.sleep(0.5)
+        try:
+            return write(directory, name, *args, **kw)
+        finally:
+            spans["write"].append((name, start, time.perf_counter()))
+
+    class Recording(EncodeShardActor):
+        def _compute_shard(self, encoder, keys, payloads, lengths):
+            start = time.perf_counter()
+            try:
+                return super()._compute_shard(encoder, keys, payloads, lengths)
+            finally:
+                spans["compute"].append((threading.current_thread().name, start, time.perf_counter()))
+
+    monkeypatch.setattr(actor_module, "write_shard_file", slow_write)
+    enc_inputs, _ = describe_llm(tiny_llm)
+    inputs = llm_inputs(enc_inputs)
+    texts = captions(40, seed=3)
+    keys = [text_key(normalise_caption(t)) for t in texts]
+    lengths = encoder_of(tiny_llm).token_lengths(texts)
+    with CacheWriter(cache_dir("llm", fingerprint(inputs), tmp_path), inputs) as w:
+        w.set_value_shape((64,))
+        actor = Recording(
+            caches={"llm": str(w.path)}, run_tokens={"llm": w.run_token}, threads=1, max_tokens=256, max_batch_size=8,
+            encoders={"llm": {"path": str(tiny_llm), "layer": -1, "max_length": 512, "dtype": "float32",
+                              "device": "cpu", "expected_inputs": enc_inputs}},
+        )  # fmt: skip
+        actor.encoder("llm")  # loaded before the race: the spans then time the computes alone
+        frames = [pd.DataFrame({"kind": "llm", "shard": w.shard_name(u), "key": keys[u::3],
+                                "payload": [t.encode() for t in texts[u::3]], "length": lengths[u::3]})
+                  for u in range(3)]  # fmt: skip
+        outs: list = []
+        threads = [threading.Thread(target=lambda f=f: outs.append(actor(f.sort_values("length")))) for f in frames]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for out in outs:
+            w.publish(json.loads(out.entry[0]), json.loads(out.shard_keys[0]))
+    computes = sorted(spans["compute"], key=lambda s: s[1])
+    assert len(computes) == 3 and len(spans["write"]) == 3
+    assert all(a[2] <= b[1] for a, b in zip(computes, computes[1:], strict=False))  # one compute at a time
+    # some shard's upload ran while another shard computed
+    assert any(ws < ce and cs < we for _, ws, we in spans["write"] for _, cs, ce in computes[1:])
+    store = CacheStore(w.path)
+    assert sorted(store.keys()) == sorted(set(keys)) and store.verify().ok
+
+
 def test_shared_prefixes_are_computed_once_and_change_no_state(tiny_llm):
     from embed_cache.encoders.llm import LLMShardEncoder
 
@@ -512,3 +575,26 @@ def test_vae_slot_stores_latents_for_sd_class_models(tmp_path):
     ]))  # fmt: skip
     assert plain["fingerprints"]["pixels"] != out["fingerprints"]["pixels"]
     assert CacheStore(plain["dirs"]["pixels"]).value_shape == (3, 16, 16)
+
+
+def test_the_driver_tokenises_in_bounded_chunks(tiny_llm, tiny_clip_base):
+    """The token lengths that plan the shards come from tokenizer calls of at most TOKENIZE_CHUNK texts, and equal a
+    single call over every text (a single call held every caption's token ids at once)."""
+    import dataclasses
+
+    from embed_cache.plan import plan_kind
+
+    cfg = load_config(EmbedConfig, EMBED_TEST_CONFIG, [f"llm.path={tiny_llm}", f"clip.base_model={tiny_clip_base}"])
+    texts = [normalise_caption(t) for t in captions(23, seed=5)]
+    keys = [text_key(t) for t in texts]
+    for kind in ("llm", "clip"):
+        plan = plan_kind(kind, cfg)
+        calls: list[int] = []
+
+        def recorded(k, p, lengths=plan.lengths, calls=calls):
+            calls.append(len(k))
+            return lengths(k, p)
+
+        lengths = dataclasses.replace(plan, lengths=recorded).token_lengths(keys, texts, chunk=5)
+        assert calls == [5, 5, 5, 5, 3]
+        assert lengths.dtype == np.int64 and lengths.tolist() == list(plan.lengths(keys, texts))

@@ -401,3 +401,33 @@ def test_batches_read_row_groups_of_a_cache_on_s3(tmp_path, s3_prefix):
         positions = CachedBatches.positions(step, 8, 0, 1, 8, 0)
         _assert_same(b.batch(positions), a.batch(positions))
     assert b.shards["llm"].group_reads == a.shards["llm"].group_reads
+
+
+def test_driver_reads_cached_states_one_shard_at_a_time(world):
+    """The driver's samples of a cache (input-norm statistics, the collapse check) decode one shard's row groups
+    at a time and give what CacheStore.read gives (issue 17: the driver's peak must not grow with the cache)."""
+    from train.inputs import iter_states, llm_state_stats
+
+    store = _stores(world)["llm"]
+    keys = store.keys()
+    log: list = []
+    got = dict(iter_states(store, keys, read_log=log))
+    expected = store.read(keys)  # the oldest shard's value wins a duplicated key, in both
+    assert sorted(got) == keys
+    for key in keys:
+        np.testing.assert_array_equal(got[key], expected[key])
+    assert len(log) == len({int(s[0]) for s, _ in log}) >= 14  # one read per shard, each of a single shard
+    assert all(len(np.unique(s)) == 1 for s, _ in log)
+    # the statistics are those of the whole-read computation, bit for bit (same order of additions)
+    chosen = sorted(keys)[:30]
+    total = np.zeros(store.hidden_size)
+    total_sq = np.zeros(store.hidden_size)
+    count = 0
+    for key in chosen:
+        x = np.asarray(expected[key], dtype=np.float64)
+        total, total_sq, count = total + x.sum(0), total_sq + np.square(x).sum(0), count + x.shape[0]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    ours = llm_state_stats(store, keys, max_texts=30)
+    np.testing.assert_array_equal(ours[0], mean.astype(np.float32))
+    np.testing.assert_array_equal(ours[1], std.astype(np.float32))

@@ -431,6 +431,12 @@ class ResidentShards:
         while self._files:
             self._files.popitem()[1].close(force=True)
 
+    def release(self) -> None:
+        """Drop every decoded row group and close the files; what :meth:`locate` found stays valid."""
+        self._tables.clear()
+        self.resident_rows = 0
+        self.close()
+
     @property
     def resident(self) -> int:
         return len(self._tables)

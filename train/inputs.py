@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from omnidiff.contracts.encoders import (
     CacheSpec,
@@ -181,12 +183,9 @@ def resolve_inputs(cfg: TrainConfig, storage=None) -> StageInputs:
         _check_parent(init_from, llm_encoder_inputs, llm_dim, out_dim, pooled_dim)
 
     # -- examples
-    pairs = snapshot.pairs(["caption", "lang", "caption_en", "split", "image_digest", "aesthetic"]).to_pandas()
-    parallel = None
+    use_parallel = cfg.family == "align" and cfg.align.use_parallel and bool(snapshot.shard_paths("parallel"))
+    examples, pairs, parallel = gather_examples(cfg, snapshot, use_parallel)
     if cfg.family == "align":
-        if cfg.align.use_parallel and snapshot.shard_paths("parallel"):
-            parallel = snapshot.parallel(["text", "lang", "text_en", "split"]).to_pandas()
-        examples = align_examples(pairs, parallel, cfg.data.split)
         if cfg.align.langs:  # e.g. [en]: stage 1 on English alone (MuLan), the other languages zero-shot
             examples = examples[examples["lang"].isin(cfg.align.langs)].reset_index(drop=True)
             if len(examples) == 0:
@@ -196,7 +195,6 @@ def resolve_inputs(cfg: TrainConfig, storage=None) -> StageInputs:
         check_targets(stores["clip"], examples["target_key"].tolist(), cfg.align.min_distinct_targets,
                       cfg.align.allow_collapsed_targets)
     else:
-        examples = diffusion_examples(pairs, cfg.data.split, cfg.data.aesthetic_min)
         require_keys(stores["pixels"], examples["pixel_key"].tolist(), "images")
     if len(examples) == 0:
         raise TrainingError(
@@ -219,6 +217,78 @@ def resolve_inputs(cfg: TrainConfig, storage=None) -> StageInputs:
     return inputs
 
 
+def iter_states(store, keys: list[str], read_log: list | None = None):
+    """``(key, float16 (L, D))`` for every one of ``keys`` (distinct), shard by shard: only the Parquet row groups
+    of one shard that hold wanted rows are decoded at a time, and shard files are read, not memory-mapped
+    (:class:`train.data.ResidentShards`). ``CacheStore.read`` of thousands of keys instead held all their states at
+    once, whole shards, and the mapped pages of every shard it touched (issue 17: the driver's peak grew with the
+    cache). ``read_log`` (tests) receives each read's ``(shard ids, rows)``."""
+    from train.data import ResidentShards, _states_of, fixed_width_keys
+
+    if not keys:
+        return
+    shards = ResidentShards(store, max_resident=1, read_log=read_log)
+    try:
+        shard, row = shards.locate(fixed_width_keys(pa.array(keys, pa.string())), f"texts of the {store.kind} cache")
+        for s in np.unique(shard).tolist():
+            mine = np.flatnonzero(shard == s)
+            flat, lengths = _states_of(shards.take(shard[mine], row[mine], ["states"]), store.hidden_size)
+            ends = np.cumsum(lengths)  # (n,): flat holds the n texts' (L, D) states back to back
+            for i, end, length in zip(mine.tolist(), ends.tolist(), lengths.tolist(), strict=True):
+                yield keys[i], flat[end - length : end]
+            shards.release()  # one shard's decoded groups and file at a time
+            pa.default_memory_pool().release_unused()
+    finally:
+        shards.close()
+
+
+PAIR_COLUMNS = ["caption", "lang", "caption_en", "split", "image_digest", "aesthetic"]
+PARALLEL_COLUMNS = ["text", "lang", "text_en", "split"]
+
+
+def snapshot_frames(snapshot, table: str, columns: list[str]):
+    """One DataFrame per listed shard of ``table`` (``columns`` only), in shard order."""
+    if not snapshot.shard_paths(table):
+        getattr(snapshot, table)(columns)  # raises the snapshot's own error (no shards of this table)
+    if snapshot.folder is not None:
+        for shard in snapshot.manifest["shards"][table]:
+            yield snapshot.folder.read_parquet(shard["path"], columns).to_pandas()
+    else:
+        for path in snapshot.shard_paths(table):
+            yield pq.read_table(path, columns=columns).to_pandas()
+
+
+def gather_examples(cfg: TrainConfig, snapshot, use_parallel: bool):
+    """``(examples, val pairs, val parallel texts or None)``, reading the snapshot shard by shard: the driver
+    holds one shard's captions at a time and keeps only the val split's rows (for validation examples and the
+    sample prompts; every pair when no row is in val), not the whole pairs table (issue 17). The examples are those
+    :func:`train.data.align_examples` / :func:`train.data.diffusion_examples` make of the whole table: per shard,
+    then the first of each (LLM text, target) in input order, sorted by key."""
+    split = cfg.data.split
+    parts, val_pairs, val_parallel = [], [], []
+    for frame in snapshot_frames(snapshot, "pairs", PAIR_COLUMNS):
+        if cfg.family == "align":
+            parts.append(align_examples(frame, None, split))
+        else:
+            parts.append(diffusion_examples(frame, split, cfg.data.aesthetic_min))
+        val_pairs.append(frame[frame["split"] == "val"])
+    if use_parallel:
+        no_pairs = pd.DataFrame(columns=["caption", "lang", "caption_en", "split"])
+        for frame in snapshot_frames(snapshot, "parallel", PARALLEL_COLUMNS):
+            parts.append(align_examples(no_pairs, frame, split))
+            val_parallel.append(frame[frame["split"] == "val"])
+    examples = pd.concat(parts, ignore_index=True)
+    if cfg.family == "align":  # align_examples' own rule, across shards: the first (text, target) kept
+        examples = examples.drop_duplicates(["llm_key", "target_key"]).sort_values(["llm_key", "target_key"])
+    else:
+        examples = examples.sort_values(["pixel_key", "llm_key"])
+    pairs = pd.concat(val_pairs, ignore_index=True)
+    if len(pairs) == 0:  # no val split: the sample prompts come from every pair (sample_prompt_table)
+        pairs = snapshot.pairs(PAIR_COLUMNS).to_pandas()
+    parallel = pd.concat(val_parallel, ignore_index=True) if use_parallel else None
+    return examples.reset_index(drop=True), pairs, parallel
+
+
 def distinct_target_share(store, keys: list[str], max_texts: int = 4096) -> tuple[float, int]:
     """``(share, n)``: of ``n`` distinct target keys (an even sample of at most ``max_texts``), the share
     whose cached CLIP states are distinct. States are compared rounded to 2 decimals, so one token-id
@@ -229,7 +299,7 @@ def distinct_target_share(store, keys: list[str], max_texts: int = 4096) -> tupl
     if not distinct_keys:
         return 1.0, 0
     seen = set()
-    for states in store.read(distinct_keys).values():
+    for _, states in iter_states(store, distinct_keys):
         rounded = np.round(np.asarray(states, dtype=np.float32), 2) + 0.0  # + 0.0: -0.0 and 0.0 alike
         seen.add((rounded.shape, rounded.tobytes()))
     return len(seen) / len(distinct_keys), len(distinct_keys)
@@ -287,15 +357,18 @@ def llm_state_stats(store, keys: list[str], max_texts: int = 4096) -> tuple[np.n
     examples gets the same statistics (and so the same adapter).
     """
     chosen = sorted(set(keys))[:max_texts]
-    states = store.read(chosen)
     total = np.zeros(store.hidden_size, dtype=np.float64)
     total_sq = np.zeros(store.hidden_size, dtype=np.float64)
     count = 0
+    sums: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}  # per text; added up below in ``chosen`` order
+    for key, states in iter_states(store, chosen):
+        x = np.asarray(states, dtype=np.float64)  # (L, D)
+        sums[key] = (x.sum(0), np.square(x).sum(0), x.shape[0])
     for key in chosen:
-        x = np.asarray(states[key], dtype=np.float64)  # (L, D)
-        total += x.sum(0)
-        total_sq += np.square(x).sum(0)
-        count += x.shape[0]
+        x_sum, x_sq, n = sums[key]
+        total += x_sum
+        total_sq += x_sq
+        count += n
     if count == 0:
         raise TrainingError("adapter.input_norm: the LLM cache holds no token states for the training texts")
     mean = total / count
