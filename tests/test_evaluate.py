@@ -83,12 +83,15 @@ def test_claims_verdicts_on_their_intervals():
 
 def test_a_model_as_good_in_every_language_passes_every_claim_whatever_its_base():
     # The base already scores 0.42 on French (as in the README's run): "3x the base" could never pass;
-    # "above its base" and "at least 0.95x English" can.
+    # "above its base" and "at least 0.95x English" can. (The base misses 8 of 24 short English prompts:
+    # "English above the base", issue 18 item 4, is not met by a tie.)
     right = {("base", "fr", SHORT): 10, ("base", "zh", SHORT): 3, ("base", "en", LONG): 1, ("base", "zh", LONG): 1,
-             ("base", "fr", LONG): 1}
+             ("base", "fr", LONG): 1, ("base", "en", SHORT): 16}
     _, claims = _claims(right, langs=("en", "zh", "fr"), zero_shot=())
-    assert set(claims["verdict"]) == {"pass"}, claims[["verdict", "low", "high"]]
-    assert len(claims) == 1 + 2 * 2 + 2
+    judged = claims[claims["verdict"] != "reported"]
+    assert set(judged["verdict"]) == {"pass"}, claims[["verdict", "low", "high"]]
+    assert len(judged) == 1 + 2 * 2 + 2 + 2
+    assert len(claims) - len(judged) == 3  # the short English subsets by held-out reason, reported
 
 
 def test_verdict_and_ratio_rules():

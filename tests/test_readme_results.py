@@ -56,7 +56,9 @@ def test_rewrites_only_the_marked_block(report_json, tmp_path):
     base_row = next(line for line in block.splitlines() if line.startswith("| base |"))
     assert base_row.startswith("| base | 1.00 [1.00, 1.00] | 0.08 [")  # 2 of 24 French prompts right
     claims = [c for c in json.loads(report_json.read_text())["claims"] if c["model_label"] == "stage3"]
-    assert len(claims) == 1 + 2 * 2 + 2 + 1  # English; zh and fr (vs English, vs base); long (2); ko reported
+    # English; zh and fr (vs English, vs base); long (2); ko reported; English above the base, short and long (2),
+    # and its short subsets by held-out reason (3, reported)
+    assert len(claims) == 1 + 2 * 2 + 2 + 1 + 2 + 3
     for c in claims:  # one row per claim, with its verdict
         row = next(line for line in block.splitlines() if line.startswith(f"| {c['claim']} |"))
         assert row.endswith(f"| {c['verdict']} |")
