@@ -106,9 +106,6 @@ def resolve_inputs(cfg) -> EvalInputs:
         from omnidiff.world import WorldConfig, generate_world
 
         world_dir = generate_world(load_config(WorldConfig, base_cfg.world_config))
-    prompts_path = world_dir / "eval_prompts.parquet"
-    if not prompts_path.is_file():
-        raise FileNotFoundError(f"world {world_dir}: no eval_prompts.parquet (generate the world first)")
     if cfg.evaluator_dir is not None:
         evaluator = load_evaluator(cfg.evaluator_dir, require_fit=cfg.require_fit_evaluator)
     else:
@@ -121,10 +118,32 @@ def resolve_inputs(cfg) -> EvalInputs:
         from omnidiff.base.pretrain import pretrain
 
         baseline_ref = str(pretrain(base_cfg))
-    prompts = select_prompts(pd.read_parquet(prompts_path), cfg.max_per_group, cfg.langs, cfg.seed)
+    prompts = select_prompts(eval_prompts(world_dir, cfg.eval_specs), cfg.max_per_group, cfg.langs, cfg.seed)
     prompts = with_image_seeds(prompts, cfg.images_per_prompt, cfg.seed)
     return EvalInputs(world_dir, prompts, evaluator, baseline_ref,
                       real_world_images(world_dir, cfg.real_images, evaluator.resolution, cfg.seed))
+
+
+def eval_prompts(world_dir: Path, eval_specs: int = 0) -> pd.DataFrame:
+    """The world's eval prompts (``eval_prompts.parquet``), or with ``eval_specs`` > 0 that many specs planned
+    by the world's own generator and config (omnidiff.world.generate.plan_eval, read from ``world.json``:
+    the same held-out combinations and phrasings, every spec in every eval language; captions only, so
+    the world, its digest and every model trained on it stay as they are). ``eval_specs`` equal to the
+    world's reproduces its file exactly."""
+    world_dir = Path(world_dir)
+    if not eval_specs:
+        path = world_dir / "eval_prompts.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"world {world_dir}: no eval_prompts.parquet (generate the world first)")
+        return pd.read_parquet(path)
+    from omnidiff.world import WorldConfig
+    from omnidiff.world.generate import plan_eval
+
+    meta = world_dir / "world.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"eval_specs={eval_specs}: world {world_dir} has no world.json to plan eval prompts from")
+    config = {k: v for k, v in json.loads(meta.read_text(encoding="utf-8"))["config"].items() if k != "kind"}
+    return pd.DataFrame(plan_eval(WorldConfig.model_validate({**config, "eval_specs": int(eval_specs)})))
 
 
 def select_prompts(prompts: pd.DataFrame, max_per_group: int, langs: tuple[str, ...] = (), seed: int = 0) -> pd.DataFrame:
@@ -145,8 +164,8 @@ def select_prompts(prompts: pd.DataFrame, max_per_group: int, langs: tuple[str, 
                        .apply(lambda g: g.sample(n=min(len(g), max_per_group), random_state=seed)))
         else:
             per_length = pd.DataFrame({"spec": specs, "is_long": prompts["is_long"]}).drop_duplicates("spec")
-            chosen = (per_length.groupby("is_long", group_keys=False, sort=True)
-                      .apply(lambda g: g.sample(n=min(len(g), max_per_group), random_state=seed)))
+            chosen = pd.concat([g.sample(n=min(len(g), max_per_group), random_state=seed)
+                                for _, g in per_length.groupby("is_long", sort=True)])
             prompts = prompts[specs.isin(set(chosen["spec"]))]
     return prompts.reset_index(drop=True)
 
@@ -507,4 +526,4 @@ def _judge_lines(report: EvalReport) -> list[str]:
 
 
 __all__ = ["EvalReport", "assemble", "check_claims", "check_judge_applies", "evaluate", "evaluate_metrics_only",
-           "bootstrap_design", "format_table", "measure", "resolve_inputs", "score_table", "select_prompts", "to_dict", "with_image_seeds"]
+           "bootstrap_design", "eval_prompts", "format_table", "measure", "resolve_inputs", "score_table", "select_prompts", "to_dict", "with_image_seeds"]
