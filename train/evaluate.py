@@ -70,6 +70,7 @@ class EvalReport:
     commit: str | None = None
     run_id: str | None = None
     metrics: Any = None  # train.metrics.MetricsResult when the config has a metrics section
+    bootstrap: dict[str, Any] = field(default_factory=dict)  # unit, strata, resamples, seed (train/claims.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {"metrics": self.metrics.to_dict() if self.metrics is not None else None,
@@ -82,6 +83,7 @@ class EvalReport:
             "baseline": self.baseline,
             "commit": self.commit,
             "run_id": self.run_id,
+            "bootstrap": self.bootstrap,
         }
 
 
@@ -340,7 +342,9 @@ def assemble(results: dict[str, Faithfulness], frechet: dict[str, float], zero_s
     from omnidiff.tracking import git_commit
 
     return EvalReport(summary, scores, pooled, frechet, claims, report_dir, per_prompt,
-                      {label: r.images for label, r in results.items()}, baseline, git_commit())
+                      {label: r.images for label, r in results.items()}, baseline, git_commit(),
+                      bootstrap={"unit": unit, "strata": list(strata), "resamples": cfg.bootstrap_resamples,
+                                 "seed": cfg.bootstrap_seed})
 
 
 def bootstrap_design(per_prompt: pd.DataFrame) -> tuple[pd.DataFrame, str, tuple[str, ...]]:
