@@ -104,3 +104,17 @@ def test_the_projects_readme_has_one_marked_block():
     text = readme.read_text(encoding="utf-8")
     new = replace_block(text, "regenerated")
     assert new.split(BEGIN)[0] == text.split(BEGIN)[0] and new.split(END)[1] == text.split(END)[1]
+
+
+def test_the_block_says_how_many_images_each_prompt_had_and_what_was_resampled(report_json):
+    report = json.loads(report_json.read_text())
+    first = render_block(report).splitlines()[0]
+    assert "24 short, 8 long prompts per language and model; bootstrap 95% intervals over specs (" in first
+    for row in report["scores"]:  # as an evaluation with images_per_prompt=3 records them
+        row["images"] = 3 * row["prompts"]
+    assert "8 long prompts per language and model, 3 images (seeds) each; " in render_block(report).splitlines()[0]
+    old = {**report, "bootstrap": None, "scores": [{k: v for k, v in r.items() if k != "images"}
+                                                   for r in report["scores"]]}
+    # a report from before the paired bootstrap renders as it did
+    assert "8 long prompts per language and model; bootstrap 95% intervals over prompts in brackets." in (
+        render_block(old).splitlines()[0])
