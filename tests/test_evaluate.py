@@ -204,3 +204,15 @@ def test_english_above_the_base_is_judged_on_all_short_and_long_prompts_and_repo
     tied = eval_synthetic.results(table, {}, ["base", "ours"])
     claims = assemble(tied, {"base": 0.0, "ours": 0.0}, set(), cfg, Path("."), "base").claims.set_index("claim")
     assert claims.loc["short English above the base (24 prompts)", "verdict"] == "fail"
+
+
+def test_the_report_shows_one_image_per_prompt_when_each_has_several():
+    from tests import eval_synthetic
+    from train.eval_report import sample_rows
+    from train.evaluate import with_image_seeds
+
+    rows = with_image_seeds(eval_synthetic.prompts(langs=("en", "zh"), zero_shot=()), 4, seed=0)
+    shown = sample_rows(rows, per_lang=5)
+    for lang, positions in shown.items():
+        picked = rows.iloc[positions]
+        assert len(positions) == 5 and picked["prompt"].is_unique and (picked["sample"] == 0).all(), lang
