@@ -7,7 +7,8 @@ Issue 2 defines it and issue 6 (``omnidiff evaluate``) builds on it:
     result.summary      # attribute x lang x length bucket -> share of images that match
     frechet_distance(evaluator.features(result.images), evaluator.features(real_images))
     image_grids(result.per_prompt, result.images)   # {lang: PIL grid}
-    point, reps = bootstrap_scores(per_prompt_of_every_model, ("shape", "colour"))  # 95% intervals, paired
+    point, reps = bootstrap_scores(per_prompt_of_every_model, ("shape", "colour"), unit="spec",
+                                   strata=("length",))  # 95% intervals, paired across models and languages
 
 ``prompts`` follows the schema of the world's ``eval_prompts.parquet``: a
 ``prompt`` text, its ``lang``, and one column per attribute holding the value
