@@ -275,6 +275,17 @@ class OmniDiffusionPipeline:
             tokens, pooled, mask = self.adapter.condition(states.to(dev), llm_mask.to(dev))  # (B, Q, D), (B, D), (B, Q)
         return tokens.to(self.device), pooled.to(self.device), mask.to(self.device)
 
+    def _encode_once(self, prompts: list[str]):
+        """:meth:`encode_prompt` with each distinct prompt encoded once (a prompt drawn with several seeds,
+        the guidance branch's ""), then repeated to one row per prompt: the same tensors, less LLM time."""
+        unique = list(dict.fromkeys(prompts))
+        encoded = self.encode_prompt(unique)
+        if len(unique) == len(prompts):
+            return encoded
+        row = {p: i for i, p in enumerate(unique)}
+        index = torch.tensor([row[p] for p in prompts], device=encoded[0].device)
+        return tuple(t.index_select(0, index) for t in encoded)
+
     # -- sampling -----------------------------------------------------------------------------
     def _image_size(self, height: int | None, width: int | None) -> tuple[int, int, int]:
         """(height, width, down): pixel size and the latent downsampling factor."""
@@ -324,7 +335,7 @@ class OmniDiffusionPipeline:
         dev = self.device
         dtype = next(self.unet.parameters()).dtype
 
-        tokens, pooled, mask = self.encode_prompt(prompts)
+        tokens, pooled, mask = self._encode_once(prompts)
         guided = guidance_scale != 1.0
         if guided:  # one UNet batch: [unconditional; conditional]
             if self.force_zeros_for_empty_prompt and all(not (neg or "").strip() for neg in negatives):
@@ -332,7 +343,7 @@ class OmniDiffusionPipeline:
                 u_tokens, u_pooled = torch.zeros_like(tokens), torch.zeros_like(pooled)
                 u_mask = torch.ones_like(mask)
             else:
-                u_tokens, u_pooled, u_mask = self.encode_prompt(negatives)
+                u_tokens, u_pooled, u_mask = self._encode_once(negatives)
             tokens, pooled, mask = (
                 torch.cat(pair) for pair in ((u_tokens, tokens), (u_pooled, pooled), (u_mask, mask))
             )

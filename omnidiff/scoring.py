@@ -7,7 +7,8 @@ Issue 2 defines it and issue 6 (``omnidiff evaluate``) builds on it:
     result.summary      # attribute x lang x length bucket -> share of images that match
     frechet_distance(evaluator.features(result.images), evaluator.features(real_images))
     image_grids(result.per_prompt, result.images)   # {lang: PIL grid}
-    point, reps = bootstrap_scores(per_prompt_of_every_model, ("shape", "colour"))  # 95% intervals, paired
+    point, reps = bootstrap_scores(per_prompt_of_every_model, ("shape", "colour"), unit="spec",
+                                   strata=("length",))  # 95% intervals, paired across models and languages
 
 ``prompts`` follows the schema of the world's ``eval_prompts.parquet``: a
 ``prompt`` text, its ``lang``, and one column per attribute holding the value
@@ -145,26 +146,47 @@ def lookup(summary: pd.DataFrame, attribute: str, lang: str | None = None, lengt
     return float(rows["correct"].sum() / n) if n else float("nan")
 
 
+def spec_keys(prompts: pd.DataFrame) -> pd.Series:
+    """A language-independent key of each eval prompt's spec (the world renders one spec in every eval
+    language): ``spec_id`` where the table has it, else ``prompt_en`` with ``is_long``. Raises when it has neither."""
+    if "spec_id" in prompts.columns:
+        return prompts["spec_id"].map(lambda s: f"spec{int(s)}")
+    if "prompt_en" in prompts.columns and "is_long" in prompts.columns:
+        return prompts["prompt_en"].astype(str) + prompts["is_long"].map(lambda b: " [long]" if bool(b) else "")
+    raise ValueError(f"prompts: need a 'spec_id' column, or 'prompt_en' and 'is_long', to pair languages by spec; "
+                     f"columns are {list(prompts.columns)}")
+
+
 def bootstrap_scores(
     per_prompt: pd.DataFrame,
     attributes: tuple[str, ...] | list[str],
     resamples: int = 2000,
     seed: int = 0,
     unit: str = "prompt",
+    strata: tuple[str, ...] | list[str] = ("lang", "length"),
 ) -> tuple[dict[tuple[str, str, str], float], dict[tuple[str, str, str], np.ndarray]]:
-    """Point scores and bootstrap replicates per (model, lang, length), resampling prompts.
+    """Point scores and bootstrap replicates per (model, lang, length), resampling units (prompts).
 
     ``per_prompt`` is :func:`judge`'s table of every model stacked, with a ``model`` column. A
     group's score is the mean over ``attributes`` of each attribute's share of right images among
-    the prompts that asked for it (what :func:`summarise` and the evaluate stage's score table
-    give). Rows with the same ``unit`` value in a group are one unit (one prompt drawn with
-    several seeds: its images are averaged first), so the resampling is over prompts, seeds
-    kept together. Each group draws one set of ``resamples`` index vectors, shared by every model:
-    model-vs-model differences are paired, and different groups are independent. Deterministic
-    for a given ``seed``. Returns ``(point, replicates)``, replicates shaped ``(resamples,)``.
+    the units that asked for it (what :func:`summarise` and the evaluate stage's score table give).
+    Rows with the same ``unit`` value in a group are one unit (one prompt drawn with several seeds:
+    its images are averaged first), so seeds of a prompt stay together.
+
+    ``strata``: the columns (of ``lang``, ``length``) whose values are resampled independently.
+    Each stratum draws one set of ``resamples`` index vectors over the units it holds, shared by
+    every model and every group in it: model-vs-model differences are always paired. The default,
+    ``("lang", "length")``, resamples each language's prompts on its own. ``("length",)`` with a
+    language-independent ``unit`` (:func:`spec_keys`: the eval prompts render the same specs in
+    every language) resamples specs jointly across languages, so "language vs English" statistics
+    are paired too; a unit a language lacks counts as not asked there. Deterministic for a given
+    ``seed``. Returns ``(point, replicates)``, replicates shaped ``(resamples,)``.
     """
     if resamples < 1:
         raise ValueError(f"resamples={resamples}: must be >= 1")
+    bad = [s for s in strata if s not in ("lang", "length")]
+    if bad or len(set(strata)) != len(strata):
+        raise ValueError(f"strata={list(strata)}: expected distinct columns among ['lang', 'length']")
     missing = [c for c in ("model", "lang", "length", unit) if c not in per_prompt.columns]
     if missing:
         raise ValueError(f"per_prompt: missing column(s) {missing}; columns are {list(per_prompt.columns)}")
@@ -174,33 +196,34 @@ def bootstrap_scores(
     rng = np.random.default_rng(seed)
     point: dict[tuple[str, str, str], float] = {}
     replicates: dict[tuple[str, str, str], np.ndarray] = {}
-    for (lang, length), group in per_prompt.groupby(["lang", "length"], sort=True):
-        matrices: dict[str, np.ndarray] = {}
-        units = None
-        for model, rows in group.groupby("model", sort=False):
-            ok = rows[ok_cols].astype("Float64").to_numpy(dtype=float, na_value=np.nan)  # (rows, A), nan = not asked
-            per_unit = pd.DataFrame(ok, columns=ok_cols).groupby(rows[unit].to_numpy(), sort=True).mean()
-            if units is None:
-                units = per_unit.index
-            elif not per_unit.index.equals(units):
-                raise ValueError(f"per_prompt: model {model!r} scored other prompts than {next(iter(matrices))!r} "
-                                 f"in ({lang}, {length}); paired intervals need the same prompt set for every model")
-            matrices[str(model)] = per_unit.to_numpy()  # (U, A)
-        n_units = len(units)
-        idx = rng.integers(0, n_units, size=(resamples, n_units))  # (B, U), one draw per group, shared by models
-        for model, m in matrices.items():
-            asked = ~np.isnan(m)
-            values = np.where(asked, m, 0.0)
-            present = asked.any(axis=0)  # attributes some prompt of the group asked for
-            if not present.any():
-                continue
-            point[(model, str(lang), str(length))] = float((values.sum(0)[present] / asked.sum(0)[present]).mean())
-            sums, counts = values[idx].sum(axis=1), asked[idx].sum(axis=1)  # (B, A)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                shares = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)[:, present]
-            with warnings.catch_warnings():  # a resample whose prompts asked none of them: nan, dropped later
-                warnings.simplefilter("ignore", RuntimeWarning)
-                replicates[(model, str(lang), str(length))] = np.nanmean(shares, axis=1)
+    strata_groups = per_prompt.groupby(list(strata), sort=True) if strata else [((), per_prompt)]
+    for _, stratum in strata_groups:
+        units = pd.Index(sorted(set(stratum[unit])))
+        idx = rng.integers(0, len(units), size=(resamples, len(units)))  # (B, U), shared by the stratum's groups
+        for (lang, length), group in stratum.groupby(["lang", "length"], sort=True):
+            first: tuple[str, pd.Index] | None = None
+            for model, rows in group.groupby("model", sort=False):
+                ok = rows[ok_cols].astype("Float64").to_numpy(dtype=float, na_value=np.nan)  # (rows, A), nan: not asked
+                per_unit = pd.DataFrame(ok, columns=ok_cols).groupby(rows[unit].to_numpy(), sort=True).mean()
+                if first is None:
+                    first = (str(model), per_unit.index)
+                elif not per_unit.index.equals(first[1]):
+                    raise ValueError(f"per_prompt: model {model!r} scored other prompts than {first[0]!r} in "
+                                     f"({lang}, {length}); paired intervals need the same prompt set for every model")
+                m = per_unit.reindex(units).to_numpy()  # (U, A); a unit this group lacks: nan, not asked
+                asked = ~np.isnan(m)
+                values = np.where(asked, m, 0.0)
+                present = asked.any(axis=0)  # attributes some unit of the group asked for
+                if not present.any():
+                    continue
+                key = (str(model), str(lang), str(length))
+                point[key] = float((values.sum(0)[present] / asked.sum(0)[present]).mean())
+                sums, counts = values[idx].sum(axis=1), asked[idx].sum(axis=1)  # (B, A)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    shares = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)[:, present]
+                with warnings.catch_warnings():  # a resample whose units asked none of them: nan, dropped later
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    replicates[key] = np.nanmean(shares, axis=1)
     return point, replicates
 
 
@@ -276,19 +299,25 @@ def generate_images(
     guidance: float = 3.0,
     batch_size: int = 32,
     name: str = "generate",
+    seeds: list[int] | None = None,
 ) -> np.ndarray:
     """Run ``pipe`` over ``prompts`` in batches -> uint8 (N, H, W, 3).
 
     Batch k is sampled with seed ``seed + k * batch_size`` (its first row's index), so a run is
-    reproducible for a given (seed, batch_size).
+    reproducible for a given (seed, batch_size). ``seeds``: one seed per prompt instead (the
+    pipeline's list form), so an image's noise is chosen by its caller (the evaluate stage gives a
+    spec the same noise in every language and model).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"seeds: {len(seeds)} seeds for {len(prompts)} prompts")
     out: list[np.ndarray] = []
     with Progress(name, total=len(prompts), unit="img") as progress:
         for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start : start + batch_size])
-            pil = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, seed=seed + start)
+            batch_seed = seed + start if seeds is None else [int(s) for s in seeds[start : start + batch_size]]
+            pil = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, seed=batch_seed)
             out.extend(np.asarray(im.convert("RGB"), dtype=np.uint8) for im in pil)
             progress.update(len(batch))
     return np.stack(out)
@@ -297,11 +326,15 @@ def generate_images(
 def prompt_faithfulness(
     pipe, prompts: pd.DataFrame, evaluator, seed: int = 0, steps: int = 20, guidance: float = 3.0, batch_size: int = 32
 ) -> Faithfulness:
-    """Generate one image per prompt with ``pipe``, read it with ``evaluator``, compare with the prompt."""
+    """Generate one image per prompt row with ``pipe``, read it with ``evaluator``, compare with the prompt.
+
+    A ``seed`` column gives each row its own image seed (``seed`` is then unused)."""
     attributes = list(evaluator.labels)
     check_prompts(prompts, attributes)
     prompts = prompts.reset_index(drop=True)
-    images = generate_images(pipe, prompts["prompt"].tolist(), seed, steps, guidance, batch_size, name="score")
+    seeds = prompts["seed"].tolist() if "seed" in prompts.columns else None
+    images = generate_images(pipe, prompts["prompt"].tolist(), seed, steps, guidance, batch_size, name="score",
+                             seeds=seeds)
     per_prompt = judge(prompts, evaluator.predict(images))
     return Faithfulness(per_prompt, summarise(per_prompt), images)
 

@@ -14,7 +14,10 @@ VALUES = {"shape": ["circle", "square", "triangle"], "colour": ["red", "blue", "
           "position": ["left", "centre", "right"]}
 
 
-def prompts(langs=("en", "zh", "fr", "ko"), zero_shot=("ko",), n_short=24, n_long=8) -> pd.DataFrame:
+def prompts(langs=("en", "zh", "fr", "ko"), zero_shot=("ko",), n_short=24, n_long=8, spec_ids=True) -> pd.DataFrame:
+    """Prompt i of a length bucket is spec i in every language (a ``spec_id`` column, as the world's eval
+    prompts have, unless ``spec_ids`` is false); short specs are held out by reason none / combo / none /
+    phrasing in turn, as the world's."""
     rows = []
     for lang in langs:
         for is_long, n in ((False, n_short), (True, n_long)):
@@ -22,7 +25,9 @@ def prompts(langs=("en", "zh", "fr", "ko"), zero_shot=("ko",), n_short=24, n_lon
                 attrs = {a: VALUES[a][(i + k) % 3] for k, a in enumerate(ATTRS)}
                 words = f"{lang} prompt {i}: a {attrs['colour']} {attrs['shape']} on the {attrs['position']}"
                 rows.append({"prompt": words + (" " + "and so on " * 30 if is_long else ""), "lang": lang,
-                             "is_long": is_long, "zero_shot": lang in zero_shot, **attrs})
+                             "is_long": is_long, "zero_shot": lang in zero_shot, **attrs,
+                             "heldout_reason": ("none", "combo", "none", "phrasing")[i % 4],
+                             **({"spec_id": i + n_short * is_long} if spec_ids else {})})
     return pd.DataFrame(rows)
 
 

@@ -240,3 +240,22 @@ def test_predict_noise_cuts_trailing_text_positions_no_row_reads():
         short = predict_noise(unet, x, t, ctx[:, :3], pooled, mask[:, :3])
         long = predict_noise(unet, x, t, padded, pooled, padded_mask)
     torch.testing.assert_close(long, short, rtol=1e-5, atol=1e-5)
+
+
+def test_a_prompt_drawn_with_several_seeds_is_encoded_once(llm_folder):
+    # issue 18: the evaluate stage draws each prompt with several seeds in one batch; the LLM reads it once
+    pipe = OmniDiffusionPipeline.from_pretrained(llm_folder)
+    seen: list[list[str]] = []
+    encode = pipe.encode_prompt
+
+    def counting(prompts):
+        seen.append(list(prompts))
+        return encode(prompts)
+
+    pipe.encode_prompt = counting
+    images = pipe([PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[0]], seed=[3, 4, 5, 3], output_type="np", **FAST)
+    assert seen == [[PROMPTS[0], PROMPTS[1]], [""]]  # each distinct prompt once, and "" once for guidance
+    np.testing.assert_array_equal(images[0], images[3])  # same prompt, same seed
+    assert not np.array_equal(images[0], images[1])  # same prompt, another seed
+    single = pipe([PROMPTS[1]], seed=[5], output_type="np", **FAST)
+    np.testing.assert_allclose(single[0], images[2], atol=1)  # as if drawn alone

@@ -56,7 +56,9 @@ def test_rewrites_only_the_marked_block(report_json, tmp_path):
     base_row = next(line for line in block.splitlines() if line.startswith("| base |"))
     assert base_row.startswith("| base | 1.00 [1.00, 1.00] | 0.08 [")  # 2 of 24 French prompts right
     claims = [c for c in json.loads(report_json.read_text())["claims"] if c["model_label"] == "stage3"]
-    assert len(claims) == 1 + 2 * 2 + 2 + 1  # English; zh and fr (vs English, vs base); long (2); ko reported
+    # English; zh and fr (vs English, vs base); long (2); ko reported; English above the base, short and long (2),
+    # and its short subsets by held-out reason (3, reported)
+    assert len(claims) == 1 + 2 * 2 + 2 + 1 + 2 + 3
     for c in claims:  # one row per claim, with its verdict
         row = next(line for line in block.splitlines() if line.startswith(f"| {c['claim']} |"))
         assert row.endswith(f"| {c['verdict']} |")
@@ -102,3 +104,17 @@ def test_the_projects_readme_has_one_marked_block():
     text = readme.read_text(encoding="utf-8")
     new = replace_block(text, "regenerated")
     assert new.split(BEGIN)[0] == text.split(BEGIN)[0] and new.split(END)[1] == text.split(END)[1]
+
+
+def test_the_block_says_how_many_images_each_prompt_had_and_what_was_resampled(report_json):
+    report = json.loads(report_json.read_text())
+    first = render_block(report).splitlines()[0]
+    assert "24 short, 8 long prompts per language and model; bootstrap 95% intervals over specs (" in first
+    for row in report["scores"]:  # as an evaluation with images_per_prompt=3 records them
+        row["images"] = 3 * row["prompts"]
+    assert "8 long prompts per language and model, 3 images (seeds) each; " in render_block(report).splitlines()[0]
+    old = {**report, "bootstrap": None, "scores": [{k: v for k, v in r.items() if k != "images"}
+                                                   for r in report["scores"]]}
+    # a report from before the paired bootstrap renders as it did
+    assert "8 long prompts per language and model; bootstrap 95% intervals over prompts in brackets." in (
+        render_block(old).splitlines()[0])

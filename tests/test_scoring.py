@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from omnidiff import scoring
 
@@ -250,3 +251,80 @@ def test_percentile_interval():
     assert scoring.percentile_interval(np.array([1.0, np.inf, 2.0, 3.0] * 100), 0.5)[1] == 3.0
     with pytest.raises(ValueError, match="confidence"):
         scoring.percentile_interval(np.zeros(3), 1.5)
+
+
+# ---------------------------------------------------------------- paired across languages (issue 18 item 1)
+
+def test_spec_keys_from_spec_id_or_the_english_prompt():
+    table = pd.DataFrame({"spec_id": [3, 3, 4], "prompt_en": ["a", "a", "b"], "is_long": [False, False, True]})
+    assert scoring.spec_keys(table).tolist() == ["spec3", "spec3", "spec4"]
+    keys = scoring.spec_keys(table.drop(columns=["spec_id"]))
+    assert keys[0] == keys[1] != keys[2]
+    with pytest.raises(ValueError, match="spec_id"):
+        scoring.spec_keys(table[["is_long"]])
+
+
+def _two_languages_that_agree_per_spec():
+    """en and zh drawn right on the same 12 of 24 short specs (and all 8 long ones): the same score, and a
+    zh/en ratio of exactly 1 in every resample that keeps the specs paired."""
+    per_prompt, _ = _stacked({("a", "en", "<=77"): 12, ("a", "zh", "<=77"): 12}, ["a"], langs=("en", "zh"),
+                             zero_shot=())
+    return per_prompt.assign(spec=scoring.spec_keys(per_prompt).to_numpy())
+
+
+def test_paired_resampling_gives_a_known_ratio_and_narrower_intervals_than_independent_draws():
+    per_prompt = _two_languages_that_agree_per_spec()
+    attrs = ("shape", "colour", "position")
+    _, paired = scoring.bootstrap_scores(per_prompt, attrs, resamples=2000, seed=0, unit="spec", strata=("length",))
+    _, apart = scoring.bootstrap_scores(per_prompt, attrs, resamples=2000, seed=0, unit="spec")
+    en, zh = ("a", "en", "<=77"), ("a", "zh", "<=77")
+    # paired: every resample draws the same specs in both languages, so the ratio is exactly 1 (a known answer)
+    assert np.array_equal(paired[zh], paired[en])
+    assert scoring.percentile_interval(paired[zh] / paired[en]) == (1.0, 1.0)
+    # independent draws per language: the same per-language intervals, but a wide one for the ratio
+    low, high = scoring.percentile_interval(apart[zh] / apart[en])
+    assert low < 0.75 and high > 1.3
+    width = lambda r: np.subtract(*scoring.percentile_interval(r)[::-1])  # noqa: E731
+    assert width(paired[en]) == pytest.approx(width(apart[en]), abs=0.05)
+    # a language that differs on some specs still gets a paired interval narrower than the independent one
+    worse = per_prompt.copy()
+    zh_rows = worse.index[(worse["lang"] == "zh") & (worse["length"] == "<=77")]
+    for a in attrs:
+        worse.loc[zh_rows[10:12], f"ok_{a}"] = False  # 10 of the 12 specs en draws right
+    _, paired = scoring.bootstrap_scores(worse, attrs, resamples=2000, seed=0, unit="spec", strata=("length",))
+    _, apart = scoring.bootstrap_scores(worse, attrs, resamples=2000, seed=0, unit="spec")
+    assert width(paired[zh] / paired[en]) < 0.5 * width(apart[zh] / apart[en])
+    assert scoring.percentile_interval(paired[zh] / paired[en])[1] <= 1.0  # never better than English here
+
+
+def test_paired_resampling_is_deterministic_and_refuses_bad_strata():
+    per_prompt = _two_languages_that_agree_per_spec()
+    one = scoring.bootstrap_scores(per_prompt, ("shape",), resamples=300, seed=5, unit="spec", strata=("length",))[1]
+    two = scoring.bootstrap_scores(per_prompt, ("shape",), resamples=300, seed=5, unit="spec", strata=("length",))[1]
+    assert all(np.array_equal(one[k], two[k]) for k in one)
+    with pytest.raises(ValueError, match="strata"):
+        scoring.bootstrap_scores(per_prompt, ("shape",), unit="spec", strata=("model",))
+    # a spec one language lacks counts as not asked there: its score is over the specs it has
+    fewer = per_prompt.drop(per_prompt.index[(per_prompt["lang"] == "zh") & (per_prompt["spec"] == "spec0")])
+    point, reps = scoring.bootstrap_scores(fewer, ("shape",), resamples=300, unit="spec", strata=("length",))
+    assert point[("a", "zh", "<=77")] == pytest.approx(11 / 23)
+    assert reps[("a", "zh", "<=77")].shape == (300,)
+
+
+def test_generate_images_takes_one_seed_per_prompt():
+    class Recorder:
+        def __init__(self):
+            self.seeds = []
+
+        def __call__(self, prompts, num_inference_steps, guidance_scale, seed):
+            self.seeds.append(seed)
+            return [Image.new("RGB", (4, 4)) for _ in prompts]
+
+    pipe = Recorder()
+    scoring.generate_images(pipe, ["a", "b", "c"], seed=9, batch_size=2, seeds=[5, 5, 7])
+    assert pipe.seeds == [[5, 5], [7]]
+    pipe = Recorder()
+    scoring.generate_images(pipe, ["a", "b", "c"], seed=9, batch_size=2)
+    assert pipe.seeds == [9, 11]  # batch k: seed + its first row's index
+    with pytest.raises(ValueError, match="seeds"):
+        scoring.generate_images(pipe, ["a", "b"], seeds=[1])

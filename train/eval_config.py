@@ -36,6 +36,7 @@ class MetricsSection(ConfigModel):
     reference_images: Path | None = None
     feature_extractor: Path | None = None
     max_reference_images: int = Field(1000, ge=2)
+    eval_specs: int = Field(0, ge=0)
     images_per_prompt: int = Field(1, ge=1)
     langs: tuple[str, ...] = ()
     lengths: tuple[Literal["short", "long"], ...] = ()
@@ -52,14 +53,23 @@ class EvalConfig(ConfigModel):
     world_dir: an already generated world folder (tests); None -> the one base_config names.
     evaluator_dir: an already trained evaluator folder; None -> the one base_config trains (cached).
     baseline: the model every other model is compared with; None -> the base model of base_config.
-    max_per_group: prompts per (language, length) group, seeded; 0 = every prompt.
+    max_per_group: prompts per (language, length) group, seeded; 0 = every prompt. Where the eval prompts
+        identify specs (the world's do), the same specs in every language.
+    eval_specs: 0 = the world's eval prompts (``eval_prompts.parquet``: 32 specs in the default world, 24 short
+        and 8 long); N > 0 = N specs planned by the world's own generator and config, each in every eval
+        language (captions only: the world and the models trained on it are unchanged; train/evaluate.py
+        ``eval_prompts``). More specs narrow the intervals where specs, not seeds, dominate them.
+    images_per_prompt: images drawn per prompt, each from its own seed; a prompt's images are one bootstrap
+        unit, and a spec's k-th image starts from the same noise in every language and model
+        (train/evaluate.py ``with_image_seeds``). More images narrow the intervals at the UNet's cost only
+        (a batch encodes each distinct prompt once).
     langs: only these languages (empty = all, zero-shot ones included).
     steps, guidance, seed, batch_size: sampling (the same for every model, so the table compares models).
     real_images: world images on the real side of the Fréchet distance (evaluator features).
     score_attributes: the attributes whose mean faithfulness is "the score" of a (model, lang, length).
     bootstrap_resamples, bootstrap_seed: the bootstrap behind every score's interval and every claim's
-        verdict (prompts resampled with replacement, seeds of a prompt kept together; fixed seed, so
-        a report reproduces its intervals exactly).
+        verdict (specs resampled with replacement, jointly across languages and models, seeds of a prompt
+        kept together; fixed seed, so a report reproduces its intervals exactly; train/claims.py).
     confidence: the intervals' coverage (0.95: 95% intervals).
     claim_min_ratio: the "at least Nx" of the claims (each trained language against English, long
         prompts against short, short English against the base); judged on the ratio's interval
@@ -85,6 +95,8 @@ class EvalConfig(ConfigModel):
     evaluator_dir: Path | None = None
     baseline: str | None = None
     max_per_group: int = Field(24, ge=0)
+    eval_specs: int = Field(0, ge=0)
+    images_per_prompt: int = Field(1, ge=1)
     langs: tuple[str, ...] = ()
     steps: int = Field(20, ge=1, le=1000)
     guidance: float = Field(3.0, ge=0)

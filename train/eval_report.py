@@ -42,8 +42,8 @@ CSS = (
 )
 
 VERDICTS_EXPLAINED = (
-    "Each claim is decided on the bootstrap {conf:.0%} interval of its statistic (prompts resampled "
-    "{resamples} times, seed {seed}; the model and its base share each resample, so their difference is paired): "
+    "Each claim is decided on the bootstrap {conf:.0%} interval of its statistic ({unit}s resampled "
+    "{resamples} times, seed {seed}; {shared} shares each resample, so {paired} paired): "
     "<b>pass</b> when the whole interval clears the threshold, <b>fail</b> when the whole interval misses it, "
     "<b>inconclusive</b> when the interval straddles it (more prompts or seeds would decide). "
     "&ldquo;At least 0.95x&rdquo; therefore passes only when the interval's lower bound is at least 0.95; "
@@ -114,8 +114,11 @@ def _tile_b64(image: np.ndarray) -> str:
 
 
 def sample_rows(per_prompt: pd.DataFrame, per_lang: int = SAMPLES_PER_LANG) -> dict[str, list[int]]:
-    """{lang: row positions of its first ``per_lang`` prompts} in one model's per-prompt table."""
+    """{lang: row positions of its first ``per_lang`` prompts} in one model's per-prompt table (a prompt drawn
+    with several seeds shows its first image)."""
     table = per_prompt.reset_index(drop=True)
+    if "sample" in table.columns:
+        table = table[table["sample"] == 0]
     return {str(lang): list(group.index[:per_lang]) for lang, group in table.groupby("lang", sort=True)}
 
 
@@ -167,6 +170,7 @@ def claims_html(claims: pd.DataFrame) -> list[str]:
 def render_html(report, cfg, command: str, seconds: float, figures: dict[str, Any]) -> str:
     """The report page (self-contained: every image inline)."""
     scores = report.scores.to_dict(orient="records")
+    unit = (getattr(report, "bootstrap", None) or {}).get("unit", "prompt")  # spec: paired across languages
     models = list(dict.fromkeys(report.scores["model"]))
     table = pd.DataFrame(
         [{"lang": r["lang"], "length": r["length"], "model": r["model"], "cell": _interval(r)} for r in scores]
@@ -177,8 +181,9 @@ def render_html(report, cfg, command: str, seconds: float, figures: dict[str, An
         f"<style>{CSS}</style>",
         "<h1>Prompt faithfulness per language and prompt length</h1>",
         f"<p>Reproduce: <code>{html.escape(command)}</code> ({seconds:.0f} s). Score = mean faithfulness over "
-        f"{', '.join(cfg.score_attributes)}; {cfg.steps} sampling steps, guidance {cfg.guidance}, seed {cfg.seed}. "
-        f"Brackets: bootstrap {cfg.confidence:.0%} interval over prompts ({cfg.bootstrap_resamples} resamples, "
+        f"{', '.join(cfg.score_attributes)}; {getattr(cfg, 'images_per_prompt', 1)} image(s) per prompt, "
+        f"{cfg.steps} sampling steps, guidance {cfg.guidance}, seed {cfg.seed}. "
+        f"Brackets: bootstrap {cfg.confidence:.0%} interval over {unit}s ({cfg.bootstrap_resamples} resamples, "
         f"seed {cfg.bootstrap_seed}).</p>",
         "" if cfg.require_fit_evaluator else
         "<p><b>Smoke run: the evaluator was not required to be fit (>= 95% held-out accuracy); "
@@ -193,8 +198,11 @@ def render_html(report, cfg, command: str, seconds: float, figures: dict[str, An
         parts.append(metrics_html(report.metrics))
     if len(report.claims):
         parts += ["<h2>The paper's claims against the base model</h2>",
-                  "<p>" + VERDICTS_EXPLAINED.format(conf=cfg.confidence, resamples=cfg.bootstrap_resamples,
-                                                     seed=cfg.bootstrap_seed) + "</p>",
+                  "<p>" + VERDICTS_EXPLAINED.format(
+                      conf=cfg.confidence, resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed, unit=unit,
+                      shared="every language and model" if unit == "spec" else "the model and its base",
+                      paired="model-vs-base and language-vs-English differences are" if unit == "spec"
+                      else "their difference is") + "</p>",
                   *claims_html(report.claims)]
     parts.append("<h2>Charts</h2>")
     parts += [f"<img class='chart' alt='{name.replace('_', ' ')}' src='data:image/png;base64,{_png_b64(fig)}'>"

@@ -41,8 +41,8 @@ import pandas as pd
 
 from omnidiff.config import load_config, to_dict
 from omnidiff.env import subdir
-from omnidiff.scoring import LONG, Faithfulness, bootstrap_scores, frechet_distance, prompt_faithfulness
-from train.claims import check_claims, pooled_scores, with_intervals
+from omnidiff.scoring import LONG, Faithfulness, bootstrap_scores, frechet_distance, prompt_faithfulness, spec_keys
+from train.claims import check_claims, english_claims, english_subset_scores, pooled_scores, with_intervals
 
 BASE_LABEL = "base"
 
@@ -70,6 +70,7 @@ class EvalReport:
     commit: str | None = None
     run_id: str | None = None
     metrics: Any = None  # train.metrics.MetricsResult when the config has a metrics section
+    bootstrap: dict[str, Any] = field(default_factory=dict)  # unit, strata, resamples, seed (train/claims.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {"metrics": self.metrics.to_dict() if self.metrics is not None else None,
@@ -82,6 +83,7 @@ class EvalReport:
             "baseline": self.baseline,
             "commit": self.commit,
             "run_id": self.run_id,
+            "bootstrap": self.bootstrap,
         }
 
 
@@ -106,9 +108,6 @@ def resolve_inputs(cfg) -> EvalInputs:
         from omnidiff.world import WorldConfig, generate_world
 
         world_dir = generate_world(load_config(WorldConfig, base_cfg.world_config))
-    prompts_path = world_dir / "eval_prompts.parquet"
-    if not prompts_path.is_file():
-        raise FileNotFoundError(f"world {world_dir}: no eval_prompts.parquet (generate the world first)")
     if cfg.evaluator_dir is not None:
         evaluator = load_evaluator(cfg.evaluator_dir, require_fit=cfg.require_fit_evaluator)
     else:
@@ -121,22 +120,81 @@ def resolve_inputs(cfg) -> EvalInputs:
         from omnidiff.base.pretrain import pretrain
 
         baseline_ref = str(pretrain(base_cfg))
-    prompts = select_prompts(pd.read_parquet(prompts_path), cfg.max_per_group, cfg.langs, cfg.seed)
+    prompts = select_prompts(eval_prompts(world_dir, cfg.eval_specs), cfg.max_per_group, cfg.langs, cfg.seed)
+    prompts = with_image_seeds(prompts, cfg.images_per_prompt, cfg.seed)
     return EvalInputs(world_dir, prompts, evaluator, baseline_ref,
                       real_world_images(world_dir, cfg.real_images, evaluator.resolution, cfg.seed))
 
 
+def eval_prompts(world_dir: Path, eval_specs: int = 0) -> pd.DataFrame:
+    """The world's eval prompts (``eval_prompts.parquet``), or with ``eval_specs`` > 0 that many specs planned
+    by the world's own generator and config (omnidiff.world.generate.plan_eval, read from ``world.json``:
+    the same held-out combinations and phrasings, every spec in every eval language; captions only, so
+    the world, its digest and every model trained on it stay as they are). ``eval_specs`` equal to the
+    world's reproduces its file exactly."""
+    world_dir = Path(world_dir)
+    if not eval_specs:
+        path = world_dir / "eval_prompts.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"world {world_dir}: no eval_prompts.parquet (generate the world first)")
+        return pd.read_parquet(path)
+    from omnidiff.world import WorldConfig
+    from omnidiff.world.generate import plan_eval
+
+    meta = world_dir / "world.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"eval_specs={eval_specs}: world {world_dir} has no world.json to plan eval prompts from")
+    config = {k: v for k, v in json.loads(meta.read_text(encoding="utf-8"))["config"].items() if k != "kind"}
+    return pd.DataFrame(plan_eval(WorldConfig.model_validate({**config, "eval_specs": int(eval_specs)})))
+
+
 def select_prompts(prompts: pd.DataFrame, max_per_group: int, langs: tuple[str, ...] = (), seed: int = 0) -> pd.DataFrame:
-    """At most ``max_per_group`` prompts per (lang, is_long), drawn with ``seed``; a fixed set per config."""
+    """At most ``max_per_group`` prompts per (lang, is_long), drawn with ``seed``; a fixed set per config.
+
+    Where the table identifies specs (omnidiff.scoring.spec_keys: the world's eval prompts render each
+    spec in every language), the draw picks specs, so every language keeps the same ones (paired)."""
     if langs:
         unknown = sorted(set(langs) - set(prompts["lang"]))
         if unknown:
             raise ValueError(f"langs={list(langs)}: no eval prompts in {unknown}; available: {sorted(set(prompts['lang']))}")
         prompts = prompts[prompts["lang"].isin(langs)]
     if max_per_group:
-        prompts = (prompts.groupby(["lang", "is_long"], group_keys=False, sort=True)
-                   .apply(lambda g: g.sample(n=min(len(g), max_per_group), random_state=seed)))
+        try:
+            specs = spec_keys(prompts)
+        except ValueError:  # no spec key: each language's prompts drawn on their own
+            prompts = (prompts.groupby(["lang", "is_long"], group_keys=False, sort=True)
+                       .apply(lambda g: g.sample(n=min(len(g), max_per_group), random_state=seed)))
+        else:
+            per_length = pd.DataFrame({"spec": specs, "is_long": prompts["is_long"]}).drop_duplicates("spec")
+            chosen = pd.concat([g.sample(n=min(len(g), max_per_group), random_state=seed)
+                                for _, g in per_length.groupby("is_long", sort=True)])
+            prompts = prompts[specs.isin(set(chosen["spec"]))]
     return prompts.reset_index(drop=True)
+
+
+SEED_STRIDE = 1_000_000  # evaluation seed s draws its images from seeds s * SEED_STRIDE + ...: runs never share noise
+
+
+def with_image_seeds(prompts: pd.DataFrame, images_per_prompt: int, seed: int) -> pd.DataFrame:
+    """Each prompt row ``images_per_prompt`` times (adjacent, so a batch encodes the prompt once), with a
+    ``sample`` index and, where the table identifies specs, a ``spec`` key and a ``seed`` per image:
+    ``seed * SEED_STRIDE + spec rank * images_per_prompt + sample``. A spec's k-th image starts from
+    the same noise in every language and for every model, so language-vs-English and model-vs-base
+    comparisons differ only by the prompt and the model (common random numbers)."""
+    if images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt={images_per_prompt}: must be >= 1")
+    out = prompts.loc[prompts.index.repeat(images_per_prompt)].copy()
+    out["sample"] = out.groupby(level=0).cumcount().to_numpy()
+    out = out.reset_index(drop=True)
+    try:
+        specs = spec_keys(out)
+    except ValueError:
+        return out
+    rank = {key: i for i, key in enumerate(sorted(set(specs)))}
+    out["spec"] = specs.to_numpy()
+    out["seed"] = [seed * SEED_STRIDE + rank[key] * images_per_prompt + int(k) for key, k in zip(specs, out["sample"],
+                                                                                                  strict=True)]
+    return out
 
 
 def real_world_images(world_dir: Path, n: int, resolution: int, seed: int) -> np.ndarray:
@@ -264,19 +322,42 @@ def assemble(results: dict[str, Faithfulness], frechet: dict[str, float], zero_s
     scores = score_table(summary, zero_shot_langs, cfg.score_attributes)
     scores = scores.sort_values("model", key=lambda m: m.map(order.index), kind="stable").reset_index(drop=True)
     prompts = per_prompt.groupby(["model", "lang", "length"])["prompt"].nunique()
-    keys = zip(scores["model"], scores["lang"], scores["length"], strict=True)
+    images = per_prompt.groupby(["model", "lang", "length"]).size()
+    keys = list(zip(scores["model"], scores["lang"], scores["length"], strict=True))
     scores["prompts"] = [int(prompts.get(key, 0)) for key in keys]
-    _, replicates = bootstrap_scores(per_prompt, cfg.score_attributes, cfg.bootstrap_resamples, cfg.bootstrap_seed)
+    scores["images"] = [int(images.get(key, 0)) for key in keys]
+    per_prompt, unit, strata = bootstrap_design(per_prompt)
+    _, replicates = bootstrap_scores(per_prompt, cfg.score_attributes, cfg.bootstrap_resamples, cfg.bootstrap_seed,
+                                     unit=unit, strata=strata)
     scores = with_intervals(scores, replicates, cfg.confidence)
     pooled = pooled_scores(scores, replicates, cfg.confidence)
     claims = pd.DataFrame()
     if baseline is not None and len(results) > 1:
-        claims = pd.concat([check_claims(scores, replicates, label, baseline, cfg.claim_min_ratio, cfg.confidence)
+        english = english_subset_scores(per_prompt, cfg.score_attributes, cfg.bootstrap_resamples, cfg.bootstrap_seed,
+                                        unit)
+        claims = pd.concat([pd.concat([check_claims(scores, replicates, label, baseline, cfg.claim_min_ratio,
+                                                    cfg.confidence),
+                                       english_claims(*english, label, baseline, cfg.confidence)], ignore_index=True)
                             .assign(model_label=label) for label in results if label != baseline], ignore_index=True)
     from omnidiff.tracking import git_commit
 
     return EvalReport(summary, scores, pooled, frechet, claims, report_dir, per_prompt,
-                      {label: r.images for label, r in results.items()}, baseline, git_commit())
+                      {label: r.images for label, r in results.items()}, baseline, git_commit(),
+                      bootstrap={"unit": unit, "strata": list(strata), "resamples": cfg.bootstrap_resamples,
+                                 "seed": cfg.bootstrap_seed})
+
+
+def bootstrap_design(per_prompt: pd.DataFrame) -> tuple[pd.DataFrame, str, tuple[str, ...]]:
+    """``(per_prompt, unit, strata)`` for omnidiff.scoring.bootstrap_scores: where the prompts identify
+    specs (a ``spec`` column, or what omnidiff.scoring.spec_keys derives it from, then added), specs are
+    resampled jointly across languages and models within each length bucket; else each language's
+    prompts on their own."""
+    if "spec" not in per_prompt.columns:
+        try:
+            per_prompt = per_prompt.assign(spec=spec_keys(per_prompt).to_numpy())
+        except ValueError:
+            return per_prompt, "prompt", ("lang", "length")
+    return per_prompt, "spec", ("length",)
 
 
 def _report_dir(cfg, models: dict[str, str]) -> Path:
@@ -449,4 +530,4 @@ def _judge_lines(report: EvalReport) -> list[str]:
 
 
 __all__ = ["EvalReport", "assemble", "check_claims", "check_judge_applies", "evaluate", "evaluate_metrics_only",
-           "format_table", "measure", "resolve_inputs", "score_table", "select_prompts", "to_dict"]
+           "bootstrap_design", "eval_prompts", "format_table", "measure", "resolve_inputs", "score_table", "select_prompts", "to_dict", "with_image_seeds"]

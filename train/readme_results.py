@@ -55,13 +55,21 @@ def render_block(report: dict[str, Any], timings: dict[str, float] | None = None
     has_long = any(length == LONG for _, length in pooled)
     counts = sorted({(r["length"], r.get("prompts")) for r in scores if r.get("prompts")})
     per_group = ", ".join(f"{n} {'short' if length == SHORT else 'long'}" for length, n in counts)
+    images = {r["images"] // r["prompts"] for r in scores if r.get("images") and r.get("prompts")}
+    if per_group and len(images) == 1 and min(images) > 1:
+        per_group += f" prompts per language and model, {min(images)} images (seeds) each;"
+    elif per_group:
+        per_group += " prompts per language and model;"
+    paired = (report.get("bootstrap") or {}).get("unit") == "spec"
+    over = ("over specs (each resample draws the same specs in every language and model)" if paired
+            else "over prompts")
     commit = str(report.get("commit") or "unknown")
     commit = commit.split("+")[0][:12] + ("+dirty" if commit.endswith("+dirty") else "")
     lines = [
         f"Evaluation at commit `{commit}`: prompt faithfulness (mean of the score attributes), "
         f"short prompts per language{', and long prompts of the trained languages' if has_long else ''}; "
-        f"{per_group + ' prompts per language and model; ' if per_group else ''}"
-        "bootstrap 95% intervals over prompts in brackets.",
+        f"{per_group + ' ' if per_group else ''}"
+        f"bootstrap 95% intervals {over} in brackets.",
         "",
         "| | " + " | ".join(f"{lang} (zero-shot)" if lang in zero_shot else lang for lang in langs)
         + (" | long, trained langs |" if has_long else " |"),
