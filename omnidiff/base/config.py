@@ -50,6 +50,8 @@ class UNetConfig(ConfigModel):
     coord_channels: feed the pixel coordinates (y, x) as two extra input channels (CoordConv), so the UNet
       knows where each pixel is and can draw "in the top left corner" there; without them it drew a
       corner shape in whichever corner the noise suggested (omnidiff/models/unet.py, issue 18).
+    cross_attention_levels: how many of the lowest-resolution levels get cross-attention (the mid block always
+      has it); None = all but the full-resolution one (build_unet's default), len(block_out_channels) = all.
     """
 
     block_out_channels: tuple[int, ...] = (32, 64, 64)
@@ -57,11 +59,16 @@ class UNetConfig(ConfigModel):
     attention_head_dim: int = Field(8, ge=1)
     use_pooled: bool = True
     coord_channels: bool = False
+    cross_attention_levels: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _levels(self) -> UNetConfig:
         require(len(self.block_out_channels) >= 2 and all(c >= 8 for c in self.block_out_channels),
                 "block_out_channels", self.block_out_channels, "need >= 2 levels of >= 8 channels")
+        levels = len(self.block_out_channels)
+        require(self.cross_attention_levels is None or self.cross_attention_levels <= levels,
+                "cross_attention_levels", self.cross_attention_levels,
+                f"must be at most the number of levels, len(block_out_channels)={levels}")
         return self
 
 
@@ -80,6 +87,12 @@ class PretrainConfig(ConfigModel):
       detail) stop drowning out the noisy ones, where what the caption asks for is decided.
     min_snr_floor: also clamp SNR from below (image-space weight clamp(SNR, floor, gamma)); 0 = plain
       Min-SNR, which weights the noisiest steps by ~SNR ~ 0, and those decide where the shape goes.
+    layout_loss_weight: weight of an extra loss on the coarse layout (0 disables; v-prediction only): the
+      squared error of the predicted image (x0), both averaged over ``layout_cell`` x ``layout_cell`` pixel
+      cells, weighted the same at every timestep. A floor on the low frequencies only: at the noisiest steps
+      it trains where the shape goes (what the words decide) without the pixel detail that cannot be
+      predicted there, which is what made ``min_snr_floor`` swamp the rest of the loss.
+    layout_cell: side in pixels of the cells the layout loss averages over (must divide the resolution).
     seed: seeds init, batches, noise and timesteps; the same seed gives the same weights.
     """
 
@@ -96,12 +109,17 @@ class PretrainConfig(ConfigModel):
     ema_decay: float = Field(0.0, ge=0, lt=1)
     min_snr_gamma: float = Field(5.0, ge=0)
     min_snr_floor: float = Field(0.0, ge=0)
+    layout_loss_weight: float = Field(0.0, ge=0)
+    layout_cell: int = Field(4, ge=1)
     seed: int = 0
 
     @model_validator(mode="after")
     def _floor_under_gamma(self) -> PretrainConfig:
         require(self.min_snr_floor <= self.min_snr_gamma, "min_snr_floor", self.min_snr_floor,
                 f"must not exceed pretrain.min_snr_gamma={self.min_snr_gamma}")
+        require(self.layout_loss_weight == 0 or self.prediction_type == "v_prediction", "layout_loss_weight",
+                self.layout_loss_weight, "needs prediction_type v_prediction (the image predicted from the noise "
+                "target divides by sqrt(alpha_bar), ~0 at the noisiest steps)")
         return self
 
 
@@ -198,4 +216,7 @@ class BaseConfig(ConfigModel):
             self.resolution,
             f"must be >= 8 and divisible by 4 and by 2**(levels-1)={2 ** (levels - 1)}",
         )
+        p = self.pretrain
+        require(p.layout_loss_weight == 0 or self.resolution % p.layout_cell == 0, "pretrain.layout_cell",
+                p.layout_cell, f"must divide resolution={self.resolution}")
         return self

@@ -1,0 +1,134 @@
+"""Issue 18 item 2, the base's layout: the coarse layout loss (``pretrain.layout_loss_weight``) and cross-attention
+levels as a config field (``unet.cross_attention_levels``), and that neither renames an unchanged base's cache folder.
+
+.venv/bin/pytest tests/test_base_layout.py -x -q
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from omnidiff.base.config import BaseConfig
+from omnidiff.base.pretrain import base_hash, build_models, compute_loss, layout_loss, model_record
+from omnidiff.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DIGEST = "0" * 64  # any world digest: these tests compare records of the same world
+
+
+def _cosine(prediction_type: str = "v_prediction") -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
+
+
+def _v_for(images: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, scheduler) -> torch.Tensor:
+    """The v whose predicted image (sqrt(ab) x_t - sqrt(1 - ab) v) is exactly ``images``."""
+    ab = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    return (ab.sqrt() * noisy - images) / (1 - ab).sqrt()
+
+
+def test_layout_loss_reads_cell_means_only():
+    scheduler = _cosine()
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    t = torch.tensor([999, 900, 500, 50])
+    noisy = scheduler.add_noise(images, torch.randn_like(images), t)
+    exact = _v_for(images, noisy, t, scheduler)
+    torch.testing.assert_close(layout_loss(images, noisy, exact, t, scheduler, 4), torch.zeros(4), atol=1e-8, rtol=0)
+    # Detail inside the cells (a +-0.5 checkerboard: every 4x4 cell's mean is 0) costs nothing...
+    checker = 0.5 * ((torch.arange(16)[:, None] + torch.arange(16)[None]) % 2 * 2 - 1).float()  # (16, 16)
+    detail = _v_for(images + checker, noisy, t, scheduler)
+    torch.testing.assert_close(layout_loss(images, noisy, detail, t, scheduler, 4), torch.zeros(4), atol=1e-6, rtol=0)
+    # ...colour in the wrong cell costs its cell mean squared, averaged over cells and channels, at every t.
+    moved = images.clone()
+    moved[:, 0, :4, :4] += 1.0  # +1 in one of the 16 cells of one of 3 channels
+    wrong = _v_for(moved, noisy, t, scheduler)
+    torch.testing.assert_close(layout_loss(images, noisy, wrong, t, scheduler, 4), torch.full((4,), 1 / 48),
+                               atol=1e-5, rtol=0)
+    # Cells of 8 pixels: the same +1 on a quarter of one cell is a mean of 1/4 in one of 4 cells of 3 channels.
+    torch.testing.assert_close(layout_loss(images, noisy, wrong, t, scheduler, 8), torch.full((4,), (1 / 16) / 12),
+                               atol=1e-5, rtol=0)
+
+
+class _Echo(torch.nn.Module):
+    """A UNet stand-in that predicts a fixed v (only the loss arithmetic is under test here)."""
+
+    config = type("C", (), {"class_embed_type": None, "addition_embed_type": None, "in_channels": 3,
+                            "out_channels": 3})()
+
+    def forward(self, sample, *args, **kwargs):
+        return type("O", (), {"sample": torch.full_like(sample, 0.3)})()
+
+
+def _text_encoder(ids, mask):
+    return torch.zeros(len(ids), 77, 8), torch.zeros(len(ids), 8)
+
+
+def test_compute_loss_adds_the_weighted_layout_term_and_refuses_noise_prediction():
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    ids, mask = torch.zeros(8, 77, dtype=torch.long), torch.ones(8, 77, dtype=torch.bool)
+
+    def loss(weight: float, scheduler=None) -> float:
+        return compute_loss(images, ids, mask, _text_encoder, _Echo(), scheduler or _cosine(),
+                            torch.Generator().manual_seed(1), 5.0, 0.0, weight, 4).item()
+
+    # The same draws (noise, t) for every call: the difference is the layout term alone.
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(images.shape, generator=gen)
+    t = torch.randint(0, 1000, (8,), generator=gen)
+    scheduler = _cosine()
+    noisy = scheduler.add_noise(images, noise, t)
+    expected = layout_loss(images, noisy, torch.full_like(images, 0.3), t, scheduler, 4).mean().item()
+    assert expected > 0
+    assert loss(2.0) - loss(0.0) == pytest.approx(2 * expected, rel=1e-4)
+    with pytest.raises(ValueError, match="v_prediction"):
+        loss(1.0, _cosine("epsilon"))
+
+
+def test_config_checks_the_layout_loss_and_cross_attention_levels():
+    base = REPO / "configs" / "base.yaml"
+    with pytest.raises(ConfigError, match=r"layout_loss_weight=1\.0.*v_prediction"):
+        load_config(BaseConfig, base, ["pretrain.layout_loss_weight=1", "pretrain.prediction_type=epsilon"])
+    with pytest.raises(ConfigError, match=r"layout_cell=3.*resolution=16"):
+        load_config(BaseConfig, base, ["pretrain.layout_loss_weight=1", "pretrain.layout_cell=3"])
+    with pytest.raises(ConfigError, match=r"cross_attention_levels=4.*len\(block_out_channels\)=3"):
+        load_config(BaseConfig, base, ["unet.cross_attention_levels=4"])
+    cfg = load_config(BaseConfig, base, ["pretrain.layout_loss_weight=0.5", "pretrain.layout_cell=8"])
+    assert (cfg.pretrain.layout_loss_weight, cfg.pretrain.layout_cell) == (0.5, 8)
+
+
+@pytest.mark.parametrize(("levels", "expected"), [(None, [False, True]), (2, [True, True]), (0, [False, False])])
+def test_build_models_puts_cross_attention_in_the_levels_asked(levels, expected):
+    sets = [] if levels is None else [f"unet.cross_attention_levels={levels}"]
+    cfg = load_config(BaseConfig, REPO / "configs" / "base_test.yaml", sets)
+    _, unet, _ = build_models(cfg)
+    assert [b.startswith("CrossAttn") for b in unet.config.down_block_types] == expected
+    assert [b.startswith("CrossAttn") for b in unet.config.up_block_types] == expected[::-1]
+    assert unet.config.mid_block_type == "UNetMidBlock2DCrossAttn"  # the mid block always reads the text
+
+
+def test_the_new_keys_leave_an_unchanged_config_its_cache_name():
+    """Bases cached (and shipped) before these keys existed keep their folder names: at their neutral values the
+    keys are not part of the record; any other value is, and renames the folder."""
+    base = REPO / "configs" / "base.yaml"
+    plain = load_config(BaseConfig, base)
+    record = model_record(plain, DIGEST)["config"]
+    assert "cross_attention_levels" not in record["unet"]
+    assert "layout_loss_weight" not in record["pretrain"] and "layout_cell" not in record["pretrain"]
+    assert "coord_channels" in record["unet"] and "min_snr_floor" in record["pretrain"]  # older keys stay
+    name = base_hash(plain, DIGEST)
+    # layout_cell means nothing while the layout loss is off; 2 of 3 levels is what None builds
+    for same in ("pretrain.layout_cell=8", "unet.cross_attention_levels=2"):
+        assert base_hash(load_config(BaseConfig, base, [same]), DIGEST) == name, same
+    changed = {
+        base_hash(load_config(BaseConfig, base, [s]), DIGEST)
+        for s in ("unet.cross_attention_levels=3", "unet.cross_attention_levels=1", "pretrain.layout_loss_weight=1")
+    }
+    assert name not in changed and len(changed) == 3
+    on = load_config(BaseConfig, base, ["pretrain.layout_loss_weight=1"])
+    assert base_hash(load_config(BaseConfig, base, ["pretrain.layout_loss_weight=1", "pretrain.layout_cell=8"]),
+                     DIGEST) != base_hash(on, DIGEST)
