@@ -13,7 +13,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from omnidiff.base.config import BaseConfig
-from omnidiff.base.pretrain import base_hash, build_models, compute_loss, layout_loss, model_record
+from omnidiff.base.pretrain import base_hash, build_models, compute_loss, draw_timesteps, layout_loss, model_record
 from omnidiff.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +101,18 @@ def test_config_checks_the_layout_loss_and_cross_attention_levels():
     assert (cfg.pretrain.layout_loss_weight, cfg.pretrain.layout_cell) == (0.5, 8)
 
 
+def test_high_noise_draws_take_the_first_share_of_the_batch_from_the_noisiest_steps():
+    plain = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(draw_timesteps(64, 1000, torch.Generator().manual_seed(3)), plain)  # fraction 0: as before
+    t = draw_timesteps(64, 1000, torch.Generator().manual_seed(3), 0.25, 900)
+    assert torch.all(t[:16] >= 900) and torch.all(t[:16] < 1000) and len(set(t[:16].tolist())) > 8
+    torch.testing.assert_close(t[16:], plain[16:])  # the rest keep their uniform draws
+    assert torch.all(draw_timesteps(10, 1000, torch.Generator().manual_seed(0), 1.0, 990) >= 990)
+    with pytest.raises(ConfigError, match=r"high_noise_from=1000.*num_train_timesteps=1000"):
+        load_config(BaseConfig, REPO / "configs" / "base.yaml", ["pretrain.high_noise_fraction=0.2",
+                                                                 "pretrain.high_noise_from=1000"])
+
+
 @pytest.mark.parametrize(("levels", "expected"), [(None, [False, True]), (2, [True, True]), (0, [False, False])])
 def test_build_models_puts_cross_attention_in_the_levels_asked(levels, expected):
     sets = [] if levels is None else [f"unet.cross_attention_levels={levels}"]
@@ -119,16 +131,18 @@ def test_the_new_keys_leave_an_unchanged_config_its_cache_name():
     record = model_record(plain, DIGEST)["config"]
     assert "cross_attention_levels" not in record["unet"]
     assert "layout_loss_weight" not in record["pretrain"] and "layout_cell" not in record["pretrain"]
+    assert "high_noise_fraction" not in record["pretrain"] and "high_noise_from" not in record["pretrain"]
     assert "coord_channels" in record["unet"] and "min_snr_floor" in record["pretrain"]  # older keys stay
     name = base_hash(plain, DIGEST)
     # layout_cell means nothing while the layout loss is off; 2 of 3 levels is what None builds
-    for same in ("pretrain.layout_cell=8", "unet.cross_attention_levels=2"):
+    for same in ("pretrain.layout_cell=8", "unet.cross_attention_levels=2", "pretrain.high_noise_from=500"):
         assert base_hash(load_config(BaseConfig, base, [same]), DIGEST) == name, same
     changed = {
         base_hash(load_config(BaseConfig, base, [s]), DIGEST)
-        for s in ("unet.cross_attention_levels=3", "unet.cross_attention_levels=1", "pretrain.layout_loss_weight=1")
+        for s in ("unet.cross_attention_levels=3", "unet.cross_attention_levels=1", "pretrain.layout_loss_weight=1",
+                  "pretrain.high_noise_fraction=0.2")
     }
-    assert name not in changed and len(changed) == 3
+    assert name not in changed and len(changed) == 4
     on = load_config(BaseConfig, base, ["pretrain.layout_loss_weight=1"])
     assert base_hash(load_config(BaseConfig, base, ["pretrain.layout_loss_weight=1", "pretrain.layout_cell=8"]),
                      DIGEST) != base_hash(on, DIGEST)

@@ -93,6 +93,9 @@ class PretrainConfig(ConfigModel):
       it trains where the shape goes (what the words decide) without the pixel detail that cannot be
       predicted there, which is what made ``min_snr_floor`` swamp the rest of the loss.
     layout_cell: side in pixels of the cells the layout loss averages over (must divide the resolution).
+    high_noise_fraction / high_noise_from: that share of every batch draws its timestep uniformly from
+      [high_noise_from, num_train_timesteps) instead of from all of them (0 = plain uniform draws): more
+      examples of the noisiest steps, where the words alone decide the layout, without heavier weights.
     seed: seeds init, batches, noise and timesteps; the same seed gives the same weights.
     """
 
@@ -111,6 +114,8 @@ class PretrainConfig(ConfigModel):
     min_snr_floor: float = Field(0.0, ge=0)
     layout_loss_weight: float = Field(0.0, ge=0)
     layout_cell: int = Field(4, ge=1)
+    high_noise_fraction: float = Field(0.0, ge=0, le=1)
+    high_noise_from: int = Field(850, ge=0)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -120,6 +125,8 @@ class PretrainConfig(ConfigModel):
         require(self.layout_loss_weight == 0 or self.prediction_type == "v_prediction", "layout_loss_weight",
                 self.layout_loss_weight, "needs prediction_type v_prediction (the image predicted from the noise "
                 "target divides by sqrt(alpha_bar), ~0 at the noisiest steps)")
+        require(self.high_noise_fraction == 0 or self.high_noise_from < self.num_train_timesteps, "high_noise_from",
+                self.high_noise_from, f"must be below num_train_timesteps={self.num_train_timesteps}")
         return self
 
 

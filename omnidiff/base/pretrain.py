@@ -159,18 +159,22 @@ def compute_loss(
     min_snr_floor: float = 0.0,
     layout_loss_weight: float = 0.0,
     layout_cell: int = 4,
+    high_noise_fraction: float = 0.0,
+    high_noise_from: int = 0,
 ) -> torch.Tensor:
     """Diffusion MSE for one batch: images (B, 3, R, R), token ids / mask (B, 77).
 
     The target is the noise or v, as the scheduler's ``prediction_type`` says; ``min_snr_gamma`` > 0
     weights each image's loss by Min-SNR-gamma. ``layout_loss_weight`` > 0 adds that times the coarse
-    layout loss (:func:`layout_loss`, v-prediction only) at every timestep.
+    layout loss (:func:`layout_loss`, v-prediction only) at every timestep. The first
+    ``round(high_noise_fraction * B)`` images draw their timestep from ``[high_noise_from, T)`` (:func:`draw_timesteps`).
     """
     from omnidiff.pipeline import min_snr_weights, predict_noise
 
     states, pooled = text_encoder(ids, mask)  # (B, 77, D), (B, D)
     noise = torch.randn(images.shape, generator=gen)  # (B, 3, R, R)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=gen)  # (B,)
+    t = draw_timesteps(images.shape[0], scheduler.config.num_train_timesteps, gen, high_noise_fraction,
+                       high_noise_from)  # (B,)
     noisy = scheduler.add_noise(images, noise, t)
     # The pipeline's own conditioning call, so training and sampling cannot drift apart.
     pred = predict_noise(unet, noisy, t, states, pooled, mask)  # (B, 3, R, R)
@@ -183,6 +187,17 @@ def compute_loss(
             raise ValueError("layout_loss_weight > 0 needs a v_prediction scheduler")
         loss = loss + layout_loss_weight * layout_loss(images, noisy, pred, t, scheduler, layout_cell).mean()
     return loss
+
+
+def draw_timesteps(batch: int, num_train_timesteps: int, gen: torch.Generator, high_noise_fraction: float = 0.0,
+                   high_noise_from: int = 0) -> torch.Tensor:
+    """Training timesteps ``(batch,)``: uniform over ``[0, T)``, except the first ``round(high_noise_fraction * batch)``,
+    uniform over ``[high_noise_from, T)``. With fraction 0 exactly the draws of plain uniform sampling."""
+    t = torch.randint(0, num_train_timesteps, (batch,), generator=gen)
+    n_high = round(high_noise_fraction * batch)
+    if n_high:
+        t[:n_high] = torch.randint(high_noise_from, num_train_timesteps, (n_high,), generator=gen)
+    return t
 
 
 def layout_loss(images: torch.Tensor, noisy: torch.Tensor, v_pred: torch.Tensor, t: torch.Tensor, scheduler,
@@ -235,7 +250,8 @@ def train(cfg: BaseConfig, images: torch.Tensor, captions: list[str]) -> dict:
             drop = torch.rand(p.batch_size, generator=gen) < p.caption_dropout  # (B,)
             ids[drop], mask[drop] = null_ids, null_mask
             loss = compute_loss(images[idx], ids, mask, text_encoder, unet, scheduler, gen, p.min_snr_gamma,
-                                p.min_snr_floor, p.layout_loss_weight, p.layout_cell)
+                                p.min_snr_floor, p.layout_loss_weight, p.layout_cell, p.high_noise_fraction,
+                                p.high_noise_from)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
@@ -271,6 +287,7 @@ _NEUTRAL_KEYS = (
     ("unet", "cross_attention_levels",
      lambda r: r["unet"].get("cross_attention_levels") in (None, len(r["unet"]["block_out_channels"]) - 1), ()),
     ("pretrain", "layout_loss_weight", lambda r: r["pretrain"].get("layout_loss_weight") == 0, ("layout_cell",)),
+    ("pretrain", "high_noise_fraction", lambda r: r["pretrain"].get("high_noise_fraction") == 0, ("high_noise_from",)),
 )
 
 
