@@ -135,7 +135,8 @@ def test_the_new_keys_leave_an_unchanged_config_its_cache_name():
     assert "coord_channels" in record["unet"] and "min_snr_floor" in record["pretrain"]  # older keys stay
     name = base_hash(plain, DIGEST)
     # layout_cell means nothing while the layout loss is off; 2 of 3 levels is what None builds
-    for same in ("pretrain.layout_cell=8", "unet.cross_attention_levels=2", "pretrain.high_noise_from=500"):
+    for same in ("pretrain.layout_cell=8", "unet.cross_attention_levels=2", "pretrain.high_noise_from=500",
+                 "pretrain.high_noise_weight=2", "pretrain.high_noise_text_grad=false"):
         assert base_hash(load_config(BaseConfig, base, [same]), DIGEST) == name, same
     changed = {
         base_hash(load_config(BaseConfig, base, [s]), DIGEST)
@@ -146,3 +147,71 @@ def test_the_new_keys_leave_an_unchanged_config_its_cache_name():
     on = load_config(BaseConfig, base, ["pretrain.layout_loss_weight=1"])
     assert base_hash(load_config(BaseConfig, base, ["pretrain.layout_loss_weight=1", "pretrain.layout_cell=8"]),
                      DIGEST) != base_hash(on, DIGEST)
+
+
+class _ReadsText(torch.nn.Module):
+    """A UNet stand-in whose prediction is 0.3 plus the mean of its text states (so the text gets gradients)."""
+
+    config = _Echo.config
+
+    def forward(self, sample, timesteps, encoder_hidden_states=None, **kwargs):
+        text = encoder_hidden_states.mean(dim=(1, 2))[:, None, None, None]  # (B, 1, 1, 1)
+        return type("O", (), {"sample": 0.3 + text * torch.ones_like(sample)})()
+
+
+def test_the_high_noise_share_gets_its_image_space_weight_and_can_leave_the_text_encoder_alone():
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    ids, mask = torch.zeros(8, 77, dtype=torch.long), torch.ones(8, 77, dtype=torch.bool)
+    scheduler = _cosine()
+    # compute_loss draws the noise, then the timesteps: the same draws here
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(images.shape, generator=gen)
+    t = draw_timesteps(8, 1000, gen, 0.5, 900)
+    per = ((0.3 - scheduler.get_velocity(images, noise, t)) ** 2).mean(dim=(1, 2, 3))  # (8,)
+    from omnidiff.pipeline import min_snr_weights
+
+    plain = min_snr_weights(scheduler, t, 5.0)
+    assert torch.all(plain[:4] < 0.03)  # ~SNR at t >= 900
+    weights = torch.cat([2.0 * (1 - scheduler.alphas_cumprod[t[:4]]), plain[4:]])
+    got = compute_loss(images, ids, mask, _text_encoder, _Echo(), scheduler, torch.Generator().manual_seed(1), 5.0,
+                       0.0, 0.0, 4, 0.5, 900, 2.0)
+    assert got.item() == pytest.approx((per * weights).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="v_prediction"):
+        compute_loss(images, ids, mask, _text_encoder, _Echo(), _cosine("epsilon"), torch.Generator().manual_seed(1),
+                     5.0, 0.0, 0.0, 4, 0.5, 900, 2.0)
+
+    def text_grads(text_grad: bool) -> torch.Tensor:
+        rows = torch.ones(8, 8, requires_grad=True)  # one text state per image
+
+        def encoder(ids, mask):
+            return rows[:, None, :].expand(-1, 77, -1), rows
+
+        compute_loss(images, ids, mask, encoder, _ReadsText(), scheduler, torch.Generator().manual_seed(1), 5.0, 0.0,
+                     0.0, 4, 0.5, 900, 2.0, text_grad).backward()
+        return rows.grad.abs().sum(dim=1)  # (8,)
+
+    assert torch.all(text_grads(True) > 0)
+    kept_out = text_grads(False)
+    assert torch.all(kept_out[:4] == 0) and torch.all(kept_out[4:] > 0), kept_out
+
+
+def test_the_high_noise_share_starts_at_high_noise_after(monkeypatch):
+    import omnidiff.base.pretrain as pretrain
+
+    cfg = load_config(BaseConfig, REPO / "configs" / "base_test.yaml",
+                      ["pretrain.steps=6", "pretrain.high_noise_fraction=0.5", "pretrain.high_noise_after=4"])
+    seen = []
+    real = pretrain.compute_loss
+
+    def recording(*args):
+        seen.append(args[11])  # high_noise_fraction
+        return real(*args)
+
+    monkeypatch.setattr(pretrain, "compute_loss", recording)
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    pretrain.train(cfg, images, ["a red circle in the centre"] * 8)
+    assert seen == [0.0, 0.0, 0.0, 0.0, 0.5, 0.5]
+    with pytest.raises(ConfigError, match=r"high_noise_after=6.*steps=6"):
+        load_config(BaseConfig, REPO / "configs" / "base_test.yaml",
+                    ["pretrain.steps=6", "pretrain.high_noise_fraction=0.5", "pretrain.high_noise_after=6"])

@@ -95,7 +95,12 @@ class PretrainConfig(ConfigModel):
     layout_cell: side in pixels of the cells the layout loss averages over (must divide the resolution).
     high_noise_fraction / high_noise_from: that share of every batch draws its timestep uniformly from
       [high_noise_from, num_train_timesteps) instead of from all of them (0 = plain uniform draws): more
-      examples of the noisiest steps, where the words alone decide the layout, without heavier weights.
+      examples of the noisiest steps, where the words alone decide the layout.
+    high_noise_weight: > 0: that share's loss is the predicted image's squared error times this (an image-space
+      weight, v-prediction only) instead of its Min-SNR weight (~SNR ~ 0 there); 0 = Min-SNR for it too.
+    high_noise_text_grad: false keeps that share's gradient out of the text encoder (it learns from the rest).
+    high_noise_after: the share starts at this step (before it, every draw is uniform): a curriculum that
+      first learns what the words say, then where.
     seed: seeds init, batches, noise and timesteps; the same seed gives the same weights.
     """
 
@@ -116,6 +121,9 @@ class PretrainConfig(ConfigModel):
     layout_cell: int = Field(4, ge=1)
     high_noise_fraction: float = Field(0.0, ge=0, le=1)
     high_noise_from: int = Field(850, ge=0)
+    high_noise_weight: float = Field(0.0, ge=0)
+    high_noise_text_grad: bool = True
+    high_noise_after: int = Field(0, ge=0)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -127,6 +135,10 @@ class PretrainConfig(ConfigModel):
                 "target divides by sqrt(alpha_bar), ~0 at the noisiest steps)")
         require(self.high_noise_fraction == 0 or self.high_noise_from < self.num_train_timesteps, "high_noise_from",
                 self.high_noise_from, f"must be below num_train_timesteps={self.num_train_timesteps}")
+        require(self.high_noise_weight == 0 or self.prediction_type == "v_prediction", "high_noise_weight",
+                self.high_noise_weight, "needs prediction_type v_prediction (an image-space weight)")
+        require(self.high_noise_fraction == 0 or self.high_noise_after < self.steps, "high_noise_after",
+                self.high_noise_after, f"must be below steps={self.steps}, or the share never starts")
         return self
 
 

@@ -161,17 +161,27 @@ def compute_loss(
     layout_cell: int = 4,
     high_noise_fraction: float = 0.0,
     high_noise_from: int = 0,
+    high_noise_weight: float = 0.0,
+    high_noise_text_grad: bool = True,
 ) -> torch.Tensor:
     """Diffusion MSE for one batch: images (B, 3, R, R), token ids / mask (B, 77).
 
     The target is the noise or v, as the scheduler's ``prediction_type`` says; ``min_snr_gamma`` > 0
     weights each image's loss by Min-SNR-gamma. ``layout_loss_weight`` > 0 adds that times the coarse
     layout loss (:func:`layout_loss`, v-prediction only) at every timestep. The first
-    ``round(high_noise_fraction * B)`` images draw their timestep from ``[high_noise_from, T)`` (:func:`draw_timesteps`).
+    ``round(high_noise_fraction * B)`` images draw their timestep from ``[high_noise_from, T)`` (:func:`draw_timesteps`);
+    ``high_noise_weight`` > 0 weights their loss by that in image space (the squared error of the predicted image,
+    v-prediction only) instead of Min-SNR's ~SNR ~ 0, and ``high_noise_text_grad`` False keeps their gradient
+    out of the text encoder (the UNet learns to read the words there; the encoder learns only from the rest).
     """
     from omnidiff.pipeline import min_snr_weights, predict_noise
 
     states, pooled = text_encoder(ids, mask)  # (B, 77, D), (B, D)
+    n_high = round(high_noise_fraction * images.shape[0])
+    if n_high and not high_noise_text_grad:
+        high = (torch.arange(images.shape[0]) < n_high).to(states.device)  # (B,)
+        states = torch.where(high[:, None, None], states.detach(), states)
+        pooled = torch.where(high[:, None], pooled.detach(), pooled)
     noise = torch.randn(images.shape, generator=gen)  # (B, 3, R, R)
     t = draw_timesteps(images.shape[0], scheduler.config.num_train_timesteps, gen, high_noise_fraction,
                        high_noise_from)  # (B,)
@@ -181,7 +191,14 @@ def compute_loss(
     v_pred = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(images, noise, t) if v_pred else noise  # (B, 3, R, R)
     per_image = ((pred - target) ** 2).mean(dim=(1, 2, 3))  # (B,)
-    loss = (per_image * min_snr_weights(scheduler, t, min_snr_gamma, min_snr_floor)).mean()
+    weights = min_snr_weights(scheduler, t, min_snr_gamma, min_snr_floor)  # (B,)
+    if n_high and high_noise_weight > 0:
+        if not v_pred:
+            raise ValueError("high_noise_weight > 0 needs a v_prediction scheduler")
+        # v error * sqrt(1 - alpha_bar) = the predicted image's error
+        alpha_bar = scheduler.alphas_cumprod.to(t.device)[t[:n_high]]  # (n_high,)
+        weights = torch.cat([high_noise_weight * (1 - alpha_bar), weights[n_high:]])
+    loss = (per_image * weights).mean()
     if layout_loss_weight > 0:
         if not v_pred:
             raise ValueError("layout_loss_weight > 0 needs a v_prediction scheduler")
@@ -244,14 +261,15 @@ def train(cfg: BaseConfig, images: torch.Tensor, captions: list[str]) -> dict:
     losses: list[float] = []
     t0 = time.perf_counter()
     with Progress("pretrain", total=p.steps, unit="step") as progress:
-        for _ in range(p.steps):
+        for step in range(p.steps):
+            high = p.high_noise_fraction if step >= p.high_noise_after else 0.0
             idx = torch.randint(0, len(images), (p.batch_size,), generator=gen)  # (B,)
             ids, mask = all_ids[idx].clone(), all_mask[idx].clone()
             drop = torch.rand(p.batch_size, generator=gen) < p.caption_dropout  # (B,)
             ids[drop], mask[drop] = null_ids, null_mask
             loss = compute_loss(images[idx], ids, mask, text_encoder, unet, scheduler, gen, p.min_snr_gamma,
-                                p.min_snr_floor, p.layout_loss_weight, p.layout_cell, p.high_noise_fraction,
-                                p.high_noise_from)
+                                p.min_snr_floor, p.layout_loss_weight, p.layout_cell, high, p.high_noise_from,
+                                p.high_noise_weight, p.high_noise_text_grad)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
@@ -287,7 +305,8 @@ _NEUTRAL_KEYS = (
     ("unet", "cross_attention_levels",
      lambda r: r["unet"].get("cross_attention_levels") in (None, len(r["unet"]["block_out_channels"]) - 1), ()),
     ("pretrain", "layout_loss_weight", lambda r: r["pretrain"].get("layout_loss_weight") == 0, ("layout_cell",)),
-    ("pretrain", "high_noise_fraction", lambda r: r["pretrain"].get("high_noise_fraction") == 0, ("high_noise_from",)),
+    ("pretrain", "high_noise_fraction", lambda r: r["pretrain"].get("high_noise_fraction") == 0,
+     ("high_noise_from", "high_noise_weight", "high_noise_text_grad", "high_noise_after")),
 )
 
 
