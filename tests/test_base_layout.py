@@ -215,3 +215,32 @@ def test_the_high_noise_share_starts_at_high_noise_after(monkeypatch):
     with pytest.raises(ConfigError, match=r"high_noise_after=6.*steps=6"):
         load_config(BaseConfig, REPO / "configs" / "base_test.yaml",
                     ["pretrain.steps=6", "pretrain.high_noise_fraction=0.5", "pretrain.high_noise_after=6"])
+
+
+def test_the_layout_phase_runs_after_the_main_steps_with_its_own_optimiser(monkeypatch):
+    """``high_noise_steps``: the first ``steps`` draw no high-noise share (they train as without the phase), then
+    that many more steps draw it, at the constant ``high_noise_lr`` after a short warm-up."""
+    import omnidiff.base.pretrain as pretrain
+
+    cfg = load_config(BaseConfig, REPO / "configs" / "base_test.yaml",
+                      ["pretrain.steps=5", "pretrain.high_noise_fraction=0.5", "pretrain.high_noise_steps=3",
+                       "pretrain.high_noise_lr=0.0007", "pretrain.high_noise_after=1"])  # after: ignored in a phase
+    seen, lrs = [], []
+    real_loss, real_step = pretrain.compute_loss, torch.optim.AdamW.step
+
+    def recording(*args):
+        seen.append(args[11])
+        return real_loss(*args)
+
+    def step(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "compute_loss", recording)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    result = pretrain.train(cfg, torch.rand(8, 3, 16, 16) * 2 - 1, ["a red circle in the centre"] * 8)
+    assert seen == [0.0] * 5 + [0.5] * 3 and len(result["losses"]) == 8
+    assert lrs[5:] == pytest.approx([0.0007 * k / pretrain.LAYOUT_WARMUP for k in (1, 2, 3)])
+    assert max(lrs[:5]) <= cfg.pretrain.lr and lrs[4] != pytest.approx(0.0007 / pretrain.LAYOUT_WARMUP)
+    with pytest.raises(ConfigError, match=r"high_noise_steps=3.*high_noise_fraction"):
+        load_config(BaseConfig, REPO / "configs" / "base_test.yaml", ["pretrain.high_noise_steps=3"])

@@ -100,7 +100,10 @@ class PretrainConfig(ConfigModel):
       weight, v-prediction only) instead of its Min-SNR weight (~SNR ~ 0 there); 0 = Min-SNR for it too.
     high_noise_text_grad: false keeps that share's gradient out of the text encoder (it learns from the rest).
     high_noise_after: the share starts at this step (before it, every draw is uniform): a curriculum that
-      first learns what the words say, then where.
+      first learns what the words say, then where (used only when high_noise_steps is 0).
+    high_noise_steps / high_noise_lr: > 0: the share is drawn only in that many extra steps after ``steps`` (a
+      layout phase: a fresh AdamW at the constant lr ``high_noise_lr`` after a 20-step warm-up), so the first
+      ``steps`` train exactly as without it.
     seed: seeds init, batches, noise and timesteps; the same seed gives the same weights.
     """
 
@@ -124,6 +127,8 @@ class PretrainConfig(ConfigModel):
     high_noise_weight: float = Field(0.0, ge=0)
     high_noise_text_grad: bool = True
     high_noise_after: int = Field(0, ge=0)
+    high_noise_steps: int = Field(0, ge=0)
+    high_noise_lr: float = Field(5e-4, gt=0)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -139,6 +144,8 @@ class PretrainConfig(ConfigModel):
                 self.high_noise_weight, "needs prediction_type v_prediction (an image-space weight)")
         require(self.high_noise_fraction == 0 or self.high_noise_after < self.steps, "high_noise_after",
                 self.high_noise_after, f"must be below steps={self.steps}, or the share never starts")
+        require(self.high_noise_steps == 0 or self.high_noise_fraction > 0, "high_noise_steps", self.high_noise_steps,
+                "needs high_noise_fraction > 0 (the phase trains the high-noise share)")
         return self
 
 

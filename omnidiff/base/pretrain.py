@@ -72,6 +72,7 @@ from omnidiff.text import normalise_caption
 log = logging.getLogger("omnidiff.base")
 PRETRAIN_VERSION = 1  # bump when the training code changes what a config produces
 GRID_PROMPTS = 32
+LAYOUT_WARMUP = 20  # linear lr warm-up of the layout phase (pretrain.high_noise_steps)
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -260,9 +261,16 @@ def train(cfg: BaseConfig, images: torch.Tensor, captions: list[str]) -> dict:
     unet.train()
     losses: list[float] = []
     t0 = time.perf_counter()
-    with Progress("pretrain", total=p.steps, unit="step") as progress:
-        for step in range(p.steps):
-            high = p.high_noise_fraction if step >= p.high_noise_after else 0.0
+    total = p.steps + p.high_noise_steps
+    with Progress("pretrain", total=total, unit="step") as progress:
+        for step in range(total):
+            if step == p.steps:  # the layout phase (pretrain.high_noise_steps): a fresh optimiser, constant lr
+                optimiser = torch.optim.AdamW(params, lr=p.high_noise_lr, weight_decay=p.weight_decay)
+                schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / LAYOUT_WARMUP))
+            if p.high_noise_steps:
+                high = p.high_noise_fraction if step >= p.steps else 0.0
+            else:
+                high = p.high_noise_fraction if step >= p.high_noise_after else 0.0
             idx = torch.randint(0, len(images), (p.batch_size,), generator=gen)  # (B,)
             ids, mask = all_ids[idx].clone(), all_mask[idx].clone()
             drop = torch.rand(p.batch_size, generator=gen) < p.caption_dropout  # (B,)
@@ -293,7 +301,7 @@ def train(cfg: BaseConfig, images: torch.Tensor, captions: list[str]) -> dict:
         "scheduler": scheduler,
         "losses": losses,
         "wall_s": wall_s,
-        "steps_per_s": p.steps / wall_s if wall_s > 0 else float("nan"),
+        "steps_per_s": total / wall_s if wall_s > 0 else float("nan"),
     }
 
 
@@ -306,7 +314,8 @@ _NEUTRAL_KEYS = (
      lambda r: r["unet"].get("cross_attention_levels") in (None, len(r["unet"]["block_out_channels"]) - 1), ()),
     ("pretrain", "layout_loss_weight", lambda r: r["pretrain"].get("layout_loss_weight") == 0, ("layout_cell",)),
     ("pretrain", "high_noise_fraction", lambda r: r["pretrain"].get("high_noise_fraction") == 0,
-     ("high_noise_from", "high_noise_weight", "high_noise_text_grad", "high_noise_after")),
+     ("high_noise_from", "high_noise_weight", "high_noise_text_grad", "high_noise_after", "high_noise_steps",
+      "high_noise_lr")),
 )
 
 
