@@ -126,7 +126,7 @@ def test_build_models_puts_cross_attention_in_the_levels_asked(levels, expected)
 def test_the_new_keys_leave_an_unchanged_config_its_cache_name():
     """Bases cached (and shipped) before these keys existed keep their folder names: at their neutral values the
     keys are not part of the record; any other value is, and renames the folder."""
-    base = REPO / "configs" / "base.yaml"
+    base = REPO / "configs" / "base_test.yaml"  # sets none of the new keys (2 UNet levels)
     plain = load_config(BaseConfig, base)
     record = model_record(plain, DIGEST)["config"]
     assert "cross_attention_levels" not in record["unet"]
@@ -134,13 +134,13 @@ def test_the_new_keys_leave_an_unchanged_config_its_cache_name():
     assert "high_noise_fraction" not in record["pretrain"] and "high_noise_from" not in record["pretrain"]
     assert "coord_channels" in record["unet"] and "min_snr_floor" in record["pretrain"]  # older keys stay
     name = base_hash(plain, DIGEST)
-    # layout_cell means nothing while the layout loss is off; 2 of 3 levels is what None builds
-    for same in ("pretrain.layout_cell=8", "unet.cross_attention_levels=2", "pretrain.high_noise_from=500",
+    # layout_cell means nothing while the layout loss is off; 1 of 2 levels is what None builds
+    for same in ("pretrain.layout_cell=8", "unet.cross_attention_levels=1", "pretrain.high_noise_from=500",
                  "pretrain.high_noise_weight=2", "pretrain.high_noise_text_grad=false"):
         assert base_hash(load_config(BaseConfig, base, [same]), DIGEST) == name, same
     changed = {
         base_hash(load_config(BaseConfig, base, [s]), DIGEST)
-        for s in ("unet.cross_attention_levels=3", "unet.cross_attention_levels=1", "pretrain.layout_loss_weight=1",
+        for s in ("unet.cross_attention_levels=2", "unet.cross_attention_levels=0", "pretrain.layout_loss_weight=1",
                   "pretrain.high_noise_fraction=0.2")
     }
     assert name not in changed and len(changed) == 4

@@ -401,7 +401,7 @@ def pretrain(cfg: BaseConfig) -> Path:
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)  # a reader never sees a half-written folder
         print(
-            f"base model: {cfg.pretrain.steps} steps in {result['wall_s']:.0f}s "
+            f"base model: {cfg.pretrain.steps + cfg.pretrain.high_noise_steps} steps in {result['wall_s']:.0f}s "
             f"({result['steps_per_s']:.2f} step/s), final loss {meta['final_loss']:.4f} -> {out_dir}"
         )
         if run is not None:
