@@ -103,6 +103,40 @@ def first_step_test(pipe, seeds: int, guidance: float) -> dict[str, float]:
     return {"follows": hits / (4 * seeds), "same": same / seeds, "t": t, "guided_x0_std": float(np.std(x0.numpy()))}
 
 
+def text_effect_by_t(pipe, seeds: int, guidance: float, ts=(999, 950, 900, 850, 800, 700, 600, 400)) -> dict:
+    """Where does the text move the shape? For each timestep ``t``: a black image without any shape, noised to ``t``
+    (``seeds`` noises), so the input points at no corner; the UNet's predicted image (x0, guided by ``guidance``)
+    under the four corner wordings. Returns {t: {"follows": share of wordings whose reddest quadrant is the one
+    asked (chance 25%), "contrast": mean redness of the asked quadrant minus the other three's}} and
+    {"pooled_cos": cosine of the pooled text state, top left vs bottom right}. v-prediction only."""
+    import numpy as np
+    import torch
+
+    from omnidiff.pipeline import predict_noise
+
+    if pipe.scheduler.config.prediction_type != "v_prediction":
+        raise ValueError("text_effect_by_t reads a v-prediction UNet")
+    tokens, pooled, mask = pipe.encode_prompt([CORNER_PROMPT.format(c) for c in CORNERS.values()] + [""])
+    out: dict = {"pooled_cos": float(torch.nn.functional.cosine_similarity(pooled[0], pooled[3], dim=0))}
+    black = -torch.ones(1, 3, 16, 16)
+    for t in ts:
+        alpha_bar = pipe.scheduler.alphas_cumprod[t]
+        hits, contrast = 0, []
+        for seed in range(seeds):
+            noise = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1000 + seed))
+            x = (alpha_bar.sqrt() * black + (1 - alpha_bar).sqrt() * noise).expand(5, -1, -1, -1)
+            with torch.no_grad():
+                v = predict_noise(pipe.unet, x, torch.full((5,), t), tokens, pooled, mask)  # (5, 3, 16, 16)
+            x0 = alpha_bar.sqrt() * x - (1 - alpha_bar).sqrt() * v
+            x0 = x0[4:] + guidance * (x0[:4] - x0[4:])  # (4, 3, 16, 16)
+            red = x0[:, 0] - 0.5 * (x0[:, 1] + x0[:, 2])  # (4, 16, 16)
+            q = torch.stack([red[:, :8, :8], red[:, :8, 8:], red[:, 8:, :8], red[:, 8:, 8:]], 1).mean((2, 3))  # (4, 4)
+            hits += int((q.argmax(1) == torch.arange(4)).sum())
+            contrast.append(float((q.diagonal() - (q.sum(1) - q.diagonal()) / 3).mean()))
+        out[t] = {"follows": hits / (4 * seeds), "contrast": float(np.mean(contrast))}
+    return out
+
+
 def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_seeds: int, guidance: float = 3.0) -> dict:
     import numpy as np
     import pandas as pd
@@ -131,7 +165,8 @@ def judge_model(pipe, name: str, world: Path, evaluator, images: int, corner_see
     pairs = pairs[~pairs["is_long"]].drop_duplicates("caption_en").head(900)
     probe = text_probe(pipe.text_encoder, [normalise_caption(c) for c in pairs["caption_en"]], list(pairs["position"]))
     first = first_step_test(pipe, corner_seeds, guidance)
-    return {"scores": scores, "confusion": confusion, "follows_word": follows, "same_corner": same,
+    by_t = text_effect_by_t(pipe, corner_seeds, guidance)
+    return {"by_t": by_t, "scores": scores, "confusion": confusion, "follows_word": follows, "same_corner": same,
             "first_step": first, "probe": probe, "n_images": len(prompts), "judge_s": time.perf_counter() - t0}
 
 
@@ -156,6 +191,8 @@ def main() -> None:
                         help="classifier-free guidance scale (repeatable: every model is judged at each; default 3, the demo's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--time-only", action="store_true", help="pretrain and report the time; judge nothing")
+    parser.add_argument("--diagnose-only", action="store_true",
+                        help="only the text effect by timestep (seconds, no sampling): does the text move the shape?")
     parser.add_argument("--spacing", action="append", default=[], choices=["saved", "leading", "trailing", "linspace"],
                         help="judge every model with its sampler's timestep_spacing set to this (repeatable; "
                              "default: as saved). 'leading' starts 20 steps at t=940 of 1000, not at pure noise")
@@ -198,6 +235,13 @@ def main() -> None:
             print(f"== {name}: pretraining {timing['wall_s']:.0f} s, {timing['s_per_step']:.3f} s/step, "
                   f"{timing['wall_s'] / first_wall:.2f}x the first variant; UNet {timing['unet_params']:,} parameters")
             continue
+        if args.diagnose_only:
+            for guidance in args.guidance or [3.0]:
+                by_t = text_effect_by_t(pipe, args.corner_seeds, guidance)
+                print(f"== {name} g{guidance:g}: pooled cos TL-BR {by_t.pop('pooled_cos'):.3f}; asked quadrant "
+                      "reddest / contrast by t: " + "  ".join(f"t{t} {v['follows']:.0%}/{v['contrast']:+.2f}"
+                                                              for t, v in by_t.items()))
+            continue
         for guidance in args.guidance or [3.0]:
             report(pipe, f"{name} g{guidance:g}" if args.guidance else name, timing, first_wall,
                    judge_model(pipe, name, world, evaluator, args.images, args.corner_seeds, guidance))
@@ -217,6 +261,10 @@ def report(pipe, name: str, timing: dict, first_wall: float | None, r: dict) -> 
     f = r["first_step"]
     print(f"   first step (predicted image from pure noise at t={f['t']}): red in the asked quadrant {f['follows']:.1%}, "
           f"same quadrant for all four words {f['same']:.1%}")
+    by_t = r["by_t"]
+    print(f"   text effect by t (black input + noise; asked quadrant reddest / contrast; pooled cos TL-BR "
+          f"{by_t['pooled_cos']:.3f}): " + "  ".join(f"t{t} {v['follows']:.0%}/{v['contrast']:+.2f}"
+                                                    for t, v in by_t.items() if t != "pooled_cos"))
     print(f"   text probe (position): mean states {r['probe']['mean_states']:.1%}, pooled {r['probe']['pooled']:.1%}")
     if timing:
         first_wall = first_wall or timing["wall_s"]

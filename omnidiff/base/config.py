@@ -50,6 +50,8 @@ class UNetConfig(ConfigModel):
     coord_channels: feed the pixel coordinates (y, x) as two extra input channels (CoordConv), so the UNet
       knows where each pixel is and can draw "in the top left corner" there; without them it drew a
       corner shape in whichever corner the noise suggested (omnidiff/models/unet.py, issue 18).
+    cross_attention_levels: how many of the lowest-resolution levels get cross-attention (the mid block always
+      has it); None = all but the full-resolution one (build_unet's default), len(block_out_channels) = all.
     """
 
     block_out_channels: tuple[int, ...] = (32, 64, 64)
@@ -57,11 +59,16 @@ class UNetConfig(ConfigModel):
     attention_head_dim: int = Field(8, ge=1)
     use_pooled: bool = True
     coord_channels: bool = False
+    cross_attention_levels: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _levels(self) -> UNetConfig:
         require(len(self.block_out_channels) >= 2 and all(c >= 8 for c in self.block_out_channels),
                 "block_out_channels", self.block_out_channels, "need >= 2 levels of >= 8 channels")
+        levels = len(self.block_out_channels)
+        require(self.cross_attention_levels is None or self.cross_attention_levels <= levels,
+                "cross_attention_levels", self.cross_attention_levels,
+                f"must be at most the number of levels, len(block_out_channels)={levels}")
         return self
 
 
@@ -80,6 +87,23 @@ class PretrainConfig(ConfigModel):
       detail) stop drowning out the noisy ones, where what the caption asks for is decided.
     min_snr_floor: also clamp SNR from below (image-space weight clamp(SNR, floor, gamma)); 0 = plain
       Min-SNR, which weights the noisiest steps by ~SNR ~ 0, and those decide where the shape goes.
+    layout_loss_weight: weight of an extra loss on the coarse layout (0 disables; v-prediction only): the
+      squared error of the predicted image (x0), both averaged over ``layout_cell`` x ``layout_cell`` pixel
+      cells, weighted the same at every timestep. A floor on the low frequencies only: at the noisiest steps
+      it trains where the shape goes (what the words decide) without the pixel detail that cannot be
+      predicted there, which is what made ``min_snr_floor`` swamp the rest of the loss.
+    layout_cell: side in pixels of the cells the layout loss averages over (must divide the resolution).
+    high_noise_fraction / high_noise_from: that share of every batch draws its timestep uniformly from
+      [high_noise_from, num_train_timesteps) instead of from all of them (0 = plain uniform draws): more
+      examples of the noisiest steps, where the words alone decide the layout.
+    high_noise_weight: > 0: that share's loss is the predicted image's squared error times this (an image-space
+      weight, v-prediction only) instead of its Min-SNR weight (~SNR ~ 0 there); 0 = Min-SNR for it too.
+    high_noise_text_grad: false keeps that share's gradient out of the text encoder (it learns from the rest).
+    high_noise_after: the share starts at this step (before it, every draw is uniform): a curriculum that
+      first learns what the words say, then where (used only when high_noise_steps is 0).
+    high_noise_steps / high_noise_lr: > 0: the share is drawn only in that many extra steps after ``steps`` (a
+      layout phase: a fresh AdamW at the constant lr ``high_noise_lr`` after a 20-step warm-up), so the first
+      ``steps`` train exactly as without it.
     seed: seeds init, batches, noise and timesteps; the same seed gives the same weights.
     """
 
@@ -96,12 +120,32 @@ class PretrainConfig(ConfigModel):
     ema_decay: float = Field(0.0, ge=0, lt=1)
     min_snr_gamma: float = Field(5.0, ge=0)
     min_snr_floor: float = Field(0.0, ge=0)
+    layout_loss_weight: float = Field(0.0, ge=0)
+    layout_cell: int = Field(4, ge=1)
+    high_noise_fraction: float = Field(0.0, ge=0, le=1)
+    high_noise_from: int = Field(850, ge=0)
+    high_noise_weight: float = Field(0.0, ge=0)
+    high_noise_text_grad: bool = True
+    high_noise_after: int = Field(0, ge=0)
+    high_noise_steps: int = Field(0, ge=0)
+    high_noise_lr: float = Field(5e-4, gt=0)
     seed: int = 0
 
     @model_validator(mode="after")
     def _floor_under_gamma(self) -> PretrainConfig:
         require(self.min_snr_floor <= self.min_snr_gamma, "min_snr_floor", self.min_snr_floor,
                 f"must not exceed pretrain.min_snr_gamma={self.min_snr_gamma}")
+        require(self.layout_loss_weight == 0 or self.prediction_type == "v_prediction", "layout_loss_weight",
+                self.layout_loss_weight, "needs prediction_type v_prediction (the image predicted from the noise "
+                "target divides by sqrt(alpha_bar), ~0 at the noisiest steps)")
+        require(self.high_noise_fraction == 0 or self.high_noise_from < self.num_train_timesteps, "high_noise_from",
+                self.high_noise_from, f"must be below num_train_timesteps={self.num_train_timesteps}")
+        require(self.high_noise_weight == 0 or self.prediction_type == "v_prediction", "high_noise_weight",
+                self.high_noise_weight, "needs prediction_type v_prediction (an image-space weight)")
+        require(self.high_noise_fraction == 0 or self.high_noise_after < self.steps, "high_noise_after",
+                self.high_noise_after, f"must be below steps={self.steps}, or the share never starts")
+        require(self.high_noise_steps == 0 or self.high_noise_fraction > 0, "high_noise_steps", self.high_noise_steps,
+                "needs high_noise_fraction > 0 (the phase trains the high-noise share)")
         return self
 
 
@@ -198,4 +242,7 @@ class BaseConfig(ConfigModel):
             self.resolution,
             f"must be >= 8 and divisible by 4 and by 2**(levels-1)={2 ** (levels - 1)}",
         )
+        p = self.pretrain
+        require(p.layout_loss_weight == 0 or self.resolution % p.layout_cell == 0, "pretrain.layout_cell",
+                p.layout_cell, f"must divide resolution={self.resolution}")
         return self

@@ -72,6 +72,7 @@ from omnidiff.text import normalise_caption
 log = logging.getLogger("omnidiff.base")
 PRETRAIN_VERSION = 1  # bump when the training code changes what a config produces
 GRID_PROMPTS = 32
+LAYOUT_WARMUP = 20  # linear lr warm-up of the layout phase (pretrain.high_noise_steps)
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -137,6 +138,7 @@ def build_models(cfg: BaseConfig):
         attention_head_dim=cfg.unet.attention_head_dim,
         pooled_dim=te.hidden if cfg.unet.use_pooled else None,
         coord_channels=cfg.unet.coord_channels,
+        cross_attention_levels=cfg.unet.cross_attention_levels,
     )
     scheduler = DDPMScheduler(
         num_train_timesteps=cfg.pretrain.num_train_timesteps,
@@ -156,24 +158,82 @@ def compute_loss(
     gen: torch.Generator,
     min_snr_gamma: float = 0.0,
     min_snr_floor: float = 0.0,
+    layout_loss_weight: float = 0.0,
+    layout_cell: int = 4,
+    high_noise_fraction: float = 0.0,
+    high_noise_from: int = 0,
+    high_noise_weight: float = 0.0,
+    high_noise_text_grad: bool = True,
 ) -> torch.Tensor:
     """Diffusion MSE for one batch: images (B, 3, R, R), token ids / mask (B, 77).
 
     The target is the noise or v, as the scheduler's ``prediction_type`` says; ``min_snr_gamma`` > 0
-    weights each image's loss by Min-SNR-gamma.
+    weights each image's loss by Min-SNR-gamma. ``layout_loss_weight`` > 0 adds that times the coarse
+    layout loss (:func:`layout_loss`, v-prediction only) at every timestep. The first
+    ``round(high_noise_fraction * B)`` images draw their timestep from ``[high_noise_from, T)`` (:func:`draw_timesteps`);
+    ``high_noise_weight`` > 0 weights their loss by that in image space (the squared error of the predicted image,
+    v-prediction only) instead of Min-SNR's ~SNR ~ 0, and ``high_noise_text_grad`` False keeps their gradient
+    out of the text encoder (the UNet learns to read the words there; the encoder learns only from the rest).
     """
     from omnidiff.pipeline import min_snr_weights, predict_noise
 
     states, pooled = text_encoder(ids, mask)  # (B, 77, D), (B, D)
+    n_high = round(high_noise_fraction * images.shape[0])
+    if n_high and not high_noise_text_grad:
+        high = (torch.arange(images.shape[0]) < n_high).to(states.device)  # (B,)
+        states = torch.where(high[:, None, None], states.detach(), states)
+        pooled = torch.where(high[:, None], pooled.detach(), pooled)
     noise = torch.randn(images.shape, generator=gen)  # (B, 3, R, R)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=gen)  # (B,)
+    t = draw_timesteps(images.shape[0], scheduler.config.num_train_timesteps, gen, high_noise_fraction,
+                       high_noise_from)  # (B,)
     noisy = scheduler.add_noise(images, noise, t)
     # The pipeline's own conditioning call, so training and sampling cannot drift apart.
     pred = predict_noise(unet, noisy, t, states, pooled, mask)  # (B, 3, R, R)
     v_pred = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(images, noise, t) if v_pred else noise  # (B, 3, R, R)
     per_image = ((pred - target) ** 2).mean(dim=(1, 2, 3))  # (B,)
-    return (per_image * min_snr_weights(scheduler, t, min_snr_gamma, min_snr_floor)).mean()
+    weights = min_snr_weights(scheduler, t, min_snr_gamma, min_snr_floor)  # (B,)
+    if n_high and high_noise_weight > 0:
+        if not v_pred:
+            raise ValueError("high_noise_weight > 0 needs a v_prediction scheduler")
+        # v error * sqrt(1 - alpha_bar) = the predicted image's error
+        alpha_bar = scheduler.alphas_cumprod.to(t.device)[t[:n_high]]  # (n_high,)
+        weights = torch.cat([high_noise_weight * (1 - alpha_bar), weights[n_high:]])
+    loss = (per_image * weights).mean()
+    if layout_loss_weight > 0:
+        if not v_pred:
+            raise ValueError("layout_loss_weight > 0 needs a v_prediction scheduler")
+        loss = loss + layout_loss_weight * layout_loss(images, noisy, pred, t, scheduler, layout_cell).mean()
+    return loss
+
+
+def draw_timesteps(batch: int, num_train_timesteps: int, gen: torch.Generator, high_noise_fraction: float = 0.0,
+                   high_noise_from: int = 0) -> torch.Tensor:
+    """Training timesteps ``(batch,)``: uniform over ``[0, T)``, except the first ``round(high_noise_fraction * batch)``,
+    uniform over ``[high_noise_from, T)``. With fraction 0 exactly the draws of plain uniform sampling."""
+    t = torch.randint(0, num_train_timesteps, (batch,), generator=gen)
+    n_high = round(high_noise_fraction * batch)
+    if n_high:
+        t[:n_high] = torch.randint(high_noise_from, num_train_timesteps, (n_high,), generator=gen)
+    return t
+
+
+def layout_loss(images: torch.Tensor, noisy: torch.Tensor, v_pred: torch.Tensor, t: torch.Tensor, scheduler,
+                cell: int) -> torch.Tensor:
+    """Per-image squared error ``(B,)`` of the coarse layout: the image predicted from ``v_pred``
+    (x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v) and the true ``images``, both averaged over
+    ``cell`` x ``cell`` pixel cells (a 16x16 image, cell 4: a 4x4 grid of mean colours).
+
+    Issue 18 item 2: where the shape goes is decided at the noisiest steps, which Min-SNR weights by ~SNR ~ 0;
+    weighting every pixel there (``min_snr_floor``) also trains the pixel detail that the noise makes
+    unpredictable, whose large errors then drown the rest of the loss. The cell means of the true image are
+    nearly fixed by the caption (a corner shape's jitter stays in its cells), so this term is mostly what the
+    words can teach: where the colour goes.
+    """
+    alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    x0 = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * v_pred  # (B, C, R, R)
+    error = torch.nn.functional.avg_pool2d(x0 - images, cell)  # (B, C, R / cell, R / cell)
+    return (error**2).mean(dim=(1, 2, 3))
 
 
 def train(cfg: BaseConfig, images: torch.Tensor, captions: list[str]) -> dict:
@@ -201,14 +261,23 @@ def train(cfg: BaseConfig, images: torch.Tensor, captions: list[str]) -> dict:
     unet.train()
     losses: list[float] = []
     t0 = time.perf_counter()
-    with Progress("pretrain", total=p.steps, unit="step") as progress:
-        for _ in range(p.steps):
+    total = p.steps + p.high_noise_steps
+    with Progress("pretrain", total=total, unit="step") as progress:
+        for step in range(total):
+            if step == p.steps:  # the layout phase (pretrain.high_noise_steps): a fresh optimiser, constant lr
+                optimiser = torch.optim.AdamW(params, lr=p.high_noise_lr, weight_decay=p.weight_decay)
+                schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / LAYOUT_WARMUP))
+            if p.high_noise_steps:
+                high = p.high_noise_fraction if step >= p.steps else 0.0
+            else:
+                high = p.high_noise_fraction if step >= p.high_noise_after else 0.0
             idx = torch.randint(0, len(images), (p.batch_size,), generator=gen)  # (B,)
             ids, mask = all_ids[idx].clone(), all_mask[idx].clone()
             drop = torch.rand(p.batch_size, generator=gen) < p.caption_dropout  # (B,)
             ids[drop], mask[drop] = null_ids, null_mask
             loss = compute_loss(images[idx], ids, mask, text_encoder, unet, scheduler, gen, p.min_snr_gamma,
-                                p.min_snr_floor)
+                                p.min_snr_floor, p.layout_loss_weight, p.layout_cell, high, p.high_noise_from,
+                                p.high_noise_weight, p.high_noise_text_grad)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
@@ -232,15 +301,32 @@ def train(cfg: BaseConfig, images: torch.Tensor, captions: list[str]) -> dict:
         "scheduler": scheduler,
         "losses": losses,
         "wall_s": wall_s,
-        "steps_per_s": p.steps / wall_s if wall_s > 0 else float("nan"),
+        "steps_per_s": total / wall_s if wall_s > 0 else float("nan"),
     }
 
 
 # -- cache --------------------------------------------------------------------------------------
+# Keys added after bases were cached and shipped: left out of the record while they hold a value that
+# reproduces the old behaviour, so an unchanged config keeps its folder name (and its shipped copy).
+# (section, key, is neutral(record), the keys that only matter when it is not)
+_NEUTRAL_KEYS = (
+    ("unet", "cross_attention_levels",
+     lambda r: r["unet"].get("cross_attention_levels") in (None, len(r["unet"]["block_out_channels"]) - 1), ()),
+    ("pretrain", "layout_loss_weight", lambda r: r["pretrain"].get("layout_loss_weight") == 0, ("layout_cell",)),
+    ("pretrain", "high_noise_fraction", lambda r: r["pretrain"].get("high_noise_fraction") == 0,
+     ("high_noise_from", "high_noise_weight", "high_noise_text_grad", "high_noise_after", "high_noise_steps",
+      "high_noise_lr")),
+)
+
+
 def model_record(cfg: BaseConfig, world_digest: str) -> dict:
     """What determines the weights: the model and training parts of the config, the world, the code version."""
     config = to_dict(cfg)
     record = {k: config[k] for k in ("resolution", "text_encoder", "unet", "pretrain")}
+    for section, key, neutral, dependents in _NEUTRAL_KEYS:
+        if neutral(record):
+            for k in (key, *dependents):
+                record[section].pop(k, None)
     return {"config": record, "world_digest": world_digest, "version": PRETRAIN_VERSION}
 
 
@@ -315,7 +401,7 @@ def pretrain(cfg: BaseConfig) -> Path:
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)  # a reader never sees a half-written folder
         print(
-            f"base model: {cfg.pretrain.steps} steps in {result['wall_s']:.0f}s "
+            f"base model: {cfg.pretrain.steps + cfg.pretrain.high_noise_steps} steps in {result['wall_s']:.0f}s "
             f"({result['steps_per_s']:.2f} step/s), final loss {meta['final_loss']:.4f} -> {out_dir}"
         )
         if run is not None:
