@@ -135,3 +135,28 @@ def test_a_half_packed_base_is_installed_as_float32_rounded_weights(tiny_base_mo
                                else tensor), (rel, key)
     images = OmniDiffusionPipeline.from_pretrained(base)(["a red circle"], num_inference_steps=2, output_type="np")
     assert images.shape[0] == 1 and images.std() > 0  # an image, not a constant
+
+
+def test_the_repository_ships_the_demo_base_of_configs_base_yaml():
+    """The repository's shipped tree verifies and holds the base and evaluator of configs/base.yaml as it is now
+    (a config change without re-packing fails here: `python -m omnidiff.base.shipped pack base ... --half`),
+    every file under 5 MB, weights stored as float16."""
+    import json
+
+    from omnidiff.base import shipped
+    from omnidiff.base.config import BaseConfig
+    from omnidiff.base.evaluator_train import evaluator_hash
+    from omnidiff.base.pretrain import model_record
+    from omnidiff.config import load_config
+
+    root = shipped.PACKAGED
+    cfg = load_config(BaseConfig, REPO / "configs" / "base.yaml")
+    bases = [shipped.verify(p.parent) for p in sorted((root / "base").glob(f"*/{shipped.MANIFEST}"))]
+    evaluators = [shipped.verify(p.parent) for p in sorted((root / "evaluator").glob(f"*/{shipped.MANIFEST}"))]
+    assert any(m["record"]["config"] == model_record(cfg, "")["config"] for m in bases), \
+        "no shipped base for configs/base.yaml as it is now"
+    assert evaluator_hash(cfg.evaluator, cfg.resolution) in {m["hash"] for m in evaluators}
+    for m in bases:
+        assert m["rebuild"].startswith("omnidiff base pretrain") and json.dumps(m["record"])
+        assert m["stored_dtype"] == "float16" and any(rel.startswith("unet/") for rel in m["widened"])
+    assert max(p.stat().st_size for p in root.rglob("*") if p.is_file()) < 5 * 2**20
