@@ -83,6 +83,13 @@ def test_describe_llm_matches_the_loaded_encoder(tiny_llm):
         describe_llm(tiny_llm, layer=9)
 
 
+def llm_actor(cls, llm, writer, expected_inputs):
+    """An embed actor (``cls``) of one LLM cache writer, 1 thread, small batches."""
+    return cls(caches={"llm": str(writer.path)}, run_tokens={"llm": writer.run_token}, threads=1, max_tokens=256,
+               max_batch_size=8, encoders={"llm": {"path": str(llm), "layer": -1, "max_length": 512, "dtype": "float32",
+                                                   "device": "cpu", "expected_inputs": expected_inputs}})
+
+
 def test_actor_packs_computes_unpadded_and_rejects_nan_rows_by_key(tiny_llm, tmp_path):
     from embed_cache.actor import EncodeShardActor
 
@@ -94,11 +101,7 @@ def test_actor_packs_computes_unpadded_and_rejects_nan_rows_by_key(tiny_llm, tmp
     lengths = encoder_of(bad_llm).token_lengths(texts)
     with CacheWriter(cache_dir("llm", fingerprint(inputs), tmp_path), inputs) as w:
         w.set_value_shape((64,))
-        actor = EncodeShardActor(
-            caches={"llm": str(w.path)}, run_tokens={"llm": w.run_token}, threads=1, max_tokens=256, max_batch_size=8,
-            encoders={"llm": {"path": str(bad_llm), "layer": -1, "max_length": 512, "dtype": "float32",
-                              "device": "cpu", "expected_inputs": enc_inputs}},
-        )  # fmt: skip
+        actor = llm_actor(EncodeShardActor, bad_llm, w, enc_inputs)
         frame = pd.DataFrame({"kind": "llm", "shard": w.shard_name(0), "key": keys,
                               "payload": [t.encode() for t in texts], "length": lengths})  # fmt: skip
         out = actor(frame.sort_values("length"))
@@ -154,11 +157,7 @@ def test_an_actor_uploads_one_shard_while_it_computes_the_next(tiny_llm, tmp_pat
     lengths = encoder_of(tiny_llm).token_lengths(texts)
     with CacheWriter(cache_dir("llm", fingerprint(inputs), tmp_path), inputs) as w:
         w.set_value_shape((64,))
-        actor = Recording(
-            caches={"llm": str(w.path)}, run_tokens={"llm": w.run_token}, threads=1, max_tokens=256, max_batch_size=8,
-            encoders={"llm": {"path": str(tiny_llm), "layer": -1, "max_length": 512, "dtype": "float32",
-                              "device": "cpu", "expected_inputs": enc_inputs}},
-        )  # fmt: skip
+        actor = llm_actor(Recording, tiny_llm, w, enc_inputs)
         actor.encoder("llm")  # loaded before the race: the spans then time the computes alone
         frames = [pd.DataFrame({"kind": "llm", "shard": w.shard_name(u), "key": keys[u::3],
                                 "payload": [t.encode() for t in texts[u::3]], "length": lengths[u::3]})
