@@ -424,8 +424,8 @@ def _install_shipped(cfg: BaseConfig, out_dir: Path, world_digest: str) -> bool:
             print(f"no shipped base model matches {out_dir.name} ({why}); pretraining")
         return False
     print(f"base model: installed the shipped copy {out_dir.name} (sha256 verified; built at commit "
-          f"{str(manifest.get('built_at_commit'))[:12]}; rebuild with `{manifest.get('rebuild')}` and force=true) "
-          f"-> {out_dir}")
+          f"{str(manifest.get('built_at_commit'))[:12]}; weights shipped {manifest.get('stored_dtype', 'as trained')}, installed as trained; "
+          f"rebuild: `{manifest.get('rebuild')}`) -> {out_dir}")
     with _run(cfg) as run:
         if run is not None:
             import mlflow
