@@ -28,6 +28,9 @@ import pytest
 BUCKET = "omnidiff-test"  # SeaweedFS refuses bucket names shorter than 3 characters
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 20.0
+# SeaweedFS takes ~15 s to exit after SIGTERM (measured: the session's teardown); the fixture's data is a
+# throwaway temp folder, so after this grace the pid is SIGKILLed.
+STOP_GRACE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,12 @@ def free_ports(n: int) -> list[int]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM our own pid, wait (SeaweedFS needs several seconds), then SIGKILL that pid if it is left."""
+    """SIGTERM our own pid, wait ``STOP_GRACE_S`` (SeaweedFS needs ~15 s to exit), then SIGKILL that pid."""
     if proc.poll() is not None:
         return
     os.kill(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
+        proc.wait(timeout=STOP_GRACE_S)
     except subprocess.TimeoutExpired:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=STOP_TIMEOUT_S)
