@@ -114,7 +114,10 @@ class Ablation:
 
         items = {"world_dir": str(self.args.world_dir), "evaluator_dir": str(self.args.evaluator_dir), "baseline": "none",
                  "langs": self.args.langs, "max_per_group": self.args.max_per_group, "seed": self.args.seed,
-                 "track": False, "report_dir": str(self.work / "eval" / name / "report")}
+                 "track": False, "report_dir": str(self.work / "eval" / name / "report"),
+                 # the protocol's prompts and sampler, pinned against configs/evaluate.yaml's later defaults: the
+                 # world's own 32 specs, 20 sampler steps, the seeds per prompt set by --seeds-per-prompt below
+                 "eval_specs": 0, "images_per_prompt": 1, "steps": 20}
         return load_config(EvalConfig, REPO / "configs" / "evaluate.yaml", _dotted(items) + self.args.eval_set)
 
     # -- steps ----------------------------------------------------------------------------------
