@@ -106,6 +106,22 @@ def pooled_scores(scores: pd.DataFrame, replicates: Replicates, confidence: floa
     return pd.DataFrame(rows, columns=["model", "length", "langs", "score", "low", "high"])
 
 
+def claim_row(claim: str, kind: str, a: tuple[float, np.ndarray], b: tuple[float, np.ndarray], threshold: float,
+              judged: bool = True, confidence: float = 0.95) -> dict:
+    """One row of :data:`CLAIM_COLUMNS`: the ``kind`` statistic ("ratio" a / b, or "difference" a - b) of two
+    (point score, replicates) pairs, its interval, and its verdict against ``threshold`` (difference: strictly
+    above), or ``reported`` when not ``judged``."""
+    if kind == "ratio":
+        estimate, reps = float(ratio(a[0], b[0])), ratio(a[1], b[1])
+    else:
+        estimate, reps = a[0] - b[0], a[1] - b[1]
+    low, high = percentile_interval(reps, confidence)
+    v = verdict(low, high, threshold, strictly_above=kind == "difference") if judged else REPORTED
+    return {"claim": claim, "kind": kind, "model": a[0], "base": b[0], "estimate": estimate, "low": low,
+            "high": high, "threshold": threshold if judged else float("nan"), "verdict": v,
+            "pass": True if v == PASS else (False if v == FAIL else None)}
+
+
 def check_claims(scores: pd.DataFrame, replicates: Replicates, model: str, baseline: str = "base",
                  min_ratio: float = 0.95, confidence: float = 0.95) -> pd.DataFrame:
     """The claims for ``model`` against ``baseline`` (module docstring), one row each.
@@ -124,15 +140,7 @@ def check_claims(scores: pd.DataFrame, replicates: Replicates, model: str, basel
 
     def add(claim: str, kind: str, a: tuple[float, np.ndarray], b: tuple[float, np.ndarray], threshold: float,
             judged: bool = True) -> None:
-        if kind == "ratio":
-            estimate, reps = float(ratio(a[0], b[0])), ratio(a[1], b[1])
-        else:
-            estimate, reps = a[0] - b[0], a[1] - b[1]
-        low, high = percentile_interval(reps, confidence)
-        v = verdict(low, high, threshold, strictly_above=kind == "difference") if judged else REPORTED
-        rows.append({"claim": claim, "kind": kind, "model": a[0], "base": b[0], "estimate": estimate, "low": low,
-                     "high": high, "threshold": threshold if judged else float("nan"), "verdict": v,
-                     "pass": True if v == PASS else (False if v == FAIL else None)})
+        rows.append(claim_row(claim, kind, a, b, threshold, judged, confidence))
 
     x = f"{min_ratio:g}x"
     if g.has(model, ["en"], SHORT) and g.has(baseline, ["en"], SHORT):
@@ -203,12 +211,8 @@ def english_claims(scores: pd.DataFrame, replicates: Replicates, model: str, bas
         a, b = (model, lang, length), (baseline, lang, length)
         if not all(k in point and k in replicates for k in (a, b)):
             return
-        low, high = percentile_interval(replicates[a] - replicates[b], confidence)
-        v = verdict(low, high, 0.0, strictly_above=True) if judged else REPORTED
-        rows.append({"claim": f"{claim} ({units[a]} prompts)", "kind": "difference", "model": point[a],
-                     "base": point[b], "estimate": point[a] - point[b], "low": low, "high": high,
-                     "threshold": 0.0 if judged else float("nan"), "verdict": v,
-                     "pass": True if v == PASS else (False if v == FAIL else None)})
+        rows.append(claim_row(f"{claim} ({units[a]} prompts)", "difference", (point[a], replicates[a]),
+                              (point[b], replicates[b]), 0.0, judged, confidence))
 
     add("short English above the base", ENGLISH, SHORT, True)
     add("long English (>77 tokens) above the base", ENGLISH, LONG, True)
@@ -217,5 +221,5 @@ def english_claims(scores: pd.DataFrame, replicates: Replicates, model: str, bas
     return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
 
 
-__all__ = ["CLAIM_COLUMNS", "FAIL", "HELDOUT_SUBSETS", "INCONCLUSIVE", "PASS", "REPORTED", "check_claims",
+__all__ = ["CLAIM_COLUMNS", "FAIL", "HELDOUT_SUBSETS", "INCONCLUSIVE", "PASS", "REPORTED", "check_claims", "claim_row",
            "english_claims", "english_subset_scores", "pooled_scores", "ratio", "verdict", "with_intervals"]

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from omnidiff.contracts.encoders import (
     CacheSpec,
@@ -248,14 +247,8 @@ PARALLEL_COLUMNS = ["text", "lang", "text_en", "split"]
 
 def snapshot_frames(snapshot, table: str, columns: list[str]):
     """One DataFrame per listed shard of ``table`` (``columns`` only), in shard order."""
-    if not snapshot.shard_paths(table):
-        getattr(snapshot, table)(columns)  # raises the snapshot's own error (no shards of this table)
-    if snapshot.folder is not None:
-        for shard in snapshot.manifest["shards"][table]:
-            yield snapshot.folder.read_parquet(shard["path"], columns).to_pandas()
-    else:
-        for path in snapshot.shard_paths(table):
-            yield pq.read_table(path, columns=columns).to_pandas()
+    for shard in snapshot.iter_shards(table, columns):
+        yield shard.to_pandas()
 
 
 def gather_examples(cfg: TrainConfig, snapshot, use_parallel: bool):

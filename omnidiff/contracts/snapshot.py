@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -263,14 +264,20 @@ class Snapshot:
             return [self.folder.url_of(s["path"]) for s in self.manifest["shards"].get(table, [])]
         return [self.path / s["path"] for s in self.manifest["shards"].get(table, [])]
 
-    def _read(self, table: str, columns: list[str] | None) -> pa.Table:
+    def iter_shards(self, table: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """Each listed shard of ``table`` (``columns`` only), in manifest order, one read at a time."""
         paths = self.shard_paths(table)
         if not paths:
             raise SnapshotError(f"snapshot {str(self.path)!r} has no {table} shards")
         if self.folder is not None:
-            return pa.concat_tables([self.folder.read_parquet(s["path"], columns)
-                                     for s in self.manifest["shards"][table]])
-        return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
+            for shard in self.manifest["shards"][table]:
+                yield self.folder.read_parquet(shard["path"], columns)
+        else:
+            for path in paths:
+                yield pq.read_table(path, columns=columns)
+
+    def _read(self, table: str, columns: list[str] | None) -> pa.Table:
+        return pa.concat_tables(list(self.iter_shards(table, columns)))
 
     def pairs(self, columns: list[str] | None = None) -> pa.Table:
         """The kept image-caption pairs (``columns`` to skip the image bytes)."""
