@@ -24,8 +24,12 @@ llm: install
 	$(BIN)/omnidiff llm convert
 
 # Stack up (Prefect, MLflow, Ray, deployment-serving process), trigger the pipeline deployment, report.
+# `make demo SEED=1` replicates it with another seed for every training stage and the evaluation;
+# DEMO_ARGS passes dotted overrides (e.g. DEMO_ARGS="stage2.max_steps=400").
+SEED ?=
+DEMO_ARGS ?=
 demo: install llm
-	$(BIN)/omnidiff demo --config configs/pipeline.yaml
+	$(BIN)/omnidiff demo --config configs/pipeline.yaml $(if $(SEED),--seed $(SEED)) $(DEMO_ARGS)
 
 test: install llm
 	$(BIN)/python -m pytest --durations=30 $(PYTEST_ARGS)

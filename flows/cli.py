@@ -288,11 +288,41 @@ def _flows_log() -> Path:
     return subdir("stack", "logs") / "flows.log"
 
 
+SEEDED_KEYS = ("stage1.seed", "stage2.seed", "stage3.seed", "evaluate.seed", "evaluate.bootstrap_seed")
+
+
+def demo_overrides(seed: int | None, overrides: list[str]) -> list[str]:
+    """The demo's dotted overrides: ``seed`` set on every seeded key first, so an explicit override wins."""
+    return ([f"{key}={seed}" for key in SEEDED_KEYS] if seed is not None else []) + list(overrides)
+
+
+def demo_parameters(config: str, overrides: list[str]) -> dict[str, Any] | None:
+    """The pipeline run's parameters: None (the deployment's own, i.e. the config file) without overrides, else the
+    whole overridden config, validated here (a ``ConfigError`` names a bad key or value)."""
+    if not overrides:
+        return None
+    from flows.config import load_pipeline_config
+    from flows.deployments import pipeline_parameters
+
+    return pipeline_parameters(load_pipeline_config(config, overrides))
+
+
 def demo_main(argv: list[str] | None = None) -> int:
     """``omnidiff demo``: stack up (with the deployment-serving process), trigger the pipeline deployment, report."""
     parser = argparse.ArgumentParser(prog="omnidiff demo", description=demo_main.__doc__)
     parser.add_argument("--config", default="configs/pipeline.yaml")
+    parser.add_argument("--seed", type=int, help="one seed for every training stage and the evaluation "
+                        "(stage1/2/3.seed, evaluate.seed, evaluate.bootstrap_seed): a replicate of the demo")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value into the pipeline config, e.g. stage2.max_steps=400")
     args = parser.parse_args(argv)
+    from omnidiff.config import ConfigError
+
+    overrides = demo_overrides(args.seed, args.overrides)
+    try:  # a bad override fails here, before the stack starts
+        parameters = demo_parameters(args.config, overrides)
+    except ConfigError as exc:
+        print(f"omnidiff demo: {exc}", file=sys.stderr)
+        return 2
     from omnidiff import stack
 
     stack.up()  # returns the running stack when there is one
@@ -303,7 +333,9 @@ def demo_main(argv: list[str] | None = None) -> int:
     events = events_path()
     offset = end_offset(events)  # what the file holds now is an earlier run's
     t0 = time.perf_counter()
-    started = run_deployment("omnidiff-pipeline/omnidiff-pipeline", wait=False)
+    started = run_deployment("omnidiff-pipeline/omnidiff-pipeline", parameters, wait=False)
+    if overrides:
+        print(f"pipeline config {args.config} with {' '.join(overrides)}", flush=True)
     print(f"pipeline run {started['name']} triggered: {started.get('url')}\n"
           f"each stage as it starts and ends, its progress at least every 30 s (full log: {_flows_log()})",
           flush=True)

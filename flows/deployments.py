@@ -33,6 +33,11 @@ def _params(cfg) -> dict:
     return data
 
 
+def pipeline_parameters(cfg) -> dict:
+    """The omnidiff-pipeline flow's parameters for a loaded pipeline config (what its deployment is built with)."""
+    return {"config": _params(cfg)}
+
+
 def build_deployments(pipeline_config: str | Path | None = None, nightly_cron: str | None = None) -> list:
     """The RunnerDeployments, parameterised from the pipeline config (so every stage form is filled in)."""
     from prefect.deployments.runner import EntrypointType
@@ -57,7 +62,7 @@ def build_deployments(pipeline_config: str | Path | None = None, nightly_cron: s
 
     model = model_name_for(cfg.stage3, cfg.collect.name)  # the pipeline's snapshot is collect's
     return [
-        omnidiff_pipeline.to_deployment(name="omnidiff-pipeline", parameters={"config": _params(cfg)}, **kw,
+        omnidiff_pipeline.to_deployment(name="omnidiff-pipeline", parameters=pipeline_parameters(cfg), **kw,
                                         description="url lists -> collect -> embed -> stages 1-3 -> evaluate -> deploy"),
         nightly_reembed.to_deployment(name="nightly-reembed", cron=cron, **kw,
                                       parameters={"cfg": _params(cfg.embed)},

@@ -40,3 +40,27 @@ def test_training_folders_are_per_input_set(tmp_path, monkeypatch):
 
     pinned = _stage1(f"checkpoint.dir={tmp_path / 'mine'}")
     assert _per_input_folders("stage1", pinned, [manifest]).checkpoint.dir == tmp_path / "mine"
+
+
+def test_a_seeded_demo_sets_every_training_and_evaluation_seed():
+    """`make demo SEED=3` replicates the demo: the pipeline run gets the whole config with that seed in every
+    training stage and the evaluation; an explicit override after it wins; no override leaves the deployment's own."""
+    from flows.cli import demo_overrides, demo_parameters
+
+    config = str(REPO / "configs" / "pipeline.yaml")
+    assert demo_parameters(config, demo_overrides(None, [])) is None
+    params = demo_parameters(config, demo_overrides(3, ["evaluate.bootstrap_seed=11"]))["config"]
+    assert [params[s]["seed"] for s in ("stage1", "stage2", "stage3")] == [3, 3, 3]
+    assert (params["evaluate"]["seed"], params["evaluate"]["bootstrap_seed"]) == (3, 11)
+    plain = demo_parameters(config, ["stage2.max_steps=400"])["config"]
+    assert plain["stage2"]["max_steps"] == 400 and plain["stage1"]["seed"] == 0
+
+
+def test_a_bad_demo_override_fails_before_the_stack_starts(capsys, monkeypatch, tmp_path):
+    import omnidiff.stack
+    from flows.cli import demo_main
+
+    monkeypatch.setenv("OMNIDIFF_HOME", str(tmp_path))
+    monkeypatch.setattr(omnidiff.stack, "up", lambda *a, **k: (_ for _ in ()).throw(AssertionError("stack started")))
+    assert demo_main(["--config", str(REPO / "configs" / "pipeline.yaml"), "stage2.no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
