@@ -267,6 +267,8 @@ def sample_seed(seed: int, position: int) -> int:
 # from before) is read whole, as it was.
 
 DEFAULT_RESIDENT_SHARDS = 8
+DEFAULT_ORDER_BLOCK_ROWS = 64  # data.order_block_rows
+DEFAULT_ORDER_WINDOW_ROWS = 8192  # data.order_window_rows: above the tiny world's example counts
 _FILES_OPEN = 64  # shard files a rank keeps open per cache (a file descriptor and the parsed footer each)
 
 
@@ -464,6 +466,48 @@ def _read_example_keys(examples: pd.DataFrame | pa.Table | str | Path, columns: 
     return {c: fixed_width_keys(table.column(c)) for c in columns}
 
 
+def epoch_order(n: int, seed: int, epoch: int, block_rows: int, window_rows: int,
+                located: np.ndarray | None = None) -> np.ndarray:
+    """The examples of epoch ``epoch`` in visiting order, ``int64 (n,)``: every example exactly once.
+
+    ``n <= window_rows`` (or ``located`` None): ``default_rng([seed, epoch]).permutation(n)``, the order of
+    runs before the block order. Above, a block shuffle (as streaming loaders shuffle shards): ``located`` (the
+    examples sorted by where their LLM states live) is cut into blocks of ``block_rows``, the blocks are permuted,
+    the sequence is cut into windows of ``window_rows`` and each window permuted, all drawn from that one
+    generator. A window touches about ``window_rows / 32`` row groups of the LLM cache, whatever ``n``.
+    """
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    if located is None or n <= window_rows:
+        return rng.permutation(n)
+    if len(located) != n:
+        raise ValueError(f"located has {len(located)} rows for {n} examples")
+    blocks = rng.permutation(-(-n // block_rows))  # (n_blocks,) block order
+    starts = blocks.astype(np.int64) * block_rows
+    lengths = np.minimum(block_rows, n - starts)  # the last block may be short
+    first = np.repeat(np.cumsum(lengths) - lengths, lengths)  # (n,) where each row's block begins in `sequence`
+    sequence = located[np.repeat(starts, lengths) + np.arange(n) - first]  # (n,) rows in block order
+    order = np.empty(n, dtype=np.int64)
+    for start in range(0, n, window_rows):
+        window = sequence[start:start + window_rows]
+        order[start:start + len(window)] = window[rng.permutation(len(window))]
+    return order
+
+
+def _location_order(shard: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """Example indices sorted by (shard, row) in one cache (a stable sort: ties by example index): ``int64 (N,)``."""
+    return np.lexsort((row, shard))
+
+
+def _layout_digest(where: tuple[np.ndarray, np.ndarray]) -> str:
+    """A short digest of the examples' (shard, row) in a cache: the block order's input besides (seed, epoch)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    for column in where:
+        digest.update(np.ascontiguousarray(column, dtype="<i4").tobytes())
+    return digest.hexdigest()
+
+
 class CachedBatches:
     """One rank's micro-batches from the cache, a pure function of the global sample positions (no state
     to checkpoint beyond the step).
@@ -473,8 +517,13 @@ class CachedBatches:
     states of "" (caption dropout's replacement). ``num_train_timesteps`` is the diffusion schedule's
     length (stages 2-3). ``max_resident_shards`` bounds the decoded shards kept per cache.
 
-    Order: epoch ``e`` visits the examples in ``default_rng([seed, e]).permutation(N)`` order; global
-    position ``p`` is example ``perm[p // N][p % N]`` (docs/architecture.md "Training data").
+    Order (docs/architecture.md "Training data"): global position ``p`` is example ``perm[p // N][p % N]``,
+    ``perm[e]`` the order of epoch ``e``, a pure function of ``(seed, e)``, the two order sizes and the LLM
+    cache's layout (:func:`epoch_order`). When the examples fit one window (``N <= order_window_rows``) it is
+    ``default_rng([seed, e]).permutation(N)``; above, a block shuffle: examples sorted by where their LLM
+    states live, cut into blocks of ``order_block_rows``, the blocks permuted, and the rows permuted within
+    windows of ``order_window_rows``, so with a window within the resident budget an LLM row group is decoded
+    about once per window whatever the corpus size.
     """
 
     def __init__(
@@ -488,6 +537,8 @@ class CachedBatches:
         num_train_timesteps: int = 1000,
         max_resident_shards: int = DEFAULT_RESIDENT_SHARDS,
         read_log: list | None = None,
+        order_block_rows: int = DEFAULT_ORDER_BLOCK_ROWS,
+        order_window_rows: int = DEFAULT_ORDER_WINDOW_ROWS,
     ):
         if family not in ("align", "diffusion"):
             raise ValueError(f"family={family!r}: expected 'align' or 'diffusion'")
@@ -511,6 +562,24 @@ class CachedBatches:
         del keys
         self.sizes = family == "diffusion" and cached_image_sizes(stores["pixels"])
         self._perms: dict[int, np.ndarray] = {}
+        if int(order_block_rows) < 1 or int(order_window_rows) < 1:
+            raise ValueError(f"order_block_rows={order_block_rows}, order_window_rows={order_window_rows}: "
+                             "both must be >= 1")
+        # The LLM cache's row groups of a window stay decoded through it when the window fits the resident budget
+        # (the other cache's rows follow the LLM's order only as far as the two caches' orders agree).
+        self.block_rows, self.window_rows = int(order_block_rows), int(order_window_rows)
+        self.windowed = self.n > self.window_rows
+        budget = self.shards["llm"].budget_rows
+        if self.windowed and self.window_rows > budget:
+            import warnings
+
+            warnings.warn(f"data.order_window_rows={self.window_rows} is more than the LLM cache rows a rank keeps "
+                          f"decoded ({budget} = data.max_resident_shards x its largest shard): row groups may be "
+                          "decoded more than once per window; lower order_window_rows or raise max_resident_shards",
+                          stacklevel=2)
+        # int32 (N,) examples sorted by (LLM shard, row): the sequence blocks are cut from; None = permutation
+        self._located = _location_order(*self.where["llm"]) if self.windowed else None
+        self._layout = _layout_digest(self.where["llm"]) if self.windowed else None
 
     def __len__(self) -> int:
         return self.n
@@ -519,12 +588,19 @@ class CachedBatches:
         if epoch not in self._perms:
             if len(self._perms) >= 2:  # a batch spans at most two epochs
                 self._perms.pop(min(self._perms))
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            perm = epoch_order(self.n, self.seed, epoch, self.block_rows, self.window_rows, self._located)
             self._perms[epoch] = perm.astype(np.int32) if self.n < 2**31 else perm
         return self._perms[epoch]
 
+    @property
+    def order(self) -> str:
+        """The order scheme in words (what a checkpoint records and a refused resume names)."""
+        if not self.windowed:
+            return "permutation (whole epoch)"
+        return f"blocks (block_rows={self.block_rows}, window_rows={self.window_rows})"
+
     def example_index(self, positions: np.ndarray) -> np.ndarray:
-        """Global sample positions -> example rows ``int64 (B,)``: a fresh permutation per epoch."""
+        """Global sample positions -> example rows ``int64 (B,)``: a fresh order per epoch (:func:`epoch_order`)."""
         epochs, offsets = np.divmod(np.asarray(positions, dtype=np.int64), self.n)
         out = np.empty(len(epochs), dtype=np.int64)
         for epoch in np.unique(epochs):
@@ -539,20 +615,37 @@ class CachedBatches:
         return np.arange(start, start + micro, dtype=np.int64)
 
     def position_state(self, step: int, global_batch: int) -> dict:
-        """What a checkpoint records about the data position (the order itself follows from it)."""
-        return {"examples": self.n, "seed": self.seed, "next_position": int(step) * int(global_batch)}
+        """What a checkpoint records about the data position (the order itself follows from it). The block order
+        adds its scheme, sizes and a digest of the LLM cache layout it is cut from; no ``order`` key means the
+        whole-epoch permutation (as in checkpoints from before the block order)."""
+        state = {"examples": self.n, "seed": self.seed, "next_position": int(step) * int(global_batch)}
+        if self.windowed:
+            state.update(order="blocks", order_block_rows=self.block_rows, order_window_rows=self.window_rows,
+                         order_layout=self._layout)
+        return state
 
     def check_resume(self, state: dict | None, step: int, global_batch: int) -> None:
-        """A clear error when a checkpoint's data position belongs to another example set or seed."""
+        """A clear error when a checkpoint's data position belongs to another example set, seed or order."""
         if not state:
             return  # a checkpoint from before the position was recorded
         mine = self.position_state(step, global_batch)
-        differs = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        theirs = {**state, "order": state.get("order", "permutation")}
+        mine["order"] = mine.get("order", "permutation")
+        differs = {k: (theirs.get(k), mine.get(k)) for k in dict.fromkeys([*mine, *theirs])
+                   if theirs.get(k) != mine.get(k)}
         if differs:
             shown = "; ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in differs.items())
+            hint = ""
+            if any(k.startswith("order") for k in differs):
+                hint = (f" This run's order is {self.order}; the checkpoint's is "
+                        + (f"blocks (block_rows={state.get('order_block_rows')}, window_rows="
+                           f"{state.get('order_window_rows')})" if theirs["order"] == "blocks"
+                           else "the whole-epoch permutation (data.order_window_rows >= the example count gives it)")
+                        + ": set data.order_block_rows / data.order_window_rows / data.max_resident_shards as it was"
+                        " saved (order_layout differs when the LLM cache was rewritten).")
             raise RuntimeError(f"the checkpoint's data position does not match this run ({shown}): resuming would "
                                "train on another order. Use the snapshot, split, seed and global_batch_size it was "
-                               "saved with, or another checkpoint.dir")
+                               f"saved with, or another checkpoint.dir.{hint}")
 
     def batch(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
         rows = self.example_index(positions)  # (B,)

@@ -99,7 +99,8 @@ def train(job: TrainJob, rank: int, world: int) -> None:
     batches = CachedBatches(examples, cfg.family, stores, seed=cfg.seed,
                             caption_dropout=cfg.diffusion.caption_dropout if cfg.diffusion else 0.0,
                             empty_states=job.empty_states, num_train_timesteps=timesteps,
-                            max_resident_shards=resident)
+                            max_resident_shards=resident, order_block_rows=cfg.data.order_block_rows,
+                            order_window_rows=cfg.data.order_window_rows)
     val_batch = None
     if val_examples:
         val = CachedBatches(val_examples, cfg.family, stores, seed=cfg.seed + 1, caption_dropout=0.0,
