@@ -437,27 +437,34 @@ def test_driver_reads_cached_states_one_shard_at_a_time(world):
 
 
 def test_epoch_order_is_a_permutation_of_each_epoch_and_a_function_of_seed_and_epoch():
-    from train.data import epoch_order
+    from train.data import epoch_order, order_blocks
 
-    n, block, window = 1000, 16, 128
+    n, window = 1000, 128
     located = np.random.default_rng(5).permutation(n)  # the examples in cache order
+    pieces = np.arange(n) // 5  # the row group of each place in cache order: groups of 5 rows
+    blocks = order_blocks(pieces, 16)
+    assert blocks[:5].tolist() == [0, 20, 35, 50, 65]  # whole groups: the first group start at or past 16k
+    assert np.array_equal(order_blocks(np.arange(n), 16), np.arange(0, n, 16))  # one-row groups: plain blocks
+
+    def order(seed, epoch, window=window):
+        return epoch_order(n, seed, epoch, window, located, blocks)
+
+    rank = np.empty(n, np.int64)
+    rank[located] = np.arange(n)  # example -> its place in cache order
     for epoch in range(3):
-        order = epoch_order(n, 7, epoch, block, window, located)
-        assert order.shape == (n,) and np.array_equal(np.sort(order), np.arange(n))  # every example exactly once
-        assert np.array_equal(order, epoch_order(n, 7, epoch, block, window, located))  # deterministic
-        # each window is made of whole blocks of `located` (the last block of the sequence may be short)
-        rank = np.empty(n, np.int64)
-        rank[located] = np.arange(n)  # example -> its place in cache order
-        for start in range(0, n, window):
-            blocks = np.unique(rank[order[start:start + window]] // block)
-            assert len(blocks) <= window // block + 1
-    assert not np.array_equal(epoch_order(n, 7, 0, block, window, located), epoch_order(n, 7, 1, block, window, located))
-    assert not np.array_equal(epoch_order(n, 7, 0, block, window, located), epoch_order(n, 8, 0, block, window, located))
+        visited = order(7, epoch)
+        assert visited.shape == (n,) and np.array_equal(np.sort(visited), np.arange(n))  # each example once
+        assert np.array_equal(visited, order(7, epoch))  # deterministic
+        for start in range(0, n, window):  # a window holds whole blocks (but the two at its ends): few groups
+            assert len(np.unique(pieces[rank[visited[start:start + window]]])) <= window // 5 + 2
+    assert not np.array_equal(order(7, 0), order(7, 1)) and not np.array_equal(order(7, 0), order(8, 0))
     # a split that fits the window (or no cache order given): exactly the whole-epoch permutation of before
-    for fits in (n, n + 1):
-        assert np.array_equal(epoch_order(n, 7, 2, block, fits, located), np.random.default_rng([7, 2]).permutation(n))
-    assert np.array_equal(epoch_order(n, 7, 2, block, window, None), np.random.default_rng([7, 2]).permutation(n))
-    assert not np.array_equal(epoch_order(n, 7, 2, block, window, located), np.random.default_rng([7, 2]).permutation(n))
+    before = np.random.default_rng([7, 2]).permutation(n)
+    assert np.array_equal(order(7, 2, window=n), before) and np.array_equal(order(7, 2, window=n + 1), before)
+    assert np.array_equal(epoch_order(n, 7, 2, window), before)
+    assert not np.array_equal(order(7, 2), before)
+    with pytest.raises(ValueError, match="block_starts start at 0"):
+        epoch_order(n, 7, 2, window, located, blocks[1:])
 
 
 def test_a_split_within_the_window_keeps_the_whole_epoch_permutation(world):
@@ -516,7 +523,8 @@ def test_check_resume_refuses_a_checkpoint_of_another_order(world):
     old = plain.position_state(6, 16)  # a checkpoint of the whole-epoch permutation (and of runs before)
     with pytest.raises(RuntimeError, match=r"order: checkpoint permutation vs now blocks.*whole-epoch permutation"):
         windowed.check_resume(old, 6, 16)
-    with pytest.raises(RuntimeError, match=r"order: checkpoint blocks vs now permutation.*block_rows=4, window_rows=16"):
+    with pytest.raises(RuntimeError, match=r"order: checkpoint blocks vs now permutation.*block_rows=4, "
+                                           r"window_rows=16"):
         plain.check_resume(state, 6, 16)
     other = CachedBatches(world["align"], "align", stores, seed=1, order_window_rows=20, order_block_rows=4)
     with pytest.raises(RuntimeError, match=r"order_window_rows: checkpoint 16 vs now 20"):
@@ -549,3 +557,40 @@ def test_a_batch_decodes_as_many_row_groups_per_sample_at_10n_as_at_n(tmp_path):
     assert at_10n <= 1.1 * at_n
     permuted = _reads_per_sample(large, large_examples, 320, order_window_rows=1 << 20)
     assert permuted > 2 * at_n  # what the block order saves: the test can tell the two orders apart
+
+
+def test_prefetch_changes_when_groups_are_decoded_never_the_batches(tmp_path):
+    """The training loop prefetches the next micro-batch's row groups while the model computes: the batches are those
+    of a stream that never prefetches, and a prefetched batch finds every group it needs resident."""
+    from omnidiff.contracts.cache import CacheStore
+    from train.data import CachedBatches
+
+    dirs, examples = _grouped_caches(tmp_path, rows=200, shard_rows=20, row_group_rows=4)
+    sizes = {"order_window_rows": 48, "order_block_rows": 8, "max_resident_shards": 3}
+    plain = CachedBatches(examples, "diffusion", {k: CacheStore(p) for k, p in dirs.items()}, seed=2, **sizes)
+    ahead = CachedBatches(examples, "diffusion", {k: CacheStore(p) for k, p in dirs.items()}, seed=2, **sizes)
+    assert ahead.windowed
+    ahead.prefetch(CachedBatches.positions(0, 8, 0, 1, 8, 0))
+    for step in range(30):  # 240 positions: crosses an epoch boundary
+        positions = CachedBatches.positions(step, 8, 0, 1, 8, 0)
+        ahead._wait()  # what batch() waits for first; here so the counts below are the batch's own
+        before = {k: s.group_reads for k, s in ahead.shards.items()}
+        ours = ahead.batch(positions)
+        assert {k: s.group_reads for k, s in ahead.shards.items()} == before  # all decoded by the prefetch
+        ahead.prefetch(CachedBatches.positions(step + 1, 8, 0, 1, 8, 0))
+        _assert_same(ours, plain.batch(positions))
+    ahead.close()
+    assert ahead._executor is None and all(not s._files for s in ahead.shards.values())
+
+
+def test_the_order_sizes_are_checked():
+    from omnidiff.config import ConfigError
+    from train.config import DataSection
+    from train.data import CachedBatches
+
+    assert (DataSection().order_window_rows, DataSection().order_block_rows, DataSection().prefetch) == (8192, 64, True)
+    with pytest.raises(ConfigError, match="order_window_rows.*must be >= data.order_block_rows=64"):
+        DataSection(order_window_rows=32)
+    with pytest.raises(ValueError, match="order_block_rows=0"):
+        CachedBatches(pd.DataFrame({"llm_key": ["x"], "pixel_key": ["y"]}), "diffusion", {}, seed=0,
+                      order_block_rows=0)

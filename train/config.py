@@ -42,8 +42,10 @@ class DataSection(ConfigModel):
       (max_resident_shards x its largest shard's rows: 16384 with the embed defaults; a warning says
       when it is not): then an LLM row group is decoded about once per window and a batch costs the
       same at any corpus size. A checkpoint records the order; resuming under another one is refused.
-    order_block_rows: examples per block of the block shuffle (consecutive in the LLM cache: a 32-row
-      Parquet row group or two). Smaller mixes more, larger reads fewer groups per window.
+    order_block_rows: examples per block of the block shuffle (consecutive in the LLM cache, whole 32-row
+      Parquet row groups: about two). Smaller mixes more, larger reads fewer groups per window.
+    prefetch: decode the next micro-batch's row groups in a background thread while the model computes
+      (the batches are the same either way; off: decoded when the batch is built).
     """
 
     snapshot: NonBlank = "tiny"
@@ -55,6 +57,7 @@ class DataSection(ConfigModel):
     max_resident_shards: int = Field(8, ge=1)
     order_window_rows: int = Field(8192, ge=1)
     order_block_rows: int = Field(64, ge=1)
+    prefetch: bool = True
 
     @model_validator(mode="after")
     def _window_holds_blocks(self) -> DataSection:

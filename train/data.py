@@ -347,12 +347,7 @@ class ResidentShards:
         decoded (or found resident) once each, in rounds of at most ``budget_rows`` rows."""
         columns = tuple(columns)
         shard = np.asarray(shard, dtype=np.int64)
-        group, inner = np.empty(len(shard), np.int64), np.empty(len(shard), np.int64)  # (B,) each
-        for s in np.unique(shard):
-            chosen = shard == s
-            starts = self.group_starts[int(s)]
-            g = np.searchsorted(starts, row[chosen], side="right") - 1
-            group[chosen], inner[chosen] = g, row[chosen] - starts[g]
+        group, inner = self._groups(shard, row)
         wanted, inverse = np.unique(shard << 32 | group, return_inverse=True)  # pieces, shard-major
         sizes = np.array([self._group_rows(p) for p in wanted.tolist()], dtype=np.int64)  # rows of each piece
         parts, order, first = [], [], 0
@@ -368,6 +363,32 @@ class ResidentShards:
         if self.read_log is not None:
             self.read_log.append((shard.astype(np.int32), np.asarray(row).copy()))
         return table
+
+    def warm(self, shard: np.ndarray, row: np.ndarray, columns: Sequence[str]) -> None:
+        """Decode the row groups holding ``(shard[i], row[i])`` (``columns`` only) into the resident set, as many as
+        ``budget_rows`` holds, without taking rows: a later :meth:`take` of them finds them resident."""
+        columns = tuple(columns)
+        wanted = np.unique(self.pieces(shard, row))
+        sizes = np.array([self._group_rows(p) for p in wanted.tolist()], dtype=np.int64)
+        fits = max(1, int(np.searchsorted(np.cumsum(sizes), self.budget_rows, side="right")))
+        self._pieces(wanted[:fits], columns)
+
+    def pieces(self, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
+        """The row group holding each ``(shard[i], row[i])``, as ``int64`` ids ``shard << 32 | group`` (ordered as
+        the rows are)."""
+        shard = np.asarray(shard, dtype=np.int64)
+        return shard << 32 | self._groups(shard, row)[0]
+
+    def _groups(self, shard: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(group in its shard, row inside the group)`` of each ``(shard[i], row[i])``: ``int64 (B,)`` each."""
+        row = np.asarray(row, dtype=np.int64)
+        group, inner = np.empty(len(shard), np.int64), np.empty(len(shard), np.int64)
+        for s in np.unique(shard):
+            chosen = shard == s
+            starts = self.group_starts[int(s)]
+            g = np.searchsorted(starts, row[chosen], side="right") - 1
+            group[chosen], inner[chosen] = g, row[chosen] - starts[g]
+        return group, inner
 
     def _pieces(self, pieces: np.ndarray, columns: tuple[str, ...]) -> list[pa.Table]:
         """The decoded row groups ``pieces`` (``shard << 32 | group``), reading the missing ones shard by shard."""
@@ -466,24 +487,24 @@ def _read_example_keys(examples: pd.DataFrame | pa.Table | str | Path, columns: 
     return {c: fixed_width_keys(table.column(c)) for c in columns}
 
 
-def epoch_order(n: int, seed: int, epoch: int, block_rows: int, window_rows: int,
-                located: np.ndarray | None = None) -> np.ndarray:
+def epoch_order(n: int, seed: int, epoch: int, window_rows: int, located: np.ndarray | None = None,
+                block_starts: np.ndarray | None = None) -> np.ndarray:
     """The examples of epoch ``epoch`` in visiting order, ``int64 (n,)``: every example exactly once.
 
     ``n <= window_rows`` (or ``located`` None): ``default_rng([seed, epoch]).permutation(n)``, the order of
     runs before the block order. Above, a block shuffle (as streaming loaders shuffle shards): ``located`` (the
-    examples sorted by where their LLM states live) is cut into blocks of ``block_rows``, the blocks are permuted,
-    the sequence is cut into windows of ``window_rows`` and each window permuted, all drawn from that one
-    generator. A window touches about ``window_rows / 32`` row groups of the LLM cache, whatever ``n``.
+    examples sorted by where their LLM states live) is cut into blocks at ``block_starts`` (offsets into
+    ``located``, first 0: :func:`order_blocks`), the blocks are permuted, the sequence is cut into windows of
+    ``window_rows`` and each window permuted, all drawn from that one generator.
     """
     rng = np.random.default_rng([int(seed), int(epoch)])
     if located is None or n <= window_rows:
         return rng.permutation(n)
-    if len(located) != n:
-        raise ValueError(f"located has {len(located)} rows for {n} examples")
-    blocks = rng.permutation(-(-n // block_rows))  # (n_blocks,) block order
-    starts = blocks.astype(np.int64) * block_rows
-    lengths = np.minimum(block_rows, n - starts)  # the last block may be short
+    if len(located) != n or block_starts is None or not len(block_starts) or block_starts[0] != 0:
+        raise ValueError(f"epoch_order: located must hold the {n} examples and block_starts start at 0")
+    lengths = np.diff(np.append(block_starts, n))  # (blocks,)
+    chosen = rng.permutation(len(block_starts))  # the blocks' order
+    starts, lengths = block_starts[chosen].astype(np.int64), lengths[chosen]
     first = np.repeat(np.cumsum(lengths) - lengths, lengths)  # (n,) where each row's block begins in `sequence`
     sequence = located[np.repeat(starts, lengths) + np.arange(n) - first]  # (n,) rows in block order
     order = np.empty(n, dtype=np.int64)
@@ -493,18 +514,24 @@ def epoch_order(n: int, seed: int, epoch: int, block_rows: int, window_rows: int
     return order
 
 
-def _location_order(shard: np.ndarray, row: np.ndarray) -> np.ndarray:
-    """Example indices sorted by (shard, row) in one cache (a stable sort: ties by example index): ``int64 (N,)``."""
-    return np.lexsort((row, shard))
+def order_blocks(pieces: np.ndarray, block_rows: int) -> np.ndarray:
+    """Where the blocks of a location-sorted sequence start: ``pieces (n,)`` are the sequence's row groups
+    (non-decreasing ids); a block is a run of whole row groups, starting at the first group that starts at or past
+    each multiple of ``block_rows`` (so blocks hold about ``block_rows`` examples and no group is split)."""
+    pieces = np.asarray(pieces)
+    group_starts = np.flatnonzero(np.r_[True, pieces[1:] != pieces[:-1]]) if len(pieces) else np.zeros(0, np.int64)
+    block = group_starts // int(block_rows)
+    return group_starts[np.r_[True, block[1:] != block[:-1]]] if len(group_starts) else group_starts
 
 
-def _layout_digest(where: tuple[np.ndarray, np.ndarray]) -> str:
-    """A short digest of the examples' (shard, row) in a cache: the block order's input besides (seed, epoch)."""
+def _layout_digest(*arrays: np.ndarray) -> str:
+    """A short digest of integer arrays (the examples' cache locations and the blocks cut from them): the block
+    order's input besides (seed, epoch), recorded so a resume over a rewritten cache is refused."""
     import hashlib
 
     digest = hashlib.blake2b(digest_size=8)
-    for column in where:
-        digest.update(np.ascontiguousarray(column, dtype="<i4").tobytes())
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array, dtype="<i8").tobytes())
     return digest.hexdigest()
 
 
@@ -521,9 +548,9 @@ class CachedBatches:
     ``perm[e]`` the order of epoch ``e``, a pure function of ``(seed, e)``, the two order sizes and the LLM
     cache's layout (:func:`epoch_order`). When the examples fit one window (``N <= order_window_rows``) it is
     ``default_rng([seed, e]).permutation(N)``; above, a block shuffle: examples sorted by where their LLM
-    states live, cut into blocks of ``order_block_rows``, the blocks permuted, and the rows permuted within
-    windows of ``order_window_rows``, so with a window within the resident budget an LLM row group is decoded
-    about once per window whatever the corpus size.
+    states live, cut into blocks of about ``order_block_rows`` (whole row groups), the blocks permuted, and the
+    rows permuted within windows of ``order_window_rows``, so with a window within the resident budget an LLM row
+    group is decoded about once per window whatever the corpus size.
     """
 
     def __init__(
@@ -544,6 +571,9 @@ class CachedBatches:
             raise ValueError(f"family={family!r}: expected 'align' or 'diffusion'")
         if family == "diffusion" and caption_dropout > 0 and empty_states is None:
             raise ValueError("caption dropout needs the LLM states of the empty prompt")
+        if int(order_block_rows) < 1 or int(order_window_rows) < 1:
+            raise ValueError(f"order_block_rows={order_block_rows}, order_window_rows={order_window_rows}: "
+                             "both must be >= 1")
         self.family, self.seed = family, int(seed)
         self.caption_dropout = float(caption_dropout)
         self.empty_states = empty_states
@@ -562,9 +592,7 @@ class CachedBatches:
         del keys
         self.sizes = family == "diffusion" and cached_image_sizes(stores["pixels"])
         self._perms: dict[int, np.ndarray] = {}
-        if int(order_block_rows) < 1 or int(order_window_rows) < 1:
-            raise ValueError(f"order_block_rows={order_block_rows}, order_window_rows={order_window_rows}: "
-                             "both must be >= 1")
+        self._executor, self._pending = None, None  # the prefetch thread (started by the first prefetch) and its job
         # The LLM cache's row groups of a window stay decoded through it when the window fits the resident budget
         # (the other cache's rows follow the LLM's order only as far as the two caches' orders agree).
         self.block_rows, self.window_rows = int(order_block_rows), int(order_window_rows)
@@ -578,8 +606,13 @@ class CachedBatches:
                           "decoded more than once per window; lower order_window_rows or raise max_resident_shards",
                           stacklevel=2)
         # int32 (N,) examples sorted by (LLM shard, row): the sequence blocks are cut from; None = permutation
-        self._located = _location_order(*self.where["llm"]) if self.windowed else None
-        self._layout = _layout_digest(self.where["llm"]) if self.windowed else None
+        self._located = self._blocks = self._layout = None
+        if self.windowed:  # examples sorted by (shard, row) of the LLM cache (a stable sort), cut at row groups
+            shard, row = self.where["llm"]
+            self._located = np.lexsort((row, shard))
+            self._blocks = order_blocks(self.shards["llm"].pieces(shard[self._located], row[self._located]),
+                                        self.block_rows)
+            self._layout = _layout_digest(shard, row, self._blocks)
 
     def __len__(self) -> int:
         return self.n
@@ -588,7 +621,7 @@ class CachedBatches:
         if epoch not in self._perms:
             if len(self._perms) >= 2:  # a batch spans at most two epochs
                 self._perms.pop(min(self._perms))
-            perm = epoch_order(self.n, self.seed, epoch, self.block_rows, self.window_rows, self._located)
+            perm = epoch_order(self.n, self.seed, epoch, self.window_rows, self._located, self._blocks)
             self._perms[epoch] = perm.astype(np.int32) if self.n < 2**31 else perm
         return self._perms[epoch]
 
@@ -647,15 +680,57 @@ class CachedBatches:
                                "train on another order. Use the snapshot, split, seed and global_batch_size it was "
                                f"saved with, or another checkpoint.dir.{hint}")
 
+    def _columns(self) -> dict[str, list[str]]:
+        """The value columns a batch reads from each cache."""
+        if self.family == "align":
+            return {"llm": ["states"], "clip": ["states", "pooled"]}
+        return {"llm": ["states"], "pixels": ["pixels", *SIZE_COLUMNS] if self.sizes else ["pixels"]}
+
+    def prefetch(self, positions: np.ndarray) -> None:
+        """Start decoding the row groups of the batch at ``positions`` in a background thread (Arrow's decode releases
+        the GIL), so they are resident when :meth:`batch` asks for them while the model computes meanwhile. Only which
+        groups are decoded when changes, never a batch's content; :meth:`batch` first waits for it (and re-raises
+        what it raised)."""
+        self._wait()
+        rows = self.example_index(positions)  # (B,) here: the epoch orders are computed in the caller's thread
+        wanted = {kind: tuple(w[rows] for w in self.where[kind]) for kind in self.shards}
+        columns = self._columns()
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omnidiff-prefetch")
+
+        def warm() -> None:
+            for kind, (shard, row) in wanted.items():
+                self.shards[kind].warm(shard, row, columns[kind])
+
+        self._pending = self._executor.submit(warm)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for a prefetch, stop its thread and close the shard files kept open."""
+        self._wait()
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+        for shards in self.shards.values():
+            shards.close()
+
     def batch(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        self._wait()  # a prefetch never runs beside a batch: the resident sets are touched by one thread at a time
         rows = self.example_index(positions)  # (B,)
+        columns = self._columns()
         llm_shards = self.shards["llm"]
-        taken = llm_shards.take(*(w[rows] for w in self.where["llm"]), ["states"])
+        taken = llm_shards.take(*(w[rows] for w in self.where["llm"]), columns["llm"])
         flat, lengths = _states_of(taken, llm_shards.store.hidden_size)  # (sum L, Dl), (B,)
         other = self.shards[self.other]
         shard, row = (w[rows] for w in self.where[self.other])
         if self.family == "align":
-            clip = other.take(shard, row, ["states", "pooled"])
+            clip = other.take(shard, row, columns["clip"])
             c_flat, c_lengths = _states_of(clip, other.store.hidden_size)
             target, target_mask = pad_flat(c_flat, c_lengths)  # (B, Tc, Dc)
             llm_states, llm_mask = pad_flat(flat, lengths)  # (B, T, Dl)
@@ -667,8 +742,7 @@ class CachedBatches:
                 "target_mask": clip_target_mask(target, target_mask),
                 "target_pooled": torch.from_numpy(pooled.astype(np.float32)),
             }
-        columns = ["pixels", *SIZE_COLUMNS] if self.sizes else ["pixels"]
-        pixels = other.take(shard, row, columns)
+        pixels = other.take(shard, row, columns["pixels"])
         images = torch.from_numpy(decode_fixed(pixels.column("pixels"), other.store.value_shape).astype(np.float32))
         noise, timesteps, dropped = self._draws(images.shape[1:], positions)
         llm_states, llm_mask = self._with_dropout(flat, lengths, dropped.numpy())
