@@ -594,3 +594,19 @@ def test_the_order_sizes_are_checked():
     with pytest.raises(ValueError, match="order_block_rows=0"):
         CachedBatches(pd.DataFrame({"llm_key": ["x"], "pixel_key": ["y"]}), "diffusion", {}, seed=0,
                       order_block_rows=0)
+
+
+def test_group_index_numbers_the_row_groups_of_the_whole_cache(tmp_path):
+    import pyarrow as pa
+
+    from omnidiff.contracts.cache import CacheStore
+    from train.data import ResidentShards, fixed_width_keys
+
+    dirs, examples = _grouped_caches(tmp_path, rows=50, shard_rows=12, row_group_rows=5)  # groups 5, 5, 2 per shard
+    shards = ResidentShards(CacheStore(dirs["llm"]))
+
+    shard, row = shards.locate(fixed_width_keys(pa.array(examples["llm_key"].tolist())), "captions")
+    index = shards.group_index(shard, row)
+    group, _ = shards._groups(shard.astype(np.int64), row)  # the per-shard search a batch uses
+    assert np.array_equal(index, np.unique(shard.astype(np.int64) << 32 | group, return_inverse=True)[1])
+    assert index.max() + 1 == sum(len(s) - 1 for s in shards.group_starts) == 4 * 3 + 1  # 50 rows: 4 x 12 + 2

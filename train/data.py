@@ -368,16 +368,20 @@ class ResidentShards:
         """Decode the row groups holding ``(shard[i], row[i])`` (``columns`` only) into the resident set, as many as
         ``budget_rows`` holds, without taking rows: a later :meth:`take` of them finds them resident."""
         columns = tuple(columns)
-        wanted = np.unique(self.pieces(shard, row))
+        shard = np.asarray(shard, dtype=np.int64)
+        wanted = np.unique(shard << 32 | self._groups(shard, row)[0])  # pieces, shard-major
         sizes = np.array([self._group_rows(p) for p in wanted.tolist()], dtype=np.int64)
         fits = max(1, int(np.searchsorted(np.cumsum(sizes), self.budget_rows, side="right")))
         self._pieces(wanted[:fits], columns)
 
-    def pieces(self, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
-        """The row group holding each ``(shard[i], row[i])``, as ``int64`` ids ``shard << 32 | group`` (ordered as
-        the rows are)."""
-        shard = np.asarray(shard, dtype=np.int64)
-        return shard << 32 | self._groups(shard, row)[0]
+    def group_index(self, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
+        """The row group holding each ``(shard[i], row[i])`` as one index over the whole cache, ``int64 (N,)``,
+        increasing with (shard, row): one search over every group's first row (any N, no loop over shards)."""
+        sizes = np.array([int(s[-1]) for s in self.group_starts], dtype=np.int64)  # rows per shard
+        base = np.cumsum(sizes) - sizes  # (shards,) the first row of each shard in the whole cache
+        firsts = np.concatenate([b + s[:-1] for b, s in zip(base, self.group_starts, strict=True)])  # (groups,)
+        rows = base[np.asarray(shard, dtype=np.int64)] + np.asarray(row, dtype=np.int64)
+        return np.searchsorted(firsts, rows, side="right") - 1
 
     def _groups(self, shard: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(group in its shard, row inside the group)`` of each ``(shard[i], row[i])``: ``int64 (B,)`` each."""
@@ -605,12 +609,11 @@ class CachedBatches:
                           f"decoded ({budget} = data.max_resident_shards x its largest shard): row groups may be "
                           "decoded more than once per window; lower order_window_rows or raise max_resident_shards",
                           stacklevel=2)
-        # int32 (N,) examples sorted by (LLM shard, row): the sequence blocks are cut from; None = permutation
-        self._located = self._blocks = self._layout = None
+        self._located = self._blocks = self._layout = None  # None: the whole-epoch permutation
         if self.windowed:  # examples sorted by (shard, row) of the LLM cache (a stable sort), cut at row groups
             shard, row = self.where["llm"]
             self._located = np.lexsort((row, shard))
-            self._blocks = order_blocks(self.shards["llm"].pieces(shard[self._located], row[self._located]),
+            self._blocks = order_blocks(self.shards["llm"].group_index(shard[self._located], row[self._located]),
                                         self.block_rows)
             self._layout = _layout_digest(shard, row, self._blocks)
 
@@ -674,8 +677,8 @@ class CachedBatches:
                         + (f"blocks (block_rows={state.get('order_block_rows')}, window_rows="
                            f"{state.get('order_window_rows')})" if theirs["order"] == "blocks"
                            else "the whole-epoch permutation (data.order_window_rows >= the example count gives it)")
-                        + ": set data.order_block_rows / data.order_window_rows / data.max_resident_shards as it was"
-                        " saved (order_layout differs when the LLM cache was rewritten).")
+                        + ": set data.order_block_rows / data.order_window_rows as it was saved (order_layout "
+                        "differs when the LLM cache was rewritten).")
             raise RuntimeError(f"the checkpoint's data position does not match this run ({shown}): resuming would "
                                "train on another order. Use the snapshot, split, seed and global_batch_size it was "
                                f"saved with, or another checkpoint.dir.{hint}")
@@ -687,10 +690,9 @@ class CachedBatches:
         return {"llm": ["states"], "pixels": ["pixels", *SIZE_COLUMNS] if self.sizes else ["pixels"]}
 
     def prefetch(self, positions: np.ndarray) -> None:
-        """Start decoding the row groups of the batch at ``positions`` in a background thread (Arrow's decode releases
-        the GIL), so they are resident when :meth:`batch` asks for them while the model computes meanwhile. Only which
-        groups are decoded when changes, never a batch's content; :meth:`batch` first waits for it (and re-raises
-        what it raised)."""
+        """Start decoding the row groups of the batch at ``positions`` in a background thread (Arrow decodes without
+        the GIL) while the caller computes; :meth:`batch` first waits for it (and re-raises what it raised) and finds
+        them resident. Only when groups are decoded changes, never a batch's content."""
         self._wait()
         rows = self.example_index(positions)  # (B,) here: the epoch orders are computed in the caller's thread
         wanted = {kind: tuple(w[rows] for w in self.where[kind]) for kind in self.shards}
