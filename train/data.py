@@ -535,7 +535,9 @@ def _layout_digest(*arrays: np.ndarray) -> str:
 
     digest = hashlib.blake2b(digest_size=8)
     for array in arrays:
-        digest.update(np.ascontiguousarray(array, dtype="<i8").tobytes())
+        array = np.ascontiguousarray(array)
+        digest.update(array.dtype.str.encode())
+        digest.update(memoryview(array).cast("B"))  # no copy of the (N,) arrays
     return digest.hexdigest()
 
 
@@ -612,7 +614,8 @@ class CachedBatches:
         self._located = self._blocks = self._layout = None  # None: the whole-epoch permutation
         if self.windowed:  # examples sorted by (shard, row) of the LLM cache (a stable sort), cut at row groups
             shard, row = self.where["llm"]
-            self._located = np.lexsort((row, shard))
+            located = np.lexsort((row, shard))
+            self._located = located.astype(np.int32) if self.n < 2**31 else located  # 4 bytes per example
             self._blocks = order_blocks(self.shards["llm"].group_index(shard[self._located], row[self._located]),
                                         self.block_rows)
             self._layout = _layout_digest(shard, row, self._blocks)
