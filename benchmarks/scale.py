@@ -173,7 +173,7 @@ def stage_train(spec: dict) -> dict:
         f"data.cache_root={spec['cache_root']}", f"checkpoint.dir={spec['out']}/checkpoints",
         f"registry.export_dir={spec['out']}/export", f"max_steps={spec['steps']}",
         f"checkpoint.every_steps={spec['steps']}", "dist.launcher=ray", "dist.num_workers=1", "data.val_examples=0",
-        "track=false",
+        "track=false", *spec.get("train_set", []),
     ])  # fmt: skip
     t0 = time.perf_counter()
     result = run(cfg)
@@ -238,7 +238,7 @@ def prepare(root: Path, rows: int):
 
 
 def measure_size(root: Path, rows: int, llm: Path, base: Path, steps: int, env: dict, s3=None,
-                 train: bool = True) -> dict:
+                 train: bool = True, train_set: tuple[str, ...] = ()) -> dict:
     from omnidiff.world import serve_world, write_url_list
 
     world = prepare(root, rows)
@@ -252,7 +252,7 @@ def measure_size(root: Path, rows: int, llm: Path, base: Path, steps: int, env: 
     out["embed"] = run_stage("embed", {**common, "cache_root": str(root / "cache")}, env)
     if train:
         out["train"] = run_stage("train", {**common, "cache_root": str(root / "cache"), "out": str(root / "train"),
-                                           "steps": steps}, env)
+                                           "steps": steps, "train_set": list(train_set)}, env)
     if s3 is not None:
         s3_env = {**env, **s3.env()}
         out["embed_s3"] = run_stage("embed", {**common, "cache_root": f"s3://{s3.bucket}/scale-{rows}/cache"}, s3_env)
@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=2000, help="N: images (and pairs) at the small size; 10N is the large")
     parser.add_argument("--factor", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20, help="training steps at each size (global batch 16)")
+    parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a dotted override of the train stage's config at both sizes (e.g. data.prefetch=false)")
     parser.add_argument("--no-s3", action="store_true", help="skip the embed-on-S3 comparison")
     parser.add_argument("--s3-only", action="store_true", help="only collect + embed at N, to local disk and to S3")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
@@ -318,13 +320,15 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [args.rows] if args.s3_only else [args.rows, args.rows * args.factor]
         large = f"{args.factor}N = {sizes[1]}" if len(sizes) > 1 else "no 10N (--s3-only)"
         print(f"LLM: tiny random Gemma-3 test model {llm.name} (not Gemma 3 270M); N = {sizes[0]}, {large} images; "
-              f"training {0 if args.s3_only else args.steps} steps; cpus {os.cpu_count()}", flush=True)
+              f"training {0 if args.s3_only else args.steps} steps {' '.join(args.train_set)}; cpus {os.cpu_count()}",
+              flush=True)
         print(f"{'rows':>7} {'stage':<9} {'seconds':>8} {'rows/s':>9} {'driver MiB':>10} {'workers MiB':>11} "
               f"{'ray MiB':>8} {'procs':>5} {'each MiB':>8}")
         results = {}
         for rows in sizes:
             results[rows] = measure_size(root / f"n{rows}", rows, llm, base, args.steps, env,
-                                         server if rows == sizes[0] else None, train=not args.s3_only)
+                                         server if rows == sizes[0] else None, train=not args.s3_only,
+                                         train_set=tuple(args.train_set))
             for stage, r in results[rows].items():
                 m = r["memory_mb"]
                 print(f"{rows:>7} {stage:<9} {r['seconds']:>8.1f} {rate(r):>9.1f} "

@@ -431,3 +431,182 @@ def test_driver_reads_cached_states_one_shard_at_a_time(world):
     ours = llm_state_stats(store, keys, max_texts=30)
     np.testing.assert_array_equal(ours[0], mean.astype(np.float32))
     np.testing.assert_array_equal(ours[1], std.astype(np.float32))
+
+
+# ------------------------------------------------------------------------------ the block order (issue 17)
+
+
+def test_epoch_order_is_a_permutation_of_each_epoch_and_a_function_of_seed_and_epoch():
+    from train.data import epoch_order, order_blocks
+
+    n, window = 1000, 128
+    located = np.random.default_rng(5).permutation(n)  # the examples in cache order
+    pieces = np.arange(n) // 5  # the row group of each place in cache order: groups of 5 rows
+    blocks = order_blocks(pieces, 16)
+    assert blocks[:5].tolist() == [0, 20, 35, 50, 65]  # whole groups: the first group start at or past 16k
+    assert np.array_equal(order_blocks(np.arange(n), 16), np.arange(0, n, 16))  # one-row groups: plain blocks
+
+    def order(seed, epoch, window=window):
+        return epoch_order(n, seed, epoch, window, located, blocks)
+
+    rank = np.empty(n, np.int64)
+    rank[located] = np.arange(n)  # example -> its place in cache order
+    for epoch in range(3):
+        visited = order(7, epoch)
+        assert visited.shape == (n,) and np.array_equal(np.sort(visited), np.arange(n))  # each example once
+        assert np.array_equal(visited, order(7, epoch))  # deterministic
+        for start in range(0, n, window):  # a window holds whole blocks (but the two at its ends): few groups
+            assert len(np.unique(pieces[rank[visited[start:start + window]]])) <= window // 5 + 2
+    assert not np.array_equal(order(7, 0), order(7, 1)) and not np.array_equal(order(7, 0), order(8, 0))
+    # a split that fits the window (or no cache order given): exactly the whole-epoch permutation of before
+    before = np.random.default_rng([7, 2]).permutation(n)
+    assert np.array_equal(order(7, 2, window=n), before) and np.array_equal(order(7, 2, window=n + 1), before)
+    assert np.array_equal(epoch_order(n, 7, 2, window), before)
+    assert not np.array_equal(order(7, 2), before)
+    with pytest.raises(ValueError, match="block_starts start at 0"):
+        epoch_order(n, 7, 2, window, located, blocks[1:])
+
+
+def test_a_split_within_the_window_keeps_the_whole_epoch_permutation(world):
+    from train.data import CachedBatches
+
+    stores = _stores(world)
+    positions = np.arange(3 * 40 + 5)  # three epochs and a bit
+    old = np.array([np.random.default_rng([3, int(p) // 40]).permutation(40)[int(p) % 40] for p in positions])
+    for window in (None, 40, 1 << 20):  # the default (8192), exactly N, far above
+        sizes = {} if window is None else {"order_window_rows": window}
+        batches = CachedBatches(world["align"], "align", stores, seed=3, **sizes)
+        assert not batches.windowed and batches.order == "permutation (whole epoch)"
+        assert np.array_equal(batches.example_index(positions), old)
+        assert "order" not in batches.position_state(2, 16)  # as checkpoints before the block order
+    windowed = CachedBatches(world["align"], "align", stores, seed=3, order_window_rows=39, order_block_rows=4)
+    assert windowed.windowed and not np.array_equal(windowed.example_index(positions), old)
+    for epoch in range(3):
+        assert sorted(windowed.example_index(np.arange(40) + 40 * epoch).tolist()) == list(range(40))
+
+
+def test_the_block_order_does_not_depend_on_the_worker_count_or_a_restart(world):
+    """The block order too is a function of (seed, position): 1, 2 or 4 ranks and a fresh stream (a resume) started
+    at step 3 see the same examples at every step."""
+    from train.data import CachedBatches
+
+    sizes = {"order_window_rows": 16, "order_block_rows": 4}
+
+    def step_rows(world_size: int, step: int, stream) -> list[tuple[int, ...]]:
+        rows = []
+        for rank in range(world_size):
+            for m in range(16 // (4 * world_size)):
+                batch = stream.batch(CachedBatches.positions(step, 16, rank, world_size, 4, m))
+                rows += [tuple(p.tolist()) for p in batch["pixels"].flatten(1)[:, :3]]
+        return sorted(rows)
+
+    first = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1, **sizes)
+    assert first.windowed
+    uninterrupted = [step_rows(1, s, first) for s in range(6)]
+    for world_size in (2, 4):
+        resumed = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1, max_resident_shards=2, **sizes)
+        assert [step_rows(world_size, s, resumed) for s in range(3, 6)] == uninterrupted[3:]
+    plain = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1)
+    assert [step_rows(1, s, plain) for s in range(6)] != uninterrupted  # the block order is another order
+
+
+def test_check_resume_refuses_a_checkpoint_of_another_order(world):
+    from train.data import CachedBatches
+
+    stores = _stores(world)
+    windowed = CachedBatches(world["align"], "align", stores, seed=1, order_window_rows=16, order_block_rows=4)
+    state = windowed.position_state(6, 16)
+    assert state["order"] == "blocks" and state["order_window_rows"] == 16 and state["order_block_rows"] == 4
+    assert len(state["order_layout"]) == 16
+    windowed.check_resume(state, 6, 16)  # same run: fine
+    plain = CachedBatches(world["align"], "align", stores, seed=1)
+    old = plain.position_state(6, 16)  # a checkpoint of the whole-epoch permutation (and of runs before)
+    with pytest.raises(RuntimeError, match=r"order: checkpoint permutation vs now blocks.*whole-epoch permutation"):
+        windowed.check_resume(old, 6, 16)
+    with pytest.raises(RuntimeError, match=r"order: checkpoint blocks vs now permutation.*block_rows=4, "
+                                           r"window_rows=16"):
+        plain.check_resume(state, 6, 16)
+    other = CachedBatches(world["align"], "align", stores, seed=1, order_window_rows=20, order_block_rows=4)
+    with pytest.raises(RuntimeError, match=r"order_window_rows: checkpoint 16 vs now 20"):
+        other.check_resume(state, 6, 16)
+    with pytest.raises(RuntimeError, match=r"order_layout: checkpoint 0{16} vs now"):
+        windowed.check_resume({**state, "order_layout": "0" * 16}, 6, 16)
+
+
+def _reads_per_sample(dirs, examples, samples: int, **sizes) -> float:
+    from omnidiff.contracts.cache import CacheStore
+    from train.data import CachedBatches
+
+    batches = CachedBatches(examples, "diffusion", {k: CacheStore(p) for k, p in dirs.items()}, seed=0,
+                            max_resident_shards=2, **sizes)
+    for step in range(samples // 8):
+        batches.batch(CachedBatches.positions(step, 8, 0, 1, 8, 0))
+    return sum(s.group_reads for s in batches.shards.values()) / samples
+
+
+def test_a_batch_decodes_as_many_row_groups_per_sample_at_10n_as_at_n(tmp_path):
+    """Shards of 32 rows in groups of 4, two shards' worth resident (64 rows) and a 64-row window: at N = 64 examples
+    (one window: the whole-epoch permutation) an epoch decodes each group once; at 10N = 640 the block order decodes
+    about as many groups per sample over five windows, where the whole-epoch permutation decodes several times more."""
+    small, small_examples = _grouped_caches(tmp_path / "n", rows=64, shard_rows=32, row_group_rows=4)
+    large, large_examples = _grouped_caches(tmp_path / "10n", rows=640, shard_rows=32, row_group_rows=4)
+    sizes = {"order_window_rows": 64, "order_block_rows": 8}
+    at_n = _reads_per_sample(small, small_examples, 64, **sizes)  # one epoch
+    assert at_n == pytest.approx(2 * 16 / 64)  # 16 groups per cache, each decoded once
+    at_10n = _reads_per_sample(large, large_examples, 320, **sizes)  # five windows
+    assert at_10n <= 1.1 * at_n
+    permuted = _reads_per_sample(large, large_examples, 320, order_window_rows=1 << 20)
+    assert permuted > 2 * at_n  # what the block order saves: the test can tell the two orders apart
+
+
+def test_prefetch_changes_when_groups_are_decoded_never_the_batches(tmp_path):
+    """The training loop prefetches the next micro-batch's row groups while the model computes: the batches are those
+    of a stream that never prefetches, and a prefetched batch finds every group it needs resident."""
+    from omnidiff.contracts.cache import CacheStore
+    from train.data import CachedBatches
+
+    dirs, examples = _grouped_caches(tmp_path, rows=200, shard_rows=20, row_group_rows=4)
+    sizes = {"order_window_rows": 48, "order_block_rows": 8, "max_resident_shards": 3}
+    plain = CachedBatches(examples, "diffusion", {k: CacheStore(p) for k, p in dirs.items()}, seed=2, **sizes)
+    ahead = CachedBatches(examples, "diffusion", {k: CacheStore(p) for k, p in dirs.items()}, seed=2, **sizes)
+    assert ahead.windowed
+    ahead.prefetch(CachedBatches.positions(0, 8, 0, 1, 8, 0))
+    for step in range(30):  # 240 positions: crosses an epoch boundary
+        positions = CachedBatches.positions(step, 8, 0, 1, 8, 0)
+        ahead._wait()  # what batch() waits for first; here so the counts below are the batch's own
+        before = {k: s.group_reads for k, s in ahead.shards.items()}
+        ours = ahead.batch(positions)
+        assert {k: s.group_reads for k, s in ahead.shards.items()} == before  # all decoded by the prefetch
+        ahead.prefetch(CachedBatches.positions(step + 1, 8, 0, 1, 8, 0))
+        _assert_same(ours, plain.batch(positions))
+    ahead.close()
+    assert ahead._executor is None and all(not s._files for s in ahead.shards.values())
+
+
+def test_the_order_sizes_are_checked():
+    from omnidiff.config import ConfigError
+    from train.config import DataSection
+    from train.data import CachedBatches
+
+    assert (DataSection().order_window_rows, DataSection().order_block_rows, DataSection().prefetch) == (8192, 64, True)
+    with pytest.raises(ConfigError, match="order_window_rows.*must be >= data.order_block_rows=64"):
+        DataSection(order_window_rows=32)
+    with pytest.raises(ValueError, match="order_block_rows=0"):
+        CachedBatches(pd.DataFrame({"llm_key": ["x"], "pixel_key": ["y"]}), "diffusion", {}, seed=0,
+                      order_block_rows=0)
+
+
+def test_group_index_numbers_the_row_groups_of_the_whole_cache(tmp_path):
+    import pyarrow as pa
+
+    from omnidiff.contracts.cache import CacheStore
+    from train.data import ResidentShards, fixed_width_keys
+
+    dirs, examples = _grouped_caches(tmp_path, rows=50, shard_rows=12, row_group_rows=5)  # groups 5, 5, 2 per shard
+    shards = ResidentShards(CacheStore(dirs["llm"]))
+
+    shard, row = shards.locate(fixed_width_keys(pa.array(examples["llm_key"].tolist())), "captions")
+    index = shards.group_index(shard, row)
+    group, _ = shards._groups(shard.astype(np.int64), row)  # the per-shard search a batch uses
+    assert np.array_equal(index, np.unique(shard.astype(np.int64) << 32 | group, return_inverse=True)[1])
+    assert index.max() + 1 == sum(len(s) - 1 for s in shards.group_starts) == 4 * 3 + 1  # 50 rows: 4 x 12 + 2

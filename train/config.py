@@ -34,6 +34,18 @@ class DataSection(ConfigModel):
       every checkpoint, with fixed noise and timesteps so values are comparable (0 = off).
     max_resident_shards: decoded cache shards a training rank keeps per cache (least recently used
       out first); a rank's memory is bounded by it, not by the corpus (train.data, issue 17).
+    order_window_rows: the order's shuffle window, in examples (docs/architecture.md "Training data"). A
+      split with at most this many examples is visited in a fresh permutation of all its examples each
+      epoch, as before this option; a larger one in a block shuffle: examples sorted by where their LLM
+      states are cached, cut into blocks of order_block_rows, blocks permuted, rows permuted within
+      windows of this many examples. Keep it within what a rank keeps decoded of the LLM cache
+      (max_resident_shards x its largest shard's rows: 16384 with the embed defaults; a warning says
+      when it is not): then an LLM row group is decoded about once per window and a batch costs the
+      same at any corpus size. A checkpoint records the order; resuming under another one is refused.
+    order_block_rows: examples per block of the block shuffle (consecutive in the LLM cache, whole 32-row
+      Parquet row groups: about two). Smaller mixes more, larger reads fewer groups per window.
+    prefetch: decode the next micro-batch's row groups in a background thread while the model computes
+      (the batches are the same either way; off: decoded when the batch is built).
     """
 
     snapshot: NonBlank = "tiny"
@@ -43,6 +55,15 @@ class DataSection(ConfigModel):
     aesthetic_min: float | None = None
     val_examples: int = Field(32, ge=0)
     max_resident_shards: int = Field(8, ge=1)
+    order_window_rows: int = Field(8192, ge=1)
+    order_block_rows: int = Field(64, ge=1)
+    prefetch: bool = True
+
+    @model_validator(mode="after")
+    def _window_holds_blocks(self) -> DataSection:
+        require(self.order_window_rows >= self.order_block_rows, "order_window_rows", self.order_window_rows,
+                f"must be >= data.order_block_rows={self.order_block_rows} (a window holds whole blocks)")
+        return self
 
 
 class AdapterSection(ConfigModel):

@@ -267,6 +267,8 @@ def sample_seed(seed: int, position: int) -> int:
 # from before) is read whole, as it was.
 
 DEFAULT_RESIDENT_SHARDS = 8
+DEFAULT_ORDER_BLOCK_ROWS = 64  # data.order_block_rows
+DEFAULT_ORDER_WINDOW_ROWS = 8192  # data.order_window_rows: above the tiny world's example counts
 _FILES_OPEN = 64  # shard files a rank keeps open per cache (a file descriptor and the parsed footer each)
 
 
@@ -345,12 +347,7 @@ class ResidentShards:
         decoded (or found resident) once each, in rounds of at most ``budget_rows`` rows."""
         columns = tuple(columns)
         shard = np.asarray(shard, dtype=np.int64)
-        group, inner = np.empty(len(shard), np.int64), np.empty(len(shard), np.int64)  # (B,) each
-        for s in np.unique(shard):
-            chosen = shard == s
-            starts = self.group_starts[int(s)]
-            g = np.searchsorted(starts, row[chosen], side="right") - 1
-            group[chosen], inner[chosen] = g, row[chosen] - starts[g]
+        group, inner = self._groups(shard, row)
         wanted, inverse = np.unique(shard << 32 | group, return_inverse=True)  # pieces, shard-major
         sizes = np.array([self._group_rows(p) for p in wanted.tolist()], dtype=np.int64)  # rows of each piece
         parts, order, first = [], [], 0
@@ -366,6 +363,36 @@ class ResidentShards:
         if self.read_log is not None:
             self.read_log.append((shard.astype(np.int32), np.asarray(row).copy()))
         return table
+
+    def warm(self, shard: np.ndarray, row: np.ndarray, columns: Sequence[str]) -> None:
+        """Decode the row groups holding ``(shard[i], row[i])`` (``columns`` only) into the resident set, as many as
+        ``budget_rows`` holds, without taking rows: a later :meth:`take` of them finds them resident."""
+        columns = tuple(columns)
+        shard = np.asarray(shard, dtype=np.int64)
+        wanted = np.unique(shard << 32 | self._groups(shard, row)[0])  # pieces, shard-major
+        sizes = np.array([self._group_rows(p) for p in wanted.tolist()], dtype=np.int64)
+        fits = max(1, int(np.searchsorted(np.cumsum(sizes), self.budget_rows, side="right")))
+        self._pieces(wanted[:fits], columns)
+
+    def group_index(self, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
+        """The row group holding each ``(shard[i], row[i])`` as one index over the whole cache, ``int64 (N,)``,
+        increasing with (shard, row): one search over every group's first row (any N, no loop over shards)."""
+        sizes = np.array([int(s[-1]) for s in self.group_starts], dtype=np.int64)  # rows per shard
+        base = np.cumsum(sizes) - sizes  # (shards,) the first row of each shard in the whole cache
+        firsts = np.concatenate([b + s[:-1] for b, s in zip(base, self.group_starts, strict=True)])  # (groups,)
+        rows = base[np.asarray(shard, dtype=np.int64)] + np.asarray(row, dtype=np.int64)
+        return np.searchsorted(firsts, rows, side="right") - 1
+
+    def _groups(self, shard: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(group in its shard, row inside the group)`` of each ``(shard[i], row[i])``: ``int64 (B,)`` each."""
+        row = np.asarray(row, dtype=np.int64)
+        group, inner = np.empty(len(shard), np.int64), np.empty(len(shard), np.int64)
+        for s in np.unique(shard):
+            chosen = shard == s
+            starts = self.group_starts[int(s)]
+            g = np.searchsorted(starts, row[chosen], side="right") - 1
+            group[chosen], inner[chosen] = g, row[chosen] - starts[g]
+        return group, inner
 
     def _pieces(self, pieces: np.ndarray, columns: tuple[str, ...]) -> list[pa.Table]:
         """The decoded row groups ``pieces`` (``shard << 32 | group``), reading the missing ones shard by shard."""
@@ -464,6 +491,56 @@ def _read_example_keys(examples: pd.DataFrame | pa.Table | str | Path, columns: 
     return {c: fixed_width_keys(table.column(c)) for c in columns}
 
 
+def epoch_order(n: int, seed: int, epoch: int, window_rows: int, located: np.ndarray | None = None,
+                block_starts: np.ndarray | None = None) -> np.ndarray:
+    """The examples of epoch ``epoch`` in visiting order, ``int64 (n,)``: every example exactly once.
+
+    ``n <= window_rows`` (or ``located`` None): ``default_rng([seed, epoch]).permutation(n)``, the order of
+    runs before the block order. Above, a block shuffle (as streaming loaders shuffle shards): ``located`` (the
+    examples sorted by where their LLM states live) is cut into blocks at ``block_starts`` (offsets into
+    ``located``, first 0: :func:`order_blocks`), the blocks are permuted, the sequence is cut into windows of
+    ``window_rows`` and each window permuted, all drawn from that one generator.
+    """
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    if located is None or n <= window_rows:
+        return rng.permutation(n)
+    if len(located) != n or block_starts is None or not len(block_starts) or block_starts[0] != 0:
+        raise ValueError(f"epoch_order: located must hold the {n} examples and block_starts start at 0")
+    lengths = np.diff(np.append(block_starts, n))  # (blocks,)
+    chosen = rng.permutation(len(block_starts))  # the blocks' order
+    starts, lengths = block_starts[chosen].astype(np.int64), lengths[chosen]
+    first = np.repeat(np.cumsum(lengths) - lengths, lengths)  # (n,) where each row's block begins in `sequence`
+    sequence = located[np.repeat(starts, lengths) + np.arange(n) - first]  # (n,) rows in block order
+    order = np.empty(n, dtype=np.int64)
+    for start in range(0, n, window_rows):
+        window = sequence[start:start + window_rows]
+        order[start:start + len(window)] = window[rng.permutation(len(window))]
+    return order
+
+
+def order_blocks(pieces: np.ndarray, block_rows: int) -> np.ndarray:
+    """Where the blocks of a location-sorted sequence start: ``pieces (n,)`` are the sequence's row groups
+    (non-decreasing ids); a block is a run of whole row groups, starting at the first group that starts at or past
+    each multiple of ``block_rows`` (so blocks hold about ``block_rows`` examples and no group is split)."""
+    pieces = np.asarray(pieces)
+    group_starts = np.flatnonzero(np.r_[True, pieces[1:] != pieces[:-1]]) if len(pieces) else np.zeros(0, np.int64)
+    block = group_starts // int(block_rows)
+    return group_starts[np.r_[True, block[1:] != block[:-1]]] if len(group_starts) else group_starts
+
+
+def _layout_digest(*arrays: np.ndarray) -> str:
+    """A short digest of integer arrays (the examples' cache locations and the blocks cut from them): the block
+    order's input besides (seed, epoch), recorded so a resume over a rewritten cache is refused."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(array.dtype.str.encode())
+        digest.update(memoryview(array).cast("B"))  # no copy of the (N,) arrays
+    return digest.hexdigest()
+
+
 class CachedBatches:
     """One rank's micro-batches from the cache, a pure function of the global sample positions (no state
     to checkpoint beyond the step).
@@ -473,8 +550,13 @@ class CachedBatches:
     states of "" (caption dropout's replacement). ``num_train_timesteps`` is the diffusion schedule's
     length (stages 2-3). ``max_resident_shards`` bounds the decoded shards kept per cache.
 
-    Order: epoch ``e`` visits the examples in ``default_rng([seed, e]).permutation(N)`` order; global
-    position ``p`` is example ``perm[p // N][p % N]`` (docs/architecture.md "Training data").
+    Order (docs/architecture.md "Training data"): global position ``p`` is example ``perm[p // N][p % N]``,
+    ``perm[e]`` the order of epoch ``e``, a pure function of ``(seed, e)``, the two order sizes and the LLM
+    cache's layout (:func:`epoch_order`). When the examples fit one window (``N <= order_window_rows``) it is
+    ``default_rng([seed, e]).permutation(N)``; above, a block shuffle: examples sorted by where their LLM
+    states live, cut into blocks of about ``order_block_rows`` (whole row groups), the blocks permuted, and the
+    rows permuted within windows of ``order_window_rows``, so with a window within the resident budget an LLM row
+    group is decoded about once per window whatever the corpus size.
     """
 
     def __init__(
@@ -488,11 +570,16 @@ class CachedBatches:
         num_train_timesteps: int = 1000,
         max_resident_shards: int = DEFAULT_RESIDENT_SHARDS,
         read_log: list | None = None,
+        order_block_rows: int = DEFAULT_ORDER_BLOCK_ROWS,
+        order_window_rows: int = DEFAULT_ORDER_WINDOW_ROWS,
     ):
         if family not in ("align", "diffusion"):
             raise ValueError(f"family={family!r}: expected 'align' or 'diffusion'")
         if family == "diffusion" and caption_dropout > 0 and empty_states is None:
             raise ValueError("caption dropout needs the LLM states of the empty prompt")
+        if int(order_block_rows) < 1 or int(order_window_rows) < 1:
+            raise ValueError(f"order_block_rows={order_block_rows}, order_window_rows={order_window_rows}: "
+                             "both must be >= 1")
         self.family, self.seed = family, int(seed)
         self.caption_dropout = float(caption_dropout)
         self.empty_states = empty_states
@@ -511,6 +598,27 @@ class CachedBatches:
         del keys
         self.sizes = family == "diffusion" and cached_image_sizes(stores["pixels"])
         self._perms: dict[int, np.ndarray] = {}
+        self._executor, self._pending = None, None  # the prefetch thread (started by the first prefetch) and its job
+        # The LLM cache's row groups of a window stay decoded through it when the window fits the resident budget
+        # (the other cache's rows follow the LLM's order only as far as the two caches' orders agree).
+        self.block_rows, self.window_rows = int(order_block_rows), int(order_window_rows)
+        self.windowed = self.n > self.window_rows
+        budget = self.shards["llm"].budget_rows
+        if self.windowed and self.window_rows > budget:
+            import warnings
+
+            warnings.warn(f"data.order_window_rows={self.window_rows} is more than the LLM cache rows a rank keeps "
+                          f"decoded ({budget} = data.max_resident_shards x its largest shard): row groups may be "
+                          "decoded more than once per window; lower order_window_rows or raise max_resident_shards",
+                          stacklevel=2)
+        self._located = self._blocks = self._layout = None  # None: the whole-epoch permutation
+        if self.windowed:  # examples sorted by (shard, row) of the LLM cache (a stable sort), cut at row groups
+            shard, row = self.where["llm"]
+            located = np.lexsort((row, shard))
+            self._located = located.astype(np.int32) if self.n < 2**31 else located  # 4 bytes per example
+            self._blocks = order_blocks(self.shards["llm"].group_index(shard[self._located], row[self._located]),
+                                        self.block_rows)
+            self._layout = _layout_digest(shard, row, self._blocks)
 
     def __len__(self) -> int:
         return self.n
@@ -519,12 +627,19 @@ class CachedBatches:
         if epoch not in self._perms:
             if len(self._perms) >= 2:  # a batch spans at most two epochs
                 self._perms.pop(min(self._perms))
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            perm = epoch_order(self.n, self.seed, epoch, self.window_rows, self._located, self._blocks)
             self._perms[epoch] = perm.astype(np.int32) if self.n < 2**31 else perm
         return self._perms[epoch]
 
+    @property
+    def order(self) -> str:
+        """The order scheme in words (what a checkpoint records and a refused resume names)."""
+        if not self.windowed:
+            return "permutation (whole epoch)"
+        return f"blocks (block_rows={self.block_rows}, window_rows={self.window_rows})"
+
     def example_index(self, positions: np.ndarray) -> np.ndarray:
-        """Global sample positions -> example rows ``int64 (B,)``: a fresh permutation per epoch."""
+        """Global sample positions -> example rows ``int64 (B,)``: a fresh order per epoch (:func:`epoch_order`)."""
         epochs, offsets = np.divmod(np.asarray(positions, dtype=np.int64), self.n)
         out = np.empty(len(epochs), dtype=np.int64)
         for epoch in np.unique(epochs):
@@ -539,30 +654,88 @@ class CachedBatches:
         return np.arange(start, start + micro, dtype=np.int64)
 
     def position_state(self, step: int, global_batch: int) -> dict:
-        """What a checkpoint records about the data position (the order itself follows from it)."""
-        return {"examples": self.n, "seed": self.seed, "next_position": int(step) * int(global_batch)}
+        """What a checkpoint records about the data position (the order itself follows from it). The block order
+        adds its scheme, sizes and a digest of the LLM cache layout it is cut from; no ``order`` key means the
+        whole-epoch permutation (as in checkpoints from before the block order)."""
+        state = {"examples": self.n, "seed": self.seed, "next_position": int(step) * int(global_batch)}
+        if self.windowed:
+            state.update(order="blocks", order_block_rows=self.block_rows, order_window_rows=self.window_rows,
+                         order_layout=self._layout)
+        return state
 
     def check_resume(self, state: dict | None, step: int, global_batch: int) -> None:
-        """A clear error when a checkpoint's data position belongs to another example set or seed."""
+        """A clear error when a checkpoint's data position belongs to another example set, seed or order."""
         if not state:
             return  # a checkpoint from before the position was recorded
         mine = self.position_state(step, global_batch)
-        differs = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        theirs = {**state, "order": state.get("order", "permutation")}
+        mine["order"] = mine.get("order", "permutation")
+        differs = {k: (theirs.get(k), mine.get(k)) for k in dict.fromkeys([*mine, *theirs])
+                   if theirs.get(k) != mine.get(k)}
         if differs:
             shown = "; ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in differs.items())
+            hint = ""
+            if any(k.startswith("order") for k in differs):
+                hint = (f" This run's order is {self.order}; the checkpoint's is "
+                        + (f"blocks (block_rows={state.get('order_block_rows')}, window_rows="
+                           f"{state.get('order_window_rows')})" if theirs["order"] == "blocks"
+                           else "the whole-epoch permutation (data.order_window_rows >= the example count gives it)")
+                        + ": set data.order_block_rows / data.order_window_rows as it was saved (order_layout "
+                        "differs when the LLM cache was rewritten).")
             raise RuntimeError(f"the checkpoint's data position does not match this run ({shown}): resuming would "
                                "train on another order. Use the snapshot, split, seed and global_batch_size it was "
-                               "saved with, or another checkpoint.dir")
+                               f"saved with, or another checkpoint.dir.{hint}")
+
+    def _columns(self) -> dict[str, list[str]]:
+        """The value columns a batch reads from each cache."""
+        if self.family == "align":
+            return {"llm": ["states"], "clip": ["states", "pooled"]}
+        return {"llm": ["states"], "pixels": ["pixels", *SIZE_COLUMNS] if self.sizes else ["pixels"]}
+
+    def prefetch(self, positions: np.ndarray) -> None:
+        """Start decoding the row groups of the batch at ``positions`` in a background thread (Arrow decodes without
+        the GIL) while the caller computes; :meth:`batch` first waits for it (and re-raises what it raised) and finds
+        them resident. Only when groups are decoded changes, never a batch's content."""
+        self._wait()
+        rows = self.example_index(positions)  # (B,) here: the epoch orders are computed in the caller's thread
+        wanted = {kind: tuple(w[rows] for w in self.where[kind]) for kind in self.shards}
+        columns = self._columns()
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omnidiff-prefetch")
+
+        def warm() -> None:
+            for kind, (shard, row) in wanted.items():
+                self.shards[kind].warm(shard, row, columns[kind])
+
+        self._pending = self._executor.submit(warm)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for a prefetch, stop its thread and close the shard files kept open."""
+        self._wait()
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+        for shards in self.shards.values():
+            shards.close()
 
     def batch(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        self._wait()  # a prefetch never runs beside a batch: the resident sets are touched by one thread at a time
         rows = self.example_index(positions)  # (B,)
+        columns = self._columns()
         llm_shards = self.shards["llm"]
-        taken = llm_shards.take(*(w[rows] for w in self.where["llm"]), ["states"])
+        taken = llm_shards.take(*(w[rows] for w in self.where["llm"]), columns["llm"])
         flat, lengths = _states_of(taken, llm_shards.store.hidden_size)  # (sum L, Dl), (B,)
         other = self.shards[self.other]
         shard, row = (w[rows] for w in self.where[self.other])
         if self.family == "align":
-            clip = other.take(shard, row, ["states", "pooled"])
+            clip = other.take(shard, row, columns["clip"])
             c_flat, c_lengths = _states_of(clip, other.store.hidden_size)
             target, target_mask = pad_flat(c_flat, c_lengths)  # (B, Tc, Dc)
             llm_states, llm_mask = pad_flat(flat, lengths)  # (B, T, Dl)
@@ -574,8 +747,7 @@ class CachedBatches:
                 "target_mask": clip_target_mask(target, target_mask),
                 "target_pooled": torch.from_numpy(pooled.astype(np.float32)),
             }
-        columns = ["pixels", *SIZE_COLUMNS] if self.sizes else ["pixels"]
-        pixels = other.take(shard, row, columns)
+        pixels = other.take(shard, row, columns["pixels"])
         images = torch.from_numpy(decode_fixed(pixels.column("pixels"), other.store.value_shape).astype(np.float32))
         noise, timesteps, dropped = self._draws(images.shape[1:], positions)
         llm_states, llm_mask = self._with_dropout(flat, lengths, dropped.numpy())

@@ -99,7 +99,8 @@ def train(job: TrainJob, rank: int, world: int) -> None:
     batches = CachedBatches(examples, cfg.family, stores, seed=cfg.seed,
                             caption_dropout=cfg.diffusion.caption_dropout if cfg.diffusion else 0.0,
                             empty_states=job.empty_states, num_train_timesteps=timesteps,
-                            max_resident_shards=resident)
+                            max_resident_shards=resident, order_block_rows=cfg.data.order_block_rows,
+                            order_window_rows=cfg.data.order_window_rows)
     val_batch = None
     if val_examples:
         val = CachedBatches(val_examples, cfg.family, stores, seed=cfg.seed + 1, caption_dropout=0.0,
@@ -147,6 +148,9 @@ def train(job: TrainJob, rank: int, world: int) -> None:
         for m in range(accum):
             positions = CachedBatches.positions(step, g_batch, rank, world, micro, m)  # (micro,) global sample ids
             batch = to_engine(batches.batch(positions), engine)  # llm_states (micro, T, Dl), llm_mask, targets...
+            following = (step, m + 1) if m + 1 < accum else (step + 1, 0)
+            if cfg.data.prefetch and following[0] < cfg.max_steps:  # its row groups decode while this one computes
+                batches.prefetch(CachedBatches.positions(following[0], g_batch, rank, world, micro, following[1]))
             # Dropout noise seeded by the micro-batch's first sample: same on resume, any worker count.
             torch.manual_seed(int(positions[0]) * 7919 + cfg.seed)
             loss, metrics = engine(batch)  # scalar loss, {name: float}
@@ -196,6 +200,7 @@ def train(job: TrainJob, rank: int, world: int) -> None:
 
     if progress is not None:
         progress.emit(final=True)
+    batches.close()  # the prefetch thread and the shard files
     if last_saved != cfg.max_steps:  # resumed at the end already: nothing new to save
         save_checkpoint(engine, ckpt_dir, cfg.max_steps, rank, world, cfg,
                         {"step": cfg.max_steps, "ema": ema, "data": batches.position_state(cfg.max_steps, g_batch)},
