@@ -27,7 +27,9 @@ figures move by up to ~1.5x between runs on this shared box): peak RSS growth 57
 33.4 (0.41x / 0.53x / 1.38x), new K=all 3.8 / 10.1 / 25.0. Before shards had row groups (one group per shard)
 new K=8 was 0.13-0.62x the old time. With ``--shard-rows 2048`` (the embed stage's default) at 65k rows: growth
 307 MiB (old) against 124 MiB (new K=8), 1.48x faster. K counts shards' worth of rows (``budget_rows``); the
-resident column shows row groups.
+resident column shows row groups. These figures predate the block order (train.data.epoch_order, session 11):
+above data.order_window_rows (8192) examples, ``new`` now visits examples in LLM-cache-location blocks, and
+the 16k / 65k rows here are above it (the run warns when a window exceeds what a rank keeps decoded).
 """
 
 from __future__ import annotations
