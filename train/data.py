@@ -347,12 +347,10 @@ class ResidentShards:
         decoded (or found resident) once each, in rounds of at most ``budget_rows`` rows."""
         columns = tuple(columns)
         shard = np.asarray(shard, dtype=np.int64)
-        group, inner = self._groups(shard, row)
-        wanted, inverse = np.unique(shard << 32 | group, return_inverse=True)  # pieces, shard-major
-        sizes = np.array([self._group_rows(p) for p in wanted.tolist()], dtype=np.int64)  # rows of each piece
+        wanted, inverse, inner, sizes = self._plan(shard, row)
         parts, order, first = [], [], 0
-        while first < len(wanted):  # rounds of at most budget_rows decoded rows (at least one piece)
-            last = first + max(1, int(np.searchsorted(np.cumsum(sizes[first:]), self.budget_rows, side="right")))
+        while first < len(wanted):
+            last = self._round_end(sizes, first)
             tables = self._pieces(wanted[first:last], columns)
             base = np.cumsum([0] + [t.num_rows for t in tables[:-1]])
             mine = np.flatnonzero((inverse >= first) & (inverse < last))  # batch rows of this round
@@ -369,10 +367,8 @@ class ResidentShards:
         ``budget_rows`` holds, without taking rows: a later :meth:`take` of them finds them resident."""
         columns = tuple(columns)
         shard = np.asarray(shard, dtype=np.int64)
-        wanted = np.unique(shard << 32 | self._groups(shard, row)[0])  # pieces, shard-major
-        sizes = np.array([self._group_rows(p) for p in wanted.tolist()], dtype=np.int64)
-        fits = max(1, int(np.searchsorted(np.cumsum(sizes), self.budget_rows, side="right")))
-        self._pieces(wanted[:fits], columns)
+        wanted, _, _, sizes = self._plan(shard, row)
+        self._pieces(wanted[: self._round_end(sizes, 0)], columns)
 
     def group_index(self, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
         """The row group holding each ``(shard[i], row[i])`` as one index over the whole cache, ``int64 (N,)``,
@@ -382,6 +378,18 @@ class ResidentShards:
         firsts = np.concatenate([b + s[:-1] for b, s in zip(base, self.group_starts, strict=True)])  # (groups,)
         rows = base[np.asarray(shard, dtype=np.int64)] + np.asarray(row, dtype=np.int64)
         return np.searchsorted(firsts, rows, side="right") - 1
+
+    def _plan(self, shard: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, ...]:
+        """What a batch's rows need (``shard`` int64): the row groups holding them as pieces ``shard << 32 | group``
+        (P,) shard-major, each row's piece (B,), its row inside the piece (B,) and each piece's rows (P,)."""
+        group, inner = self._groups(shard, row)
+        wanted, inverse = np.unique(shard << 32 | group, return_inverse=True)
+        sizes = np.array([self._group_rows(p) for p in wanted.tolist()], dtype=np.int64)
+        return wanted, inverse, inner, sizes
+
+    def _round_end(self, sizes: np.ndarray, first: int) -> int:
+        """The end of the round of pieces from ``first``: at most ``budget_rows`` decoded rows, at least one piece."""
+        return first + max(1, int(np.searchsorted(np.cumsum(sizes[first:]), self.budget_rows, side="right")))
 
     def _groups(self, shard: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(group in its shard, row inside the group)`` of each ``(shard[i], row[i])``: ``int64 (B,)`` each."""
