@@ -94,11 +94,11 @@ def main() -> int:
     if venv == Path(sys.base_prefix):
         print("requirements/install.py: run it with the virtualenv's python (.venv/bin/python)", file=sys.stderr)
         return 2
-    subprocess.run(pip("install", "-q", "--upgrade", "pip", "wheel", "setuptools"), check=True)
     installer = os.environ.get("OMNIDIFF_INSTALLER", "uv")
     if installer not in ("uv", "pip"):
         print(f"OMNIDIFF_INSTALLER={installer!r}: expected uv or pip", file=sys.stderr)
         return 2
+    subprocess.run(pip("install", "-q", "--upgrade", "pip", "wheel", "setuptools"), check=True)
     if installer == "pip" or not install_with_uv(venv):
         if installer == "uv":
             print("warning: installing with pip instead (slower)", file=sys.stderr)
