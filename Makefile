@@ -9,12 +9,11 @@ PYTEST_ARGS ?=
 
 .PHONY: install llm demo test test-fast lint stack-up stack-down clean
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+# requirements/install.py: the pins installed with uv (pip's package sources handed to it), falling back to
+# pip with a warning (OMNIDIFF_INSTALLER=pip forces pip), then the `dataclasses` backport removed (NOTES.md).
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/install.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip wheel setuptools
-	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[test]"
-	# img2dataset pulls the obsolete `dataclasses` backport, which breaks Prefect (NOTES.md).
-	$(BIN)/pip uninstall -y -q dataclasses || true
+	$(BIN)/python requirements/install.py
 	touch $(STAMP)
 
 install: $(STAMP)

