@@ -9,6 +9,10 @@
    as they are (``OmniAdapter._stock_body``, what training ran before) against the training body
    (``_training_body``: real-token projection and feed-forward, the first decoder self-attention once per
    batch), interleaved step by step; also the largest difference of their outputs and gradients.
+   Measured 2026-12-07 (2 cores, busy): 394 -> 297 ms a micro-batch (0.756x, median of 3 rounds), outputs
+   identical, gradients within 1.2e-6 of each tensor's max. The real stage 1 (2 Ray workers, ZeRO-2, 80 steps,
+   seed 0; old vs new tree back to back) logged the same losses to 5 digits (0.48741 at step 80, val_loss
+   0.48833 / 0.48835) at 32.2 -> 41.6 samples/s.
 
 Both figures are ratios measured in the same run on the same model, batches and thread count, with
 the variants interleaved step by step in a rotating order (so load from other processes hits them
