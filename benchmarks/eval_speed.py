@@ -11,7 +11,7 @@ load from other processes hits them alike; the shared variant's LLM encodes once
 others reuse it, as in a real evaluation. Prints each model's seconds in each variant, the share of the
 separate variant's time spent in the LLM, the total ratio, and checks every image is identical bit for bit.
 
-Measured 2026-12-07 (2 cores, busy: another demo ran beside it), --batches 2 on the demo's d75a181-era exports:
+Measured 2026-12-07 (2 cores, busy: another demo ran beside it), --batches 2 on the exports of notes/s11/demo_seed0.log's run:
 stage1 separate 54.0 s (LLM 42%) / shared 49.5 s; stage2 separate 64.7 s (LLM 36%) / shared 33.1 s (0.51x);
 every image identical. The first model still runs the LLM; each later one saves its whole LLM share.
 """
