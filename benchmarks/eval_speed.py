@@ -12,8 +12,9 @@ others reuse it, as in a real evaluation. Prints each model's seconds in each va
 separate variant's time spent in the LLM, the total ratio, and checks every image is identical bit for bit.
 
 Measured 2026-12-07 (2 cores, busy: another demo ran beside it), --batches 2 on the exports of notes/s11/demo_seed0.log's run:
-stage1 separate 54.0 s (LLM 42%) / shared 49.5 s; stage2 separate 64.7 s (LLM 36%) / shared 33.1 s (0.51x);
-every image identical. The first model still runs the LLM; each later one saves its whole LLM share.
+stage1 separate 54.0 s (LLM 42%) / shared 49.5 s; stage2 64.7 s (LLM 36%) / 33.1 s; stage3 53.3 s (LLM 45%) /
+42.5 s; total 172.0 -> 125.0 s (0.727x), every image identical. The first model still runs the LLM; each
+later one saves its LLM share.
 """
 
 from __future__ import annotations
