@@ -216,3 +216,30 @@ def test_the_report_shows_one_image_per_prompt_when_each_has_several():
     for lang, positions in shown.items():
         picked = rows.iloc[positions]
         assert len(positions) == 5 and picked["prompt"].is_unique and (picked["sample"] == 0).all(), lang
+
+
+def test_models_on_one_llm_share_it_and_its_encodings_with_the_same_images(tmp_path, tiny_llm):
+    """Issue 18 item 5: the exports an evaluation scores share one LLM whose encoding of a batch is reused by
+    the next model; every image is the one each model draws on its own LLM, bit for bit."""
+    from tests.fixtures_serve import build_tiny_pipeline
+    from train.evaluate import SharedLLMs, _load_pipeline
+
+    folders = [build_tiny_pipeline(tmp_path / f"m{i}", tiny_llm, seed=i, lineage={}) for i in (1, 2)]
+    batches = [["a red circle", "a red circle", "ein blauer kreis"], ["a big green square on the left"]]
+
+    def draw(pipe) -> list[np.ndarray]:
+        return [pipe(batch, num_inference_steps=2, guidance_scale=3.0, seed=[7] * len(batch), output_type="np")
+                for batch in batches]
+
+    alone = [draw(_load_pipeline(str(folder))) for folder in folders]
+    llms = SharedLLMs()
+    pipes = [_load_pipeline(str(folder), None, llms) for folder in folders]
+    shared = [draw(pipes[0])]
+    first_hits = pipes[0].llm.hits  # the second batch's "" branch is the first's
+    shared.append(draw(pipes[1]))
+    assert pipes[0].llm is pipes[1].llm
+    assert (first_hits, pipes[1].llm.hits) == (1, 5)  # the second model: 2 batches + 2 "" branches, no LLM run
+    for own, reused in zip(alone, shared, strict=True):
+        for a, b in zip(own, reused, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(shared[0][0], shared[1][0]), "two different models draw different images"

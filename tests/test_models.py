@@ -148,6 +148,48 @@ def test_adapter_masks_padding(train_mode):
     assert not torch.allclose(adapter(real_changed, mask)[0][0], a_tok[0])
 
 
+@pytest.mark.parametrize("encoder_layers", [0, 2])
+def test_adapter_training_path_matches_stock_modules(encoder_layers):
+    """Training runs a cheaper body (real-token projection and feed-forward, the first decoder self-attention
+    once per batch); its outputs and every gradient match torch's modules run as they are."""
+    torch.manual_seed(0)
+    adapter = OmniAdapter(16, 32, 8, 7, encoder_layers=encoder_layers, decoder_layers=2, heads=4,
+                          input_norm=True, length_head=True, pooled_query=True).train()
+    states = torch.randn(4, 10, 16)
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    mask[0, 3:] = False
+    mask[2, 7:] = False
+    x = (states - adapter.input_mean) / adapter.input_scale
+
+    def grads(body):
+        adapter.zero_grad()
+        h = body(x, mask)
+        (h[:, :-1].sin().sum() + h[:, -1].pow(2).sum()).backward()
+        return h.detach(), {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None}
+
+    fast, fast_grads = grads(adapter._training_body)
+    stock, stock_grads = grads(adapter._stock_body)
+    torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5)
+    assert fast_grads.keys() == stock_grads.keys() and "queries" in fast_grads
+    for name, stock_grad in stock_grads.items():  # float rounding, relative to each gradient's largest entry
+        scale = stock_grad.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(fast_grads[name] / scale, stock_grad / scale, rtol=1e-4, atol=1e-5, msg=name)
+    # forward_all takes the training body in train mode, the stock modules in eval mode: the same outputs
+    train_out = adapter.forward_all(states, mask)
+    eval_out = adapter.eval().forward_all(states, mask)
+    for a, b in zip(train_out, eval_out, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_training_path_with_dropout_draws_noise_per_row():
+    """With dropout the first decoder layer is not shared: identical captions get different noise."""
+    torch.manual_seed(0)
+    adapter = OmniAdapter(16, 32, 8, 5, 1, 1, 4, 0.5, input_norm=False, length_head=False, pooled_query=False).train()
+    states = torch.randn(1, 6, 16).expand(3, -1, -1)
+    tokens, _ = adapter(states, torch.ones(3, 6, dtype=torch.bool))
+    assert not torch.allclose(tokens[0], tokens[1])
+
+
 def test_adapter_save_load(tmp_path):
     adapter = OmniAdapter(16, 32, 8, 5, 1, 1, 4, input_norm=False, length_head=False, pooled_query=False).eval()
     adapter.save_pretrained(tmp_path)

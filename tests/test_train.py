@@ -203,6 +203,25 @@ def test_set_matching_answers_each_real_token_with_one_of_the_first_n_queries():
     assert compute_align_loss(batch, {"adapter": Echo()}, **WEIGHTS)[0].item() == pytest.approx(0.0, abs=1e-5)
 
 
+def test_set_matching_costs_only_the_queries_it_can_choose():
+    """Only the first Tc queries can answer (n real targets -> queries 0..n-1, padding -> n..Tc-1), so the
+    matching over those is the matching over all Q (here from the full (Tc, Q) cost matrix)."""
+    from scipy.optimize import linear_sum_assignment
+
+    from train.losses import set_assignment
+
+    torch.manual_seed(1)
+    tokens, target = torch.randn(4, 20, 8), torch.randn(4, 6, 8)  # Q = 20 queries, Tc = 6 target positions
+    mask = torch.arange(6)[None] < torch.tensor([6, 4, 1, 5])[:, None]
+    order = set_assignment(tokens, target, mask)
+    cost = 1 - torch.nn.functional.normalize(target, dim=-1) @ torch.nn.functional.normalize(tokens, dim=-1).mT
+    for b in range(4):
+        n = int(mask[b].sum())
+        rows, cols = linear_sum_assignment(cost[b, :n, :n].numpy())
+        assert order[b, rows].tolist() == cols.tolist()
+        assert order[b, n:].tolist() == list(range(n, 6))
+
+
 def test_lr_schedule_warms_up_then_decays():
     from train.engine import lr_factor
 

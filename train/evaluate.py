@@ -273,14 +273,70 @@ def check_judge_applies(ref: str, world_dir: Path, allow: bool = False) -> float
     return share
 
 
-def _load_pipeline(ref: str, resolution: int | None = None):
+def _load_pipeline(ref: str, resolution: int | None = None, llms: SharedLLMs | None = None):
     """The model ``ref`` names: an export, or a published SD / SDXL base folder (the baseline, run by
-    diffusers' own pipeline). Its images are resized to ``resolution`` (what the evaluator reads)."""
+    diffusers' own pipeline). Its images are resized to ``resolution`` (what the evaluator reads).
+    ``llms``: the evaluation's one copy of each LLM (:class:`SharedLLMs`), for an ``llm_adapter`` export."""
     from omnidiff.pipeline import load_any_pipeline
     from omnidiff.tracking import resolve_model
 
     pipe = load_any_pipeline(resolve_model(ref))
+    if llms is not None and getattr(pipe, "conditioning", None) == "llm_adapter":
+        pipe.llm = llms.shared(pipe.llm)
     return _Resized(pipe, resolution) if resolution is not None else pipe
+
+
+class RepeatedEncodings:
+    """An ``LLMTextEncoder`` (everything else is passed through) whose ``encode`` returns, for a list of texts it
+    encoded before, the very tensors it returned then, without running the LLM again.
+
+    Every model of an evaluation draws the same prompt rows in the same batches, and the LLM is frozen, so
+    the exports of stages 1-3 ask it for the same batches in turn: only the first model runs it (issue 18
+    item 5: the LLM was about half of each adapter model's sampling time). Keyed by the whole list, so a
+    batch gets exactly the padding, and so exactly the floats, it got the first time. Kept unpadded
+    (real tokens only), about 40 tokens x 640 float32 per prompt.
+    """
+
+    def __init__(self, llm):
+        object.__setattr__(self, "llm", llm)
+        object.__setattr__(self, "_seen", {})  # tuple of texts -> (real-token states (N, D), mask (B, T))
+        object.__setattr__(self, "hits", 0)
+
+    def __getattr__(self, name: str):
+        return getattr(self.llm, name)
+
+    def __setattr__(self, name: str, value) -> None:  # the pipeline's .to() sets llm.device
+        setattr(self.llm, name, value)
+
+    def encode(self, texts: list[str]):
+        """``LLMTextEncoder.encode``: ``(states float32 (B, T, D), mask bool (B, T))``."""
+        import torch
+
+        key = tuple(texts)
+        seen = self._seen.get(key)
+        if seen is None:
+            states, mask = self.llm.encode(list(texts))
+            self._seen[key] = (states[mask].clone(), mask.clone())  # padding is zeros: nothing else to keep
+            return states, mask
+        object.__setattr__(self, "hits", self.hits + 1)
+        flat, mask = seen
+        states = torch.zeros(*mask.shape, flat.shape[-1], dtype=flat.dtype)  # (B, T, D)
+        states[mask] = flat
+        return states, mask.clone()
+
+
+class SharedLLMs:
+    """One :class:`RepeatedEncodings` per distinct LLM (weights, layer, length, dtype) across the models of one
+    evaluation: the pipelines of models trained on the same LLM share its copy and its encodings."""
+
+    def __init__(self):
+        self._by_identity: dict[tuple, RepeatedEncodings] = {}
+
+    def shared(self, llm) -> RepeatedEncodings:
+        identity = (llm.weights_digest, repr(llm.layer), llm.max_length, str(llm.dtype), str(llm.device))
+        if identity not in self._by_identity:
+            self._by_identity[identity] = RepeatedEncodings(llm)
+        return self._by_identity[identity]
 
 
 class _Resized:
@@ -393,6 +449,7 @@ def evaluate(models: dict[str, str] | list[str] | str, cfg, inputs: EvalInputs |
     if BASE_LABEL not in models and cfg.baseline != "none":
         models = {BASE_LABEL: inputs.baseline_ref, **models}
     results, frechet = {}, {}
+    llms = SharedLLMs()
     real_features = inputs.evaluator.features(inputs.real_images)
     t0 = time.perf_counter()
     for label, ref in models.items():
@@ -400,7 +457,7 @@ def evaluate(models: dict[str, str] | list[str] | str, cfg, inputs: EvalInputs |
             check_judge_applies(ref, inputs.world_dir, getattr(cfg, "allow_other_world", False))
     for label, ref in models.items():
         print(f"[evaluate] {label}: {ref} on {len(inputs.prompts)} prompts", file=sys.stderr, flush=True)
-        pipe = _load_pipeline(ref, inputs.evaluator.resolution)
+        pipe = _load_pipeline(ref, inputs.evaluator.resolution, llms)
         results[label] = prompt_faithfulness(pipe, inputs.prompts, inputs.evaluator, seed=cfg.seed, steps=cfg.steps,
                                              guidance=cfg.guidance, batch_size=cfg.batch_size)
         frechet[label] = frechet_distance(inputs.evaluator.features(results[label].images), real_features)

@@ -53,7 +53,10 @@ def set_assignment(tokens: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
     b, q, _ = tokens.shape
     tc = target.shape[1]
-    cost = 1 - F.normalize(target, dim=-1, eps=1e-6) @ F.normalize(tokens, dim=-1, eps=1e-6).transpose(1, 2)  # (B, Tc, Q)
+    # A caption's n <= Tc real targets go to queries 0..n-1 and its padding to n..Tc-1: no query past Tc is
+    # ever chosen, so the costs are computed for the first Tc queries only (a sixth of the 231 on the tiny world).
+    tokens = tokens[:, :tc]  # (B, Tc, D)
+    cost = 1 - F.normalize(target, dim=-1, eps=1e-6) @ F.normalize(tokens, dim=-1, eps=1e-6).transpose(1, 2)  # (B, Tc, Tc)
     order = torch.empty(b, tc, dtype=torch.long)
     cost_np, mask_np = cost.float().cpu().numpy(), mask.cpu().numpy()
     for i in range(b):
