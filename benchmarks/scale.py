@@ -155,7 +155,7 @@ def stage_embed(spec: dict) -> dict:
     cfg = load_config(EmbedConfig, REPO / "configs" / "embed_test.yaml", [
         f"snapshots=[{spec['snapshot']}]", f"llm.path={spec['llm']}", f"clip.base_model={spec['base']}",
         f"cache_root={spec['cache_root']}", "executor=ray", "num_actors=1", "threads_per_actor=1",
-        "shard_tokens=32768", "shard_rows=2048", "track=false",
+        "shard_tokens=32768", "shard_rows=2048", "track=false", *spec.get("embed_set", []),
     ])  # fmt: skip
     t0 = time.perf_counter()
     summary = run(cfg)
@@ -238,7 +238,7 @@ def prepare(root: Path, rows: int):
 
 
 def measure_size(root: Path, rows: int, llm: Path, base: Path, steps: int, env: dict, s3=None,
-                 train: bool = True, train_set: tuple[str, ...] = ()) -> dict:
+                 train: bool = True, train_set: tuple[str, ...] = (), embed_set: tuple[str, ...] = ()) -> dict:
     from omnidiff.world import serve_world, write_url_list
 
     world = prepare(root, rows)
@@ -248,7 +248,8 @@ def measure_size(root: Path, rows: int, llm: Path, base: Path, steps: int, env: 
         url_list = write_url_list(world, base_url, out_path=root / "urls.parquet")
         out["collect"] = run_stage("collect", {"url_list": str(url_list)}, env)
     snapshot = out["collect"]["snapshot"]
-    common = {"snapshot": snapshot, "llm": str(llm), "base": str(base), "rows": out["collect"]["rows"]}
+    common = {"snapshot": snapshot, "llm": str(llm), "base": str(base), "rows": out["collect"]["rows"],
+              "embed_set": list(embed_set)}
     out["embed"] = run_stage("embed", {**common, "cache_root": str(root / "cache")}, env)
     if train:
         out["train"] = run_stage("train", {**common, "cache_root": str(root / "cache"), "out": str(root / "train"),
@@ -285,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="training steps at each size (global batch 16)")
     parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a dotted override of the train stage's config at both sizes (e.g. data.prefetch=false)")
+    parser.add_argument("--embed-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a dotted override of the embed stage's config at both sizes (e.g. row_group_rows=32)")
     parser.add_argument("--no-s3", action="store_true", help="skip the embed-on-S3 comparison")
     parser.add_argument("--s3-only", action="store_true", help="only collect + embed at N, to local disk and to S3")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
@@ -320,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [args.rows] if args.s3_only else [args.rows, args.rows * args.factor]
         large = f"{args.factor}N = {sizes[1]}" if len(sizes) > 1 else "no 10N (--s3-only)"
         print(f"LLM: tiny random Gemma-3 test model {llm.name} (not Gemma 3 270M); N = {sizes[0]}, {large} images; "
-              f"training {0 if args.s3_only else args.steps} steps {' '.join(args.train_set)}; cpus {os.cpu_count()}",
+              f"training {0 if args.s3_only else args.steps} steps {' '.join(args.train_set)}; "
+              f"embed {' '.join(args.embed_set) or 'defaults'}; cpus {os.cpu_count()}",
               flush=True)
         print(f"{'rows':>7} {'stage':<9} {'seconds':>8} {'rows/s':>9} {'driver MiB':>10} {'workers MiB':>11} "
               f"{'ray MiB':>8} {'procs':>5} {'each MiB':>8}")
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         for rows in sizes:
             results[rows] = measure_size(root / f"n{rows}", rows, llm, base, args.steps, env,
                                          server if rows == sizes[0] else None, train=not args.s3_only,
-                                         train_set=tuple(args.train_set))
+                                         train_set=tuple(args.train_set), embed_set=tuple(args.embed_set))
             for stage, r in results[rows].items():
                 m = r["memory_mb"]
                 print(f"{rows:>7} {stage:<9} {r['seconds']:>8.1f} {rate(r):>9.1f} "

@@ -224,6 +224,7 @@ def _actor_kwargs(plans: dict[str, KindPlan], writers: dict[str, CacheWriter], c
         "max_tokens": cfg.max_tokens,
         "max_batch_size": cfg.max_batch_size,
         "batch_overhead": cfg.batch_overhead_slots or None,
+        "row_group_rows": cfg.row_group_rows,
     }
 
 
