@@ -97,6 +97,9 @@ class EmbedConfig(ConfigModel):
       ones holding its batch's rows, so the rows it decodes per sample grow with this (issue 17: at 32 a
       cold 10N run decoded ~4x the rows per sample of an N run, at 8 ~1.5x); smaller groups cost ~0.3 KB of
       footer each and a few % of file size. A storage layout, not a fingerprint input: readers take any.
+    dedup_partition_rows: snapshot rows per partition of the driver's dedup pass (embed_cache/inputs.py
+      ``KeyPartitions``): the driver holds one partition's distinct keys and texts at a time, so at most about
+      this many, whatever the corpus size (issue 17).
     progress_every_s: seconds between progress lines.
     track: log the run to MLflow (experiment ``omnidiff``).
     """
@@ -127,6 +130,7 @@ class EmbedConfig(ConfigModel):
     shard_tokens: int = 32768
     shard_rows: int = Field(2048, ge=1)
     row_group_rows: int = Field(SHARD_ROW_GROUP_ROWS, ge=1)
+    dedup_partition_rows: int = Field(1 << 18, ge=1)
     progress_every_s: float = Field(5.0, gt=0)
     track: bool = True
 
