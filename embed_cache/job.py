@@ -12,14 +12,15 @@ What it computes (docs/architecture.md "Embedding cache"):
   latents when ``pixels.vae`` is set: what stages 2-3 train on.
 
 How (each step is why the cache beats padded per-file caches; each has its file):
-1. The driver gathers the distinct keys (embed_cache/inputs.py: it streams the snapshots' small columns and
-   keeps, per image, only where it is, an ``ImageRef``; the actors read the images), opens the cache
-   directory named by the fingerprint
-   (omnidiff/contracts/encoders.py) as its only writer and subtracts what is cached: a caption that is
-   in ten snapshots is computed once, and a rerun computes only what is new.
-2. The missing work is sorted by token length and cut into shards balanced by tokens
+1. The driver gathers the distinct keys (embed_cache/inputs.py: it streams the snapshots' small columns,
+   keeps, per image, only where it is, an ``ImageRef`` (the actors read the images), and spills every key to
+   hash partitions on its disk, so it holds one partition's keys at a time, never every caption), opens the
+   cache directory named by the fingerprint
+   (omnidiff/contracts/encoders.py) as its only writer and, partition by partition, subtracts what is cached:
+   a caption that is in ten snapshots is computed once, and a rerun computes only what is new.
+2. Each partition's missing work is sorted by token length and cut into shards balanced by tokens
    (embed_cache/plan.py, embed_cache/batching.py); each shard is one Ray Data block (so a small input still spreads over
-   every actor, NOTES.md).
+   every actor, NOTES.md), put in Ray's object store as it is planned (:class:`PlannedUnits`).
 3. ``map_batches`` over an ``ActorPoolStrategy(size=num_actors)`` (embed_cache/actor.py, the models in
    embed_cache/encoders/): each actor loads its model once,
    packs its shard into compute batches under a token-slot budget (no compute on padding), computes
