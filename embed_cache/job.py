@@ -70,19 +70,22 @@ def run(cfg: EmbedConfig, *, actor: type = EncodeShardActor) -> dict[str, Any]:
     settings = cfg.storage.s3.pinned()  # the driver's endpoint and credentials, for every reader and writer
     snapshots = resolve_snapshots(cfg.snapshots, cfg.storage.under(cfg.snapshot_root, "data", "snapshots"), settings)
     inputs = gather_inputs(snapshots, cfg, settings)
-    if not cfg.track:
-        kinds = embed(inputs, cfg, actor=actor)
-        return summarize(inputs, kinds, time.perf_counter() - start, None)
+    try:
+        if not cfg.track:
+            kinds = embed(inputs, cfg, actor=actor)
+            return summarize(inputs, kinds, time.perf_counter() - start, None)
 
-    from omnidiff import tracking
+        from omnidiff import tracking
 
-    with tracking.start_run("embed", config=cfg) as mlrun:
-        takeover: dict[str, Any] = {}
-        kinds = embed(inputs, cfg, actor=actor, run_id=mlrun.info.run_id, takeover=takeover)
-        summary = summarize(inputs, kinds, time.perf_counter() - start, mlrun.info.run_id)
-        summary["takeover"] = takeover
-        log_run(summary, inputs, cfg)
-    return summary
+        with tracking.start_run("embed", config=cfg) as mlrun:
+            takeover: dict[str, Any] = {}
+            kinds = embed(inputs, cfg, actor=actor, run_id=mlrun.info.run_id, takeover=takeover)
+            summary = summarize(inputs, kinds, time.perf_counter() - start, mlrun.info.run_id)
+            summary["takeover"] = takeover
+            log_run(summary, inputs, cfg)
+        return summary
+    finally:
+        inputs.close()  # the spilled key partitions on the driver's disk
 
 
 def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardActor, run_id: str | None = None,
