@@ -95,8 +95,9 @@ class EmbedConfig(ConfigModel):
     shard_tokens, shard_rows: the unit of work one actor call computes and writes as one shard.
     row_group_rows: rows per Parquet row group of a written shard. A training rank decodes whole groups, only the
       ones holding its batch's rows, so the rows it decodes per sample grow with this (issue 17: at 32 a
-      cold 10N run decoded ~4x the rows per sample of an N run, at 8 ~1.5x); smaller groups cost ~0.3 KB of
-      footer each and a few % of file size. A storage layout, not a fingerprint input: readers take any.
+      cold 10N run decoded ~4x the rows per sample of an N run, at 8 ~1.5x, yet trained no faster in
+      benchmarks/scale.py); smaller groups cost ~0.3 KB of footer each and a few % of file size. A storage
+      layout, not a fingerprint input: readers take any.
     dedup_partition_rows: snapshot rows per partition of the driver's dedup pass (embed_cache/inputs.py
       ``KeyPartitions``): the driver holds one partition's distinct keys and texts at a time, so at most about
       this many, whatever the corpus size (issue 17).

@@ -236,10 +236,11 @@ def pixels_table(
 
 # Rows per Parquet row group in a shard. A training rank decodes only the row groups holding a batch's rows
 # (train.data.ResidentShards reads them with ParquetFile.read_row_groups), so a small group keeps the bytes
-# decoded per sampled row small; 8 rows cost ~5-7% in file size and ~0.3 KB of footer per group (issue 17: at 32 a
-# cold 10N training run decoded ~4x the rows per sample of an N run). A storage layout, not a format: readers take
-# any row-group layout (shards written before hold one group each, or 32 rows); embed's ``row_group_rows`` sets it.
-SHARD_ROW_GROUP_ROWS = 8
+# decoded per sampled row small; 32 rows cost ~1-3% in file size and ~0.3 KB of footer per group. A storage
+# layout, not a format: readers take any row-group layout (shards written before hold one group each); embed's
+# ``row_group_rows`` sets it (issue 17: 8-row groups decode ~1.5x, not ~4x, the rows per sample of N in a cold
+# 10N run, but did not train faster in benchmarks/scale.py: 0.64x 10N/N against 0.77x).
+SHARD_ROW_GROUP_ROWS = 32
 
 
 def encode_shard(table: pa.Table, row_group_rows: int = SHARD_ROW_GROUP_ROWS) -> bytes:
