@@ -38,14 +38,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_world(root: Path, n: int, llm_dim: int, clip_dim: int, seed: int = 0):
+def build_world(root: Path, n: int, llm_dim: int, clip_dim: int, seed: int = 0, row_group_rows: int | None = None):
     """An LLM and a CLIP cache of ``n`` keys each (length-sorted shards) and the align example table."""
     import numpy as np
     import pandas as pd
 
     from embed_cache.batching import length_order, plan_shards
     from embed_cache.writer import open_writer
-    from omnidiff.contracts.cache import cache_dir, states_table
+    from omnidiff.contracts.cache import SHARD_ROW_GROUP_ROWS, cache_dir, states_table
     from omnidiff.contracts.encoders import clip_inputs, fingerprint, llm_inputs
     from omnidiff.contracts.keys import text_key
 
@@ -67,7 +67,8 @@ def build_world(root: Path, n: int, llm_dim: int, clip_dim: int, seed: int = 0):
                 chosen = order[sl]
                 states = [rng.normal(size=(int(lengths[i]), dim)).astype(np.float16) for i in chosen]
                 pooled = rng.normal(size=(len(chosen), dim)).astype(np.float16) if kind == "clip" else None
-                writer.write(states_table([keys[i] for i in chosen], states, pooled), unit)
+                writer.write(states_table([keys[i] for i in chosen], states, pooled), unit,
+                             row_group_rows or SHARD_ROW_GROUP_ROWS)
     examples = pd.DataFrame({"llm_key": llm_keys, "target_key": clip_keys, "lang": "en", "source": "pair"})
     return dirs, examples
 
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resident", type=int, default=8, help="data.max_resident_shards")
     parser.add_argument("--compute-ms", type=float, default=0.0, help="a model step per micro-batch, emulated by a "
                         "sleep (so on a core of its own); ms/batch is then the data time it does not hide")
+    parser.add_argument("--row-group-rows", type=int, default=None, help="rows per Parquet row group of both caches "
+                        "(default: the embed writer's, omnidiff.contracts.cache.SHARD_ROW_GROUP_ROWS)")
     parser.add_argument("--prefetch", action="store_true", help="prefetch the next batch, as train.loop does")
     args = parser.parse_args(argv)
 
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="order-bench-"))
     try:
         sizes = [args.rows, args.rows * args.factor]
-        worlds = {n: build_world(root / f"n{n}", n, args.llm_dim, args.clip_dim) for n in sizes}
+        worlds = {n: build_world(root / f"n{n}", n, args.llm_dim, args.clip_dim, row_group_rows=args.row_group_rows)
+                  for n in sizes}
         results: dict = {}
         print(f"{'order':<12} {'examples':>8} {'llm grp/s':>9} {'clip grp/s':>10} {'ms/batch':>8} {'samples/s':>9}   "
               f"(grp/s: row groups decoded per sample)")

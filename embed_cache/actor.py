@@ -32,7 +32,7 @@ from embed_cache.encoders.llm import LLMShardEncoder
 from embed_cache.encoders.pixels import PixelShardEncoder
 from embed_cache.inputs import ImageRef, is_image_ref, read_images
 from embed_cache.writer import write_shard_file
-from omnidiff.contracts.cache import NonFiniteStatesError
+from omnidiff.contracts.cache import SHARD_ROW_GROUP_ROWS, NonFiniteStatesError
 from omnidiff.contracts.storage import S3Settings
 
 SHARD_ENCODERS = {"llm": LLMShardEncoder, "clip": ClipShardEncoder, "pixels": PixelShardEncoder}
@@ -59,6 +59,7 @@ class EncodeShardActor:
         max_batch_size: int,
         batch_overhead: float | None = None,
         storage: S3Settings | None = None,
+        row_group_rows: int = SHARD_ROW_GROUP_ROWS,
     ):
         import torch
         import transformers
@@ -69,6 +70,7 @@ class EncodeShardActor:
         self.max_tokens, self.max_batch_size = int(max_tokens), int(max_batch_size)
         self.batch_overhead = batch_overhead
         self.storage = storage  # the driver's resolved S3 settings: an s3:// cache is written with them
+        self.row_group_rows = int(row_group_rows)
         self.encoders: dict[str, Any] = {}
         self._compute = threading.Lock()  # the models compute one shard at a time; I/O runs beside them
 
@@ -96,7 +98,7 @@ class EncodeShardActor:
         entry: dict[str, Any] = {"name": None, "rows": 0, "sha256": None, "bytes": 0, "stale": False}
         if table is not None:
             entry.update(write_shard_file(self.caches[kind], str(batch["shard"].iloc[0]), table, self.run_tokens[kind],
-                                          self.storage))
+                                          self.storage, self.row_group_rows))
         entry.setdefault("tokens", len(keys))
         return pd.DataFrame([{
             "kind": kind,

@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from omnidiff.config import ConfigModel, NonBlank, require
+from omnidiff.contracts.cache import SHARD_ROW_GROUP_ROWS
 from omnidiff.contracts.encoders import LLMSection  # one definition: the train stage reads what embed wrote
 from omnidiff.contracts.storage import Location, StorageSection
 
@@ -92,6 +93,14 @@ class EmbedConfig(ConfigModel):
     share_cache_mb: memory for the prefixes' keys and values held for later captions, per actor
       (Gemma 3 270M in fp32: 36 KiB per token, so 2048 MB holds ~57k tokens, more than a shard).
     shard_tokens, shard_rows: the unit of work one actor call computes and writes as one shard.
+    row_group_rows: rows per Parquet row group of a written shard. A training rank decodes whole groups, only the
+      ones holding its batch's rows, so the rows it decodes per sample grow with this (issue 17: at 32 a
+      cold 10N run decoded ~4x the rows per sample of an N run, at 8 ~1.5x, yet trained no faster in
+      benchmarks/scale.py); smaller groups cost ~0.3 KB of footer each and a few % of file size. A storage
+      layout, not a fingerprint input: readers take any.
+    dedup_partition_rows: snapshot rows per partition of the driver's dedup pass (embed_cache/inputs.py
+      ``KeyPartitions``): the driver holds one partition's distinct keys and texts at a time, so at most about
+      this many, whatever the corpus size (issue 17).
     progress_every_s: seconds between progress lines.
     track: log the run to MLflow (experiment ``omnidiff``).
     """
@@ -121,6 +130,8 @@ class EmbedConfig(ConfigModel):
     share_cache_mb: float = Field(2048, gt=0)
     shard_tokens: int = 32768
     shard_rows: int = Field(2048, ge=1)
+    row_group_rows: int = Field(SHARD_ROW_GROUP_ROWS, ge=1)
+    dedup_partition_rows: int = Field(1 << 18, ge=1)
     progress_every_s: float = Field(5.0, gt=0)
     track: bool = True
 

@@ -12,18 +12,31 @@ batches and keeps, per distinct image, an :class:`ImageRef` (the shard's path or
 row). The actor that embeds a shard of work reads its own images from those rows
 (:func:`read_images`, row group by row group, with the driver's S3 settings), so image bytes travel
 from the store to the actor only.
+
+Nor does it hold every distinct caption (issue 17): :func:`gather_inputs` spills each row's (key, text or image ref)
+to :class:`KeyPartitions`, files on the driver's disk split by a hash of the key, holding at most
+:data:`SPILL_ROWS` rows in memory; the job then takes one partition at a time (:meth:`EmbedInputs.partitions`),
+deduplicated there. A key is in exactly one partition, so each is planned once; the partitions are sized from the
+snapshots' row counts to hold about ``dedup_partition_rows`` rows each, so what the driver holds at once is
+bounded by the config, not by the corpus.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
+import tempfile
+import weakref
+import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embed_cache.config import EmbedConfig
@@ -32,6 +45,7 @@ from omnidiff.contracts.storage import S3Settings, is_remote, open_folder
 
 READ_BATCH_ROWS = 4096  # snapshot rows per record batch the driver holds (small columns only)
 IMAGE_BATCH_ROWS = 256  # rows per record batch an actor decodes while picking its images out of a row group
+SPILL_ROWS = 65536  # (key, value) rows the driver buffers before appending them to their partitions' files
 
 
 @dataclass(frozen=True, order=True)
@@ -102,14 +116,95 @@ def read_images(refs: list[ImageRef], storage: S3Settings | None = None) -> list
     return out
 
 
+class KeyPartitions:
+    """``(key, value bytes)`` rows split into ``parts`` Arrow IPC files under ``folder`` by a hash of the key (crc32,
+    stable across runs), appended in arrival order. At most ``buffer_rows`` rows wait in memory; :meth:`__iter__`
+    reads one partition at a time and yields it deduplicated, ``{key: decode(value)}``, the first value of a key
+    kept (as ``dict.setdefault`` did). Every key lands in exactly one partition. The folder is deleted with the
+    object (or by :meth:`cleanup`)."""
+
+    def __init__(self, folder: Path | str, parts: int, decode: Callable[[bytes], Any],
+                 buffer_rows: int = SPILL_ROWS):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.parts, self.decode, self.buffer_rows = max(1, int(parts)), decode, max(1, int(buffer_rows))
+        self._keys: list[list[str]] = [[] for _ in range(self.parts)]
+        self._values: list[list[bytes]] = [[] for _ in range(self.parts)]
+        self._writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+        self._buffered = 0
+        self.rows = 0  # rows added (references, duplicates included)
+        self.peak_keys = 0  # the most distinct keys one partition held when read
+        self._schema = pa.schema([pa.field("key", pa.string()), pa.field("value", pa.binary())])
+
+    def part_of(self, key: str) -> int:
+        return zlib.crc32(key.encode("utf-8")) % self.parts
+
+    def add(self, key: str, value: bytes) -> None:
+        part = self.part_of(key)
+        self._keys[part].append(key)
+        self._values[part].append(value)
+        self._buffered += 1
+        self.rows += 1
+        if self._buffered >= self.buffer_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append every buffered row to its partition's file."""
+        for part in range(self.parts):
+            if not self._keys[part]:
+                continue
+            if part not in self._writers:
+                self._writers[part] = pa.ipc.new_stream(str(self.folder / f"part-{part:06d}.arrow"), self._schema)
+            batch = pa.record_batch([pa.array(self._keys[part], pa.string()), pa.array(self._values[part], pa.binary())],
+                                    schema=self._schema)
+            self._writers[part].write_batch(batch)
+            self._keys[part], self._values[part] = [], []
+        self._buffered = 0
+
+    def close(self) -> None:
+        """Flush and close the partitions' files (reading them closes them first)."""
+        self.flush()
+        while self._writers:
+            self._writers.popitem()[1].close()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.close()
+        for part in range(self.parts):
+            path = self.folder / f"part-{part:06d}.arrow"
+            if not path.exists():
+                continue
+            with pa.ipc.open_stream(str(path)) as reader:
+                table = reader.read_all()
+            out: dict[str, Any] = {}
+            for key, value in zip(table.column("key").to_pylist(), table.column("value").to_pylist(), strict=True):
+                if key not in out:
+                    out[key] = self.decode(value)
+            del table
+            self.peak_keys = max(self.peak_keys, len(out))
+            yield out
+
+    def cleanup(self) -> None:
+        self.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _decode_text(value: bytes) -> str:
+    return value.decode("utf-8")
+
+
+def _decode_image(value: bytes) -> bytes | ImageRef:
+    return ImageRef.decode(value) if is_image_ref(value) else value
+
+
 @dataclass
 class EmbedInputs:
     """Distinct work per cache kind, gathered from snapshots (or built in memory by tests/benchmarks).
 
-    texts: llm key -> normalised text; english: clip key -> normalised English text;
-    images: image digest -> where the image is (:class:`ImageRef`, from snapshots) or its encoded bytes
-    (built in memory); references: rows that pointed at each kind
-    (so "a caption in ten snapshots is embedded once" shows as references >> distinct).
+    Built in memory (tests, benchmarks): texts: llm key -> normalised text; english: clip key -> normalised English
+    text; images: image digest -> its encoded bytes or where it is (:class:`ImageRef`). Gathered from snapshots
+    (:func:`gather_inputs`): the same per kind in ``spilled`` (:class:`KeyPartitions` on the driver's disk), the
+    dicts left empty. references: rows that pointed at each kind (so "a caption in ten snapshots is embedded
+    once" shows as references >> distinct). The job reads :meth:`partitions`; :meth:`work` puts them together.
     """
 
     texts: dict[str, str] = field(default_factory=dict)
@@ -117,6 +212,7 @@ class EmbedInputs:
     images: dict[str, bytes | ImageRef] = field(default_factory=dict)
     references: dict[str, int] = field(default_factory=lambda: {"llm": 0, "clip": 0, "pixels": 0})
     snapshots: list[dict[str, str]] = field(default_factory=list)
+    spilled: dict[str, KeyPartitions] = field(default_factory=dict)
 
     def add_text(self, text: str | None) -> None:
         self._add("llm", self.texts, text)
@@ -130,15 +226,45 @@ class EmbedInputs:
         if text is None:
             return
         normalised, key = cache_key(text)
-        texts.setdefault(key, normalised)
+        if kind in self.spilled:
+            self.spilled[kind].add(key, normalised.encode("utf-8"))
+        else:
+            texts.setdefault(key, normalised)
         self.references[kind] += 1
 
     def add_image(self, digest: str, data: bytes | ImageRef) -> None:
-        self.images.setdefault(digest, data)
+        if "pixels" in self.spilled:
+            self.spilled["pixels"].add(digest, data.encode() if isinstance(data, ImageRef) else bytes(data))
+        else:
+            self.images.setdefault(digest, data)
         self.references["pixels"] += 1
 
+    def partitions(self, kind: str) -> Iterator[dict[str, Any]]:
+        """The distinct work of ``kind`` in disjoint parts, ``{key: text | image}`` each: what the job holds at once
+        (one part, for gathered inputs; the whole dict for inputs built in memory)."""
+        if kind in self.spilled:
+            yield from self.spilled[kind]
+        else:
+            yield {"llm": self.texts, "clip": self.english, "pixels": self.images}[kind]
+
+    def peak_keys(self, kind: str) -> int:
+        """The most distinct keys of ``kind`` one part held (after :meth:`partitions` went through them)."""
+        if kind in self.spilled:
+            return self.spilled[kind].peak_keys
+        return len({"llm": self.texts, "clip": self.english, "pixels": self.images}[kind])
+
     def work(self, kind: str) -> dict[str, Any]:
-        return {"llm": self.texts, "clip": self.english, "pixels": self.images}[kind]
+        """Every distinct key of ``kind`` with its text or image, in one dict (tests, small inputs; the job itself
+        goes part by part)."""
+        merged: dict[str, Any] = {}
+        for part in self.partitions(kind):
+            merged.update(part)
+        return merged
+
+    def close(self) -> None:
+        """Delete the spilled partitions."""
+        for spill in self.spilled.values():
+            spill.cleanup()
 
     def payloads(self, kind: str, keys: list[str], storage: S3Settings | None = None) -> list[Any]:
         """What an encoder computes for ``keys``: texts, or image bytes (read from the snapshot for refs)."""
@@ -205,13 +331,20 @@ def gather_inputs(snapshot_dirs: Iterable[Path | str], cfg: EmbedConfig,
     """Distinct texts / English texts / image refs of the snapshots' chosen splits, plus "" (module docstring)."""
     from omnidiff.contracts.snapshot import Snapshot
 
-    inputs = EmbedInputs()
+    snaps = [(path, Snapshot.open(path, storage=storage)) for path in snapshot_dirs]
+    rows = sum(int(s.get("rows", 0)) for _, snap in snaps for table in ("pairs", "parallel")
+               for s in snap.manifest.get("shards", {}).get(table, []))
+    parts = max(1, math.ceil(rows / cfg.dedup_partition_rows))
+    folder = Path(tempfile.mkdtemp(prefix="omnidiff-embed-keys-"))
+    decoders = {"llm": _decode_text, "clip": _decode_text, "pixels": _decode_image}
+    spilled = {kind: KeyPartitions(folder / kind, parts, decoders[kind]) for kind in dict.fromkeys(("llm", *cfg.kinds))}
+    inputs = EmbedInputs(spilled=spilled)
+    weakref.finalize(inputs, shutil.rmtree, folder, True)
     inputs.add_text("")  # the unconditional embedding (PAPER.md "Release hyper-parameters")
     if "clip" in cfg.kinds:
         inputs.add_english("")
     splits = set(cfg.splits)
-    for path in snapshot_dirs:
-        snap = Snapshot.open(path, storage=storage)
+    for path, snap in snaps:
         inputs.snapshots.append({"path": str(path), "digest": str(getattr(snap, "digest", ""))})
         columns = ["caption", "caption_en", "lang"] + (["image_digest"] if "pixels" in cfg.kinds else [])
         for location, offset, batch in _batches(snap, "pairs", columns, splits, storage):

@@ -12,14 +12,15 @@ What it computes (docs/architecture.md "Embedding cache"):
   latents when ``pixels.vae`` is set: what stages 2-3 train on.
 
 How (each step is why the cache beats padded per-file caches; each has its file):
-1. The driver gathers the distinct keys (embed_cache/inputs.py: it streams the snapshots' small columns and
-   keeps, per image, only where it is, an ``ImageRef``; the actors read the images), opens the cache
-   directory named by the fingerprint
-   (omnidiff/contracts/encoders.py) as its only writer and subtracts what is cached: a caption that is
-   in ten snapshots is computed once, and a rerun computes only what is new.
-2. The missing work is sorted by token length and cut into shards balanced by tokens
+1. The driver gathers the distinct keys (embed_cache/inputs.py: it streams the snapshots' small columns,
+   keeps, per image, only where it is, an ``ImageRef`` (the actors read the images), and spills every key to
+   hash partitions on its disk, so it holds one partition's keys at a time, never every caption), opens the
+   cache directory named by the fingerprint
+   (omnidiff/contracts/encoders.py) as its only writer and, partition by partition, subtracts what is cached:
+   a caption that is in ten snapshots is computed once, and a rerun computes only what is new.
+2. Each partition's missing work is sorted by token length and cut into shards balanced by tokens
    (embed_cache/plan.py, embed_cache/batching.py); each shard is one Ray Data block (so a small input still spreads over
-   every actor, NOTES.md).
+   every actor, NOTES.md), put in Ray's object store as it is planned (:class:`PlannedUnits`).
 3. ``map_batches`` over an ``ActorPoolStrategy(size=num_actors)`` (embed_cache/actor.py, the models in
    embed_cache/encoders/): each actor loads its model once,
    packs its shard into compute batches under a token-slot budget (no compute on padding), computes
@@ -69,19 +70,22 @@ def run(cfg: EmbedConfig, *, actor: type = EncodeShardActor) -> dict[str, Any]:
     settings = cfg.storage.s3.pinned()  # the driver's endpoint and credentials, for every reader and writer
     snapshots = resolve_snapshots(cfg.snapshots, cfg.storage.under(cfg.snapshot_root, "data", "snapshots"), settings)
     inputs = gather_inputs(snapshots, cfg, settings)
-    if not cfg.track:
-        kinds = embed(inputs, cfg, actor=actor)
-        return summarize(inputs, kinds, time.perf_counter() - start, None)
+    try:
+        if not cfg.track:
+            kinds = embed(inputs, cfg, actor=actor)
+            return summarize(inputs, kinds, time.perf_counter() - start, None)
 
-    from omnidiff import tracking
+        from omnidiff import tracking
 
-    with tracking.start_run("embed", config=cfg) as mlrun:
-        takeover: dict[str, Any] = {}
-        kinds = embed(inputs, cfg, actor=actor, run_id=mlrun.info.run_id, takeover=takeover)
-        summary = summarize(inputs, kinds, time.perf_counter() - start, mlrun.info.run_id)
-        summary["takeover"] = takeover
-        log_run(summary, inputs, cfg)
-    return summary
+        with tracking.start_run("embed", config=cfg) as mlrun:
+            takeover: dict[str, Any] = {}
+            kinds = embed(inputs, cfg, actor=actor, run_id=mlrun.info.run_id, takeover=takeover)
+            summary = summarize(inputs, kinds, time.perf_counter() - start, mlrun.info.run_id)
+            summary["takeover"] = takeover
+            log_run(summary, inputs, cfg)
+        return summary
+    finally:
+        inputs.close()  # the spilled key partitions on the driver's disk
 
 
 def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardActor, run_id: str | None = None,
@@ -102,60 +106,100 @@ def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardAct
     stats: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
         writers: dict[str, CacheWriter] = {}
-        units: list[pd.DataFrame] = []
+        units = PlannedUnits(cfg)
         totals: dict[str, int] = {}
         for kind, plan in plans.items():
-            work = inputs.work(kind)
             directory = cache_dir(kind, plan.fingerprint, cache_root)
             writer = writers[kind] = stack.enter_context(CacheWriter(directory, plan.inputs, settings))
             writer.set_value_shape(plan.value_shape)
-            stats[kind] = new_stats(plan, directory, len(work))
+            stats[kind] = new_stats(plan, directory, 0)
             stats[kind]["references"] = inputs.references[kind]
             if writer.recovered_anything:
                 stats[kind]["recovered"] = {k: v for k, v in writer.recovered.items() if v}
                 log.info("embed %s: recovered after an interrupted run: %s", kind, stats[kind]["recovered"])
-            todo = sorted(k for k in work if k not in writer.keys)
-            stats[kind]["skipped"] = len(work) - len(todo)
-            if todo:
-                payloads = [work[k] for k in todo]
-                lengths = plan.token_lengths(todo, payloads)
-                kind_units = plan_units(kind, writer, todo, payloads, lengths, cfg)
-                units += kind_units
-                totals[kind] = int(lengths.sum())
-                log.info(
-                    "embed %s: %d cached, %d to compute in %d shards (%d %s) -> %s",
-                    kind,
-                    stats[kind]["skipped"],
-                    len(todo),
-                    len(kind_units),
-                    totals[kind],
-                    UNIT[kind],
-                    directory,
-                )
+            todo_count = shards = 0
+            # One partition of the distinct keys at a time (embed_cache/inputs.py): its keys are planned into
+            # shards and handed on before the next is read, so the driver never holds every caption.
+            for work in inputs.partitions(kind):
+                stats[kind]["wanted"] += len(work)
+                todo = sorted(k for k in work if k not in writer.keys)
+                stats[kind]["skipped"] += len(work) - len(todo)
+                if todo:
+                    payloads = [work[k] for k in todo]
+                    del work
+                    lengths = plan.token_lengths(todo, payloads)
+                    kind_units = plan_units(kind, writer, todo, payloads, lengths, cfg, first_unit=units.count(kind))
+                    del todo, payloads
+                    units.add(kind, kind_units, int(lengths.sum()))
+                    todo_count += sum(len(u) for u in kind_units)
+                    shards += len(kind_units)
+                    totals[kind] = totals.get(kind, 0) + int(lengths.sum())
+            stats[kind]["driver_peak_keys"] = inputs.peak_keys(kind)
+            if todo_count:
+                log.info("embed %s: %d cached, %d to compute in %d shards (%d %s) -> %s", kind,
+                         stats[kind]["skipped"], todo_count, shards, totals[kind], UNIT[kind], directory)
             else:
-                log.info("embed %s: all %d keys cached -> %s", kind, len(work), directory)
+                log.info("embed %s: all %d keys cached -> %s", kind, stats[kind]["wanted"], directory)
         result = take_over(run_id, inputs, writers)
         if takeover is not None:
             takeover.update(result)
-        executor = choose_executor(cfg, sum(totals.values())) if units else None
+        executor = units.executor()
         for kind_stats in stats.values():
             kind_stats["executor"] = executor
-        if units:
+        if executor is not None:
             log.info("embed: %d units of work -> %s executor", sum(totals.values()), executor)
             results = (
-                _execute_ray(units, plans, writers, cfg, actor)
+                _execute_ray(units.refs, plans, writers, cfg, actor)
                 if executor == "ray"
-                else _execute_local(units, plans, writers, cfg, actor)
+                else _execute_local(units.local, plans, writers, cfg, actor)
             )
             _collect(results, writers, stats, totals, cfg, executor)
         for kind, writer in writers.items():
             stats[kind]["manifest"] = dict(writer.manifest)
     if "clip" in plans:
-        add_target_stats(stats["clip"], plans["clip"], list(inputs.work("clip").values()))
+        spill = inputs.spilled.get("clip")
+        add_target_stats(stats["clip"], plans["clip"], (list(part.values()) for part in inputs.partitions("clip")),
+                         spill.parts if spill is not None else 1)
     seconds = time.perf_counter() - start
     for kind_stats in stats.values():
         finish_stats(kind_stats, seconds)
     return stats
+
+
+class PlannedUnits:
+    """The planned shards (one DataFrame each) until they run. While the run may still go ``local`` (``executor``
+    auto and the work so far small) they stay here; once it goes to Ray each is put in Ray's object store as it is
+    planned, and the driver keeps only its object ref (issue 17: captions never gather on the driver)."""
+
+    def __init__(self, cfg: EmbedConfig):
+        self.cfg = cfg
+        self.local: list[pd.DataFrame] = []
+        self.refs: list[Any] = []
+        self.work = 0  # tokens (+ images) planned
+        self.per_kind: dict[str, int] = {}
+
+    def count(self, kind: str) -> int:
+        """Shards of ``kind`` planned so far (the next shard's unit number)."""
+        return self.per_kind.get(kind, 0)
+
+    def add(self, kind: str, units: list[pd.DataFrame], work: int) -> None:
+        self.work += work
+        self.per_kind[kind] = self.count(kind) + len(units)
+        self.local += units
+        if choose_executor(self.cfg, self.work) == "ray":
+            from omnidiff.stack import ensure_ray
+
+            ensure_ray()
+            import ray
+
+            self.refs += [ray.put(unit) for unit in self.local]
+            self.local = []
+
+    def executor(self) -> str | None:
+        """``ray`` or ``local`` (:func:`choose_executor` on the whole work), None when nothing is to compute."""
+        if not self.local and not self.refs:
+            return None
+        return "ray" if self.refs else choose_executor(self.cfg, self.work)
 
 
 def take_over(run_id: str | None, inputs: EmbedInputs, writers: dict[str, CacheWriter]) -> dict[str, Any]:
@@ -224,11 +268,13 @@ def _actor_kwargs(plans: dict[str, KindPlan], writers: dict[str, CacheWriter], c
         "max_tokens": cfg.max_tokens,
         "max_batch_size": cfg.max_batch_size,
         "batch_overhead": cfg.batch_overhead_slots or None,
+        "row_group_rows": cfg.row_group_rows,
     }
 
 
-def _execute_ray(units: list[pd.DataFrame], plans, writers, cfg: EmbedConfig, actor: type) -> Iterable[pd.DataFrame]:
-    """Map the shards over an actor pool; yields each finished shard's report as it arrives."""
+def _execute_ray(units: list[Any], plans, writers, cfg: EmbedConfig, actor: type) -> Iterable[pd.DataFrame]:
+    """Map the shards (object refs of their DataFrames) over an actor pool; yields each finished shard's report as
+    it arrives."""
     from omnidiff.stack import ensure_ray
 
     ensure_ray()
@@ -239,7 +285,7 @@ def _execute_ray(units: list[pd.DataFrame], plans, writers, cfg: EmbedConfig, ac
     ctx.enable_progress_bars = False  # our own progress lines (tokens/s, ETA) instead of Ray's bars
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # One block per shard: every actor gets work even for a small input (NOTES.md "Ray").
-    ds = ray.data.from_pandas(units)
+    ds = ray.data.from_pandas_refs(list(units))
     out = ds.map_batches(
         actor,
         fn_constructor_kwargs=_actor_kwargs(plans, writers, cfg),

@@ -224,9 +224,11 @@ def cache_dirs(cfg: EmbedConfig) -> dict[str, Path | str]:
 
 
 def plan_units(
-    kind: str, writer: CacheWriter, todo: list[str], payloads: list[Any], lengths: np.ndarray, cfg: EmbedConfig
+    kind: str, writer: CacheWriter, todo: list[str], payloads: list[Any], lengths: np.ndarray, cfg: EmbedConfig,
+    first_unit: int = 0,
 ) -> list[pd.DataFrame]:
-    """Length-sorted, token-balanced shards of missing keys: one DataFrame (= one Ray block) per shard.
+    """Length-sorted, token-balanced shards of missing keys: one DataFrame (= one Ray block) per shard, numbered
+    from ``first_unit`` (the shard's name; the job plans one partition of the keys after another).
 
     Images (cost 1 each) referenced in snapshots (``ImageRef``) go in snapshot order instead, so the actor of
     a shard reads a run of neighbouring rows: few row groups, each read once."""
@@ -241,5 +243,5 @@ def plan_units(
     return [
         pd.DataFrame({"kind": kind, "shard": writer.shard_name(unit), "key": keys[sl], "payload": payloads[sl],
                       "length": lengths[sl]})
-        for unit, sl in enumerate(batching.plan_shards(lengths, cfg.shard_tokens, cfg.shard_rows))
+        for unit, sl in enumerate(batching.plan_shards(lengths, cfg.shard_tokens, cfg.shard_rows), start=first_unit)
     ]  # fmt: skip

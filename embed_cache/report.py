@@ -18,6 +18,7 @@ probing actor adds them; the production actor does not probe (0).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -111,19 +112,39 @@ def add_shard(
     stats["compute_span_s"] = max(span, stats["compute_seconds"] / n_actors)
 
 
-def add_target_stats(stats: dict[str, Any], plan: KindPlan, texts: list[str]) -> None:
-    """Add to the clip kind's ``stats`` the share of unknown tokens and of distinct targets over ``texts``.
+def add_target_stats(stats: dict[str, Any], plan: KindPlan, parts: Iterable[list[str]], partitions: int = 1) -> None:
+    """Add to the clip kind's ``stats`` the share of unknown tokens and of distinct targets over the texts of
+    ``parts`` (disjoint lists of texts: the driver's ``partitions`` partitions, never every caption at once).
 
     Every caption of the run counts (cached or computed): the caption set stage 1 will align to. A
     high ``unknown_fraction`` or a low ``distinct_fraction`` means the targets cannot tell the captions
-    apart (the tiny base's word tokenizer on another data set's words); the run logs a warning.
+    apart (the tiny base's word tokenizer on another data set's words); the run logs a warning. Distinct
+    targets are counted exactly, part by part: each target's token ids go, as a digest, to the hash partitions
+    of embed_cache/inputs.py and are counted there once per partition.
     """
-    from embed_cache.encoders.clip import target_token_stats
+    import hashlib
+    import tempfile
+
+    from embed_cache.encoders.clip import target_token_counts, target_tokenizer
+    from embed_cache.inputs import KeyPartitions
 
     enc = plan.encoder
-    found = target_token_stats(
-        texts, enc["max_windows"], tokenizer=enc.get("tokenizer"), base_model=enc.get("base_model")
-    )
+    tokenizer = target_tokenizer(tokenizer=enc.get("tokenizer"), base_model=enc.get("base_model"))
+    captions = total = unknown = distinct = 0
+    digests = None
+    with tempfile.TemporaryDirectory(prefix="omnidiff-embed-targets-") as folder:
+        for texts in parts:
+            n, tokens, unk, pieces = target_token_counts(texts, enc["max_windows"], tokenizer)
+            captions, total, unknown = captions + n, total + tokens, unknown + unk
+            if digests is None:  # partitioned like the captions: about as many distinct targets per partition
+                digests = KeyPartitions(folder, partitions, bytes)
+            for piece in pieces:
+                digests.add(hashlib.blake2b(repr(piece).encode(), digest_size=16).hexdigest(), b"")
+        if digests is not None:
+            distinct = sum(len(part) for part in digests)
+            digests.cleanup()
+    found = {"captions": captions, "unknown_fraction": unknown / total if total else 0.0,
+             "distinct_fraction": distinct / captions if captions else 1.0}
     stats.update(found)
     if found["captions"] and (found["unknown_fraction"] > 0.2 or found["distinct_fraction"] < 0.5):
         import logging

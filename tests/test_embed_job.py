@@ -597,3 +597,71 @@ def test_the_driver_tokenises_in_bounded_chunks(tiny_llm, tiny_clip_base):
         lengths = dataclasses.replace(plan, lengths=recorded).token_lengths(keys, texts, chunk=5)
         assert calls == [5, 5, 5, 5, 3]
         assert lengths.dtype == np.int64 and lengths.tolist() == list(plan.lengths(keys, texts))
+
+
+def test_key_partitions_keep_each_key_once_in_one_part_with_its_first_value(tmp_path):
+    from embed_cache.inputs import KeyPartitions
+
+    spill = KeyPartitions(tmp_path / "spill", parts=4, decode=bytes.decode, buffer_rows=7)
+    rows = [(f"k{i % 50}", f"v{i}") for i in range(200)]  # every key four times, first value v0..v49
+    for key, value in rows:
+        spill.add(key, value.encode())
+        assert sum(len(k) for k in spill._keys) < 7, "rows wait in memory only up to buffer_rows"
+    parts = list(spill)
+    assert 1 < len(parts) <= 4
+    merged = {k: v for part in parts for k, v in part.items()}
+    assert sum(len(p) for p in parts) == len(merged) == 50  # each key in exactly one part
+    assert merged == {f"k{i}": f"v{i}" for i in range(50)}
+    assert spill.peak_keys == max(len(p) for p in parts) < 50 and spill.rows == 200
+    spill.cleanup()
+    assert not (tmp_path / "spill").exists()
+
+
+def test_the_driver_holds_one_partition_of_captions_and_every_key_is_cached_once(tiny_llm, tmp_path, monkeypatch):
+    """issue 17: embed's driver never holds every distinct caption. With dedup_partition_rows far below the
+    snapshot's rows the driver's largest partition is a fraction of the captions, and the cache still holds
+    every distinct caption (repeats across rows and snapshots included) exactly once, as a one-partition run does;
+    a rerun computes nothing."""
+    from embed_cache import job
+    from embed_cache.job import run
+
+    planned: list[int] = []  # the keys the driver planned at once, per call
+
+    def plan_units(kind, writer, todo, *args, **kwargs):
+        planned.append(len(todo))
+        return plan_units_of_job(kind, writer, todo, *args, **kwargs)
+
+    plan_units_of_job = job.plan_units
+    monkeypatch.setattr(job, "plan_units", plan_units)
+    texts = captions(120, seed=11)
+    rows = [{"caption": t} for t in texts] + [{"caption": t} for t in texts[::3]]  # repeats in the same snapshot
+    first = write_snapshot("embedparts-a", rows)
+    second = write_snapshot("embedparts-b", [{"caption": t} for t in texts[::2] + captions(30, seed=12)])
+    expected = {text_key(normalise_caption(t)) for t in texts + captions(30, seed=12)} | {text_key("")}
+
+    def embed(folder: str, *overrides: str) -> dict:
+        cfg = load_config(EmbedConfig, EMBED_TEST_CONFIG, [
+            f"snapshots=[{first},{second}]", f"llm.path={tiny_llm}", "kinds=[llm]", "track=false",
+            "executor=local", f"cache_root={tmp_path / folder}", *overrides,
+        ])  # fmt: skip
+        return run(cfg)
+
+    out = embed("parts", "dedup_partition_rows=40")
+    stats = out["kinds"]["llm"]
+    assert stats["wanted"] == stats["computed"] == len(expected) == 151
+    assert 0 < stats["driver_peak_keys"] <= len(expected) // 3, stats["driver_peak_keys"]  # not every caption
+    assert len(planned) > 3 and max(planned) <= len(expected) // 3 and sum(planned) == len(expected), planned
+    store = CacheStore(out["dirs"]["llm"])
+    assert sorted(store.keys()) == sorted(expected) and store.manifest["rows"] == len(expected)  # exactly once
+    assert store.verify().ok
+    names = [s["name"] for s in store.manifest["shards"]]
+    assert len(names) == len(set(names))  # unit numbers run on across partitions
+
+    planned.clear()
+    whole = embed("whole")  # the default: one partition here
+    assert planned == [len(expected)]
+    assert whole["kinds"]["llm"]["driver_peak_keys"] == len(expected)
+    assert sorted(CacheStore(whole["dirs"]["llm"]).keys()) == sorted(expected)
+
+    again = embed("parts", "dedup_partition_rows=40")["kinds"]["llm"]
+    assert again["computed"] == 0 and again["skipped"] == again["wanted"] == len(expected)

@@ -79,9 +79,10 @@ def _plan_pixels(inputs, cfg, tmp_path):
 def _check_plan(snapshot, inputs, units, images: dict[str, bytes]) -> None:
     """The driver's inputs and plan hold a ref per distinct image and no image bytes; refs resolve to the
     snapshot's bytes."""
-    assert set(inputs.images) == set(images) and len(images) > 100
-    assert all(isinstance(ref, ImageRef) for ref in inputs.images.values())
-    assert all(ref.path.startswith(str(snapshot)) for ref in inputs.images.values())
+    refs = inputs.work("pixels")
+    assert set(refs) == set(images) and len(images) > 100
+    assert all(isinstance(ref, ImageRef) for ref in refs.values())
+    assert all(ref.path.startswith(str(snapshot)) for ref in refs.values())
     payloads = [bytes(p) for unit in units for p in unit["payload"]]
     assert len(payloads) == len(images)
     assert all(p.startswith(IMAGE_REF_PREFIX) for p in payloads)
@@ -110,7 +111,7 @@ def test_the_driver_reads_no_image_and_plans_refs_the_actor_resolves(train_snaps
         assert got == [images[k] for k in unit["key"]]
     assert any(cols is not None and "image" in cols for cols in read_columns)
     # the same inputs materialised for an in-process encoder (tests/fixtures_train.py)
-    keys = sorted(inputs.images)[:5]
+    keys = sorted(inputs.work("pixels"))[:5]
     assert inputs.payloads("pixels", keys) == [images[k] for k in keys]
 
 

@@ -322,6 +322,8 @@ def test_shards_are_written_in_small_row_groups(tmp_path):
     groups = pq.ParquetFile(pa_buffer(encode_shard(table))).metadata
     assert SHARD_ROW_GROUP_ROWS == 32
     assert [groups.row_group(g).num_rows for g in range(groups.num_row_groups)] == [32, 32, 6]
+    eight = pq.ParquetFile(pa_buffer(encode_shard(table, row_group_rows=8))).metadata  # embed's row_group_rows=8
+    assert [eight.row_group(g).num_rows for g in range(eight.num_row_groups)] == [8] * 8 + [6]
     one = pq.ParquetFile(pa_buffer(encode_shard(table, row_group_rows=100))).metadata
     assert one.num_row_groups == 1
     with pytest.raises(ValueError, match="row_group_rows=0"):

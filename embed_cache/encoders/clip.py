@@ -82,28 +82,41 @@ def target_token_stats(
     sequences / captions; 1 when every caption gets its own target, near 1/captions when they share one.
     Give ``tokenizer`` (the tiny base's tokenizer/ folder) or ``base_model`` (a published SD / SDXL folder).
     """
-    from omnidiff.models.clip_text import WINDOW_TOKENS
+    tok = target_tokenizer(tokenizer=tokenizer, base_model=base_model)
+    captions, total, unknown, pieces = target_token_counts(texts, max_windows, tok)
+    return {
+        "captions": captions,
+        "unknown_fraction": unknown / total if total else 0.0,
+        "distinct_fraction": len(set(pieces)) / captions if captions else 1.0,
+    }
 
+
+def target_tokenizer(*, tokenizer: str | None = None, base_model: str | None = None):
+    """``(encode, unknown token id)`` of the base's CLIP tokenizer (:func:`target_token_stats`' arguments):
+    ``encode(texts)`` gives each text's token ids without special tokens."""
     if (tokenizer is None) == (base_model is None):
         raise ValueError("target_token_stats: give tokenizer (tiny base) or base_model (SD / SDXL folder)")
-    texts = list(texts)
     if base_model is not None:
         from omnidiff.contracts.base_folder import open_base_folder
         from omnidiff.models.clip_text import load_base_tokenizer
 
         tok = load_base_tokenizer(open_base_folder(Path(base_model)).towers[0].tokenizer)
-        pieces = tok(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] if texts else []
-    else:
-        from omnidiff.models.clip_text import load_clip_tokenizer
+        return (lambda texts: tok(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+                if texts else []), tok.unk_token_id
+    from omnidiff.models.clip_text import load_clip_tokenizer
 
-        tok = load_clip_tokenizer(Path(tokenizer))
-        pieces = [e.ids for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
-    pieces = [tuple(p[: WINDOW_TOKENS * int(max_windows)]) for p in pieces]
-    unk = tok.unk_token_id
+    tok = load_clip_tokenizer(Path(tokenizer))
+    return (lambda texts: [e.ids for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]), \
+        tok.unk_token_id
+
+
+def target_token_counts(texts: list[str], max_windows: int, tokenizer) -> tuple[int, int, int, list[tuple[int, ...]]]:
+    """``(captions, tokens, unknown tokens, token ids per caption)`` of ``texts`` under ``tokenizer``
+    (:func:`target_tokenizer`): the parts of :func:`target_token_stats`, to add up over parts of a caption set."""
+    from omnidiff.models.clip_text import WINDOW_TOKENS
+
+    encode, unk = tokenizer
+    pieces = [tuple(p[: WINDOW_TOKENS * int(max_windows)]) for p in encode(list(texts))]
     total = sum(len(p) for p in pieces)
     unknown = sum(1 for p in pieces for i in p if i == unk) if unk is not None else 0
-    return {
-        "captions": len(pieces),
-        "unknown_fraction": unknown / total if total else 0.0,
-        "distinct_fraction": len(set(pieces)) / len(pieces) if pieces else 1.0,
-    }
+    return len(pieces), total, unknown, pieces

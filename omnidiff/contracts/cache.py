@@ -237,7 +237,9 @@ def pixels_table(
 # Rows per Parquet row group in a shard. A training rank decodes only the row groups holding a batch's rows
 # (train.data.ResidentShards reads them with ParquetFile.read_row_groups), so a small group keeps the bytes
 # decoded per sampled row small; 32 rows cost ~1-3% in file size and ~0.3 KB of footer per group. A storage
-# layout, not a format: readers take any row-group layout (shards written before hold one group each).
+# layout, not a format: readers take any row-group layout (shards written before hold one group each); embed's
+# ``row_group_rows`` sets it (issue 17: 8-row groups decode ~1.5x, not ~4x, the rows per sample of N in a cold
+# 10N run, but trained slower in benchmarks/scale.py: 10N/N 0.64x against 0.78x at 32, same box).
 SHARD_ROW_GROUP_ROWS = 32
 
 
