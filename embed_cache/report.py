@@ -134,6 +134,8 @@ def add_target_stats(stats: dict[str, Any], plan: KindPlan, parts: Iterable[list
     digests = None
     with tempfile.TemporaryDirectory(prefix="omnidiff-embed-targets-") as folder:
         for texts in parts:
+            if isinstance(texts, str):
+                raise TypeError(f"add_target_stats: parts must be lists of texts, got the text {texts[:40]!r}")
             n, tokens, unk, pieces = target_token_counts(texts, enc["max_windows"], tokenizer)
             captions, total, unknown = captions + n, total + tokens, unknown + unk
             if digests is None:  # partitioned like the captions: about as many distinct targets per partition

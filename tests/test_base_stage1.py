@@ -55,7 +55,7 @@ def embedded(request, tiny_llm, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"stage1-{name}")
     snapshot = write_snapshot(f"stage1-{name}", _rows(), root=tmp / "snapshots")
     code = main(["--config", str(REPO / "configs" / "embed.yaml"), "kinds=[llm, clip]", f"llm.path={tiny_llm}",
-                 f"clip.base_model={folder}", f"snapshots=[{snapshot}]", f"cache_root={tmp / 'cache'}",
+                 "llm.layer=-1", f"clip.base_model={folder}", f"snapshots=[{snapshot}]", f"cache_root={tmp / 'cache'}",
                  "executor=local", "track=false"])
     assert code == 0
     return name, folder, snapshot, tmp / "cache", tmp

@@ -59,14 +59,30 @@ def test_embed_report_carries_and_logs_the_target_stats(tokenizer_dir, caplog):
     plan = KindPlan("clip", {}, (8,), {"tokenizer": str(tokenizer_dir), "max_windows": 1}, lambda k, t: [])
     stats: dict = {}
     with caplog.at_level("WARNING", logger="omnidiff.embed"):
-        add_target_stats(stats, plan, FASHION)
+        add_target_stats(stats, plan, [FASHION])
     assert {name: stats[name] for name in TARGET_METRICS} == pytest.approx(
         {"unknown_fraction": 2 / 6, "distinct_fraction": 1 / 10})
     assert "cannot tell the captions apart" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="omnidiff.embed"):
-        add_target_stats(stats, plan, WORLD)
+        add_target_stats(stats, plan, [WORLD])
     assert stats["distinct_fraction"] == 1.0 and caplog.text == ""
+
+
+def test_target_stats_are_the_same_over_several_parts(tokenizer_dir):
+    """The driver counts part by part (its hash partitions): the shares are those of the whole caption set."""
+    from embed_cache.plan import KindPlan
+    from embed_cache.report import TARGET_METRICS, add_target_stats
+
+    plan = KindPlan("clip", {}, (8,), {"tokenizer": str(tokenizer_dir), "max_windows": 1}, lambda k, t: [])
+    whole: dict = {}
+    add_target_stats(whole, plan, [FASHION + WORLD])
+    split: dict = {}
+    add_target_stats(split, plan, [FASHION[:4] + WORLD[:2], FASHION[4:], WORLD[2:]], partitions=3)
+    assert {n: split[n] for n in TARGET_METRICS} == pytest.approx({n: whole[n] for n in TARGET_METRICS})
+    assert whole["distinct_fraction"] == pytest.approx(5 / 14)  # the ten Fashion captions share one target
+    with pytest.raises(TypeError, match="lists of texts"):
+        add_target_stats({}, plan, FASHION)  # a bare list of captions: each would be read as a part
 
 
 # ------------------------------------------------------------------------------- stage 1 refuses
