@@ -21,19 +21,19 @@ CONFIG_LIST = """\
 global.cert='/etc/ssl/certs/ca-certificates.crt'
 global.constraint='/etc/xdg/pip/constraints.txt'
 global.extra-index-url='file:///opt/pypi/simple file:///opt/pypi-more/simple'
-global.find-links='/opt/wheels'
+global.find-links='local-wheels'
 global.index-url='https://mirror.example/simple'
 install.index-url='https://install-mirror.example/simple'
 freeze.find-links='/not/for/install'
 :env:.default-timeout='180'
-:env:.find-links='/opt/wheels /srv/more wheels'
+:env:.find-links='local-wheels more-wheels wheels'
 """
 
 
 def test_pip_settings_take_the_install_sections_with_variables_last():
     s = install.pip_settings(CONFIG_LIST)
     assert s["index-url"] == "https://install-mirror.example/simple"  # [install] over [global]
-    assert s["find-links"] == "/opt/wheels /srv/more wheels"  # PIP_FIND_LINKS over the files, [freeze] ignored
+    assert s["find-links"] == "local-wheels more-wheels wheels"  # PIP_FIND_LINKS over the files, [freeze] ignored
     assert s["extra-index-url"] == "file:///opt/pypi/simple file:///opt/pypi-more/simple"
     assert s["constraint"] == "/etc/xdg/pip/constraints.txt" and s["default-timeout"] == "180"
 
@@ -44,7 +44,7 @@ def test_uv_gets_every_source_and_merges_indexes_as_pip_does():
     assert ("--index-strategy", "unsafe-best-match") in pairs
     assert ("--default-index", "https://install-mirror.example/simple") in pairs
     assert [v for k, v in pairs if k == "--index"] == ["file:///opt/pypi/simple", "file:///opt/pypi-more/simple"]
-    assert [v for k, v in pairs if k == "--find-links"] == ["/opt/wheels", "/srv/more", "wheels"]
+    assert [v for k, v in pairs if k == "--find-links"] == ["local-wheels", "more-wheels", "wheels"]
     assert ("--constraint", "/etc/xdg/pip/constraints.txt") in pairs
     assert env == {"SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt", "UV_HTTP_TIMEOUT": "180"}
     assert install.uv_arguments({"no-index": "true"})[0][-1] == "--no-index"
