@@ -6,7 +6,8 @@
 1. promote: move the registry alias (default ``production``) to the version (default: the one
    ``candidate`` points at), tagging the version with who promoted it and when.
 2. roll: if the Serve app (default ``omnidiff``) is running, redeploy it with the same serve
-   config, now resolving ``name@production`` to the new version. Ray Serve rolls it: new replicas
+   config, now resolving ``name@production`` to the new version (skipped when the app already serves
+   that version through that ref: a rerun of an unchanged pipeline restarts nothing). Ray Serve rolls it: new replicas
    load the new model first (``rollout_surge_percent``), stopping replicas finish what they hold,
    requests queue at the handle rather than fail, so no request is dropped
    (tests/test_serve_deploy.py keeps traffic running through a roll and counts the failures).
@@ -84,21 +85,33 @@ def roll(app_name: str, model: str, alias: str, version: str, wait_ready_s: floa
         return {"rolled": False, "why": f"app {app_name!r} is not running"}
     config = {k: v for k, v in state["config"].items() if k != "kind"}
     cfg = replace(from_dict(ServeConfig, config), model=f"{model}@{alias}")
-    t0 = time.perf_counter()
-    result = serve_app.run(cfg, wait_ready_s=wait_ready_s)
-    # The app is RUNNING on new replicas once serve.run returns; the card can lag while old replicas drain.
     token = auth.load_token(cfg.auth.token_env, cfg.auth.token_file)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     served = None
 
-    def serves_version() -> bool:
+    def serves_version(url: str) -> bool:
         nonlocal served
-        answer = requests.get(f"{result['url']}/v1/models", headers=headers, timeout=10)
+        try:
+            answer = requests.get(f"{url}/v1/models", headers=headers, timeout=10)
+        except requests.RequestException:
+            return False
         if answer.status_code == 200:
             served = answer.json()["data"][0].get("version")
         return served == version
 
-    if not wait_until(serves_version, timeout_s=60, interval_s=0.5):
+    # Already serving this version through the same ref, with the same config, every replica up:
+    # rolling would only restart identical replicas (a warm rerun of the pipeline), so skip it.
+    app_status = serve.status().applications[app_name].status
+    if (state["config"].get("model") == cfg.model and str(state.get("model", {}).get("version")) == str(version)
+            and app_status == "RUNNING" and serves_version(state["url"])):
+        logger.info("app %r already serves %s/%s: nothing to roll", app_name, model, version)
+        return {"rolled": False, "why": f"app {app_name!r} already serves version {version}", "url": state["url"],
+                "version": served}
+    t0 = time.perf_counter()
+    result = serve_app.run(cfg, wait_ready_s=wait_ready_s)
+    # The app is RUNNING on new replicas once serve.run returns; the card can lag while old replicas drain.
+
+    if not wait_until(lambda: serves_version(result["url"]), timeout_s=60, interval_s=0.5):
         raise RuntimeError(f"rolled app {app_name!r} serves version {served!r}, expected {version!r}")
     seconds = time.perf_counter() - t0
     logger.info("app %r now serves %s/%s (roll took %.1fs)", app_name, model, version, seconds)

@@ -77,3 +77,15 @@ def test_deploy_promotes_and_rolls_without_dropping_requests(served, serve_regis
     runs = client.search_runs([r.experiment_id for r in client.search_experiments()],
                               filter_string="tags.stage = 'deploy'")
     assert any(r.data.params.get("version") == target for r in runs)
+
+    # Deploying the version it already serves restarts nothing: no new `serve.run`, same answers.
+    from serve import app as serve_app
+
+    state_file = serve_app._state_file(served.cfg.app_name)
+    written = state_file.stat().st_mtime_ns
+    again = deploy(model="serve-test", version=target, app_name=served.cfg.app_name, wait_ready_s=300)
+    assert again["rolled"] is False and "already serves" in again["why"], again
+    assert again["version"] == target and again["previous"] == target
+    assert state_file.stat().st_mtime_ns == written
+    card = requests.get(f"{served.url}/v1/models", headers=served.headers, timeout=10).json()["data"][0]
+    assert card["version"] == target
