@@ -357,6 +357,29 @@ def test_the_writer_holds_one_partition_of_cached_keys_never_the_whole_cache(tmp
     assert sorted(CacheStore(writer.path).keys()) == sorted(k for p in by_part for k in p)
 
 
+def test_the_writers_heap_stays_a_fraction_of_the_cache_key_set(tmp_path):
+    """The same bound in bytes (tracemalloc), however the keys would be loaded: opening a 20000-key cache and asking
+    every partition which keys are missing allocates under a quarter of what a set of the cache's keys takes."""
+    import tracemalloc
+
+    by_part, _, _ = _partitioned_cache(tmp_path, 20000, 20, 500)
+    everything = [k for p in by_part for k in p]
+    tracemalloc.start()
+    try:
+        whole = set(everything)
+        key_set = tracemalloc.get_traced_memory()[0]
+        del whole
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        with _writer(tmp_path) as writer:
+            for part in by_part:
+                assert writer.missing(part) == []
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < key_set / 4, (peak, key_set)
+
+
 def test_a_cache_listed_before_key_ranges_still_opens_in_bounded_memory(tmp_path):
     """A cache written before shard entries had ``key_range`` opens and answers right: its shards are read for every
     query (more reads), still one at a time (bounded memory); a shard listed now gets its range."""
