@@ -103,8 +103,10 @@ def measure(impl: str, cls, directory: str, by_part: list[list[str]]) -> dict:
     """Open the writer and ask each partition's missing keys, under tracemalloc (module docstring)."""
     from omnidiff.contracts.encoders import llm_inputs
 
-    queries = [part + new_keys(part, len(by_part), p, max(1, len(part) // 100)) for p, part in enumerate(by_part)]
-    expected = [q[len(part):] for q, part in zip(queries, by_part, strict=True)]
+    # {key: payload} per partition, as the job holds it (embed_cache/inputs.py KeyPartitions yields such dicts)
+    queries = [dict.fromkeys(part + new_keys(part, len(by_part), p, max(1, len(part) // 100)), "")
+               for p, part in enumerate(by_part)]
+    expected = [list(q)[len(part):] for q, part in zip(queries, by_part, strict=True)]
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]  # the queries were built before: the caller's, not counted
     tracemalloc.reset_peak()
