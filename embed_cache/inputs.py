@@ -28,7 +28,6 @@ import math
 import shutil
 import tempfile
 import weakref
-import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embed_cache.config import EmbedConfig
-from omnidiff.contracts.keys import cache_key, english_side
+from omnidiff.contracts.keys import KEY_HASH_SPACE, cache_key, english_side, key_hash
 from omnidiff.contracts.storage import S3Settings, is_remote, open_folder
 
 READ_BATCH_ROWS = 4096  # snapshot rows per record batch the driver holds (small columns only)
@@ -117,8 +116,10 @@ def read_images(refs: list[ImageRef], storage: S3Settings | None = None) -> list
 
 
 class KeyPartitions:
-    """``(key, value bytes)`` rows split into ``parts`` Arrow IPC files under ``folder`` by a hash of the key (crc32,
-    stable across runs), appended in arrival order. At most ``buffer_rows`` rows wait in memory; :meth:`__iter__`
+    """``(key, value bytes)`` rows split into ``parts`` Arrow IPC files under ``folder`` by a hash of the key
+    (:func:`~omnidiff.contracts.keys.key_hash`, stable across runs), appended in arrival order. Partition ``p`` holds
+    the keys whose hash lies in the ``p``-th of ``parts`` equal, contiguous ranges of the hash space, so the cache
+    writer reads only the shards whose ``key_range`` overlaps it (embed_cache/writer.py ``CacheWriter.cached``). At most ``buffer_rows`` rows wait in memory; :meth:`__iter__`
     reads one partition at a time and yields it deduplicated, ``{key: decode(value)}``, the first value of a key
     kept (as ``dict.setdefault`` did). Every key lands in exactly one partition. The folder is deleted with the
     object (or by :meth:`cleanup`)."""
@@ -137,7 +138,7 @@ class KeyPartitions:
         self._schema = pa.schema([pa.field("key", pa.string()), pa.field("value", pa.binary())])
 
     def part_of(self, key: str) -> int:
-        return zlib.crc32(key.encode("utf-8")) % self.parts
+        return (key_hash(key) * self.parts) // KEY_HASH_SPACE
 
     def add(self, key: str, value: bytes) -> None:
         part = self.part_of(key)

@@ -122,7 +122,7 @@ def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardAct
             # shards and handed on before the next is read, so the driver never holds every caption.
             for work in inputs.partitions(kind):
                 stats[kind]["wanted"] += len(work)
-                todo = sorted(k for k in work if k not in writer.keys)
+                todo = sorted(writer.missing(work))  # reads only the shards this partition's hash range overlaps
                 stats[kind]["skipped"] += len(work) - len(todo)
                 if todo:
                     payloads = [work[k] for k in todo]
@@ -135,6 +135,7 @@ def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardAct
                     shards += len(kind_units)
                     totals[kind] = totals.get(kind, 0) + int(lengths.sum())
             stats[kind]["driver_peak_keys"] = inputs.peak_keys(kind)
+            stats[kind]["writer_peak_keys"] = writer.peak_keys  # cached keys held at once (not the cache's size)
             if todo_count:
                 log.info("embed %s: %d cached, %d to compute in %d shards (%d %s) -> %s", kind,
                          stats[kind]["skipped"], todo_count, shards, totals[kind], UNIT[kind], directory)
@@ -324,7 +325,7 @@ def _collect(
         for row in batch.itertuples(index=False):
             entry, keys, rejected = json.loads(row.entry), json.loads(row.shard_keys), json.loads(row.rejected)
             if not entry.get("stale") and entry["name"] is not None:
-                writers[row.kind].publish(entry, keys)
+                writers[row.kind].publish(entry, keys, fresh=True)  # planned from writer.missing: not re-read
             for key, why in rejected.items():
                 log.error("embed %s: rejected key %s: %s", row.kind, key, why)
             add_shard(stats[row.kind], row, entry, keys, rejected, n_actors)

@@ -15,6 +15,18 @@ after every shard, is the commit point: readers open only listed shards. Unliste
 left are *not* adopted there (their keys are computed again); :func:`clean_cache` deletes them once
 they are older than a grace period. The run token still keeps a dead run's actors from writing into a
 newer run; one writer per cache is the caller's duty (the embed job is the only writer).
+
+What is cached, in bounded memory (issue 17). The writer holds no set of the cache's keys. Each listed shard's manifest
+entry records ``key_range``, the ``[min, max]`` of its keys' :func:`~omnidiff.contracts.keys.key_hash`: the index kept
+beside the shards. :meth:`CacheWriter.cached` answers "which of these keys are cached" by reading the ``key`` column of
+only the shards whose range overlaps the query's, one shard at a time, keeping only the hits; the embed driver asks
+one partition of its keys at a time, partitions being contiguous hash ranges (embed_cache/inputs.py
+``KeyPartitions``), so what it holds is bounded by the partition plus one shard, not by the cache
+(:attr:`CacheWriter.peak_keys` counts it). A shard the job planned from :meth:`CacheWriter.missing` is listed
+without reading the cache again (``publish(..., fresh=True)``: each planned unit at most once); any other shard
+(adopted, written by the driver, published by hand) is checked against the cache first. Shards listed by a writer
+before key ranges have none: they are read for every query (memory still bounded; more reads), so such caches open
+unchanged.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ from omnidiff.contracts.cache import (
 )
 from omnidiff.contracts.encoders import STORAGE_FORMAT, fingerprint
 from omnidiff.contracts.io import TMP_PREFIX, atomic_write, file_lock, fsync_dir, sha256_bytes
+from omnidiff.contracts.keys import key_hash, key_range
 from omnidiff.contracts.storage import (
     DEFAULT_GRACE_S,
     Folder,
@@ -151,7 +164,11 @@ class CacheWriter:
         self.run_stamp = new_run_stamp()
         self.run_token = f"{self.run_stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.manifest: dict = {}
-        self.keys: set[str] = set()
+        # Bounded key memory (module docstring): no set of the cache's keys, only these counters.
+        self.peak_keys = 0  # the most cached keys held at once (hits so far + the shard being read)
+        self.shard_reads = 0  # shard key columns read (opening reads none)
+        self._read_ok: set[str] = set()  # shards read once already in this run (names: one per shard, not per key)
+        self._published_units: set[str] = set()  # this run's planned units listed so far (publish(fresh=True))
         self.recovered: dict[str, Any] = {
             "temp_removed": 0,
             "adopted": [],
@@ -210,8 +227,9 @@ class CacheWriter:
                                            and not n.endswith(CORRUPT_SUFFIX))
 
     def _recover_listed(self, exists: Callable[[str], bool]) -> None:
-        """Loads the keys of the listed shards. Listed shards that vanished (``exists`` is false) or whose keys
-        cannot be read are unlisted (the unreadable ones quarantined), so their keys are computed again."""
+        """Unlists listed shards that vanished (``exists`` is false), so their keys are computed again. Keys are not
+        loaded here (bounded memory): a listed shard whose keys cannot be read is quarantined by :meth:`cached`
+        when first read."""
         kept = []
         for entry in self.manifest["shards"]:
             if exists(entry["name"]):
@@ -221,21 +239,57 @@ class CacheWriter:
         if len(kept) != len(self.manifest["shards"]):
             self.manifest["shards"] = kept
             self._write_manifest()
-        unreadable = []
-        for entry in sorted(self.manifest["shards"], key=lambda s: s["name"]):
-            try:
-                self.keys.update(self._shard_keys(entry["name"]))
-            except (OSError, pa.ArrowException, StorageError):
-                unreadable.append(entry["name"])
-        if unreadable:
-            self.recovered["quarantined"] = self.quarantine(unreadable)
 
     def _shard_keys(self, name: str) -> list[str]:
+        self.shard_reads += 1  # every read of a shard's keys goes through here (counted: tests, benchmarks)
         if self.folder is not None:
             table = self.folder.read_parquet(f"{SHARDS_DIR}/{name}", ["key"])
         else:
             table = read_shard_table(self.path / SHARDS_DIR / name, ["key"])
         return table.column("key").to_pylist()
+
+    # -- what is cached (bounded memory: module docstring)
+    def cached(self, keys: Iterable[str]) -> set[str]:
+        """The keys of ``keys`` that the cache lists.
+
+        Reads the ``key`` column of each listed shard whose ``key_range`` overlaps the hash range of ``keys`` (all
+        shards listed without a range), oldest first, one at a time, keeping only the hits: memory is the answer
+        plus one shard's keys (:attr:`peak_keys`). A shard whose keys cannot be read the first time is quarantined
+        (its keys are then missing and computed again); one read before in this run and unreadable now is an error.
+        """
+        query = keys if isinstance(keys, (set, frozenset, dict)) else set(keys)
+        if not query:
+            return set()
+        hashes = [key_hash(k) for k in query]
+        lo, hi = min(hashes), max(hashes)
+        del hashes
+        found: set[str] = set()
+        for entry in sorted(self.manifest["shards"], key=lambda s: s["name"]):
+            bounds = entry.get("key_range")
+            if bounds is not None and (bounds[1] < lo or bounds[0] > hi):
+                continue
+            try:
+                shard_keys = self._shard_keys(entry["name"])
+            except (OSError, pa.ArrowException, StorageError) as exc:
+                self._unreadable(entry["name"], exc)
+                continue
+            self._read_ok.add(entry["name"])
+            self.peak_keys = max(self.peak_keys, len(found) + len(shard_keys))
+            found.update(k for k in shard_keys if k in query)
+            del shard_keys
+        return found
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        """The keys of ``keys`` the cache lacks, in their order (:meth:`cached`)."""
+        keys = keys if isinstance(keys, (list, tuple, dict)) else list(keys)
+        have = self.cached(keys)
+        return [k for k in keys if k not in have]
+
+    def _unreadable(self, name: str, exc: BaseException) -> None:
+        if name in self._read_ok:
+            raise CacheError(f"{self.path}: shard {name} was read in this run and cannot be read now ({exc}); "
+                             "rerun once the storage answers again") from exc
+        self.recovered["quarantined"] += self.quarantine([name])
 
     @property
     def recovered_anything(self) -> bool:
@@ -303,7 +357,8 @@ class CacheWriter:
             self.recovered["dropped"].append(f"{path.name}: unreadable ({exc})")
             return
         keys = table.column("key").to_pylist()
-        fresh = [k not in self.keys for k in keys]
+        cached = self.cached(keys)
+        fresh = [k not in cached for k in keys]
         if not any(fresh):
             path.unlink()
             self.recovered["dropped"].append(f"{path.name}: every key already cached")
@@ -318,7 +373,7 @@ class CacheWriter:
             if "length" in table.column_names:
                 entry["tokens"] = int(pc.sum(table.column("length")).as_py() or 0)
         self._set_shape_from(table)
-        self.publish(entry)
+        self._list(entry, table.column("key").to_pylist())  # checked against the cache above
         self.recovered["adopted"].append(path.name)
 
     def _set_shape_from(self, table: pa.Table) -> None:
@@ -347,26 +402,42 @@ class CacheWriter:
     def write(self, table: pa.Table, unit: int, row_group_rows: int = SHARD_ROW_GROUP_ROWS) -> dict:
         """Write and publish a shard from the driver (small jobs, adoption, tests)."""
         entry = write_shard_file(self.path, self.shard_name(unit), table, self.run_token, self.storage, row_group_rows)
-        self.publish(entry)
+        self.publish(entry, table.column("key").to_pylist())
         return entry
 
-    def publish(self, entry: dict, keys: Iterable[str] | None = None) -> None:
-        """List a written shard in the manifest (atomic rewrite) and remember its keys."""
+    def publish(self, entry: dict, keys: Iterable[str] | None = None, *, fresh: bool = False) -> None:
+        """List a written shard in the manifest (atomic rewrite) with the hash range of its keys.
+
+        ``keys``: the shard's keys (read from the shard when None). A shard repeating a cached key is refused.
+        ``fresh=True`` (the embed job): the keys are one planned unit of this run, taken from :meth:`missing` in
+        disjoint partitions, so the cache is not read again; only a unit listed twice is refused. A shard not named
+        by this run (:meth:`shard_name`) is checked against the cache all the same.
+        """
         if entry.get("stale"):
             raise CacheError(f"{self.path}: shard {entry['name']} was written under another run's token")
         if keys is None:
             keys = self._shard_keys(entry["name"])
         keys = list(keys)
-        dup = self.keys.intersection(keys)
-        if dup:
-            raise CacheError(
-                f"{self.path}: shard {entry['name']} repeats {len(dup)} cached key(s), e.g. {sorted(dup)[0]}"
-            )
+        unit = _unit_of(entry["name"])
+        if len(set(keys)) != len(keys):
+            raise CacheError(f"{self.path}: shard {entry['name']} repeats a key within itself")
+        if fresh and unit.startswith(f"{SHARD_PREFIX}{self.run_stamp}-"):
+            if unit in self._published_units:
+                raise CacheError(f"{self.path}: shard {entry['name']} repeats unit {unit}, listed already in this run")
+        else:
+            dup = self.cached(keys)
+            if dup:
+                raise CacheError(
+                    f"{self.path}: shard {entry['name']} repeats {len(dup)} cached key(s), e.g. {sorted(dup)[0]}"
+                )
+        self._published_units.add(unit)
+        self._list(entry, keys)
+
+    def _list(self, entry: dict, keys: list[str]) -> None:
         entry = {k: v for k, v in entry.items() if k != "stale"}
         entry.setdefault("created", _now())
+        entry["key_range"] = key_range(keys)
         self.manifest["shards"].append(entry)
-        self.manifest["rows"] = sum(s["rows"] for s in self.manifest["shards"])
-        self.keys.update(keys)
         self._write_manifest()
 
     def _write_manifest(self) -> None:
@@ -402,14 +473,12 @@ class CacheWriter:
                 keep.append(entry)
         self.manifest["shards"] = keep
         self._write_manifest()
-        self.keys = set()
-        for entry in keep:
-            try:
-                keys = self._shard_keys(entry["name"])
-            except (OSError, pa.ArrowException, StorageError):
-                continue  # unreadable as well: the caller's _recover quarantines it
-            self.keys.update(keys)
         return moved
+
+
+def _unit_of(name: str) -> str:
+    """``part-<stamp>-<unit>`` of a shard name, without the suffix a retried task's copy gets (``-<8 hex>``)."""
+    return "-".join(name.removesuffix(".parquet").split("-")[:3])
 
 
 def _now() -> str:

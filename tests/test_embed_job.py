@@ -621,7 +621,7 @@ def test_the_driver_holds_one_partition_of_captions_and_every_key_is_cached_once
     """issue 17: embed's driver never holds every distinct caption. With dedup_partition_rows far below the
     snapshot's rows the driver's largest partition is a fraction of the captions, and the cache still holds
     every distinct caption (repeats across rows and snapshots included) exactly once, as a one-partition run does;
-    a rerun computes nothing."""
+    a rerun computes nothing, its cache writer holding one partition's cached keys at a time."""
     from embed_cache import job
     from embed_cache.job import run
 
@@ -663,5 +663,9 @@ def test_the_driver_holds_one_partition_of_captions_and_every_key_is_cached_once
     assert whole["kinds"]["llm"]["driver_peak_keys"] == len(expected)
     assert sorted(CacheStore(whole["dirs"]["llm"]).keys()) == sorted(expected)
 
+    assert stats["writer_peak_keys"] == 0  # an empty cache: no shard read
+
     again = embed("parts", "dedup_partition_rows=40")["kinds"]["llm"]
     assert again["computed"] == 0 and again["skipped"] == again["wanted"] == len(expected)
+    # The writer held the cached keys of one partition (and one shard of it) at a time, never the whole cache.
+    assert 0 < again["writer_peak_keys"] <= 2 * again["driver_peak_keys"] < len(expected), again

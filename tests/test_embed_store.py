@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embed_cache import batching
+from embed_cache.inputs import KeyPartitions
 from embed_cache.writer import CacheWriter, write_shard_file
 from omnidiff.contracts.cache import (
     MANIFEST_NAME,
@@ -26,6 +27,7 @@ from omnidiff.contracts.cache import (
     states_table,
 )
 from omnidiff.contracts.encoders import clip_inputs, fingerprint, llm_fingerprint, llm_inputs, pixels_inputs
+from omnidiff.contracts.keys import key_hash, text_key
 
 ENCODER = {
     "model_id": "m",
@@ -269,7 +271,7 @@ def test_verify_names_corrupt_truncated_and_missing_shards(tmp_path):
     with _writer(tmp_path) as writer:
         assert names[2] in writer.recovered["missing"]
         writer.quarantine(report.corrupt)
-        assert writer.keys == {"k3"}
+        assert writer.cached([f"k{i}" for i in range(4)]) == {"k3"}
     assert CacheStore(writer.path).verify().ok
 
 
@@ -288,7 +290,7 @@ def test_unlisted_shard_from_killed_run_is_adopted_and_temps_removed(tmp_path):
     with _writer(tmp_path) as writer:
         assert writer.recovered["temp_removed"] == 1
         assert len(writer.recovered["adopted"]) == 2 and len(writer.recovered["dropped"]) == 1
-        assert writer.keys == {"a", "b", "c", "d"}
+        assert writer.cached(["a", "b", "c", "d", "e"]) == {"a", "b", "c", "d"}
     store = CacheStore(writer.path)
     report = store.verify()
     assert report.ok and report.rows == 4 and not report.unlisted  # "b" kept once
@@ -311,6 +313,116 @@ def test_duplicate_key_resolution_is_deterministic(tmp_path):
         assert store.verify().duplicate_keys == 1
     with _writer(tmp_path) as w2, pytest.raises(CacheError, match="repeats"):
         w2.publish(newer)
+
+
+# ------------------------------------------------------------------------------- bounded key memory (issue 17)
+
+
+def _partitioned_cache(tmp_path, n_keys: int, parts: int, shard_rows: int):
+    """A cache filled as the embed job fills it: the keys split into ``parts`` hash ranges (``KeyPartitions``), each
+    cut into shards of ``shard_rows`` listed with ``fresh=True``. Returns (keys per part, shards, the splitter)."""
+    rng = np.random.default_rng(8)
+    spill = KeyPartitions(tmp_path / "spill", parts, bytes)
+    by_part: list[list[str]] = [[] for _ in range(parts)]
+    for i in range(n_keys):
+        key = text_key(f"caption {i}")
+        by_part[spill.part_of(key)].append(key)
+    unit = 0
+    with _writer(tmp_path) as writer:
+        writer.set_value_shape((D,))
+        for part in by_part:
+            for i in range(0, len(part), shard_rows):
+                chunk = part[i : i + shard_rows]
+                entry = write_shard_file(writer.path, writer.shard_name(unit), states_table(chunk, _states(rng, [1] * len(chunk))))
+                writer.publish(entry, chunk, fresh=True)
+                unit += 1
+    return by_part, unit, spill
+
+
+def test_the_writer_holds_one_partition_of_cached_keys_never_the_whole_cache(tmp_path):
+    """issue 17: the writer's key memory is bounded by the partition asked about, not by the cache. Opening a cache
+    loads no key; asking partition by partition which keys are missing holds at most a partition plus one shard,
+    and reads each shard once (only the shards whose key range overlaps the partition's)."""
+    n, parts, shard_rows = 2000, 10, 25
+    by_part, shards, spill = _partitioned_cache(tmp_path, n, parts, shard_rows)
+    largest = max(len(p) for p in by_part)
+    assert sum(len(p) for p in by_part) == n and largest < n // 4
+    with _writer(tmp_path) as writer:
+        assert writer.peak_keys == 0 and writer.shard_reads == 0  # nothing loaded at open
+        for p, part in enumerate(by_part):
+            new = [k for k in (text_key(f"new {p} {i}") for i in range(100)) if spill.part_of(k) == p]
+            assert new and writer.missing(part + new) == new
+        assert 0 < writer.peak_keys <= largest + shard_rows < n // 3, writer.peak_keys
+        assert writer.shard_reads == shards  # each shard once: the other partitions' shards are never opened
+    assert sorted(CacheStore(writer.path).keys()) == sorted(k for p in by_part for k in p)
+
+
+def test_the_writers_heap_stays_a_fraction_of_the_cache_key_set(tmp_path):
+    """The same bound in bytes (tracemalloc), however the keys would be loaded: opening a 20000-key cache and asking
+    every partition which keys are missing allocates under a quarter of what a set of the cache's keys takes."""
+    import tracemalloc
+
+    by_part, _, _ = _partitioned_cache(tmp_path, 20000, 20, 500)
+    everything = [k for p in by_part for k in p]
+    tracemalloc.start()
+    try:
+        whole = set(everything)
+        key_set = tracemalloc.get_traced_memory()[0]
+        del whole
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        with _writer(tmp_path) as writer:
+            for part in by_part:
+                assert writer.missing(part) == []
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < key_set / 4, (peak, key_set)
+
+
+def test_a_cache_listed_before_key_ranges_still_opens_in_bounded_memory(tmp_path):
+    """A cache written before shard entries had ``key_range`` opens and answers right: its shards are read for every
+    query (more reads), still one at a time (bounded memory); a shard listed now gets its range."""
+    n, parts, shard_rows = 600, 4, 30
+    by_part, shards, _ = _partitioned_cache(tmp_path, n, parts, shard_rows)
+    path = _writer(tmp_path).path
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    for entry in manifest["shards"]:
+        del entry["key_range"]
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with _writer(tmp_path) as writer:
+        for part in by_part:
+            assert writer.missing(["absent", *part]) == ["absent"]
+        assert writer.peak_keys <= max(len(p) for p in by_part) + shard_rows < n
+        assert writer.shard_reads == shards * parts
+        with pytest.raises(CacheError, match="repeats 1 cached key"):
+            writer.write(states_table([by_part[0][0]], _states(np.random.default_rng(0), [1])), unit=0)
+        writer.write(states_table(["absent"], _states(np.random.default_rng(0), [1])), unit=1)
+    entry = json.loads((path / MANIFEST_NAME).read_text())["shards"][-1]
+    assert entry["key_range"] == [key_hash("absent")] * 2
+
+
+def test_publish_refuses_a_unit_twice_and_checks_a_shard_it_did_not_plan(tmp_path):
+    """``fresh=True`` skips reading the cache only for this run's own units, each listed once; a retried unit's
+    second copy and a shard of another run are refused, and the next writer keeps every key once."""
+    rng = np.random.default_rng(9)
+    with _writer(tmp_path) as writer:
+        writer.set_value_shape((D,))
+        first = write_shard_file(writer.path, writer.shard_name(0), states_table(["a", "b"], _states(rng, [1, 2])))
+        writer.publish(first, ["a", "b"], fresh=True)
+        retried = write_shard_file(writer.path, writer.shard_name(0), states_table(["a", "b"], _states(rng, [1, 2])))
+        assert retried["name"] != first["name"]
+        with pytest.raises(CacheError, match="repeats unit"):
+            writer.publish(retried, ["a", "b"], fresh=True)
+        foreign = write_shard_file(writer.path, "part-20000101T000000000000-000000.parquet",
+                                   states_table(["b", "c"], _states(rng, [3, 1])))
+        with pytest.raises(CacheError, match="repeats 1 cached key"):
+            writer.publish(foreign, ["b", "c"], fresh=True)
+    assert CacheStore(writer.path).keys() == ["a", "b"]
+    with _writer(tmp_path) as writer:  # the unlisted copies: the retried one dropped, "c" adopted without "b"
+        assert writer.cached(["a", "b", "c", "d"]) == {"a", "b", "c"}
+    report = CacheStore(writer.path).verify()
+    assert report.ok and report.rows == 3 and report.duplicate_keys == 0
 
 
 def test_stale_run_token_discards_shard_and_lock_is_exclusive(tmp_path):

@@ -8,6 +8,8 @@ that rule, once.
 from __future__ import annotations
 
 import hashlib
+import zlib
+from collections.abc import Iterable
 from typing import Any
 
 from omnidiff.contracts.io import sha256_bytes
@@ -31,6 +33,24 @@ def digest_bytes(data: bytes) -> str:
 def pair_key(image_digest: str, normalised_caption: str) -> str:
     """Row key of a pair snapshot: stable hash of (image bytes digest, caption)."""
     return hashlib.sha256(f"{image_digest}\x1f{normalised_caption}".encode()).hexdigest()[:32]
+
+
+KEY_HASH_SPACE = 1 << 32  # key_hash values lie in [0, KEY_HASH_SPACE)
+
+
+def key_hash(key: str) -> int:
+    """Where a cache key falls in the hash space: crc32 of its UTF-8 bytes, stable across runs and machines.
+
+    The embed driver splits its distinct keys into contiguous ranges of this hash (embed_cache/inputs.py
+    ``KeyPartitions``), and each cache shard's manifest entry records the ``key_range`` ``[min, max]`` of its keys'
+    hashes, so the writer reads only the shards that can hold a partition's keys (embed_cache/writer.py)."""
+    return zlib.crc32(key.encode("utf-8"))
+
+
+def key_range(keys: Iterable[str]) -> list[int] | None:
+    """``[min, max]`` of :func:`key_hash` over ``keys`` (None for no keys)."""
+    hashes = [key_hash(k) for k in keys]
+    return [min(hashes), max(hashes)] if hashes else None
 
 
 def cache_key(text: str) -> tuple[str, str]:
