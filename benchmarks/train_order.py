@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=None, help="data.order_window_rows of the window order "
                         "(default: the config's)")
     parser.add_argument("--block", type=int, default=None, help="data.order_block_rows (default: the config's)")
+    parser.add_argument("--lanes", type=int, default=None, help="data.order_lanes of the window order (default: the "
+                        "config's; 0: each window permuted whole, the order before)")
     parser.add_argument("--resident", type=int, default=8, help="data.max_resident_shards")
     parser.add_argument("--compute-ms", type=float, default=0.0, help="a model step per micro-batch, emulated by a "
                         "sleep (so on a core of its own); ms/batch is then the data time it does not hide")
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(grp/s: row groups decoded per sample)")
         for name in args.orders:
             order = {"order_window_rows": 1 << 30} if name == "permutation" else {
-                k: v for k, v in (("order_window_rows", args.window), ("order_block_rows", args.block)) if v}
+                k: v for k, v in (("order_window_rows", args.window), ("order_block_rows", args.block),
+                                  ("order_lanes", args.lanes)) if v is not None}
             order["max_resident_shards"] = args.resident
             for n in sizes:
                 r = results[name, n] = measure(*worlds[n], args.micro, args.micro_batches, args.compute_ms / 1000,
