@@ -312,6 +312,7 @@ class ResidentShards:
         self.names = store.shard_names  # oldest first: the order that resolves duplicate keys
         self.group_starts: list[np.ndarray] = []  # per shard: int64 (G+1,), the first row of each row group + rows
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self._ahead_files: OrderedDict[int, pq.ParquetFile] = OrderedDict()  # the read-ahead thread's (warm)
         self._tables: OrderedDict[tuple[int, int, tuple[str, ...]], pa.Table] = OrderedDict()
         self.budget_rows, self.resident_rows = 0, 0  # the budget is set by locate (it reads each shard's size)
         self.peak_resident, self.peak_resident_rows, self.shard_reads, self.group_reads = 0, 0, 0, 0
@@ -365,18 +366,25 @@ class ResidentShards:
 
     def warm(self, shard: np.ndarray, row: np.ndarray, columns: Sequence[str], lock=None) -> None:
         """Decode the row groups holding ``(shard[i], row[i])`` (``columns`` only) into the resident set, as many as
-        ``budget_rows`` holds, without taking rows: a later :meth:`take` of them finds them resident. ``lock`` (a
-        background read-ahead, :meth:`CachedBatches.prefetch`) is held for one shard's groups at a time, so a
-        :meth:`take` under the same lock waits for at most that much."""
-        import contextlib
-
+        ``budget_rows`` holds, without taking rows: a later :meth:`take` of them finds them resident. With ``lock`` (a
+        background read-ahead, :meth:`CachedBatches.prefetch`) the groups are decoded without it, through this
+        thread's own open files, and the lock is held only to look up and insert them, so a :meth:`take` under the
+        same lock goes on meanwhile."""
         columns = tuple(columns)
         shard = np.asarray(shard, dtype=np.int64)
         wanted, _, _, sizes = self._plan(shard, row)  # reads only what locate wrote: no lock needed
         wanted = wanted[: self._round_end(sizes, 0)]
-        for s in np.unique(wanted >> 32).tolist():  # shard-major pieces: one shard's groups per lock hold
-            with lock if lock is not None else contextlib.nullcontext():
-                self._pieces(wanted[(wanted >> 32) == s], columns)
+        if lock is None:
+            self._pieces(wanted, columns)
+            return
+        for shard_id in np.unique(wanted >> 32).tolist():  # shard-major pieces
+            groups = (wanted[(wanted >> 32) == shard_id] & 0xFFFFFFFF).tolist()
+            with lock:  # what is resident already: touched (most recently used), not decoded again
+                missing = [g for g in groups if self._touch((shard_id, g, columns)) is None]
+            if missing:  # decoded without the lock, on this thread's own open files: a take goes on meanwhile
+                tables = self._decode(shard_id, missing, columns, self._ahead_files)
+                with lock:
+                    self._insert(shard_id, tables, columns)
 
     def group_index(self, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
         """The row group holding each ``(shard[i], row[i])`` as one index over the whole cache, ``int64 (N,)``,
@@ -414,46 +422,64 @@ class ResidentShards:
         """The decoded row groups ``pieces`` (``shard << 32 | group``), reading the missing ones shard by shard."""
         found: dict[int, pa.Table] = {}
         for piece in pieces.tolist():
-            key = (piece >> 32, piece & 0xFFFFFFFF, columns)
-            if key in self._tables:
-                self._tables.move_to_end(key)
-                found[piece] = self._tables[key]
+            table = self._touch((piece >> 32, piece & 0xFFFFFFFF, columns))
+            if table is not None:
+                found[piece] = table
         missing = [p for p in pieces.tolist() if p not in found]
         for shard_id in sorted({p >> 32 for p in missing}):
             groups = [p & 0xFFFFFFFF for p in missing if p >> 32 == shard_id]
-            parquet = self._file(shard_id)
-            try:
-                for g in groups:  # small reads: Arrow's thread pool costs more than it saves here
-                    found[shard_id << 32 | g] = parquet.read_row_group(g, columns=list(columns),
-                                                                       use_threads=False).combine_chunks()
-            except (OSError, pa.ArrowException) as exc:
-                from omnidiff.contracts.cache import CorruptShardError
-
-                raise CorruptShardError(self.store.path, {self.names[shard_id]: f"cannot read: {exc}"}) from None
-            self.shard_reads += 1
-            self.group_reads += len(groups)
-            for g in groups:
-                table = found[shard_id << 32 | g]
-                self._tables[(shard_id, g, columns)] = table
-                self.resident_rows += table.num_rows
-                while self.resident_rows > self.budget_rows and len(self._tables) > 1:
-                    self.resident_rows -= self._tables.popitem(last=False)[1].num_rows
-                self.peak_resident = max(self.peak_resident, len(self._tables))
-                self.peak_resident_rows = max(self.peak_resident_rows, self.resident_rows)
+            tables = self._decode(shard_id, groups, columns, self._files)
+            self._insert(shard_id, tables, columns)
+            found.update({shard_id << 32 | g: t for g, t in tables.items()})
         return [found[p] for p in pieces.tolist()]
+
+    def _touch(self, key: tuple) -> pa.Table | None:
+        """A resident group (now the most recently used), or None."""
+        table = self._tables.get(key)
+        if table is not None:
+            self._tables.move_to_end(key)
+        return table
+
+    def _decode(self, shard_id: int, groups: list[int], columns: tuple[str, ...], files: OrderedDict) -> dict:
+        """``{group: table}`` of one shard's ``groups``, read through the open files ``files`` (each thread its own)."""
+        parquet = self._file(shard_id, files)
+        try:  # small reads: Arrow's thread pool costs more than it saves here
+            return {g: parquet.read_row_group(g, columns=list(columns), use_threads=False).combine_chunks()
+                    for g in groups}
+        except (OSError, pa.ArrowException) as exc:
+            from omnidiff.contracts.cache import CorruptShardError
+
+            raise CorruptShardError(self.store.path, {self.names[shard_id]: f"cannot read: {exc}"}) from None
+
+    def _insert(self, shard_id: int, tables: dict, columns: tuple[str, ...]) -> None:
+        """Decoded groups into the resident set (least recently used out first, within ``budget_rows``)."""
+        self.shard_reads += 1
+        self.group_reads += len(tables)
+        for g, table in tables.items():
+            key = (shard_id, g, columns)
+            if key in self._tables:  # decoded by the other thread meanwhile
+                self.resident_rows -= self._tables.pop(key).num_rows
+            self._tables[key] = table
+            self.resident_rows += table.num_rows
+            while self.resident_rows > self.budget_rows and len(self._tables) > 1:
+                self.resident_rows -= self._tables.popitem(last=False)[1].num_rows
+            self.peak_resident = max(self.peak_resident, len(self._tables))
+            self.peak_resident_rows = max(self.peak_resident_rows, self.resident_rows)
 
     def _group_rows(self, piece: int) -> int:
         starts = self.group_starts[piece >> 32]
         return int(starts[(piece & 0xFFFFFFFF) + 1] - starts[piece & 0xFFFFFFFF])
 
-    def _file(self, shard_id: int) -> pq.ParquetFile:
+    def _file(self, shard_id: int, files: OrderedDict | None = None) -> pq.ParquetFile:
         """A listed shard as an open ``ParquetFile``: plain reads locally (no memory map, whose touched pages would
-        count as this rank's memory), ranged GETs of the groups read on S3. At most ``_FILES_OPEN`` stay open."""
+        count as this rank's memory), ranged GETs of the groups read on S3. At most ``_FILES_OPEN`` stay open in
+        ``files`` (default: the caller's thread's; the read-ahead thread keeps its own)."""
         from omnidiff.contracts.cache import SHARDS_DIR, CorruptShardError
 
-        if shard_id in self._files:
-            self._files.move_to_end(shard_id)
-            return self._files[shard_id]
+        files = self._files if files is None else files
+        if shard_id in files:
+            files.move_to_end(shard_id)
+            return files[shard_id]
         name = self.names[shard_id]
         folder = getattr(self.store, "folder", None)
         try:
@@ -464,15 +490,16 @@ class ResidentShards:
             parquet = pq.ParquetFile(source)
         except (OSError, pa.ArrowException) as exc:
             raise CorruptShardError(self.store.path, {name: f"cannot read: {exc}"}) from None
-        self._files[shard_id] = parquet
-        while len(self._files) > _FILES_OPEN:
-            self._files.popitem(last=False)[1].close(force=True)  # closes the file it was given
+        files[shard_id] = parquet
+        while len(files) > _FILES_OPEN:
+            files.popitem(last=False)[1].close(force=True)  # closes the file it was given
         return parquet
 
     def close(self) -> None:
-        """Close the shard files kept open."""
-        while self._files:
-            self._files.popitem()[1].close(force=True)
+        """Close the shard files kept open (the read-ahead thread's too)."""
+        for files in (self._files, self._ahead_files):
+            while files:
+                files.popitem()[1].close(force=True)
 
     def release(self) -> None:
         """Drop every decoded row group and close the files; what :meth:`locate` found stays valid."""
@@ -518,8 +545,9 @@ def epoch_order(n: int, seed: int, epoch: int, window_rows: int, located: np.nda
     ``window_rows`` and each window permuted, all drawn from that one generator.
 
     ``lanes`` K > 0 (data.order_lanes) orders each window in lanes instead of permuting it whole: the window's rows
-    shuffled within their block, its blocks dealt round-robin to K lanes (a lane: every K-th block, one after
-    another), and the lanes merged at one rate, row ``j`` of a lane of ``L`` rows at ``(j + u) / L`` (``u`` uniform),
+    shuffled within their block, its blocks dealt to K lanes by where they lie in the cache (lane k: the k-th slice
+    of the window's blocks in cache order, taken in the window's random order, one after another), and the lanes
+    merged at one rate, row ``j`` of a lane of ``L`` rows at ``(j + u) / L`` (``u`` uniform),
     so any stretch of positions draws from about K blocks at once (one per lane, two where a lane moves on). A
     run's first positions then read K blocks' row groups instead of nearly every block of the window (the cold
     start of a large corpus), and a batch still mixes up to K blocks from across the corpus.
@@ -540,26 +568,34 @@ def epoch_order(n: int, seed: int, epoch: int, window_rows: int, located: np.nda
     for start in range(0, n, window_rows):
         window = sequence[start:start + window_rows]
         if lanes > 0:
-            window = window[_lane_order(block_of[start:start + len(window)], int(lanes), rng)]
+            chunk = block_of[start:start + len(window)]
+            window = window[_lane_order(chunk, starts[chunk], int(lanes), rng)]
         else:
             window = window[rng.permutation(len(window))]
         order[start:start + len(window)] = window
     return order
 
 
-def _lane_order(block: np.ndarray, lanes: int, rng: np.random.Generator) -> np.ndarray:
+def _lane_order(block: np.ndarray, where: np.ndarray, lanes: int, rng: np.random.Generator) -> np.ndarray:
     """The visiting order (indices into the window) of a window whose rows belong to the non-decreasing blocks
-    ``block (W,)``: rows shuffled within their block, blocks dealt round-robin to ``lanes`` lanes, lanes merged at
-    one rate (:func:`epoch_order`). Vectorised: two sorts of W keys."""
+    ``block (W,)``, each block starting at ``where (W,)`` in the LLM cache's order: rows shuffled within their
+    block; blocks dealt to ``lanes`` lanes by where they lie in the cache (lane k: the k-th of ``lanes`` equal
+    slices of the window's blocks in cache order), each lane taking its blocks in the window's (random) order;
+    lanes merged at one rate (:func:`epoch_order`). So the blocks open at once come one from each slice of the cache
+    (which the embed stage writes length-sorted): a short run sees the window's mix of caption lengths, not the few
+    blocks it happened to open. Vectorised: a few sorts of W keys."""
     w = len(block)
     segment = np.cumsum(np.r_[0, block[1:] != block[:-1]]) if w else np.zeros(0, np.int64)  # (W,) 0, 0, 1, ...
     shuffled = np.lexsort((rng.random(w), segment))  # (W,) rows shuffled within each segment, segments in order
-    lane = segment % lanes  # (W,) lane of each place in `shuffled` (segment ids follow `shuffled`: it keeps them)
+    first = np.flatnonzero(np.r_[True, segment[1:] != segment[:-1]]) if w else np.zeros(0, np.int64)  # (S,)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(where[first], kind="stable")] = np.arange(len(first))  # (S,) each block's place in cache order
+    lane = (rank * lanes // max(len(first), 1))[segment]  # (W,) lane of each place in `shuffled` (it keeps segments)
     by_lane = np.argsort(lane, kind="stable")  # (W,) places grouped by lane, in order inside a lane
     size = np.bincount(lane, minlength=lanes)  # (K,) rows per lane
-    rank = np.empty(w, dtype=np.int64)
-    rank[by_lane] = np.arange(w) - np.repeat(np.cumsum(size) - size, size)  # (W,) the place's index in its lane
-    when = (rank + rng.random(w)) / size[lane]  # (W,) in [0, 1): each lane advances at the same rate
+    index = np.empty(w, dtype=np.int64)
+    index[by_lane] = np.arange(w) - np.repeat(np.cumsum(size) - size, size)  # (W,) the place's index in its lane
+    when = (index + rng.random(w)) / size[lane]  # (W,) in [0, 1): each lane advances at the same rate
     return shuffled[np.argsort(when, kind="stable")]
 
 
