@@ -644,8 +644,11 @@ def test_lanes_visit_each_epoch_once_drawing_from_few_blocks_at_a_time():
                                   np.sort(order(3, epoch, k=0)[start:start + window]))
     assert not np.array_equal(order(3, 0), order(3, 1)) and not np.array_equal(order(3, 0), order(4, 0))
     assert not np.array_equal(order(3, 0), order(3, 0, k=0))
-    first = len(np.unique(block_of[order(3, 0)[:48]]))  # 48 positions: 12 per lane, inside each lane's first block
-    assert first == lanes
+    opened = np.unique(block_of[order(3, 0)[:48]])  # 48 positions: 12 per lane, inside each lane's first block
+    assert len(opened) == lanes
+    window_blocks = np.unique(block_of[order(3, 0)[:window]])  # the first window's blocks (ids follow cache order)
+    slices = np.searchsorted(window_blocks, opened) * lanes // len(window_blocks)
+    assert sorted(slices.tolist()) == list(range(lanes))  # one block from each quarter of the window in cache order
     assert len(np.unique(block_of[order(3, 0, k=0)[:48]])) > 5 * lanes  # the whole-window permutation: ~all blocks
     # one lane per block or more lanes than blocks: every block its own lane, still a permutation of the window
     many = epoch_order(n, 3, 0, window, located, blocks, 1000)
