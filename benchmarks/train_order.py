@@ -73,7 +73,7 @@ def build_world(root: Path, n: int, llm_dim: int, clip_dim: int, seed: int = 0, 
     return dirs, examples
 
 
-def measure(dirs: dict, examples, micro: int, batches: int, compute_s: float = 0.0, prefetch: bool = False,
+def measure(dirs: dict, examples, micro: int, batches: int, compute_s: float = 0.0, prefetch: int = 0,
             **order) -> dict:
     from omnidiff.contracts.cache import CacheStore
     from train.data import CachedBatches
@@ -83,16 +83,19 @@ def measure(dirs: dict, examples, micro: int, batches: int, compute_s: float = 0
     stream.batch(CachedBatches.positions(0, micro, 0, 1, micro, 0))  # warm-up: first file opens
     before = {k: s.group_reads for k, s in stream.shards.items()}
     t0 = time.perf_counter()
+    for step in range(1, 1 + min(prefetch, batches)):  # as train.loop does: `prefetch` micro-batches ahead
+        stream.prefetch(CachedBatches.positions(step, micro, 0, 1, micro, 0))
     for step in range(1, batches + 1):
         stream.batch(CachedBatches.positions(step, micro, 0, 1, micro, 0))
-        if prefetch:  # as train.loop does: the next batch's groups decode while the model computes
-            stream.prefetch(CachedBatches.positions(step + 1, micro, 0, 1, micro, 0))
+        if prefetch and step + prefetch <= batches:  # its groups decode while the model computes
+            stream.prefetch(CachedBatches.positions(step + prefetch, micro, 0, 1, micro, 0))
         if compute_s:
             time.sleep(compute_s)  # the model's step, on a core of its own
     stream.close()
-    seconds = time.perf_counter() - t0 - batches * compute_s  # the data's own share of the wall time
+    wall = time.perf_counter() - t0
+    seconds = wall - batches * compute_s  # the data's own share of the wall time
     samples = batches * micro
-    return {"ms": 1000 * seconds / batches, "rate": samples / seconds,
+    return {"ms": 1000 * seconds / batches, "rate": samples / seconds, "step_rate": samples / wall,
             **{f"{k}/sample": (s.group_reads - before[k]) / samples for k, s in stream.shards.items()},
             "budget": {k: s.budget_rows for k, s in stream.shards.items()},
             "shards": {k: len(s.names) for k, s in stream.shards.items()}, "order": stream.order}
@@ -106,38 +109,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batches", type=int, default=40, help="timed micro-batches per size and order")
     parser.add_argument("--llm-dim", type=int, default=64)
     parser.add_argument("--clip-dim", type=int, default=32)
-    parser.add_argument("--orders", nargs="+", default=["permutation", "window"], choices=["permutation", "window"])
+    parser.add_argument("--orders", nargs="+", default=["permutation", "window", "lanes"],
+                        choices=["permutation", "window", "lanes"],
+                        help="window: each window permuted whole (data.order_lanes 0, the order before the lanes); "
+                             "lanes: in --lanes lanes (default: the config's)")
     parser.add_argument("--window", type=int, default=None, help="data.order_window_rows of the window order "
                         "(default: the config's)")
     parser.add_argument("--block", type=int, default=None, help="data.order_block_rows (default: the config's)")
+    parser.add_argument("--lanes", type=int, default=None, help="data.order_lanes of the lanes order (default: the "
+                        "config's)")
     parser.add_argument("--resident", type=int, default=8, help="data.max_resident_shards")
     parser.add_argument("--compute-ms", type=float, default=0.0, help="a model step per micro-batch, emulated by a "
                         "sleep (so on a core of its own); ms/batch is then the data time it does not hide")
     parser.add_argument("--row-group-rows", type=int, default=None, help="rows per Parquet row group of both caches "
                         "(default: the embed writer's, omnidiff.contracts.cache.SHARD_ROW_GROUP_ROWS)")
-    parser.add_argument("--prefetch", action="store_true", help="prefetch the next batch, as train.loop does")
+    parser.add_argument("--prefetch", action="store_true", help="prefetch the next batch (--prefetch-batches 1)")
+    parser.add_argument("--prefetch-batches", type=int, default=0, metavar="K",
+                        help="read K micro-batches ahead, as train.loop does with data.prefetch_batches")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
+    from train.data import DEFAULT_ORDER_LANES as LANES
+
     root = Path(tempfile.mkdtemp(prefix="order-bench-"))
     try:
         sizes = [args.rows, args.rows * args.factor]
         worlds = {n: build_world(root / f"n{n}", n, args.llm_dim, args.clip_dim, row_group_rows=args.row_group_rows)
                   for n in sizes}
         results: dict = {}
-        print(f"{'order':<12} {'examples':>8} {'llm grp/s':>9} {'clip grp/s':>10} {'ms/batch':>8} {'samples/s':>9}   "
-              f"(grp/s: row groups decoded per sample)")
+        print(f"{'order':<12} {'examples':>8} {'llm grp/s':>9} {'clip grp/s':>10} {'ms/batch':>8} {'samples/s':>9} "
+              f"{'with step':>9}   (grp/s: row groups decoded per sample; ms/batch, samples/s: the data's own time; "
+              "with step: samples/s of the wall time, the emulated step included)")
         for name in args.orders:
             order = {"order_window_rows": 1 << 30} if name == "permutation" else {
                 k: v for k, v in (("order_window_rows", args.window), ("order_block_rows", args.block)) if v}
+            if name != "permutation":
+                order["order_lanes"] = 0 if name == "window" else args.lanes if args.lanes is not None else LANES
             order["max_resident_shards"] = args.resident
             for n in sizes:
                 r = results[name, n] = measure(*worlds[n], args.micro, args.micro_batches, args.compute_ms / 1000,
-                                               args.prefetch, **order)
+                                               args.prefetch_batches or int(args.prefetch), **order)
                 print(f"{name:<12} {n:>8} {r['llm/sample']:>9.3f} {r['clip/sample']:>10.3f} {r['ms']:>8.1f} "
-                      f"{r['rate']:>9.0f}   shards {r['shards']} budget rows {r['budget']} {r['order']}", flush=True)
+                      f"{r['rate']:>9.0f} {r['step_rate']:>9.1f}   shards {r['shards']} budget rows {r['budget']} "
+                      f"{r['order']}", flush=True)
         for name in args.orders:
-            print(f"{name}: samples/s 10N/N {results[name, sizes[1]]['rate'] / results[name, sizes[0]]['rate']:.2f}x")
+            a, b = results[name, sizes[0]], results[name, sizes[1]]
+            print(f"{name}: samples/s 10N/N {b['rate'] / a['rate']:.2f}x (data alone), "
+                  f"{b['step_rate'] / a['step_rate']:.2f}x (with the emulated step)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

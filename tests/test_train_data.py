@@ -612,3 +612,148 @@ def test_group_index_numbers_the_row_groups_of_the_whole_cache(tmp_path):
     group, _ = shards._groups(shard.astype(np.int64), row)  # the per-shard search a batch uses
     assert np.array_equal(index, np.unique(shard.astype(np.int64) << 32 | group, return_inverse=True)[1])
     assert index.max() + 1 == sum(len(s) - 1 for s in shards.group_starts) == 4 * 3 + 1  # 50 rows: 4 x 12 + 2
+
+
+# ------------------------------------------------------------------------------ lanes and read-ahead (issue 17)
+
+
+def test_lanes_visit_each_epoch_once_drawing_from_few_blocks_at_a_time():
+    """data.order_lanes: each window in K lanes merged at one rate. Still every example once per epoch, a function of
+    (seed, epoch); any stretch of positions draws from at most about 2K blocks (K lanes, each in one block or moving on
+    to its next), where the window permuted whole draws from nearly all; the first positions read K blocks."""
+    from train.data import epoch_order, order_blocks
+
+    n, window, block, lanes = 4000, 1024, 16, 4
+    located = np.random.default_rng(5).permutation(n)
+    blocks = order_blocks(np.arange(n) // 8, block)  # groups of 8 rows, blocks of 2 groups
+    block_of = np.empty(n, np.int64)  # example -> its block
+    block_of[located] = np.searchsorted(blocks, np.arange(n), side="right") - 1
+
+    def order(seed, epoch, k=lanes):
+        return epoch_order(n, seed, epoch, window, located, blocks, k)
+
+    for epoch in range(2):
+        visited = order(3, epoch)
+        assert np.array_equal(np.sort(visited), np.arange(n))  # each example exactly once
+        assert np.array_equal(visited, order(3, epoch))  # deterministic
+        for start in range(0, n - 64, 37):  # any 64 positions inside a window: at most 2 blocks per lane
+            if start // window == (start + 63) // window:
+                assert len(np.unique(block_of[visited[start:start + 64]])) <= 2 * lanes
+        for start in range(0, n, window):  # a window holds the same examples as the window permuted whole
+            assert np.array_equal(np.sort(visited[start:start + window]),
+                                  np.sort(order(3, epoch, k=0)[start:start + window]))
+    assert not np.array_equal(order(3, 0), order(3, 1)) and not np.array_equal(order(3, 0), order(4, 0))
+    assert not np.array_equal(order(3, 0), order(3, 0, k=0))
+    opened = np.unique(block_of[order(3, 0)[:48]])  # 48 positions: 12 per lane, inside each lane's first block
+    assert len(opened) == lanes
+    window_blocks = np.unique(block_of[order(3, 0)[:window]])  # the first window's blocks (ids follow cache order)
+    slices = np.searchsorted(window_blocks, opened) * lanes // len(window_blocks)
+    assert sorted(slices.tolist()) == list(range(lanes))  # one block from each quarter of the window in cache order
+    assert len(np.unique(block_of[order(3, 0, k=0)[:48]])) > 5 * lanes  # the whole-window permutation: ~all blocks
+    # one lane per block or more lanes than blocks: every block its own lane, still a permutation of the window
+    many = epoch_order(n, 3, 0, window, located, blocks, 1000)
+    assert np.array_equal(np.sort(many), np.arange(n))
+
+
+def test_a_run_starts_on_few_row_groups_with_lanes(tmp_path):
+    """The cold start the lanes are for: the first 48 samples of a 640-example split (windows of 256 rows = 8 blocks
+    of 32 = 64 LLM groups of 4) decode the groups of K = 2 blocks with lanes (24 rows of each lane's first block),
+    about twice as many with each window permuted whole (48 random rows of 64 groups)."""
+    from omnidiff.contracts.cache import CacheStore
+    from train.data import CachedBatches
+
+    dirs, examples = _grouped_caches(tmp_path, rows=640, shard_rows=32, row_group_rows=4)
+
+    def llm_groups(**sizes) -> int:
+        batches = CachedBatches(examples, "diffusion", {k: CacheStore(p) for k, p in dirs.items()}, seed=0,
+                                order_window_rows=256, order_block_rows=32, **sizes)
+        for step in range(6):
+            batches.batch(CachedBatches.positions(step, 8, 0, 1, 8, 0))
+        return batches.shards["llm"].group_reads
+
+    assert llm_groups(order_lanes=2) == 2 * 8  # two blocks of eight 4-row groups
+    assert llm_groups(order_lanes=0) > 1.5 * 2 * 8
+
+
+def test_lanes_do_not_depend_on_the_worker_count_or_a_restart_and_are_checked_on_resume(world):
+    from train.data import CachedBatches
+
+    sizes = {"order_window_rows": 20, "order_block_rows": 4, "order_lanes": 2}
+
+    def step_rows(world_size: int, step: int, stream) -> list[tuple[int, ...]]:
+        rows = []
+        for rank in range(world_size):
+            for m in range(16 // (4 * world_size)):
+                batch = stream.batch(CachedBatches.positions(step, 16, rank, world_size, 4, m))
+                rows += [tuple(p.tolist()) for p in batch["pixels"].flatten(1)[:, :3]]
+        return sorted(rows)
+
+    first = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1, **sizes)
+    assert first.windowed and first.order == "blocks (block_rows=4, window_rows=20, lanes=2)"
+    uninterrupted = [step_rows(1, s, first) for s in range(6)]  # 96 positions: over two epochs of 40
+    for world_size in (2, 4):
+        resumed = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1, max_resident_shards=2, **sizes)
+        assert [step_rows(world_size, s, resumed) for s in range(3, 6)] == uninterrupted[3:]
+    whole = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1, **{**sizes, "order_lanes": 0})
+    assert [step_rows(1, s, whole) for s in range(6)] != uninterrupted  # the lanes are another order
+    state = first.position_state(6, 16)
+    assert state["order_lanes"] == 2 and "order_lanes" not in whole.position_state(6, 16)  # as before the lanes
+    first.check_resume(state, 6, 16)
+    with pytest.raises(RuntimeError, match=r"order_lanes: checkpoint None vs now 2.*lanes=0.*data\.order_lanes"):
+        first.check_resume(whole.position_state(6, 16), 6, 16)  # a checkpoint from before the lanes
+    with pytest.raises(RuntimeError, match=r"order_lanes: checkpoint 2 vs now None"):
+        whole.check_resume(state, 6, 16)
+    with pytest.raises(ValueError, match="order_lanes=-1"):
+        CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1, order_lanes=-1)
+
+
+@pytest.mark.parametrize("resident", [1, 8])
+def test_reading_several_batches_ahead_never_changes_the_batches(tmp_path, resident):
+    """train.loop queues data.prefetch_batches micro-batches ahead: a batch waits only for the jobs up to its own while
+    later ones decode beside it (under the resident sets' lock). The batches are those of a stream that never
+    prefetches, with a tight budget (groups decoded ahead evicted before their batch: decoded again) or a loose one,
+    across an epoch boundary; with room, a batch whose job is done decodes nothing itself."""
+    from omnidiff.contracts.cache import CacheStore
+    from train.data import CachedBatches
+
+    dirs, examples = _grouped_caches(tmp_path, rows=200, shard_rows=20, row_group_rows=4)
+    sizes = {"order_window_rows": 48, "order_block_rows": 8, "order_lanes": 3, "max_resident_shards": resident}
+    plain = CachedBatches(examples, "diffusion", {k: CacheStore(p) for k, p in dirs.items()}, seed=2, **sizes)
+    ahead = CachedBatches(examples, "diffusion", {k: CacheStore(p) for k, p in dirs.items()}, seed=2, **sizes)
+    depth, steps = 4, 30  # 240 positions: crosses the epoch boundary at 200
+    for step in range(depth):
+        ahead.prefetch(CachedBatches.positions(step, 8, 0, 1, 8, 0))
+    for step in range(steps):
+        positions = CachedBatches.positions(step, 8, 0, 1, 8, 0)
+        ours = ahead.batch(positions)
+        if resident == 1:  # its own job and those before it were waited for, not the later ones
+            assert len(ahead._pending) == min(depth - 1, steps - 1 - step)
+        if step + depth < steps:
+            ahead.prefetch(CachedBatches.positions(step + depth, 8, 0, 1, 8, 0))
+        _assert_same(ours, plain.batch(positions))
+        if resident == 8 and step + 1 < steps:  # room for every group: the next batch finds its groups decoded
+            ahead._wait()  # every queued job (later ones too, so none decodes while the counts are read)
+            before = {k: s.group_reads for k, s in ahead.shards.items()}
+            again = ahead.batch(CachedBatches.positions(step + 1, 8, 0, 1, 8, 0))
+            assert {k: s.group_reads for k, s in ahead.shards.items()} == before
+            _assert_same(again, plain.batch(CachedBatches.positions(step + 1, 8, 0, 1, 8, 0)))
+    ahead.close()
+    assert ahead._executor is None and not ahead._pending and all(not s._files for s in ahead.shards.values())
+    if resident == 1:
+        assert sum(s.group_reads for s in ahead.shards.values()) > sum(s.group_reads for s in plain.shards.values())
+
+
+def test_a_read_ahead_failure_is_raised_by_the_batch_that_waits_for_it(tmp_path):
+    from omnidiff.contracts.cache import SHARDS_DIR, CacheStore, CorruptShardError
+    from train.data import CachedBatches
+
+    dirs, examples = _grouped_caches(tmp_path, rows=40, shard_rows=20, row_group_rows=4)
+    batches = CachedBatches(examples, "diffusion", {k: CacheStore(p) for k, p in dirs.items()}, seed=0)
+    batches.close()  # the files located at start are closed: the next reads open them again
+    for shard in (dirs["pixels"] / SHARDS_DIR).iterdir():
+        shard.write_bytes(b"not parquet")
+    batches.prefetch(CachedBatches.positions(0, 8, 0, 1, 8, 0))
+    with pytest.raises(CorruptShardError):
+        batches.batch(CachedBatches.positions(0, 8, 0, 1, 8, 0))
+    assert not batches._pending
+    batches.close()

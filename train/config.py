@@ -44,8 +44,16 @@ class DataSection(ConfigModel):
       same at any corpus size. A checkpoint records the order; resuming under another one is refused.
     order_block_rows: examples per block of the block shuffle (consecutive in the LLM cache, whole 32-row
       Parquet row groups: about two). Smaller mixes more, larger reads fewer groups per window.
-    prefetch: decode the next micro-batch's row groups in a background thread while the model computes
+    order_lanes: the block shuffle visits each window in this many lanes (every lane-th block of the window, one
+      after another, the lanes merged at one rate), so any stretch of positions draws from about this many blocks
+      at once: a run's first steps decode the row groups of order_lanes blocks, not of the whole window's
+      (window / block_rows) blocks. 0: each window permuted whole (the order before this option).
+    prefetch: decode the next micro-batches' row groups in a background thread while the model computes
       (the batches are the same either way; off: decoded when the batch is built).
+    prefetch_batches: how many micro-batches ahead the background thread decodes (with prefetch on): more
+      keeps it busy through the steps whose batches are all resident, so a burst of first decodes (a run's
+      start, a new window) overlaps several steps' compute. Keep it x micro_batch_size within the resident
+      budget (max_resident_shards x a shard's rows), or groups decoded ahead are evicted before their batch.
     """
 
     snapshot: NonBlank = "tiny"
@@ -57,7 +65,9 @@ class DataSection(ConfigModel):
     max_resident_shards: int = Field(8, ge=1)
     order_window_rows: int = Field(8192, ge=1)
     order_block_rows: int = Field(64, ge=1)
+    order_lanes: int = Field(16, ge=0)
     prefetch: bool = True
+    prefetch_batches: int = Field(4, ge=1)
 
     @model_validator(mode="after")
     def _window_holds_blocks(self) -> DataSection:

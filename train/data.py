@@ -269,6 +269,7 @@ def sample_seed(seed: int, position: int) -> int:
 DEFAULT_RESIDENT_SHARDS = 8
 DEFAULT_ORDER_BLOCK_ROWS = 64  # data.order_block_rows
 DEFAULT_ORDER_WINDOW_ROWS = 8192  # data.order_window_rows: above the tiny world's example counts
+DEFAULT_ORDER_LANES = 16  # data.order_lanes: blocks a stretch of positions draws from (0: each window permuted whole)
 _FILES_OPEN = 64  # shard files a rank keeps open per cache (a file descriptor and the parsed footer each)
 
 
@@ -311,6 +312,7 @@ class ResidentShards:
         self.names = store.shard_names  # oldest first: the order that resolves duplicate keys
         self.group_starts: list[np.ndarray] = []  # per shard: int64 (G+1,), the first row of each row group + rows
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self._ahead_files: OrderedDict[int, pq.ParquetFile] = OrderedDict()  # the read-ahead thread's (warm)
         self._tables: OrderedDict[tuple[int, int, tuple[str, ...]], pa.Table] = OrderedDict()
         self.budget_rows, self.resident_rows = 0, 0  # the budget is set by locate (it reads each shard's size)
         self.peak_resident, self.peak_resident_rows, self.shard_reads, self.group_reads = 0, 0, 0, 0
@@ -362,13 +364,27 @@ class ResidentShards:
             self.read_log.append((shard.astype(np.int32), np.asarray(row).copy()))
         return table
 
-    def warm(self, shard: np.ndarray, row: np.ndarray, columns: Sequence[str]) -> None:
+    def warm(self, shard: np.ndarray, row: np.ndarray, columns: Sequence[str], lock=None) -> None:
         """Decode the row groups holding ``(shard[i], row[i])`` (``columns`` only) into the resident set, as many as
-        ``budget_rows`` holds, without taking rows: a later :meth:`take` of them finds them resident."""
+        ``budget_rows`` holds, without taking rows: a later :meth:`take` of them finds them resident. With ``lock`` (a
+        background read-ahead, :meth:`CachedBatches.prefetch`) the groups are decoded without it, through this
+        thread's own open files, and the lock is held only to look up and insert them, so a :meth:`take` under the
+        same lock goes on meanwhile."""
         columns = tuple(columns)
         shard = np.asarray(shard, dtype=np.int64)
-        wanted, _, _, sizes = self._plan(shard, row)
-        self._pieces(wanted[: self._round_end(sizes, 0)], columns)
+        wanted, _, _, sizes = self._plan(shard, row)  # reads only what locate wrote: no lock needed
+        wanted = wanted[: self._round_end(sizes, 0)]
+        if lock is None:
+            self._pieces(wanted, columns)
+            return
+        for shard_id in np.unique(wanted >> 32).tolist():  # shard-major pieces
+            groups = (wanted[(wanted >> 32) == shard_id] & 0xFFFFFFFF).tolist()
+            with lock:  # what is resident already: touched (most recently used), not decoded again
+                missing = [g for g in groups if self._touch((shard_id, g, columns)) is None]
+            if missing:  # decoded without the lock, on this thread's own open files: a take goes on meanwhile
+                tables = self._decode(shard_id, missing, columns, self._ahead_files)
+                with lock:
+                    self._insert(shard_id, tables, columns)
 
     def group_index(self, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
         """The row group holding each ``(shard[i], row[i])`` as one index over the whole cache, ``int64 (N,)``,
@@ -406,46 +422,64 @@ class ResidentShards:
         """The decoded row groups ``pieces`` (``shard << 32 | group``), reading the missing ones shard by shard."""
         found: dict[int, pa.Table] = {}
         for piece in pieces.tolist():
-            key = (piece >> 32, piece & 0xFFFFFFFF, columns)
-            if key in self._tables:
-                self._tables.move_to_end(key)
-                found[piece] = self._tables[key]
+            table = self._touch((piece >> 32, piece & 0xFFFFFFFF, columns))
+            if table is not None:
+                found[piece] = table
         missing = [p for p in pieces.tolist() if p not in found]
         for shard_id in sorted({p >> 32 for p in missing}):
             groups = [p & 0xFFFFFFFF for p in missing if p >> 32 == shard_id]
-            parquet = self._file(shard_id)
-            try:
-                for g in groups:  # small reads: Arrow's thread pool costs more than it saves here
-                    found[shard_id << 32 | g] = parquet.read_row_group(g, columns=list(columns),
-                                                                       use_threads=False).combine_chunks()
-            except (OSError, pa.ArrowException) as exc:
-                from omnidiff.contracts.cache import CorruptShardError
-
-                raise CorruptShardError(self.store.path, {self.names[shard_id]: f"cannot read: {exc}"}) from None
-            self.shard_reads += 1
-            self.group_reads += len(groups)
-            for g in groups:
-                table = found[shard_id << 32 | g]
-                self._tables[(shard_id, g, columns)] = table
-                self.resident_rows += table.num_rows
-                while self.resident_rows > self.budget_rows and len(self._tables) > 1:
-                    self.resident_rows -= self._tables.popitem(last=False)[1].num_rows
-                self.peak_resident = max(self.peak_resident, len(self._tables))
-                self.peak_resident_rows = max(self.peak_resident_rows, self.resident_rows)
+            tables = self._decode(shard_id, groups, columns, self._files)
+            self._insert(shard_id, tables, columns)
+            found.update({shard_id << 32 | g: t for g, t in tables.items()})
         return [found[p] for p in pieces.tolist()]
+
+    def _touch(self, key: tuple) -> pa.Table | None:
+        """A resident group (now the most recently used), or None."""
+        table = self._tables.get(key)
+        if table is not None:
+            self._tables.move_to_end(key)
+        return table
+
+    def _decode(self, shard_id: int, groups: list[int], columns: tuple[str, ...], files: OrderedDict) -> dict:
+        """``{group: table}`` of one shard's ``groups``, read through the open files ``files`` (each thread its own)."""
+        parquet = self._file(shard_id, files)
+        try:  # small reads: Arrow's thread pool costs more than it saves here
+            return {g: parquet.read_row_group(g, columns=list(columns), use_threads=False).combine_chunks()
+                    for g in groups}
+        except (OSError, pa.ArrowException) as exc:
+            from omnidiff.contracts.cache import CorruptShardError
+
+            raise CorruptShardError(self.store.path, {self.names[shard_id]: f"cannot read: {exc}"}) from None
+
+    def _insert(self, shard_id: int, tables: dict, columns: tuple[str, ...]) -> None:
+        """Decoded groups into the resident set (least recently used out first, within ``budget_rows``)."""
+        self.shard_reads += 1
+        self.group_reads += len(tables)
+        for g, table in tables.items():
+            key = (shard_id, g, columns)
+            if key in self._tables:  # decoded by the other thread meanwhile
+                self.resident_rows -= self._tables.pop(key).num_rows
+            self._tables[key] = table
+            self.resident_rows += table.num_rows
+            while self.resident_rows > self.budget_rows and len(self._tables) > 1:
+                self.resident_rows -= self._tables.popitem(last=False)[1].num_rows
+            self.peak_resident = max(self.peak_resident, len(self._tables))
+            self.peak_resident_rows = max(self.peak_resident_rows, self.resident_rows)
 
     def _group_rows(self, piece: int) -> int:
         starts = self.group_starts[piece >> 32]
         return int(starts[(piece & 0xFFFFFFFF) + 1] - starts[piece & 0xFFFFFFFF])
 
-    def _file(self, shard_id: int) -> pq.ParquetFile:
+    def _file(self, shard_id: int, files: OrderedDict | None = None) -> pq.ParquetFile:
         """A listed shard as an open ``ParquetFile``: plain reads locally (no memory map, whose touched pages would
-        count as this rank's memory), ranged GETs of the groups read on S3. At most ``_FILES_OPEN`` stay open."""
+        count as this rank's memory), ranged GETs of the groups read on S3. At most ``_FILES_OPEN`` stay open in
+        ``files`` (default: the caller's thread's; the read-ahead thread keeps its own)."""
         from omnidiff.contracts.cache import SHARDS_DIR, CorruptShardError
 
-        if shard_id in self._files:
-            self._files.move_to_end(shard_id)
-            return self._files[shard_id]
+        files = self._files if files is None else files
+        if shard_id in files:
+            files.move_to_end(shard_id)
+            return files[shard_id]
         name = self.names[shard_id]
         folder = getattr(self.store, "folder", None)
         try:
@@ -456,15 +490,16 @@ class ResidentShards:
             parquet = pq.ParquetFile(source)
         except (OSError, pa.ArrowException) as exc:
             raise CorruptShardError(self.store.path, {name: f"cannot read: {exc}"}) from None
-        self._files[shard_id] = parquet
-        while len(self._files) > _FILES_OPEN:
-            self._files.popitem(last=False)[1].close(force=True)  # closes the file it was given
+        files[shard_id] = parquet
+        while len(files) > _FILES_OPEN:
+            files.popitem(last=False)[1].close(force=True)  # closes the file it was given
         return parquet
 
     def close(self) -> None:
-        """Close the shard files kept open."""
-        while self._files:
-            self._files.popitem()[1].close(force=True)
+        """Close the shard files kept open (the read-ahead thread's too)."""
+        for files in (self._files, self._ahead_files):
+            while files:
+                files.popitem()[1].close(force=True)
 
     def release(self) -> None:
         """Drop every decoded row group and close the files; what :meth:`locate` found stays valid."""
@@ -500,7 +535,7 @@ def _read_example_keys(examples: pd.DataFrame | pa.Table | str | Path, columns: 
 
 
 def epoch_order(n: int, seed: int, epoch: int, window_rows: int, located: np.ndarray | None = None,
-                block_starts: np.ndarray | None = None) -> np.ndarray:
+                block_starts: np.ndarray | None = None, lanes: int = 0) -> np.ndarray:
     """The examples of epoch ``epoch`` in visiting order, ``int64 (n,)``: every example exactly once.
 
     ``n <= window_rows`` (or ``located`` None): ``default_rng([seed, epoch]).permutation(n)``, the order of
@@ -508,6 +543,14 @@ def epoch_order(n: int, seed: int, epoch: int, window_rows: int, located: np.nda
     examples sorted by where their LLM states live) is cut into blocks at ``block_starts`` (offsets into
     ``located``, first 0: :func:`order_blocks`), the blocks are permuted, the sequence is cut into windows of
     ``window_rows`` and each window permuted, all drawn from that one generator.
+
+    ``lanes`` K > 0 (data.order_lanes) orders each window in lanes instead of permuting it whole: the window's rows
+    shuffled within their block, its blocks dealt to K lanes by where they lie in the cache (lane k: the k-th slice
+    of the window's blocks in cache order, taken in the window's random order, one after another), and the lanes
+    merged at one rate, row ``j`` of a lane of ``L`` rows at ``(j + u) / L`` (``u`` uniform),
+    so any stretch of positions draws from about K blocks at once (one per lane, two where a lane moves on). A
+    run's first positions then read K blocks' row groups instead of nearly every block of the window (the cold
+    start of a large corpus), and a batch still mixes up to K blocks from across the corpus.
     """
     rng = np.random.default_rng([int(seed), int(epoch)])
     if located is None or n <= window_rows:
@@ -520,10 +563,40 @@ def epoch_order(n: int, seed: int, epoch: int, window_rows: int, located: np.nda
     first = np.repeat(np.cumsum(lengths) - lengths, lengths)  # (n,) where each row's block begins in `sequence`
     sequence = located[np.repeat(starts, lengths) + np.arange(n) - first]  # (n,) rows in block order
     order = np.empty(n, dtype=np.int64)
+    if lanes > 0:
+        block_of = np.repeat(np.arange(len(lengths)), lengths)  # (n,) the block of each place in `sequence`
     for start in range(0, n, window_rows):
         window = sequence[start:start + window_rows]
-        order[start:start + len(window)] = window[rng.permutation(len(window))]
+        if lanes > 0:
+            chunk = block_of[start:start + len(window)]
+            window = window[_lane_order(chunk, starts[chunk], int(lanes), rng)]
+        else:
+            window = window[rng.permutation(len(window))]
+        order[start:start + len(window)] = window
     return order
+
+
+def _lane_order(block: np.ndarray, where: np.ndarray, lanes: int, rng: np.random.Generator) -> np.ndarray:
+    """The visiting order (indices into the window) of a window whose rows belong to the non-decreasing blocks
+    ``block (W,)``, each block starting at ``where (W,)`` in the LLM cache's order: rows shuffled within their
+    block; blocks dealt to ``lanes`` lanes by where they lie in the cache (lane k: the k-th of ``lanes`` equal
+    slices of the window's blocks in cache order), each lane taking its blocks in the window's (random) order;
+    lanes merged at one rate (:func:`epoch_order`). So the blocks open at once come one from each slice of the cache
+    (which the embed stage writes length-sorted): a short run sees the window's mix of caption lengths, not the few
+    blocks it happened to open. Vectorised: a few sorts of W keys."""
+    w = len(block)
+    segment = np.cumsum(np.r_[0, block[1:] != block[:-1]]) if w else np.zeros(0, np.int64)  # (W,) 0, 0, 1, ...
+    shuffled = np.lexsort((rng.random(w), segment))  # (W,) rows shuffled within each segment, segments in order
+    first = np.flatnonzero(np.r_[True, segment[1:] != segment[:-1]]) if w else np.zeros(0, np.int64)  # (S,)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(where[first], kind="stable")] = np.arange(len(first))  # (S,) each block's place in cache order
+    lane = (rank * lanes // max(len(first), 1))[segment]  # (W,) lane of each place in `shuffled` (it keeps segments)
+    by_lane = np.argsort(lane, kind="stable")  # (W,) places grouped by lane, in order inside a lane
+    size = np.bincount(lane, minlength=lanes)  # (K,) rows per lane
+    index = np.empty(w, dtype=np.int64)
+    index[by_lane] = np.arange(w) - np.repeat(np.cumsum(size) - size, size)  # (W,) the place's index in its lane
+    when = (index + rng.random(w)) / size[lane]  # (W,) in [0, 1): each lane advances at the same rate
+    return shuffled[np.argsort(when, kind="stable")]
 
 
 def order_blocks(pieces: np.ndarray, block_rows: int) -> np.ndarray:
@@ -559,12 +632,13 @@ class CachedBatches:
     length (stages 2-3). ``max_resident_shards`` bounds the decoded shards kept per cache.
 
     Order (docs/architecture.md "Training data"): global position ``p`` is example ``perm[p // N][p % N]``,
-    ``perm[e]`` the order of epoch ``e``, a pure function of ``(seed, e)``, the two order sizes and the LLM
+    ``perm[e]`` the order of epoch ``e``, a pure function of ``(seed, e)``, the three order sizes and the LLM
     cache's layout (:func:`epoch_order`). When the examples fit one window (``N <= order_window_rows``) it is
     ``default_rng([seed, e]).permutation(N)``; above, a block shuffle: examples sorted by where their LLM
-    states live, cut into blocks of about ``order_block_rows`` (whole row groups), the blocks permuted, and the
-    rows permuted within windows of ``order_window_rows``, so with a window within the resident budget an LLM row
-    group is decoded about once per window whatever the corpus size.
+    states live, cut into blocks of about ``order_block_rows`` (whole row groups), the blocks permuted, cut into
+    windows of ``order_window_rows`` and each window visited in ``order_lanes`` lanes (``0``: permuted whole), so
+    an LLM row group is decoded about once per window whatever the corpus size, and a run's first steps read
+    about ``order_lanes`` blocks' groups, not the whole window's.
     """
 
     def __init__(
@@ -580,6 +654,7 @@ class CachedBatches:
         read_log: list | None = None,
         order_block_rows: int = DEFAULT_ORDER_BLOCK_ROWS,
         order_window_rows: int = DEFAULT_ORDER_WINDOW_ROWS,
+        order_lanes: int = DEFAULT_ORDER_LANES,
     ):
         if family not in ("align", "diffusion"):
             raise ValueError(f"family={family!r}: expected 'align' or 'diffusion'")
@@ -588,6 +663,8 @@ class CachedBatches:
         if int(order_block_rows) < 1 or int(order_window_rows) < 1:
             raise ValueError(f"order_block_rows={order_block_rows}, order_window_rows={order_window_rows}: "
                              "both must be >= 1")
+        if int(order_lanes) < 0:
+            raise ValueError(f"order_lanes={order_lanes}: must be >= 0 (0: each window permuted whole)")
         self.family, self.seed = family, int(seed)
         self.caption_dropout = float(caption_dropout)
         self.empty_states = empty_states
@@ -606,10 +683,15 @@ class CachedBatches:
         del keys
         self.sizes = family == "diffusion" and cached_image_sizes(stores["pixels"])
         self._perms: dict[int, np.ndarray] = {}
-        self._executor, self._pending = None, None  # the prefetch thread (started by the first prefetch) and its job
+        import threading
+        from collections import deque
+
+        # the read-ahead thread (started by the first prefetch), its jobs in order ((positions bytes, future)), and
+        # the lock that lets one thread at a time touch the resident sets
+        self._executor, self._pending, self._lock = None, deque(), threading.Lock()
         # The LLM cache's row groups of a window stay decoded through it when the window fits the resident budget
         # (the other cache's rows follow the LLM's order only as far as the two caches' orders agree).
-        self.block_rows, self.window_rows = int(order_block_rows), int(order_window_rows)
+        self.block_rows, self.window_rows, self.lanes = int(order_block_rows), int(order_window_rows), int(order_lanes)
         self.windowed = self.n > self.window_rows
         budget = self.shards["llm"].budget_rows
         if self.windowed and self.window_rows > budget:
@@ -635,7 +717,7 @@ class CachedBatches:
         if epoch not in self._perms:
             if len(self._perms) >= 2:  # a batch spans at most two epochs
                 self._perms.pop(min(self._perms))
-            perm = epoch_order(self.n, self.seed, epoch, self.window_rows, self._located, self._blocks)
+            perm = epoch_order(self.n, self.seed, epoch, self.window_rows, self._located, self._blocks, self.lanes)
             self._perms[epoch] = perm.astype(np.int32) if self.n < 2**31 else perm
         return self._perms[epoch]
 
@@ -644,7 +726,8 @@ class CachedBatches:
         """The order scheme in words (what a checkpoint records and a refused resume names)."""
         if not self.windowed:
             return "permutation (whole epoch)"
-        return f"blocks (block_rows={self.block_rows}, window_rows={self.window_rows})"
+        lanes = f", lanes={self.lanes}" if self.lanes else ""
+        return f"blocks (block_rows={self.block_rows}, window_rows={self.window_rows}{lanes})"
 
     def example_index(self, positions: np.ndarray) -> np.ndarray:
         """Global sample positions -> example rows ``int64 (B,)``: a fresh order per epoch (:func:`epoch_order`)."""
@@ -669,6 +752,8 @@ class CachedBatches:
         if self.windowed:
             state.update(order="blocks", order_block_rows=self.block_rows, order_window_rows=self.window_rows,
                          order_layout=self._layout)
+            if self.lanes:  # no key: each window permuted whole (checkpoints from before the lanes)
+                state["order_lanes"] = self.lanes
         return state
 
     def check_resume(self, state: dict | None, step: int, global_batch: int) -> None:
@@ -686,10 +771,12 @@ class CachedBatches:
             if any(k.startswith("order") for k in differs):
                 hint = (f" This run's order is {self.order}; the checkpoint's is "
                         + (f"blocks (block_rows={state.get('order_block_rows')}, window_rows="
-                           f"{state.get('order_window_rows')})" if theirs["order"] == "blocks"
+                           f"{state.get('order_window_rows')}, lanes={state.get('order_lanes', 0)})"
+                           if theirs["order"] == "blocks"
                            else "the whole-epoch permutation (data.order_window_rows >= the example count gives it)")
-                        + ": set data.order_block_rows / data.order_window_rows as it was saved (order_layout "
-                        "differs when the LLM cache was rewritten).")
+                        + ": set data.order_block_rows / data.order_window_rows / data.order_lanes as it was saved "
+                        "(order_lanes 0: a checkpoint from before the lanes; order_layout differs when the LLM cache "
+                        "was rewritten).")
             raise RuntimeError(f"the checkpoint's data position does not match this run ({shown}): resuming would "
                                "train on another order. Use the snapshot, split, seed and global_batch_size it was "
                                f"saved with, or another checkpoint.dir.{hint}")
@@ -701,10 +788,12 @@ class CachedBatches:
         return {"llm": ["states"], "pixels": ["pixels", *SIZE_COLUMNS] if self.sizes else ["pixels"]}
 
     def prefetch(self, positions: np.ndarray) -> None:
-        """Start decoding the row groups of the batch at ``positions`` in a background thread (Arrow decodes without
-        the GIL) while the caller computes; :meth:`batch` first waits for it (and re-raises what it raised) and finds
-        them resident. Only when groups are decoded changes, never a batch's content."""
-        self._wait()
+        """Queue the decoding of the row groups of the batch at ``positions`` on a background thread (Arrow decodes
+        without the GIL) while the caller computes. Jobs run in the order queued, so a caller may queue several
+        micro-batches ahead (train.loop: data.prefetch_batches) and the thread keeps decoding through the model's
+        steps; :meth:`batch` waits only for the jobs up to its own (re-raising what they raised) and finds its
+        groups resident. The resident sets are touched under one lock (a job holds it for one shard's groups at a
+        time). Only when groups are decoded changes, never a batch's content."""
         rows = self.example_index(positions)  # (B,) here: the epoch orders are computed in the caller's thread
         wanted = {kind: tuple(w[rows] for w in self.where[kind]) for kind in self.shards}
         columns = self._columns()
@@ -715,14 +804,23 @@ class CachedBatches:
 
         def warm() -> None:
             for kind, (shard, row) in wanted.items():
-                self.shards[kind].warm(shard, row, columns[kind])
+                self.shards[kind].warm(shard, row, columns[kind], self._lock)
 
-        self._pending = self._executor.submit(warm)
+        key = np.asarray(positions, dtype=np.int64).tobytes()
+        self._pending.append((key, self._executor.submit(warm)))
 
-    def _wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+    def _wait(self, positions: np.ndarray | None = None) -> None:
+        """Wait for the queued jobs up to the one of ``positions`` (every job when None; none when no job is queued
+        for them), re-raising what they raised."""
+        if positions is not None:
+            key = np.asarray(positions, dtype=np.int64).tobytes()
+            if not any(k == key for k, _ in self._pending):
+                return
+        while self._pending:
+            k, job = self._pending.popleft()
+            job.result()
+            if positions is not None and k == key:
+                return
 
     def close(self) -> None:
         """Wait for a prefetch, stop its thread and close the shard files kept open."""
@@ -734,16 +832,18 @@ class CachedBatches:
             shards.close()
 
     def batch(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
-        self._wait()  # a prefetch never runs beside a batch: the resident sets are touched by one thread at a time
+        self._wait(positions)  # its own read-ahead job (if queued) and those before it; later ones go on decoding
         rows = self.example_index(positions)  # (B,)
         columns = self._columns()
         llm_shards = self.shards["llm"]
-        taken = llm_shards.take(*(w[rows] for w in self.where["llm"]), columns["llm"])
-        flat, lengths = _states_of(taken, llm_shards.store.hidden_size)  # (sum L, Dl), (B,)
         other = self.shards[self.other]
         shard, row = (w[rows] for w in self.where[self.other])
+        with self._lock:  # the read-ahead thread may be decoding later batches' groups
+            taken = llm_shards.take(*(w[rows] for w in self.where["llm"]), columns["llm"])
+            other_taken = other.take(shard, row, columns[self.other])
+        flat, lengths = _states_of(taken, llm_shards.store.hidden_size)  # (sum L, Dl), (B,)
         if self.family == "align":
-            clip = other.take(shard, row, columns["clip"])
+            clip = other_taken
             c_flat, c_lengths = _states_of(clip, other.store.hidden_size)
             target, target_mask = pad_flat(c_flat, c_lengths)  # (B, Tc, Dc)
             llm_states, llm_mask = pad_flat(flat, lengths)  # (B, T, Dl)
@@ -755,7 +855,7 @@ class CachedBatches:
                 "target_mask": clip_target_mask(target, target_mask),
                 "target_pooled": torch.from_numpy(pooled.astype(np.float32)),
             }
-        pixels = other.take(shard, row, columns["pixels"])
+        pixels = other_taken
         images = torch.from_numpy(decode_fixed(pixels.column("pixels"), other.store.value_shape).astype(np.float32))
         noise, timesteps, dropped = self._draws(images.shape[1:], positions)
         llm_states, llm_mask = self._with_dropout(flat, lengths, dropped.numpy())

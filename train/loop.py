@@ -100,7 +100,7 @@ def train(job: TrainJob, rank: int, world: int) -> None:
                             caption_dropout=cfg.diffusion.caption_dropout if cfg.diffusion else 0.0,
                             empty_states=job.empty_states, num_train_timesteps=timesteps,
                             max_resident_shards=resident, order_block_rows=cfg.data.order_block_rows,
-                            order_window_rows=cfg.data.order_window_rows)
+                            order_window_rows=cfg.data.order_window_rows, order_lanes=cfg.data.order_lanes)
     val_batch = None
     if val_examples:
         val = CachedBatches(val_examples, cfg.family, stores, seed=cfg.seed + 1, caption_dropout=0.0,
@@ -142,15 +142,24 @@ def train(job: TrainJob, rank: int, world: int) -> None:
 
     # -- 5. the loop: one optimizer step = accum micro-batches per rank = g_batch examples overall
     progress = Progress(f"train stage{cfg.stage}", total=cfg.max_steps - start_step, unit="step") if rank == 0 else None
+    # Read-ahead: the row groups of the next data.prefetch_batches micro-batches decode on a background thread
+    # while the model computes (micro-batch i of the run: step i // accum, micro-step i % accum).
+    ahead = cfg.data.prefetch_batches if cfg.data.prefetch else 0
+
+    def read_ahead(index: int) -> None:
+        if index < cfg.max_steps * accum:
+            batches.prefetch(CachedBatches.positions(index // accum, g_batch, rank, world, micro, index % accum))
+
+    for index in range(start_step * accum, start_step * accum + ahead):
+        read_ahead(index)
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
         set_train_mode(model, cfg)
         for m in range(accum):
             positions = CachedBatches.positions(step, g_batch, rank, world, micro, m)  # (micro,) global sample ids
             batch = to_engine(batches.batch(positions), engine)  # llm_states (micro, T, Dl), llm_mask, targets...
-            following = (step, m + 1) if m + 1 < accum else (step + 1, 0)
-            if cfg.data.prefetch and following[0] < cfg.max_steps:  # its row groups decode while this one computes
-                batches.prefetch(CachedBatches.positions(following[0], g_batch, rank, world, micro, following[1]))
+            if ahead:  # its row groups decode while this one and the ones between compute
+                read_ahead(step * accum + m + ahead)
             # Dropout noise seeded by the micro-batch's first sample: same on resume, any worker count.
             torch.manual_seed(int(positions[0]) * 7919 + cfg.seed)
             loss, metrics = engine(batch)  # scalar loss, {name: float}
