@@ -102,10 +102,17 @@ def test_a_redeploy_serves_the_changed_config_before_it_returns(deployments, tmp
     changed = tmp_path / "pipeline_changed.yaml"
     changed.write_text(CONFIG.read_text().replace("world_port: 18765", "world_port: 18799"))
     try:
-        flows_cli.deploy(str(changed), timeout_s=240, quiet=True)
+        moved = flows_cli.deploy(str(changed), timeout_s=240, quiet=True)
         assert asyncio.run(world_port()) == 18799
+        assert moved["pid"] != deployments["pid"] and not moved.get("reused")  # changed parameters: restarted
     finally:
-        flows_cli.deploy(str(CONFIG), timeout_s=240, quiet=True)
+        back = flows_cli.deploy(str(CONFIG), timeout_s=240, quiet=True)
+    assert asyncio.run(world_port()) == 18765
+    assert back["pid"] != moved["pid"] and not back.get("reused")
+
+    # Unchanged config and code: the running process is kept (no restart), its deployments as they were.
+    again = flows_cli.deploy(str(CONFIG), timeout_s=240, quiet=True)
+    assert again["reused"] is True and again["pid"] == back["pid"] and again["deployments"] == back["deployments"]
     assert asyncio.run(world_port()) == 18765
 
 
