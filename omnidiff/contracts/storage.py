@@ -45,6 +45,7 @@ S3_SCHEME = "s3://"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_GRACE_S = 24 * 3600.0  # longer than any writer takes between its first object and its manifest
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+READ_ATTEMPTS = 20  # reads of an object that keeps changing under them before read_bytes gives up
 
 
 class StorageError(RuntimeError):
@@ -305,10 +306,21 @@ class Folder:
         return self.info(rel) is not None
 
     def read_bytes(self, rel: str) -> bytes:
-        """The object's bytes; FileNotFoundError (naming the URL) when it does not exist."""
-        if self.info(rel) is None:
-            raise FileNotFoundError(f"{self.url_of(rel)} does not exist")
-        return self._call("read", rel, lambda: self._read_all(rel))
+        """The object's bytes, whole from one version; FileNotFoundError (naming the URL) when it does not exist.
+
+        On S3 a read is a HEAD (the size) then ranged GETs: an object replaced between them (a manifest is
+        rewritten after every shard) reads as the first bytes of the new version, a torn object. So a read
+        whose length, or the object's size or time before and after it, disagree is read again.
+        """
+        for _ in range(READ_ATTEMPTS):
+            before = self.info(rel)
+            if before is None:
+                raise FileNotFoundError(f"{self.url_of(rel)} does not exist")
+            data = self._call("read", rel, lambda: self._read_all(rel))
+            after = self.info(rel)
+            if after is not None and len(data) == before.size == after.size and after.mtime == before.mtime:
+                return data
+        raise self._error("read", rel, OSError(f"the object changed while being read, {READ_ATTEMPTS} times in a row"))
 
     def _read_all(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as fh:
