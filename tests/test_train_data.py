@@ -487,20 +487,24 @@ def test_a_split_within_the_window_keeps_the_whole_epoch_permutation(world):
         assert sorted(windowed.example_index(np.arange(40) + 40 * epoch).tolist()) == list(range(40))
 
 
+def step_rows(world_size: int, step: int, stream) -> list[tuple[int, ...]]:
+    """The examples (first pixels) every rank of ``world_size`` trains on at ``step`` (global batch 16, micro 4)."""
+    from train.data import CachedBatches
+
+    rows = []
+    for rank in range(world_size):
+        for m in range(16 // (4 * world_size)):
+            batch = stream.batch(CachedBatches.positions(step, 16, rank, world_size, 4, m))
+            rows += [tuple(p.tolist()) for p in batch["pixels"].flatten(1)[:, :3]]
+    return sorted(rows)
+
+
 def test_the_block_order_does_not_depend_on_the_worker_count_or_a_restart(world):
     """The block order too is a function of (seed, position): 1, 2 or 4 ranks and a fresh stream (a resume) started
     at step 3 see the same examples at every step."""
     from train.data import CachedBatches
 
     sizes = {"order_window_rows": 16, "order_block_rows": 4}
-
-    def step_rows(world_size: int, step: int, stream) -> list[tuple[int, ...]]:
-        rows = []
-        for rank in range(world_size):
-            for m in range(16 // (4 * world_size)):
-                batch = stream.batch(CachedBatches.positions(step, 16, rank, world_size, 4, m))
-                rows += [tuple(p.tolist()) for p in batch["pixels"].flatten(1)[:, :3]]
-        return sorted(rows)
 
     first = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1, **sizes)
     assert first.windowed
@@ -679,14 +683,6 @@ def test_lanes_do_not_depend_on_the_worker_count_or_a_restart_and_are_checked_on
     from train.data import CachedBatches
 
     sizes = {"order_window_rows": 20, "order_block_rows": 4, "order_lanes": 2}
-
-    def step_rows(world_size: int, step: int, stream) -> list[tuple[int, ...]]:
-        rows = []
-        for rank in range(world_size):
-            for m in range(16 // (4 * world_size)):
-                batch = stream.batch(CachedBatches.positions(step, 16, rank, world_size, 4, m))
-                rows += [tuple(p.tolist()) for p in batch["pixels"].flatten(1)[:, :3]]
-        return sorted(rows)
 
     first = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1, **sizes)
     assert first.windowed and first.order == "blocks (block_rows=4, window_rows=20, lanes=2)"
