@@ -170,17 +170,3 @@ def test_pipeline_flow_fails_at_its_start_on_a_folder_that_is_no_base(stack, tin
     (tmp_path / "nobase" / "model_index.json").write_text(json.dumps({"_class_name": "UnCLIPPipeline"}))
     with pytest.raises(BaseFolderError, match="UnCLIPPipeline.*not a supported base"):
         omnidiff_pipeline(_flow_config(tiny_llm, tmp_path / "nobase", tmp_path))
-
-
-@pytest.mark.e2e
-def test_pipeline_flow_on_a_published_sdxl_folder(stack, tiny_llm, sdxl_base, tmp_path):
-    from flows.pipeline import omnidiff_pipeline
-    from omnidiff.pipeline import OmniDiffusionPipeline
-
-    out = omnidiff_pipeline(_flow_config(tiny_llm, sdxl_base, tmp_path))
-    assert out["base"]["base_model"] == str(sdxl_base.resolve())
-    export = __import__("pathlib").Path(out["stage3"]["export_dir"])
-    assert json.loads((export / "model_index.json").read_text())["force_zeros_for_empty_prompt"] is True
-    pipe = OmniDiffusionPipeline.from_pretrained(export, llm_path=tiny_llm)
-    assert pipe.force_zeros_for_empty_prompt and pipe.adapter.shape.pooled_dim == 24
-    assert out["evaluate"].get("report_html")

@@ -99,5 +99,6 @@ def test_the_gpu_pipeline_yaml_completes_on_the_cpu_on_a_tiny_sdxl_folder(stack,
     index = json.loads((export / "model_index.json").read_text())
     assert index["force_zeros_for_empty_prompt"] is True and index["vae"] == ["diffusers", "AutoencoderKL"]
     pipe = OmniDiffusionPipeline.from_pretrained(export, llm_path=tiny_llm)
+    assert pipe.force_zeros_for_empty_prompt
     assert pipe.adapter.shape.pooled_dim == 24 and pipe.adapter.shape.out_dim == 96
     assert out["evaluate"].get("report_html")

@@ -1,4 +1,5 @@
-"""The embed job: correctness of what is cached, incremental runs, NaN rejection, SIGKILL + rerun, flows.
+"""The embed job: correctness of what is cached, incremental runs, NaN rejection, flows. (SIGKILL + rerun:
+tests/test_lineage.py on a local cache, tests/test_s3_kill.py with the cache on S3.)
 
     .venv/bin/pytest tests/test_embed_job.py -x -q              # unit + e2e (real Ray, MLflow, Prefect)
     .venv/bin/pytest tests/test_embed_job.py -x -q -m "not e2e" # no stack
@@ -10,17 +11,12 @@ benchmarks/embed_throughput.py, not asserted here; these tests check what is com
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from embed_cache.config import EmbedConfig
 from embed_cache.writer import CacheWriter
@@ -31,7 +27,6 @@ from omnidiff.contracts.keys import text_key
 from omnidiff.text import normalise_caption
 from tests.fixtures_embed import EMBED_TEST_CONFIG, png_bytes, write_snapshot
 
-REPO = Path(__file__).resolve().parents[1]
 WORDS = (
     "a red blue green yellow purple circle square triangle cross diamond on the left right top bottom of "
     "small big picture showing background near"
@@ -452,68 +447,6 @@ def test_nan_states_are_rejected_with_the_key_named(tiny_llm, tmp_path, capsys):
         assert text_key(text) in err
     store = CacheStore(next((tmp_path / "cache" / "llm").iterdir()))
     assert len(store) == len(texts) + 1 - 2 and store.verify().ok  # "" included, the two Q captions not
-
-
-@pytest.mark.e2e
-def test_sigkill_driver_mid_run_then_rerun_holds_every_key_once(stack, tiny_llm, tmp_path):
-    from embed_cache.job import run
-
-    texts = captions(400, seed=11, lo=5, hi=60)
-    snap = write_snapshot("embedkill", [{"caption": t} for t in texts])
-    overrides = [
-        f"snapshots=[{snap}]",
-        f"llm.path={tiny_llm}",
-        "kinds=[llm]",
-        "track=false",
-        f"cache_root={tmp_path / 'cache'}",
-        "shard_rows=16",
-        "shard_tokens=2048",
-        "num_actors=2",
-    ]
-    cfg = load_config(EmbedConfig, EMBED_TEST_CONFIG, overrides)
-    from embed_cache.plan import plan_kind
-
-    directory = cache_dir("llm", plan_kind("llm", cfg).fingerprint, cfg.cache_root)
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "embed_cache.cli", "--config", str(EMBED_TEST_CONFIG), *overrides],
-        cwd=REPO,
-        env=dict(os.environ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    def listed() -> int:
-        manifest = directory / "manifest.json"
-        return len(json.loads(manifest.read_text())["shards"]) if manifest.exists() else 0
-
-    # Poll until three shards are listed, the driver ends, or 180 s pass (then the asserts below speak).
-    until_three_listed = Retrying(
-        stop=stop_after_delay(180),
-        wait=wait_fixed(0.05),
-        retry=retry_if_result(lambda n: n < 3 and driver.poll() is None),
-        retry_error_callback=lambda state: state.outcome.result(),
-    )
-    try:
-        until_three_listed(listed)
-        assert driver.poll() is None, f"driver ended before it could be killed: {driver.stderr.read().decode()[-2000:]}"
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            os.kill(driver.pid, signal.SIGKILL)
-            driver.wait(timeout=30)
-        driver.stderr.close()
-    partial = CacheStore(directory)
-    assert 0 < len(partial) < len(texts) + 1, "the kill did not land mid-run"
-
-    out = run(replace(cfg, num_actors=1))  # the rerun: a fresh driver, same cache
-    store = CacheStore(directory)
-    report = store.verify()
-    assert report.ok and report.duplicate_keys == 0 and not report.corrupt and not report.unlisted, report.as_dict()
-    wanted = {text_key(normalise_caption(t)) for t in texts} | {text_key("")}
-    assert set(store.keys()) == wanted and report.rows == len(wanted)  # every key, exactly once
-    assert out["kinds"]["llm"]["computed"] + out["kinds"]["llm"]["skipped"] == len(wanted)
-    assert out["kinds"]["llm"]["computed"] < len(wanted)  # finished shards of the killed run were kept
-    assert not list((directory / SHARDS_DIR).glob(".tmp-*"))
 
 
 @pytest.mark.e2e

@@ -265,14 +265,20 @@ def test_stop_orphans_stops_the_detached_actors_of_a_dead_driver(stack):
 
 
 def test_a_killed_embed_run_is_closed_by_its_rerun_which_says_what_it_adopted(stack, tiny_llm, tmp_path):
+    """The embed driver SIGKILLed after three shards are listed, on a local cache: the rerun holds every key exactly
+    once (what the killed run finished is kept, nothing half-written is read) and closes the killed MLflow run.
+    The same kill with the cache on S3 and Ray actors: tests/test_s3_kill.py."""
     from embed_cache.config import EmbedConfig
     from embed_cache.job import run
     from embed_cache.plan import plan_kind
     from omnidiff import tracking
-    from omnidiff.contracts.cache import cache_dir
+    from omnidiff.contracts.cache import SHARDS_DIR, CacheStore, cache_dir
+    from omnidiff.contracts.keys import text_key
+    from omnidiff.text import normalise_caption
     from tests.test_embed_job import captions
 
-    snap = write_snapshot("embedkilled", [{"caption": t} for t in captions(300, seed=5, lo=5, hi=60)])
+    texts = captions(300, seed=5, lo=5, hi=60)
+    snap = write_snapshot("embedkilled", [{"caption": t} for t in texts])
     overrides = [f"snapshots=[{snap}]", f"llm.path={tiny_llm}", "kinds=[llm]",
                  f"cache_root={tmp_path / 'cache'}", "shard_rows=16", "shard_tokens=2048", "executor=local",
                  "track=true"]
@@ -302,3 +308,12 @@ def test_a_killed_embed_run_is_closed_by_its_rerun_which_says_what_it_adopted(st
     assert listed_by_killed <= int(adopted[1]) <= listed_by_killed + 1 and adopted[3] == killed["run_id"]
     assert out["takeover"]["adopted"].startswith(new.data.tags["adopted"])
     assert out["kinds"]["llm"]["skipped"] >= int(adopted[2])
+    # Every key exactly once, nothing unlisted or half-written left behind.
+    store = CacheStore(directory)
+    report = store.verify()
+    assert report.ok and report.duplicate_keys == 0 and not report.corrupt and not report.unlisted, report.as_dict()
+    wanted = {text_key(normalise_caption(t)) for t in texts} | {text_key("")}
+    assert set(store.keys()) == wanted and report.rows == len(wanted)
+    stats = out["kinds"]["llm"]
+    assert stats["computed"] + stats["skipped"] == len(wanted) and 0 < stats["computed"] < len(wanted)
+    assert not list((directory / SHARDS_DIR).glob(".tmp-*"))

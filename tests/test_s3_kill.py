@@ -7,7 +7,7 @@
   downloads the checkpoint from S3, resumes at step 6 and ends with the same weights, bit for bit, as an
   uninterrupted run on a local disk.
 
-The same structure as the local kill tests (tests/test_embed_job.py, tests/test_train_e2e.py).
+The kills on local storage, with their MLflow runs closed by the reruns: tests/test_lineage.py.
 
     flock /tmp/omnidiff-heavy.lock .venv/bin/pytest tests/test_s3_kill.py -x -q
 """

@@ -73,25 +73,73 @@ def test_ensure_ray_connects_to_the_stack(stack):
     assert [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]] == ["127.0.0.1"]
 
 
+PROBE = """
+from omnidiff import tracking
+with tracking.start_run("s3-probe", run_name="s3-probe") as run:
+    tracking.log_json({"stored": "on s3"}, "probe/answer.json")
+    print("run_id", run.info.run_id)
+"""
+
+
+def _check_object_storage(state: dict, started: str, env: dict[str, str]) -> None:
+    """``--object-storage`` (issue 17 item 3): SeaweedFS's S3 API on loopback beside the other servers, its secret
+    out of state.json, the AWS variables handed to clients, and MLflow's artifacts stored in the bucket (proxied
+    by the MLflow server, nothing in the local artifact folder)."""
+    import pyarrow.fs as pafs
+
+    weed = state["services"]["seaweedfs"]
+    assert "weed" in Path(weed["argv"][0]).name and "-ip.bind=127.0.0.1" in weed["argv"]
+    assert weed["url"] in started and _port_open(weed["port"])
+    secret_file = Path(state["s3_secret_file"])
+    secret = secret_file.read_text().strip()
+    assert oct(secret_file.stat().st_mode & 0o777) == "0o600" and secret not in json.dumps(state)
+    exported = _omnidiff(["stack", "env"], env, timeout=60)
+    assert f"export AWS_ENDPOINT_URL={weed['url']}" in exported.stdout
+    assert f"export AWS_SECRET_ACCESS_KEY={secret}" in exported.stdout
+    # A client that found the stack by itself (apply_env) logs an artifact: it lands in the bucket.
+    probe = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=180)
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    run_id = next(line.split()[1] for line in probe.stdout.splitlines() if line.startswith("run_id "))
+    fs = pafs.S3FileSystem(endpoint_override=weed["url"], access_key=state["env"]["AWS_ACCESS_KEY_ID"],
+                           secret_key=secret, region=state["env"]["AWS_REGION"])
+    found = [i.path for i in fs.get_file_info(pafs.FileSelector("omnidiff/mlflow-artifacts", recursive=True))
+             if i.type == pafs.FileType.File]
+    answer = [p for p in found if run_id in p and p.endswith("probe/answer.json")]
+    assert len(answer) == 1, found
+    with fs.open_input_stream(answer[0]) as fh:
+        assert json.loads(fh.read()) == {"stored": "on s3"}
+    local_artifacts = Path(env["OMNIDIFF_HOME"]) / "stack" / "mlflow" / "artifacts"
+    assert not any(p.is_file() for p in local_artifacts.rglob("*"))
+
+
 @pytest.mark.e2e
 def test_cli_up_status_down_leaves_nothing(tmp_path):
+    """``omnidiff stack up`` with every server (Prefect, MLflow, Ray, SeaweedFS's S3 API when ``weed`` is installed,
+    and the deployment-serving process), ``status``, ``env``, then ``down`` leaves no process, port or file."""
+    from tests.fixtures_s3 import weed_binary
+
+    object_storage = weed_binary() is not None  # the test extra installs it; without it, the other servers only
     # A long OMNIDIFF_HOME on purpose: Ray's socket paths must still fit (short symlink).
     fake_home = tmp_path / "home"
     fake_home.mkdir()
     env = dict(os.environ)
-    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH",
+                "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"):
         env.pop(key, None)
     env.update(HOME=str(fake_home), OMNIDIFF_HOME=str(tmp_path / "a_rather_long_project_working_directory"))
     state_file = Path(env["OMNIDIFF_HOME"]) / "stack" / "state.json"
+    servers = ["prefect", "mlflow", "ray", *(["seaweedfs"] if object_storage else [])]
 
     t0 = time.monotonic()
-    started = _omnidiff(["stack", "up", "--free-ports", "--ray-cpus", "2"], env)
+    started = _omnidiff(["stack", "up", "--free-ports", "--ray-cpus", "2",
+                         *(["--object-storage"] if object_storage else [])], env, timeout=240)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         print(f"stack up: all healthy after {time.monotonic() - t0:.1f} s (wall, incl. CLI start)")
         state = json.loads(state_file.read_text())
         services = state["services"]
-        for name in ("prefect", "mlflow", "ray"):
+        assert sorted(services) == sorted(servers)
+        for name in servers:
             assert services[name]["url"] in started.stdout
             assert _port_open(services[name]["port"]), name
             assert Path(services[name]["log"]).is_file()
@@ -105,11 +153,13 @@ def test_cli_up_status_down_leaves_nothing(tmp_path):
 
         status = _omnidiff(["stack", "status"], env, timeout=60)
         assert status.returncode == 0, status.stdout + status.stderr
-        assert status.stdout.count("healthy") == 3
+        assert status.stdout.count("healthy") == len(servers)
+        if object_storage:
+            _check_object_storage(state, started.stdout, env)
 
         recorded = [svc["pid"] for svc in services.values()]
         recorded += [pid for svc in services.values() for pid in svc.get("children", [])]
-        assert len(recorded) > 3  # the tree, not just the three leaders
+        assert len(recorded) > len(servers)  # the tree, not just the leaders
     finally:
         stopped = _omnidiff(["stack", "down"], env, timeout=120)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
@@ -121,7 +171,7 @@ def test_cli_up_status_down_leaves_nothing(tmp_path):
     assert not any(_port_open(services[name]["port"]) for name in services)
     assert not state_file.exists()
     assert _omnidiff(["stack", "status"], env, timeout=60).returncode == 3
-    # Nothing in the home directory: no ~/.ray/auth_token, no ~/.prefect, no ~/.mlflow.
+    # Nothing in the home directory: no ~/.ray/auth_token, no ~/.prefect, no ~/.mlflow, no ~/.aws.
     assert sorted(p.relative_to(fake_home) for p in fake_home.rglob("*")) == []
 
 

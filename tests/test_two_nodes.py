@@ -6,13 +6,15 @@ across them give the results of a one-node run.
 The cluster (tests/fixtures_ray_cluster.py): a head ``node_a`` and a node ``node_b`` joined with ``ray start
 --address``, each with 1 CPU, its own temp dir, its own OMNIDIFF_HOME and its own custom resource. An embed
 actor and a training worker each take 1 CPU, so two actors / two workers must land one per node; each node's
-own logs show it. The one-node run is the same code on a head with 2 CPUs. The tiny random LLM of the test
+own logs show it. The one-node reference is the same code on one node: embed with ``executor=local`` (the same
+actor class, the same shard plan and torch threads, in this process) and the two-worker training on the session
+stack's one-node Ray (2 CPUs), so the module starts one cluster, not two. The tiny random LLM of the test
 fixtures stands in for Gemma.
 
 The two-node run keeps every artifact at ``storage.root`` on the SeaweedFS server of tests/fixtures_s3.py (the
 snapshot is read from there; caches, checkpoints and the export are written there); the one-node reference
 run uses local folders. One two-node run carries every test (the cluster, each node's work, equal results,
-and no file passed between nodes through a local path), so the module starts two clusters, not three.
+and no file passed between nodes through a local path).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_NODES = [RayNodeSpec("node_a", cpus=1), RayNodeSpec("node_b", cpus=1)]
-ONE_NODE = [RayNodeSpec("node_a", cpus=2)]
 ACTOR = "EncodeShardActor"  # in the log of the worker process that hosts an embed actor
 TRAIN_WORKER = "RayTrainWorker"  # Ray Train's worker actor class
 
@@ -125,24 +126,33 @@ def _two_nodes_on_s3(root: Path, prefix: str, train_snapshot: Path, base, llm) -
 
 
 def _one_node_local(root: Path, snapshot, base, llm) -> dict:
-    """The same stages on a one-node cluster (2 CPUs), with local folders: the reference."""
+    """The same stages on one node with local folders, the reference: embed in this process (``executor=local``),
+    the two-worker training on the session stack's one-node Ray (2 CPUs)."""
+    import torch
+    from ray._private import state
+
     from embed_cache.job import run as embed
+    from omnidiff.stack import ensure_ray
     from train import run as train
 
-    with ray_cluster(root / "ray", ONE_NODE) as cluster:
-        with cluster.connected():
-            summary = embed(_embed_cfg(snapshot, base, llm, f"cache_root={root / 'cache'}"))
-            result = train(_train_cfg(snapshot, base, llm, f"data.cache_root={root / 'cache'}",
-                                      f"checkpoint.dir={root / 'checkpoints'}",
-                                      f"registry.export_dir={root / 'export'}"))
-        out = {"embed": summary, "train": result, "dirs": summary["dirs"], **_observe(cluster)}
+    threads = torch.get_num_threads()
+    try:  # the local actor sets this process's torch threads to threads_per_actor
+        summary = embed(_embed_cfg(snapshot, base, llm, f"cache_root={root / 'cache'}", "executor=local"))
+    finally:
+        torch.set_num_threads(threads)
+    ensure_ray()
+    result = train(_train_cfg(snapshot, base, llm, f"data.cache_root={root / 'cache'}",
+                              f"checkpoint.dir={root / 'checkpoints'}", f"registry.export_dir={root / 'export'}"))
+    nodes = {n["NodeID"] for n in state.nodes() if n["Alive"]}
+    out = {"embed": summary, "train": result, "dirs": summary["dirs"], "nodes": nodes}
     out["weights"] = _weights(result["export_dir"])
     return out
 
 
 @pytest.fixture(scope="module")
-def runs(s3_server, train_snapshot, train_base, tiny_llm, tmp_path_factory) -> dict:
-    """Two nodes with all storage on S3, then one node on local folders (one cluster after the other: 2 CPUs)."""
+def runs(stack, s3_server, train_snapshot, train_base, tiny_llm, tmp_path_factory) -> dict:
+    """Two nodes with all storage on S3, then the one-node reference on local folders (after the cluster stopped:
+    2 CPUs)."""
     root = tmp_path_factory.mktemp("two-nodes")
     prefix = f"s3://{s3_server.bucket}/two-nodes-{uuid.uuid4().hex[:8]}"
     with pytest.MonkeyPatch.context() as mp:
@@ -181,7 +191,8 @@ def test_the_cluster_has_two_nodes_with_their_own_resources(runs):
 def test_embed_ran_an_actor_on_each_node_and_equals_the_one_node_cache(runs):
     two, one = runs["two"], runs["one"]
     assert two["actors"]["node_a"] >= 1 and two["actors"]["node_b"] >= 1, two["actors"]
-    assert one["actors"]["node_a"] >= 1
+    assert {k["executor"] for k in two["embed"]["kinds"].values()} == {"ray"}
+    assert {k["executor"] for k in one["embed"]["kinds"].values()} == {"local"}
     for kind in ("llm", "clip"):
         assert str(two["dirs"][kind]).startswith(runs["prefix"]), two["dirs"]  # written on S3
         assert Path(two["dirs"][kind]).name == Path(one["dirs"][kind]).name  # the same fingerprint
@@ -198,6 +209,7 @@ def test_two_workers_across_the_nodes_train_the_one_node_weights(runs):
     two, one = runs["two"], runs["one"]
     assert two["train_workers"]["node_a"] >= 1 and two["train_workers"]["node_b"] >= 1, two["train_workers"]
     assert two["train"]["world_size"] == one["train"]["world_size"] == 2
+    assert len(one["nodes"]) == 1  # the reference trained on one node
     assert two["train"]["final_step"] == one["train"]["final_step"] == 6
     assert str(two["export_url"]).startswith(runs["prefix"]), two["export_url"]
     assert str(two["train"]["checkpoint_dir"]).startswith(runs["prefix"]), two["train"]["checkpoint_dir"]
