@@ -6,15 +6,20 @@ across them give the results of a one-node run.
 The cluster (tests/fixtures_ray_cluster.py): a head ``node_a`` and a node ``node_b`` joined with ``ray start
 --address``, each with 1 CPU, its own temp dir, its own OMNIDIFF_HOME and its own custom resource. An embed
 actor and a training worker each take 1 CPU, so two actors / two workers must land one per node; each node's
-own logs show it. The one-node reference is the same code on one node: embed with ``executor=local`` (the same
-actor class, the same shard plan and torch threads, in this process) and the two-worker training on the session
-stack's one-node Ray (2 CPUs), so the module starts one cluster, not two. The tiny random LLM of the test
-fixtures stands in for Gemma.
+own logs show it. The one-node references, on local folders, start no second cluster:
 
-The two-node run keeps every artifact at ``storage.root`` on the SeaweedFS server of tests/fixtures_s3.py (the
-snapshot is read from there; caches, checkpoints and the export are written there); the one-node reference
-run uses local folders. One two-node run carries every test (the cluster, each node's work, equal results,
-and no file passed between nodes through a local path).
+* embed: the same job with ``executor=local`` (the same actor class, shard plan and torch threads, in this
+  process);
+* training: the session's uninterrupted two-worker stage-1 run on the stack's one-node Ray
+  (``two_worker_reference`` of tests/fixtures_train.py, the reference of the kill tests too). The two-node
+  training runs the same config on the same caches (``train_caches``, copied to the store like the snapshot),
+  so its weights must equal the reference's bit for bit; that the two-node embed writes those same values is
+  the embed test's.
+
+The tiny random LLM of the test fixtures stands in for Gemma. The two-node run keeps every artifact at
+``storage.root`` on the SeaweedFS server of tests/fixtures_s3.py (the snapshot and the training's input caches
+are read from there; caches, checkpoints and the export are written there). One two-node run carries every test
+(the cluster, each node's work, equal results, and no file passed between nodes through a local path).
 """
 
 from __future__ import annotations
@@ -45,17 +50,6 @@ def _embed_cfg(snapshot, base, llm, *overrides: str):
         f"snapshots=[{snapshot}]", f"llm.path={llm}", f"clip.base_model={base}", "kinds=[llm, clip]",
         "executor=ray", "num_actors=2", "threads_per_actor=1", "shard_tokens=2048", "shard_rows=32", "track=false",
         *overrides,
-    ])  # fmt: skip
-
-
-def _train_cfg(snapshot, base, llm, *overrides: str):
-    from omnidiff.config import load_config
-    from train.config import TrainConfig
-
-    return load_config(TrainConfig, REPO / "configs" / "train_test_stage1.yaml", [
-        "name=two-nodes", f"base_model={base}", f"llm.path={llm}", f"data.snapshot={snapshot}",
-        "dist.launcher=ray", "dist.num_workers=2", "dist.cpus_per_worker=1", "dist.zero_stage=2",
-        "max_steps=6", "checkpoint.every_steps=3", "track=false", *overrides,
     ])  # fmt: skip
 
 
@@ -95,24 +89,36 @@ def _observe(cluster) -> dict:
     }
 
 
-def _two_nodes_on_s3(root: Path, prefix: str, train_snapshot: Path, base, llm) -> dict:
+def _two_nodes_on_s3(root: Path, prefix: str, train_snapshot: Path, train_caches: Path, base, llm,
+                     train_overrides) -> dict:
     """embed (llm + clip) then stage-1 training on two nodes, every artifact at ``storage.root = prefix``."""
     import pyarrow.fs as pafs
 
     from embed_cache.job import run as embed
+    from omnidiff.config import load_config
     from omnidiff.contracts.storage import open_folder
+    from tests.fixtures_train import TWO_WORKERS
     from train import run as train
+    from train.config import TrainConfig
 
     snapshot = f"{prefix}/data/snapshots/{train_snapshot.parent.name}/{train_snapshot.name}"
     folder = open_folder(snapshot)
     pafs.copy_files(str(train_snapshot), folder.path(), destination_filesystem=folder.fs)
+    caches = open_folder(f"{prefix}/reference-cache")
+    for kind in ("llm", "clip"):  # stage 1's inputs
+        pafs.copy_files(str(train_caches / kind), caches.path(kind), destination_filesystem=caches.fs)
     storage = [f"storage.root={prefix}"]
+    # The reference's config (configs/train_test_stage1.yaml, two workers, 12 steps); every place on the store.
+    train_cfg = load_config(TrainConfig, REPO / "configs" / "train_test_stage1.yaml", [
+        o for o in train_overrides("two-nodes", **TWO_WORKERS, **{"dist.cpus_per_worker": 1})
+        if not o.startswith(("checkpoint.dir=", "registry.export_dir=", "data.snapshot=", "data.cache_root="))
+    ] + [f"data.snapshot={snapshot}", f"data.cache_root={caches.url_of('')}", *storage])
     driver_home = Path(os.environ["OMNIDIFF_HOME"])
     since = time.time()
     with ray_cluster(root / "ray", TWO_NODES) as cluster:
         with cluster.connected():
             summary = embed(_embed_cfg(snapshot, base, llm, *storage))
-            result = train(_train_cfg(snapshot, base, llm, *storage))
+            result = train(train_cfg)
         out = {"embed": summary, "train": result, "dirs": summary["dirs"], **_observe(cluster)}
     out["leaked"] = _files_written([driver_home, root, Path(train_snapshot).parent], since, skip=root / "ray",
                                    driver_home=driver_home)
@@ -125,34 +131,25 @@ def _two_nodes_on_s3(root: Path, prefix: str, train_snapshot: Path, base, llm) -
     return out
 
 
-def _one_node_local(root: Path, snapshot, base, llm) -> dict:
-    """The same stages on one node with local folders, the reference: embed in this process (``executor=local``),
-    the two-worker training on the session stack's one-node Ray (2 CPUs)."""
+def _one_node_embed(root: Path, snapshot, base, llm) -> dict:
+    """The embed reference on local folders: the same job in this process (``executor=local``)."""
     import torch
-    from ray._private import state
 
     from embed_cache.job import run as embed
-    from omnidiff.stack import ensure_ray
-    from train import run as train
 
     threads = torch.get_num_threads()
     try:  # the local actor sets this process's torch threads to threads_per_actor
         summary = embed(_embed_cfg(snapshot, base, llm, f"cache_root={root / 'cache'}", "executor=local"))
     finally:
         torch.set_num_threads(threads)
-    ensure_ray()
-    result = train(_train_cfg(snapshot, base, llm, f"data.cache_root={root / 'cache'}",
-                              f"checkpoint.dir={root / 'checkpoints'}", f"registry.export_dir={root / 'export'}"))
-    nodes = {n["NodeID"] for n in state.nodes() if n["Alive"]}
-    out = {"embed": summary, "train": result, "dirs": summary["dirs"], "nodes": nodes}
-    out["weights"] = _weights(result["export_dir"])
-    return out
+    return {"embed": summary, "dirs": summary["dirs"]}
 
 
 @pytest.fixture(scope="module")
-def runs(stack, s3_server, train_snapshot, train_base, tiny_llm, tmp_path_factory) -> dict:
-    """Two nodes with all storage on S3, then the one-node reference on local folders (after the cluster stopped:
-    2 CPUs)."""
+def runs(stack, s3_server, train_snapshot, train_caches, train_base, tiny_llm, train_overrides,
+         two_worker_reference, tmp_path_factory) -> dict:
+    """Two nodes with all storage on S3, then the one-node embed on local folders (after the cluster stopped:
+    2 CPUs); the one-node training is the session's ``two_worker_reference``."""
     root = tmp_path_factory.mktemp("two-nodes")
     prefix = f"s3://{s3_server.bucket}/two-nodes-{uuid.uuid4().hex[:8]}"
     with pytest.MonkeyPatch.context() as mp:
@@ -160,11 +157,14 @@ def runs(stack, s3_server, train_snapshot, train_base, tiny_llm, tmp_path_factor
             mp.delenv(name, raising=False)
         for name, value in s3_server.env().items():
             mp.setenv(name, value)
-        two = _two_nodes_on_s3(root / "two", prefix, train_snapshot, train_base, tiny_llm)
-        one = _one_node_local(root / "one", train_snapshot, train_base, tiny_llm)
+        two = _two_nodes_on_s3(root / "two", prefix, train_snapshot, train_caches, train_base, tiny_llm,
+                               train_overrides)
         # the S3 cache is read back while the environment still points at the server
         two["cache_rows"] = _cache_rows(two["dirs"])
+    one = _one_node_embed(root / "one", train_snapshot, train_base, tiny_llm)
     one["cache_rows"] = _cache_rows(one["dirs"])
+    one["train"] = two_worker_reference
+    one["weights"] = _weights(two_worker_reference["export_dir"])
     return {"two": two, "one": one, "prefix": prefix}
 
 
@@ -209,8 +209,7 @@ def test_two_workers_across_the_nodes_train_the_one_node_weights(runs):
     two, one = runs["two"], runs["one"]
     assert two["train_workers"]["node_a"] >= 1 and two["train_workers"]["node_b"] >= 1, two["train_workers"]
     assert two["train"]["world_size"] == one["train"]["world_size"] == 2
-    assert len(one["nodes"]) == 1  # the reference trained on one node
-    assert two["train"]["final_step"] == one["train"]["final_step"] == 6
+    assert two["train"]["final_step"] == one["train"]["final_step"] == 12
     assert str(two["export_url"]).startswith(runs["prefix"]), two["export_url"]
     assert str(two["train"]["checkpoint_dir"]).startswith(runs["prefix"]), two["train"]["checkpoint_dir"]
     ours, theirs = two["weights"], one["weights"]
