@@ -82,36 +82,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(skip)
 
 
-# Where a module's or the session's teardown goes: pytest's --durations gives one figure for a test's whole
-# teardown (the session's servers land on the last test); each shared fixture's finalizer is timed here and the
-# slow ones (>= 2 s) are listed at the end of the run.
-_FIXTURE_TEARDOWN: list[tuple[float, str]] = []
-_TEARDOWN_MARK = [0.0]
+class _TeardownTimes:
+    """Where a module's or the session's teardown goes: pytest's --durations gives one figure for a test's whole
+    teardown (the session's servers land on the last test); each shared fixture's finalizer is timed here and the
+    slow ones (>= 2 s) are listed at the end of the run. A plugin object, not conftest hooks: a conftest's hooks
+    are not called for the session node, which lies above tests/."""
+
+    def __init__(self) -> None:
+        self.times: list[tuple[float, str]] = []
+        self.mark = 0.0
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None):
+        import time
+
+        self.mark = time.monotonic()
+        yield
+
+    def pytest_fixture_post_finalizer(self, fixturedef, request) -> None:
+        import time
+
+        now = time.monotonic()
+        if fixturedef.scope in ("module", "session", "package") and self.mark:
+            self.times.append((now - self.mark, f"{fixturedef.scope} {fixturedef.argname}"))
+        self.mark = now
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+        slow = sorted((t for t in self.times if t[0] >= 2.0), reverse=True)
+        if slow:
+            terminalreporter.write_sep("=", "slowest shared-fixture teardowns")
+            for seconds, name in slow[:20]:
+                terminalreporter.write_line(f"{seconds:7.2f}s {name}")
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
-    import time
-
-    _TEARDOWN_MARK[0] = time.monotonic()
-    yield
-
-
-def pytest_fixture_post_finalizer(fixturedef, request) -> None:
-    import time
-
-    now = time.monotonic()
-    if fixturedef.scope in ("module", "session", "package") and _TEARDOWN_MARK[0]:
-        _FIXTURE_TEARDOWN.append((now - _TEARDOWN_MARK[0], f"{fixturedef.scope} {fixturedef.argname}"))
-    _TEARDOWN_MARK[0] = now
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    slow = sorted((t for t in _FIXTURE_TEARDOWN if t[0] >= 2.0), reverse=True)
-    if slow:
-        terminalreporter.write_sep("=", "slowest shared-fixture teardowns")
-        for seconds, name in slow[:20]:
-            terminalreporter.write_line(f"{seconds:7.2f}s {name}")
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_TeardownTimes(), "omnidiff-teardown-times")
 
 
 @pytest.hookimpl(trylast=True)  # after the runner has torn down session fixtures (the stack)

@@ -141,7 +141,10 @@ def _flow_config(tiny_llm, base_model, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    # embed.executor=auto: in process at the test world's size, as the demo's configs/embed.yaml chooses (what the
+    # base folder changes is what is embedded, not where; Ray embed actors: tests/test_embed_job.py and the others)
     overrides = [f"base_model={base_model}", f"world_port={port}", f"embed.llm.path={tiny_llm}", "deploy=false",
+                 "embed.executor=auto",
                  "evaluate.max_per_group=1", "evaluate.steps=2", "evaluate.real_images=16",
                  "evaluate.require_fit_evaluator=false", f"evaluate.report_dir={tmp_path / 'report'}"]
     overrides += [f"stage{i}.llm.path={tiny_llm}" for i in (1, 2, 3)]

@@ -58,8 +58,10 @@ def s3_pipeline_cfg(stack, s3_prefix, tiny_llm, serve_port):
     from flows.config import load_pipeline_config
     from serve import app as serve_app
 
+    # embed.executor=auto: the 150-image world's embed runs in process (Ray actors writing caches to S3:
+    # tests/test_s3_e2e.py, tests/test_two_nodes.py, tests/test_s3_kill.py)
     overrides = pipeline_overrides(tiny_llm, serve_port, "omnidiff-pipeline-s3-test", "/pipeline-s3-test",
-                                   f"storage.root={s3_prefix}/store")
+                                   f"storage.root={s3_prefix}/store", "embed.executor=auto")
     cfg = load_pipeline_config(CONFIG, overrides)
     yield cfg
     if serve_app.running(cfg.serve.app_name):
