@@ -20,9 +20,10 @@ shared box each step is one short command under the heavy-work lock. ``--reuse-c
 the caches of ROOT whose fingerprints a variant needs into WORK/cache (never writes to ROOT).
 
 Variants (``--variant NAME`` or ``--variant NAME:key=value;key=value`` with train-config overrides,
-``llm.layer`` also setting the embed run's layers):
-  last      llm.layer=-1, stage 1 on every language + parallel texts (today's default)
-  mid9      llm.layer=9 (Gemma 3 270M has 18 layers: the middle one)
+``llm.layer`` also setting the embed run's layers; a key a variant does not name keeps its value in
+configs/train_stage1.yaml and configs/embed.yaml, so ``NAME:align.langs=[en]`` reads today's layer 9):
+  last      llm.layer=-1, stage 1 on every language + parallel texts (the default until session 12)
+  mid9      llm.layer=9 (Gemma 3 270M has 18 layers: the middle one; today's default)
   concat    llm.layer=[6,12,18], the three layers' states concatenated along the features
   english   llm.layer=-1, align.langs=[en]: stage 1 on English captions alone (MuLan-style)
 
@@ -64,7 +65,7 @@ def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
         if name not in VARIANTS:
             raise SystemExit(f"--variant {spec!r}: not one of {sorted(VARIANTS)}; or give NAME:key=value;...")
         return name, dict(VARIANTS[name])
-    overrides: dict[str, object] = {"llm.layer": -1}
+    overrides: dict[str, object] = {}  # what it does not name stays configs/train_stage1.yaml's (llm.layer: 9)
     for item in filter(None, rest.split(";")):
         key, sep, value = item.partition("=")
         if not sep:
@@ -91,8 +92,9 @@ class Ablation:
         from omnidiff.config import load_config
 
         items = {"snapshots": [str(self.args.snapshot)], "kinds": ["llm", "clip"], "cache_root": str(self.cache),
-                 "llm.layer": overrides.get("llm.layer", -1), "clip.base_model": str(self.args.base_model),
-                 "executor": "local", "track": False}
+                 "clip.base_model": str(self.args.base_model), "executor": "local", "track": False}
+        if "llm.layer" in overrides:  # else configs/embed.yaml's layer, the same as configs/train_stage1.yaml's
+            items["llm.layer"] = overrides["llm.layer"]
         return load_config(EmbedConfig, REPO / "configs" / "embed.yaml", _dotted(items) + self.args.embed_set)
 
     def train_config(self, name: str, overrides: dict[str, object]):
