@@ -118,8 +118,10 @@ class Ablation:
                  "langs": self.args.langs, "max_per_group": self.args.max_per_group, "seed": self.args.seed,
                  "track": False, "report_dir": str(self.work / "eval" / name / "report"),
                  # the protocol's prompts and sampler, pinned against configs/evaluate.yaml's later defaults: the
-                 # world's own 32 specs, 20 sampler steps, the seeds per prompt set by --seeds-per-prompt below
-                 "eval_specs": 0, "images_per_prompt": 1, "steps": 20}
+                 # world's own 32 specs, 20 sampler steps; --seeds-per-prompt images per prompt, each its own seed
+                 # (train.evaluate.with_image_seeds: a spec's k-th image gets the same noise in every language and
+                 # every variant, so the differences are paired by image too)
+                 "eval_specs": 0, "images_per_prompt": self.args.seeds_per_prompt, "steps": 20}
         return load_config(EvalConfig, REPO / "configs" / "evaluate.yaml", _dotted(items) + self.args.eval_set)
 
     # -- steps ----------------------------------------------------------------------------------
@@ -180,7 +182,6 @@ class Ablation:
     def evaluate(self, name: str) -> None:
         import pandas as pd
 
-        from omnidiff.scoring import select_prompts
         from train.evaluate import evaluate, resolve_inputs
 
         done = self.work / "runs" / name / "done.json"
@@ -189,15 +190,16 @@ class Ablation:
         out = self.work / "eval" / name / "per_prompt.parquet"
         setting = {"langs": self.args.langs, "max_per_group": self.args.max_per_group,
                    "seeds_per_prompt": self.args.seeds_per_prompt, "seed": self.args.seed, "eval_set": self.args.eval_set,
-                   "trained": json.loads(done.read_text())["protocol"]}
+                   "trained": json.loads(done.read_text())["protocol"],
+                   # images seeded by the evaluation itself; before, the script repeated each prompt row after the
+                   # evaluation had given it its seed, so a prompt's "images" were one image drawn k times
+                   "seeding": "with_image_seeds"}
         stamp = out.with_suffix(".json")
         if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == setting:
             print(f"[ablation] {name}: evaluated already ({out})", flush=True)
             return
         cfg = self.eval_config(name)
-        inputs = resolve_inputs(cfg)
-        # Several images per prompt, each its own seed (row r is sampled with seed + r), one bootstrap unit.
-        inputs.prompts = select_prompts(inputs.prompts, images_per_prompt=self.args.seeds_per_prompt)
+        inputs = resolve_inputs(cfg)  # --seeds-per-prompt rows per prompt, each its own image seed; one bootstrap unit
         t0 = time.perf_counter()
         report = evaluate({name: json.loads(done.read_text())["export_dir"]}, cfg, inputs=inputs)
         out.parent.mkdir(parents=True, exist_ok=True)
