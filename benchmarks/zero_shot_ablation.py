@@ -12,6 +12,7 @@ world's evaluator on the same prompts and image seeds, so the table's difference
     $B train --variant mid9          # stage 1, exported under WORK/runs/mid9/export
     $B evaluate --variant mid9       # its per-prompt verdicts under WORK/eval/mid9/
     $B table                         # every evaluated variant: scores, intervals, ratios to English
+    $B align                         # text side only (no images): stage 1's cosine to CLIP, per language
     $B all                           # every step of every --variant in turn (an idle machine)
 
 Each step skips what is already done (a cache is filled only where keys are missing, a finished
@@ -32,6 +33,12 @@ The table: per (variant, language) the score (mean faithfulness over the eval co
 ``--seeds-per-prompt`` images kept together, 2000 resamples, seed 0: omnidiff.scoring.bootstrap_scores),
 the ratio of each zero-shot language to English with its interval, and the paired difference to the
 first variant. Long prompts get the same table below it.
+
+``align`` (no images, no sampler noise; a few seconds a variant): for every eval prompt, the cosine of the
+trained adapter's tokens to the base model's CLIP tokens of the prompt's English side, each CLIP token
+matched to one of the first n queries as stage 1's loss matches them (train.losses.set_assignment), and of
+the pooled embeddings: stage 1's own objective measured on languages it never trained (ko, ru), with the
+paired difference to the first variant (bootstrap over prompts).
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "concat": {"llm.layer": [6, 12, 18]},
     "english": {"llm.layer": -1, "align.langs": ["en"]},
 }
-STEPS = ("embed", "train", "evaluate", "table", "all")
+STEPS = ("embed", "train", "evaluate", "table", "align", "all")
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
@@ -230,6 +237,66 @@ class Ablation:
         return text + "\n"
 
 
+def text_alignment(work: Path, names: list[str], base_model: str, world_dir: str, langs: list[str], seed: int = 0,
+                   resamples: int = 2000) -> str:
+    """``align``'s table: per (variant, language) the mean token / pooled cosine of the variant's adapter output
+    for each eval prompt to the base model's CLIP encoding of its English side, short prompts (<=77 CLIP tokens:
+    one window) and long ones (three stitched windows, the stage-1 target), and the difference to the first
+    variant with a bootstrap 95% interval (prompts resampled, the same resamples for every variant)."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    import torch.nn.functional as F
+
+    from omnidiff.pipeline import OmniDiffusionPipeline
+    from train.evaluate import eval_prompts, select_prompts
+    from train.losses import set_assignment
+
+    prompts = select_prompts(eval_prompts(Path(world_dir), 0), 0, tuple(langs), seed).reset_index(drop=True)
+    base = OmniDiffusionPipeline.from_pretrained(base_model)
+    base.clip_max_windows = 3  # the stage-1 target: three stitched windows (configs/train_stage1.yaml align.clip_windows)
+    rows: list[dict] = []
+    with torch.no_grad():
+        target, target_pooled, target_mask = base.encode_prompt(prompts["prompt_en"].tolist())  # (N, 231, D), (N, D), (N, 231)
+        for name in names:
+            export = json.loads((work / "runs" / name / "done.json").read_text())["export_dir"]
+            pipe = OmniDiffusionPipeline.from_pretrained(export)
+            tokens, pooled, _ = pipe.encode_prompt(prompts["prompt"].tolist())  # (N, Q, D), (N, D)
+            order = set_assignment(tokens, target, target_mask)  # (N, 231): the query answering each CLIP position
+            matched = tokens.gather(1, order[..., None].expand(-1, -1, tokens.shape[-1]))  # (N, 231, D)
+            cos = F.cosine_similarity(matched, target, dim=-1)  # (N, 231)
+            token_cos = (cos * target_mask).sum(1) / target_mask.sum(1)  # (N,)
+            pooled_cos = F.cosine_similarity(pooled, target_pooled, dim=-1)  # (N,)
+            rows += [{"model": name, "prompt": i, "lang": lang, "long": bool(long), "token": float(t), "pooled": float(p)}
+                     for i, (lang, long, t, p) in enumerate(zip(prompts["lang"], prompts["is_long"], token_cos,
+                                                                 pooled_cos, strict=True))]
+    frame = pd.DataFrame(rows)
+    rng = np.random.default_rng(seed)
+    out = []
+    for long in (False, True):
+        part = frame[frame["long"] == long]
+        n_prompts = part[part["model"] == names[0]].groupby("lang").size()
+        out += [f"\n{'long' if long else 'short'} prompts ({n_prompts.min()} per language): token cos / pooled cos "
+                f"to CLIP of the English side; difference to {names[0]} [95%]\n",
+                "| variant | " + " | ".join(f"{lang} token / pooled" for lang in langs) + " | "
+                + " | ".join(f"{lang} token - {names[0]}" for lang in langs) + " |", "|---" * (1 + 2 * len(langs)) + "|"]
+        draws = {lang: rng.integers(0, n_prompts[lang], (resamples, n_prompts[lang])) for lang in langs}
+        first = {lang: part[(part["model"] == names[0]) & (part["lang"] == lang)]["token"].to_numpy() for lang in langs}
+        for name in names:
+            cells, diffs = [name], []
+            for lang in langs:
+                sel = part[(part["model"] == name) & (part["lang"] == lang)]
+                cells.append(f"{sel['token'].mean():.3f} / {sel['pooled'].mean():.3f}")
+                if name == names[0]:
+                    diffs.append("-")
+                    continue
+                delta = sel["token"].to_numpy() - first[lang]  # the same prompts in the same order: paired
+                low, high = np.quantile(delta[draws[lang]].mean(1), [0.025, 0.975])
+                diffs.append(f"{delta.mean():+.3f} [{low:+.3f}, {high:+.3f}]")
+            out.append("| " + " | ".join(cells + diffs) + " |")
+    return "\n".join(out) + "\n"
+
+
 def ablation_table(per_prompt, models: list[str], attributes: tuple[str, ...], resamples: int = 2000, seed: int = 0,
                    confidence: float = 0.95, reference_lang: str = "en") -> str:
     """Markdown tables (short, then long prompts): score [95% interval] per (model, language), each other
@@ -308,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
     variants = dict(parse_variant(v) for v in (args.variant or list(VARIANTS)))
-    if args.step in ("embed", "train", "evaluate", "all"):
+    if args.step in ("embed", "train", "evaluate", "align", "all"):
         missing = [f"--{k.replace('_', '-')}" for k in ("snapshot", "base_model", "world_dir", "evaluator_dir")
                    if getattr(args, k) is None]
         if missing:
@@ -323,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
             ablation.train(name, overrides)
         if args.step in ("evaluate", "all"):
             ablation.evaluate(name)
+    if args.step == "align":
+        names = list(variants) if args.variant else sorted(p.parent.name for p in (ablation.work / "runs").glob("*/done.json"))
+        text = text_alignment(ablation.work, names, args.base_model, args.world_dir, args.langs, args.seed)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
     if args.step in ("table", "all"):
         text = ablation.table(list(variants) if args.variant else [])
         print(text)
