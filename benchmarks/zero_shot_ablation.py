@@ -12,6 +12,7 @@ world's evaluator on the same prompts and image seeds, so the table's difference
     $B train --variant mid9          # stage 1, exported under WORK/runs/mid9/export
     $B evaluate --variant mid9       # its per-prompt verdicts under WORK/eval/mid9/
     $B table                         # every evaluated variant: scores, intervals, ratios to English
+    $B align                         # text side only (no images): stage 1's cosine to CLIP, per language
     $B all                           # every step of every --variant in turn (an idle machine)
 
 Each step skips what is already done (a cache is filled only where keys are missing, a finished
@@ -20,9 +21,10 @@ shared box each step is one short command under the heavy-work lock. ``--reuse-c
 the caches of ROOT whose fingerprints a variant needs into WORK/cache (never writes to ROOT).
 
 Variants (``--variant NAME`` or ``--variant NAME:key=value;key=value`` with train-config overrides,
-``llm.layer`` also setting the embed run's layers):
-  last      llm.layer=-1, stage 1 on every language + parallel texts (today's default)
-  mid9      llm.layer=9 (Gemma 3 270M has 18 layers: the middle one)
+``llm.layer`` also setting the embed run's layers; a key a variant does not name keeps its value in
+configs/train_stage1.yaml and configs/embed.yaml, so ``NAME:align.langs=[en]`` reads today's layer 9):
+  last      llm.layer=-1, stage 1 on every language + parallel texts (the default until session 12)
+  mid9      llm.layer=9 (Gemma 3 270M has 18 layers: the middle one; today's default)
   concat    llm.layer=[6,12,18], the three layers' states concatenated along the features
   english   llm.layer=-1, align.langs=[en]: stage 1 on English captions alone (MuLan-style)
 
@@ -31,6 +33,12 @@ The table: per (variant, language) the score (mean faithfulness over the eval co
 ``--seeds-per-prompt`` images kept together, 2000 resamples, seed 0: omnidiff.scoring.bootstrap_scores),
 the ratio of each zero-shot language to English with its interval, and the paired difference to the
 first variant. Long prompts get the same table below it.
+
+``align`` (no images, no sampler noise; a few seconds a variant): for every eval prompt, the cosine of the
+trained adapter's tokens to the base model's CLIP tokens of the prompt's English side, each CLIP token
+matched to one of the first n queries as stage 1's loss matches them (train.losses.set_assignment), and of
+the pooled embeddings: stage 1's own objective measured on languages it never trained (ko, ru), with the
+paired difference to the first variant (bootstrap over prompts).
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "concat": {"llm.layer": [6, 12, 18]},
     "english": {"llm.layer": -1, "align.langs": ["en"]},
 }
-STEPS = ("embed", "train", "evaluate", "table", "all")
+STEPS = ("embed", "train", "evaluate", "table", "align", "all")
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
@@ -64,7 +72,7 @@ def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
         if name not in VARIANTS:
             raise SystemExit(f"--variant {spec!r}: not one of {sorted(VARIANTS)}; or give NAME:key=value;...")
         return name, dict(VARIANTS[name])
-    overrides: dict[str, object] = {"llm.layer": -1}
+    overrides: dict[str, object] = {}  # what it does not name stays configs/train_stage1.yaml's (llm.layer: 9)
     for item in filter(None, rest.split(";")):
         key, sep, value = item.partition("=")
         if not sep:
@@ -91,8 +99,9 @@ class Ablation:
         from omnidiff.config import load_config
 
         items = {"snapshots": [str(self.args.snapshot)], "kinds": ["llm", "clip"], "cache_root": str(self.cache),
-                 "llm.layer": overrides.get("llm.layer", -1), "clip.base_model": str(self.args.base_model),
-                 "executor": "local", "track": False}
+                 "clip.base_model": str(self.args.base_model), "executor": "local", "track": False}
+        if "llm.layer" in overrides:  # else configs/embed.yaml's layer, the same as configs/train_stage1.yaml's
+            items["llm.layer"] = overrides["llm.layer"]
         return load_config(EmbedConfig, REPO / "configs" / "embed.yaml", _dotted(items) + self.args.embed_set)
 
     def train_config(self, name: str, overrides: dict[str, object]):
@@ -116,8 +125,10 @@ class Ablation:
                  "langs": self.args.langs, "max_per_group": self.args.max_per_group, "seed": self.args.seed,
                  "track": False, "report_dir": str(self.work / "eval" / name / "report"),
                  # the protocol's prompts and sampler, pinned against configs/evaluate.yaml's later defaults: the
-                 # world's own 32 specs, 20 sampler steps, the seeds per prompt set by --seeds-per-prompt below
-                 "eval_specs": 0, "images_per_prompt": 1, "steps": 20}
+                 # world's own 32 specs, 20 sampler steps; --seeds-per-prompt images per prompt, each its own seed
+                 # (train.evaluate.with_image_seeds: a spec's k-th image gets the same noise in every language and
+                 # every variant, so the differences are paired by image too)
+                 "eval_specs": 0, "images_per_prompt": self.args.seeds_per_prompt, "steps": 20}
         return load_config(EvalConfig, REPO / "configs" / "evaluate.yaml", _dotted(items) + self.args.eval_set)
 
     # -- steps ----------------------------------------------------------------------------------
@@ -178,7 +189,6 @@ class Ablation:
     def evaluate(self, name: str) -> None:
         import pandas as pd
 
-        from omnidiff.scoring import select_prompts
         from train.evaluate import evaluate, resolve_inputs
 
         done = self.work / "runs" / name / "done.json"
@@ -187,15 +197,16 @@ class Ablation:
         out = self.work / "eval" / name / "per_prompt.parquet"
         setting = {"langs": self.args.langs, "max_per_group": self.args.max_per_group,
                    "seeds_per_prompt": self.args.seeds_per_prompt, "seed": self.args.seed, "eval_set": self.args.eval_set,
-                   "trained": json.loads(done.read_text())["protocol"]}
+                   "trained": json.loads(done.read_text())["protocol"],
+                   # images seeded by the evaluation itself; before, the script repeated each prompt row after the
+                   # evaluation had given it its seed, so a prompt's "images" were one image drawn k times
+                   "seeding": "with_image_seeds"}
         stamp = out.with_suffix(".json")
         if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == setting:
             print(f"[ablation] {name}: evaluated already ({out})", flush=True)
             return
         cfg = self.eval_config(name)
-        inputs = resolve_inputs(cfg)
-        # Several images per prompt, each its own seed (row r is sampled with seed + r), one bootstrap unit.
-        inputs.prompts = select_prompts(inputs.prompts, images_per_prompt=self.args.seeds_per_prompt)
+        inputs = resolve_inputs(cfg)  # --seeds-per-prompt rows per prompt, each its own image seed; one bootstrap unit
         t0 = time.perf_counter()
         report = evaluate({name: json.loads(done.read_text())["export_dir"]}, cfg, inputs=inputs)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,6 +235,66 @@ class Ablation:
             text += (f"\n{name}: {json.dumps(done['protocol']['overrides'])}, stage 1 {done['wall_s']:.0f} s, "
                      f"final loss {done['final_loss']:.4f}")
         return text + "\n"
+
+
+def text_alignment(work: Path, names: list[str], base_model: str, world_dir: str, langs: list[str], seed: int = 0,
+                   resamples: int = 2000) -> str:
+    """``align``'s table: per (variant, language) the mean token / pooled cosine of the variant's adapter output
+    for each eval prompt to the base model's CLIP encoding of its English side, short prompts (<=77 CLIP tokens:
+    one window) and long ones (three stitched windows, the stage-1 target), and the difference to the first
+    variant with a bootstrap 95% interval (prompts resampled, the same resamples for every variant)."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    import torch.nn.functional as F
+
+    from omnidiff.pipeline import OmniDiffusionPipeline
+    from train.evaluate import eval_prompts, select_prompts
+    from train.losses import set_assignment
+
+    prompts = select_prompts(eval_prompts(Path(world_dir), 0), 0, tuple(langs), seed).reset_index(drop=True)
+    base = OmniDiffusionPipeline.from_pretrained(base_model)
+    base.clip_max_windows = 3  # the stage-1 target: three stitched windows (configs/train_stage1.yaml align.clip_windows)
+    rows: list[dict] = []
+    with torch.no_grad():
+        target, target_pooled, target_mask = base.encode_prompt(prompts["prompt_en"].tolist())  # (N, 231, D), (N, D), (N, 231)
+        for name in names:
+            export = json.loads((work / "runs" / name / "done.json").read_text())["export_dir"]
+            pipe = OmniDiffusionPipeline.from_pretrained(export)
+            tokens, pooled, _ = pipe.encode_prompt(prompts["prompt"].tolist())  # (N, Q, D), (N, D)
+            order = set_assignment(tokens, target, target_mask)  # (N, 231): the query answering each CLIP position
+            matched = tokens.gather(1, order[..., None].expand(-1, -1, tokens.shape[-1]))  # (N, 231, D)
+            cos = F.cosine_similarity(matched, target, dim=-1)  # (N, 231)
+            token_cos = (cos * target_mask).sum(1) / target_mask.sum(1)  # (N,)
+            pooled_cos = F.cosine_similarity(pooled, target_pooled, dim=-1)  # (N,)
+            rows += [{"model": name, "prompt": i, "lang": lang, "long": bool(long), "token": float(t), "pooled": float(p)}
+                     for i, (lang, long, t, p) in enumerate(zip(prompts["lang"], prompts["is_long"], token_cos,
+                                                                 pooled_cos, strict=True))]
+    frame = pd.DataFrame(rows)
+    rng = np.random.default_rng(seed)
+    out = []
+    for long in (False, True):
+        part = frame[frame["long"] == long]
+        n_prompts = part[part["model"] == names[0]].groupby("lang").size()
+        out += [f"\n{'long' if long else 'short'} prompts ({n_prompts.min()} per language): token cos / pooled cos "
+                f"to CLIP of the English side; difference to {names[0]} [95%]\n",
+                "| variant | " + " | ".join(f"{lang} token / pooled" for lang in langs) + " | "
+                + " | ".join(f"{lang} token - {names[0]}" for lang in langs) + " |", "|---" * (1 + 2 * len(langs)) + "|"]
+        draws = {lang: rng.integers(0, n_prompts[lang], (resamples, n_prompts[lang])) for lang in langs}
+        first = {lang: part[(part["model"] == names[0]) & (part["lang"] == lang)]["token"].to_numpy() for lang in langs}
+        for name in names:
+            cells, diffs = [name], []
+            for lang in langs:
+                sel = part[(part["model"] == name) & (part["lang"] == lang)]
+                cells.append(f"{sel['token'].mean():.3f} / {sel['pooled'].mean():.3f}")
+                if name == names[0]:
+                    diffs.append("-")
+                    continue
+                delta = sel["token"].to_numpy() - first[lang]  # the same prompts in the same order: paired
+                low, high = np.quantile(delta[draws[lang]].mean(1), [0.025, 0.975])
+                diffs.append(f"{delta.mean():+.3f} [{low:+.3f}, {high:+.3f}]")
+            out.append("| " + " | ".join(cells + diffs) + " |")
+    return "\n".join(out) + "\n"
 
 
 def ablation_table(per_prompt, models: list[str], attributes: tuple[str, ...], resamples: int = 2000, seed: int = 0,
@@ -304,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
     variants = dict(parse_variant(v) for v in (args.variant or list(VARIANTS)))
-    if args.step in ("embed", "train", "evaluate", "all"):
+    if args.step in ("embed", "train", "evaluate", "align", "all"):
         missing = [f"--{k.replace('_', '-')}" for k in ("snapshot", "base_model", "world_dir", "evaluator_dir")
                    if getattr(args, k) is None]
         if missing:
@@ -319,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
             ablation.train(name, overrides)
         if args.step in ("evaluate", "all"):
             ablation.evaluate(name)
+    if args.step == "align":
+        names = list(variants) if args.variant else sorted(p.parent.name for p in (ablation.work / "runs").glob("*/done.json"))
+        text = text_alignment(ablation.work, names, args.base_model, args.world_dir, args.langs, args.seed)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
     if args.step in ("table", "all"):
         text = ablation.table(list(variants) if args.variant else [])
         print(text)
