@@ -753,3 +753,80 @@ def test_a_read_ahead_failure_is_raised_by_the_batch_that_waits_for_it(tmp_path)
         batches.batch(CachedBatches.positions(0, 8, 0, 1, 8, 0))
     assert not batches._pending
     batches.close()
+
+
+def _micro_batches(stream, step: int, world_size: int, micro: int = 4, global_batch: int = 16) -> list[list[int]]:
+    """The positions of every micro-batch of ``step``, in the order ``(micro-step, rank)`` (the same slots on any
+    worker count: slot ``m * world + r``)."""
+    return [stream.micro_positions(step, global_batch, rank, world_size, micro, m).tolist()
+            for m in range(global_batch // (micro * world_size)) for rank in range(world_size)]
+
+
+@pytest.mark.parametrize("sizes", [{}, {"order_window_rows": 20, "order_block_rows": 4, "order_lanes": 2}])
+def test_micro_batches_by_length_deal_each_step_by_token_count_and_pad_less(world, sizes):
+    """data.micro_by_length: a step's 16 positions sorted by their captions' token counts and cut into micro-batches
+    of 4. Each step trains on the same positions (so the same examples) as the consecutive micro-batches; every
+    micro-batch's captions are no longer than the next one's; the padded LLM length summed over the micro-batches
+    is never more than with consecutive micro-batches, and less over a run (captions of 1-9 tokens here)."""
+    from train.data import CachedBatches
+
+    dealt = CachedBatches(world["align"], "align", _stores(world), seed=3, micro_by_length=True, **sizes)
+    plain = CachedBatches(world["align"], "align", _stores(world), seed=3, **sizes)
+    assert plain.lengths is None and dealt.lengths.dtype == np.int32 and len(dealt.lengths) == 40
+    padded = {"dealt": 0, "plain": 0}
+    for step in range(6):  # 96 positions: over two epochs of 40
+        consecutive = _micro_batches(plain, step, 1)
+        by_length = _micro_batches(dealt, step, 1)
+        assert consecutive == [list(range(step * 16 + 4 * m, step * 16 + 4 * m + 4)) for m in range(4)]
+        assert sorted(sum(by_length, [])) == sum(consecutive, [])  # the step's positions, each once
+        lengths = []
+        for positions in by_length:
+            batch = dealt.batch(np.asarray(positions))
+            assert torch.equal(batch["llm_states"], plain.batch(np.asarray(positions))["llm_states"])  # same examples
+            lengths.append(batch["llm_mask"].sum(1))  # (4,) real tokens of each caption
+            padded["dealt"] += batch["llm_states"].shape[1]
+        for shorter, longer in zip(lengths[:-1], lengths[1:], strict=True):
+            assert int(shorter.max()) <= int(longer.min())
+        step_padded = sum(plain.batch(np.asarray(p))["llm_states"].shape[1] for p in consecutive)
+        assert sum(dealt.batch(np.asarray(p))["llm_states"].shape[1] for p in by_length) <= step_padded
+        padded["plain"] += step_padded
+    assert padded["dealt"] < 0.85 * padded["plain"], padded
+
+
+def test_micro_batches_by_length_do_not_depend_on_the_worker_count_or_a_restart_and_are_checked_on_resume(world):
+    """The same micro-batches on 1, 2 or 4 ranks (micro 4, global batch 16) and in a fresh stream (a resume); a
+    checkpoint records the setting and a resume under the other one is refused naming data.micro_by_length."""
+    from train.data import CachedBatches
+
+    first = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1, micro_by_length=True)
+    uninterrupted = [_micro_batches(first, s, 1) for s in range(6)]
+    assert any(u != [list(range(s * 16 + 4 * m, s * 16 + 4 * m + 4)) for m in range(4)]
+               for s, u in enumerate(uninterrupted))  # not the consecutive micro-batches
+    for world_size in (2, 4):
+        resumed = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1, micro_by_length=True,
+                                max_resident_shards=2)
+        assert [_micro_batches(resumed, s, world_size) for s in range(3, 6)] == uninterrupted[3:]
+    state = first.position_state(6, 16)
+    assert state["micro_batches"] == "by_length"
+    first.check_resume(state, 6, 16)
+    plain = CachedBatches(world["diffusion"], "diffusion", _stores(world), seed=1)
+    assert "micro_batches" not in plain.position_state(6, 16)  # as before the option
+    with pytest.raises(RuntimeError, match=r"micro_batches: checkpoint None vs now by_length.*data\.micro_by_length"):
+        first.check_resume(plain.position_state(6, 16), 6, 16)
+    with pytest.raises(RuntimeError, match=r"micro_batches: checkpoint by_length vs now None"):
+        plain.check_resume(state, 6, 16)
+
+
+def test_a_cache_without_a_length_column_deals_consecutive_micro_batches(world):
+    """A pixel cache has no length column: ResidentShards.locate(lengths=True) gives 0 for its keys."""
+    import pyarrow as pa
+
+    from train.data import ResidentShards, fixed_width_keys
+
+    store = _stores(world)["pixels"]
+    keys = fixed_width_keys(pa.array(world["diffusion"]["pixel_key"].tolist()))
+    shard, row, length = ResidentShards(store).locate(keys, "images", lengths=True)
+    assert len(shard) == len(row) == len(length) == 40 and not length.any()
+    llm = _stores(world)["llm"]
+    keys = fixed_width_keys(pa.array(world["align"]["llm_key"].tolist()))
+    assert ResidentShards(llm).locate(keys, "captions", lengths=True)[2].tolist() == [1 + i % 9 for i in range(40)]

@@ -48,6 +48,13 @@ class DataSection(ConfigModel):
       after another, the lanes merged at one rate), so any stretch of positions draws from about this many blocks
       at once: a run's first steps decode the row groups of order_lanes blocks, not of the whole window's
       (window / block_rows) blocks. 0: each window permuted whole (the order before this option).
+    micro_by_length: deal each step's examples to its micro-batches (over ranks and accumulation steps) by their
+      LLM token count: the step's global_batch_size positions sorted by (length, position), each micro-batch a
+      consecutive slice of them, so a step's short captions are not padded to its longest (the adapter's attention
+      runs over the padded length). The same examples per step, the same example at each position and the same
+      micro-batches on any worker count with the same micro_batch_size; only which micro-batch of the step a
+      sample lands in changes. A checkpoint records it; resuming under the other setting is refused (false: the
+      consecutive micro-batches of runs before this option).
     prefetch: decode the next micro-batches' row groups in a background thread while the model computes
       (the batches are the same either way; off: decoded when the batch is built).
     prefetch_batches: how many micro-batches ahead the background thread decodes (with prefetch on): more
@@ -66,6 +73,7 @@ class DataSection(ConfigModel):
     order_window_rows: int = Field(8192, ge=1)
     order_block_rows: int = Field(64, ge=1)
     order_lanes: int = Field(16, ge=0)
+    micro_by_length: bool = True
     prefetch: bool = True
     prefetch_batches: int = Field(4, ge=1)
 

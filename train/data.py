@@ -258,7 +258,8 @@ def sample_seed(seed: int, position: int) -> int:
 #
 # What a rank holds (issue 17): per example, where its states live in each cache, as two int32
 # arrays (shard id, row in the shard): 8 bytes per example per cache instead of a table of Python
-# strings; the epoch's permutation (int32 below 2**31 examples); per shard the first row of each
+# strings; with data.micro_by_length each example's LLM token count (int32, 4 bytes per example); the epoch's
+# permutation (int32 below 2**31 examples); per shard the first row of each
 # Parquet row group (a few int64 per shard); and decoded row groups holding at most ``max_resident_shards``
 # shards' worth of rows per cache (an LRU). The keys are read once, compared with each shard's key column as fixed-width bytes
 # (sorted + searchsorted, no dict of the cache's keys) and dropped. A batch decodes only the row groups
@@ -317,24 +318,31 @@ class ResidentShards:
         self.budget_rows, self.resident_rows = 0, 0  # the budget is set by locate (it reads each shard's size)
         self.peak_resident, self.peak_resident_rows, self.shard_reads, self.group_reads = 0, 0, 0, 0
 
-    def locate(self, keys: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    def locate(self, keys: np.ndarray, what: str, lengths: bool = False) -> tuple[np.ndarray, ...]:
         """Fixed-width ``keys (N,)`` -> ``(shard id int32 (N,), row int32 (N,))``; the oldest shard wins a
-        duplicate key. Raises :class:`CacheMismatchError` naming a missing key."""
+        duplicate key. Raises :class:`CacheMismatchError` naming a missing key. ``lengths``: a third array, each
+        key's token count ``int32 (N,)`` from the shards' ``length`` column, read with the keys (0 where a shard
+        has no such column: a pixel cache)."""
         unique, inverse = np.unique(keys, return_inverse=True)  # sorted, so each shard's keys are searched
         shard = np.full(len(unique), -1, dtype=np.int32)
         row = np.full(len(unique), -1, dtype=np.int32)
+        length = np.zeros(len(unique), dtype=np.int32)
         self.group_starts = []
         for shard_id in range(len(self.names)):
             parquet = self._file(shard_id)
             footer = parquet.metadata
             rows = [footer.row_group(g).num_rows for g in range(footer.num_row_groups)]
             self.group_starts.append(np.cumsum([0, *rows], dtype=np.int64))
-            shard_keys = fixed_width_keys(parquet.read(columns=["key"], use_threads=False).column("key"))  # (s,)
+            counted = lengths and "length" in parquet.schema_arrow.names
+            table = parquet.read(columns=["key", "length"] if counted else ["key"], use_threads=False)
+            shard_keys = fixed_width_keys(table.column("key"))  # (s,)
             at = np.minimum(np.searchsorted(unique, shard_keys), max(len(unique) - 1, 0))
             hit = (unique[at] == shard_keys) if len(unique) else np.zeros(len(shard_keys), bool)
             new = hit & (shard[at] < 0)
             shard[at[new]] = shard_id
             row[at[new]] = np.flatnonzero(new)
+            if counted:
+                length[at[new]] = table.column("length").to_numpy()[new]
         self.budget_rows = self.max_resident * max((int(s[-1]) for s in self.group_starts), default=1)
         missing = np.flatnonzero(shard < 0)
         if len(missing):
@@ -342,7 +350,7 @@ class ResidentShards:
                 f"{len(missing)} of {len(unique)} {what} are not in the {self.store.kind} cache {self.store.path} "
                 f"(e.g. key {unique[missing[0]].decode()}); run 'omnidiff embed' over the snapshot first"
             )
-        return shard[inverse], row[inverse]
+        return (shard[inverse], row[inverse], length[inverse]) if lengths else (shard[inverse], row[inverse])
 
     def take(self, shard: np.ndarray, row: np.ndarray, columns: Sequence[str]) -> pa.Table:
         """The rows ``(shard[i], row[i])`` in that order, ``columns`` only: the row groups holding them are
@@ -638,7 +646,8 @@ class CachedBatches:
     states live, cut into blocks of about ``order_block_rows`` (whole row groups), the blocks permuted, cut into
     windows of ``order_window_rows`` and each window visited in ``order_lanes`` lanes (``0``: permuted whole), so
     an LLM row group is decoded about once per window whatever the corpus size, and a run's first steps read
-    about ``order_lanes`` blocks' groups, not the whole window's.
+    about ``order_lanes`` blocks' groups, not the whole window's. ``micro_by_length``: a step's positions are dealt
+    to its micro-batches by their captions' LLM token counts (:meth:`micro_positions`); the order is untouched.
     """
 
     def __init__(
@@ -655,6 +664,7 @@ class CachedBatches:
         order_block_rows: int = DEFAULT_ORDER_BLOCK_ROWS,
         order_window_rows: int = DEFAULT_ORDER_WINDOW_ROWS,
         order_lanes: int = DEFAULT_ORDER_LANES,
+        micro_by_length: bool = False,
     ):
         if family not in ("align", "diffusion"):
             raise ValueError(f"family={family!r}: expected 'align' or 'diffusion'")
@@ -678,9 +688,13 @@ class CachedBatches:
         self.shards = {kind: ResidentShards(stores[kind], max_resident_shards, read_log) for kind in ("llm", self.other)}
         what = {"llm": "captions", "clip": "English-side texts", "pixels": "images"}
         column = {"llm": "llm_key", self.other: key_column}
-        # (shard id, row) per example and cache: int32 (N,) each; the key strings are dropped here
-        self.where = {kind: self.shards[kind].locate(keys[column[kind]], what[kind]) for kind in self.shards}
+        # (shard id, row) per example and cache: int32 (N,) each; the key strings are dropped here. With
+        # micro_by_length also each example's LLM token count, int32 (N,), read with the LLM cache's keys.
+        located = {kind: self.shards[kind].locate(keys[column[kind]], what[kind], lengths=micro_by_length and kind == "llm")
+                   for kind in self.shards}
         del keys
+        self.where = {kind: found[:2] for kind, found in located.items()}
+        self.lengths = located["llm"][2] if micro_by_length else None
         self.sizes = family == "diffusion" and cached_image_sizes(stores["pixels"])
         self._perms: dict[int, np.ndarray] = {}
         import threading
@@ -744,6 +758,25 @@ class CachedBatches:
         start = step * global_batch + micro_step * micro * world + rank * micro
         return np.arange(start, start + micro, dtype=np.int64)
 
+    def micro_positions(self, step: int, global_batch: int, rank: int, world: int, micro: int,
+                        micro_step: int) -> np.ndarray:
+        """The global sample positions of one rank's micro-batch ``micro_step`` at optimizer ``step``, ascending,
+        ``int64 (micro,)``: :meth:`positions` (consecutive), or with ``micro_by_length`` (data.micro_by_length) the
+        step's positions dealt to its micro-batches by their examples' LLM token counts: the step's
+        ``global_batch`` positions sorted by (length, position) and cut where :meth:`positions` cuts them (rank
+        ``r`` of micro-step ``m`` takes the slice at ``(m * world + r) * micro``). A micro-batch is padded to its
+        longest caption, so the short captions of a step no longer pad to a long one: fewer padded tokens, the same
+        examples per step and the same example at each position (the order is untouched), and the same
+        micro-batches on any worker count with the same ``micro``; ranks of one micro-step take neighbouring
+        slices (similar lengths). A function of (seed, position, global batch) and the cache's lengths."""
+        mine = self.positions(step, global_batch, rank, world, micro, micro_step)
+        if self.lengths is None:
+            return mine
+        first = int(step) * int(global_batch)
+        positions = np.arange(first, first + int(global_batch), dtype=np.int64)  # (G,) the step's
+        dealt = positions[np.argsort(self.lengths[self.example_index(positions)], kind="stable")]  # (G,) by length
+        return np.sort(dealt[int(mine[0]) - first : int(mine[0]) - first + len(mine)])
+
     def position_state(self, step: int, global_batch: int) -> dict:
         """What a checkpoint records about the data position (the order itself follows from it). The block order
         adds its scheme, sizes and a digest of the LLM cache layout it is cut from; no ``order`` key means the
@@ -754,6 +787,8 @@ class CachedBatches:
                          order_layout=self._layout)
             if self.lanes:  # no key: each window permuted whole (checkpoints from before the lanes)
                 state["order_lanes"] = self.lanes
+        if self.lengths is not None:  # no key: consecutive micro-batches (checkpoints from before the option)
+            state["micro_batches"] = "by_length"
         return state
 
     def check_resume(self, state: dict | None, step: int, global_batch: int) -> None:
@@ -777,6 +812,9 @@ class CachedBatches:
                         + ": set data.order_block_rows / data.order_window_rows / data.order_lanes as it was saved "
                         "(order_lanes 0: a checkpoint from before the lanes; order_layout differs when the LLM cache "
                         "was rewritten).")
+            if "micro_batches" in differs:
+                hint += (" Set data.micro_by_length as the checkpoint was saved (false: a checkpoint from before the "
+                         "option, whose micro-batches took consecutive positions).")
             raise RuntimeError(f"the checkpoint's data position does not match this run ({shown}): resuming would "
                                "train on another order. Use the snapshot, split, seed and global_batch_size it was "
                                f"saved with, or another checkpoint.dir.{hint}")

@@ -100,7 +100,8 @@ def train(job: TrainJob, rank: int, world: int) -> None:
                             caption_dropout=cfg.diffusion.caption_dropout if cfg.diffusion else 0.0,
                             empty_states=job.empty_states, num_train_timesteps=timesteps,
                             max_resident_shards=resident, order_block_rows=cfg.data.order_block_rows,
-                            order_window_rows=cfg.data.order_window_rows, order_lanes=cfg.data.order_lanes)
+                            order_window_rows=cfg.data.order_window_rows, order_lanes=cfg.data.order_lanes,
+                            micro_by_length=cfg.data.micro_by_length)
     val_batch = None
     if val_examples:
         val = CachedBatches(val_examples, cfg.family, stores, seed=cfg.seed + 1, caption_dropout=0.0,
@@ -148,7 +149,7 @@ def train(job: TrainJob, rank: int, world: int) -> None:
 
     def read_ahead(index: int) -> None:
         if index < cfg.max_steps * accum:
-            batches.prefetch(CachedBatches.positions(index // accum, g_batch, rank, world, micro, index % accum))
+            batches.prefetch(batches.micro_positions(index // accum, g_batch, rank, world, micro, index % accum))
 
     for index in range(start_step * accum, start_step * accum + ahead):
         read_ahead(index)
@@ -156,7 +157,7 @@ def train(job: TrainJob, rank: int, world: int) -> None:
         t0 = time.perf_counter()
         set_train_mode(model, cfg)
         for m in range(accum):
-            positions = CachedBatches.positions(step, g_batch, rank, world, micro, m)  # (micro,) global sample ids
+            positions = batches.micro_positions(step, g_batch, rank, world, micro, m)  # (micro,) global sample ids
             batch = to_engine(batches.batch(positions), engine)  # llm_states (micro, T, Dl), llm_mask, targets...
             if ahead:  # its row groups decode while this one and the ones between compute
                 read_ahead(step * accum + m + ahead)
