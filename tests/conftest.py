@@ -82,6 +82,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(skip)
 
 
+STACK_GRACE_S = 5.0
+TEARDOWN_NOTES: list[str] = []
+
+
 class _TeardownTimes:
     """Where a module's or the session's teardown goes: pytest's --durations gives one figure for a test's whole
     teardown (the session's servers land on the last test); each shared fixture's finalizer is timed here and the
@@ -109,10 +113,12 @@ class _TeardownTimes:
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config: pytest.Config) -> None:
         slow = sorted((t for t in self.times if t[0] >= 2.0), reverse=True)
-        if slow:
+        if slow or TEARDOWN_NOTES:
             terminalreporter.write_sep("=", "slowest shared-fixture teardowns")
             for seconds, name in slow[:20]:
                 terminalreporter.write_line(f"{seconds:7.2f}s {name}")
+            for line in TEARDOWN_NOTES:
+                terminalreporter.write_line(line)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -158,7 +164,11 @@ def stack():
             if "ray" in sys.modules and sys.modules["ray"].is_initialized():
                 sys.modules["ray"].shutdown()  # disconnect the driver before its head goes away
         finally:
-            stack_mod.down(quiet=True)
+            # A short grace: the session's data need not survive, and every second of it is the suite's. What
+            # down found is listed at the end of the run (which servers needed more than SIGTERM).
+            stopped = stack_mod.down(quiet=True, grace_s=STACK_GRACE_S)
+            TEARDOWN_NOTES.append(f"session stack down: {len(stopped['stopped'])} processes stopped, "
+                                  f"{len(stopped['killed'])} of them by SIGKILL (grace {STACK_GRACE_S:.0f} s)")
             for key in applied:
                 if saved.get(key) is None:
                     os.environ.pop(key, None)
