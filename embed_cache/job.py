@@ -25,7 +25,7 @@ How (each step is why the cache beats padded per-file caches; each has its file)
    embed_cache/encoders/): each actor loads its model once,
    packs its shard into compute batches under a token-slot budget (no compute on padding), computes
    in fp32, rejects NaN/inf rows by key, and writes the shard itself (temp name + atomic rename).
-4. The driver lists every finished shard in the manifest (atomic rewrite) as it arrives and prints
+4. The driver lists every finished shard in the manifest (one journal entry; the manifest folds them) as it arrives and prints
    progress in tokens/s with an ETA. Killed at any point, a rerun adopts finished shards and
    computes the rest (embed_cache/writer.py "Crash safety").
 5. The run is logged to MLflow (embed_cache/report.py): fingerprints, counts computed/skipped/rejected,

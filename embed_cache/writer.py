@@ -1,8 +1,12 @@
 """The single writer of an embedding cache directory (the format and reader: omnidiff/contracts/cache.py).
 
 Crash safety. A shard is written to ``shards/.tmp-*`` , fsynced and renamed: a reader never sees a
-half-written shard. The manifest is rewritten the same way after every shard. A run killed between
-a shard's rename and the manifest update leaves an *unlisted* shard; the next writer adopts it
+half-written shard. Then it is listed by a journal entry (``journal/<seq>.json``, written the same way): the
+commit point. Every :data:`~omnidiff.contracts.cache.JOURNAL_FOLD` entries, and when the writer closes, the
+journal is folded into ``manifest.json`` (one atomic rewrite, then the folded entries are deleted), so listing a
+shard costs one small write however many shards the cache holds; readers merge the two
+(:func:`~omnidiff.contracts.cache.read_manifest`). A run killed between
+a shard's rename and its journal entry leaves an *unlisted* shard; the next writer adopts it
 (after checking it parses), so no finished work is lost and nothing is computed twice. Exactly one
 writer per cache directory (a file lock), and actors of a dead run cannot publish into a newer run
 (the run token check in :func:`write_shard_file`). Should a key still appear in two shards, every
@@ -10,8 +14,8 @@ reader resolves it the same way: the shard whose name sorts first (the oldest) w
 writer drops the duplicate rows.
 
 On object storage (an ``s3://`` cache directory, omnidiff/contracts/storage.py) there is no rename and no
-file lock. A shard is one PUT (absent or complete, never half), and the manifest, rewritten by one PUT
-after every shard, is the commit point: readers open only listed shards. Unlisted shards a killed run
+file lock. A shard is one PUT (absent or complete, never half), and its journal entry, one PUT after it, is
+the commit point: readers open only listed shards. Unlisted shards a killed run
 left are *not* adopted there (their keys are computed again); :func:`clean_cache` deletes them once
 they are older than a grace period. The run token still keeps a dead run's actors from writing into a
 newer run; one writer per cache is the caller's duty (the embed job is the only writer).
@@ -47,6 +51,8 @@ import pyarrow.parquet as pq
 
 from omnidiff.contracts.cache import (
     CORRUPT_SUFFIX,
+    JOURNAL_DIR,
+    JOURNAL_FOLD,
     MANIFEST_NAME,
     SHARD_PREFIX,
     SHARD_ROW_GROUP_ROWS,
@@ -54,7 +60,10 @@ from omnidiff.contracts.cache import (
     CacheError,
     encode_shard,
     expected_schema,
+    journal_rel,
+    journal_seqs,
     new_run_stamp,
+    read_manifest,
     read_shard_table,
     schema_matches,
     shard_name,
@@ -149,13 +158,19 @@ class CacheWriter:
 
     ``open()`` takes the directory's lock, claims it with a fresh run token, checks the fingerprint,
     deletes stale temp files and adopts unlisted shards left by a killed run. ``publish(entry)``
-    adds a shard written by :func:`write_shard_file` to the manifest (atomic rewrite).
+    adds a shard written by :func:`write_shard_file` to the listing (one journal entry); ``close()`` folds the
+    journal into the manifest. ``journal_fold``: entries between folds (:data:`JOURNAL_FOLD`).
     """
 
     def __init__(self, path: str | Path, inputs: dict[str, Any], storage: S3Settings | None = None):
         self.storage = storage
         self.folder: Folder | None = open_folder(path, storage) if is_remote(path) else None
         self.path: Path | str = self.folder.url if self.folder is not None else Path(path)
+        self._listing: Folder = self.folder if self.folder is not None else open_folder(self.path)
+        self.journal_fold = JOURNAL_FOLD
+        self._seq = 0  # the last journal entry written or read
+        self._pending = 0  # journal entries written since the last fold
+        self.manifest_writes = 0  # full manifest rewrites (folds) in this run
         self.inputs = dict(inputs)
         self.kind = inputs["kind"]
         self.fingerprint = fingerprint(inputs)
@@ -182,8 +197,8 @@ class CacheWriter:
     def __enter__(self) -> CacheWriter:
         return self.open()
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(fold=exc_type is None)
 
     def open(self) -> CacheWriter:
         if self.folder is not None:
@@ -205,7 +220,7 @@ class CacheWriter:
             self._load_manifest()
             self._recover()
         except BaseException:
-            self.close()
+            self.close(fold=False)
             raise
         return self
 
@@ -296,29 +311,29 @@ class CacheWriter:
         """Whether :meth:`open` found leftovers of an interrupted run (temp files, unlisted or lost shards)."""
         return any(self.recovered.values())
 
-    def close(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
-    def _read_manifest(self) -> dict | None:
-        if self.folder is not None:
-            try:
-                return json.loads(self.folder.read_bytes(MANIFEST_NAME))
-            except FileNotFoundError:
-                return None
-        path = self.path / MANIFEST_NAME
-        return json.loads(path.read_text()) if path.exists() else None
+    def close(self, fold: bool = True) -> None:
+        """Fold the journal into the manifest (``fold``; skipped when closing on an error: the journal is already
+        the committed listing, and the next writer folds it), then release the lock."""
+        try:
+            if fold and self._pending:
+                self._write_manifest()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def _load_manifest(self) -> None:
         path = f"{self.path}/{MANIFEST_NAME}"
-        manifest = self._read_manifest()
+        manifest = read_manifest(self._listing)
         if manifest is not None:
             if manifest.get("fingerprint") != self.fingerprint or manifest.get("fingerprint_inputs") != json.loads(
                 json.dumps(self.inputs)
             ):
                 raise CacheError(f"{path}: manifest fingerprint inputs do not match this run's; refusing to mix caches")
             self.manifest = manifest
+            self._seq = int(manifest.get("journal_seq", 0))
+            if journal_seqs(self._listing):  # a killed run's journal (or a fold's leftovers): fold it now
+                self._write_manifest()
         else:
             self.manifest = {
                 "format": STORAGE_FORMAT,
@@ -335,7 +350,9 @@ class CacheWriter:
 
     def _recover(self) -> None:
         shards_dir = self.path / SHARDS_DIR
-        for tmp in list(shards_dir.glob(f"{TMP_PREFIX}*")) + list(self.path.glob(f"{TMP_PREFIX}*")):
+        temps = [*shards_dir.glob(f"{TMP_PREFIX}*"), *self.path.glob(f"{TMP_PREFIX}*"),
+                 *(self.path / JOURNAL_DIR).glob(f"{TMP_PREFIX}*")]
+        for tmp in temps:
             tmp.unlink(missing_ok=True)
             self.recovered["temp_removed"] += 1
         self._recover_listed(lambda name: (shards_dir / name).is_file())
@@ -438,16 +455,36 @@ class CacheWriter:
         entry.setdefault("created", _now())
         entry["key_range"] = key_range(keys)
         self.manifest["shards"].append(entry)
-        self._write_manifest()
+        self.manifest["rows"] = self.manifest.get("rows", 0) + int(entry["rows"])
+        self._seq += 1
+        record = {"seq": self._seq, "shards": [entry], "created": entry["created"]}
+        # One small write (a PUT on object storage, temp + rename locally): the shard's commit point.
+        self._listing.write_bytes(journal_rel(self._seq), json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
+        self._pending += 1
+        if self._pending >= self.journal_fold:
+            self._write_manifest()
 
     def _write_manifest(self) -> None:
+        """Rewrite the whole manifest (folding the journal into it: ``journal_seq``), then delete the folded entries.
+
+        A crash between the two leaves entries at or below ``journal_seq``: readers skip them, the next writer
+        deletes them."""
+        if self.folder is not None and _read_token(self.folder) not in (None, self.run_token):
+            raise CacheError(f"{self.path}: another embed run has claimed this cache (run {_read_token(self.folder)}); "
+                             "this run stops writing its manifest")
+        self.manifest["journal_seq"] = self._seq
         self.manifest["updated"] = _now()
         self.manifest["rows"] = sum(s["rows"] for s in self.manifest["shards"])
         data = json.dumps(self.manifest, indent=1, sort_keys=True, ensure_ascii=False).encode()
         if self.folder is not None:
-            self.folder.write_bytes(MANIFEST_NAME, data)  # one PUT: the commit point on object storage
-            return
-        atomic_write(self.path / MANIFEST_NAME, data)
+            self.folder.write_bytes(MANIFEST_NAME, data)  # one PUT
+        else:
+            atomic_write(self.path / MANIFEST_NAME, data)
+        self.manifest_writes += 1
+        self._pending = 0
+        for seq in journal_seqs(self._listing):
+            if seq <= self._seq:
+                self._listing.delete(journal_rel(seq))
 
     def quarantine(self, names: Iterable[str]) -> list[str]:
         """Unlist shards (e.g. those :meth:`CacheStore.verify` named) and rename them ``*.corrupt``.
@@ -488,21 +525,21 @@ def _now() -> str:
 def clean_cache(path: str, grace_s: float = DEFAULT_GRACE_S, storage: S3Settings | None = None) -> list[str]:
     """Delete the objects of an ``s3://`` cache directory that its manifest does not list; returns their paths.
 
-    Kept: the manifest, the run token, the run record, listed shards and quarantined ``*.corrupt`` shards (for a person
-    to look at). Everything else (shards a killed run never listed) goes once older than ``grace_s``: a
+    Kept: the manifest and its journal, the run token, the run record, listed shards and quarantined ``*.corrupt``
+    shards (for a person to look at). Everything else (shards a killed run never listed) goes once older than ``grace_s``: a
     running writer's next shard is unlisted until it is published. Local caches adopt such shards instead.
     """
     if not is_remote(path):
         raise StorageError(f"clean_cache is for s3:// caches; {str(path)!r} is local (the next writer adopts "
                            "unlisted shards there)")
     folder = open_folder(path, storage)
-    try:
-        manifest = json.loads(folder.read_bytes(MANIFEST_NAME))
-    except FileNotFoundError:
-        raise CacheError(f"{folder.url}: not an embedding cache (no {MANIFEST_NAME}); nothing to clean") from None
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise CacheError(f"{folder.url}: not an embedding cache (no {MANIFEST_NAME}); nothing to clean")
     from omnidiff.tracking import RUN_RECORD  # which MLflow run wrote the cache: kept as well
 
     listed = {MANIFEST_NAME, TOKEN_NAME, RUN_RECORD, *(f"{SHARDS_DIR}/{s['name']}" for s in manifest["shards"])}
+    listed.update(o.rel for o in folder.list(JOURNAL_DIR))  # the writer folds and deletes its own entries
     listed.update(o.rel for o in folder.list(SHARDS_DIR) if o.rel.endswith(CORRUPT_SUFFIX))
     return clean(folder, listed, grace_s)
 
@@ -513,5 +550,7 @@ def open_writer(path: str | Path, inputs: dict[str, Any], storage: S3Settings | 
     writer = CacheWriter(path, inputs, storage).open()
     try:
         yield writer
-    finally:
-        writer.close()
+    except BaseException:
+        writer.close(fold=False)
+        raise
+    writer.close()

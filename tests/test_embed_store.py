@@ -16,6 +16,7 @@ from embed_cache import batching
 from embed_cache.inputs import KeyPartitions
 from embed_cache.writer import CacheWriter, write_shard_file
 from omnidiff.contracts.cache import (
+    JOURNAL_DIR,
     MANIFEST_NAME,
     SHARDS_DIR,
     CacheError,
@@ -23,7 +24,9 @@ from omnidiff.contracts.cache import (
     CorruptShardError,
     NonFiniteStatesError,
     cache_dir,
+    journal_seqs,
     pixels_table,
+    read_manifest,
     states_table,
 )
 from omnidiff.contracts.encoders import clip_inputs, fingerprint, llm_fingerprint, llm_inputs, pixels_inputs
@@ -313,6 +316,149 @@ def test_duplicate_key_resolution_is_deterministic(tmp_path):
         assert store.verify().duplicate_keys == 1
     with _writer(tmp_path) as w2, pytest.raises(CacheError, match="repeats"):
         w2.publish(newer)
+
+
+# ------------------------------------------------------------------------------- the manifest journal (issue 17)
+
+
+def test_a_shard_costs_one_journal_entry_and_the_manifest_is_rewritten_once_per_fold(tmp_path):
+    """Listing a shard writes one small journal entry; the whole manifest is rewritten once per ``journal_fold``
+    shards (it was rewritten after every shard: O(shards^2) bytes), and readers see every listed shard."""
+    rng = np.random.default_rng(11)
+    fold, shards = 8, 21
+    with _writer(tmp_path) as writer:
+        writer.journal_fold = fold
+        writer.set_value_shape((D,))
+        before = writer.manifest_writes
+        names = [writer.write(states_table([f"k{i}"], _states(rng, [1 + i % 4])), unit=i)["name"]
+                 for i in range(shards)]
+        assert writer.manifest_writes - before == shards // fold
+        on_disk = json.loads((writer.path / MANIFEST_NAME).read_text())
+        assert len(on_disk["shards"]) == on_disk["journal_seq"] == fold * (shards // fold)
+        assert len(journal_seqs(writer._listing)) == shards % fold  # the folded entries are deleted
+        store = CacheStore(writer.path)  # a reader while the writer is still open
+        assert store.shard_names == sorted(names) and len(store) == shards and store.verify().ok
+        assert store.manifest["rows"] == shards and store.manifest["journal_seq"] == shards
+    final = json.loads((writer.path / MANIFEST_NAME).read_text())  # close() folds the rest
+    assert [e["name"] for e in final["shards"]] == names and final["journal_seq"] == shards
+    assert not list((writer.path / JOURNAL_DIR).iterdir())
+
+
+def test_a_killed_writers_journal_is_listed_and_the_next_writer_folds_it(tmp_path):
+    """A writer killed before it folds leaves its listing in the journal: readers see those shards, the next writer
+    folds them into the manifest and drops what a fold interrupted half-way left behind."""
+    rng = np.random.default_rng(12)
+    writer = _writer(tmp_path).open()
+    writer.set_value_shape((D,))
+    for i in range(5):
+        writer.write(states_table([f"k{i}"], _states(rng, [2])), unit=i)
+    writer.close(fold=False)  # what a SIGKILL leaves: no fold
+    journal = writer.path / JOURNAL_DIR
+    assert json.loads((writer.path / MANIFEST_NAME).read_text())["shards"] == []
+    assert sorted(p.name for p in journal.iterdir()) == [f"{i:012d}.json" for i in range(1, 6)]
+    (journal / ".tmp-000000000006.json-1-ab").write_text("{half")  # a journal write cut short
+    assert sorted(CacheStore(writer.path).keys()) == [f"k{i}" for i in range(5)]
+    # A fold cut between its manifest rewrite and its deletions: entries at or below journal_seq are skipped.
+    manifest = json.loads((writer.path / MANIFEST_NAME).read_text())
+    manifest["shards"] = read_manifest(writer.path)["shards"][:2]
+    manifest["journal_seq"] = 2
+    (writer.path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert sorted(CacheStore(writer.path).keys()) == [f"k{i}" for i in range(5)]  # no key twice, none lost
+    with _writer(tmp_path) as rerun:
+        assert rerun.cached([f"k{i}" for i in range(6)]) == {f"k{i}" for i in range(5)}
+        assert rerun.recovered["temp_removed"] == 1 and not list(journal.iterdir())
+        on_disk = json.loads((rerun.path / MANIFEST_NAME).read_text())
+        assert len(on_disk["shards"]) == 5 and on_disk["journal_seq"] == 5
+        rerun.write(states_table(["k5"], _states(rng, [1])), unit=0)
+        assert journal_seqs(rerun._listing) == [6]  # the sequence goes on where the killed run stopped
+    report = CacheStore(rerun.path).verify()
+    assert report.ok and report.rows == 6 and report.duplicate_keys == 0
+
+
+@pytest.mark.parametrize("moment", ["list", "read"])
+def test_a_fold_between_the_manifest_read_and_the_journal_read_is_read_again(tmp_path, moment):
+    """The writer folds (rewrites the manifest, deletes the folded entries) just after a reader read the old manifest:
+    before the reader lists the journal (it sees a gap in the sequence) or before it reads an entry (gone). Either way
+    the reader reads again and returns every listed shard, once."""
+    from omnidiff.contracts.storage import Folder
+
+    rng = np.random.default_rng(14)
+    writer = _writer(tmp_path).open()
+    writer.journal_fold = 4
+    writer.set_value_shape((D,))
+    for i in range(3):  # three entries in the journal, none folded
+        writer.write(states_table([f"k{i}"], _states(rng, [1])), unit=i)
+
+    class FoldingUnderneath(Folder):
+        fired = 0
+
+        def _fold_once(self) -> None:
+            if not self.fired:
+                type(self).fired = 1
+                for i in range(3, 5):  # the 4th publish folds 1-4 and deletes them; the 5th is entry 5
+                    writer.write(states_table([f"k{i}"], _states(rng, [1])), unit=i)
+
+        def list(self, rel: str = ""):
+            if moment == "list" and rel == JOURNAL_DIR:
+                self._fold_once()
+            return super().list(rel)
+
+        def read_bytes(self, rel: str) -> bytes:
+            if moment == "read" and rel.startswith(f"{JOURNAL_DIR}/"):
+                self._fold_once()
+            return super().read_bytes(rel)
+
+    listing = read_manifest(FoldingUnderneath(writer.path))
+    assert FoldingUnderneath.fired
+    assert [e["rows"] for e in listing["shards"]] == [1] * 5 and listing["journal_seq"] == 5
+    writer.close()
+    assert sorted(CacheStore(writer.path).keys()) == [f"k{i}" for i in range(5)]
+
+
+def publish_while_reading(directory, shards: int, fold: int) -> list[int]:
+    """Publish ``shards`` one-row shards into the cache at ``directory`` (local or s3://) with a fold every ``fold``
+    while a thread reads the listing over and over. Every read must be a prefix of the publish order that never
+    shrinks (a fold's rewrite-then-delete read half-way would lose entries). Returns the listed counts seen."""
+    import threading
+
+    rng = np.random.default_rng(13)
+    inputs = llm_inputs(ENCODER)
+    target = f"{directory}/{fingerprint(inputs)}" if str(directory).startswith("s3://") else directory / fingerprint(
+        inputs)
+    names: list[str] = []
+    seen: list[int] = []
+    failures: list[str] = []
+    done = threading.Event()
+    with CacheWriter(target, inputs) as writer:
+        writer.journal_fold = fold
+        writer.set_value_shape((D,))
+
+        def read() -> None:
+            while not done.is_set():
+                listed = [e["name"] for e in read_manifest(target)["shards"]]
+                if listed != names[: len(listed)] or (seen and len(listed) < seen[-1]):
+                    failures.append(f"read {len(listed)} shards after {seen[-1:]}: not a prefix of the publishes")
+                seen.append(len(listed))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            for i in range(shards):
+                entry = write_shard_file(target, writer.shard_name(i), states_table([f"k{i}"], _states(rng, [1])),
+                                         writer.run_token)
+                names.append(entry["name"])
+                writer.publish(entry, [f"k{i}"], fresh=True)
+        finally:
+            done.set()
+            reader.join(timeout=60)
+    assert not failures, failures[:3]
+    assert [e["name"] for e in read_manifest(target)["shards"]] == names
+    return seen
+
+
+def test_a_reader_never_misses_a_listed_shard_while_the_writer_folds(tmp_path):
+    seen = publish_while_reading(tmp_path, shards=120, fold=3)
+    assert len(set(seen)) > 10  # the reads did overlap many publishes and folds
 
 
 # ------------------------------------------------------------------------------- bounded key memory (issue 17)

@@ -272,7 +272,7 @@ def test_a_killed_embed_run_is_closed_by_its_rerun_which_says_what_it_adopted(st
     from embed_cache.job import run
     from embed_cache.plan import plan_kind
     from omnidiff import tracking
-    from omnidiff.contracts.cache import SHARDS_DIR, CacheStore, cache_dir
+    from omnidiff.contracts.cache import SHARDS_DIR, CacheStore, cache_dir, read_manifest
     from omnidiff.contracts.keys import text_key
     from omnidiff.text import normalise_caption
     from tests.test_embed_job import captions
@@ -285,14 +285,14 @@ def test_a_killed_embed_run_is_closed_by_its_rerun_which_says_what_it_adopted(st
     cfg = load_config(EmbedConfig, EMBED_TEST_CONFIG, overrides)
     directory = cache_dir("llm", plan_kind("llm", cfg).fingerprint, cfg.cache_root)
 
-    def listed() -> int:
-        manifest = directory / "manifest.json"
-        return len(json.loads(manifest.read_text())["shards"]) if manifest.exists() else 0
+    def listed() -> int:  # the manifest and its journal: the writer folds only every JOURNAL_FOLD shards
+        manifest = read_manifest(directory)
+        return len(manifest["shards"]) if manifest else 0
 
     _kill_when([sys.executable, "-m", "embed_cache.cli", "--config", str(EMBED_TEST_CONFIG), *overrides],
                lambda: listed() >= 3)
     killed = json.loads((directory / tracking.RUN_RECORD).read_text())
-    kept = json.loads((directory / "manifest.json").read_text())["shards"]
+    kept = read_manifest(directory)["shards"]
     assert _client().get_run(killed["run_id"]).data.tags["snapshot_digest"], "tagged before the work, not after"
 
     out = run(cfg)

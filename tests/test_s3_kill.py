@@ -51,7 +51,7 @@ def test_sigkill_embed_with_its_cache_on_s3_then_rerun_holds_every_key_once(stac
     from embed_cache.job import run
     from embed_cache.plan import plan_kind
     from embed_cache.writer import clean_cache
-    from omnidiff.contracts.cache import CacheStore, cache_dir
+    from omnidiff.contracts.cache import CacheStore, cache_dir, read_manifest
     from omnidiff.contracts.keys import text_key
     from omnidiff.text import normalise_caption
 
@@ -66,11 +66,9 @@ def test_sigkill_embed_with_its_cache_on_s3_then_rerun_holds_every_key_once(stac
                                *overrides], cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
 
-    def listed() -> int:
-        try:
-            return len(json.loads(cache.read_bytes("manifest.json"))["shards"])
-        except FileNotFoundError:
-            return 0
+    def listed() -> int:  # the manifest and its journal: the writer folds only every JOURNAL_FOLD shards
+        manifest = read_manifest(cache)
+        return len(manifest["shards"]) if manifest else 0
 
     until_three_listed = Retrying(stop=stop_after_delay(180), wait=wait_fixed(0.05),
                                   retry=retry_if_result(lambda n: n < 3 and driver.poll() is None),

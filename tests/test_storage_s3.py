@@ -329,3 +329,12 @@ def test_a_read_racing_a_rewrite_never_returns_a_torn_object(s3_prefix):
         stop.set()
         writer.join(timeout=30)
     assert len(seen) > 20 and len(set(seen)) > 5  # the reads did overlap many rewrites
+
+
+def test_a_reader_never_misses_a_listed_shard_while_the_writer_folds_on_s3(s3_prefix):
+    """The journal on object storage: a fold rewrites manifest.json (one PUT) and then deletes the folded entries,
+    while a reader polls the listing: every read is a prefix of the publishes (tests/test_embed_store.py)."""
+    from tests.test_embed_store import publish_while_reading
+
+    seen = publish_while_reading(f"{s3_prefix}/cache", shards=40, fold=3)
+    assert len(set(seen)) > 5

@@ -3,7 +3,9 @@
 Layout (docs/architecture.md "Embedding cache")::
 
     cache/<kind>/<fingerprint>/
-        manifest.json            fingerprint inputs, value shape, shards (name, rows, sha256, bytes)
+        manifest.json            fingerprint inputs, value shape, shards (name, rows, sha256, bytes),
+                                 ``journal_seq``: the last journal entry folded into it
+        journal/<seq>.json       shards listed since (one entry per publish, seq = 12 digits, contiguous)
         shards/part-<utc stamp>-<unit>.parquet
 
 The folder's name is the fingerprint of its encoder (omnidiff/contracts/encoders.py). Columns:
@@ -13,8 +15,8 @@ has ``key`` + ``pixels`` (``fixed_size_list<float16, C*H*W>``, shape in the mani
 types: any pyarrow/Arrow reader can open a shard (NOTES.md "Ray").
 
 This module is the format and the reader; the embed stage's single writer (temp name + rename per
-shard, the manifest rewritten atomically after each, adoption of shards a killed run left unlisted)
-is embed_cache/writer.py, and :mod:`omnidiff.contracts.cache_verify` checks a cache shard by shard.
+shard, one journal entry per listed shard, adoption of shards a killed run left unlisted) is
+embed_cache/writer.py, and :mod:`omnidiff.contracts.cache_verify` checks a cache shard by shard.
 Should a key appear in two shards, every reader resolves it the same way: the shard whose name sorts
 first (the oldest) wins.
 
@@ -27,15 +29,23 @@ Read side (the train stage)::
 
 A cache may live on object storage (``CacheStore("s3://bucket/cache/llm/<fingerprint>")``, endpoint and
 credentials from :class:`~omnidiff.contracts.storage.S3Settings` or the AWS environment variables).
-There each shard is one PUT and the manifest, rewritten after each shard, is the commit point: the
+There each shard is one PUT and its journal entry, one PUT after it, is the commit point: the
 reader opens only listed shards, so objects a killed writer left unlisted are never read
 (``embed_cache.writer.clean_cache`` deletes them after a grace period).
+
+The listing is ``manifest.json`` plus the journal entries after its ``journal_seq``
+(:func:`read_manifest`). A shard costs one small journal write, not a rewrite of a manifest that lists
+every shard (issue 17: at 65,536 shards that was ~O(shards^2) bytes, hundreds of GB). The writer folds
+the journal into ``manifest.json`` every :data:`JOURNAL_FOLD` entries and when it closes (a finished
+cache has an empty journal), then deletes the folded entries; a reader that meets a fold half-way
+(an entry gone, or a gap in the sequence) reads again.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -53,6 +63,10 @@ if TYPE_CHECKING:
     from omnidiff.contracts.cache_verify import VerifyReport
 
 MANIFEST_NAME = "manifest.json"
+JOURNAL_DIR = "journal"
+# Journal entries the writer lets accumulate before it folds them into manifest.json: a reader reads at most this
+# many small objects beside the manifest, and the manifest is rewritten once per this many shards.
+JOURNAL_FOLD = 64
 SHARDS_DIR = "shards"
 SHARD_PREFIX = "part-"
 CORRUPT_SUFFIX = ".corrupt"
@@ -298,6 +312,58 @@ def read_shard_table(path: Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns, memory_map=True)
 
 
+# ---------------------------------------------------------------------------------------- manifest + journal
+
+_JOURNAL_ENTRY = re.compile(r"^(\d{12})\.json$")
+MANIFEST_READ_ATTEMPTS = 8
+
+
+def journal_rel(seq: int) -> str:
+    """``journal/<seq, 12 digits>.json``: the entry that lists the shards of publish number ``seq``."""
+    return f"{JOURNAL_DIR}/{int(seq):012d}.json"
+
+
+def journal_seqs(folder: Folder) -> list[int]:
+    """The sequence numbers of the journal entries present, ascending (temp files and strays ignored)."""
+    out = []
+    for obj in folder.list(JOURNAL_DIR):
+        match = _JOURNAL_ENTRY.match(obj.rel.rsplit("/", 1)[-1])
+        if match:
+            out.append(int(match.group(1)))
+    return sorted(out)
+
+
+def read_manifest(location: str | Path | Folder, storage: S3Settings | None = None) -> dict | None:
+    """A cache's listing: ``manifest.json`` with the journal entries after its ``journal_seq`` folded in, or None.
+
+    The result's ``shards`` hold every listed shard in publish order, ``rows`` their sum and ``journal_seq`` the last
+    entry read. A writer may fold the journal while this reads (it rewrites the manifest, then deletes the folded
+    entries): an entry that vanished, or a sequence that does not continue the manifest's, means the manifest changed
+    underneath, so it is read again (:data:`MANIFEST_READ_ATTEMPTS` times at most).
+    """
+    folder = location if isinstance(location, Folder) else open_folder(location, storage)
+    for _ in range(MANIFEST_READ_ATTEMPTS):
+        try:
+            manifest = json.loads(folder.read_bytes(MANIFEST_NAME))
+        except FileNotFoundError:
+            return None
+        last = int(manifest.get("journal_seq", 0))
+        try:
+            for seq in journal_seqs(folder):
+                if seq <= last:
+                    continue  # folded already (a fold's deletions not done yet)
+                if seq != last + 1:
+                    raise FileNotFoundError(f"journal entry {last + 1} is gone")  # folded while we listed
+                manifest["shards"].extend(json.loads(folder.read_bytes(journal_rel(seq)))["shards"])
+                last = seq
+        except FileNotFoundError:
+            continue
+        manifest["journal_seq"] = last
+        manifest["rows"] = sum(int(s["rows"]) for s in manifest["shards"])
+        return manifest
+    raise CacheError(f"{folder.url}: the manifest changed while being read, {MANIFEST_READ_ATTEMPTS} times in a row")
+
+
 # ---------------------------------------------------------------------------------------- reader
 
 
@@ -309,18 +375,13 @@ class CacheStore:
         if is_remote(path):  # object storage: self.path is the s3:// URL
             self.folder = open_folder(path, storage)
             self.path: Path | str = self.folder.url
-            try:
-                self.manifest: dict = json.loads(self.folder.read_bytes(MANIFEST_NAME))
-            except FileNotFoundError:
-                raise CacheError(f"{self.path}: not an embedding cache (no {MANIFEST_NAME}); "
-                                 "run 'omnidiff embed' first") from None
+            manifest = read_manifest(self.folder)
         else:
             self.path = Path(path)
-            manifest_path = self.path / MANIFEST_NAME
-            if not manifest_path.is_file():
-                raise CacheError(f"{self.path}: not an embedding cache (no {MANIFEST_NAME}); "
-                                 "run 'omnidiff embed' first")
-            self.manifest = json.loads(manifest_path.read_text())
+            manifest = read_manifest(self.path) if self.path.is_dir() else None
+        if manifest is None:
+            raise CacheError(f"{self.path}: not an embedding cache (no {MANIFEST_NAME}); run 'omnidiff embed' first")
+        self.manifest: dict = manifest
         self.kind: str = self.manifest["kind"]
         self.fingerprint: str = self.manifest["fingerprint"]
         self._index: dict[str, tuple[str, int]] | None = None

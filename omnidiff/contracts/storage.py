@@ -309,7 +309,7 @@ class Folder:
         """The object's bytes, whole from one version; FileNotFoundError (naming the URL) when it does not exist.
 
         On S3 a read is a HEAD (the size) then ranged GETs: an object replaced between them (a manifest is
-        rewritten after every shard) reads as the first bytes of the new version, a torn object. So a read
+        rewritten at every journal fold) reads as the first bytes of the new version, a torn object. So a read
         whose length, or the object's size or time before and after it, disagree is read again.
         """
         for _ in range(READ_ATTEMPTS):
