@@ -164,7 +164,8 @@ def stop_all(records: list[dict[str, Any]], grace_s: float = 15.0, leaders_first
 
     1. SIGTERM to each recorded process (``leaders_first``; else at once to every member of its
        group), waiting up to ``grace_s``: a server then stops its children in its own order.
-    2. SIGTERM to whatever is left of the recorded groups and trees, 3. SIGKILL after 5 s.
+    2. SIGTERM to whatever is left of the recorded groups and trees, 3. SIGKILL after 5 s (or ``grace_s``, if
+       shorter: a caller that gives the servers less time gives their leftovers no more).
     Raises RuntimeError naming the pids that survive SIGKILL.
     """
     procs = processes_of(records)
@@ -191,7 +192,7 @@ def stop_all(records: list[dict[str, Any]], grace_s: float = 15.0, leaders_first
     for proc in left:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
-    _, alive = psutil.wait_procs(left, timeout=5.0, callback=lambda p: reap())
+    _, alive = psutil.wait_procs(left, timeout=min(5.0, grace_s), callback=lambda p: reap())
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()

@@ -82,7 +82,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(skip)
 
 
-STACK_GRACE_S = 5.0
+STACK_GRACE_S = 2.0
 TEARDOWN_NOTES: list[str] = []
 
 
