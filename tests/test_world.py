@@ -175,6 +175,33 @@ def test_english_vocabulary_covers_every_english_text(tiny_world: Path) -> None:
     assert clip_tokens("A large, red Circle.") == ["a", "large", ",", "red", "circle", "."]
 
 
+def test_the_parallel_lexicon_lists_every_attribute_word_alone(tiny_world: Path) -> None:
+    """Beside the parallel sentences, each non-English trained language's attribute words with their English, in
+    the dictionary's form (German's undeclined "rot", which the training phrasings always decline)."""
+    from omnidiff.world.attributes import ATTRIBUTES, PROMPT_ATTRIBUTES
+    from omnidiff.world.captions import lexicon
+
+    parallel = _parallel(tiny_world)
+    words = parallel[parallel["template_id"].str.endswith("/lexicon")]
+    english_words = {en for _, en in lexicon("en")}
+    assert len(english_words) == sum(len(ATTRIBUTES[name]) for name in PROMPT_ATTRIBUTES)  # one per value
+    for lang in sorted(set(TRAINED_LANGUAGES) - {"en"}):
+        mine = words[words["lang"] == lang]
+        assert sorted(zip(mine["text"], mine["text_en"], strict=True)) == lexicon(lang)
+        assert set(mine["text_en"]) == english_words, lang  # every attribute value, in every language
+        assert (mine["template_id"] == f"{lang}/lexicon").all() and not mine["is_long"].any()
+    german = dict(lexicon("de"))
+    assert german["rot"] == "red" and german["türkis"] == "cyan" and german["groß"] == "large"
+    cfg = _test_cfg(tiny_world)
+    captions = plan_captions(cfg)
+    german_words = {w for spec, lang in captions if lang == "de" for w in caption(spec, lang).split()}
+    assert german_words & {"rote", "roter", "rotes"} and "rot" not in german_words  # only declined in training
+    # Off: the sentence pairs are the same rows, drawn from the same random stream, without the words.
+    without = plan_parallel(cfg.model_copy(update={"parallel_lexicon": False}), captions)
+    assert without == [r for r in plan_parallel(cfg, captions) if not r["template_id"].endswith("/lexicon")]
+    assert len(without) == cfg.num_parallel
+
+
 # --- held-out phrasings and combinations ------------------------------------
 
 

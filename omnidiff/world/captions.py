@@ -415,6 +415,34 @@ FILLERS: tuple[dict[str, str], ...] = tuple(dict(zip(LANGUAGES, row, strict=True
      "작품에는 서명도 제목도 없고, 액자나 테두리도 전혀 없습니다."),
 ))  # fmt: skip
 
+# The slot that holds each attribute's word, by language (a dictionary's entry: the form the lexicon lists).
+_LEXICON_SLOTS = {
+    "shape": {lang: "shape" for lang in LANGUAGES},
+    "colour": {lang: "colour" for lang in LANGUAGES},
+    "size": {**{lang: "size" for lang in LANGUAGES}, "es": "size_post"},
+    "position": {**{lang: "pos_in" for lang in LANGUAGES}, "zh": "pos", "ja": "pos", "ko": "pos"},
+    "background": {lang: "bg" for lang in LANGUAGES},
+}
+_LEXICON_DEFAULTS = {"shape": "circle", "colour": "red", "position": "centre", "size": "small", "background": "black"}
+
+
+def lexicon(lang: str) -> list[tuple[str, str]]:
+    """``(word in lang, its English)`` for every attribute value: the lexicon's own form of each word (German's
+    undeclined stem, French's masculine, ...), as a bilingual dictionary lists it. Sorted, no repeats.
+
+    A parallel corpus holds such entries beside its sentences; stage 1 then sees each word alone, not only inside the
+    training phrasings (a held-out phrasing may use a form those phrasings never do: German's predicative "rot")."""
+    if lang not in _LANGS:
+        raise ValueError(f"lang={lang!r}: unknown language; expected one of {list(LANGUAGES)}")
+    slots, en_slots = _LANGS[lang][1], _LANGS["en"][1]
+    out: set[tuple[str, str]] = set()
+    for name in PROMPT_ATTRIBUTES:
+        for value in ATTRIBUTES[name]:
+            spec = CaptionSpec(**{**_LEXICON_DEFAULTS, name: value}, template=0)
+            out.add((slots(spec)[_LEXICON_SLOTS[name][lang]], en_slots(spec)[_LEXICON_SLOTS[name]["en"]]))
+    return sorted(out)
+
+
 # Scripts written without spaces between sentences.
 _NO_SPACE = {"zh", "ja"}
 _FULL_STOP = {"zh": "。", "ja": "。"}

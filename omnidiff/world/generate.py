@@ -41,6 +41,7 @@ from omnidiff.world.captions import (
     CaptionSpec,
     caption,
     choose_filler,
+    lexicon,
     template_id,
 )
 from omnidiff.world.config import WorldConfig, split_quota
@@ -48,6 +49,7 @@ from omnidiff.world.render import render
 
 # Bump when a change to the templates, fillers, renderer or layout changes the output.
 GENERATOR_VERSION = "1"
+LEXICON_TEMPLATE = "lexicon"  # the phrasing id of a parallel word pair: "<lang>/lexicon"
 
 PAIR_COLUMNS = ("image_id", "image", "caption", "lang", "caption_en", "shape", "colour", "position", "size",
                 "background", "quality", "is_long", "template_id", "caption_id")  # fmt: skip
@@ -131,18 +133,24 @@ def plan_images(cfg: WorldConfig) -> list[dict]:
 
 
 def plan_parallel(cfg: WorldConfig, captions: list[tuple[CaptionSpec, str]]) -> list[dict]:
-    """Text-only pairs: a training caption's spec rendered in another trained language, with its English."""
+    """Text-only pairs: a training caption's spec rendered in another trained language, with its English; then
+    (``parallel_lexicon``) each language's attribute words with their English (template id ``<lang>/lexicon``)."""
     rng = _rng(cfg, 2)
     foreign = [lang for lang in TRAINED_LANGUAGES if lang in cfg.languages and lang != "en"]
-    if not foreign or cfg.num_parallel == 0:
+    if not foreign:
         return []
     rows = []
-    for lang, wanted in split_quota(cfg.num_parallel, {lang: 1.0 for lang in foreign}).items():
-        candidates = [i for i, (_, own) in enumerate(captions) if own != lang]
-        for k in sorted(rng.choice(len(candidates), size=wanted, replace=False).tolist()):
-            spec = captions[candidates[k]][0]
-            rows.append({"lang": lang, "text": caption(spec, lang), "text_en": caption(spec, "en"),
-                         "is_long": spec.is_long, "template_id": template_id(lang, spec.template)})  # fmt: skip
+    if cfg.num_parallel:
+        for lang, wanted in split_quota(cfg.num_parallel, {lang: 1.0 for lang in foreign}).items():
+            candidates = [i for i, (_, own) in enumerate(captions) if own != lang]
+            for k in sorted(rng.choice(len(candidates), size=wanted, replace=False).tolist()):
+                spec = captions[candidates[k]][0]
+                rows.append({"lang": lang, "text": caption(spec, lang), "text_en": caption(spec, "en"),
+                             "is_long": spec.is_long, "template_id": template_id(lang, spec.template)})  # fmt: skip
+    if cfg.parallel_lexicon:
+        for lang in foreign:
+            rows += [{"lang": lang, "text": word, "text_en": english, "is_long": False,
+                      "template_id": f"{lang}/{LEXICON_TEMPLATE}"} for word, english in lexicon(lang)]  # fmt: skip
     return rows
 
 
