@@ -97,12 +97,13 @@ def test_pretraining_is_seeded(tiny_world):
 
 def test_tiny_base_model_is_a_clip_pipeline_folder(tiny_base_model, tiny_world):
     from omnidiff.pipeline import OmniDiffusionPipeline
-    from omnidiff.world import load_world_meta
+    from omnidiff.world import load_world_meta, pairs_digest
 
     index = json.loads((tiny_base_model / "model_index.json").read_text())
     assert index["conditioning"] == "clip"
     meta = json.loads((tiny_base_model / "base.json").read_text())
-    assert meta["record"]["world_digest"] == load_world_meta(tiny_world)["digest"]
+    assert meta["record"]["pairs_digest"] == pairs_digest(tiny_world) and "world_digest" not in meta["record"]
+    assert meta["world_digest"] == load_world_meta(tiny_world)["digest"]
     assert tiny_base_model.parent.name == "base" and tiny_base_model.name in str(tiny_base_model)
     pipe = OmniDiffusionPipeline.from_pretrained(tiny_base_model)
     prompts = ["a small red circle in the centre on a black background", "红色的圆形"]

@@ -137,7 +137,7 @@ def test_a_half_packed_base_is_installed_as_float32_rounded_weights(tiny_base_mo
     assert images.shape[0] == 1 and images.std() > 0  # an image, not a constant
 
 
-def test_the_repository_ships_the_demo_base_of_configs_base_yaml():
+def test_the_repository_ships_the_demo_base_of_configs_base_yaml(tmp_path):
     """The repository's shipped tree verifies and holds the base and evaluator of configs/base.yaml as it is now
     (a config change without re-packing fails here: `python -m omnidiff.base.shipped pack base ... --half`),
     every file under 5 MB, weights stored as float16."""
@@ -146,8 +146,9 @@ def test_the_repository_ships_the_demo_base_of_configs_base_yaml():
     from omnidiff.base import shipped
     from omnidiff.base.config import BaseConfig
     from omnidiff.base.evaluator_train import evaluator_hash
-    from omnidiff.base.pretrain import model_record
+    from omnidiff.base.pretrain import base_hash, model_record
     from omnidiff.config import load_config
+    from omnidiff.world import WorldConfig, generate_world, pairs_digest
 
     root = shipped.PACKAGED
     cfg = load_config(BaseConfig, REPO / "configs" / "base.yaml")
@@ -155,6 +156,10 @@ def test_the_repository_ships_the_demo_base_of_configs_base_yaml():
     evaluators = [shipped.verify(p.parent) for p in sorted((root / "evaluator").glob(f"*/{shipped.MANIFEST}"))]
     assert any(m["record"]["config"] == model_record(cfg, "")["config"] for m in bases), \
         "no shipped base for configs/base.yaml as it is now"
+    # ... under the name `make demo` looks up: the config's model part and the default world's images and pairs
+    # (a change to the world's parallel texts or eval prompts keeps it; one to its images or pairs needs a re-pack)
+    world = generate_world(load_config(WorldConfig, REPO / "configs" / "world.yaml", [f"out_dir={tmp_path / 'w'}"]))
+    assert base_hash(cfg, pairs_digest(world)) in {m["hash"] for m in bases}
     assert evaluator_hash(cfg.evaluator, cfg.resolution) in {m["hash"] for m in evaluators}
     for m in bases:
         assert m["rebuild"].startswith("omnidiff base pretrain") and json.dumps(m["record"])

@@ -34,6 +34,7 @@ from omnidiff.world import (
     english_vocabulary,
     generate_world,
     load_world_meta,
+    pairs_digest,
     render,
     world_digest,
     write_url_list,
@@ -175,7 +176,7 @@ def test_english_vocabulary_covers_every_english_text(tiny_world: Path) -> None:
     assert clip_tokens("A large, red Circle.") == ["a", "large", ",", "red", "circle", "."]
 
 
-def test_the_parallel_lexicon_lists_every_attribute_word_alone(tiny_world: Path) -> None:
+def test_the_parallel_lexicon_lists_every_attribute_word_alone(tiny_world: Path, tmp_path: Path) -> None:
     """Beside the parallel sentences, each non-English trained language's attribute words with their English, in
     the dictionary's form (German's undeclined "rot", which the training phrasings always decline)."""
     from omnidiff.world.attributes import ATTRIBUTES, PROMPT_ATTRIBUTES
@@ -200,6 +201,10 @@ def test_the_parallel_lexicon_lists_every_attribute_word_alone(tiny_world: Path)
     without = plan_parallel(cfg.model_copy(update={"parallel_lexicon": False}), captions)
     assert without == [r for r in plan_parallel(cfg, captions) if not r["template_id"].endswith("/lexicon")]
     assert len(without) == cfg.num_parallel
+    # ... and the images and training pairs are the same bytes: the base model (named by them) is the same one
+    off = generate_world(_test_cfg(tmp_path / "off", "parallel_lexicon=false"))
+    assert world_digest(off) != world_digest(tiny_world)
+    assert pairs_digest(off) == pairs_digest(tiny_world) == load_world_meta(tiny_world)["pairs_digest"]
 
 
 # --- held-out phrasings and combinations ------------------------------------

@@ -37,7 +37,7 @@ stages 2-3 (train/losses.py) read.
 Seeded and reproducible: the same config and world give the same weights
 (init, batch order, noise and timesteps all come from ``pretrain.seed``). The
 result is a pipeline folder (conditioning ``clip``) cached at
-``models_dir()/base/<hash of the config's model part + world digest>/`` and
+``models_dir()/base/<hash of the config's model part + the world's pairs digest>/`` and
 reused when present (``force=true`` retrains).
 
 Decision (issue 2): the first ``make demo`` pretrains the base model (about
@@ -319,27 +319,29 @@ _NEUTRAL_KEYS = (
 )
 
 
-def model_record(cfg: BaseConfig, world_digest: str) -> dict:
-    """What determines the weights: the model and training parts of the config, the world, the code version."""
+def model_record(cfg: BaseConfig, pairs_digest: str) -> dict:
+    """What determines the weights: the model and training parts of the config, the world's images and training
+    pairs (``world.pairs_digest``: not its parallel texts or eval prompts, which pretraining never reads), the code
+    version."""
     config = to_dict(cfg)
     record = {k: config[k] for k in ("resolution", "text_encoder", "unet", "pretrain")}
     for section, key, neutral, dependents in _NEUTRAL_KEYS:
         if neutral(record):
             for k in (key, *dependents):
                 record[section].pop(k, None)
-    return {"config": record, "world_digest": world_digest, "version": PRETRAIN_VERSION}
+    return {"config": record, "pairs_digest": pairs_digest, "version": PRETRAIN_VERSION}
 
 
-def base_hash(cfg: BaseConfig, world_digest: str) -> str:
-    return hashlib.sha256(json.dumps(model_record(cfg, world_digest), sort_keys=True).encode()).hexdigest()[:16]
+def base_hash(cfg: BaseConfig, pairs_digest: str) -> str:
+    return hashlib.sha256(json.dumps(model_record(cfg, pairs_digest), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def base_dir(cfg: BaseConfig, world_dir: Path | None = None) -> Path:
     """Where the base model for ``cfg`` is (or will be) cached."""
-    from omnidiff.world import load_world_meta
+    from omnidiff.world import world_pairs_digest
 
     world_dir = world_dir or resolve_world(cfg)
-    return models_dir() / "base" / base_hash(cfg, load_world_meta(world_dir)["digest"])
+    return models_dir() / "base" / base_hash(cfg, world_pairs_digest(world_dir))
 
 
 def is_complete(folder: Path) -> bool:
@@ -367,15 +369,15 @@ def grid_prompts(world_dir: Path, n: int = GRID_PROMPTS) -> pd.DataFrame:
 
 def pretrain(cfg: BaseConfig) -> Path:
     """Pretrain (or reuse) the base model for ``cfg``; returns the pipeline folder."""
-    from omnidiff.world import load_world_meta
+    from omnidiff.world import load_world_meta, world_pairs_digest
 
     world_dir = resolve_world(cfg)
-    digest = load_world_meta(world_dir)["digest"]
+    digest = world_pairs_digest(world_dir)
     out_dir = models_dir() / "base" / base_hash(cfg, digest)
     if is_complete(out_dir) and not cfg.force:
         print(f"base model cached at {out_dir}")
         return out_dir
-    if not cfg.force and _install_shipped(cfg, out_dir, digest):
+    if not cfg.force and _install_shipped(cfg, out_dir, digest, load_world_meta(world_dir)["digest"]):
         return out_dir
     images, captions = load_pairs(world_dir, cfg.resolution)
     print(f"pretraining the base model on {len(captions)} English pairs from {world_dir}")
@@ -390,6 +392,7 @@ def pretrain(cfg: BaseConfig) -> Path:
             "config": to_dict(cfg),
             "record": model_record(cfg, digest),
             "world_dir": str(world_dir),
+            "world_digest": load_world_meta(world_dir)["digest"],
             "pairs": len(captions),
             "wall_s": result["wall_s"],
             "steps_per_s": result["steps_per_s"],
@@ -409,7 +412,7 @@ def pretrain(cfg: BaseConfig) -> Path:
     return out_dir
 
 
-def _install_shipped(cfg: BaseConfig, out_dir: Path, world_digest: str) -> bool:
+def _install_shipped(cfg: BaseConfig, out_dir: Path, pairs_digest: str, world_digest: str) -> bool:
     """Install the repository's shipped copy of this exact base (omnidiff/base/shipped.py) instead of
     pretraining; False (and why, when other copies are shipped) when none matches."""
     from omnidiff.base import shipped
@@ -418,9 +421,9 @@ def _install_shipped(cfg: BaseConfig, out_dir: Path, world_digest: str) -> bool:
     if manifest is None:
         known = [m for m in shipped.others("base") if m.get("record")]
         if known:
-            same_config = [m for m in known if m["record"].get("config") == model_record(cfg, world_digest)["config"]]
-            why = (f"it was built on world {same_config[0]['record'].get('world_digest', '?')[:12]}, this world is "
-                   f"{world_digest[:12]}" if same_config else "the shipped ones were built from another config")
+            same_config = [m for m in known if m["record"].get("config") == model_record(cfg, pairs_digest)["config"]]
+            why = (f"it was built on the world pairs {same_config[0]['record'].get('pairs_digest', '?')[:12]}, this "
+                   f"world's are {pairs_digest[:12]}" if same_config else "the shipped ones were built from another config")
             print(f"no shipped base model matches {out_dir.name} ({why}); pretraining")
         return False
     print(f"base model: installed the shipped copy {out_dir.name} (sha256 verified; built at commit "
@@ -431,7 +434,7 @@ def _install_shipped(cfg: BaseConfig, out_dir: Path, world_digest: str) -> bool:
             import mlflow
 
             mlflow.set_tags({"base_dir": str(out_dir), "base_hash": out_dir.name, "world_digest": world_digest,
-                             "shipped": "true", "shipped_commit": str(manifest.get("built_at_commit"))})
+                             "pairs_digest": pairs_digest, "shipped": "true", "shipped_commit": str(manifest.get("built_at_commit"))})
     return True
 
 
@@ -453,7 +456,8 @@ def _log_pretrain(cfg: BaseConfig, result: dict, pipe, world_dir: Path, out_dir:
     )
     # base_hash = the folder's name (the digest of what determines its weights): flows/lineage.py finds this
     # run by it when a training names the base model only by its folder.
-    mlflow.set_tags({"base_dir": str(out_dir), "base_hash": out_dir.name, "world_digest": meta["record"]["world_digest"]})
+    mlflow.set_tags({"base_dir": str(out_dir), "base_hash": out_dir.name, "world_digest": meta["world_digest"],
+                     "pairs_digest": meta["record"]["pairs_digest"]})
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(losses, lw=0.5, alpha=0.5, label="step")
     window = max(1, len(losses) // 50)

@@ -18,7 +18,14 @@ from omnidiff.world.captions import (
     english_vocabulary,
 )
 from omnidiff.world.config import WorldConfig
-from omnidiff.world.generate import generate_world, load_world_meta, world_digest, write_url_list
+from omnidiff.world.generate import (
+    generate_world,
+    load_world_meta,
+    pairs_digest,
+    world_digest,
+    world_pairs_digest,
+    write_url_list,
+)
 from omnidiff.world.render import render
 from omnidiff.world.server import serve_world
 
@@ -39,5 +46,7 @@ __all__ = [
     "render",
     "serve_world",
     "world_digest",
+    "pairs_digest",
+    "world_pairs_digest",
     "write_url_list",
 ]

@@ -227,7 +227,7 @@ def generate_world(cfg: WorldConfig, force: bool = False) -> Path:
         counts = _write_world(cfg, tmp)
         files = {name: sha256_file(tmp / name) for name in ("pairs.parquet", "parallel.parquet", "eval_prompts.parquet")}
         digest = world_digest(tmp)
-        meta_obj = {**record, "counts": counts, "files": files, "digest": digest}
+        meta_obj = {**record, "counts": counts, "files": files, "digest": digest, "pairs_digest": pairs_digest(tmp)}
         (tmp / "world.json").write_text(json.dumps(meta_obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
@@ -281,15 +281,28 @@ def _write_world(cfg: WorldConfig, root: Path) -> dict:
     }  # fmt: skip
 
 
-def world_digest(world_dir: str | Path) -> str:
-    """sha256 over (relative path, sha256) of every image and the three Parquet files, in sorted order."""
-    root = Path(world_dir)
-    paths = sorted(root.glob("images/*.png")) + [root / n for n in ("pairs.parquet", "parallel.parquet",
-                                                                     "eval_prompts.parquet")]  # fmt: skip
+def _files_digest(root: Path, names: tuple[str, ...]) -> str:
+    """sha256 over (relative path, sha256) of every image and the named Parquet files, in this order."""
     h = hashlib.sha256()
-    for path in paths:
+    for path in sorted(root.glob("images/*.png")) + [root / n for n in names]:
         h.update(f"{path.relative_to(root).as_posix()}\t{sha256_file(path)}\n".encode())
     return h.hexdigest()
+
+
+def world_digest(world_dir: str | Path) -> str:
+    """sha256 over (relative path, sha256) of every image and the three Parquet files, in sorted order."""
+    return _files_digest(Path(world_dir), ("pairs.parquet", "parallel.parquet", "eval_prompts.parquet"))
+
+
+def pairs_digest(world_dir: str | Path) -> str:
+    """The digest of what a base model pretrains on: every image and ``pairs.parquet`` (the world's parallel texts
+    and eval prompts change no base weight, so a change to them keeps the base, and its shipped copy)."""
+    return _files_digest(Path(world_dir), ("pairs.parquet",))
+
+
+def world_pairs_digest(world_dir: str | Path) -> str:
+    """:func:`pairs_digest` as world.json records it (worlds generated before it was recorded: computed)."""
+    return load_world_meta(world_dir).get("pairs_digest") or pairs_digest(world_dir)
 
 
 def load_world_meta(world_dir: str | Path) -> dict:
