@@ -177,12 +177,14 @@ def test_english_vocabulary_covers_every_english_text(tiny_world: Path) -> None:
 
 
 def test_the_parallel_lexicon_lists_every_attribute_word_alone(tiny_world: Path, tmp_path: Path) -> None:
-    """Beside the parallel sentences, each non-English trained language's attribute words with their English, in
-    the dictionary's form (German's undeclined "rot", which the training phrasings always decline)."""
+    """``parallel_lexicon``: beside the parallel sentences, each non-English trained language's attribute words with
+    their English, in the dictionary's form (German's undeclined "rot", which the training phrasings decline)."""
     from omnidiff.world.attributes import ATTRIBUTES, PROMPT_ATTRIBUTES
     from omnidiff.world.captions import lexicon
 
-    parallel = _parallel(tiny_world)
+    assert not _parallel(tiny_world)["template_id"].str.endswith("/lexicon").any()  # off by default
+    world = generate_world(_test_cfg(tmp_path / "lexicon", "parallel_lexicon=true"))
+    parallel = _parallel(world)
     words = parallel[parallel["template_id"].str.endswith("/lexicon")]
     english_words = {en for _, en in lexicon("en")}
     assert len(english_words) == sum(len(ATTRIBUTES[name]) for name in PROMPT_ATTRIBUTES)  # one per value
@@ -197,14 +199,11 @@ def test_the_parallel_lexicon_lists_every_attribute_word_alone(tiny_world: Path,
     captions = plan_captions(cfg)
     german_words = {w for spec, lang in captions if lang == "de" for w in caption(spec, lang).split()}
     assert german_words & {"rote", "roter", "rotes"} and "rot" not in german_words  # only declined in training
-    # Off: the sentence pairs are the same rows, drawn from the same random stream, without the words.
-    without = plan_parallel(cfg.model_copy(update={"parallel_lexicon": False}), captions)
-    assert without == [r for r in plan_parallel(cfg, captions) if not r["template_id"].endswith("/lexicon")]
-    assert len(without) == cfg.num_parallel
+    # The sentence pairs are the same rows, drawn from the same random stream, with or without the words ...
+    assert parallel.drop(words.index).reset_index(drop=True).equals(_parallel(tiny_world))
     # ... and the images and training pairs are the same bytes: the base model (named by them) is the same one
-    off = generate_world(_test_cfg(tmp_path / "off", "parallel_lexicon=false"))
-    assert world_digest(off) != world_digest(tiny_world)
-    assert pairs_digest(off) == pairs_digest(tiny_world) == load_world_meta(tiny_world)["pairs_digest"]
+    assert world_digest(world) != world_digest(tiny_world)
+    assert pairs_digest(world) == pairs_digest(tiny_world) == load_world_meta(tiny_world)["pairs_digest"]
 
 
 # --- held-out phrasings and combinations ------------------------------------

@@ -60,7 +60,8 @@ class WorldConfig(ConfigModel):
     heldout_templates: phrasing indices (in every language) never used for training.
     num_parallel: text-only parallel pairs (a trained non-English language + its English), stage 1.
     parallel_lexicon: also every attribute word of each non-English trained language with its English, in the
-        form a dictionary lists it (``captions.lexicon``): 23 word pairs a language, beside the sentences.
+        form a dictionary lists it (``captions.lexicon``): 23 word pairs a language, beside the sentences. Off by
+        default: measured without gain (benchmarks/zero_shot_ablation.md, session 15).
     eval_specs: prompts per eval language (each spec is rendered in every eval language).
     eval_long_fraction: share of long eval prompts.
     eval_languages: languages of the eval prompts (trained and zero-shot).
@@ -85,7 +86,7 @@ class WorldConfig(ConfigModel):
     )  # fmt: skip
     heldout_templates: tuple[int, ...] = (4,)
     num_parallel: int = 2000
-    parallel_lexicon: bool = True
+    parallel_lexicon: bool = False
     eval_specs: int = Field(32, ge=0)
     eval_long_fraction: float = Field(0.25, ge=0.0, le=1.0)
     eval_languages: tuple[str, ...] = LANGUAGES
