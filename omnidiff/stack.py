@@ -369,8 +369,9 @@ def down(quiet: bool = False, grace_s: float = 15.0) -> dict[str, Any]:
         Path(link).unlink()
     state_path().replace(stack_dir() / "state.last.json")
     left = result.pop("left")
+    killed = f": {'; '.join(result['killed_names'])}" if result["killed_names"] else ""
     say(f"stopped {len(result['stopped'])} processes ({left} after the servers themselves, "
-        f"{len(result['killed'])} by SIGKILL)")
+        f"{len(result['killed'])} by SIGKILL{killed})")
     return result
 
 

@@ -166,7 +166,8 @@ def stop_all(records: list[dict[str, Any]], grace_s: float = 15.0, leaders_first
        group), waiting up to ``grace_s``: a server then stops its children in its own order.
     2. SIGTERM to whatever is left of the recorded groups and trees, 3. SIGKILL after 5 s (or ``grace_s``, if
        shorter: a caller that gives the servers less time gives their leftovers no more).
-    Raises RuntimeError naming the pids that survive SIGKILL.
+    ``killed_names``: the SIGKILLed processes' pids and command lines. Raises RuntimeError naming the pids that
+    survive SIGKILL.
     """
     procs = processes_of(records)
     first = []
@@ -193,6 +194,7 @@ def stop_all(records: list[dict[str, Any]], grace_s: float = 15.0, leaders_first
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
     _, alive = psutil.wait_procs(left, timeout=min(5.0, grace_s), callback=lambda p: reap())
+    described = [_describe(proc) for proc in alive]  # what ignored SIGTERM (named before it is gone)
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
@@ -200,7 +202,17 @@ def stop_all(records: list[dict[str, Any]], grace_s: float = 15.0, leaders_first
     reap()
     if survivors:
         raise RuntimeError(f"processes survived SIGKILL: {[p.pid for p in survivors]}")
-    return {"stopped": sorted(p.pid for p in procs), "killed": sorted(p.pid for p in alive), "left": len(left)}
+    return {"stopped": sorted(p.pid for p in procs), "killed": sorted(p.pid for p in alive), "left": len(left),
+            "killed_names": sorted(described)}
+
+
+def _describe(proc: psutil.Process) -> str:
+    """``<pid> <the first words of its command line>``: enough to tell which server a process belongs to."""
+    try:
+        words = proc.cmdline() or [proc.name()]
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return f"{proc.pid} (gone)"
+    return f"{proc.pid} {' '.join(Path(words[0]).name if i == 0 else w for i, w in enumerate(words[:4]))}"[:160]
 
 
 def _pgid(proc: psutil.Process) -> int | None:

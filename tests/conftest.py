@@ -168,7 +168,8 @@ def stack():
             # down found is listed at the end of the run (which servers needed more than SIGTERM).
             stopped = stack_mod.down(quiet=True, grace_s=STACK_GRACE_S)
             TEARDOWN_NOTES.append(f"session stack down: {len(stopped['stopped'])} processes stopped, "
-                                  f"{len(stopped['killed'])} of them by SIGKILL (grace {STACK_GRACE_S:.0f} s)")
+                                  f"{len(stopped['killed'])} of them by SIGKILL (grace {STACK_GRACE_S:.0f} s)"
+                                  + "".join(f"\n  SIGKILLed: {name}" for name in stopped["killed_names"]))
             for key in applied:
                 if saved.get(key) is None:
                     os.environ.pop(key, None)

@@ -204,6 +204,27 @@ def test_fate_shared_servers_die_with_their_parent(tmp_path):
     assert _gone(child)
 
 
+def test_stop_all_names_what_needed_sigkill(tmp_path):
+    """A server that ignores SIGTERM is SIGKILLed after the grace, and the result names it by its command line, so
+    `stack down` (and the test session's end) can say which server did not stop; one that stops is not named."""
+    from omnidiff import supervisor
+
+    stubborn = supervisor.launch([sys.executable, "-c", "import signal,time;signal.signal(15,signal.SIG_IGN);"
+                                  "print('up',flush=True);time.sleep(600)", "stubborn-server"],
+                                 {}, tmp_path / "stubborn.log")
+    polite = supervisor.launch([sys.executable, "-c", "import time; time.sleep(600)", "polite-server"], {},
+                               tmp_path / "polite.log")
+    deadline = time.monotonic() + 10  # the handler is installed before "up" is printed (on a line of its own)
+    while time.monotonic() < deadline and "\nup\n" not in (tmp_path / "stubborn.log").read_text():
+        time.sleep(0.05)
+    records = [supervisor.record(stubborn, tmp_path / "stubborn.log"), supervisor.record(polite, tmp_path / "polite.log")]
+    result = supervisor.stop_all(records, grace_s=0.5)
+    assert result["killed"] == [stubborn.pid] and sorted(result["stopped"]) == sorted([stubborn.pid, polite.pid])
+    assert len(result["killed_names"]) == 1 and result["killed_names"][0].startswith(f"{stubborn.pid} ")
+    assert "stubborn-server" in result["killed_names"][0] and "polite-server" not in result["killed_names"][0]
+    assert _gone(stubborn.pid) and _gone(polite.pid)
+
+
 def test_up_refuses_a_busy_port_and_names_it(monkeypatch, tmp_path):
     monkeypatch.setenv("OMNIDIFF_HOME", str(tmp_path / "h"))
     with socket.socket() as busy:
