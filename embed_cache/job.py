@@ -58,6 +58,9 @@ from omnidiff.progress import Progress
 log = logging.getLogger("omnidiff.embed")
 
 UNIT = {"llm": "tok", "clip": "tok", "pixels": "img"}
+# A local cache another embed run holds (the 02:00 nightly re-embed while a pipeline runs): wait this long for it,
+# then skip what it listed, instead of failing at once. A CI run across 02:00 UTC met exactly that collision.
+CACHE_LOCK_WAIT_S = 1800.0
 
 
 def run(cfg: EmbedConfig, *, actor: type = EncodeShardActor) -> dict[str, Any]:
@@ -110,7 +113,8 @@ def embed(inputs: EmbedInputs, cfg: EmbedConfig, *, actor: type = EncodeShardAct
         totals: dict[str, int] = {}
         for kind, plan in plans.items():
             directory = cache_dir(kind, plan.fingerprint, cache_root)
-            writer = writers[kind] = stack.enter_context(CacheWriter(directory, plan.inputs, settings))
+            writer = writers[kind] = stack.enter_context(CacheWriter(directory, plan.inputs, settings,
+                                                                     lock_wait_s=CACHE_LOCK_WAIT_S))
             writer.set_value_shape(plan.value_shape)
             stats[kind] = new_stats(plan, directory, 0)
             stats[kind]["references"] = inputs.references[kind]

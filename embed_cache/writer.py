@@ -162,8 +162,10 @@ class CacheWriter:
     journal into the manifest. ``journal_fold``: entries between folds (:data:`JOURNAL_FOLD`).
     """
 
-    def __init__(self, path: str | Path, inputs: dict[str, Any], storage: S3Settings | None = None):
+    def __init__(self, path: str | Path, inputs: dict[str, Any], storage: S3Settings | None = None,
+                 lock_wait_s: float = 0.0):
         self.storage = storage
+        self.lock_wait_s = float(lock_wait_s)  # how long open() waits for another run's lock (local caches)
         self.folder: Folder | None = open_folder(path, storage) if is_remote(path) else None
         self.path: Path | str = self.folder.url if self.folder is not None else Path(path)
         self._listing: Folder = self.folder if self.folder is not None else open_folder(self.path)
@@ -209,9 +211,19 @@ class CacheWriter:
             lock.acquire()
         except filelock.Timeout:
             holder = _read_token(self.path) or "unknown"
-            raise CacheError(
-                f"{self.path} is being written by another embed run (run {holder}); wait for it to finish or stop it"
-            ) from None
+            if self.lock_wait_s <= 0:
+                raise CacheError(f"{self.path} is being written by another embed run (run {holder}); wait for it to "
+                                 "finish or stop it") from None
+            # Another run (the nightly re-embed, a pipeline triggered meanwhile) writes this cache: wait for it; what
+            # it lists is then skipped here.
+            print(f"{self.path} is being written by another embed run (run {holder}); waiting up to "
+                  f"{self.lock_wait_s:.0f} s for it", flush=True)
+            try:
+                lock.acquire(timeout=self.lock_wait_s)
+            except filelock.Timeout:
+                raise CacheError(f"{self.path} is still being written by another embed run (run "
+                                 f"{_read_token(self.path) or holder}) after {self.lock_wait_s:.0f} s; wait for it "
+                                 "to finish or stop it") from None
         self._lock = lock
         # Claim the directory before looking at it: actors of a killed run see a foreign token from
         # here on and discard their shards instead of publishing them.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -448,6 +449,12 @@ def publish_while_reading(directory, shards: int, fold: int) -> list[int]:
                                          writer.run_token)
                 names.append(entry["name"])
                 writer.publish(entry, [f"k{i}"], fresh=True)
+                # let the reader finish a read after each publish, so the reads overlap the publishes and folds
+                # however slow the store is under load
+                after = len(seen) + 1
+                deadline = time.monotonic() + 10
+                while len(seen) <= after and reader.is_alive() and time.monotonic() < deadline:
+                    time.sleep(0.002)
         finally:
             done.set()
             reader.join(timeout=60)
@@ -582,6 +589,35 @@ def test_stale_run_token_discards_shard_and_lock_is_exclusive(tmp_path):
         entry = write_shard_file(second.path, second.shard_name(0), states_table(["z"], _states(rng, [1])), old_token)
         assert entry["stale"] is True
         assert not list((second.path / SHARDS_DIR).iterdir())
+
+
+def test_a_writer_waits_for_another_runs_lock_then_skips_what_it_listed(tmp_path):
+    """The embed job's writer waits (``lock_wait_s``) for a run holding the cache, e.g. the 02:00 nightly re-embed
+    while a pipeline runs, then sees what that run listed; past the wait it fails naming the holder."""
+    import threading
+
+    rng = np.random.default_rng(8)
+    first = _writer(tmp_path).open()
+    first.set_value_shape((D,))
+    opened: dict = {}
+
+    def second() -> None:
+        start = time.monotonic()
+        with CacheWriter(first.path, llm_inputs(ENCODER), lock_wait_s=30) as writer:
+            opened["after_s"] = time.monotonic() - start
+            opened["cached"] = writer.cached(["a", "b"])
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive() and not opened  # still waiting while the first run writes
+    first.write(states_table(["a"], _states(rng, [2])), unit=0)
+    first.close()
+    waiter.join(timeout=30)
+    assert opened["after_s"] >= 0.5 and opened["cached"] == {"a"}
+    with _writer(tmp_path) as holder:
+        with pytest.raises(CacheError, match=f"still being written by another embed run \\(run {holder.run_token}"):
+            CacheWriter(holder.path, llm_inputs(ENCODER), lock_wait_s=0.3).open()
 
 
 def test_writer_refuses_mismatched_manifest(tmp_path):
