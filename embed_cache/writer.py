@@ -488,10 +488,7 @@ class CacheWriter:
         self.manifest["updated"] = _now()
         self.manifest["rows"] = sum(s["rows"] for s in self.manifest["shards"])
         data = json.dumps(self.manifest, indent=1, sort_keys=True, ensure_ascii=False).encode()
-        if self.folder is not None:
-            self.folder.write_bytes(MANIFEST_NAME, data)  # one PUT
-        else:
-            atomic_write(self.path / MANIFEST_NAME, data)
+        self._listing.write_bytes(MANIFEST_NAME, data)  # one PUT; locally temp + rename
         self.manifest_writes += 1
         self._pending = 0
         for seq in journal_seqs(self._listing):
