@@ -103,7 +103,9 @@ def test_tiny_base_model_is_a_clip_pipeline_folder(tiny_base_model, tiny_world):
     assert index["conditioning"] == "clip"
     meta = json.loads((tiny_base_model / "base.json").read_text())
     assert meta["record"]["pairs_digest"] == pairs_digest(tiny_world) and "world_digest" not in meta["record"]
-    assert meta["world_digest"] == load_world_meta(tiny_world)["digest"]
+    # The base is named by the world's pairs, not its whole digest: a world that differs only in text-only rows
+    # (parallel texts, eval prompts) reuses it, so the world it records is one with these pairs, maybe not this one.
+    assert len(meta["world_digest"]) == len(load_world_meta(tiny_world)["digest"]) == 64
     assert tiny_base_model.parent.name == "base" and tiny_base_model.name in str(tiny_base_model)
     pipe = OmniDiffusionPipeline.from_pretrained(tiny_base_model)
     prompts = ["a small red circle in the centre on a black background", "红色的圆形"]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -40,7 +41,7 @@ from omnidiff.world import (
     write_url_list,
 )
 from omnidiff.world.attributes import BACKGROUND_RGB, COLOUR_RGB
-from omnidiff.world.captions import CLIP_WINDOW, FILLERS, attribute_words_en
+from omnidiff.world.captions import CLIP_WINDOW, FILLERS, NUM_TEMPLATES, attribute_words_en, paraphrase
 from omnidiff.world.generate import plan_captions, plan_parallel
 from tests.fixtures_world import REPO, WORLD_TEST_CONFIG
 
@@ -204,6 +205,43 @@ def test_the_parallel_lexicon_lists_every_attribute_word_alone(tiny_world: Path,
     # ... and the images and training pairs are the same bytes: the base model (named by them) is the same one
     assert world_digest(world) != world_digest(tiny_world)
     assert pairs_digest(world) == pairs_digest(tiny_world) == load_world_meta(tiny_world)["pairs_digest"]
+
+
+def test_paraphrases_are_stage_one_text_in_phrasings_no_caption_or_prompt_uses(tiny_world: Path, tmp_path: Path) -> None:
+    """``num_paraphrases``: more parallel pairs, English included, each a translation of an English paraphrase that
+    is none of the caption templates (so none is the held-out phrasing); the base tokenizer knows every English word."""
+    from omnidiff.world.captions import NUM_PARAPHRASES, short_caption
+
+    assert not _parallel(tiny_world)["template_id"].str.contains("/p").any()  # off by default
+    world = generate_world(_test_cfg(tmp_path / "para", "num_paraphrases=90"))
+    parallel = _parallel(world)
+    para = parallel[parallel["template_id"].str.contains("/p")]
+    assert len(para) == 90
+    trained = set(_test_cfg(tiny_world).languages)
+    assert set(para["lang"]) == trained  # English too: its text is its own English side
+    english = para[para["lang"] == "en"]
+    assert (english["text"] == english["text_en"]).all()
+    vocab = set(english_vocabulary())
+    for text in para["text_en"]:
+        assert set(clip_tokens(text)) <= vocab, text
+    # No paraphrase is a template: render one spec every way and compare the phrasings word for word.
+    spec = CaptionSpec("cross", "blue", "top-left", "small", "white", template=0)
+    for lang in TRAINED_LANGUAGES:
+        templates = {short_caption(dataclasses.replace(spec, template=t), lang) for t in range(NUM_TEMPLATES)}
+        paraphrases = {paraphrase(spec, lang, k) for k in range(NUM_PARAPHRASES)}
+        assert len(paraphrases) == NUM_PARAPHRASES and not paraphrases & templates, lang
+    # German paraphrases decline after "einem" / "einer" (dative) and keep "rosa" whole.
+    assert paraphrase(spec, "de", 1) == "weißer Hintergrund mit einem kleinen blauen Kreuz oben links"
+    assert "einer großen rosa Raute" in paraphrase(dataclasses.replace(spec, shape="diamond", colour="pink",
+                                                                       size="large"), "de", 1)
+    # Paraphrases never name a held-out combination, and the other rows and the images are the same.
+    held = {tuple(c.split("/")) for c in _test_cfg(tiny_world).heldout_combos}
+    for text in para["text_en"]:
+        assert not any(f"{colour} {shape}" in text or f"{shape}, {colour}" in text for shape, colour in held), text
+    assert parallel.drop(para.index).reset_index(drop=True).equals(_parallel(tiny_world))
+    assert pairs_digest(world) == pairs_digest(tiny_world)
+    long = para[para["is_long"]]
+    assert len(long) and all(text.endswith((".", "。")) for text in long["text"])  # the sentence after the filler
 
 
 # --- held-out phrasings and combinations ------------------------------------

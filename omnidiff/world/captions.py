@@ -329,6 +329,91 @@ _LANGS = {
 assert tuple(_LANGS) == LANGUAGES and all(len(t) == NUM_TEMPLATES for t, _ in _LANGS.values())
 
 # ---------------------------------------------------------------------------
+# Paraphrases: more phrasings of the trained languages, for stage 1's text-only parallel pairs only (never an
+# image caption, never an eval prompt; ``WorldConfig.num_paraphrases``). Paraphrase ``k`` of every language is
+# a translation of English paraphrase ``k``. None is a template of above (the held-out phrasing stays unseen):
+# they put the position first, the background first, the attributes in predicates over several sentences, or
+# the shape before its colour, as a large parallel corpus would. English ones use only words of
+# :func:`english_vocabulary` (the base model's tokenizer knows no other word).
+# ---------------------------------------------------------------------------
+_PARAPHRASES: dict[str, tuple[str, ...]] = {
+    "en": (
+        "{pos_in} there is {np} on a {bg} background",
+        "{bg} background with {np} {pos_in}",
+        "the {shape} is {size}. It is {colour}, and it is {pos_in}. The background is {bg}",
+        "one object, {np}, is shown {pos_in} on a {bg} background",
+        "{size} {shape}, {colour}, {pos_in}. {bg} background",
+    ),
+    "zh": (
+        "{pos}有一个{size}的{colour}{shape}，背景是{bg}的",
+        "{bg}背景，上面{pos}画着一个{size}{colour}{shape}",
+        "{shape}很{size}，颜色是{colour}，放在{pos}。背景是{bg}",
+        "只有一个物体：{pos}的{size}{colour}{shape}，{bg}底色",
+        "{colour}{shape}，{size}的，{pos}，{bg}背景",
+    ),
+    "ja": (
+        "{pos}に{size}{colour}の{shape}があり、背景は{bg}です",
+        "{bg}の背景と、{pos}に描かれた{size}{colour}の{shape}",
+        "{shape}は{size_pred}て{colour}で、{pos}にあります。背景は{bg}です",
+        "物体は一つだけ：{pos}の{size}{colour}の{shape}、{bg}の背景",
+        "{size}{shape}、色は{colour}、位置は{pos}、背景は{bg}",
+    ),
+    "es": (
+        "{pos_in} hay {np} sobre un fondo {bg}",
+        "fondo {bg} con {np} {pos_in}",
+        "{the} {shape} es {size_post}, de color {colour_m}, y se encuentra {pos_in}. El fondo es {bg}",
+        "un solo objeto, {np}, se muestra {pos_in} sobre un fondo {bg}",
+        "se ve {np} {pos_in}, y el fondo es {bg}",
+    ),
+    "de": (
+        "{pos_in} ist {np} auf {bg_dat} Hintergrund",
+        "{bg_nom} Hintergrund mit {np_dat} {pos_in}",
+        "{the} {shape} ist {size}. {Pron} ist {colour} und befindet sich {pos_in}. Der Hintergrund ist {bg}",
+        "ein einziges Objekt, {np}, ist {pos_in} auf {bg_dat} Hintergrund zu sehen",
+        "{shape} in {Colour}, {size}, {pos_in}. Hintergrund {bg}",
+    ),
+    "fr": (
+        "{pos_in}, il y a {np} sur un fond {bg}",
+        "fond {bg} avec {np} {pos_in}",
+        "{the} {shape} est {size}. {Pron} est {colour} et placé{e} {pos_in}. Le fond est {bg}",
+        "un seul objet, {np}, est montré {pos_in} sur un fond {bg}",
+        "{shape} {colour}, {size}, {pos_in}. Fond {bg}",
+    ),
+}
+NUM_PARAPHRASES = 5
+assert set(_PARAPHRASES) == set(TRAINED_LANGUAGES) and all(len(t) == NUM_PARAPHRASES for t in _PARAPHRASES.values())
+
+
+def _paraphrase_slots(spec: CaptionSpec, lang: str) -> dict[str, str]:
+    """The caption slots of ``lang`` plus the few forms only a paraphrase uses."""
+    slots = _LANGS[lang][1](spec)
+    if lang == "de":
+        noun, gender = _DE_SHAPE[spec.shape]
+        dat = f"{_de_dative(_DE_SIZE[spec.size])} {_de_dative(_DE_COLOUR[spec.colour])}"
+        slots |= {"np_dat": f"{'einer' if gender == 'f' else 'einem'} {dat} {noun}", "bg_nom": slots["bg"] + "er",
+                  "Pron": slots["pron"].capitalize(), "Colour": slots["colour"].capitalize()}  # fmt: skip
+    elif lang == "fr":
+        slots |= {"Pron": slots["pron"].capitalize(), "e": "e" if _FR_SHAPE[spec.shape][1] == "f" else ""}
+    elif lang == "es":
+        slots |= {"colour_m": _ES_COLOUR[spec.colour][0]}
+    return slots
+
+
+def _de_dative(stem: str) -> str:
+    """An adjective after "einem" / "einer" (dative): "-en" in every gender; "rosa" does not decline."""
+    return stem if stem == "rosa" else (stem[:-1] if stem.endswith("e") else stem) + "en"
+
+
+def paraphrase(spec: CaptionSpec, lang: str, k: int) -> str:
+    """``spec`` in ``lang`` with paraphrase ``k`` (``spec.template`` is ignored); long specs get their filler."""
+    if lang not in _PARAPHRASES:
+        raise ValueError(f"lang={lang!r}: paraphrases exist for the trained languages {list(TRAINED_LANGUAGES)}")
+    if not 0 <= k < NUM_PARAPHRASES:
+        raise ValueError(f"k={k!r}: must be in [0, {NUM_PARAPHRASES})")
+    return _with_filler(_PARAPHRASES[lang][k].format(**_paraphrase_slots(spec, lang)), spec, lang)
+
+
+# ---------------------------------------------------------------------------
 # Filler sentences of long captions: neutral description that names no attribute.
 # Each row is one sentence in every language (same order as LANGUAGES).
 # ---------------------------------------------------------------------------
@@ -458,7 +543,11 @@ def short_caption(spec: CaptionSpec, lang: str) -> str:
 
 def caption(spec: CaptionSpec, lang: str) -> str:
     """The caption of ``spec`` in ``lang``: short phrase, or filler sentences then the phrase as a sentence."""
-    text = short_caption(spec, lang)
+    return _with_filler(short_caption(spec, lang), spec, lang)
+
+
+def _with_filler(text: str, spec: CaptionSpec, lang: str) -> str:
+    """A short phrase as it stands in ``spec``'s caption: alone, or a sentence after its filler sentences."""
     if not spec.is_long:
         return text
     sentence = text[0].upper() + text[1:] + _FULL_STOP.get(lang, ".")

@@ -62,6 +62,10 @@ class WorldConfig(ConfigModel):
     parallel_lexicon: also every attribute word of each non-English trained language with its English, in the
         form a dictionary lists it (``captions.lexicon``): 23 word pairs a language, beside the sentences. Off by
         default: measured without gain (benchmarks/zero_shot_ablation.md, session 15).
+    num_paraphrases: more text-only pairs for stage 1, spread over every trained language (English too: its
+        text is its own English), each in one of ``captions.NUM_PARAPHRASES`` phrasings that no training caption
+        and no eval prompt uses (``captions.paraphrase``): a parallel corpus has more ways to say a thing than
+        the captions' templates, and the held-out eval phrasing is none of them.
     eval_specs: prompts per eval language (each spec is rendered in every eval language).
     eval_long_fraction: share of long eval prompts.
     eval_languages: languages of the eval prompts (trained and zero-shot).
@@ -87,6 +91,7 @@ class WorldConfig(ConfigModel):
     heldout_templates: tuple[int, ...] = (4,)
     num_parallel: int = 2000
     parallel_lexicon: bool = False
+    num_paraphrases: int = Field(0, ge=0)
     eval_specs: int = Field(32, ge=0)
     eval_long_fraction: float = Field(0.25, ge=0.0, le=1.0)
     eval_languages: tuple[str, ...] = LANGUAGES

@@ -36,12 +36,14 @@ from omnidiff.contracts.io import sha256_file
 from omnidiff.progress import Progress
 from omnidiff.world.attributes import ATTRIBUTES
 from omnidiff.world.captions import (
+    NUM_PARAPHRASES,
     NUM_TEMPLATES,
     TRAINED_LANGUAGES,
     CaptionSpec,
     caption,
     choose_filler,
     lexicon,
+    paraphrase,
     template_id,
 )
 from omnidiff.world.config import WorldConfig, split_quota
@@ -50,6 +52,7 @@ from omnidiff.world.render import render
 # Bump when a change to the templates, fillers, renderer or layout changes the output.
 GENERATOR_VERSION = "1"
 LEXICON_TEMPLATE = "lexicon"  # the phrasing id of a parallel word pair: "<lang>/lexicon"
+PARAPHRASE_TEMPLATE = "p"  # the phrasing id of a paraphrase pair: "<lang>/p<k>"
 
 PAIR_COLUMNS = ("image_id", "image", "caption", "lang", "caption_en", "shape", "colour", "position", "size",
                 "background", "quality", "is_long", "template_id", "caption_id")  # fmt: skip
@@ -147,10 +150,28 @@ def plan_parallel(cfg: WorldConfig, captions: list[tuple[CaptionSpec, str]]) -> 
                 spec = captions[candidates[k]][0]
                 rows.append({"lang": lang, "text": caption(spec, lang), "text_en": caption(spec, "en"),
                              "is_long": spec.is_long, "template_id": template_id(lang, spec.template)})  # fmt: skip
+    if cfg.num_paraphrases:
+        rows += _plan_paraphrases(cfg)
     if cfg.parallel_lexicon:
         for lang in foreign:
             rows += [{"lang": lang, "text": word, "text_en": english, "is_long": False,
                       "template_id": f"{lang}/{LEXICON_TEMPLATE}"} for word, english in lexicon(lang)]  # fmt: skip
+    return rows
+
+
+def _plan_paraphrases(cfg: WorldConfig) -> list[dict]:
+    """``num_paraphrases`` text pairs over every trained language, English included (its text is its English
+    side): a spec of the training combos rendered with a paraphrase (``captions.paraphrase``: phrasings no caption
+    or eval prompt uses), long as often as captions are. Their own random stream: the other rows do not move."""
+    rng = _rng(cfg, 4)
+    langs = [lang for lang in TRAINED_LANGUAGES if lang in cfg.languages]
+    combos, rows = _allowed_combos(cfg), []
+    for lang, wanted in split_quota(cfg.num_paraphrases, {lang: 1.0 for lang in langs}).items():
+        for _ in range(wanted):
+            combo, k = combos[int(rng.integers(len(combos)))], int(rng.integers(NUM_PARAPHRASES))
+            spec = _spec(rng, combo, 0, bool(rng.random() < cfg.long_fraction), cfg.long_min_prefix_tokens)
+            rows.append({"lang": lang, "text": paraphrase(spec, lang, k), "text_en": paraphrase(spec, "en", k),
+                         "is_long": spec.is_long, "template_id": f"{lang}/{PARAPHRASE_TEMPLATE}{k}"})  # fmt: skip
     return rows
 
 
