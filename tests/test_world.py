@@ -292,7 +292,7 @@ def test_shipped_world_is_sized_for_five_minutes_and_cheap_embedding() -> None:
     parallel = plan_parallel(cfg, captions)
     texts = {caption(s, lang) for s, lang in captions} | {caption(s, "en") for s, _ in captions}
     texts |= {r["text"] for r in parallel} | {r["text_en"] for r in parallel}
-    assert len(texts) < 6000
+    assert len(texts) < 6500  # 6189 with the 1200 paraphrases (embed: ~60 s more on 2 cores)
 
 
 def test_config_errors_name_the_key() -> None:
