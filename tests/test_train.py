@@ -416,3 +416,33 @@ def test_a_checkpoint_folder_of_another_training_is_refused(stage_results, train
     cfg = _cfg(1, train_overrides("chain-s1", **{"checkpoint.dir": str(ckpt), "optim.lr": 0.1}))
     with pytest.raises(TrainingError, match=r"differs in: config\.optim\.lr"):
         run(cfg)
+
+
+def test_a_lower_adapter_lr_moves_the_adapter_less_and_the_unet_as_much(stage_results, train_overrides):
+    """``diffusion.adapter_lr_scale``: stage 2 from the same stage-1 export, the adapter's AdamW group at a tenth of
+    the rate. Adam's steps scale with the rate, so the adapter moves far less while the UNet moves as it did."""
+    from train import run
+    from train.engine import parameter_groups
+    from train.model import StageModel
+
+    init = Path(stage_results[1]["export_dir"])
+    slow = run(_cfg(2, train_overrides("chain-s2-slow-adapter", init_from=str(init),
+                                       **{"diffusion.adapter_lr_scale": 0.1})))
+    start, full, low = _safetensors(init), _safetensors(Path(stage_results[2]["export_dir"])), _safetensors(Path(slow["export_dir"]))
+
+    def moved(weights: dict, prefix: str) -> float:
+        keys = [k for k in weights if k.startswith(prefix) and k in start and weights[k].is_floating_point()]
+        assert keys, prefix
+        return float(sum((weights[k].float() - start[k].float()).norm() for k in keys))
+
+    assert moved(low, "adapter/") < 0.4 * moved(full, "adapter/")
+    assert moved(low, "unet/") > 0.6 * moved(full, "unet/")
+    # the groups themselves: the UNet at optim.lr, the adapter at a tenth; one plain list at scale 1
+    model = StageModel(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), loss_fn=None)
+    cfg = _cfg(2, ["diffusion.adapter_lr_scale=0.1"])
+    groups = parameter_groups(model, cfg)
+    assert [g["lr"] for g in groups] == pytest.approx([cfg.optim.lr, cfg.optim.lr * 0.1])
+    assert [len(g["params"]) for g in groups] == [2, 2] and groups[1]["params"][0] is model.adapter.weight
+    assert parameter_groups(model, _cfg(2)) == list(model.parameters())
+    with pytest.raises(ConfigError, match="adapter_lr_scale"):
+        _cfg(2, ["diffusion.adapter_lr_scale=0"])

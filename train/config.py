@@ -164,6 +164,9 @@ class DiffusionSection(ConfigModel):
     gradient_checkpointing: recompute the UNet's activations in the backward pass
       (``unet.enable_gradient_checkpointing()``): an SD/SDXL UNet at 512-1024 px then fits a GPU's
       memory at a useful micro-batch, for about a third more compute per step.
+    adapter_lr_scale: the adapter's learning rate as a share of ``optim.lr`` (its own AdamW param group,
+      the same schedule): below 1 the adapter moves less from what stage 1 taught it (phrasings only the
+      stage-1 texts hold) while the UNet trains at the full rate. 1 = one group, as before.
     """
 
     train_adapter: bool = True
@@ -171,6 +174,7 @@ class DiffusionSection(ConfigModel):
     caption_dropout: float = Field(0.1, ge=0, lt=1)
     min_snr_gamma: float = Field(5.0, ge=0)
     gradient_checkpointing: bool = False
+    adapter_lr_scale: float = Field(1.0, gt=0, le=1)
 
     @model_validator(mode="after")
     def _something_trains(self) -> DiffusionSection:

@@ -66,13 +66,29 @@ def init_engine(model: nn.Module, cfg, world: int, load_universal: bool):
     o = cfg.optim
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model_parameters=parameter_groups(model, cfg),
         config=deepspeed_config(cfg, world, load_universal),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, partial(lr_factor, warmup_steps=o.warmup_steps, max_steps=cfg.max_steps, schedule=o.schedule)
         ),
     )
     return engine
+
+
+def parameter_groups(model: nn.Module, cfg) -> list:
+    """The trainable parameters for the optimizer: one list, or (``diffusion.adapter_lr_scale`` < 1) two AdamW
+    param groups, the adapter's at ``optim.lr`` x the scale and the rest at ``optim.lr``. The LR schedule
+    multiplies each group's own rate, so the ratio holds at every step."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    scale = cfg.diffusion.adapter_lr_scale if cfg.diffusion is not None else 1.0
+    if scale == 1.0:
+        return [p for _, p in trainable]
+    adapter = [p for name, p in trainable if name.startswith("adapter.")]
+    rest = [p for name, p in trainable if not name.startswith("adapter.")]
+    groups = [{"params": rest, "lr": cfg.optim.lr}] if rest else []
+    if adapter:
+        groups.append({"params": adapter, "lr": cfg.optim.lr * scale})
+    return groups
 
 
 def avoid_shm_op_build() -> None:
