@@ -3,6 +3,8 @@ N and 10N rows in one run (issue 17, "Performance"), plus embed with its cache o
 
     flock /tmp/omnidiff-heavy.lock timeout 900 nice .venv/bin/python benchmarks/scale.py          # N = 2000
     .venv/bin/python benchmarks/scale.py --rows 200 --steps 4                                      # a quick check
+    flock /tmp/omnidiff-heavy.lock timeout 1500 nice .venv/bin/python benchmarks/scale.py --no-s3 \
+        --steady-steps 120 --train-repeats 5                                 # the training goal on this noisy box
 
 Per size: a generated world of N images (16 px PNGs, captions in several languages, two images per caption),
 served on 127.0.0.1 and then, each stage in a fresh process:
@@ -28,6 +30,16 @@ and its wall time adds the driver's set-up). Goals: peak at
 log line) beside the ``--steps`` figure: the short run measures a cold start (every row group a first decode at
 10N), the long one steady state; both are printed and the goal is read on each (issue 17). ``--embed-set`` /
 ``--train-set`` pass dotted overrides at both sizes (e.g. ``--embed-set row_group_rows=32``: the layout before).
+
+``--train-repeats R`` (R > 1; default 1: one training per size, as above): one pass at each size swings by more than
+the 10% the goal allows on a shared 2-core box, so the worlds, snapshots and caches of both sizes are prepared once
+and then the train stage (``--steps``, and ``--steady-steps`` when given) runs R times at each size, interleaved (N,
+10N, N, 10N, ...: drift hits both sizes alike), each a fresh process in its own folder. For the cold and the steady
+rate it prints each pair's 10N/N ratio, their median, a 95% percentile bootstrap interval of the median (the pairs
+resampled, seed 0) and the verdict on >= 0.9x decided on that interval as train/claims.py decides a claim (pass: the
+whole interval at or above 0.9; fail: the whole interval below; else inconclusive; always inconclusive under 5 pairs,
+whose interval is printed but too wide to decide on), and the peak memory 10N/N of the repeats (the max over the
+repeats at 10N over the max at N) for driver and workers.
 
 Embed on S3: the embed stage at N again, its cache on a SeaweedFS server started here (``weed``, the test extra),
 against the local-disk run; goal >= 0.9x. Printed as "not available" while the embed config cannot take an s3://
@@ -276,6 +288,8 @@ def prepare(root: Path, rows: int):
 def measure_size(root: Path, rows: int, llm: Path, base: Path, steps: int, env: dict, s3=None,
                  train: bool = True, train_set: tuple[str, ...] = (), embed_set: tuple[str, ...] = (),
                  steady_steps: int = 0) -> dict:
+    """collect and embed a world of ``rows`` at ``root``, then (``train``) train on it: ``run_train``. The results
+    by stage, and under ``"spec"`` what ``run_train`` needs to train on the same snapshot and cache again."""
     from omnidiff.world import serve_world, write_url_list
 
     world = prepare(root, rows)
@@ -288,18 +302,30 @@ def measure_size(root: Path, rows: int, llm: Path, base: Path, steps: int, env: 
     common = {"snapshot": snapshot, "llm": str(llm), "base": str(base), "rows": out["collect"]["rows"],
               "embed_set": list(embed_set)}
     out["embed"] = run_stage("embed", {**common, "cache_root": str(root / "cache")}, env)
+    spec = {"root": str(root), "env": env, "common": {**common, "cache_root": str(root / "cache")}}
     if train:
-        out["train"] = run_stage("train", {**common, "cache_root": str(root / "cache"), "out": str(root / "train"),
-                                           "steps": steps, "train_set": list(train_set)}, env)
-    if train and steady_steps:  # the same training, longer: its second half's rate, past the first decodes
-        out["train_steady"] = run_stage("train", {
-            **common, "cache_root": str(root / "cache"), "out": str(root / "train_steady"), "steps": steady_steps,
-            "train_set": [*train_set, f"log_every={steady_steps // 2}"]}, env)
-        windows = out["train_steady"]["windows"]
-        out["train_steady"]["rate"] = windows[-1][1] if windows else float("nan")
+        out.update(run_train(spec, steps, train_set, steady_steps))
     if s3 is not None:
         s3_env = {**env, **s3.env()}
         out["embed_s3"] = run_stage("embed", {**common, "cache_root": f"s3://{s3.bucket}/scale-{rows}/cache"}, s3_env)
+    out["spec"] = spec
+    return out
+
+
+def run_train(spec: dict, steps: int, train_set: tuple[str, ...] = (), steady_steps: int = 0,
+              tag: str = "") -> dict:
+    """The train stage on a prepared size (``measure_size``'s ``"spec"``): ``train`` (``steps`` steps, a cold start)
+    and, with ``steady_steps``, ``train_steady``. Each run writes under its own folder (``tag`` tells repeats apart):
+    a checkpoint folder left by an earlier run would be resumed."""
+    root, env, common = Path(spec["root"]), spec["env"], spec["common"]
+    out = {"train": run_stage("train", {**common, "out": str(root / f"train{tag}"), "steps": steps,
+                                        "train_set": list(train_set)}, env)}
+    if steady_steps:  # the same training, longer: its second half's rate, past the first decodes
+        out["train_steady"] = run_stage("train", {
+            **common, "out": str(root / f"train_steady{tag}"), "steps": steady_steps,
+            "train_set": [*train_set, f"log_every={steady_steps // 2}"]}, env)
+        windows = out["train_steady"]["windows"]
+        out["train_steady"]["rate"] = windows[-1][1] if windows else float("nan")
     return out
 
 
@@ -310,7 +336,7 @@ def rate(result: dict) -> float:
 
 def verdicts(small: dict, large: dict) -> list[str]:
     lines = []
-    for stage in ("collect", "embed", "train"):
+    for stage in [s for s in ("collect", "embed", "train") if s in small and s in large]:
         a, b = small[stage], large[stage]
         mem = {k: b["memory_mb"][k] / a["memory_mb"][k] for k in ("driver", "workers") if a["memory_mb"][k] > 0}
         rate_a, rate_b = rate(a), rate(b)
@@ -327,6 +353,60 @@ def verdicts(small: dict, large: dict) -> list[str]:
     return lines
 
 
+MIN_PAIRS = 5  # fewer pairs than this: the bootstrap interval is too wide (and too optimistic) to decide on
+
+
+def repeat_ratio(small: list[float], large: list[float], threshold: float = 0.9, confidence: float = 0.95,
+                 resamples: int = 10_000, seed: int = 0) -> dict:
+    """The 10N/N ratio of interleaved pairs of rates (``small[i]`` at N, ``large[i]`` at 10N, run back to back):
+    each pair's ratio, their median, a percentile bootstrap interval of the median (the pairs resampled, seeded) and
+    the verdict on ``ratio >= threshold`` decided on that interval as train/claims.py decides a claim (pass: the whole
+    interval at or above; fail: the whole interval below; else inconclusive). With fewer than ``MIN_PAIRS`` pairs the
+    verdict is inconclusive whatever the interval."""
+    import numpy as np
+
+    from omnidiff.scoring import percentile_interval
+    from train.claims import INCONCLUSIVE, verdict
+
+    if len(small) != len(large) or not small:
+        raise ValueError(f"{len(small)} rates at N, {len(large)} at 10N: need the same number, at least one")
+    ratios = np.asarray(large, dtype=float) / np.asarray(small, dtype=float)
+    picks = np.random.default_rng(seed).integers(0, ratios.size, size=(resamples, ratios.size))
+    low, high = percentile_interval(np.median(ratios[picks], axis=1), confidence)
+    decided = ratios.size >= MIN_PAIRS
+    return {"ratios": ratios.tolist(), "median": float(np.median(ratios)), "low": low, "high": high,
+            "decided": decided, "verdict": verdict(low, high, threshold) if decided else INCONCLUSIVE}
+
+
+def repeat_lines(small: list[dict], large: list[dict]) -> list[str]:
+    """The goals on the training figures of ``--train-repeats``: ``small[i]`` / ``large[i]`` are the i-th
+    ``run_train`` at N and at 10N."""
+    lines = []
+    for stage, name in (("train", "cold (--steps)"), ("train_steady", "steady (--steady-steps)")):
+        if stage not in small[0]:
+            continue
+        a, b = [rate(r[stage]) for r in small], [rate(r[stage]) for r in large]
+        r = repeat_ratio(a, b)
+        caveat = "" if r["decided"] else f"; too wide to decide with {len(a)} < {MIN_PAIRS} pairs"
+        lines.append(f"{stage:<8} {name}, {len(a)} interleaved pairs: throughput per row 10N/N per pair "
+                     f"{' '.join(f'{x:.2f}x' for x in r['ratios'])}; median {r['median']:.2f}x, 95% interval "
+                     f"[{r['low']:.2f}, {r['high']:.2f}] (percentile bootstrap over the pairs, seed 0{caveat}) -> "
+                     f"{r['verdict']} (>= 0.9x); rows/s at N {' '.join(f'{x:.1f}' for x in a)}, "
+                     f"at 10N {' '.join(f'{x:.1f}' for x in b)}")
+        mem = {k: max(x[stage]["memory_mb"][k] for x in large) / max(x[stage]["memory_mb"][k] for x in small)
+               for k in ("driver", "workers") if max(x[stage]["memory_mb"][k] for x in small) > 0}
+        lines.append(f"{'':<8} peak 10N/N (max over the repeats) "
+                     f"{', '.join(f'{k} {v:.2f}x' for k, v in mem.items())} "
+                     f"({'ok' if all(v <= 1.2 for v in mem.values()) else 'MISSED'}: <= 1.2x)")
+    return lines
+
+
+def print_row(rows: int, stage: str, r: dict) -> None:
+    m = r["memory_mb"]
+    print(f"{rows:>7} {stage:<9} {r['seconds']:>8.1f} {rate(r):>9.1f} {m['driver']:>10.0f} {m['workers']:>11.0f} "
+          f"{m['ray']:>8.0f} {m['workers_procs']:>5} {m['workers_each']:>8.0f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2000, help="N: images (and pairs) at the small size; 10N is the large")
@@ -339,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steady-steps", type=int, default=0, metavar="S",
                         help="also train S steps at each size and report the rate of the second half (steady state) "
                              "beside the --steps figure (cold start); 0: off")
+    parser.add_argument("--train-repeats", type=int, default=1, metavar="R",
+                        help="train R times at each size, interleaved (N, 10N, N, 10N, ...) on the worlds prepared "
+                             "once, and judge the training goal on the pairs' ratios (median, bootstrap interval)")
     parser.add_argument("--no-s3", action="store_true", help="skip the embed-on-S3 comparison")
     parser.add_argument("--s3-only", action="store_true", help="only collect + embed at N, to local disk and to S3")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
@@ -374,25 +457,35 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [args.rows] if args.s3_only else [args.rows, args.rows * args.factor]
         large = f"{args.factor}N = {sizes[1]}" if len(sizes) > 1 else "no 10N (--s3-only)"
         print(f"LLM: tiny random Gemma-3 test model {llm.name} (not Gemma 3 270M); N = {sizes[0]}, {large} images; "
-              f"training {0 if args.s3_only else args.steps} steps {' '.join(args.train_set)}; "
+              f"training {0 if args.s3_only else args.steps} steps {' '.join(args.train_set)}"
+              f"{f' x {args.train_repeats} interleaved repeats' if args.train_repeats > 1 else ''}; "
               f"embed {' '.join(args.embed_set) or 'defaults'}; cpus {os.cpu_count()}",
               flush=True)
         print(f"{'rows':>7} {'stage':<9} {'seconds':>8} {'rows/s':>9} {'driver MiB':>10} {'workers MiB':>11} "
               f"{'ray MiB':>8} {'procs':>5} {'each MiB':>8}")
-        results = {}
+        results, specs = {}, {}
+        repeats = args.train_repeats > 1 and len(sizes) > 1
         for rows in sizes:
             results[rows] = measure_size(root / f"n{rows}", rows, llm, base, args.steps, env,
-                                         server if rows == sizes[0] else None, train=not args.s3_only,
-                                         train_set=tuple(args.train_set), embed_set=tuple(args.embed_set),
-                                         steady_steps=args.steady_steps)
+                                         server if rows == sizes[0] else None,
+                                         train=not args.s3_only and not repeats, train_set=tuple(args.train_set),
+                                         embed_set=tuple(args.embed_set), steady_steps=args.steady_steps)
+            specs[rows] = results[rows].pop("spec")
             for stage, r in results[rows].items():
-                m = r["memory_mb"]
-                print(f"{rows:>7} {stage:<9} {r['seconds']:>8.1f} {rate(r):>9.1f} "
-                      f"{m['driver']:>10.0f} {m['workers']:>11.0f} {m['ray']:>8.0f} {m['workers_procs']:>5} "
-                      f"{m['workers_each']:>8.0f}", flush=True)
+                print_row(rows, stage, r)
+        trained: dict[int, list[dict]] = {rows: [] for rows in sizes}
+        for i in range(args.train_repeats if repeats else 0):  # interleaved: the box's drift hits both sizes alike
+            for rows in sizes:
+                trained[rows].append(run_train(specs[rows], args.steps, tuple(args.train_set), args.steady_steps,
+                                               tag=f"_{i}"))
+                for stage, r in trained[rows][-1].items():
+                    print_row(rows, f"{stage}#{i + 1}", r)
         if len(sizes) > 1:
             print("\ngoals (10N against N):")
-            for line in verdicts(results[sizes[0]], results[sizes[1]]):
+            lines = verdicts(results[sizes[0]], results[sizes[1]])
+            if repeats:
+                lines += repeat_lines(trained[sizes[0]], trained[sizes[1]])
+            for line in lines:
                 print("  " + line)
         small = results[sizes[0]]
         if "embed_s3" in small:
