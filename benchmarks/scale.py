@@ -448,9 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
         env.pop(key, None)  # each stage starts its own private Ray: its daemons and workers are its descendants
     server = proc = None
-    s3_note = "not available: the embed config takes no s3:// cache location yet (issue 17, storage section)"
-    if args.no_s3:
-        s3_note = "skipped (--no-s3)"
+    s3_note = ("skipped (--no-s3)" if args.no_s3 else
+               "not available: the embed config takes no s3:// cache location yet (issue 17, storage section)")
     try:
         if not args.no_s3 and s3_embed_available():
             server, proc = start_seaweedfs(root / "seaweedfs")

@@ -216,10 +216,12 @@ _DE_TEMPLATES = (
 )
 
 
-def _de_decline(stem: str, gender: str) -> str:
+def _de_decline(stem: str, gender: str, ending: str | None = None) -> str:
+    """An adjective after "ein" / "eine" (nominative, ``gender``'s ending) or with ``ending`` (dative after
+    "einem" / "einer": "en" in every gender). "rosa" does not decline."""
     if stem == "rosa":
         return stem
-    return (stem[:-1] if stem.endswith("e") else stem) + _DE_ENDING[gender]
+    return (stem[:-1] if stem.endswith("e") else stem) + (ending or _DE_ENDING[gender])
 
 
 def _slots_de(s: CaptionSpec) -> dict[str, str]:
@@ -389,7 +391,7 @@ def _paraphrase_slots(spec: CaptionSpec, lang: str) -> dict[str, str]:
     slots = _LANGS[lang][1](spec)
     if lang == "de":
         noun, gender = _DE_SHAPE[spec.shape]
-        dat = f"{_de_dative(_DE_SIZE[spec.size])} {_de_dative(_DE_COLOUR[spec.colour])}"
+        dat = " ".join(_de_decline(stem, gender, "en") for stem in (_DE_SIZE[spec.size], _DE_COLOUR[spec.colour]))
         slots |= {"np_dat": f"{'einer' if gender == 'f' else 'einem'} {dat} {noun}", "bg_nom": slots["bg"] + "er",
                   "Pron": slots["pron"].capitalize(), "Colour": slots["colour"].capitalize()}  # fmt: skip
     elif lang == "fr":
@@ -397,11 +399,6 @@ def _paraphrase_slots(spec: CaptionSpec, lang: str) -> dict[str, str]:
     elif lang == "es":
         slots |= {"colour_m": _ES_COLOUR[spec.colour][0]}
     return slots
-
-
-def _de_dative(stem: str) -> str:
-    """An adjective after "einem" / "einer" (dative): "-en" in every gender; "rosa" does not decline."""
-    return stem if stem == "rosa" else (stem[:-1] if stem.endswith("e") else stem) + "en"
 
 
 def paraphrase(spec: CaptionSpec, lang: str, k: int) -> str:
